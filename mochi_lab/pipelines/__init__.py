@@ -1,0 +1,40 @@
+"""Pipelines: diffusers' MochiPipeline for the real model, and a tiny Mochi for CPUs and tests.
+
+Import cost matters (torch + diffusers take seconds): submodules are imported on first use.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from mochi_lab.pipelines.config import PipelineConfig
+from mochi_lab.settings import KNOWN_MODELS
+
+if TYPE_CHECKING:
+    from mochi_lab.pipelines.mochi import MochiRunner
+
+
+def resolve_source(model: str, cache_dir: str | os.PathLike) -> str:
+    """A name from KNOWN_MODELS -> what `from_pretrained` takes (hub id or local dir)."""
+    if model == "tiny":
+        from mochi_lab.pipelines.tiny import ensure_tiny_mochi
+
+        return str(ensure_tiny_mochi(Path(cache_dir)))
+    if model not in KNOWN_MODELS:
+        raise ValueError(f"model must be one of {', '.join(sorted(KNOWN_MODELS))}, got {model!r}")
+    return KNOWN_MODELS[model]
+
+
+def load_runner(model: str, cache_dir: str | os.PathLike, config: PipelineConfig | None = None) -> "MochiRunner":
+    """Load `model` once; the returned runner generates many videos."""
+    from mochi_lab.pipelines.mochi import MochiRunner
+
+    config = config or PipelineConfig()
+    if model != "tiny" and config.variant is None and config.bf16:
+        config = config.model_copy(update={"variant": "bf16"})
+    return MochiRunner(resolve_source(model, cache_dir), config, name=model)
+
+
+__all__ = ["PipelineConfig", "load_runner", "resolve_source"]

@@ -1,0 +1,134 @@
+"""Load a Mochi checkpoint with diffusers and turn `GenerationParams` into frames.
+
+The real model and the tiny one go through the same `MochiPipeline.from_pretrained` path.
+Nothing here knows of Ray or Redis: progress leaves through the `on_step` callback.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from diffusers import MochiPipeline
+
+from mochi_lab.params import GenerationParams
+from mochi_lab.pipelines.config import PipelineConfig
+
+log = logging.getLogger(__name__)
+
+# on_step(step, total) -> None; raise from it (e.g. JobCancelled) to stop within one step
+StepCallback = Callable[[int, int], None]
+
+
+class JobCancelled(Exception):
+    """Raised through the step callback to stop denoising at once."""
+
+
+@dataclass
+class GenerationResult:
+    frames: np.ndarray  # (num_frames, height, width, 3) uint8
+    timings: dict[str, float]
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+class MochiRunner:
+    """One loaded pipeline; `generate` is called once per job and never reloads weights."""
+
+    def __init__(self, source: str, config: PipelineConfig | None = None, *, name: str | None = None):
+        self.config = config or PipelineConfig()
+        self.source = source
+        self.name = name or source
+        t0 = time.perf_counter()
+        self.device = torch.device(self.config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.dtype = self.config.torch_dtype(self.device)
+        kwargs: dict[str, Any] = {"dtype": self.dtype}
+        if self.config.variant:
+            kwargs["variant"] = self.config.variant
+        self.pipe = MochiPipeline.from_pretrained(source, **kwargs)
+        self.pipe.set_progress_bar_config(disable=True)
+        if self.config.vae_tiling:
+            self.pipe.vae.enable_tiling()
+        if self.config.cpu_offload and self.device.type == "cuda":
+            self.pipe.enable_model_cpu_offload()
+        else:
+            self.pipe.to(self.device)
+        if self.config.step_cache_threshold:
+            from diffusers.hooks import FirstBlockCacheConfig
+
+            self.pipe.transformer.enable_cache(FirstBlockCacheConfig(threshold=self.config.step_cache_threshold))
+        if self.config.compile and self.device.type == "cuda":
+            self.pipe.transformer.compile()
+        self.load_s = time.perf_counter() - t0
+        log.info("loaded %s on %s in %.1fs", self.name, self.device, self.load_s)
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.pipe.tokenizer(text).input_ids)
+
+    @torch.inference_mode()
+    def generate(self, params: GenerationParams, on_step: StepCallback | None = None) -> GenerationResult:
+        """Text encode, denoise (reporting each step), then VAE decode; returns uint8 frames."""
+        timings: dict[str, float] = {}
+        t0 = time.perf_counter()
+        generator = torch.Generator(device="cpu").manual_seed(params.seed)
+        cfg = params.guidance_scale > 1.0
+        embeds, mask, neg_embeds, neg_mask = self.pipe.encode_prompt(
+            prompt=params.prompt,
+            negative_prompt=params.negative_prompt,
+            do_classifier_free_guidance=cfg,
+            device=self.device,
+        )
+        t1 = time.perf_counter()
+        timings["text_s"] = t1 - t0
+        marks = {"last_step": t1}
+        total = params.num_inference_steps
+
+        def callback(pipe, i, t, kwargs):
+            marks["last_step"] = time.perf_counter()
+            if on_step is not None:
+                on_step(i + 1, total)
+            return kwargs
+
+        # Latents are drawn on the CPU so a seed gives the same video on every device.
+        latents = self.pipe.prepare_latents(
+            1, self.pipe.transformer.config.in_channels, params.height, params.width, params.num_frames,
+            torch.float32, torch.device("cpu"), generator,
+        ).to(self.device, embeds.dtype)
+        out = self.pipe(
+            prompt_embeds=embeds,
+            prompt_attention_mask=mask,
+            negative_prompt_embeds=neg_embeds,
+            negative_prompt_attention_mask=neg_mask,
+            height=params.height,
+            width=params.width,
+            num_frames=params.num_frames,
+            num_inference_steps=total,
+            guidance_scale=params.guidance_scale,
+            latents=latents,
+            output_type="np",
+            callback_on_step_end=callback,
+        )
+        t2 = time.perf_counter()
+        timings["denoise_s"] = marks["last_step"] - t1
+        timings["decode_s"] = t2 - marks["last_step"]
+        video = out.frames[0]
+        frames = (np.clip(video, 0.0, 1.0) * 255).round().astype(np.uint8)
+        return GenerationResult(frames=frames, timings=timings, info=self.memory_info())
+
+    def memory_info(self) -> dict[str, Any]:
+        if self.device.type != "cuda":
+            return {}
+        return {
+            "gpu_peak_bytes": torch.cuda.max_memory_allocated(self.device),
+            "gpu_allocated_bytes": torch.cuda.memory_allocated(self.device),
+        }
+
+    def reset_peak(self) -> None:
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(self.device)

@@ -1,0 +1,162 @@
+"""The warm pool: detached, named Ray actors (one per GPU) that each run a `Worker`.
+
+Actors are named `mochi-worker-<i>` in the settings' namespace, so a new handle finds and reuses
+them instead of loading the model again. Actors are spread over nodes and restart forever, so a
+lost node costs its jobs one attempt, not the pool.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Any
+
+from mochi_lab.pipelines.config import PipelineConfig
+from mochi_lab.settings import Settings
+from mochi_lab.store import Store
+
+log = logging.getLogger(__name__)
+
+ACTOR_PREFIX = "mochi-worker-"
+
+
+def _import_ray():
+    # Without this, Ray may advertise the machine's external address even for a local cluster.
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    import ray
+
+    return ray
+
+
+class WorkerActor:
+    """Ray wrapper around `Worker`; the worker's loop runs in its own thread."""
+
+    def __init__(self, worker_id: str, settings: dict, model: str, config: dict):
+        from mochi_lab.worker import JsonFormatter, Worker
+
+        handler = logging.StreamHandler()
+        handler.setFormatter(JsonFormatter())
+        root = logging.getLogger("mochi_lab")
+        root.handlers[:] = [handler]
+        root.setLevel(logging.INFO)
+        self.worker = Worker(worker_id, Settings(**settings), model, PipelineConfig(**config))
+        self.worker.start()
+
+    def row(self) -> dict[str, Any]:
+        return self.worker.row()
+
+    def stop(self, timeout: float = 600.0) -> None:
+        self.worker.stop(timeout)
+
+
+def connect(settings: Settings) -> str:
+    """Join the Ray cluster at settings.ray_address, or start a local one on loopback. Returns its address."""
+    ray = _import_ray()
+    if ray.is_initialized():
+        current = ray.get_runtime_context().gcs_address
+        wanted = settings.ray_address
+        if wanted and not wanted.startswith("ray://") and wanted not in ("auto", current):
+            raise RuntimeError(f"this process is already connected to Ray at {current}, not {wanted}")
+    else:
+        if settings.ray_address:
+            ray.init(address=settings.ray_address, namespace=settings.namespace, log_to_driver=False)
+        else:
+            # A local Ray picks free ports for itself (never Redis' 6379) and stays on 127.0.0.1.
+            ray.init(
+                namespace=settings.namespace,
+                include_dashboard=False,
+                _node_ip_address="127.0.0.1",
+                log_to_driver=False,
+            )
+    return ray.get_runtime_context().gcs_address
+
+
+class Pool:
+    """Creates, finds, scales and stops the worker actors."""
+
+    def __init__(self, settings: Settings, store: Store, model: str = "tiny", config: PipelineConfig | None = None):
+        self.settings = settings
+        self.store = store
+        self.model = model
+        self.config = config or PipelineConfig()
+        self.ray = _import_ray()
+
+    def default_size(self) -> int:
+        if self.settings.workers is not None:
+            return self.settings.workers
+        gpus = int(self.ray.cluster_resources().get("GPU", 0))
+        return gpus or 1
+
+    def _gpus(self) -> bool:
+        return self.ray.cluster_resources().get("GPU", 0) >= 1
+
+    def handles(self) -> dict[str, Any]:
+        """Live pool actors by name."""
+        found = {}
+        for actor in self.ray.util.list_named_actors(all_namespaces=True):
+            name, ns = actor["name"], actor["namespace"]
+            if ns == self.settings.namespace and name.startswith(ACTOR_PREFIX):
+                try:
+                    found[name] = self.ray.get_actor(name, namespace=ns)
+                except ValueError:  # died between listing and lookup
+                    pass
+        return dict(sorted(found.items(), key=lambda kv: int(kv[0][len(ACTOR_PREFIX):])))
+
+    def ensure(self, n: int | None = None) -> list[str]:
+        """Start missing actors until the pool has `n` (default: one per GPU); re-attaches to existing ones."""
+        n = self.default_size() if n is None else n
+        existing = self.handles()
+        gpu = self._gpus()
+        options: dict[str, Any] = {
+            "lifetime": "detached",
+            "namespace": self.settings.namespace,
+            "max_restarts": -1,
+            "max_concurrency": 4,
+            "scheduling_strategy": "SPREAD",
+            "num_gpus": 1 if gpu else 0,
+            # Ray sets a worker's torch threads (OMP_NUM_THREADS) from its num_cpus
+            "num_cpus": self.settings.cpus_per_worker,
+            "get_if_exists": True,
+        }
+        actor_cls = self.ray.remote(WorkerActor)
+        settings = self.settings.model_dump(mode="json")
+        for i in range(n):
+            name = f"{ACTOR_PREFIX}{i}"
+            if name not in existing:
+                actor_cls.options(name=name, **options).remote(name, settings, self.model, self.config.model_dump())
+        return [f"{ACTOR_PREFIX}{i}" for i in range(n)]
+
+    def scale(self, n: int) -> None:
+        """Grow to `n` actors, or drain and stop those above `n`."""
+        if n < 0:
+            raise ValueError(f"n must be >= 0, got {n}")
+        self.ensure(n)
+        extra = [h for name, h in self.handles().items() if int(name[len(ACTOR_PREFIX):]) >= n]
+        self._stop(extra)
+
+    def shutdown(self) -> None:
+        self._stop(list(self.handles().values()))
+
+    def _stop(self, handles: list) -> None:
+        refs = [h.stop.remote() for h in handles]
+        try:
+            self.ray.get(refs, timeout=self.settings.lease_s * 2)
+        except Exception:  # a dead or stuck actor is killed regardless
+            log.warning("some workers did not drain in time")
+        for h in handles:
+            self.ray.kill(h, no_restart=True)
+
+    def wait_ready(self, timeout: float = 300.0) -> None:
+        """Block until every pool worker has loaded its model (its row in the store says idle or busy)."""
+        deadline = time.monotonic() + timeout
+        names = set(self.handles())
+        while time.monotonic() < deadline:
+            rows = {r["worker_id"]: r for r in self.store.workers()}
+            if names and all(rows.get(n, {}).get("state") in ("idle", "busy") for n in names):
+                return
+            bad = [r for r in rows.values() if r.get("state") == "error"]
+            if bad:
+                raise RuntimeError(f"worker {bad[0]['worker_id']} failed to load: {bad[0]['error']}")
+            time.sleep(0.2)
+        raise TimeoutError(f"workers not ready after {timeout:.0f}s")

@@ -1,0 +1,40 @@
+"""Durable job store: `open_store(url)` gives a Redis or SQLite backend behind one contract."""
+
+from __future__ import annotations
+
+from mochi_lab.store.base import (
+    CANCELLED,
+    DONE,
+    FAILED,
+    FINISHED,
+    QUEUED,
+    RUNNING,
+    STATUSES,
+    Claim,
+    JobNotFound,
+    JobRecord,
+    LeaseLost,
+    Store,
+    StoreError,
+    StoreUnavailable,
+)
+
+
+def open_store(url: str, *, max_attempts: int = 3) -> Store:
+    """`sqlite:///abs/path.sqlite3` or `redis://host:port/db[?prefix=name]`."""
+    if url.startswith("sqlite://"):
+        from mochi_lab.store.sqlite import SQLiteStore
+
+        return SQLiteStore(url, max_attempts=max_attempts)
+    if url.startswith(("redis://", "rediss://", "unix://")):
+        from mochi_lab.store.redis import RedisStore
+
+        return RedisStore(url, max_attempts=max_attempts)
+    raise ValueError(f"store url must start with sqlite:// or redis://, got {url!r}")
+
+
+__all__ = [
+    "CANCELLED", "DONE", "FAILED", "FINISHED", "QUEUED", "RUNNING", "STATUSES",
+    "Claim", "JobNotFound", "JobRecord", "LeaseLost", "Store", "StoreError", "StoreUnavailable",
+    "open_store",
+]

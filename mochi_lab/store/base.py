@@ -1,0 +1,265 @@
+"""The store contract: durable jobs, leased claims, progress and per-account history.
+
+Both backends (SQLite, Redis) implement `Store` and pass the same contract suite.
+The store knows nothing of torch or Ray: params, artifacts, timings and meta are plain JSON.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import os
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+QUEUED, RUNNING, DONE, FAILED, CANCELLED = "queued", "running", "done", "failed", "cancelled"
+STATUSES = (QUEUED, RUNNING, DONE, FAILED, CANCELLED)
+FINISHED = frozenset({DONE, FAILED, CANCELLED})
+
+
+class StoreError(RuntimeError):
+    """Base class of store errors."""
+
+
+class JobNotFound(StoreError, KeyError):
+    """No such job for this account (another account's job answers the same)."""
+
+    def __str__(self) -> str:  # KeyError quotes its message; keep it readable
+        return str(self.args[0]) if self.args else "job not found"
+
+
+class LeaseLost(StoreError):
+    """The caller's fencing token is no longer the job's owner: its write was rejected."""
+
+
+class StoreUnavailable(StoreError):
+    """The backend cannot be reached (connection refused, timed out)."""
+
+
+@dataclass
+class JobRecord:
+    """One job, as stored. `stage` is finer than `status` (loading, denoising, decoding, ...)."""
+
+    id: str
+    account: str
+    params: dict[str, Any]
+    status: str = QUEUED
+    stage: str = QUEUED
+    step: int = 0
+    total_steps: int = 0
+    message: str = ""
+    priority: int = 0
+    attempts: int = 0
+    experiment: str | None = None
+    tags: list[str] = field(default_factory=list)
+    idempotency_key: str | None = None
+    created_at: float = 0.0
+    started_at: float | None = None
+    finished_at: float | None = None
+    worker_id: str | None = None
+    lease_expires_at: float | None = None
+    fence: int = 0
+    cancel_requested: bool = False
+    artifacts: dict[str, str] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
+    traceback: str | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.status in FINISHED
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "JobRecord":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
+@dataclass
+class Claim:
+    """A leased job. `token` fences every later write by this owner."""
+
+    job: JobRecord
+    token: int
+
+
+def new_job_id() -> str:
+    # time-ordered prefix keeps ids sortable by creation; the random tail makes them unguessable
+    return f"{int(time.time() * 1000):x}-{uuid.uuid4().hex[:12]}"
+
+
+def worker_lost_error(attempts: int) -> str:
+    """The error of a job whose lease expired after its last allowed claim."""
+    return f"worker lost {attempts} times"
+
+
+def check_status(status: str | None) -> None:
+    """Reject an unknown status filter instead of silently matching nothing."""
+    if status is not None and status not in STATUSES:
+        raise ValueError(f"status must be one of {', '.join(STATUSES)}, got {status!r}")
+
+
+def job_matches(
+    job: JobRecord, *, experiment: str | None = None, tag: str | None = None, text: str | None = None
+) -> bool:
+    """The history filters shared by both backends; `text` is a case-insensitive prompt substring."""
+    if experiment is not None and job.experiment != experiment:
+        return False
+    if tag is not None and tag not in job.tags:
+        return False
+    if text is not None and text.casefold() not in str(job.params.get("prompt", "")).casefold():
+        return False
+    return True
+
+
+def remove_artifacts(artifacts: dict[str, str]) -> None:
+    for path in artifacts.values():
+        try:
+            os.remove(path)
+        except FileNotFoundError:
+            pass
+
+
+class Store(abc.ABC):
+    """Jobs, queue, leases, progress, history, workers and experiments, scoped per account."""
+
+    url: str
+
+    # -- queue -----------------------------------------------------------------
+    @abc.abstractmethod
+    def enqueue(
+        self,
+        account: str,
+        params: dict[str, Any],
+        *,
+        priority: int = 0,
+        experiment: str | None = None,
+        tags: Iterable[str] = (),
+        idempotency_key: str | None = None,
+    ) -> JobRecord:
+        """Queue a job. The same (account, idempotency_key) returns the first job again."""
+
+    @abc.abstractmethod
+    def claim(self, worker_id: str, lease_s: float) -> Claim | None:
+        """Atomically take the next job: fair across accounts, by priority then age inside one.
+
+        Expired leases are requeued first (attempt + 1, failing after `max_attempts`).
+        """
+
+    @abc.abstractmethod
+    def heartbeat(self, job_id: str, token: int, lease_s: float) -> bool:
+        """Extend the lease; returns whether a cancel was requested. Raises LeaseLost."""
+
+    @abc.abstractmethod
+    def progress(
+        self,
+        job_id: str,
+        token: int,
+        *,
+        stage: str,
+        step: int | None = None,
+        total: int | None = None,
+        message: str = "",
+    ) -> bool:
+        """Record stage and step k/N; returns whether a cancel was requested. Raises LeaseLost."""
+
+    @abc.abstractmethod
+    def complete(
+        self,
+        job_id: str,
+        token: int,
+        *,
+        artifacts: dict[str, str],
+        timings: dict[str, float],
+        meta: dict[str, Any],
+    ) -> None:
+        """Mark done. Raises LeaseLost when `token` no longer owns the job."""
+
+    @abc.abstractmethod
+    def fail(
+        self,
+        job_id: str,
+        token: int,
+        *,
+        error: str,
+        traceback: str = "",
+        timings: dict[str, float] | None = None,
+        meta: dict[str, Any] | None = None,
+    ) -> None:
+        """Mark failed with its error. Raises LeaseLost."""
+
+    @abc.abstractmethod
+    def finish_cancelled(
+        self, job_id: str, token: int, *, timings: dict[str, float] | None = None, meta: dict[str, Any] | None = None
+    ) -> None:
+        """The worker acknowledges a cancel request on a running job. Raises LeaseLost."""
+
+    @abc.abstractmethod
+    def cancel(self, account: str, job_id: str) -> JobRecord:
+        """Cancel: a queued job at once, a running job by flag. Finished jobs are left as they are."""
+
+    @abc.abstractmethod
+    def requeue_expired(self, *, now: float | None = None) -> list[str]:
+        """Requeue running jobs whose lease expired; returns their ids."""
+
+    # -- history ---------------------------------------------------------------
+    @abc.abstractmethod
+    def get(self, account: str, job_id: str) -> JobRecord:
+        """The job, or JobNotFound (also for another account's id)."""
+
+    @abc.abstractmethod
+    def list(
+        self,
+        account: str,
+        *,
+        status: str | None = None,
+        experiment: str | None = None,
+        tag: str | None = None,
+        text: str | None = None,
+        limit: int = 50,
+        offset: int = 0,
+    ) -> list[JobRecord]:
+        """The account's jobs, newest first."""
+
+    @abc.abstractmethod
+    def delete(self, account: str, job_id: str) -> None:
+        """Remove the job and its artifact files. A running job is cancelled first."""
+
+    @abc.abstractmethod
+    def counts(self, account: str) -> dict[str, int]:
+        """Jobs per status, every status present."""
+
+    # -- workers ---------------------------------------------------------------
+    @abc.abstractmethod
+    def put_worker(self, info: dict[str, Any], ttl_s: float) -> None:
+        """Publish a worker's row (keyed by info['worker_id']); it vanishes after ttl_s unless renewed."""
+
+    @abc.abstractmethod
+    def workers(self) -> list[dict[str, Any]]:
+        """Live worker rows, sorted by worker_id."""
+
+    @abc.abstractmethod
+    def remove_worker(self, worker_id: str) -> None: ...
+
+    # -- experiments -----------------------------------------------------------
+    @abc.abstractmethod
+    def put_experiment(self, account: str, record: dict[str, Any]) -> None:
+        """Create or update an experiment (keyed by record['name'])."""
+
+    @abc.abstractmethod
+    def get_experiment(self, account: str, name: str) -> dict[str, Any]:
+        """Raises KeyError when the account has no such experiment."""
+
+    @abc.abstractmethod
+    def list_experiments(self, account: str) -> list[dict[str, Any]]:
+        """Newest first."""
+
+    # -- lifecycle -------------------------------------------------------------
+    def close(self) -> None:
+        pass

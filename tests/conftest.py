@@ -1,0 +1,81 @@
+"""Session fixtures: real services, started once. Ray stays on 127.0.0.1; Redis is the real server."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+# Must precede `import ray` anywhere in the session: keeps every Ray node on 127.0.0.1.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+_SESSION_HOME = Path(tempfile.mkdtemp(prefix="mochi-tests-"))
+# Nothing in the tests may touch the user's data, cache or account.
+os.environ["MOCHI_LAB_DATA_DIR"] = str(_SESSION_HOME / "data")
+os.environ["MOCHI_LAB_CACHE_DIR"] = os.environ.get("MOCHI_LAB_TEST_CACHE", str(_SESSION_HOME / "cache"))
+os.environ["JUPYTERHUB_USER"] = "alice"
+for var in ("RAY_ADDRESS", "REDIS_URL", "REDIS_HOST"):
+    os.environ.pop(var, None)
+
+import pytest  # noqa: E402
+
+REDIS_URL = "redis://127.0.0.1:6379/0"
+# The smallest valid video: 7 frames (6k+1), 32x32 (multiples of 16), 2 steps.
+TINY = {"num_frames": 7, "height": 32, "width": 32, "num_inference_steps": 2, "fps": 8}
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint() -> Path:
+    from mochi_lab.pipelines.tiny import ensure_tiny_mochi
+
+    return ensure_tiny_mochi(os.environ["MOCHI_LAB_CACHE_DIR"])
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(tiny_checkpoint):
+    """A real multi-node Ray on one machine: a CPU head and two nodes with 2 logical GPUs each."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(
+        initialize_head=True,
+        connect=True,
+        head_node_args={
+            "num_cpus": 1,
+            "num_gpus": 0,
+            "include_dashboard": False,
+            "object_store_memory": 200 * 2**20,
+            # notice a dead node in ~2 s instead of ~30 s
+            "_system_config": {"health_check_period_ms": 500, "health_check_failure_threshold": 4,
+                               "health_check_initial_delay_ms": 0},
+        },
+    )
+    for _ in range(2):
+        cluster.add_node(num_cpus=2, num_gpus=2, object_store_memory=200 * 2**20)
+    cluster.wait_for_nodes()
+    yield cluster
+    ray.shutdown()
+    cluster.shutdown()
+
+
+@pytest.fixture(scope="session")
+def test_settings(ray_cluster):
+    from mochi_lab.settings import Settings
+
+    return Settings.from_env(ray_address=ray_cluster.address, namespace="mochi_test", lease_s=4.0, worker_ttl_s=6.0)
+
+
+@pytest.fixture(scope="session")
+def mochi(test_settings):
+    """The session's MochiCluster: SQLite store, one warm worker per logical GPU (4)."""
+    from mochi_lab import MochiCluster
+
+    cluster = MochiCluster(settings=test_settings)
+    cluster.wait_ready(timeout=600)
+    yield cluster
+    cluster.shutdown_pool()
+    cluster.close()
+
+
+@pytest.fixture()
+def tiny() -> dict:
+    return dict(TINY)

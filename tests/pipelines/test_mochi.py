@@ -1,0 +1,76 @@
+"""The pipeline layer: the tiny Mochi goes through the real loader and is deterministic per seed."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from mochi_lab.params import GenerationParams
+from mochi_lab.pipelines import PipelineConfig, load_runner, resolve_source
+from mochi_lab.pipelines.mochi import JobCancelled, MochiRunner
+
+TINY = {"num_frames": 7, "height": 32, "width": 48, "num_inference_steps": 3}
+
+
+@pytest.fixture(scope="module")
+def runner(tiny_checkpoint):
+    return load_runner("tiny", tiny_checkpoint.parent)
+
+
+def test_tiny_checkpoint_is_a_saved_diffusers_pipeline(tiny_checkpoint):
+    index = json.loads((tiny_checkpoint / "model_index.json").read_text())
+    assert index["_class_name"] == "MochiPipeline"
+    for part in ("transformer", "vae", "text_encoder", "tokenizer", "scheduler"):
+        assert (tiny_checkpoint / part).is_dir()
+    assert resolve_source("tiny", tiny_checkpoint.parent) == str(tiny_checkpoint)
+
+
+def test_real_model_resolves_to_the_hub_id_with_bf16_weights():
+    assert resolve_source("mochi-1-preview", "/nonexistent") == "genmo/mochi-1-preview"
+    with pytest.raises(ValueError, match="mochi-1-preview, tiny"):
+        resolve_source("nope", "/nonexistent")
+
+
+def test_bf16_variant_loads_through_the_same_path(tiny_checkpoint, tmp_path):
+    """The real checkpoint ships bf16 variant files; the loader reads them like this."""
+    from diffusers import MochiPipeline
+
+    MochiPipeline.from_pretrained(tiny_checkpoint, dtype=torch.bfloat16).save_pretrained(
+        tmp_path, variant="bf16"
+    )
+    assert list(tmp_path.glob("transformer/*.bf16.safetensors"))
+    r = MochiRunner(str(tmp_path), PipelineConfig(variant="bf16", bf16=False))
+    assert r.pipe.transformer.dtype == torch.float32  # bf16 compute is for CUDA; CPU upcasts
+    frames = r.generate(GenerationParams.parse("a cat", seed=1, **TINY)).frames
+    assert frames.shape == (7, 32, 48, 3)
+
+
+def test_generate_returns_frames_timings_and_steps(runner):
+    steps = []
+    result = runner.generate(GenerationParams.parse("a cat", seed=1, **TINY), on_step=lambda i, n: steps.append((i, n)))
+    assert result.frames.shape == (7, 32, 48, 3) and result.frames.dtype == np.uint8
+    assert steps == [(1, 3), (2, 3), (3, 3)]
+    assert set(result.timings) == {"text_s", "denoise_s", "decode_s"}
+    assert all(v >= 0 for v in result.timings.values())
+
+
+def test_same_seed_same_frames_other_seed_other_frames(runner):
+    p = GenerationParams.parse("a cat surfing", seed=7, **TINY)
+    a, b = runner.generate(p).frames, runner.generate(p).frames
+    c = runner.generate(p.model_copy(update={"seed": 8})).frames
+    assert np.array_equal(a, b)
+    assert not np.array_equal(a, c)
+
+
+def test_raising_from_on_step_stops_at_that_step(runner):
+    seen = []
+
+    def on_step(i, n):
+        seen.append(i)
+        if i == 2:
+            raise JobCancelled("stop")
+
+    with pytest.raises(JobCancelled):
+        runner.generate(GenerationParams.parse("a cat", seed=1, **{**TINY, "num_inference_steps": 50}), on_step)
+    assert seen == [1, 2]

@@ -1,0 +1,1 @@
+"""ipywidgets front ends for mochi_lab (issue 5)."""
