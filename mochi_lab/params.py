@@ -7,7 +7,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from mochi_lab.settings import KNOWN_MODELS
+from mochi_lab.settings import known_models
 
 MAX_PROMPT_TOKENS = 256  # Mochi's T5 max_sequence_length
 FRAMES_MIN, FRAMES_MAX = 1, 283
@@ -107,8 +107,9 @@ class GenerationParams(BaseModel):
     @field_validator("model")
     @classmethod
     def _model(cls, v: str) -> str:
-        if v not in KNOWN_MODELS:
-            raise ValueError(f"model must be one of {', '.join(sorted(KNOWN_MODELS))}, got {v!r}")
+        models = known_models()
+        if v not in models:
+            raise ValueError(f"model must be one of {', '.join(sorted(models))}, got {v!r}")
         return v
 
     @model_validator(mode="after")

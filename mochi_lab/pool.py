@@ -40,7 +40,10 @@ class WorkerActor:
         root = logging.getLogger("mochi_lab")
         root.handlers[:] = [handler]
         root.setLevel(logging.INFO)
-        self.worker = Worker(worker_id, Settings(**settings), model, PipelineConfig(**config))
+        import ray
+
+        node = {"node_id": ray.get_runtime_context().get_node_id(), "node_ip": ray.util.get_node_ip_address()}
+        self.worker = Worker(worker_id, Settings(**settings), model, PipelineConfig(**config), facts=node)
         self.worker.start()
 
     def row(self) -> dict[str, Any]:
@@ -117,6 +120,7 @@ class Pool:
             "num_gpus": 1 if gpu else 0,
             # Ray sets a worker's torch threads (OMP_NUM_THREADS) from its num_cpus
             "num_cpus": self.settings.cpus_per_worker,
+            "resources": self.settings.worker_resources or None,
             "get_if_exists": True,
         }
         actor_cls = self.ray.remote(WorkerActor)

@@ -3,15 +3,30 @@
 from __future__ import annotations
 
 import getpass
+import json
 import os
 from pathlib import Path
 
 from pydantic import BaseModel, Field
 
-KNOWN_MODELS: dict[str, str] = {
+BUILTIN_MODELS: dict[str, str] = {
     "tiny": "tiny",  # built offline in code, see mochi_lab.pipelines.tiny
     "mochi-1-preview": "genmo/mochi-1-preview",
 }
+
+
+def known_models() -> dict[str, str]:
+    """Model name -> hub id or local checkpoint dir. `MOCHI_LAB_MODELS` (a JSON object) adds more,
+    e.g. fine-tuned checkpoints; it must be set alike for clients and workers."""
+    extra = os.environ.get("MOCHI_LAB_MODELS")
+    if not extra:
+        return dict(BUILTIN_MODELS)
+    try:
+        models = json.loads(extra)
+        assert isinstance(models, dict)
+    except (ValueError, AssertionError):
+        raise ValueError(f"MOCHI_LAB_MODELS must be a JSON object of name -> checkpoint, got {extra!r}") from None
+    return {**BUILTIN_MODELS, **models}
 
 
 def _data_home() -> Path:
@@ -49,6 +64,8 @@ class Settings(BaseModel):
     ray_port: int = 6390
     workers: int | None = None  # None: one per GPU, or one on a CPU-only cluster
     cpus_per_worker: int = 1
+    # extra Ray resources each worker needs, e.g. {"h100": 1} to pin the pool to a node group
+    worker_resources: dict[str, float] = Field(default_factory=dict)
     lease_s: float = 30.0
     max_attempts: int = 3
     poll_s: float = 0.05

@@ -20,6 +20,7 @@ import psutil
 
 from mochi_lab.params import GenerationParams
 from mochi_lab.pipelines import PipelineConfig, load_runner
+from mochi_lab.provenance import model_revision
 from mochi_lab.settings import Settings
 from mochi_lab.store import Claim, LeaseLost, StoreError, open_store
 from mochi_lab.video import write_mp4, write_thumbnail
@@ -61,7 +62,14 @@ def _versions() -> dict[str, str]:
 class Worker:
     """Loads `model` at start (state "loading"), then serves jobs from the store until stopped."""
 
-    def __init__(self, worker_id: str, settings: Settings, model: str = "tiny", config: PipelineConfig | None = None):
+    def __init__(
+        self,
+        worker_id: str,
+        settings: Settings,
+        model: str = "tiny",
+        config: PipelineConfig | None = None,
+        facts: dict[str, Any] | None = None,
+    ):
         self.worker_id = worker_id
         self.settings = settings
         self.model = model
@@ -74,9 +82,10 @@ class Worker:
         self.error: str | None = None
         self.runner = None
         self.loaded_at: float | None = None
+        self._load_unpaid = False
         self._stop = threading.Event()
         self._proc = psutil.Process()
-        self._facts: dict[str, Any] = {"node": socket.gethostname(), "pid": os.getpid()}
+        self._facts: dict[str, Any] = {"node": socket.gethostname(), "pid": os.getpid(), **(facts or {})}
         self._thread: threading.Thread | None = None
 
     # -- lifecycle -------------------------------------------------------------
@@ -124,6 +133,7 @@ class Worker:
         self.runner = load_runner(model, self.settings.cache_dir, self.config)
         self.model = model
         self.loaded_at = time.time()
+        self._load_unpaid = True
         self._facts.update(_gpu_facts())
         self.state = "idle"
         self.publish()
@@ -144,13 +154,13 @@ class Worker:
         meta: dict[str, Any] = {"worker_id": self.worker_id, **self._facts}
         try:
             params = GenerationParams(**job.params)
-            # Time the job spent waiting for this worker's model: 0 on a warm worker.
+            # The first job after a load pays for the time it waited on it; later jobs pay 0 (warm).
             load_s = 0.0
             if params.model != self.model:
                 self._load(params.model)
-                load_s = self.runner.load_s
-            elif self.loaded_at and job.created_at < self.loaded_at:
-                load_s = min(self.runner.load_s, self.loaded_at - job.created_at)
+            if self._load_unpaid:
+                load_s = max(0.0, min(self.runner.load_s, self.loaded_at - job.created_at))
+                self._load_unpaid = False
             timings["queue_s"] = max(0.0, claimed_at - job.created_at - load_s)
             timings["load_s"] = load_s
             self.store.progress(job.id, token, stage="denoising", step=0, total=params.num_inference_steps)
@@ -221,6 +231,7 @@ class Worker:
         return {
             "model": params.model,
             "model_source": self.runner.source if params.model != "tiny" else "tiny (built in code)",
+            "model_revision": model_revision(self.runner.source),
             "seed": params.seed,
             "versions": _versions(),
             "python": platform.python_version(),
@@ -231,7 +242,8 @@ class Worker:
         mem = self.runner.memory_info() if self.runner is not None else {}
         return {
             "worker_id": self.worker_id,
-            "node": self._facts.get("node"),
+            "node": self._facts.get("node_ip") or self._facts.get("node"),
+            "node_id": self._facts.get("node_id"),
             "device": self._facts.get("device"),
             "gpu_name": self._facts.get("gpu_name"),
             "gpu_memory_used": mem.get("gpu_allocated_bytes"),

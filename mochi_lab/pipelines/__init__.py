@@ -10,21 +10,22 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from mochi_lab.pipelines.config import PipelineConfig
-from mochi_lab.settings import KNOWN_MODELS
+from mochi_lab.settings import known_models
 
 if TYPE_CHECKING:
     from mochi_lab.pipelines.mochi import MochiRunner
 
 
 def resolve_source(model: str, cache_dir: str | os.PathLike) -> str:
-    """A name from KNOWN_MODELS -> what `from_pretrained` takes (hub id or local dir)."""
+    """A name from `known_models()` -> what `from_pretrained` takes (hub id or local dir)."""
     if model == "tiny":
         from mochi_lab.pipelines.tiny import ensure_tiny_mochi
 
         return str(ensure_tiny_mochi(Path(cache_dir)))
-    if model not in KNOWN_MODELS:
-        raise ValueError(f"model must be one of {', '.join(sorted(KNOWN_MODELS))}, got {model!r}")
-    return KNOWN_MODELS[model]
+    models = known_models()
+    if model not in models:
+        raise ValueError(f"model must be one of {', '.join(sorted(models))}, got {model!r}")
+    return models[model]
 
 
 def load_runner(model: str, cache_dir: str | os.PathLike, config: PipelineConfig | None = None) -> "MochiRunner":
@@ -32,7 +33,8 @@ def load_runner(model: str, cache_dir: str | os.PathLike, config: PipelineConfig
     from mochi_lab.pipelines.mochi import MochiRunner
 
     config = config or PipelineConfig()
-    if model != "tiny" and config.variant is None and config.bf16:
+    # genmo/mochi-1-preview ships bf16 copies of its weights: half the download, same values
+    if model == "mochi-1-preview" and config.variant is None and config.bf16:
         config = config.model_copy(update={"variant": "bf16"})
     return MochiRunner(resolve_source(model, cache_dir), config, name=model)
 

@@ -89,6 +89,9 @@ class MochiRunner:
 
         def callback(pipe, i, t, kwargs):
             marks["last_step"] = time.perf_counter()
+            # bad weights or a bf16 overflow give NaN latents; fail now rather than decode garbage
+            if not torch.isfinite(kwargs["latents"]).all():
+                raise FloatingPointError(f"non-finite latents at step {i + 1}/{total}: check the weights and dtype")
             if on_step is not None:
                 on_step(i + 1, total)
             return kwargs

@@ -1,0 +1,159 @@
+"""The warm pool on a real multi-node Ray: parallelism, node loss, client loss, cancel and failures."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from mochi_lab import JobFailed, MochiCluster
+
+CHILD = """
+import sys, time
+from mochi_lab import MochiCluster, Settings
+cluster = MochiCluster(settings=Settings.model_validate_json(sys.argv[1]))
+job = cluster.generate("a lighthouse", seed=9, num_frames=7, height=32, width=32, num_inference_steps=30)
+print(job.id, flush=True)
+time.sleep(600)
+"""
+
+
+def _max_overlap(records) -> int:
+    events = sorted([(r.started_at, 1) for r in records] + [(r.finished_at, -1) for r in records])
+    best = now = 0
+    for _, delta in events:
+        now += delta
+        best = max(best, now)
+    return best
+
+
+def test_ray_stays_on_loopback(mochi):
+    import ray
+
+    assert {n["NodeManagerAddress"] for n in ray.nodes()} == {"127.0.0.1"}
+    assert mochi.ray_address.startswith("127.0.0.1:")
+    assert not mochi.ray_address.endswith(":6379")
+
+
+def test_workers_one_per_gpu_spread_over_nodes(mochi):
+    rows = mochi.workers()
+    assert len(rows) == 4
+    assert {r["state"] for r in rows} <= {"idle", "busy"}
+    assert len({r["node_id"] for r in rows}) == 2  # 2 logical GPUs on each of 2 nodes
+    df = rows.to_dataframe()
+    for col in ("worker_id", "node", "gpu_name", "gpu_memory_used", "gpu_memory_total", "model", "state",
+                "current_job", "jobs_done", "uptime_s"):
+        assert col in df.columns
+    assert set(df["model"]) == {"tiny"}
+
+
+def test_eight_jobs_run_four_at_a_time_on_four_workers(mochi):
+    jobs = [mochi.generate("a fox", seed=i, num_frames=7, height=32, width=32, num_inference_steps=40) for i in range(8)]
+    records = [j.wait(timeout=600) for j in jobs]
+    assert [r.status for r in records] == ["done"] * 8
+    assert len({r.worker_id for r in records}) == 4
+    assert _max_overlap(records) == 4
+
+
+def test_cancel_mid_denoise_stops_within_one_step_and_frees_the_worker(mochi, tiny):
+    job = mochi.generate("a slow river", seed=1, **{**tiny, "num_inference_steps": 200})
+    deadline = time.monotonic() + 120
+    while job.refresh().step < 3:
+        assert time.monotonic() < deadline, job.record
+        time.sleep(0.02)
+    at_cancel = mochi.store.cancel(mochi.account, job.id)
+    assert at_cancel.cancel_requested
+    final = job.wait(timeout=60)
+    assert final.status == "cancelled"
+    assert final.step <= at_cancel.step + 1
+    assert not final.artifacts
+    assert mochi.generate("after the cancel", seed=2, **tiny).result(timeout=120).exists()
+
+
+def test_cancel_of_a_queued_job_never_starts_it(mochi, tiny):
+    busy = [mochi.generate("busy", seed=i, **{**tiny, "num_inference_steps": 200}) for i in range(4)]
+    queued = mochi.generate("never", seed=1, **tiny)
+    assert queued.cancel() == "cancelled"
+    for job in busy:
+        job.cancel()
+    assert {j.wait(timeout=120).status for j in busy} <= {"cancelled", "done"}
+    r = queued.refresh()
+    assert r.status == "cancelled" and r.started_at is None and r.attempts == 0
+
+
+def test_scale_down_and_up(mochi):
+    before = {w["worker_id"]: w["started_at"] for w in mochi.workers()}
+    mochi.scale(3)
+    assert sorted(mochi.pool.handles()) == ["mochi-worker-0", "mochi-worker-1", "mochi-worker-2"]
+    assert sorted(w["worker_id"] for w in mochi.workers()) == sorted(mochi.pool.handles())
+    mochi.scale(4)
+    mochi.wait_ready(timeout=300)
+    after = {w["worker_id"]: w["started_at"] for w in mochi.workers()}
+    assert len(after) == 4
+    # the three that stayed were not restarted; only the new one loaded the model
+    assert {k: v for k, v in after.items() if k != "mochi-worker-3"} == {k: before[k] for k in after if k != "mochi-worker-3"}
+
+
+def test_pipeline_error_fails_with_traceback_and_the_worker_keeps_serving(mochi, tiny, broken_checkpoint):
+    job = mochi.generate("nan weights", seed=1, model="tiny-broken", **tiny)
+    with pytest.raises(JobFailed) as err:
+        job.result(timeout=300)
+    assert "non-finite latents" in str(err.value)
+    assert "FloatingPointError" in err.value.traceback and "Traceback" in err.value.traceback
+    worker = job.record.worker_id
+    row = {r["worker_id"]: r for r in mochi.workers()}[worker]
+    assert row["state"] in ("idle", "busy") and row["error"] is None
+    after = [mochi.generate("fine again", seed=i, **tiny) for i in range(4)]
+    assert all(j.wait(timeout=300).status == "done" for j in after)
+
+
+def test_job_survives_its_client_being_killed(mochi, test_settings):
+    child = subprocess.Popen(
+        [sys.executable, "-c", CHILD, test_settings.model_dump_json()], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        job_id = child.stdout.readline().strip()
+        assert job_id
+    finally:
+        os.kill(child.pid, signal.SIGKILL)
+        child.wait()
+    again = MochiCluster(settings=test_settings)  # a new client re-attaches by id
+    path = again.job(job_id).result(timeout=300)
+    assert path.exists() and again.job(job_id).record.attempts == 1
+
+
+@pytest.mark.slow
+def test_node_lost_mid_job_reruns_elsewhere_with_one_artifact(mochi, ray_cluster, test_settings, tmp_path, tiny):
+    """Two extra nodes host a separate pool; the node running the job is removed mid-denoise."""
+    import ray
+
+    nodes = [ray_cluster.add_node(num_cpus=1, num_gpus=1, resources={"faultpool": 1}) for _ in range(2)]
+    ray_cluster.wait_for_nodes()
+    settings = test_settings.model_copy(
+        update={"namespace": "mochi_fault", "data_dir": tmp_path, "workers": 2, "worker_resources": {"faultpool": 1}}
+    )
+    faulty = MochiCluster(settings=settings)
+    try:
+        faulty.wait_ready(timeout=300)
+        job = faulty.generate("a storm", seed=4, **{**tiny, "num_inference_steps": 150})
+        deadline = time.monotonic() + 120
+        while (r := job.refresh()).step < 3:
+            assert time.monotonic() < deadline, r
+            time.sleep(0.02)
+        row = next(w for w in faulty.workers() if w["current_job"] == job.id)
+        victim = next(n for n in nodes if n.node_id == row["node_id"])
+        ray_cluster.remove_node(victim, allow_graceful=False)
+        final = job.wait(timeout=300)
+        assert final.status == "done", final.error
+        assert final.attempts == 2
+        assert final.worker_id != row["worker_id"] or final.meta["node_id"] != row["node_id"]
+        files = sorted(p.name for p in (tmp_path / "artifacts" / settings.account).iterdir())
+        assert files == [f"{job.id}.mp4", f"{job.id}.png"]
+    finally:
+        for handle in faulty.pool.handles().values():
+            ray.kill(handle, no_restart=True)
+        for node in nodes:
+            if node in ray_cluster.worker_nodes:
+                ray_cluster.remove_node(node)
