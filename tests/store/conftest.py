@@ -1,0 +1,78 @@
+"""Fixtures for the store contract suite: every `store` test runs on SQLite and on Redis.
+
+Redis tests use the shared server on 127.0.0.1:6379 (a private redis-server when none answers there),
+each test under its own key prefix, whose keys are deleted afterwards.
+"""
+
+from __future__ import annotations
+
+import sys
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from mochi_lab.store import Store, open_store
+from mochi_lab.store.redis import RedisStore
+
+# --import-mode=importlib puts no test dir on sys.path; spawned worker processes must import
+# the helpers by a plain module name (they inherit sys.path), so put this dir there
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from store_helpers import RedisServer
+
+SHARED_REDIS = "redis://127.0.0.1:6379/0"
+
+
+@pytest.fixture(scope="session")
+def redis_base_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    client = redis.Redis.from_url(SHARED_REDIS, socket_connect_timeout=1, socket_timeout=2)
+    try:
+        client.ping()
+        yield SHARED_REDIS
+        return
+    except redis.RedisError:
+        pass
+    finally:
+        client.close()
+    server = RedisServer(tmp_path_factory.mktemp("redis-shared"), appendonly=False).start()
+    try:
+        yield server.url
+    finally:
+        server.kill()
+
+
+StoreFactory = Callable[..., Store]
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+def make_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[StoreFactory]:
+    """Opens stores on one backend and one namespace (file or key prefix), as separate processes would."""
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'db' / 'store.sqlite3'}"
+    else:
+        base = request.getfixturevalue("redis_base_url")
+        url = f"{base}?prefix=mochi-test-{uuid.uuid4().hex[:12]}"
+    opened: list[Store] = []
+
+    def make(max_attempts: int = 3) -> Store:
+        store = open_store(url, max_attempts=max_attempts)
+        opened.append(store)
+        return store
+
+    yield make
+    if isinstance(opened[0] if opened else None, RedisStore):
+        opened[0].drop_all()  # type: ignore[union-attr]
+    for store in opened:
+        store.close()
+
+
+@pytest.fixture
+def store(make_store: StoreFactory) -> Store:
+    return make_store()
+
+
+@pytest.fixture
+def backend(make_store: StoreFactory, request: pytest.FixtureRequest) -> str:
+    return request.node.callspec.params["make_store"]

@@ -1,0 +1,91 @@
+"""Many processes claiming from one store: every job is claimed exactly once."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import queue
+import threading
+from collections import Counter
+
+from store_helpers import claim_all
+
+from mochi_lab.store import DONE, Store
+from mochi_lab.store.redis import RedisStore
+
+PROCESSES = 8
+JOBS = 500
+
+
+def test_processes_claim_each_job_exactly_once(store: Store) -> None:
+    ids = {store.enqueue(f"acct{i % 5}", {"prompt": f"job {i}"}).id for i in range(JOBS)}
+    ctx = mp.get_context("spawn")
+    start, out = ctx.Barrier(PROCESSES), ctx.Queue()  # all begin claiming together, once all are up
+    procs = [ctx.Process(target=claim_all, args=(store.url, f"w{i}", start, out)) for i in range(PROCESSES)]
+    for p in procs:
+        p.start()
+    results = []
+    try:
+        for _ in procs:
+            results.append(out.get(timeout=90))
+    finally:
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+    assert all(p.exitcode == 0 for p in procs)
+    claimed = Counter(job_id for _, got in results for job_id, _ in got)
+    assert set(claimed) == ids
+    assert max(claimed.values()) == 1
+    assert all(token == 1 for _, got in results for _, token in got)
+    # more than one process did real work (otherwise the test proves nothing about contention)
+    assert sum(1 for _, got in results if got) >= 2
+    by_worker = {w: {j for j, _ in got} for w, got in results}
+    for account in (f"acct{i}" for i in range(5)):
+        for job in store.list(account, limit=JOBS):
+            assert (job.status, job.attempts, job.fence) == (DONE, 1, 1)
+            assert job.id in by_worker[job.meta["by"]] and job.worker_id == job.meta["by"]
+
+
+def test_threads_share_one_store_object(store: Store) -> None:
+    ids = {store.enqueue("alice", {"prompt": str(i)}).id for i in range(200)}
+    got: queue.Queue[str] = queue.Queue()
+
+    def work(name: str) -> None:
+        while (claim := store.claim(name, 60)) is not None:
+            got.put(claim.job.id)
+            store.complete(claim.job.id, claim.token, artifacts={}, timings={}, meta={})
+
+    threads = [threading.Thread(target=work, args=(f"t{i}",)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    claimed = [got.get_nowait() for _ in range(got.qsize())]
+    assert sorted(claimed) == sorted(ids)
+    assert store.counts("alice")[DONE] == 200
+
+
+def _connection_identity(store: Store) -> int:
+    if isinstance(store, RedisStore):
+        return store._client.client_id()  # the connection the last call used (no reconnect)
+    return id(store._conn())  # type: ignore[attr-defined]
+
+
+def _enqueue_in_child(store: Store, out) -> None:
+    job = store.enqueue("alice", {"prompt": "from the child"})
+    out.put((job.id, _connection_identity(store)))
+
+
+def test_a_forked_child_opens_its_own_connection(store: Store) -> None:
+    first = store.enqueue("alice", {"prompt": "from the parent"})  # the parent is connected now
+    ctx = mp.get_context("fork")
+    out = ctx.Queue()
+    child = ctx.Process(target=_enqueue_in_child, args=(store, out))
+    child.start()
+    child_id, child_connection = out.get(timeout=30)
+    child.join(30)
+    assert child.exitcode == 0
+    assert child_connection != _connection_identity(store)
+    # the parent's connection was not disturbed by the child's traffic
+    assert store.get("alice", child_id).params == {"prompt": "from the child"}
+    assert [j.id for j in store.list("alice")] == [child_id, first.id]
