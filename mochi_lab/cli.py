@@ -25,7 +25,7 @@ def _generate(args: argparse.Namespace) -> int:
         return 2
     t0 = time.perf_counter()
     cluster = MochiCluster(address=args.address, redis_url=args.redis_url, model=params.get("model", "tiny"))
-    job = cluster.generate(args.prompt, **params)
+    job = cluster.generate(args.prompt, force=args.force, **params)
     print(f"job {job.id} queued", file=sys.stderr)
     path = job.result(timeout=args.timeout, progress=True)
     out = shutil.copyfile(path, args.output) if args.output else path
@@ -54,7 +54,11 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--address", help="Ray address (default: RAY_ADDRESS, else a local Ray)")
     g.add_argument("--redis-url", help="default: REDIS_URL, else SQLite in the data dir")
     g.add_argument("--timeout", type=float, default=None, help="seconds to wait for the video")
+    g.add_argument("--force", action="store_true", help="queue anew even if identical params (and seed) ran before")
     g.set_defaults(func=_generate)
+    from mochi_lab.spec import add_subcommand  # light: pydantic only; yaml and the cluster load on use
+
+    add_subcommand(sub)
     args = parser.parse_args(argv)
     return args.func(args)
 

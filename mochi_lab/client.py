@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
 from mochi_lab.job import Job
 from mochi_lab.params import GenerationParams
 from mochi_lab.pipelines.config import PipelineConfig
 from mochi_lab.settings import Settings
 from mochi_lab.store import STATUSES, open_store
+
+if TYPE_CHECKING:
+    from mochi_lab.experiment import Experiment
 
 
 class MochiCluster:
@@ -53,11 +56,22 @@ class MochiCluster:
         tags: Iterable[str] = (),
         experiment: str | None = None,
         idempotency_key: str | None = None,
+        force: bool = False,
         **params: Any,
     ) -> Job:
-        """Validate `params` (GenerationParams fields) and queue one video. Returns at once."""
+        """Validate `params` (GenerationParams fields) and queue one video. Returns at once.
+
+        Result cache: identical params (model and seed included) give the existing done or in-flight
+        job; failed and cancelled ones are not reused. `force=True` always queues a new job.
+        """
         params.setdefault("model", self.model)
         p = GenerationParams.parse(prompt, **params)
+        if idempotency_key is None and not force:
+            from mochi_lab.cache import cached_enqueue
+
+            record = cached_enqueue(self.store, self.account, p.to_dict(), priority=priority,
+                                    experiment=experiment, tags=tags)
+            return Job(self.store, self.account, record)
         record = self.store.enqueue(
             self.account, p.to_dict(), priority=priority, experiment=experiment, tags=tags,
             idempotency_key=idempotency_key,
@@ -91,6 +105,22 @@ class MochiCluster:
 
     def counts(self) -> dict[str, int]:
         return self.store.counts(self.account)
+
+    # -- experiments -----------------------------------------------------------
+    def experiment(
+        self, name: str, *, description: str | None = None, tags: Iterable[str] | None = None, create: bool = True
+    ) -> "Experiment":
+        """Create, or re-open by name, one of this account's experiments (see mochi_lab.experiment)."""
+        from mochi_lab.experiment import Experiment
+
+        return Experiment.open(self.store, self.account, name, description=description, tags=tags,
+                               model=self.model, create=create)
+
+    def experiments(self) -> list["Experiment"]:
+        """This account's experiments, newest first."""
+        from mochi_lab.experiment import Experiment
+
+        return [Experiment(self.store, self.account, r, model=self.model) for r in self.store.list_experiments(self.account)]
 
     # -- pool ------------------------------------------------------------------
     def workers(self) -> "WorkerRows":

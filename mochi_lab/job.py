@@ -110,6 +110,16 @@ class Job:
         self._record = self._store.cancel(self._account, self.id)
         return self._record.status
 
+    def reproduce(self, *, priority: int = 0) -> "Job":
+        """Queue the exact params again (same resolved seed and model), bypassing the result cache.
+
+        On the same backend the new video's frames equal this one's; the new job is tagged
+        `reproduces:<id>` so `cluster.jobs(tag=...)` finds every reproduction.
+        """
+        record = self._store.enqueue(self._account, dict(self._record.params), priority=priority,
+                                     tags=[f"reproduces:{self.id}"])
+        return Job(self._store, self._account, record)
+
     def save(self, path: str | Path, timeout: float | None = None) -> Path:
         """Copy the MP4 to `path` (a folder keeps the job's file name)."""
         src = self.result(timeout)
@@ -136,6 +146,11 @@ class Job:
         from mochi_lab.reprs import job_html
 
         return job_html(self._record)
+
+    def _repr_mimebundle_(self, include=None, exclude=None) -> dict:
+        from mochi_lab.reprs import job_mimebundle  # a done job also offers its video as a widget
+
+        return job_mimebundle(self)
 
     def __repr__(self) -> str:
         r = self._record

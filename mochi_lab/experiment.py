@@ -1,0 +1,296 @@
+"""`Experiment`: a named, persisted set of runs (a sweep), stored per account like MLflow's experiments.
+
+The experiment record (name, description, tags, the planned runs) lives in the store; each run's
+job carries `experiment=name` and a deterministic idempotency key, so re-issuing a sweep, resuming
+after a crash or opening the experiment from another kernel never duplicates a job.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+from mochi_lab.job import Job
+from mochi_lab.params import GenerationParams
+from mochi_lab.store import CANCELLED, FAILED, STATUSES, JobNotFound, JobRecord, Store
+from mochi_lab.sweep import Run, expand_grid, plan_runs, validate_name
+
+MISSING = "missing"  # a planned run with no job (its client died before queueing it)
+_LIST_LIMIT = 100_000  # one experiment's jobs, attempts included
+
+
+class ExperimentNotFound(KeyError):
+    """This account has no experiment of that name (another account's answers the same)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else "experiment not found"
+
+
+class Experiment:
+    """Create or re-open with `cluster.experiment(name)`; every method reads the store, not a cache."""
+
+    def __init__(self, store: Store, account: str, record: dict[str, Any], *, model: str = "tiny"):
+        self._store = store
+        self._account = account
+        self._record = record
+        self.model = model
+
+    @classmethod
+    def open(
+        cls,
+        store: Store,
+        account: str,
+        name: str,
+        *,
+        description: str | None = None,
+        tags: Iterable[str] | None = None,
+        model: str = "tiny",
+        create: bool = True,
+    ) -> "Experiment":
+        """Re-open `name`, or create it; a given description or tags replace the stored ones."""
+        validate_name(name)
+        try:
+            record = store.get_experiment(account, name)
+        except KeyError:
+            if not create:
+                raise ExperimentNotFound(f"experiment {name!r} not found") from None
+            now = time.time()
+            record = {"name": name, "account": account, "description": description or "",
+                      "tags": list(tags or []), "created_at": now, "updated_at": now, "runs": []}
+            store.put_experiment(account, record)
+            return cls(store, account, record, model=model)
+        exp = cls(store, account, record, model=model)
+        changes = {k: v for k, v in (("description", description), ("tags", None if tags is None else list(tags)))
+                   if v is not None and record.get(k) != v}
+        if changes:
+            exp._update(lambda rec: rec.update(changes))
+        return exp
+
+    # -- the record ------------------------------------------------------------
+    @property
+    def name(self) -> str:
+        return self._record["name"]
+
+    @property
+    def description(self) -> str:
+        return self._record.get("description", "")
+
+    @property
+    def tags(self) -> list[str]:
+        return list(self._record.get("tags", []))
+
+    @property
+    def created_at(self) -> float:
+        return self._record.get("created_at", 0.0)
+
+    @property
+    def runs(self) -> list[Run]:
+        """The planned runs, in the order they were first added (live)."""
+        return [Run.from_dict(r) for r in self._load()["runs"]]
+
+    def _load(self) -> dict[str, Any]:
+        try:
+            self._record = self._store.get_experiment(self._account, self.name)
+        except KeyError:
+            raise ExperimentNotFound(f"experiment {self.name!r} not found") from None
+        return self._record
+
+    def _update(self, mutate: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+        # The store has no compare-and-set for experiments: re-read right before writing so two
+        # handles lose as little as possible. Jobs never depend on this write (idempotency keys do).
+        record = self._load()
+        mutate(record)
+        record["updated_at"] = time.time()
+        self._store.put_experiment(self._account, record)
+        self._record = record
+        return record
+
+    # -- queueing --------------------------------------------------------------
+    def sweep(
+        self, prompts: str | Iterable[str], seeds: Any = None, *, priority: int = 0, **param_lists: Any
+    ) -> list[Job]:
+        """Queue the grid prompts x params x seeds; a param given as a scalar is fixed for every run.
+
+        Runs without a seed get one derived from the experiment name and the params, so the same
+        sweep issued again maps onto the same runs and queues nothing new.
+        """
+        return self._queue(plan_runs(self.name, expand_grid(prompts, seeds, param_lists), self.model), priority)
+
+    def add(
+        self, params: GenerationParams | Mapping[str, Any] | None = None, /, *, priority: int = 0, **kwargs: Any
+    ) -> Job:
+        """Queue one run (a GenerationParams, a dict, or keyword params)."""
+        spec = params.to_dict() if isinstance(params, GenerationParams) else dict(params or {})
+        return self._queue(plan_runs(self.name, [{**spec, **kwargs}], self.model), priority)[0]
+
+    def _queue(self, runs: list[Run], priority: int) -> list[Job]:
+        # 1. persist the plan first, so a client killed while queueing leaves runs `resume` can find
+        def add_plan(rec: dict[str, Any]) -> None:
+            known = {r["key"] for r in rec["runs"]}
+            rec["runs"].extend(r.to_dict() for r in runs if r.key not in known)
+
+        current = {r["key"]: Run.from_dict(r) for r in self._update(add_plan)["runs"]}
+        # 2. queue each run under its idempotency key: an existing job comes back instead of a new one
+        planned = [current[r.key] for r in runs]
+        records = [self._enqueue(run, priority) for run in planned]
+        self._remember({run.key: (run.attempt, rec.id) for run, rec in zip(planned, records, strict=True)})
+        return [Job(self._store, self._account, rec) for rec in records]
+
+    def _enqueue(self, run: Run, priority: int) -> JobRecord:
+        return self._store.enqueue(
+            self._account, run.params, priority=priority, experiment=self.name, tags=self.tags,
+            idempotency_key=run.idempotency_key(self.name),
+        )
+
+    def _remember(self, ids: dict[str, tuple[int, str]]) -> None:
+        """Store runs' job ids (a cache: the idempotency key alone finds a run's job)."""
+        def put(rec: dict[str, Any]) -> None:
+            for r in rec["runs"]:
+                attempt, job_id = ids.get(r["key"], (None, None))
+                if attempt == r.get("attempt", 0):  # a concurrent resume may have moved on
+                    r["job_id"] = job_id
+
+        if ids:
+            self._update(put)
+
+    def resume(self, *, priority: int = 0) -> list[Job]:
+        """Re-queue only the runs that are missing, failed or cancelled; done and in-flight runs stay."""
+        runs, jobs = self._snapshot()
+        dead = {r.key for r in runs if jobs[r.key] is not None and jobs[r.key].status in (FAILED, CANCELLED)}
+        todo = {r.key for r in runs if jobs[r.key] is None} | dead
+        if not todo:
+            return []
+
+        def bump(rec: dict[str, Any]) -> None:
+            for r in rec["runs"]:
+                if r["key"] in dead:  # a new attempt gets a new idempotency key, hence a new job
+                    r["attempt"] = r.get("attempt", 0) + 1
+                    r["job_id"] = None
+
+        current = [Run.from_dict(r) for r in self._update(bump)["runs"] if r["key"] in todo]
+        records = [self._enqueue(run, priority) for run in current]
+        self._remember({run.key: (run.attempt, rec.id) for run, rec in zip(current, records, strict=True)})
+        return [Job(self._store, self._account, rec) for rec in records]
+
+    # -- reading ---------------------------------------------------------------
+    def _snapshot(self) -> tuple[list[Run], dict[str, JobRecord | None]]:
+        """The runs and each run's current job (None: never queued, or deleted)."""
+        runs = self.runs
+        jobs: dict[str, JobRecord | None] = {}
+        unknown: list[Run] = []
+        for run in runs:
+            job = self._get(run.job_id) if run.job_id else None
+            if job is not None and job.idempotency_key == run.idempotency_key(self.name):
+                jobs[run.key] = job
+            else:
+                unknown.append(run)
+        if unknown:  # ids not recorded yet (a killed client): find the jobs by idempotency key
+            listed = self._store.list(self._account, experiment=self.name, limit=_LIST_LIMIT)
+            by_key = {j.idempotency_key: j for j in listed}
+            found = {}
+            for run in unknown:
+                jobs[run.key] = job = by_key.get(run.idempotency_key(self.name))
+                if job is not None:
+                    found[run.key] = (run.attempt, job.id)
+            self._remember(found)
+        return runs, jobs
+
+    def _get(self, job_id: str) -> JobRecord | None:
+        try:
+            return self._store.get(self._account, job_id)
+        except JobNotFound:
+            return None
+
+    def jobs(self) -> list[Job]:
+        """The current job of each run that has one, in run order."""
+        runs, jobs = self._snapshot()
+        return [Job(self._store, self._account, jobs[r.key]) for r in runs if jobs[r.key] is not None]
+
+    def status(self) -> dict[str, int]:
+        """Runs per status: queued, running, done, failed, cancelled, and missing (never queued)."""
+        _, jobs = self._snapshot()
+        counts = dict.fromkeys((*STATUSES, MISSING), 0)
+        for job in jobs.values():
+            counts[job.status if job is not None else MISSING] += 1
+        return counts
+
+    def wait(self, timeout: float | None = None, *, progress: bool = True) -> dict[str, int]:
+        """Block until every queued run has finished, with a progress bar over runs; returns `status()`.
+
+        Missing runs are not waited for (nothing would ever finish them): a warning names `resume()`.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        runs, jobs = self._snapshot()
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(runs), desc=self.name, unit="run")
+        delay = 0.1
+        try:
+            while True:
+                pending = {k: j for k, j in jobs.items() if j is not None and not j.finished}
+                if bar is not None:
+                    bar.n = sum(1 for j in jobs.values() if j is not None and j.finished)
+                    bar.set_postfix_str(_summary(jobs), refresh=False)
+                    bar.refresh()
+                if not pending:
+                    break
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise TimeoutError(f"experiment {self.name!r}: {len(pending)} runs unfinished after {timeout}s")
+                time.sleep(delay)
+                delay = min(delay * 1.5, 1.0)
+                for key, job in pending.items():  # finished runs are not read again
+                    jobs[key] = self._get(job.id)
+        finally:
+            if bar is not None:
+                bar.close()
+        counts = self.status()
+        if counts[MISSING]:
+            warnings.warn(f"experiment {self.name!r}: {counts[MISSING]} runs were never queued; "
+                          "call resume() to queue them", stacklevel=2)
+        return counts
+
+    def cancel(self) -> int:
+        """Cancel every unfinished run (queued ones never start); returns how many were asked."""
+        _, jobs = self._snapshot()
+        live = [j for j in jobs.values() if j is not None and not j.finished]
+        for job in live:
+            self._store.cancel(self._account, job.id)
+        return len(live)
+
+    # -- views -----------------------------------------------------------------
+    def to_dataframe(self):
+        """One row per run: run key, job id, status, params, timings, times, paths and worker."""
+        from mochi_lab.experiment_views import runs_dataframe
+
+        return runs_dataframe(*self._snapshot())
+
+    def compare(self, *, columns: int | None = None, width: int = 256):
+        """An ipywidgets grid of the runs' videos, each labelled with only the params that differ."""
+        from mochi_lab.experiment_views import compare_grid
+
+        return compare_grid(*self._snapshot(), columns=columns, width=width)
+
+    def export(self, folder: str | Any) -> Any:
+        """Copy the done runs' videos into `folder`, with manifest.json and manifest.csv; returns the folder."""
+        from mochi_lab.experiment_views import export_runs
+
+        return export_runs(self._load(), *self._snapshot(), folder)
+
+    def __repr__(self) -> str:
+        return (f"<Experiment {self.name!r} account={self._account!r} runs={len(self._record.get('runs', []))} "
+                f"tags={self.tags}>")
+
+
+def _summary(jobs: Mapping[str, JobRecord | None]) -> str:
+    counts: dict[str, int] = {}
+    for job in jobs.values():
+        status = job.status if job is not None else MISSING
+        counts[status] = counts.get(status, 0) + 1
+    return " ".join(f"{k}={v}" for k, v in sorted(counts.items()))
+
+
+__all__ = ["MISSING", "Experiment", "ExperimentNotFound"]

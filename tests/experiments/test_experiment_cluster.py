@@ -1,0 +1,153 @@
+"""Experiments, the result cache and provenance end to end: the session's real Ray pool on SQLite."""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import ipywidgets as w
+import numpy as np
+import pytest
+
+from mochi_lab import ExperimentNotFound, MochiCluster
+from mochi_lab.experiment import MISSING
+from mochi_lab.video import probe, read_frames
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+
+
+def test_sweep_wait_dataframe_compare_export(mochi, tiny, tmp_path):
+    exp = mochi.experiment("e2e-sweep", description="two by two", tags=["e2e"])
+    jobs = exp.sweep(["a cat surfing", "a dog skating"], [1, 2], **tiny)
+    assert exp.wait(timeout=300, progress=False)["done"] == 4
+    df = exp.to_dataframe()
+    assert len(df) == 4 and set(df["status"]) == {"done"}
+    assert list(df["job_id"]) == [j.id for j in jobs]
+    assert list(zip(df["prompt"], df["seed"], strict=True)) == [("a cat surfing", 1), ("a cat surfing", 2),
+                                                   ("a dog skating", 1), ("a dog skating", 2)]
+    assert (df["run_s"] > 0).all() and (df["denoise_s"] > 0).all() and (df["load_s"] == 0).all()
+    assert (df["finished_at"] >= df["created_at"]).all()
+    assert all(probe(p).frames == 7 for p in df["video"])
+    assert {j.record.experiment for j in mochi.jobs(experiment="e2e-sweep")} == {"e2e-sweep"}
+
+    grid = exp.compare()
+    assert isinstance(grid, w.GridBox) and len(grid.children) == 4
+    assert "repeat(2," in grid.layout.grid_template_columns  # seeds across, prompts down
+    labels = [re.sub(r"<[^>]+>", "", cell.children[0].value) for cell in grid.children]  # the visible text
+    assert labels == ["prompt=a cat surfing, seed=1", "prompt=a cat surfing, seed=2",
+                      "prompt=a dog skating, seed=1", "prompt=a dog skating, seed=2"]  # only what differs
+    assert all(isinstance(cell.children[1], w.Video) and len(cell.children[1].value) > 0 for cell in grid.children)
+
+    out = exp.export(tmp_path / "out")
+    assert len(list(out.glob("*.mp4"))) == 4
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert [r["file"] for r in manifest["runs"]] == sorted(p.name for p in out.glob("*.mp4"))
+    assert np.array_equal(read_frames(out / manifest["runs"][0]["file"]), read_frames(df["video"][0]))
+
+
+def test_experiments_are_listed_newest_first_and_private(mochi, test_settings):
+    mochi.experiment("listed-old")
+    time.sleep(0.01)
+    mochi.experiment("listed-new")
+    names = [e.name for e in mochi.experiments()]
+    assert names.index("listed-new") < names.index("listed-old")
+    bob = MochiCluster(settings=test_settings.model_copy(update={"account": "bob"}), start_pool=False)
+    assert "listed-new" not in [e.name for e in bob.experiments()]
+    with pytest.raises(ExperimentNotFound):
+        bob.experiment("listed-new", create=False)
+    with pytest.raises(ValueError, match="experiment name"):
+        mochi.experiment("bad name")
+
+
+def test_result_cache_reuses_done_and_inflight_jobs_unless_forced(mochi, tiny):
+    first = mochi.generate("a cached lighthouse", seed=21, **tiny)
+    assert mochi.generate("a cached lighthouse", seed=21, **tiny).id == first.id  # in flight
+    first.result(timeout=300)
+    assert mochi.generate("a cached lighthouse", seed=21, **tiny).id == first.id  # done
+    forced = mochi.generate("a cached lighthouse", seed=21, force=True, **tiny)
+    assert forced.id != first.id
+    assert mochi.generate("a cached lighthouse", seed=22, **tiny).id != first.id
+
+
+def test_cancelled_jobs_are_not_served_from_the_cache(mochi, tiny):
+    # a long job queued behind nothing may start at once: cancel works either way
+    job = mochi.generate("a cancelled comet", seed=3, **{**tiny, "num_inference_steps": 200})
+    job.cancel()
+    job.wait(timeout=120)
+    assert job.status == "cancelled"
+    again = mochi.generate("a cancelled comet", seed=3, **{**tiny, "num_inference_steps": 200})
+    assert again.id != job.id and again.status in ("queued", "running")
+    again.cancel()
+
+
+def test_reproduce_gives_identical_frames_and_provenance(mochi, tiny):
+    job = mochi.generate("a reproducible sunrise", **tiny)  # random seed, resolved and recorded
+    twin = job.reproduce()
+    assert twin.id != job.id and twin.params == job.params
+    assert f"reproduces:{job.id}" in twin.record.tags
+    assert np.array_equal(read_frames(job.result(timeout=300)), read_frames(twin.result(timeout=300)))
+    meta = job.refresh().meta
+    assert meta["seed"] == job.params.seed and meta["model"] == "tiny"
+    assert meta["model_revision"].startswith("sha256:")
+    assert meta["model_revision"] == twin.refresh().meta["model_revision"]
+    assert set(meta["versions"]) == {"mochi_lab", "diffusers", "torch"}
+    assert meta["device"] in ("cpu", "cuda") and meta["python"].count(".") == 2
+
+
+def test_sweep_resumed_after_its_client_was_killed(mochi, test_settings):
+    name = "killed-sweep"
+    proc = subprocess.Popen(
+        [sys.executable, str(HERE / "sweep_client.py"), test_settings.model_dump_json(), name, "3"],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=os.environ.copy(),
+    )
+    try:
+        queued = []
+        for line in proc.stdout:  # blocks until the client prints
+            if line.startswith("queued"):
+                queued.append(line.split()[2])
+            if line.startswith("hanging"):
+                break
+        assert len(queued) == 3
+        deadline = time.monotonic() + 300
+        while sum(mochi.job(i).status == "done" for i in queued) < 1:  # let the pool finish at least one
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        done_before_kill = sum(mochi.job(i).status == "done" for i in queued)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL
+
+    exp = mochi.experiment(name)
+    total = len(exp.runs)
+    before = exp.status()
+    requeued = exp.resume()
+    print(f"\nresume after kill: runs total={total}, jobs queued before kill={len(queued)}, "
+          f"done before kill={done_before_kill}, re-queued by resume={len(requeued)}, status before resume={before}")
+    assert total == 6 and before[MISSING] == 3
+    assert len(requeued) == 3 and not {j.id for j in requeued} & set(queued)
+    assert exp.resume() == []
+    assert exp.wait(timeout=300, progress=False)["done"] == 6
+    assert len(mochi.jobs(experiment=name, limit=100)) == 6  # no run was queued twice
+
+
+def test_cli_runs_a_spec_and_prints_timings_per_steps_value(mochi, test_settings, monkeypatch, capsys):
+    from mochi_lab.cli import main
+
+    monkeypatch.setenv("MOCHI_LAB_NAMESPACE", test_settings.namespace)  # re-attach to the session's pool
+    spec = str(ROOT / "experiments" / "steps_vs_quality.yaml")
+    assert main(["experiment", "run", spec, "--wait", "--timeout", "600", "--address", test_settings.ray_address]) == 0
+    out = capsys.readouterr().out
+    rows = [line.split() for line in out.splitlines() if line.strip()[:1].isdigit()]
+    assert [r[0] for r in rows] == ["2", "4", "8"]  # one row per steps value
+    assert all(r[1:3] == ["2", "2"] for r in rows)  # runs, done
+    denoise = [float(r[3]) for r in rows]
+    assert denoise[0] > 0 and denoise[2] > denoise[0]  # more steps cost more denoising time
+    # re-running the spec is idempotent
+    assert main(["experiment", "run", spec, "--address", test_settings.ray_address]) == 0
+    assert len(mochi.jobs(experiment="steps-vs-quality", limit=100)) == 6

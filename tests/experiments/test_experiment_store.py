@@ -1,0 +1,154 @@
+"""The experiment layer on both backends (SQLite, Redis), with the store contract standing in for workers."""
+
+import json
+import time
+
+import pandas as pd
+import pytest
+
+from mochi_lab import Experiment, ExperimentNotFound
+from mochi_lab.cache import cached_enqueue
+from mochi_lab.experiment import MISSING
+from mochi_lab.store import open_store
+
+from exp_helpers import finish
+
+TINY = {"num_frames": 7, "height": 32, "width": 32, "num_inference_steps": 2, "fps": 8}
+
+
+def open_exp(store, name="sweep-1", account="alice", **kw) -> Experiment:
+    return Experiment.open(store, account, name, **kw)
+
+
+def test_create_reopen_and_list_newest_first(store, store_url):
+    a = open_exp(store, "first", description="d1", tags=["x"])
+    time.sleep(0.01)
+    open_exp(store, "second")
+    again = open_exp(open_store(store_url), "first")  # another handle, as another process would
+    assert (again.description, again.tags, again.created_at) == ("d1", ["x"], a.created_at)
+    assert [e["name"] for e in store.list_experiments("alice")] == ["second", "first"]
+    open_exp(store, "first", tags=["y"])  # given tags replace the stored ones; the order stays
+    assert open_exp(store, "first").tags == ["y"]
+    assert [e["name"] for e in store.list_experiments("alice")] == ["second", "first"]
+
+
+def test_another_account_cannot_open_or_see_an_experiment(store):
+    exp = open_exp(store, "secret", account="alice")
+    exp.sweep(["alice's prompt"], [1], **TINY)
+    with pytest.raises(ExperimentNotFound):
+        Experiment.open(store, "bob", "secret", create=False)
+    assert store.list_experiments("bob") == []
+    bobs = Experiment.open(store, "bob", "secret")  # bob gets his own, empty experiment of that name
+    assert bobs.runs == [] and bobs.status()["queued"] == 0
+    assert len(open_exp(store, "secret").runs) == 1
+
+
+def test_sweep_is_idempotent_and_links_jobs(store):
+    exp = open_exp(store, tags=["demo"])
+    jobs = exp.sweep(["a cat", "a dog"], [1, 2], **TINY)
+    assert len(jobs) == 4
+    again = open_exp(store).sweep(["a cat", "a dog"], [1, 2], **TINY)
+    assert [j.id for j in again] == [j.id for j in jobs]
+    assert exp.add(prompt="a dog", seed=2, **TINY).id == jobs[3].id
+    stored = store.list("alice", experiment="sweep-1")
+    assert len(stored) == 4
+    assert {j.experiment for j in stored} == {"sweep-1"} and all(j.tags == ["demo"] for j in stored)
+    assert [r.job_id for r in exp.runs] == [j.id for j in jobs]
+    assert exp.status() == {"queued": 4, "running": 0, "done": 0, "failed": 0, "cancelled": 0, MISSING: 0}
+
+
+def test_sweep_without_seeds_repeats_its_seeds(store):
+    first = open_exp(store).sweep(["a cat"], None, **TINY)
+    second = open_exp(store).sweep(["a cat"], None, **TINY)
+    assert first[0].id == second[0].id and isinstance(first[0].params.seed, int)
+
+
+def test_resume_requeues_only_failed_cancelled_and_missing(store, sample_mp4):
+    exp = open_exp(store)
+    jobs = exp.sweep(["p"], [1, 2, 3, 4, 5], **TINY)
+    done_id = finish(store, "done", video=sample_mp4)
+    failed_id = finish(store, "failed")
+    running_id = finish(store, "running")
+    jobs[3].cancel()
+    store.delete("alice", jobs[4].id)  # a deleted job leaves its run missing
+    assert exp.status() == {"queued": 0, "running": 1, "done": 1, "failed": 1, "cancelled": 1, MISSING: 1}
+    requeued = exp.resume()
+    assert len(requeued) == 3
+    assert failed_id not in {j.id for j in requeued} and jobs[3].id not in {j.id for j in requeued}
+    assert [j.params.seed for j in requeued] == [2, 4, 5]
+    runs = {r.params["seed"]: r for r in exp.runs}
+    assert (runs[1].job_id, runs[3].job_id) == (done_id, running_id)  # left alone
+    assert (runs[2].attempt, runs[4].attempt, runs[5].attempt) == (1, 1, 0)
+    assert exp.status() == {"queued": 3, "running": 1, "done": 1, "failed": 0, "cancelled": 0, MISSING: 0}
+    assert exp.resume() == []  # nothing left to re-queue
+    # the failed and cancelled attempts stay in history, linked to the experiment: 5 - 1 deleted + 3
+    assert len(store.list("alice", experiment="sweep-1")) == 7
+
+
+def test_cancel_stops_every_unfinished_run(store):
+    exp = open_exp(store)
+    exp.sweep(["p"], [1, 2, 3], **TINY)
+    finish(store, "running")
+    assert exp.cancel() == 3
+    counts = exp.status()
+    assert counts["cancelled"] == 2 and counts["running"] == 1  # a running job stops at its next step
+    assert store.get("alice", exp.runs[0].job_id).cancel_requested
+
+
+def test_a_killed_client_leaves_runs_that_resume_finds(store):
+    exp = open_exp(store)
+    runs = exp.sweep(["p"], [1, 2, 3], **TINY)
+    # as if the client died after queueing two jobs, before recording any job id
+    record = store.get_experiment("alice", "sweep-1")
+    for r in record["runs"]:
+        r["job_id"] = None
+    store.put_experiment("alice", record)
+    store.delete("alice", runs[2].id)
+    fresh = open_exp(store)
+    assert fresh.status()[MISSING] == 1
+    assert [r.job_id for r in fresh.runs] == [runs[0].id, runs[1].id, None]  # found by idempotency key
+    assert [j.params.seed for j in fresh.resume()] == [3]
+
+
+def test_wait_and_dataframe_and_export(store, sample_mp4, tmp_path):
+    exp = open_exp(store)
+    exp.sweep(["a cat", "a dog"], [1], **TINY)
+    finish(store, "done", video=sample_mp4)
+    finish(store, "failed")
+    counts = exp.wait(timeout=10, progress=False)
+    assert counts["done"] == 1 and counts["failed"] == 1
+    df = exp.to_dataframe()
+    assert list(df["prompt"]) == ["a cat", "a dog"] and list(df["status"]) == ["done", "failed"]
+    assert df.loc[0, "denoise_s"] == 0.5 and df.loc[0, "video"] == str(sample_mp4)
+    assert pd.isna(df.loc[1, "video"]) and df.loc[1, "error"] == "RuntimeError: boom"
+    assert df["created_at"].dt.tz is not None and (df["num_frames"] == 7).all()
+    out = exp.export(tmp_path / "export")
+    names = sorted(p.name for p in out.iterdir())
+    assert names == sorted(["manifest.csv", "manifest.json", f"000_{exp.runs[0].key}.mp4"])  # only done videos
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["experiment"]["name"] == "sweep-1" and manifest["varying"] == ["prompt"]
+    assert [r["status"] for r in manifest["runs"]] == ["done", "failed"]
+    csv = pd.read_csv(out / "manifest.csv")
+    assert list(csv["job_id"]) == list(df["job_id"])
+
+
+def test_wait_times_out_and_warns_about_missing_runs(store):
+    exp = open_exp(store)
+    exp.sweep(["p"], [1], **TINY)
+    with pytest.raises(TimeoutError, match="1 runs unfinished"):
+        exp.wait(timeout=0.3, progress=False)
+    store.delete("alice", exp.runs[0].job_id)
+    with pytest.warns(UserWarning, match="resume"):
+        assert exp.wait(timeout=1, progress=False)[MISSING] == 1
+
+
+def test_result_cache_on_the_store(store):
+    params = {"prompt": "cached", "seed": 5, "model": "tiny", **TINY}
+    first = cached_enqueue(store, "alice", params)
+    assert cached_enqueue(store, "alice", params).id == first.id  # queued: in flight, reused
+    finish(store, "failed")
+    second = cached_enqueue(store, "alice", params)
+    assert second.id != first.id  # a failed job is never the answer
+    assert cached_enqueue(store, "alice", {**params, "seed": 6}).id != second.id
+    assert cached_enqueue(store, "bob", params).id != second.id  # per account
+    assert cached_enqueue(store, "alice", params).id == second.id
