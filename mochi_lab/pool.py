@@ -65,13 +65,17 @@ def connect(settings: Settings) -> str:
         if settings.ray_address:
             ray.init(address=settings.ray_address, namespace=settings.namespace, log_to_driver=False)
         else:
-            # A local Ray picks free ports for itself (never Redis' 6379) and stays on 127.0.0.1.
+            # "local" starts a new Ray even when another one runs on this machine; it picks free
+            # ports for itself (never Redis' 6379) and stays on 127.0.0.1.
             ray.init(
+                address="local",
                 namespace=settings.namespace,
                 include_dashboard=False,
                 _node_ip_address="127.0.0.1",
                 log_to_driver=False,
             )
+    if settings.ray_address and settings.ray_address.startswith("ray://"):
+        return settings.ray_address  # a Ray Client session has no GCS address of its own
     return ray.get_runtime_context().gcs_address
 
 

@@ -14,6 +14,7 @@ import socket
 import threading
 import time
 import traceback
+from pathlib import Path
 from typing import Any
 
 import psutil
@@ -22,7 +23,8 @@ from mochi_lab.params import GenerationParams
 from mochi_lab.pipelines import PipelineConfig, load_runner
 from mochi_lab.provenance import model_revision
 from mochi_lab.settings import Settings
-from mochi_lab.store import Claim, LeaseLost, StoreError, open_store
+from mochi_lab.store import Claim, JobNotFound, LeaseLost, StoreError, open_store
+from mochi_lab.store.base import remove_artifacts
 from mochi_lab.video import write_mp4, write_thumbnail
 
 log = logging.getLogger("mochi_lab.worker")
@@ -157,6 +159,7 @@ class Worker:
             # The first job after a load pays for the time it waited on it; later jobs pay 0 (warm).
             load_s = 0.0
             if params.model != self.model:
+                self.store.progress(job.id, token, stage="loading", message=f"loading {params.model}")
                 self._load(params.model)
             if self._load_unpaid:
                 load_s = max(0.0, min(self.runner.load_s, self.loaded_at - job.created_at))
@@ -166,11 +169,14 @@ class Worker:
             self.store.progress(job.id, token, stage="denoising", step=0, total=params.num_inference_steps)
             self.runner.reset_peak()
             rss_before = self._proc.memory_info().rss
+            gpu_before = self.runner.memory_info().get("gpu_allocated_bytes")
 
             def on_step(step: int, total: int) -> None:
                 if lost.is_set():
                     raise LeaseLost(f"job {job.id}: lease lost")
-                if cancel.is_set() or self.store.progress(job.id, token, stage="denoising", step=step, total=total):
+                # after the last step the pipeline decodes the latents with the VAE
+                stage = "decoding" if step == total else "denoising"
+                if cancel.is_set() or self.store.progress(job.id, token, stage=stage, step=step, total=total):
                     from mochi_lab.pipelines.mochi import JobCancelled
 
                     raise JobCancelled(job.id)
@@ -179,20 +185,23 @@ class Worker:
             timings.update(result.timings)
             self.store.progress(job.id, token, stage="encoding", message="writing MP4")
             t0 = time.perf_counter()
-            folder = self.settings.artifacts_dir / job.account
+            # named by job id, so a retried job overwrites rather than adds files
+            paths = self._artifact_paths(job)
             artifacts = {
-                "video": str(write_mp4(result.frames, folder / f"{job.id}.mp4", params.fps)),
-                "thumbnail": str(write_thumbnail(result.frames, folder / f"{job.id}.png")),
+                "video": str(write_mp4(result.frames, paths["video"], params.fps)),
+                "thumbnail": str(write_thumbnail(result.frames, paths["thumbnail"])),
             }
             timings["encode_s"] = time.perf_counter() - t0
             timings["run_s"] = time.time() - claimed_at
             meta.update(result.info)
-            meta.update(self._provenance(params), rss_before=rss_before, rss_after=self._proc.memory_info().rss)
+            meta.update(self._provenance(params), rss_before=rss_before, rss_after=self._proc.memory_info().rss,
+                        gpu_allocated_before=gpu_before)
             self.store.complete(job.id, token, artifacts=artifacts, timings=timings, meta=meta)
             self.jobs_done += 1
             log.info("done in %.2fs", timings["run_s"], extra=extra)
         except LeaseLost:
             log.warning("lease lost; result dropped", extra=extra)
+            self._drop_orphans(job)
         except Exception as exc:
             timings["run_s"] = time.time() - claimed_at
             self._finish_badly(job.id, token, exc, timings, meta, extra)
@@ -215,6 +224,19 @@ class Worker:
                 log.error("failed: %s", exc, extra=extra)
         except LeaseLost:
             log.warning("lease lost while finishing", extra=extra)
+
+    def _artifact_paths(self, job) -> dict[str, Path]:
+        folder = self.settings.artifacts_dir / job.account
+        return {"video": folder / f"{job.id}.mp4", "thumbnail": folder / f"{job.id}.png"}
+
+    def _drop_orphans(self, job) -> None:
+        """Files of a job deleted while it ran belong to nobody; a re-run's files keep the same names."""
+        try:
+            self.store.get(job.account, job.id)
+        except JobNotFound:
+            remove_artifacts({k: str(p) for k, p in self._artifact_paths(job).items()})
+        except StoreError:
+            pass
 
     def _heartbeat(self, job_id: str, token: int, cancel: threading.Event, lost: threading.Event, finished: threading.Event) -> None:
         while not finished.wait(self.settings.lease_s / 3):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -13,6 +14,9 @@ _SESSION_HOME = Path(tempfile.mkdtemp(prefix="mochi-tests-"))
 os.environ["MOCHI_LAB_DATA_DIR"] = str(_SESSION_HOME / "data")
 os.environ["MOCHI_LAB_CACHE_DIR"] = os.environ.get("MOCHI_LAB_TEST_CACHE", str(_SESSION_HOME / "cache"))
 os.environ["JUPYTERHUB_USER"] = "alice"
+# A checkpoint with NaN weights, for pipeline-failure tests; workers inherit this when Ray starts.
+BROKEN_CHECKPOINT = _SESSION_HOME / "tiny-broken"
+os.environ["MOCHI_LAB_MODELS"] = json.dumps({"tiny-broken": str(BROKEN_CHECKPOINT)})
 for var in ("RAY_ADDRESS", "REDIS_URL", "REDIS_HOST"):
     os.environ.pop(var, None)
 
@@ -28,6 +32,19 @@ def tiny_checkpoint() -> Path:
     from mochi_lab.pipelines.tiny import ensure_tiny_mochi
 
     return ensure_tiny_mochi(os.environ["MOCHI_LAB_CACHE_DIR"])
+
+
+@pytest.fixture(scope="session")
+def broken_checkpoint(tiny_checkpoint) -> Path:
+    """The tiny Mochi with NaN transformer output weights, registered as model "tiny-broken"."""
+    import torch
+    from diffusers import MochiPipeline
+
+    pipe = MochiPipeline.from_pretrained(tiny_checkpoint)
+    with torch.no_grad():
+        pipe.transformer.proj_out.weight.fill_(float("nan"))
+    pipe.save_pretrained(BROKEN_CHECKPOINT)
+    return BROKEN_CHECKPOINT
 
 
 @pytest.fixture(scope="session")
