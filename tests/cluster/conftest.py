@@ -1,0 +1,34 @@
+"""Fixtures for the offline deployment checks of cluster/ (see clusterlib.py)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import clusterlib as cl  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def rendered() -> dict[str, list[dict]]:
+    """Every overlay, rendered offline: {"dev": [docs], "prod": [docs]}."""
+    return {name: cl.render(cl.K8S / "overlays" / name) for name in cl.OVERLAYS}
+
+
+@pytest.fixture(scope="session")
+def base_docs() -> list[dict]:
+    return cl.render(cl.K8S / "base")
+
+
+@pytest.fixture(scope="session")
+def values() -> dict:
+    return yaml.safe_load(cl.VALUES.read_text())
+
+
+@pytest.fixture(scope="session")
+def images_env() -> dict[str, str]:
+    return cl.read_env_file(cl.IMAGES_ENV)
