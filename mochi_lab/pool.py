@@ -67,13 +67,17 @@ def connect(settings: Settings) -> str:
         else:
             # "local" starts a new Ray even when another one runs on this machine; it picks free
             # ports for itself (never Redis' 6379) and stays on 127.0.0.1.
-            ray.init(
-                address="local",
-                namespace=settings.namespace,
-                include_dashboard=False,
-                _node_ip_address="127.0.0.1",
-                log_to_driver=False,
-            )
+            kwargs = dict(address="local", namespace=settings.namespace, include_dashboard=False,
+                          _node_ip_address="127.0.0.1", log_to_driver=False)
+            try:
+                ray.init(**kwargs)
+            except Exception as exc:
+                # Ray waits a fixed 30 s for its node agents; a loaded laptop can miss that once
+                if "timed out during startup" not in str(exc):
+                    raise
+                log.warning("local Ray was slow to start; trying once more")
+                ray.shutdown()
+                ray.init(**kwargs)
     if settings.ray_address and settings.ray_address.startswith("ray://"):
         return settings.ray_address  # a Ray Client session has no GCS address of its own
     return ray.get_runtime_context().gcs_address

@@ -68,7 +68,8 @@ class Settings(BaseModel):
     worker_resources: dict[str, float] = Field(default_factory=dict)
     lease_s: float = 30.0
     max_attempts: int = 3
-    poll_s: float = 0.05
+    poll_s: float = 0.05  # how soon an idle worker looks again, doubling up to idle_poll_s
+    idle_poll_s: float = 0.4
     worker_ttl_s: float = 15.0
     offload: bool = False  # model CPU offload, for GPUs under ~48 GB
 

@@ -112,6 +112,7 @@ class Worker:
             self.publish()
             return
         last_publish = 0.0
+        idle = self.settings.poll_s
         while not self._stop.is_set():
             try:
                 if time.monotonic() - last_publish > self.settings.worker_ttl_s / 3:
@@ -123,9 +124,12 @@ class Worker:
                 self._stop.wait(1.0)
                 continue
             if claim is None:
-                self._stop.wait(self.settings.poll_s)
+                # back off while idle: many idle workers must not keep a store (or a laptop) busy
+                self._stop.wait(idle)
+                idle = min(idle * 2, self.settings.idle_poll_s)
                 continue
             self.run_job(claim)
+            idle = self.settings.poll_s
             last_publish = 0.0
 
     def _load(self, model: str) -> None:

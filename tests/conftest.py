@@ -9,6 +9,8 @@ from pathlib import Path
 
 # Must precede `import ray` anywhere in the session: keeps every Ray node on 127.0.0.1.
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+# Token auth would write ~/.ray/auth_token; test clusters live on loopback and die with the session.
+os.environ["RAY_AUTH_MODE"] = "disabled"
 _SESSION_HOME = Path(tempfile.mkdtemp(prefix="mochi-tests-"))
 # Nothing in the tests may touch the user's data, cache or account.
 os.environ["MOCHI_LAB_DATA_DIR"] = str(_SESSION_HOME / "data")

@@ -1,0 +1,120 @@
+"""The History browser lists, filters, plays, re-runs and deletes real jobs of the session cluster."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from widget_helpers import drive, unique
+
+from mochi_lab import JobNotFound
+from mochi_lab.video import read_frames
+from mochi_lab.widgets import History, HistoryRow, jobs_frame
+
+
+@pytest.fixture(scope="module")
+def made(mochi):
+    """Two done jobs (one in an experiment) and one cancelled job, all sharing a unique word."""
+    word = unique("history")
+    tiny = {"num_frames": 7, "height": 32, "width": 32, "num_inference_steps": 2, "fps": 8}
+    red = mochi.generate(f"{word} red ball", seed=1, **tiny)
+    blue = mochi.generate(f"{word} blue ball", seed=2, experiment=f"exp-{word}", **tiny)
+    slow = mochi.generate(f"{word} slow", seed=3, num_frames=19, height=64, width=96, num_inference_steps=200)
+    slow.cancel()
+    for job in (red, blue, slow):
+        job.wait(timeout=240)
+    assert (red.status, blue.status, slow.status) == ("done", "done", "cancelled")
+    return word, red, blue, slow
+
+
+def rows(history: History) -> list[HistoryRow]:
+    return [r for r in history.rows if isinstance(r, HistoryRow)]
+
+
+def test_lists_the_accounts_jobs_newest_first_with_thumbnails(mochi, made):
+    word, red, blue, slow = made
+    history = History(mochi, text=word)
+    assert [r.job.id for r in rows(history)] == [slow.id, blue.id, red.id]
+    by_id = {r.job.id: r for r in rows(history)}
+    assert by_id[red.id].thumbnail.value == red.thumbnail.read_bytes()
+    assert by_id[red.id].thumbnail.value[:4] == b"\x89PNG"
+    assert by_id[slow.id].play_button.disabled and not by_id[red.id].play_button.disabled
+    assert "cancelled" in by_id[slow.id].info.value and f"{word} red ball" in by_id[red.id].info.value
+
+
+def test_filters_by_status_text_and_experiment(mochi, made):
+    word, red, blue, slow = made
+    history = History(mochi, text=word)
+    history.status.value = "done"
+    assert {r.job.id for r in rows(history)} == {red.id, blue.id}
+    history.status.value = "cancelled"
+    assert [r.job.id for r in rows(history)] == [slow.id]
+    history.status.value = None
+    history.text.value = f"{word} RED"  # case-insensitive prompt substring
+    assert [r.job.id for r in rows(history)] == [red.id]
+    history.text.value = ""
+    history.experiment.value = f"exp-{word}"
+    assert [r.job.id for r in rows(history)] == [blue.id]
+    history.experiment.value = "no-such-experiment"
+    assert rows(history) == [] and "no jobs match" in history.table.children[0].value
+
+
+def test_pages(mochi, made):
+    word, red, blue, slow = made
+    history = History(mochi, text=word, limit=2)
+    assert [r.job.id for r in rows(history)] == [slow.id, blue.id]
+    assert history.prev_button.disabled and not history.next_button.disabled
+    history.next_button.click()
+    assert [r.job.id for r in rows(history)] == [red.id] and history.next_button.disabled
+    history.prev_button.click()
+    assert len(rows(history)) == 2
+
+
+def test_play_shows_the_video(mochi, made):
+    word, red, *_ = made
+    history = History(mochi, text=f"{word} red")
+    rows(history)[0].play_button.click()
+    caption, video = history.player.children
+    assert red.id in caption.value and video.value == Path(red.result()).read_bytes()
+
+
+def test_rerun_queues_the_same_params_and_makes_the_same_video(mochi, tmp_path):
+    word = unique("again")
+    first = mochi.generate(word, seed=9, num_frames=7, height=32, width=32, num_inference_steps=2, fps=8)
+    first.result(timeout=240)
+    history = History(mochi, text=word, download_dir=tmp_path)
+    rows(history)[0].rerun_button.click()
+    (card,) = history.stack.cards
+    assert card.job.id != first.id and card.job.record.params == first.record.params  # seed included
+    drive(history.poll_once, lambda: card.finished)
+    assert card.record.status == "done"
+    assert np.array_equal(read_frames(card.job.result()), read_frames(first.result()))
+    # the finished re-run re-listed the table
+    assert [r.job.id for r in rows(history)] == [card.job.id, first.id]
+
+
+def test_delete_needs_a_second_click_and_removes_job_and_files(mochi, made, tmp_path):
+    word = unique("doomed")
+    job = mochi.generate(word, num_frames=7, height=32, width=32, num_inference_steps=2, fps=8)
+    video = job.result(timeout=240)
+    history = History(mochi, text=word)
+    row = rows(history)[0]
+    row.delete_button.click()
+    assert row.armed and row.delete_button.description == "Confirm"
+    assert mochi.job(job.id).status == "done"  # one click deletes nothing
+    row.delete_button.click()
+    with pytest.raises(JobNotFound):
+        mochi.job(job.id)
+    assert not video.exists() and rows(history) == []
+
+
+def test_dataframe_has_one_row_per_job(mochi, made):
+    word, red, blue, slow = made
+    history = History(mochi, text=word)
+    df = history.dataframe()
+    assert list(df["id"]) == [slow.id, blue.id, red.id]
+    assert {"status", "prompt", "num_frames", "seed", "run_s", "video", "experiment"} <= set(df.columns)
+    assert list(df["status"]) == ["cancelled", "done", "done"] and list(df["seed"]) == [3, 2, 1]
+    assert df.loc[df["id"] == blue.id, "experiment"].item() == f"exp-{word}"
+    assert jobs_frame(mochi.jobs(text=word)).equals(df)

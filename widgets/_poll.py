@@ -1,0 +1,71 @@
+"""Polling on the kernel's event loop.
+
+Widgets must update while the kernel is idle, and ipykernel 7.0.x dropped widget messages sent from
+threads. So polling is an asyncio task on the loop that runs the kernel (ipykernel executes cells
+inside it): between awaits the kernel is free to run cells, and trait changes leave from the main
+thread. Outside a kernel (tests, scripts) there is no running loop; callers then drive `step`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Callable
+
+log = logging.getLogger(__name__)
+
+DEFAULT_INTERVAL_S = 0.4
+
+
+class Poller:
+    """Calls `step()` every `interval` seconds until it returns False or `stop()` is called.
+
+    `step` runs on the event loop, so it must be quick (a store read per job, a few trait sets).
+    """
+
+    def __init__(self, step: Callable[[], bool], interval: float = DEFAULT_INTERVAL_S):
+        self._step = step
+        self.interval = interval
+        self._task: asyncio.Task | None = None
+        self.errors = 0  # consecutive step failures (a store briefly unreachable)
+
+    @property
+    def running(self) -> bool:
+        return self._task is not None and not self._task.done()
+
+    def start(self) -> bool:
+        """Schedule polling on the running event loop; returns False when there is none."""
+        if self.running:
+            return True
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return False
+        self._task = loop.create_task(self._run(), name="mochi_lab widget poll")
+        return True
+
+    def stop(self) -> None:
+        if self.running:
+            self._task.cancel()
+        self._task = None
+
+    async def wait(self, timeout: float | None = None) -> None:
+        """Await the end of polling without blocking the loop (top-level `await` in a cell)."""
+        if not self.running and not self.start():
+            return
+        task = self._task
+        if task is not None and not task.done():
+            await asyncio.wait_for(asyncio.shield(task), timeout)
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                more = self._step()
+                self.errors = 0
+            except Exception:  # keep polling through transient store errors, but not forever
+                self.errors += 1
+                log.warning("widget poll failed (%d in a row)", self.errors, exc_info=True)
+                more = self.errors < 20
+            if not more:
+                return
+            await asyncio.sleep(self.interval)

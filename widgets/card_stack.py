@@ -1,0 +1,61 @@
+"""`CardStack`: the job cards of a Studio or a History browser, polled on the kernel's event loop."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import ipywidgets as W
+
+from mochi_lab.job import Job
+
+from ._poll import DEFAULT_INTERVAL_S, Poller
+from .job_card import JobCard
+
+
+class CardStack(W.VBox):
+    """Newest card first. Polls while any card's job is queued or running, then stops by itself."""
+
+    def __init__(self, *, download_dir: Path | None = None, interval: float = DEFAULT_INTERVAL_S,
+                 on_finish: Callable[[JobCard], None] | None = None):
+        super().__init__()
+        self.download_dir = download_dir
+        self.poller = Poller(self.poll_once, interval)
+        self.on_finish = on_finish  # e.g. the history browser re-lists when a re-run ends
+
+    @property
+    def cards(self) -> list[JobCard]:
+        return list(self.children)
+
+    @property
+    def jobs(self) -> list[Job]:
+        return [c.job for c in self.children]
+
+    def add(self, job: Job) -> JobCard:
+        card = JobCard(job, download_dir=self.download_dir)
+        self.children = (card, *self.children)
+        if not card.finished:
+            self.poller.start()  # no-op outside a running event loop: the caller drives poll_once
+        return card
+
+    def poll_once(self) -> bool:
+        """One polling step: refresh every unfinished card. Returns whether any is still active."""
+        if self.comm is None:  # the widget was closed: stop reading the store for it
+            return False
+        active = False
+        for card in self.cards:
+            if card.finished or card.gone:
+                continue
+            still = card.poll()
+            if not still and self.on_finish is not None:
+                self.on_finish(card)
+            active = active or still
+        return active
+
+    async def wait(self, timeout: float | None = None) -> None:
+        """Await every card's job (top-level `await` in a cell), leaving the kernel free meanwhile."""
+        await self.poller.wait(timeout)
+
+    def close(self) -> None:
+        self.poller.stop()
+        super().close()
