@@ -91,7 +91,7 @@ class Job:
                 if deadline is not None and time.monotonic() >= deadline:
                     raise TimeoutError(f"job {self.id} still {r.status} ({r.stage}) after {timeout}s")
                 time.sleep(delay)
-                delay = min(delay * 1.5, 0.5)
+                delay = min(delay * 1.5, 0.2)  # a store read is cheap; latency is not
         finally:
             if bar is not None:
                 bar.close()

@@ -68,8 +68,11 @@ class Settings(BaseModel):
     worker_resources: dict[str, float] = Field(default_factory=dict)
     lease_s: float = 30.0
     max_attempts: int = 3
-    poll_s: float = 0.05  # how soon an idle worker looks again, doubling up to idle_poll_s
-    idle_poll_s: float = 0.4
+    # An idle worker looks for work every poll_s; idle_after_s after its last job, it backs off,
+    # doubling the interval up to idle_poll_s.
+    poll_s: float = 0.05
+    idle_after_s: float = 10.0
+    idle_poll_s: float = 0.5
     worker_ttl_s: float = 15.0
     offload: bool = False  # model CPU offload, for GPUs under ~48 GB
 

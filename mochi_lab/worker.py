@@ -20,7 +20,7 @@ from typing import Any
 import psutil
 
 from mochi_lab.params import GenerationParams
-from mochi_lab.pipelines import PipelineConfig, load_runner
+from mochi_lab.pipelines import JobCancelled, PipelineConfig, load_runner
 from mochi_lab.provenance import model_revision
 from mochi_lab.settings import Settings
 from mochi_lab.store import Claim, JobNotFound, LeaseLost, StoreError, open_store
@@ -112,7 +112,7 @@ class Worker:
             self.publish()
             return
         last_publish = 0.0
-        idle = self.settings.poll_s
+        idle, last_job = self.settings.poll_s, time.monotonic()
         while not self._stop.is_set():
             try:
                 if time.monotonic() - last_publish > self.settings.worker_ttl_s / 3:
@@ -124,12 +124,14 @@ class Worker:
                 self._stop.wait(1.0)
                 continue
             if claim is None:
-                # back off while idle: many idle workers must not keep a store (or a laptop) busy
+                # Stay quick for a while after a job (sweeps and notebooks submit in bursts), then
+                # back off: many idle workers must not keep a store, or a laptop, busy.
                 self._stop.wait(idle)
-                idle = min(idle * 2, self.settings.idle_poll_s)
+                if time.monotonic() - last_job > self.settings.idle_after_s:
+                    idle = min(idle * 2, self.settings.idle_poll_s)
                 continue
             self.run_job(claim)
-            idle = self.settings.poll_s
+            idle, last_job = self.settings.poll_s, time.monotonic()
             last_publish = 0.0
 
     def _load(self, model: str) -> None:
@@ -181,8 +183,6 @@ class Worker:
                 # after the last step the pipeline decodes the latents with the VAE
                 stage = "decoding" if step == total else "denoising"
                 if cancel.is_set() or self.store.progress(job.id, token, stage=stage, step=step, total=total):
-                    from mochi_lab.pipelines.mochi import JobCancelled
-
                     raise JobCancelled(job.id)
 
             result = self.runner.generate(params, on_step)
@@ -216,8 +216,6 @@ class Worker:
             self.publish()
 
     def _finish_badly(self, job_id: str, token: int, exc: Exception, timings, meta, extra) -> None:
-        from mochi_lab.pipelines.mochi import JobCancelled
-
         try:
             if isinstance(exc, JobCancelled):
                 self.store.finish_cancelled(job_id, token, timings=timings, meta=meta)

@@ -16,6 +16,10 @@ if TYPE_CHECKING:
     from mochi_lab.pipelines.mochi import MochiRunner
 
 
+class JobCancelled(Exception):
+    """Raise it from a step callback to stop denoising at once (a cancel request)."""
+
+
 def resolve_source(model: str, cache_dir: str | os.PathLike) -> str:
     """A name from `known_models()` -> what `from_pretrained` takes (hub id or local dir)."""
     if model == "tiny":
@@ -39,4 +43,4 @@ def load_runner(model: str, cache_dir: str | os.PathLike, config: PipelineConfig
     return MochiRunner(resolve_source(model, cache_dir), config, name=model)
 
 
-__all__ = ["PipelineConfig", "load_runner", "resolve_source"]
+__all__ = ["JobCancelled", "PipelineConfig", "load_runner", "resolve_source"]

@@ -52,6 +52,21 @@ DRIVER = textwrap.dedent(
     """
 )
 
+# A notebook on Kubernetes joins through Ray Client (ray://): it must re-attach to the job and the pool.
+REATTACH = textwrap.dedent(
+    """
+    import json, sys
+    from mochi_lab import MochiCluster
+
+    cluster = MochiCluster(address=sys.argv[1], redis_url=sys.argv[2])
+    job = cluster.job(sys.argv[3])
+    print("RESULT " + json.dumps({
+        "path": str(job.result(timeout=60)), "status": job.status,
+        "actors": sorted(cluster.pool.handles()), "workers": sorted(w["worker_id"] for w in cluster.workers()),
+    }))
+    """
+)
+
 
 def _port_free(port: int) -> bool:
     for host in ("127.0.0.1", "127.0.0.2", ""):
@@ -189,6 +204,18 @@ def test_local_cluster_runs_a_job_end_to_end_and_stops_cleanly():
             assert result["workers"], result
             assert not {w["node_id"] for w in result["workers"]} & head_ids  # the head runs no actor
             assert all(ipaddress.ip_address(a).is_loopback for a in result["ray_nodes"])
+
+            # --- a second client, through Ray Client, re-attaches by id and starts nothing new ----------
+            again = subprocess.run(
+                [sys.executable, "-c", REATTACH, info["ray_client_address"], info["redis_url"], result["job_id"]],
+                capture_output=True, text=True, timeout=300, env=driver_env, cwd=cl.REPO,
+            )
+            lines = [line for line in again.stdout.splitlines() if line.startswith("RESULT ")]
+            assert again.returncode == 0 and lines, again.stdout[-3000:] + again.stderr[-5000:]
+            reattached = json.loads(lines[-1][len("RESULT "):])
+            assert reattached["path"] == result["path"] and reattached["status"] == "done"
+            assert reattached["actors"] == sorted(w["worker_id"] for w in result["workers"])
+            assert reattached["workers"] == reattached["actors"]
 
             # --- traffic stayed on loopback ----------------------------------------------------------
             for g in pgids:

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from mochi_lab.params import GenerationParams
-from mochi_lab.pipelines import PipelineConfig, load_runner, resolve_source
-from mochi_lab.pipelines.mochi import JobCancelled, MochiRunner
+from mochi_lab.pipelines import JobCancelled, PipelineConfig, load_runner, resolve_source
+from mochi_lab.pipelines.mochi import MochiRunner
 
 TINY = {"num_frames": 7, "height": 32, "width": 48, "num_inference_steps": 3}
 
