@@ -138,9 +138,10 @@ class Job:
     @property
     def video(self):
         """The MP4 as an `ipywidgets.Video` (bytes go to the browser, never into the notebook file)."""
-        import ipywidgets
+        from mochi_lab.reprs import video_widget
 
-        return ipywidgets.Video.from_file(str(self.result(timeout=0)), autoplay=True, loop=True, controls=True)
+        self.result(timeout=0)  # raises unless done
+        return video_widget(self._record)
 
     def _repr_html_(self) -> str:
         from mochi_lab.reprs import job_html

@@ -20,6 +20,8 @@ def test_generate_makes_a_playable_mp4(mochi, tiny):
     assert t["load_s"] == 0  # the pool was warm before the job was queued
     assert job.progress["step"] == job.progress["total"] == 2
     assert job.record.meta["worker_id"].startswith("mochi-worker-")
+    video = job.video  # an ipywidgets.Video holding the MP4 itself
+    assert video.format == "mp4" and video.value[4:8] == b"ftyp" and len(video.value) == path.stat().st_size
 
 
 def test_same_seed_same_video_other_seed_other_video(mochi, tiny):
