@@ -164,8 +164,9 @@ def _update_bar(bar, r: JobRecord):
 
     if bar is None and r.total_steps:
         bar = tqdm(total=r.total_steps, desc="denoising", unit="step")
-    if bar is not None:
-        bar.n = r.step if r.status != DONE else r.total_steps
+    n = r.total_steps if r.status == DONE else r.step
+    if bar is not None and (bar.n, bar.postfix) != (n, r.stage):
+        bar.n = n
         bar.set_postfix_str(r.stage, refresh=False)
-        bar.refresh()
+        bar.refresh()  # only on a change: a redraw per poll floods logs and notebooks
     return bar
