@@ -43,7 +43,7 @@ class MochiCluster:
         self.model = model
         self.store = open_store(self.settings.store_url, max_attempts=self.settings.max_attempts)
         self.ray_address = connect(self.settings)
-        self.pool = Pool(self.settings, self.store, model, pipeline)
+        self.pool = Pool(self.settings, self.store, model, pipeline or PipelineConfig(cpu_offload=self.settings.offload))
         if start_pool:
             self.pool.ensure()
 
