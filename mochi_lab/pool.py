@@ -93,14 +93,8 @@ class Pool:
         self.config = config or PipelineConfig()
         self.ray = _import_ray()
 
-    def default_size(self) -> int:
-        if self.settings.workers is not None:
-            return self.settings.workers
-        gpus = int(self.ray.cluster_resources().get("GPU", 0))
-        return gpus or 1
-
-    def _gpus(self) -> bool:
-        return self.ray.cluster_resources().get("GPU", 0) >= 1
+    def _cluster_gpus(self) -> int:
+        return int(self.ray.cluster_resources().get("GPU", 0))
 
     def handles(self) -> dict[str, Any]:
         """Live pool actors by name."""
@@ -116,16 +110,17 @@ class Pool:
 
     def ensure(self, n: int | None = None) -> list[str]:
         """Start missing actors until the pool has `n` (default: one per GPU); re-attaches to existing ones."""
-        n = self.default_size() if n is None else n
+        gpus = self._cluster_gpus()
+        if n is None:  # one worker per GPU, or one on a CPU-only cluster
+            n = self.settings.workers if self.settings.workers is not None else gpus or 1
         existing = self.handles()
-        gpu = self._gpus()
         options: dict[str, Any] = {
             "lifetime": "detached",
             "namespace": self.settings.namespace,
             "max_restarts": -1,
             "max_concurrency": 4,
             "scheduling_strategy": "SPREAD",
-            "num_gpus": 1 if gpu else 0,
+            "num_gpus": 1 if gpus else 0,
             # Ray sets a worker's torch threads (OMP_NUM_THREADS) from its num_cpus
             "num_cpus": self.settings.cpus_per_worker,
             "resources": self.settings.worker_resources or None,
