@@ -59,3 +59,20 @@ class CardStack(W.VBox):
     def close(self) -> None:
         self.poller.stop()
         super().close()
+
+
+class HasCardStack:
+    """For widgets whose jobs live in `self.stack`: polling, waiting and closing go through it."""
+
+    stack: CardStack
+
+    def poll_once(self) -> bool:
+        return self.stack.poll_once()
+
+    async def wait(self, timeout: float | None = None) -> None:
+        """Await the jobs started here without blocking the kernel (`await widget.wait()` in a cell)."""
+        await self.stack.wait(timeout)
+
+    def close(self) -> None:
+        self.stack.close()
+        super().close()

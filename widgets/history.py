@@ -14,7 +14,7 @@ from mochi_lab.store import DONE, STATUSES
 
 from ._format import error_html, seconds, short, size, when
 from ._poll import DEFAULT_INTERVAL_S
-from .card_stack import CardStack
+from .card_stack import CardStack, HasCardStack
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -60,7 +60,7 @@ class HistoryRow(W.HBox):
         delete(self.job)
 
 
-class History(W.VBox):
+class History(HasCardStack, W.VBox):
     """Newest first, `limit` rows a page. Filters re-list at once; re-runs get live cards below."""
 
     def __init__(self, cluster: "MochiCluster", *, status: str | None = None, text: str = "",
@@ -158,17 +158,6 @@ class History(W.VBox):
     def dataframe(self) -> "pd.DataFrame":
         """The rows on this page as a DataFrame (see `jobs_frame`)."""
         return jobs_frame(row.job for row in self.rows if isinstance(row, HistoryRow))
-
-    def poll_once(self) -> bool:
-        return self.stack.poll_once()
-
-    async def wait(self, timeout: float | None = None) -> None:
-        """Await the re-runs started here without blocking the kernel."""
-        await self.stack.wait(timeout)
-
-    def close(self) -> None:
-        self.stack.close()
-        super().close()
 
     def _first_page(self) -> None:
         self.offset = 0

@@ -16,7 +16,7 @@ from mochi_lab.settings import known_models
 
 from ._format import error_html
 from ._poll import DEFAULT_INTERVAL_S
-from .card_stack import CardStack
+from .card_stack import CardStack, HasCardStack
 
 if TYPE_CHECKING:
     from mochi_lab.client import MochiCluster
@@ -31,7 +31,7 @@ def _layout(width: str = "320px") -> W.Layout:
     return W.Layout(width=width)
 
 
-class Studio(W.VBox):
+class Studio(HasCardStack, W.VBox):
     """Write a prompt, pick parameters, press Generate; each job gets a live card below the form.
 
     Keyword arguments set the form's starting values (GenerationParams names), e.g.
@@ -122,17 +122,6 @@ class Studio(W.VBox):
         self.error.value = ""
         self.stack.add(job)
         return job
-
-    def poll_once(self) -> bool:
-        return self.stack.poll_once()
-
-    async def wait(self, timeout: float | None = None) -> None:
-        """Await the jobs started here without blocking the kernel (`await studio.wait()` in a cell)."""
-        await self.stack.wait(timeout)
-
-    def close(self) -> None:
-        self.stack.close()
-        super().close()
 
 
 def _field_defaults(model: str) -> dict[str, Any]:
