@@ -1,16 +1,23 @@
-"""mochi_lab: notebook-first, distributed text-to-video generation with Mochi 1 on Ray."""
+"""mochi_lab: notebook-first, distributed text-to-video generation with Mochi 1 on Ray.
 
+The public API is what this module exports; front ends (widgets, the web page) use nothing else.
+"""
+
+from mochi_lab.backend import Backend
 from mochi_lab.client import MochiCluster, WorkerRows
 from mochi_lab.experiment import Experiment, ExperimentNotFound
 from mochi_lab.job import Job, JobCancelledError, JobFailed
-from mochi_lab.params import GenerationParams, ParamsError
+from mochi_lab.params import LIMITS, GenerationParams, ParamsError
 from mochi_lab.pipelines.config import PipelineConfig
 from mochi_lab.settings import Settings
-from mochi_lab.store import JobNotFound
-
-__version__ = "0.1.0"
+from mochi_lab.store.base import (
+    CANCELLED, DONE, FAILED, QUEUED, RUNNING, STATUSES, JobNotFound, JobRecord, StoreUnavailable,
+)
+from mochi_lab.version import __version__
 
 __all__ = [
-    "Experiment", "ExperimentNotFound", "GenerationParams", "Job", "JobCancelledError", "JobFailed", "JobNotFound", "MochiCluster",
-    "ParamsError", "PipelineConfig", "Settings", "WorkerRows", "__version__",
+    "CANCELLED", "DONE", "FAILED", "LIMITS", "QUEUED", "RUNNING", "STATUSES",
+    "Backend", "Experiment", "ExperimentNotFound", "GenerationParams", "Job", "JobCancelledError", "JobFailed",
+    "JobNotFound", "JobRecord", "MochiCluster", "ParamsError", "PipelineConfig", "Settings", "StoreUnavailable",
+    "WorkerRows", "__version__",
 ]

@@ -1,66 +1,235 @@
-"""`mochi-lab`: generate a video from the shell, on the embedded default or a real cluster."""
+"""`mochi-lab`: generate videos and run experiment specs from the shell, on the embedded default or a cluster.
+
+    mochi-lab generate "a cat surfing a wave" -o cat.mp4 --steps 16
+    mochi-lab experiment run experiments/steps_vs_quality.yaml --wait
+
+Experiment specs are YAML: the experiment's name and grid; fixed params apply to every run, grid params
+are swept (see experiments/README.md):
+
+    name: steps-vs-quality
+    prompts: ["a cat surfing a wave"]
+    seeds: [1, 2]
+    params: {num_frames: 7, height: 32, width: 32, fps: 8}
+    grid: {num_inference_steps: [2, 4, 8]}
+
+Exit codes: 0 done, 1 the job failed or was cancelled, 2 bad input, 124 timed out.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
-import shutil
+import os
 import sys
 import time
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from mochi_lab.params import validate_name
+
+EXIT_FAILED, EXIT_USAGE, EXIT_TIMEOUT = 1, 2, 124
+
+
+class SpecError(ValueError):
+    """The YAML spec is malformed; the message names the file and the field."""
+
+
+class ExperimentSpec(BaseModel):
+    """One experiment: its identity, prompts, seeds, fixed params and swept grid."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    description: str = ""
+    tags: list[str] = Field(default_factory=list)
+    model: str = "tiny"
+    prompts: list[str] = Field(min_length=1)
+    seeds: list[int] | None = None
+    params: dict[str, Any] = Field(default_factory=dict)
+    grid: dict[str, list[Any]] = Field(default_factory=dict)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        return validate_name(v)
+
+    @model_validator(mode="after")
+    def _disjoint(self) -> "ExperimentSpec":
+        both = set(self.params) & set(self.grid)
+        if both:
+            raise ValueError(f"{', '.join(sorted(both))} appear in both params and grid; keep each in one")
+        if any(not values for values in self.grid.values()):
+            raise ValueError("every grid entry needs at least one value")
+        return self
+
+    @classmethod
+    def load(cls, path: str | Path) -> "ExperimentSpec":
+        import yaml
+
+        try:
+            data = yaml.safe_load(Path(path).read_text())
+            return cls.model_validate(data if isinstance(data, dict) else {})
+        except (OSError, yaml.YAMLError) as exc:
+            raise SpecError(f"{path}: {exc}") from None
+        except ValidationError as exc:
+            lines = [f"{'.'.join(map(str, e['loc'])) or 'spec'}: {e['msg'].removeprefix('Value error, ')}"
+                     for e in exc.errors()]
+            raise SpecError(f"{path}: invalid experiment spec:\n  " + "\n  ".join(lines)) from None
+
+    @property
+    def group_by(self) -> list[str]:
+        """The columns the summary groups by: the grid's params, else the prompt."""
+        return list(self.grid) or ["prompt"]
+
+
+def summarize(df, group_by: list[str]):
+    """Runs, done and mean timings per value of `group_by` (e.g. seconds per steps value)."""
+    done = df[df["status"] == "done"]
+    table = df.groupby(group_by, dropna=False).agg(runs=("run", "size"))
+    table["done"] = done.groupby(group_by).size().reindex(table.index, fill_value=0)
+    for col in ("denoise_s", "decode_s", "run_s"):
+        table[f"mean_{col}"] = done.groupby(group_by)[col].mean().reindex(table.index).round(3)
+    return table
+
+
+def _fail(message: str, code: int) -> int:
+    print(f"mochi-lab: {message}", file=sys.stderr)
+    return code
+
+
+def _last_line(text: str) -> str:
+    lines = [line for line in str(text).strip().splitlines() if line.strip()]
+    return lines[-1] if lines else str(text)
+
+
+def _cluster(args: argparse.Namespace, model: str):
+    from mochi_lab import MochiCluster
+
+    return MochiCluster(address=args.address, redis_url=args.redis_url, model=model)
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from mochi_lab import GenerationParams, MochiCluster, ParamsError
+    from mochi_lab import GenerationParams, JobCancelledError, JobFailed, ParamsError
 
     params = {
         "num_frames": args.frames, "height": args.height, "width": args.width,
         "num_inference_steps": args.steps, "guidance_scale": args.guidance, "seed": args.seed,
         "fps": args.fps, "model": args.model, "negative_prompt": args.negative_prompt,
     }
-    params = {k: v for k, v in params.items() if v is not None}
-    try:  # validate before starting anything
-        GenerationParams.parse(args.prompt, **params)
+    try:  # validate (once) before anything starts
+        p = GenerationParams.parse(args.prompt, **{k: v for k, v in params.items() if v is not None})
     except ParamsError as exc:
-        print(exc, file=sys.stderr)
-        return 2
+        return _fail(str(exc), EXIT_USAGE)
+    output = Path(args.output) if args.output else None
+    if output is not None:  # a bad path found now costs nothing; after the job it costs the job
+        folder = output if output.is_dir() else output.parent
+        if not folder.is_dir():
+            return _fail(f"-o {output}: folder {folder} does not exist", EXIT_USAGE)
+        if not os.access(folder, os.W_OK):
+            return _fail(f"-o {output}: folder {folder} is not writable", EXIT_USAGE)
     t0 = time.perf_counter()
-    cluster = MochiCluster(address=args.address, redis_url=args.redis_url, model=params.get("model", "tiny"))
-    job = cluster.generate(args.prompt, force=args.force, **params)
+    cluster = _cluster(args, p.model)
+    job = cluster.generate(p, force=args.force)
     print(f"job {job.id} queued", file=sys.stderr)
-    path = job.result(timeout=args.timeout, progress=True)
-    out = shutil.copyfile(path, args.output) if args.output else path
-    record = job.refresh()
-    print(out)
+    try:
+        path = job.result(args.timeout, progress=True)
+        if output is not None:
+            path = job.save(output)
+    except TimeoutError:
+        return _fail(f"job {job.id}: still {job.record.status} ({job.record.stage}) after {args.timeout:g} s; "
+                     f"it keeps running: `cluster.job({job.id!r})` re-attaches", EXIT_TIMEOUT)
+    except JobFailed as exc:
+        return _fail(f"job {job.id}: failed: {_last_line(exc.error)}", EXIT_FAILED)
+    except JobCancelledError:
+        return _fail(f"job {job.id}: cancelled", EXIT_FAILED)
+    record = job.record
+    print(path)
     print(json.dumps({"job": job.id, "seed": record.params["seed"], "wall_s": round(time.perf_counter() - t0, 2),
                       **{k: round(v, 3) for k, v in record.timings.items()}}))
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="mochi-lab", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+def _run_spec(args: argparse.Namespace) -> int:
+    """Queue the spec's sweep, optionally wait and print timings per grid value."""
+    from mochi_lab import ParamsError
+
+    try:
+        spec = ExperimentSpec.load(args.spec)
+    except SpecError as exc:
+        return _fail(str(exc), EXIT_USAGE)
+    cluster = _cluster(args, spec.model)
+    exp = cluster.experiment(spec.name, description=spec.description, tags=spec.tags)
+    try:
+        jobs = exp.sweep(spec.prompts, spec.seeds, **spec.params, **spec.grid)
+    except ParamsError as exc:
+        return _fail(str(exc), EXIT_USAGE)
+    requeued = exp.resume() if args.resume else []
+    print(f"experiment {exp.name}: {len(jobs)} runs ({len(requeued)} re-queued); status {exp.status()}",
+          file=sys.stderr)
+    if not args.wait:
+        return 0
+    try:
+        counts = exp.wait(timeout=args.timeout)
+    except TimeoutError as exc:
+        return _fail(str(exc), EXIT_TIMEOUT)
+    df = exp.to_dataframe()
+    print(summarize(df, spec.group_by).to_string())
+    if args.export:
+        print(f"exported to {exp.export(args.export)}", file=sys.stderr)
+    return 0 if counts["done"] == len(df) else EXIT_FAILED
+
+
+def _connection_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--address", help="Ray address (default: RAY_ADDRESS, else a local Ray)")
+    p.add_argument("--redis-url", help="default: REDIS_URL, else SQLite in the data dir")
+    p.add_argument("--debug", action="store_true", help="show Python tracebacks")
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="mochi-lab", description=__doc__.split("\n\n")[0],
+                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = top.add_subparsers(dest="command", required=True)
     g = sub.add_parser("generate", help="turn a prompt into an MP4")
     g.add_argument("prompt")
     g.add_argument("-o", "--output", help="where to copy the MP4 (default: print the stored path)")
     g.add_argument("--frames", type=int, help="num_frames, 6k+1 (default 19)")
     g.add_argument("--height", type=int, help="multiple of 16 (default 480)")
     g.add_argument("--width", type=int, help="multiple of 16 (default 848)")
-    g.add_argument("--steps", type=int, help="num_inference_steps, 1-200 (default 64)")
+    g.add_argument("--steps", type=int, help="num_inference_steps, 2-200 (default 64)")
     g.add_argument("--guidance", type=float, help="guidance_scale (default 4.5)")
     g.add_argument("--seed", type=int, help="default: random, recorded with the job")
     g.add_argument("--fps", type=int, help="default 30")
     g.add_argument("--model", help="tiny (default) or mochi-1-preview")
     g.add_argument("--negative-prompt")
-    g.add_argument("--address", help="Ray address (default: RAY_ADDRESS, else a local Ray)")
-    g.add_argument("--redis-url", help="default: REDIS_URL, else SQLite in the data dir")
-    g.add_argument("--timeout", type=float, default=None, help="seconds to wait for the video")
+    g.add_argument("--timeout", type=float, default=None, help="seconds to wait for the video (exit 124 after)")
     g.add_argument("--force", action="store_true", help="queue anew even if identical params (and seed) ran before")
+    _connection_args(g)
     g.set_defaults(func=_generate)
-    from mochi_lab.spec import add_subcommand  # light: pydantic only; yaml and the cluster load on use
+    e = sub.add_parser("experiment", help="run experiments from YAML specs")
+    esub = e.add_subparsers(dest="experiment_command", required=True)
+    r = esub.add_parser("run", help="queue a spec's sweep (idempotent: re-running queues nothing new)")
+    r.add_argument("spec", help="path of the YAML spec, e.g. experiments/prompt_sweep.yaml")
+    r.add_argument("--wait", action="store_true", help="wait for every run and print timings per grid value")
+    r.add_argument("--resume", action="store_true", help="also re-queue failed and cancelled runs")
+    r.add_argument("--timeout", type=float, default=None, help="seconds to wait (with --wait)")
+    r.add_argument("--export", metavar="DIR", help="copy the videos and manifests here (with --wait)")
+    _connection_args(r)
+    r.set_defaults(func=_run_spec)
+    return top
 
-    add_subcommand(sub)
-    args = parser.parse_args(argv)
-    return args.func(args)
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    if args.debug:
+        return args.func(args)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        return _fail("interrupted (queued jobs keep running)", 130)
+    except Exception as exc:  # one clear line; --debug shows the traceback
+        return _fail(f"{type(exc).__name__}: {_last_line(str(exc))}", EXIT_FAILED)
 
 
 if __name__ == "__main__":

@@ -1,24 +1,27 @@
-"""`MochiCluster`: the one handle. It writes jobs to the store and keeps the warm pool running."""
+"""`MochiCluster`: the one handle. It validates what enters and talks to one backend."""
 
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING, Any, Iterable
 
+from mochi_lab.backend import Backend
 from mochi_lab.job import Job
-from mochi_lab.params import GenerationParams
+from mochi_lab.params import GenerationParams, ParamsError, SubmitOptions
 from mochi_lab.pipelines.config import PipelineConfig
 from mochi_lab.settings import Settings
-from mochi_lab.store import STATUSES, open_store
+from mochi_lab.store.base import check_status
 
 if TYPE_CHECKING:
     from mochi_lab.experiment import Experiment
 
 
 class MochiCluster:
-    """Connect to (or start) a Ray cluster and a store, and re-attach to (or start) the warm pool.
+    """Connect to (or start) a cluster and re-attach to (or start) its warm pool.
 
     With no arguments: a local Ray on 127.0.0.1, SQLite in the user's data dir, the tiny model.
-    `address`/`RAY_ADDRESS` joins a real cluster; `redis_url`/`REDIS_URL` shares a Redis store.
+    `address`/`RAY_ADDRESS` joins a real Ray cluster; `redis_url`/`REDIS_URL` shares a Redis store
+    (both: the direct backend, for operators). `backend=` plugs in any other `Backend`.
     """
 
     def __init__(
@@ -32,25 +35,23 @@ class MochiCluster:
         pipeline: PipelineConfig | None = None,
         settings: Settings | None = None,
         start_pool: bool = True,
+        backend: Backend | None = None,
     ):
-        from mochi_lab.pool import Pool, connect
+        if backend is None:
+            from mochi_lab.direct import DirectBackend
 
-        self.settings = settings or Settings.from_env(
-            ray_address=address, redis_url=redis_url, account=account, workers=workers
-        )
-        GenerationParams.parse("model check", model=model)  # rejects unknown models early
-        self.account = self.settings.account
+            settings = settings or Settings.from_env(
+                ray_address=address, redis_url=redis_url, account=account, workers=workers
+            )
+            backend = DirectBackend.start(settings, model, pipeline, start_pool=start_pool)
+        self.backend = backend
+        self.account = backend.account
         self.model = model
-        self.store = open_store(self.settings.store_url, max_attempts=self.settings.max_attempts)
-        self.ray_address = connect(self.settings)
-        self.pool = Pool(self.settings, self.store, model, pipeline or PipelineConfig(cpu_offload=self.settings.offload))
-        if start_pool:
-            self.pool.ensure()
 
     # -- jobs ------------------------------------------------------------------
     def generate(
         self,
-        prompt: str,
+        prompt: str | GenerationParams,
         *,
         priority: int = 0,
         tags: Iterable[str] = (),
@@ -61,26 +62,24 @@ class MochiCluster:
     ) -> Job:
         """Validate `params` (GenerationParams fields) and queue one video. Returns at once.
 
-        Result cache: identical params (model and seed included) give the existing done or in-flight
-        job; failed and cancelled ones are not reused. `force=True` always queues a new job.
+        `prompt` may also be a `GenerationParams` (already validated). Result cache: identical params
+        (model and seed included) give the existing done or in-flight job; failed and cancelled ones
+        are not reused. `force=True` always queues a new job.
         """
-        params.setdefault("model", self.model)
-        p = GenerationParams.parse(prompt, **params)
-        if idempotency_key is None and not force:
-            from mochi_lab.cache import cached_enqueue
-
-            record = cached_enqueue(self.store, self.account, p.to_dict(), priority=priority,
-                                    experiment=experiment, tags=tags)
-            return Job(self.store, self.account, record)
-        record = self.store.enqueue(
-            self.account, p.to_dict(), priority=priority, experiment=experiment, tags=tags,
-            idempotency_key=idempotency_key,
-        )
-        return Job(self.store, self.account, record)
+        if isinstance(prompt, GenerationParams):
+            if params:
+                raise ParamsError(f"pass either a GenerationParams or keyword params, not both: {sorted(params)}")
+            p = prompt
+        else:
+            params.setdefault("model", self.model)
+            p = GenerationParams.parse(prompt, **params)
+        options = SubmitOptions.parse(priority=priority, tags=tags, experiment=experiment,
+                                      idempotency_key=idempotency_key)
+        return Job(self.backend, self.backend.submit(p, options, reuse=not force))
 
     def job(self, job_id: str) -> Job:
         """Re-attach to a job by id (JobNotFound for ids of other accounts)."""
-        return Job(self.store, self.account, self.store.get(self.account, job_id))
+        return Job(self.backend, self.backend.get(job_id))
 
     def jobs(
         self,
@@ -92,19 +91,22 @@ class MochiCluster:
         offset: int = 0,
     ) -> list[Job]:
         """This account's jobs, newest first."""
-        if status is not None and status not in STATUSES:
-            raise ValueError(f"status must be one of {', '.join(STATUSES)}, got {status!r}")
-        records = self.store.list(
-            self.account, status=status, experiment=experiment, tag=tag, text=text, limit=limit, offset=offset
-        )
-        return [Job(self.store, self.account, r) for r in records]
+        check_status(status)
+        records = self.backend.list(status=status, experiment=experiment, tag=tag, text=text, limit=limit,
+                                    offset=offset)
+        return [Job(self.backend, r) for r in records]
 
     def delete(self, job_id: str) -> None:
         """Delete a job and its files."""
-        self.store.delete(self.account, job_id)
+        self.backend.delete(job_id)
 
     def counts(self) -> dict[str, int]:
-        return self.store.counts(self.account)
+        """This account's jobs per status."""
+        return self.backend.counts()
+
+    def models(self) -> list[str]:
+        """The model names this cluster serves."""
+        return self.backend.models()
 
     # -- experiments -----------------------------------------------------------
     def experiment(
@@ -113,39 +115,38 @@ class MochiCluster:
         """Create, or re-open by name, one of this account's experiments (see mochi_lab.experiment)."""
         from mochi_lab.experiment import Experiment
 
-        return Experiment.open(self.store, self.account, name, description=description, tags=tags,
-                               model=self.model, create=create)
+        return Experiment.open(self.backend, name, description=description, tags=tags, model=self.model,
+                               create=create)
 
     def experiments(self) -> list["Experiment"]:
         """This account's experiments, newest first."""
         from mochi_lab.experiment import Experiment
 
-        return [Experiment(self.store, self.account, r, model=self.model) for r in self.store.list_experiments(self.account)]
+        return [Experiment(self.backend, r, model=self.model) for r in self.backend.list_experiments()]
 
     # -- pool ------------------------------------------------------------------
     def workers(self) -> "WorkerRows":
         """One row per worker: id, node, GPU, memory, model, state, current job, jobs done, uptime."""
-        import time
-
         now = time.time()
-        rows = [dict(r, uptime_s=round(now - r["started_at"], 1)) for r in self.store.workers()]
-        return WorkerRows(rows)
+        return WorkerRows(dict(r, uptime_s=round(now - r["started_at"], 1)) for r in self.backend.workers())
 
     def scale(self, n: int) -> None:
         """Grow or shrink the pool to `n` workers (shrinking lets running jobs finish)."""
-        self.pool.scale(n)
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise ValueError(f"n must be a whole number of workers >= 0, got {n!r}")
+        self.backend.scale(n)
 
     def shutdown_pool(self) -> None:
         """Stop every pool worker (queued jobs stay queued for the next pool)."""
-        self.pool.shutdown()
+        self.backend.shutdown_pool()
 
     def wait_ready(self, timeout: float = 300.0) -> "MochiCluster":
         """Block until every worker has its model loaded."""
-        self.pool.wait_ready(timeout)
+        self.backend.wait_ready(timeout)
         return self
 
     def close(self) -> None:
-        self.store.close()
+        self.backend.close()
 
     def __enter__(self) -> "MochiCluster":
         return self
@@ -156,11 +157,12 @@ class MochiCluster:
     def _repr_html_(self) -> str:
         from mochi_lab.reprs import cluster_html
 
-        return cluster_html(self)
+        return cluster_html(self.backend.info())
 
     def __repr__(self) -> str:
-        backend = "redis" if self.settings.redis_url else "sqlite"
-        return f"<MochiCluster ray={self.ray_address} store={backend} account={self.account!r} model={self.model!r}>"
+        i = self.backend.info()
+        return (f"<MochiCluster {i['backend']} address={i['address']} store={i['store']} "
+                f"account={self.account!r} model={self.model!r}>")
 
 
 class WorkerRows(list):

@@ -12,10 +12,11 @@ import warnings
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
+from mochi_lab.backend import Backend
 from mochi_lab.job import Job
-from mochi_lab.params import GenerationParams
-from mochi_lab.store import CANCELLED, FAILED, STATUSES, JobNotFound, JobRecord, Store
-from mochi_lab.sweep import Run, expand_grid, plan_runs, validate_name
+from mochi_lab.params import GenerationParams, SubmitOptions, check_model, validate_name
+from mochi_lab.store.base import CANCELLED, FAILED, STATUSES, JobNotFound, JobRecord
+from mochi_lab.sweep import Run, expand_grid, plan_runs
 
 MISSING = "missing"  # a planned run with no job (its client died before queueing it)
 _LIST_LIMIT = 100_000  # one experiment's jobs, attempts included
@@ -31,17 +32,15 @@ class ExperimentNotFound(KeyError):
 class Experiment:
     """Create or re-open with `cluster.experiment(name)`; every method reads the store, not a cache."""
 
-    def __init__(self, store: Store, account: str, record: dict[str, Any], *, model: str = "tiny"):
-        self._store = store
-        self._account = account
+    def __init__(self, backend: Backend, record: dict[str, Any], *, model: str = "tiny"):
+        self._backend = backend
         self._record = record
         self.model = model
 
     @classmethod
     def open(
         cls,
-        store: Store,
-        account: str,
+        backend: Backend,
         name: str,
         *,
         description: str | None = None,
@@ -52,16 +51,17 @@ class Experiment:
         """Re-open `name`, or create it; a given description or tags replace the stored ones."""
         validate_name(name)
         try:
-            record = store.get_experiment(account, name)
+            record = backend.get_experiment(name)
         except KeyError:
             if not create:
                 raise ExperimentNotFound(f"experiment {name!r} not found") from None
             now = time.time()
-            record = {"name": name, "account": account, "description": description or "",
-                      "tags": list(tags or []), "created_at": now, "updated_at": now, "runs": []}
-            store.put_experiment(account, record)
-            return cls(store, account, record, model=model)
-        exp = cls(store, account, record, model=model)
+            tags = list(SubmitOptions.parse(tags=tags or ()).tags)
+            record = {"name": name, "account": backend.account, "description": description or "",
+                      "tags": tags, "created_at": now, "updated_at": now, "runs": []}
+            backend.put_experiment(record)
+            return cls(backend, record, model=model)
+        exp = cls(backend, record, model=model)
         changes = {k: v for k, v in (("description", description), ("tags", None if tags is None else list(tags)))
                    if v is not None and record.get(k) != v}
         if changes:
@@ -92,7 +92,7 @@ class Experiment:
 
     def _load(self) -> dict[str, Any]:
         try:
-            self._record = self._store.get_experiment(self._account, self.name)
+            self._record = self._backend.get_experiment(self.name)
         except KeyError:
             raise ExperimentNotFound(f"experiment {self.name!r} not found") from None
         return self._record
@@ -103,7 +103,7 @@ class Experiment:
         record = self._load()
         mutate(record)
         record["updated_at"] = time.time()
-        self._store.put_experiment(self._account, record)
+        self._backend.put_experiment(record)
         self._record = record
         return record
 
@@ -126,6 +126,8 @@ class Experiment:
         return self._queue(plan_runs(self.name, [{**spec, **kwargs}], self.model), priority)[0]
 
     def _queue(self, runs: list[Run], priority: int) -> list[Job]:
+        for model in {r.params["model"] for r in runs}:
+            check_model(model, self._backend.models())
         # 1. persist the plan first, so a client killed while queueing leaves runs `resume` can find
         def add_plan(rec: dict[str, Any]) -> None:
             known = {r["key"] for r in rec["runs"]}
@@ -136,13 +138,12 @@ class Experiment:
         planned = [current[r.key] for r in runs]
         records = [self._enqueue(run, priority) for run in planned]
         self._remember({run.key: (run.attempt, rec.id) for run, rec in zip(planned, records, strict=True)})
-        return [Job(self._store, self._account, rec) for rec in records]
+        return [Job(self._backend, rec) for rec in records]
 
     def _enqueue(self, run: Run, priority: int) -> JobRecord:
-        return self._store.enqueue(
-            self._account, run.params, priority=priority, experiment=self.name, tags=self.tags,
-            idempotency_key=run.idempotency_key(self.name),
-        )
+        options = SubmitOptions.parse(priority=priority, experiment=self.name, tags=self.tags,
+                                      idempotency_key=run.idempotency_key(self.name))
+        return self._backend.submit(GenerationParams.stored(run.params), options)
 
     def _remember(self, ids: dict[str, tuple[int, str]]) -> None:
         """Store runs' job ids (a cache: the idempotency key alone finds a run's job)."""
@@ -172,41 +173,33 @@ class Experiment:
         current = [Run.from_dict(r) for r in self._update(bump)["runs"] if r["key"] in todo]
         records = [self._enqueue(run, priority) for run in current]
         self._remember({run.key: (run.attempt, rec.id) for run, rec in zip(current, records, strict=True)})
-        return [Job(self._store, self._account, rec) for rec in records]
+        return [Job(self._backend, rec) for rec in records]
 
     # -- reading ---------------------------------------------------------------
     def _snapshot(self) -> tuple[list[Run], dict[str, JobRecord | None]]:
-        """The runs and each run's current job (None: never queued, or deleted)."""
+        """The runs and each run's current job (None: never queued, or deleted), in one listing."""
         runs = self.runs
+        listed = self._backend.list(experiment=self.name, limit=_LIST_LIMIT)
+        by_key = {j.idempotency_key: j for j in listed}
         jobs: dict[str, JobRecord | None] = {}
-        unknown: list[Run] = []
+        found = {}
         for run in runs:
-            job = self._get(run.job_id) if run.job_id else None
-            if job is not None and job.idempotency_key == run.idempotency_key(self.name):
-                jobs[run.key] = job
-            else:
-                unknown.append(run)
-        if unknown:  # ids not recorded yet (a killed client): find the jobs by idempotency key
-            listed = self._store.list(self._account, experiment=self.name, limit=_LIST_LIMIT)
-            by_key = {j.idempotency_key: j for j in listed}
-            found = {}
-            for run in unknown:
-                jobs[run.key] = job = by_key.get(run.idempotency_key(self.name))
-                if job is not None:
-                    found[run.key] = (run.attempt, job.id)
-            self._remember(found)
+            jobs[run.key] = job = by_key.get(run.idempotency_key(self.name))
+            if job is not None and job.id != run.job_id:  # ids not recorded yet (a killed client)
+                found[run.key] = (run.attempt, job.id)
+        self._remember(found)
         return runs, jobs
 
     def _get(self, job_id: str) -> JobRecord | None:
         try:
-            return self._store.get(self._account, job_id)
+            return self._backend.get(job_id)
         except JobNotFound:
             return None
 
     def jobs(self) -> list[Job]:
         """The current job of each run that has one, in run order."""
         runs, jobs = self._snapshot()
-        return [Job(self._store, self._account, jobs[r.key]) for r in runs if jobs[r.key] is not None]
+        return [Job(self._backend, jobs[r.key]) for r in runs if jobs[r.key] is not None]
 
     def status(self) -> dict[str, int]:
         """Runs per status: queued, running, done, failed, cancelled, and missing (never queued)."""
@@ -258,7 +251,7 @@ class Experiment:
         _, jobs = self._snapshot()
         live = [j for j in jobs.values() if j is not None and not j.finished]
         for job in live:
-            self._store.cancel(self._account, job.id)
+            self._backend.cancel(job.id)
         return len(live)
 
     # -- views -----------------------------------------------------------------
@@ -272,16 +265,18 @@ class Experiment:
         """An ipywidgets grid of the runs' videos, each labelled with only the params that differ."""
         from mochi_lab.experiment_views import compare_grid
 
-        return compare_grid(*self._snapshot(), columns=columns, width=width)
+        return compare_grid(*self._snapshot(), video=lambda job_id: self._backend.artifact(job_id, "video"),
+                            columns=columns, width=width)
 
     def export(self, folder: str | Any) -> Any:
         """Copy the done runs' videos into `folder`, with manifest.json and manifest.csv; returns the folder."""
         from mochi_lab.experiment_views import export_runs
 
-        return export_runs(self._load(), *self._snapshot(), folder)
+        return export_runs(self._load(), *self._snapshot(), folder,
+                           save=lambda job_id, dest: self._backend.save_artifact(job_id, "video", dest))
 
     def __repr__(self) -> str:
-        return (f"<Experiment {self.name!r} account={self._account!r} runs={len(self._record.get('runs', []))} "
+        return (f"<Experiment {self.name!r} account={self._backend.account!r} runs={len(self._record.get('runs', []))} "
                 f"tags={self.tags}>")
 
 

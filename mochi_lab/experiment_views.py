@@ -6,15 +6,16 @@ are imported on first use.
 
 from __future__ import annotations
 
-import html
 import json
-import shutil
 import time
 from pathlib import Path
 from typing import Any
 
+from collections.abc import Callable
+
 from mochi_lab.params import GenerationParams
-from mochi_lab.store import DONE, JobRecord
+from mochi_lab.reprs import render
+from mochi_lab.store.base import DONE, JobRecord
 from mochi_lab.sweep import Run, varying_params
 
 TIMINGS = ("queue_s", "load_s", "text_s", "denoise_s", "decode_s", "encode_s", "run_s")
@@ -61,8 +62,11 @@ def _label(run: Run, keys: list[str]) -> str:
     return ", ".join(f"{k}={show(run.params.get(k))}" for k in keys) or run.key
 
 
-def compare_grid(runs: list[Run], jobs: dict[str, JobRecord | None], *, columns: int | None = None, width: int = 256):
-    """A GridBox: one cell per run, video (or its status) under a label of the params that differ."""
+def compare_grid(runs: list[Run], jobs: dict[str, JobRecord | None], *, video: Callable[[str], bytes],
+                 columns: int | None = None, width: int = 256):
+    """A GridBox: one cell per run, video (or its status) under a label of the params that differ.
+
+    `video(job_id)` returns a done job's MP4 bytes."""
     import ipywidgets as w
 
     keys = varying_params(runs)
@@ -74,21 +78,21 @@ def compare_grid(runs: list[Run], jobs: dict[str, JobRecord | None], *, columns:
     for run in runs:
         job = jobs.get(run.key)
         label = _label(run, keys)
-        head = w.HTML(f'<div title="{html.escape(json.dumps(run.params, default=str))}" '
-                      f'style="font-size:12px;line-height:1.3">{html.escape(label)}</div>')
+        head = w.HTML(render("experiment_grid.html", "label", label=label, title=json.dumps(run.params, default=str)))
         if job is not None and job.status == DONE and "video" in job.artifacts:
-            body = w.Video.from_file(job.artifacts["video"], autoplay=True, loop=True, controls=True,
-                                     layout=w.Layout(width=f"{width}px"))
+            body = w.Video(value=video(job.id), format="mp4", autoplay=True, loop=True, controls=True,
+                           layout=w.Layout(width=f"{width}px"))
         else:
             status = job.status if job is not None else "missing"
-            body = w.HTML(f"<i>{html.escape(status)}</i>", layout=w.Layout(width=f"{width}px"))
+            body = w.HTML(render("experiment_grid.html", "status", status=status), layout=w.Layout(width=f"{width}px"))
         cells.append(w.VBox([head, body]))
     return w.GridBox(cells, layout=w.Layout(grid_template_columns=f"repeat({columns}, {width + 8}px)",
                                             grid_gap="8px"))
 
 
-def export_runs(record: dict[str, Any], runs: list[Run], jobs: dict[str, JobRecord | None], folder: str | Path) -> Path:
-    """Copy done videos as `<index>_<run>.mp4` and write manifest.json and manifest.csv."""
+def export_runs(record: dict[str, Any], runs: list[Run], jobs: dict[str, JobRecord | None], folder: str | Path,
+                *, save: Callable[[str, Path], Path]) -> Path:
+    """Copy done videos as `<index>_<run>.mp4` (`save(job_id, dest)`) and write manifest.json and manifest.csv."""
     import pandas as pd
 
     folder = Path(folder)
@@ -96,10 +100,12 @@ def export_runs(record: dict[str, Any], runs: list[Run], jobs: dict[str, JobReco
     rows = run_rows(runs, jobs)
     for i, row in enumerate(rows):
         row["file"] = None
-        src = row["video"]
-        if row["status"] == DONE and src and Path(src).exists():
+        if row["status"] == DONE and row["video"]:
             name = f"{i:03d}_{row['run']}.mp4"
-            shutil.copyfile(src, folder / name)
+            try:
+                save(row["job_id"], folder / name)
+            except FileNotFoundError:  # deleted since the snapshot
+                continue
             row["file"] = name
     manifest = {
         "experiment": {k: record.get(k) for k in ("name", "account", "description", "tags", "created_at")},

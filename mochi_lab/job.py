@@ -1,14 +1,17 @@
-"""`Job`: a future-like handle on one stored job. It holds no Ray reference, only the job id."""
+"""`Job`: a future-like handle on one job. It holds the job id and the last state read, nothing else:
+no Ray reference, so it outlives kernels and clients (`cluster.job(id)` re-attaches)."""
 
 from __future__ import annotations
 
-import shutil
 import time
 from pathlib import Path
 from typing import Any
 
-from mochi_lab.params import GenerationParams
-from mochi_lab.store import CANCELLED, DONE, FAILED, JobRecord, Store
+from mochi_lab.backend import Backend
+from mochi_lab.params import GenerationParams, SubmitOptions
+from mochi_lab.store.base import CANCELLED, DONE, FAILED, JobRecord, check_job_id
+
+_POLL_MIN_S, _POLL_MAX_S = 0.05, 0.2  # a state read is cheap; latency is not
 
 
 class JobFailed(RuntimeError):
@@ -24,11 +27,10 @@ class JobCancelledError(RuntimeError):
 
 
 class Job:
-    """A job by id. Properties that say "live" read the store; `repr` shows the last state read."""
+    """A job by id. Properties that say "live" read the backend; `record` and `repr` show the last state read."""
 
-    def __init__(self, store: Store, account: str, record: JobRecord):
-        self._store = store
-        self._account = account
+    def __init__(self, backend: Backend, record: JobRecord):
+        self._backend = backend
         self._record = record
 
     # -- state -----------------------------------------------------------------
@@ -38,11 +40,12 @@ class Job:
 
     @property
     def params(self) -> GenerationParams:
-        return GenerationParams(**self._record.params)
+        """The params as submitted (resolved seed included); not re-validated."""
+        return GenerationParams.stored(self._record.params)
 
     def refresh(self) -> JobRecord:
-        """Read the job from the store (live)."""
-        self._record = self._store.get(self._account, self.id)
+        """Read the job's current state (live)."""
+        self._record = self._backend.get(self.id)
         return self._record
 
     @property
@@ -57,13 +60,14 @@ class Job:
 
     @property
     def progress(self) -> dict[str, Any]:
-        """stage, step, total and fraction of denoising done (live)."""
+        """stage, step, total, fraction of denoising done, attempt and message (live)."""
         r = self.refresh()
         return {
             "stage": r.stage,
             "step": r.step,
             "total": r.total_steps,
             "fraction": r.step / r.total_steps if r.total_steps else (1.0 if r.status == DONE else 0.0),
+            "attempt": r.attempts,
             "message": r.message,
         }
 
@@ -80,7 +84,7 @@ class Job:
         """Block until the job finishes (or `timeout` seconds pass: TimeoutError)."""
         deadline = None if timeout is None else time.monotonic() + timeout
         bar = None
-        delay = 0.05
+        delay = _POLL_MIN_S
         try:
             while True:
                 r = self.refresh()
@@ -90,24 +94,34 @@ class Job:
                     return r
                 if deadline is not None and time.monotonic() >= deadline:
                     raise TimeoutError(f"job {self.id} still {r.status} ({r.stage}) after {timeout}s")
-                time.sleep(delay)
-                delay = min(delay * 1.5, 0.2)  # a store read is cheap; latency is not
+                time.sleep(delay if deadline is None else max(0.0, min(delay, deadline - time.monotonic())))
+                delay = min(delay * 1.5, _POLL_MAX_S)
         finally:
             if bar is not None:
                 bar.close()
 
     def result(self, timeout: float | None = None, *, progress: bool = False) -> Path:
-        """Path of the MP4, once done. Raises JobFailed (with the traceback) or JobCancelledError."""
+        """Path of the MP4 on this machine, once done. Raises JobFailed (with the traceback) or JobCancelledError."""
         r = self.wait(timeout, progress=progress)
         if r.status == FAILED:
             raise JobFailed(self.id, r.error or "unknown error", r.traceback or "")
         if r.status == CANCELLED:
             raise JobCancelledError(f"job {self.id} was cancelled")
-        return Path(r.artifacts["video"])
+        return self._backend.artifact_path(self.id, "video")
 
-    def cancel(self) -> str:
-        """Cancel: a queued job never starts; a running one stops within one denoising step."""
-        self._record = self._store.cancel(self._account, self.id)
+    def cancel(self, timeout: float = 10.0) -> str:
+        """Cancel, and return the job's state once it settles (within `timeout` s; 0: don't wait).
+
+        A queued job is cancelled at once and never starts; a running one stops within one denoising
+        step. A job that finishes before its worker sees the request stays `done`: the answer is then
+        "done", never a stale "running".
+        """
+        self._record = self._backend.cancel(self.id)
+        if not self._record.finished and timeout > 0:
+            try:
+                self.wait(timeout)
+            except TimeoutError:
+                pass
         return self._record.status
 
     def reproduce(self, *, priority: int = 0) -> "Job":
@@ -116,32 +130,38 @@ class Job:
         On the same backend the new video's frames equal this one's; the new job is tagged
         `reproduces:<id>` so `cluster.jobs(tag=...)` finds every reproduction.
         """
-        record = self._store.enqueue(self._account, dict(self._record.params), priority=priority,
-                                     tags=[f"reproduces:{self.id}"])
-        return Job(self._store, self._account, record)
+        options = SubmitOptions.parse(priority=priority, tags=[f"reproduces:{self.id}"])
+        return Job(self._backend, self._backend.submit(self.params, options, reuse=False))
 
     def save(self, path: str | Path, timeout: float | None = None) -> Path:
-        """Copy the MP4 to `path` (a folder keeps the job's file name)."""
-        src = self.result(timeout)
+        """Copy the MP4 to `path` (a folder keeps the job's file name, `<id>.mp4`)."""
+        self.result(timeout)
         dest = Path(path)
         if dest.is_dir():
-            dest = dest / src.name
+            check_job_id(self.id)  # a stored id must not steer the file out of the folder
+            dest = dest / f"{self.id}.mp4"
         dest.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(src, dest)
-        return dest
+        return self._backend.save_artifact(self.id, "video", dest)
 
     @property
-    def thumbnail(self) -> Path | None:
-        path = self._record.artifacts.get("thumbnail")
-        return Path(path) if path else None
+    def thumbnail(self) -> bytes | None:
+        """The PNG thumbnail (middle frame) of a done job, else None."""
+        if self._record.status != DONE:
+            return None
+        try:
+            return self._backend.artifact(self.id, "thumbnail")
+        except FileNotFoundError:
+            return None
 
     @property
     def video(self):
         """The MP4 as an `ipywidgets.Video` (bytes go to the browser, never into the notebook file)."""
         from mochi_lab.reprs import video_widget
 
-        self.result(timeout=0)  # raises unless done
-        return video_widget(self._record)
+        if self._record.status != DONE:
+            self.result(timeout=0)  # raises unless it has finished well since the last read
+        p = self._record.params
+        return video_widget(self._backend.artifact(self.id, "video"), p.get("width"), p.get("height"))
 
     def _repr_html_(self) -> str:
         from mochi_lab.reprs import job_html
@@ -149,14 +169,25 @@ class Job:
         return job_html(self._record)
 
     def _repr_mimebundle_(self, include=None, exclude=None) -> dict:
-        from mochi_lab.reprs import job_mimebundle  # a done job also offers its video as a widget
+        """text/plain and text/html always; a done job also offers its summary and video as one widget."""
+        from mochi_lab.reprs import WIDGET_MIME, job_html, job_widget
 
-        return job_mimebundle(self)
+        bundle: dict[str, Any] = {"text/plain": repr(self), "text/html": job_html(self._record)}
+        if self._record.status == DONE:
+            widget = self.__dict__.get("_widget")  # one widget per Job: re-displaying sends no new bytes
+            if widget is None:
+                try:
+                    widget = self.__dict__["_widget"] = job_widget(self._record, self.video)
+                except (FileNotFoundError, OSError):  # deleted since: the HTML summary still renders
+                    return bundle
+            # Only the widget reference: the widget's own text/plain would quote the MP4's first bytes.
+            bundle[WIDGET_MIME] = widget._repr_mimebundle_()[WIDGET_MIME]
+        return bundle
 
     def __repr__(self) -> str:
         r = self._record
         step = f" {r.step}/{r.total_steps}" if r.total_steps else ""
-        return f"<Job {r.id} {r.status} {r.stage}{step} prompt={r.params.get('prompt', '')[:40]!r}>"
+        return f"<Job {r.id} {r.status} {r.stage}{step} prompt={str(r.params.get('prompt', ''))[:40]!r}>"
 
 
 def _update_bar(bar, r: JobRecord):

@@ -1,24 +1,63 @@
-"""`GenerationParams`: what one video needs, validated before anything is queued."""
+"""`GenerationParams`: what one video needs, validated where input enters, before anything is queued.
+
+Validation happens at the boundaries only: the handle (`MochiCluster.generate`, experiments), the CLI,
+and a worker when it claims a job (the store is a trust boundary for workers). Stored params are
+rebuilt without re-validation (`GenerationParams.stored`). The Python API is strict: an int field takes
+an int (not a bool, a string or bytes); text from the CLI or JSON is parsed at those boundaries.
+"""
 
 from __future__ import annotations
 
+import numbers
+import re
 import secrets
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from mochi_lab.settings import known_models
-
 MAX_PROMPT_TOKENS = 256  # Mochi's T5 max_sequence_length
+MAX_PROMPT_CHARS = 4000  # far above any 256-token prompt; keeps absurd inputs out of the store
 FRAMES_MIN, FRAMES_MAX = 1, 283
 SIZE_MIN, SIZE_MAX = 16, 1280
-STEPS_MIN, STEPS_MAX = 1, 200
+# diffusers' linear_quadratic_schedule divides by num_steps // 2: one step is a ZeroDivisionError
+STEPS_MIN, STEPS_MAX = 2, 200
 GUIDANCE_MIN, GUIDANCE_MAX = 0.0, 30.0
 FPS_MIN, FPS_MAX = 1, 120
 SEED_MAX = 2**32 - 1
+PRIORITY_MIN, PRIORITY_MAX = -100, 100
+MAX_TAGS, MAX_TAG_CHARS, MAX_KEY_CHARS = 32, 64, 200
+
+LIMITS: dict[str, tuple[float, float]] = {
+    "num_frames": (FRAMES_MIN, FRAMES_MAX),
+    "height": (SIZE_MIN, SIZE_MAX),
+    "width": (SIZE_MIN, SIZE_MAX),
+    "num_inference_steps": (STEPS_MIN, STEPS_MAX),
+    "guidance_scale": (GUIDANCE_MIN, GUIDANCE_MAX),
+    "fps": (FPS_MIN, FPS_MAX),
+    "seed": (0, SEED_MAX),
+    "priority": (PRIORITY_MIN, PRIORITY_MAX),
+}
+MODEL_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/-]{0,127}")
+# Experiment names travel inside idempotency keys ("exp/<name>/<run>/<attempt>") and file names.
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+def validate_name(name: str) -> str:
+    """Raise ValueError unless `name` is 1-64 letters, digits, '.', '_' or '-' (first a letter or digit)."""
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
+        raise ValueError(
+            f"experiment name must be 1-64 characters of letters, digits, '.', '_' or '-', "
+            f"starting with a letter or digit; got {name!r:.80}"
+        )
+    return name
+
 
 class ParamsError(ValueError):
     """Invalid generation parameters; the message names each field and what is allowed."""
+
+    def _render_traceback_(self) -> list[str]:  # IPython: the message, not 20 lines of library frames
+        return [f"\x1b[31mParamsError\x1b[0m: {self}"]
 
 
 def _frames_hint(n: int) -> str:
@@ -31,10 +70,20 @@ def _frames_hint(n: int) -> str:
     return f"; nearest valid values are {lo} or {hi}"
 
 
+def _check_text(name: str, v: str) -> str:
+    if len(v) > MAX_PROMPT_CHARS:
+        raise ValueError(f"{name} is {len(v)} characters; at most {MAX_PROMPT_CHARS} (and {MAX_PROMPT_TOKENS} tokens)")
+    try:
+        v.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"{name} is not valid Unicode text (a lone surrogate at position {exc.start})") from None
+    return v
+
+
 class GenerationParams(BaseModel):
     """One video's parameters, with diffusers' own argument names. seed=None draws and records one."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
     prompt: str
     negative_prompt: str = ""
@@ -47,12 +96,25 @@ class GenerationParams(BaseModel):
     fps: int = 30
     model: str = "tiny"
 
+    @model_validator(mode="before")
+    @classmethod
+    def _numpy_numbers(cls, data: Any) -> Any:
+        # Sweeps often come from numpy (np.arange, np.linspace): take its scalars as the numbers they are.
+        if isinstance(data, dict):
+            data = {k: _plain_number(v) for k, v in data.items()}
+        return data
+
     @field_validator("prompt")
     @classmethod
     def _prompt(cls, v: str) -> str:
         if not v.strip():
             raise ValueError("prompt must be a non-empty string")
-        return v
+        return _check_text("prompt", v)
+
+    @field_validator("negative_prompt")
+    @classmethod
+    def _negative(cls, v: str) -> str:
+        return _check_text("negative_prompt", v)
 
     @field_validator("num_frames")
     @classmethod
@@ -84,9 +146,9 @@ class GenerationParams(BaseModel):
     @field_validator("guidance_scale")
     @classmethod
     def _guidance(cls, v: float) -> float:
-        if not GUIDANCE_MIN <= v <= GUIDANCE_MAX:
+        if not GUIDANCE_MIN <= v <= GUIDANCE_MAX:  # NaN fails this too
             raise ValueError(f"guidance_scale must be between {GUIDANCE_MIN} and {GUIDANCE_MAX}, got {v}")
-        return v
+        return float(v)
 
     @field_validator("seed")
     @classmethod
@@ -107,27 +169,10 @@ class GenerationParams(BaseModel):
     @field_validator("model")
     @classmethod
     def _model(cls, v: str) -> str:
-        models = known_models()
-        if v not in models:
-            raise ValueError(f"model must be one of {', '.join(sorted(models))}, got {v!r}")
+        # Which models exist is the pool's business (`check_model`); here only the name's form.
+        if not MODEL_RE.fullmatch(v):
+            raise ValueError(f"model must be a model name (letters, digits, '.', '_', '-', '/'), got {v!r}")
         return v
-
-    @model_validator(mode="after")
-    def _prompt_tokens(self) -> "GenerationParams":
-        # A T5 token covers at least one character, so only long prompts pay for the tokenizer.
-        for name in ("prompt", "negative_prompt"):
-            text = getattr(self, name)
-            if len(text) < MAX_PROMPT_TOKENS:
-                continue
-            from mochi_lab.pipelines.tokens import count_tokens
-
-            n = count_tokens(self.model, text)
-            if n > MAX_PROMPT_TOKENS:
-                raise ValueError(
-                    f"{name} is {n} tokens for model {self.model!r}; the limit is {MAX_PROMPT_TOKENS} "
-                    f"(the text encoder's max_sequence_length)"
-                )
-        return self
 
     @classmethod
     def parse(cls, prompt: str | None = None, **params: Any) -> "GenerationParams":
@@ -139,18 +184,140 @@ class GenerationParams(BaseModel):
         except ValidationError as exc:
             raise ParamsError(_describe(exc)) from None
 
+    @classmethod
+    def stored(cls, params: Mapping[str, Any]) -> "GenerationParams":
+        """Rebuild params that were validated when they entered (no checks: reads never fail on old data)."""
+        known = {k: v for k, v in params.items() if k in cls.model_fields}
+        return cls.model_construct(**known)
+
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump()
 
 
-def _describe(exc: ValidationError) -> str:
+def _plain_number(v: Any) -> Any:
+    if isinstance(v, bool) or type(v) in (int, float) or not isinstance(v, numbers.Number):
+        return v
+    if isinstance(v, numbers.Integral):
+        return int(v)
+    if isinstance(v, numbers.Real):
+        return float(v)
+    return v
+
+
+def check_model(model: Any, models: Iterable[str]) -> str:
+    """Raise ParamsError unless `model` is one of `models` (what the pool serves)."""
+    models = sorted(models)
+    if model not in models:
+        raise ParamsError(f"invalid generation parameters:\n  model: must be one of {', '.join(models)}, got {model!r}")
+    return model
+
+
+def check_prompt_tokens(params: GenerationParams, count: Any) -> None:
+    """Raise ParamsError if a prompt is over the text encoder's limit; `count(text)` counts its tokens."""
+    for name in ("prompt", "negative_prompt"):
+        text = getattr(params, name)
+        if len(text) < MAX_PROMPT_TOKENS:  # a T5 token covers at least one character
+            continue
+        n = count(text)
+        if n > MAX_PROMPT_TOKENS:
+            raise ParamsError(
+                f"invalid generation parameters:\n  {name}: is {n} tokens for model {params.model!r}; the limit is "
+                f"{MAX_PROMPT_TOKENS} (the text encoder's max_sequence_length)"
+            )
+
+
+def latent_tokens(num_frames: int, height: int, width: int) -> int:
+    """Transformer tokens of one video: Mochi's VAE packs 6 frames (+1) and 8x8 pixels into a latent,
+    the transformer patches 2x2 latents."""
+    return ((num_frames - 1) // 6 + 1) * (height // 16) * (width // 16)
+
+
+def job_cost(params: GenerationParams) -> int:
+    """A job's size for admission: latent tokens x denoising steps (what a step's cost grows with)."""
+    return latent_tokens(params.num_frames, params.height, params.width) * params.num_inference_steps
+
+
+def check_admission(params: GenerationParams, limit: int | None) -> None:
+    """Refuse a job larger than the pool's `limit` (token-steps), naming the limit and what would fit."""
+    if limit is None or job_cost(params) <= limit:
+        return
+    per_frame = (params.height // 16) * (params.width // 16) * params.num_inference_steps
+    latent_frames = limit // per_frame
+    fits = (f"at {params.width}x{params.height} and {params.num_inference_steps} steps, at most "
+            f"{(latent_frames - 1) * 6 + 1} frames fit" if latent_frames >= 1 else
+            f"even 1 frame at {params.width}x{params.height} and {params.num_inference_steps} steps is too large")
+    raise ParamsError(
+        f"invalid generation parameters:\n  size: {params.num_frames} frames at {params.width}x{params.height} with "
+        f"{params.num_inference_steps} steps is {job_cost(params):,} token-steps; this pool admits at most "
+        f"{limit:,} for model {params.model!r} ({fits}; fewer steps or a smaller size fit too)"
+    )
+
+
+class SubmitOptions(BaseModel):
+    """What `generate` takes besides the video's params: checked with the same care, on every store."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    priority: int = 0
+    tags: tuple[str, ...] = ()
+    experiment: str | None = None
+    idempotency_key: str | None = None
+
+    @field_validator("priority")
+    @classmethod
+    def _priority(cls, v: int) -> int:
+        if not PRIORITY_MIN <= v <= PRIORITY_MAX:
+            raise ValueError(f"priority must be an integer between {PRIORITY_MIN} and {PRIORITY_MAX}, got {v}")
+        return v
+
+    @field_validator("tags", mode="before")
+    @classmethod
+    def _tags(cls, v: Any) -> Any:
+        if isinstance(v, (str, bytes)) or not isinstance(v, Iterable):
+            raise ValueError(f"tags must be a list of strings, got {type(v).__name__} {v!r:.60}")
+        v = tuple(v)
+        if len(v) > MAX_TAGS:
+            raise ValueError(f"tags: at most {MAX_TAGS}, got {len(v)}")
+        for tag in v:
+            if not isinstance(tag, str) or not 0 < len(tag) <= MAX_TAG_CHARS:
+                raise ValueError(f"tags must be strings of 1-{MAX_TAG_CHARS} characters, got {tag!r:.80}")
+            _check_text("tags", tag)
+        return v
+
+    @field_validator("experiment")
+    @classmethod
+    def _experiment(cls, v: str | None) -> str | None:
+        return None if v is None else validate_name(v)
+
+    @field_validator("idempotency_key")
+    @classmethod
+    def _key(cls, v: str | None) -> str | None:
+        if v is not None and (not 0 < len(v) <= MAX_KEY_CHARS or not v.isprintable()):
+            raise ValueError(f"idempotency_key must be 1-{MAX_KEY_CHARS} printable characters, got {v!r:.80}")
+        return v if v is None else _check_text("idempotency_key", v)
+
+    @classmethod
+    def parse(cls, **options: Any) -> "SubmitOptions":
+        try:
+            return cls(**options)
+        except ValidationError as exc:
+            raise ParamsError(_describe(exc, cls)) from None
+
+
+def _describe(exc: ValidationError, model: type[BaseModel] = GenerationParams) -> str:
     lines = []
     for err in exc.errors():
-        field = ".".join(str(p) for p in err["loc"]) or "params"
+        field = ".".join(str(p) for p in err["loc"][:1]) or "params"
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
-            msg = f"unknown parameter; allowed: {', '.join(GenerationParams.model_fields)}"
+            msg = f"unknown parameter; allowed: {', '.join(model.model_fields)}"
         elif err["type"] == "missing":
             msg = "is required"
+        elif err["type"] in ("int_type", "float_type", "string_type", "bool_type", "tuple_type"):
+            want = {"int_type": "an integer", "float_type": "a number", "string_type": "a string",
+                    "tuple_type": "a list"}.get(err["type"], "a boolean")
+            bounds = LIMITS.get(field)
+            allowed = f" between {bounds[0]} and {bounds[1]}" if bounds else ""
+            msg = f"must be {want}{allowed}, got {type(err['input']).__name__} {err['input']!r:.60}"
         lines.append(f"{field}: {msg}")
     return "invalid generation parameters:\n  " + "\n  ".join(lines)

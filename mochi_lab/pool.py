@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from typing import Any
 
@@ -30,7 +31,13 @@ def _import_ray():
 
 
 class WorkerActor:
-    """Ray wrapper around `Worker`; the worker's loop runs in its own thread."""
+    """Ray wrapper around `Worker`; the worker's loop runs in its own thread.
+
+    The actor's health is its loop's health: a watchdog thread calls `Worker.check_health()` every
+    `health_check_s` and, when it fails (a dead or wedged loop, a cancel ignored past its grace, a job
+    past its maximum run time), exits the process, so that Ray restarts the actor (max_restarts=-1).
+    The restarted actor's worker first takes back the jobs its previous life held (`release_worker`).
+    """
 
     def __init__(self, worker_id: str, settings: dict, model: str, config: dict):
         from mochi_lab.worker import JsonFormatter, Worker
@@ -45,12 +52,43 @@ class WorkerActor:
         node = {"node_id": ray.get_runtime_context().get_node_id(), "node_ip": ray.util.get_node_ip_address()}
         self.worker = Worker(worker_id, Settings(**settings), model, PipelineConfig(**config), facts=node)
         self.worker.start()
+        self._stopping = False
+        self._watchdog = threading.Thread(target=self._watch, name="mochi-watchdog", daemon=True)
+        self._watchdog.start()
 
-    def row(self) -> dict[str, Any]:
-        return self.worker.row()
+    def check_health(self) -> dict[str, Any]:
+        """Raises WorkerUnhealthy when the worker must be restarted (see `Worker.check_health`)."""
+        return self.worker.check_health()
+
+    def _watch(self) -> None:
+        from mochi_lab.worker import WorkerUnhealthy
+
+        period = self.worker.settings.health_check_s
+        while not self._stopping:
+            time.sleep(period)
+            if self._stopping:
+                return
+            try:
+                self.worker.check_health()
+            except WorkerUnhealthy as exc:
+                log.error("%s; restarting this worker", exc)
+                _restart_process(self.worker)
+            except Exception:
+                log.exception("health check failed")
 
     def stop(self, timeout: float = 600.0) -> None:
+        self._stopping = True
         self.worker.stop(timeout)
+
+
+def _restart_process(worker) -> None:
+    """Exit at once (no cleanup that a wedged thread could block); Ray restarts the actor."""
+    try:
+        worker.store.release_worker(worker.worker_id)
+    except Exception:  # the restarted worker releases them too
+        pass
+    logging.shutdown()
+    os._exit(70)
 
 
 def connect(settings: Settings) -> str:
@@ -78,6 +116,10 @@ def connect(settings: Settings) -> str:
                 log.warning("local Ray was slow to start; trying once more")
                 ray.shutdown()
                 ray.init(**kwargs)
+            from mochi_lab import reaper
+
+            # Ray's own processes would outlive a SIGKILLed owner: a watcher ends them then.
+            reaper.start(os.getpid(), ray._private.worker.global_worker.node.get_session_dir_path())
     if settings.ray_address and settings.ray_address.startswith("ray://"):
         return settings.ray_address  # a Ray Client session has no GCS address of its own
     return ray.get_runtime_context().gcs_address
@@ -114,6 +156,7 @@ class Pool:
         if n is None:  # one worker per GPU, or one on a CPU-only cluster
             n = self.settings.workers if self.settings.workers is not None else gpus or 1
         existing = self.handles()
+        self.check(existing)
         options: dict[str, Any] = {
             "lifetime": "detached",
             "namespace": self.settings.namespace,
@@ -133,6 +176,30 @@ class Pool:
             if name not in existing:
                 actor_cls.options(name=name, **options).remote(name, settings, self.model, self.config.model_dump())
         return [f"{ACTOR_PREFIX}{i}" for i in range(n)]
+
+    def check(self, handles: dict[str, Any] | None = None, timeout: float = 5.0) -> list[str]:
+        """Ask each actor for its health; restart those whose worker says it is dead or wedged, after
+        taking back their jobs. An actor that does not answer in time (busy starting) is left alone:
+        each actor's own watchdog restarts it too. Returns the names restarted."""
+        handles = self.handles() if handles is None else handles
+        refs = {name: h.check_health.remote() for name, h in handles.items()}
+        if refs:  # one deadline for all of them
+            self.ray.wait(list(refs.values()), num_returns=len(refs), timeout=timeout)
+        restarted = []
+        for name, ref in refs.items():
+            try:
+                self.ray.get(ref, timeout=0)
+            except self.ray.exceptions.RayTaskError as exc:  # the worker's own verdict: unhealthy
+                log.error("worker %s is unhealthy (%s); restarting it", name, exc)
+                try:
+                    self.store.release_worker(name)
+                except Exception:
+                    log.warning("could not release the jobs of %s", name)
+                self.ray.kill(handles[name], no_restart=False)
+                restarted.append(name)
+            except Exception as exc:  # restarting, dead for good, or slow: Ray and the watchdog handle it
+                log.info("worker %s did not answer its health check: %r", name, exc)
+        return restarted
 
     def scale(self, n: int) -> None:
         """Grow to `n` actors, or drain and stop those above `n`."""

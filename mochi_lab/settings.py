@@ -5,9 +5,11 @@ from __future__ import annotations
 import getpass
 import json
 import os
+import re
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
 BUILTIN_MODELS: dict[str, str] = {
     "tiny": "tiny",  # built offline in code, see mochi_lab.pipelines.tiny
@@ -41,6 +43,27 @@ def default_account() -> str:
     return os.environ.get("JUPYTERHUB_USER") or getpass.getuser()
 
 
+# An account names a folder under the artifacts root: no separators, no leading dot.
+ACCOUNT_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@+-]{0,63}")
+
+
+def check_account(account: str) -> str:
+    if not isinstance(account, str) or not ACCOUNT_RE.fullmatch(account):
+        raise ValueError(f"account must be 1-64 letters, digits, '.', '_', '@', '+' or '-', starting with a "
+                         f"letter or digit; got {account!r:.80}")
+    return account
+
+
+def redact_url(url: str) -> str:
+    """A store URL fit for reprs, logs and errors: the password (and user) replaced by ***."""
+    parts = urlsplit(url)
+    if parts.password is None and parts.username is None:
+        return url
+    host = parts.hostname or ""
+    netloc = f"***@{host}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
 def redis_url_from_env() -> str | None:
     """REDIS_URL wins; else the seed's REDIS_HOST/REDIS_PORT/REDIS_DB; else None (SQLite)."""
     if os.environ.get("REDIS_URL"):
@@ -60,8 +83,6 @@ class Settings(BaseModel):
     data_dir: Path = Field(default_factory=_data_home)
     cache_dir: Path = Field(default_factory=_cache_home)
     namespace: str = "mochi_lab"
-    # Ray's own default head port is 6379, which Redis usually holds
-    ray_port: int = 6390
     workers: int | None = None  # None: one per GPU, or one on a CPU-only cluster
     cpus_per_worker: int = 1
     # extra Ray resources each worker needs, e.g. {"h100": 1} to pin the pool to a node group
@@ -74,7 +95,26 @@ class Settings(BaseModel):
     idle_after_s: float = 10.0
     idle_poll_s: float = 0.5
     worker_ttl_s: float = 15.0
+    # Reliability: a worker backs off at most this long between store retries during an outage;
+    # its loop counts as wedged after worker_stall_s without progress (loading a model excepted);
+    # a running job that ignores a cancel for cancel_grace_s, or runs past max_run_s, gets its worker
+    # restarted (the job is cancelled or failed, not retried); the actor's watchdog looks every health_check_s.
+    store_backoff_max_s: float = 2.0
+    worker_stall_s: float = 900.0
+    cancel_grace_s: float = 30.0
+    max_run_s: float = 3600.0
+    health_check_s: float = 1.0
     offload: bool = False  # model CPU offload, for GPUs under ~48 GB
+    # Admission: the largest job (latent tokens x steps) each model's pool accepts; None: no limit.
+    # The defaults fit one job in well under an hour: the tiny model on a CPU, Genmo's reference
+    # video (163 frames, 848x480, 64 steps = 2.85M) on an H100. Pool owners set their own.
+    max_token_steps: dict[str, int | None] = Field(
+        default_factory=lambda: {"tiny": 1_000_000, "mochi-1-preview": 3_000_000})
+
+    @field_validator("account")
+    @classmethod
+    def _account(cls, v: str) -> str:
+        return check_account(v)
 
     @classmethod
     def from_env(cls, **overrides) -> "Settings":
@@ -89,10 +129,15 @@ class Settings(BaseModel):
             "workers": "MOCHI_LAB_WORKERS",
             "cpus_per_worker": "MOCHI_LAB_CPUS_PER_WORKER",
             "lease_s": "MOCHI_LAB_LEASE_S",
+            "cancel_grace_s": "MOCHI_LAB_CANCEL_GRACE_S",
+            "max_run_s": "MOCHI_LAB_MAX_RUN_S",
             "offload": "MOCHI_LAB_OFFLOAD",
+            "max_token_steps": "MOCHI_LAB_MAX_TOKEN_STEPS",  # JSON, e.g. {"mochi-1-preview": 6000000}
         }.items():
             if os.environ.get(var):
                 env[name] = os.environ[var]
+        if isinstance(env.get("max_token_steps"), str):
+            env["max_token_steps"] = json.loads(env["max_token_steps"])
         env.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**env)
 

@@ -8,26 +8,12 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-import re
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
 from mochi_lab.cache import canonical_json, params_key
-from mochi_lab.params import SEED_MAX, GenerationParams, ParamsError
-
-# Names travel inside idempotency keys ("exp/<name>/<run>/<attempt>") and file names: keep them plain.
-NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
-
-
-def validate_name(name: str) -> str:
-    """Raise ValueError unless `name` is 1-64 letters, digits, '.', '_' or '-' (first a letter or digit)."""
-    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
-        raise ValueError(
-            f"experiment name must be 1-64 characters of letters, digits, '.', '_' or '-', "
-            f"starting with a letter or digit; got {name!r}"
-        )
-    return name
+from mochi_lab.params import SEED_MAX, GenerationParams, ParamsError, validate_name
 
 
 @dataclass
@@ -84,11 +70,11 @@ def derived_seed(experiment: str, params: Mapping[str, Any]) -> int:
 def plan_run(experiment: str, spec: Mapping[str, Any], model: str) -> Run:
     """Validate one run's params (ParamsError before anything is queued) and key it by content."""
     spec = {"model": model, **spec}
-    if spec.get("seed") is None:
-        # validate with a placeholder seed so defaults are filled in before the seed is derived
-        filled = GenerationParams.parse(**{**spec, "seed": 0}).to_dict()
-        spec["seed"] = derived_seed(experiment, filled)
-    params = GenerationParams.parse(**spec).to_dict()
+    seed = spec.get("seed")
+    # with a placeholder seed, defaults are filled in before the seed is derived from them
+    params = GenerationParams.parse(**{**spec, "seed": 0 if seed is None else seed}).to_dict()
+    if seed is None:
+        params["seed"] = derived_seed(experiment, params)
     return Run(key=params_key(params)[:16], params=params)
 
 

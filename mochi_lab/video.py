@@ -1,4 +1,9 @@
-"""Frames -> H.264 MP4 (PyAV) plus a PNG thumbnail of the middle frame."""
+"""Frames -> H.264 MP4 plus a PNG thumbnail of the middle frame; reading back through imageio.
+
+The MP4 is written with PyAV directly rather than through imageio's pyav plugin: that plugin has no
+public way to set the encoder's options, and without them the file is CRF 23 "medium" instead of
+CRF 18 "veryfast" (visibly blockier on the real model's 848x480 output, and slower to encode).
+"""
 
 from __future__ import annotations
 
@@ -54,9 +59,10 @@ def write_thumbnail(frames: np.ndarray, path: str | os.PathLike) -> Path:
 
 
 def read_frames(path: str | os.PathLike) -> np.ndarray:
-    """Decode every frame as (T, H, W, 3) uint8."""
-    with av.open(str(path)) as container:
-        return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
+    """Decode every frame as (T, H, W, 3) uint8 (imageio's v3 API, pyav plugin)."""
+    import imageio.v3 as iio
+
+    return iio.imread(path, plugin="pyav", index=None)
 
 
 def probe(path: str | os.PathLike) -> VideoInfo:

@@ -10,21 +10,24 @@ import json
 import logging
 import os
 import platform
+import random
 import socket
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import psutil
 
-from mochi_lab.params import GenerationParams
+from mochi_lab.params import GenerationParams, ParamsError, check_prompt_tokens
 from mochi_lab.pipelines import JobCancelled, PipelineConfig, load_runner
 from mochi_lab.provenance import model_revision
 from mochi_lab.settings import Settings
+from mochi_lab.version import __version__
 from mochi_lab.store import Claim, JobNotFound, LeaseLost, StoreError, open_store
-from mochi_lab.store.base import remove_artifacts
+from mochi_lab.store.base import ARTIFACT_SUFFIXES, artifact_path, remove_artifacts
 from mochi_lab.video import write_mp4, write_thumbnail
 
 log = logging.getLogger("mochi_lab.worker")
@@ -56,13 +59,40 @@ def _versions() -> dict[str, str]:
     import diffusers
     import torch
 
-    from mochi_lab import __version__
-
     return {"mochi_lab": __version__, "diffusers": diffusers.__version__, "torch": torch.__version__}
 
 
+class JobRejected(Exception):
+    """A job that must fail at once, without a retry: its message is the job's error."""
+
+
+class WorkerUnhealthy(RuntimeError):
+    """The worker loop is dead or wedged, or a job overran its bounds: restart the worker's process."""
+
+
+class Backoff:
+    """Bounded exponential backoff with jitter: base, 2*base, ... capped at `cap` seconds."""
+
+    def __init__(self, base: float = 0.1, cap: float = 2.0) -> None:
+        self.base, self.cap, self.n = base, cap, 0
+
+    def next(self) -> float:
+        delay = min(self.cap, self.base * 2**self.n)
+        self.n = min(self.n + 1, 30)
+        return delay * random.uniform(0.5, 1.0)
+
+    def reset(self) -> None:
+        self.n = 0
+
+
 class Worker:
-    """Loads `model` at start (state "loading"), then serves jobs from the store until stopped."""
+    """Loads `model` at start (state "loading"), then serves jobs from the store until stopped.
+
+    The loop never dies of a store error: it backs off (bounded, with jitter) and resumes when the
+    store is back. `check_health()` raises `WorkerUnhealthy` when the loop is dead or wedged, or when a
+    job ignores a cancel for `cancel_grace_s` or runs past `max_run_s` (that job is then finished in the
+    store first): the caller (the pool actor's watchdog) restarts the process.
+    """
 
     def __init__(
         self,
@@ -75,6 +105,7 @@ class Worker:
         self.worker_id = worker_id
         self.settings = settings
         self.model = model
+        self.home_model = model  # the pool's model: a worker lent to another model's job comes back to it
         self.config = config or PipelineConfig()
         self.store = open_store(settings.store_url, max_attempts=settings.max_attempts)
         self.started_at = time.time()
@@ -89,6 +120,12 @@ class Worker:
         self._proc = psutil.Process()
         self._facts: dict[str, Any] = {"node": socket.gethostname(), "pid": os.getpid(), **(facts or {})}
         self._thread: threading.Thread | None = None
+        # liveness: the loop's last sign of progress (monotonic); the running job's bounds
+        self.beat = time.monotonic()
+        self._job: _RunningJob | None = None
+        self._store_down_since: float | None = None
+        self._store_skip_until = 0.0
+        self._backoff_cap = settings.store_backoff_max_s
 
     # -- lifecycle -------------------------------------------------------------
     def start(self) -> None:
@@ -100,9 +137,22 @@ class Worker:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout)
-        self.store.remove_worker(self.worker_id)
+        try:
+            self.store.remove_worker(self.worker_id)
+        except StoreError:
+            log.warning("could not remove the worker row", extra={"worker_id": self.worker_id})
 
     def run(self) -> None:
+        try:
+            self._serve()
+        except BaseException:
+            log.exception("worker loop died", extra={"worker_id": self.worker_id})
+            raise
+
+    def _serve(self) -> None:
+        # A restarted worker (same id) takes back what its previous life held, so those jobs run
+        # again now instead of a lease later.
+        self._released = self._try_release_own_claims()
         try:
             self.publish()
             self._load(self.model)
@@ -113,26 +163,61 @@ class Worker:
             return
         last_publish = 0.0
         idle, last_job = self.settings.poll_s, time.monotonic()
+        backoff = Backoff(cap=self._backoff_cap)
         while not self._stop.is_set():
+            self.beat = time.monotonic()
             try:
                 if time.monotonic() - last_publish > self.settings.worker_ttl_s / 3:
                     self.publish()
                     last_publish = time.monotonic()
+                if not self._released:  # the store was down when this worker started
+                    self._release_own_claims()
+                    self._released = True
                 claim = self.store.claim(self.worker_id, self.settings.lease_s)
-            except StoreError:
-                log.exception("store unavailable", extra={"worker_id": self.worker_id})
-                self._stop.wait(1.0)
+            except Exception as exc:  # StoreUnavailable above all; nothing may end the loop
+                self._store_failed(exc, "claim")
+                self._stop.wait(backoff.next())
                 continue
+            backoff.reset()
+            self._store_back()
             if claim is None:
+                if self.model != self.home_model:  # warm means warm for the pool's model: reload while idle
+                    self._reload_home()
+                    continue
                 # Stay quick for a while after a job (sweeps and notebooks submit in bursts), then
                 # back off: many idle workers must not keep a store, or a laptop, busy.
                 self._stop.wait(idle)
                 if time.monotonic() - last_job > self.settings.idle_after_s:
                     idle = min(idle * 2, self.settings.idle_poll_s)
                 continue
-            self.run_job(claim)
+            try:
+                self.run_job(claim)
+            except Exception:  # a bug in the job path must not end the loop either
+                log.exception("job handling failed", extra={"worker_id": self.worker_id, "job_id": claim.job.id})
             idle, last_job = self.settings.poll_s, time.monotonic()
             last_publish = 0.0
+
+    def _reload_home(self) -> None:
+        try:
+            self._load(self.home_model)
+        except Exception as exc:  # the home model loaded once; if it no longer does, say so and keep serving
+            self.error = f"reloading {self.home_model}: {type(exc).__name__}: {exc}"
+            self.home_model = self.model  # stop retrying; the next job loads what it needs
+            log.exception("could not reload the pool's model", extra={"worker_id": self.worker_id})
+
+    def _try_release_own_claims(self) -> bool:
+        try:
+            self._release_own_claims()
+            return True
+        except StoreError as exc:
+            self._store_failed(exc, "release claims")
+            return False
+
+    def _release_own_claims(self) -> None:
+        released = self.store.release_worker(self.worker_id)
+        if released:
+            log.warning("took back %d job(s) of this worker's previous life: %s", len(released), released,
+                        extra={"worker_id": self.worker_id})
 
     def _load(self, model: str) -> None:
         self.state = "loading"
@@ -144,8 +229,61 @@ class Worker:
         self._load_unpaid = True
         self._facts.update(_gpu_facts())
         self.state = "idle"
+        self.beat = time.monotonic()
         self.publish()
         log.info("loaded %s in %.2fs", model, self.runner.load_s, extra={"worker_id": self.worker_id})
+
+    # -- the store, across outages ------------------------------------------------
+    def _store_failed(self, exc: BaseException, what: str) -> None:
+        now = time.monotonic()
+        if self._store_down_since is None:
+            self._store_down_since = now
+            if isinstance(exc, StoreError):
+                log.warning("store unavailable (%s): %s; backing off", what, exc, extra={"worker_id": self.worker_id})
+            else:
+                log.error("%s failed: %r; backing off", what, exc, exc_info=exc, extra={"worker_id": self.worker_id})
+
+    def _store_back(self) -> None:
+        if self._store_down_since is not None:
+            log.info("store back after %.1fs", time.monotonic() - self._store_down_since,
+                     extra={"worker_id": self.worker_id})
+            self._store_down_since = None
+
+    def _with_store(self, write: Callable[[], Any], *, what: str, give_up: Callable[[], bool]) -> bool:
+        """Run `write` until it succeeds (True), backing off while the store is unavailable. LeaseLost
+        and JobNotFound propagate; `give_up()` ends the retries (False)."""
+        backoff = Backoff(cap=self._backoff_cap)
+        while True:
+            try:
+                write()
+                self._store_back()
+                return True
+            except (LeaseLost, JobNotFound):
+                raise
+            except StoreError as exc:
+                self._store_failed(exc, what)
+                self.beat = time.monotonic()  # waiting out an outage is progress, not a wedge
+                if give_up():
+                    log.warning("gave up on %s: %s", what, exc, extra={"worker_id": self.worker_id})
+                    return False
+                self._stop.wait(backoff.next())
+
+    def _progress(self, job_id: str, token: int, **fields: Any) -> bool:
+        """A progress write that never stops the job: while the store is down it is skipped (for a
+        backoff interval after each failure, so a hung store costs no step its timeout)."""
+        now = time.monotonic()
+        if now < self._store_skip_until:
+            return False
+        try:
+            out = self.store.progress(job_id, token, **fields)
+        except LeaseLost:
+            raise
+        except StoreError as exc:
+            self._store_failed(exc, "progress")
+            self._store_skip_until = time.monotonic() + min(self._backoff_cap, 1.0)
+            return False
+        self._store_back()
+        return out
 
     # -- one job ---------------------------------------------------------------
     def run_job(self, claim: Claim) -> None:
@@ -153,41 +291,49 @@ class Worker:
         extra = {"job_id": job.id, "worker_id": self.worker_id, "attempt": job.attempts}
         claimed_at = time.time()
         self.state, self.current_job = "busy", job.id
+        running = self._job = _RunningJob(job.id, token, time.monotonic() + self.settings.lease_s)
         self.publish()
         log.info("claimed", extra=extra)
-        cancel, lost, finished = threading.Event(), threading.Event(), threading.Event()
-        beat = threading.Thread(target=self._heartbeat, args=(job.id, token, cancel, lost, finished), daemon=True)
+        cancel, lost, finished = running.cancel, running.lost, threading.Event()
+        beat = threading.Thread(target=self._heartbeat, args=(running, finished), daemon=True)
         beat.start()
         timings: dict[str, float] = {}
         meta: dict[str, Any] = {"worker_id": self.worker_id, **self._facts}
+        max_run_s = self.settings.max_run_s
         try:
-            params = GenerationParams(**job.params)
+            params = self._admit(job)
             # The first job after a load pays for the time it waited on it; later jobs pay 0 (warm).
             load_s = 0.0
-            if params.model != self.model:
-                self.store.progress(job.id, token, stage="loading", message=f"loading {params.model}")
+            if params.model != self.model or self.runner is None:
+                self._progress(job.id, token, stage="loading", message=f"loading {params.model}")
                 self._load(params.model)
+                self.state = "busy"
+            self._check_prompt_tokens(params)
             if self._load_unpaid:
                 load_s = max(0.0, min(self.runner.load_s, self.loaded_at - job.created_at))
                 self._load_unpaid = False
             timings["queue_s"] = max(0.0, claimed_at - job.created_at - load_s)
             timings["load_s"] = load_s
-            self.store.progress(job.id, token, stage="denoising", step=0, total=params.num_inference_steps)
+            self._progress(job.id, token, stage="denoising", step=0, total=params.num_inference_steps)
             self.runner.reset_peak()
             rss_before = self._proc.memory_info().rss
             gpu_before = self.runner.memory_info().get("gpu_allocated_bytes")
+            running.started = time.monotonic()
 
             def on_step(step: int, total: int) -> None:
+                self.beat = running.stepped = time.monotonic()
                 if lost.is_set():
                     raise LeaseLost(f"job {job.id}: lease lost")
+                if running.stepped - running.started > max_run_s:
+                    raise JobRejected(f"exceeded max run time ({max_run_s:g} s)")
                 # after the last step the pipeline decodes the latents with the VAE
                 stage = "decoding" if step == total else "denoising"
-                if cancel.is_set() or self.store.progress(job.id, token, stage=stage, step=step, total=total):
+                if cancel.is_set() or self._progress(job.id, token, stage=stage, step=step, total=total):
                     raise JobCancelled(job.id)
 
             result = self.runner.generate(params, on_step)
             timings.update(result.timings)
-            self.store.progress(job.id, token, stage="encoding", message="writing MP4")
+            self._progress(job.id, token, stage="encoding", message="writing MP4")
             t0 = time.perf_counter()
             # named by job id, so a retried job overwrites rather than adds files
             paths = self._artifact_paths(job)
@@ -200,36 +346,75 @@ class Worker:
             meta.update(result.info)
             meta.update(self._provenance(params), rss_before=rss_before, rss_after=self._proc.memory_info().rss,
                         gpu_allocated_before=gpu_before)
-            self.store.complete(job.id, token, artifacts=artifacts, timings=timings, meta=meta)
-            self.jobs_done += 1
-            log.info("done in %.2fs", timings["run_s"], extra=extra)
+            if self._finish(running, "complete", lambda: self.store.complete(
+                    job.id, token, artifacts=artifacts, timings=timings, meta=meta), extra):
+                self.jobs_done += 1
+                log.info("done in %.2fs", timings["run_s"], extra=extra)
         except LeaseLost:
             log.warning("lease lost; result dropped", extra=extra)
             self._drop_orphans(job)
         except Exception as exc:
             timings["run_s"] = time.time() - claimed_at
-            self._finish_badly(job.id, token, exc, timings, meta, extra)
+            self._finish_badly(running, exc, timings, meta, extra)
         finally:
             finished.set()
             beat.join()
+            self._job = None
             self.state, self.current_job = "idle", None
             self.publish()
 
-    def _finish_badly(self, job_id: str, token: int, exc: Exception, timings, meta, extra) -> None:
+    def _admit(self, job) -> GenerationParams:
+        """The store is a trust boundary for workers: validate the stored params once, at the claim."""
+        try:
+            return GenerationParams.parse(**job.params)
+        except ParamsError as exc:
+            raise JobRejected(str(exc)) from None
+        except TypeError as exc:  # e.g. params that are not a mapping of names
+            raise JobRejected(f"invalid generation parameters: {exc}") from None
+
+    def _check_prompt_tokens(self, params: GenerationParams) -> None:
+        """Prompt length by the loaded pipeline's own tokenizer, before any denoising."""
+        try:
+            check_prompt_tokens(params, self.runner.count_tokens)
+        except ParamsError as exc:
+            raise JobRejected(str(exc)) from None
+
+    def _finish(self, running: "_RunningJob", what: str, write: Callable[[], Any], extra) -> bool:
+        """A finishing write, retried across a store outage until the store takes it or refuses it
+        (LeaseLost, raised to the caller). A stopping worker gives up once the lease has lapsed; the
+        job then follows the expiry rules."""
+        def give_up() -> bool:
+            return self._stop.is_set() and time.monotonic() > running.lease_until
+
+        landed = self._with_store(write, what=what, give_up=give_up)
+        if not landed:
+            log.warning("%s not recorded: the store stayed unavailable while stopping", what, extra=extra)
+        return landed
+
+    def _finish_badly(self, running: "_RunningJob", exc: Exception, timings, meta, extra) -> None:
+        job_id, token = running.job_id, running.token
         try:
             if isinstance(exc, JobCancelled):
-                self.store.finish_cancelled(job_id, token, timings=timings, meta=meta)
+                self._finish(running, "finish_cancelled",
+                             lambda: self.store.finish_cancelled(job_id, token, timings=timings, meta=meta), extra)
                 log.info("cancelled", extra=extra)
+            elif isinstance(exc, JobRejected):  # not retried: the same job would fail the same way
+                self._finish(running, "fail", lambda: self.store.fail(
+                    job_id, token, error=str(exc), traceback="", timings=timings, meta=meta), extra)
+                log.error("rejected: %s", exc, extra=extra)
             else:
-                tb = traceback.format_exc()
-                self.store.fail(job_id, token, error=f"{type(exc).__name__}: {exc}", traceback=tb, timings=timings, meta=meta)
+                tb = "".join(traceback.format_exception(exc))
+                self._finish(running, "fail", lambda: self.store.fail(
+                    job_id, token, error=f"{type(exc).__name__}: {exc}", traceback=tb, timings=timings, meta=meta),
+                    extra)
                 log.error("failed: %s", exc, extra=extra)
-        except LeaseLost:
+        except (LeaseLost, JobNotFound):
             log.warning("lease lost while finishing", extra=extra)
 
     def _artifact_paths(self, job) -> dict[str, Path]:
-        folder = self.settings.artifacts_dir / job.account
-        return {"video": folder / f"{job.id}.mp4", "thumbnail": folder / f"{job.id}.png"}
+        # derived from the account and the id inside the artifacts root (it refuses ids and accounts
+        # that could leave it), never read back from the store
+        return {name: artifact_path(self.settings.artifacts_dir, job.account, job.id, name) for name in ARTIFACT_SUFFIXES}
 
     def _drop_orphans(self, job) -> None:
         """Files of a job deleted while it ran belong to nobody; a re-run's files keep the same names."""
@@ -240,16 +425,64 @@ class Worker:
         except StoreError:
             pass
 
-    def _heartbeat(self, job_id: str, token: int, cancel: threading.Event, lost: threading.Event, finished: threading.Event) -> None:
+    def _heartbeat(self, running: "_RunningJob", finished: threading.Event) -> None:
         while not finished.wait(self.settings.lease_s / 3):
             try:
-                if self.store.heartbeat(job_id, token, self.settings.lease_s):
-                    cancel.set()
+                sent = time.monotonic()
+                if self.store.heartbeat(running.job_id, running.token, self.settings.lease_s):
+                    running.cancel_requested()
+                running.lease_until = sent + self.settings.lease_s
             except LeaseLost:
-                lost.set()
+                running.lost.set()
                 return
             except StoreError:
-                log.warning("heartbeat failed", extra={"job_id": job_id, "worker_id": self.worker_id})
+                log.warning("heartbeat failed", extra={"job_id": running.job_id, "worker_id": self.worker_id})
+            except Exception:  # never let the heartbeat die silently while the job runs
+                log.exception("heartbeat error", extra={"job_id": running.job_id, "worker_id": self.worker_id})
+
+    # -- health ------------------------------------------------------------------
+    def check_health(self) -> dict[str, Any]:
+        """Raise WorkerUnhealthy when this worker's process should be restarted: the loop thread died,
+        the loop made no progress for `worker_stall_s`, or the running job ignored a cancel for
+        `cancel_grace_s` or ran past `max_run_s` (then the job is first marked cancelled or failed, so
+        it is not retried). Returns a summary otherwise."""
+        now = time.monotonic()
+        stall_s = self.settings.worker_stall_s
+        grace_s = self.settings.cancel_grace_s
+        max_run_s = self.settings.max_run_s
+        if self._thread is not None and not self._thread.is_alive() and not self._stop.is_set() and self.error is None:
+            raise WorkerUnhealthy(f"worker {self.worker_id}: its loop thread is dead")
+        running = self._job
+        if running is not None:
+            since_cancel = running.cancel_since and now - running.cancel_since
+            if since_cancel and since_cancel > grace_s and running.stepped < running.cancel_since:
+                self._abandon(running, "cancelled", f"ignored a cancel for {since_cancel:.1f} s")
+                raise WorkerUnhealthy(f"worker {self.worker_id}: job {running.job_id} ignored a cancel "
+                                      f"for {since_cancel:.1f} s (grace {grace_s:g} s)")
+            if running.started and now - running.started > max_run_s + grace_s:
+                self._abandon(running, "failed", f"exceeded max run time ({max_run_s:g} s)")
+                raise WorkerUnhealthy(f"worker {self.worker_id}: job {running.job_id} exceeded max run time "
+                                      f"({max_run_s:g} s)")
+        if self.state in ("idle", "busy") and now - self.beat > stall_s:
+            raise WorkerUnhealthy(f"worker {self.worker_id}: no progress for {now - self.beat:.0f} s "
+                                  f"(state {self.state}, job {self.current_job})")
+        return {"worker_id": self.worker_id, "state": self.state, "current_job": self.current_job,
+                "since_progress_s": round(now - self.beat, 3)}
+
+    def _abandon(self, running: "_RunningJob", status: str, why: str) -> None:
+        """Finish a job this process will not finish itself (it is about to be restarted)."""
+        running.lost.set()  # whatever the stuck job does later is dropped
+        extra = {"job_id": running.job_id, "worker_id": self.worker_id}
+        try:
+            if status == "cancelled":
+                self.store.finish_cancelled(running.job_id, running.token, meta={"worker_id": self.worker_id,
+                                                                                  "note": why})
+            else:
+                self.store.fail(running.job_id, running.token, error=why, traceback="",
+                                meta={"worker_id": self.worker_id})
+            log.error("job %s: %s; restarting the worker", status, why, extra=extra)
+        except StoreError as exc:  # the restart releases the claim anyway
+            log.error("could not mark the job %s (%s): %s", status, why, exc, extra=extra)
 
     def _provenance(self, params: GenerationParams) -> dict[str, Any]:
         return {
@@ -279,6 +512,7 @@ class Worker:
             "jobs_done": self.jobs_done,
             "started_at": self.started_at,
             "error": self.error,
+            "pid": self._facts.get("pid"),
         }
 
     def publish(self) -> None:
@@ -287,3 +521,19 @@ class Worker:
         except StoreError:
             log.warning("could not publish worker row", extra={"worker_id": self.worker_id})
 
+
+class _RunningJob:
+    """What the loop, the heartbeat and the health check share about the job in hand."""
+
+    def __init__(self, job_id: str, token: int, lease_until: float) -> None:
+        self.job_id, self.token = job_id, token
+        self.lease_until = lease_until  # monotonic: when the lease lapses unless renewed
+        self.cancel, self.lost = threading.Event(), threading.Event()
+        self.cancel_since: float | None = None  # when this worker first saw the cancel request
+        self.started: float | None = None  # monotonic start of generation
+        self.stepped = 0.0  # monotonic time of the last step
+
+    def cancel_requested(self) -> None:
+        if self.cancel_since is None:
+            self.cancel_since = time.monotonic()
+        self.cancel.set()

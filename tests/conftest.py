@@ -4,8 +4,22 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import tempfile
 from pathlib import Path
+
+# A user's clone has nothing beside it: any test that opens a file in ../shared fails, wherever it runs.
+_OUTSIDE = str(Path(__file__).resolve().parents[2] / "shared")
+
+
+def _no_reads_outside_the_repo(event: str, args: tuple) -> None:
+    if event == "open" and isinstance(args[0], (str, os.PathLike)):
+        path = os.path.abspath(os.fspath(args[0]))
+        if path == _OUTSIDE or path.startswith(_OUTSIDE + os.sep):
+            raise PermissionError(f"tests must not read outside the repository: {path}")
+
+
+sys.addaudithook(_no_reads_outside_the_repo)
 
 # Must precede `import ray` anywhere in the session: keeps every Ray node on 127.0.0.1.
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")

@@ -14,7 +14,7 @@ def test_generate_makes_a_playable_mp4(mochi, tiny):
     assert (info.frames, info.height, info.width, info.fps, info.codec) == (7, 32, 32, 8.0, "h264")
     assert job.status == "done"
     assert job.params.seed == 3
-    assert job.thumbnail is not None and job.thumbnail.exists()
+    assert job.thumbnail[:8] == b"\x89PNG\r\n\x1a\n"  # the PNG itself, on any backend
     t = job.timings
     assert {"queue_s", "load_s", "text_s", "denoise_s", "decode_s", "encode_s", "run_s"} <= set(t)
     assert t["load_s"] == 0  # the pool was warm before the job was queued
@@ -80,3 +80,69 @@ def test_other_accounts_cannot_see_a_job(mochi, test_settings, tiny):
         bob.job(job.id)
     assert job.id not in {j.id for j in bob.jobs()}
     assert job.id in {j.id for j in mochi.jobs()}
+
+
+def test_an_unreachable_store_fails_fast_naming_the_url_without_its_password(test_settings):
+    import time
+
+    from mochi_lab import StoreUnavailable
+
+    bad = test_settings.model_copy(update={"redis_url": "redis://:hunter2@127.0.0.1:1/0"})
+    t0 = time.monotonic()
+    with pytest.raises(StoreUnavailable) as err:
+        MochiCluster(settings=bad)
+    assert time.monotonic() - t0 < 2.0
+    assert "redis://***@127.0.0.1:1/0" in str(err.value) and "hunter2" not in str(err.value)
+    assert "refused" in str(err.value).lower()
+
+
+def test_a_data_dir_under_a_regular_file_is_a_clear_error(test_settings, tmp_path):
+    from mochi_lab import StoreUnavailable
+
+    (tmp_path / "file").write_text("not a folder")
+    bad = test_settings.model_copy(update={"data_dir": tmp_path / "file" / "data"})
+    with pytest.raises(StoreUnavailable, match=r"cannot create the SQLite store .*file/data.*Not a directory"):
+        MochiCluster(settings=bad, start_pool=False)
+
+
+@pytest.mark.parametrize("account", ["../../x", "a/b", ".hidden", "", "x" * 65])
+def test_account_names_that_could_leave_the_artifacts_root_are_refused(account):
+    from mochi_lab import Settings
+
+    with pytest.raises(ValueError, match="account must be"):
+        Settings(account=account)
+
+
+@pytest.mark.parametrize(
+    ("options", "field"),
+    [({"priority": "high"}, "priority"), ({"priority": 2**70}, "priority"), ({"tags": "abc"}, "tags"),
+     ({"experiment": 123}, "experiment"), ({"num_frames": True}, "num_frames"), ({"seed": "7"}, "seed")],
+)
+def test_every_submit_argument_is_checked_before_anything_is_queued(mochi, tiny, options, field):
+    before = mochi.counts()
+    with pytest.raises(ParamsError, match=f"{field}: "):
+        mochi.generate("a cat", **{**tiny, **options})
+    assert mochi.counts() == before
+
+
+def test_generate_takes_validated_params_as_they_are(mochi, tiny):
+    from mochi_lab import GenerationParams
+
+    p = GenerationParams.parse("a kite", seed=8, **tiny)
+    job = mochi.generate(p)
+    assert job.params == p
+    with pytest.raises(ParamsError, match="either a GenerationParams or keyword params"):
+        mochi.generate(p, seed=9)
+
+
+def test_a_job_too_large_for_the_pool_is_refused_at_submit_naming_what_fits(mochi):
+    before = mochi.counts()
+    limit = mochi.backend.settings.max_token_steps["tiny"]
+    with pytest.raises(ParamsError) as err:  # the request that once sat on step 0 for 5 minutes
+        mochi.generate("a wedge", num_frames=283, height=1280, width=1280, num_inference_steps=200)
+    msg = str(err.value)
+    assert "size: 283 frames at 1280x1280 with 200 steps is 61,440,000 token-steps" in msg
+    assert f"at most {limit:,}" in msg and "1 frame at 1280x1280 and 200 steps is too large" in msg
+    with pytest.raises(ParamsError, match=r"at most \d+ frames fit"):
+        mochi.generate("a long one", num_frames=283, height=480, width=848, num_inference_steps=64)
+    assert mochi.counts() == before

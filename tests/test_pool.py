@@ -33,8 +33,8 @@ def test_ray_stays_on_loopback(mochi):
     import ray
 
     assert {n["NodeManagerAddress"] for n in ray.nodes()} == {"127.0.0.1"}
-    assert mochi.ray_address.startswith("127.0.0.1:")
-    assert not mochi.ray_address.endswith(":6379")
+    assert mochi.backend.ray_address.startswith("127.0.0.1:")
+    assert not mochi.backend.ray_address.endswith(":6379")
 
 
 def test_workers_one_per_gpu_spread_over_nodes(mochi):
@@ -63,7 +63,7 @@ def test_cancel_mid_denoise_stops_within_one_step_and_frees_the_worker(mochi, ti
     while job.refresh().step < 3:
         assert time.monotonic() < deadline, job.record
         time.sleep(0.02)
-    at_cancel = mochi.store.cancel(mochi.account, job.id)
+    at_cancel = mochi.backend.store.cancel(mochi.account, job.id)
     assert at_cancel.cancel_requested
     final = job.wait(timeout=60)
     assert final.status == "cancelled"
@@ -86,8 +86,8 @@ def test_cancel_of_a_queued_job_never_starts_it(mochi, tiny):
 def test_scale_down_and_up(mochi):
     before = {w["worker_id"]: w["started_at"] for w in mochi.workers()}
     mochi.scale(3)
-    assert sorted(mochi.pool.handles()) == ["mochi-worker-0", "mochi-worker-1", "mochi-worker-2"]
-    assert sorted(w["worker_id"] for w in mochi.workers()) == sorted(mochi.pool.handles())
+    assert sorted(mochi.backend.pool.handles()) == ["mochi-worker-0", "mochi-worker-1", "mochi-worker-2"]
+    assert sorted(w["worker_id"] for w in mochi.workers()) == sorted(mochi.backend.pool.handles())
     mochi.scale(4)
     mochi.wait_ready(timeout=300)
     after = {w["worker_id"]: w["started_at"] for w in mochi.workers()}
@@ -152,8 +152,35 @@ def test_node_lost_mid_job_reruns_elsewhere_with_one_artifact(mochi, ray_cluster
         files = sorted(p.name for p in (tmp_path / "artifacts" / settings.account).iterdir())
         assert files == [f"{job.id}.mp4", f"{job.id}.png"]
     finally:
-        for handle in faulty.pool.handles().values():
+        for handle in faulty.backend.pool.handles().values():
             ray.kill(handle, no_restart=True)
         for node in nodes:
             if node in ray_cluster.worker_nodes:
                 ray_cluster.remove_node(node)
+
+
+def test_killed_worker_process_releases_its_job_at_once(mochi, test_settings, tiny):
+    """SIGKILL the actor process running a job: Ray restarts the actor, whose worker takes back its old
+    claims (release_worker), so the job runs again within seconds, not after its lease (issue 12 #9)."""
+    job = mochi.generate("a killed worker", seed=5, **{**tiny, "num_inference_steps": 200})
+    deadline = time.monotonic() + 120
+    while (r := job.refresh()).step < 3:
+        assert time.monotonic() < deadline, r
+        time.sleep(0.02)
+    row = next(w for w in mochi.workers() if w["current_job"] == job.id)
+    os.kill(row["pid"], signal.SIGKILL)
+    killed = time.monotonic()
+    while not ((r := job.refresh()).attempts == 2 and r.status in ("running", "done")):
+        assert time.monotonic() - killed < 60, r
+        time.sleep(0.02)
+    resumed_s = time.monotonic() - killed
+    print(f"\n[pool] worker SIGKILLed mid-job: job running again (attempt 2) {resumed_s:.2f} s later "
+          f"(lease {test_settings.lease_s:g} s)")
+    final = job.wait(timeout=300)
+    assert final.status == "done", final.error
+    assert final.attempts == 2
+    folder = test_settings.artifacts_dir / test_settings.account
+    assert sorted(p.name for p in folder.iterdir() if p.name.startswith(job.id)) == [f"{job.id}.mp4", f"{job.id}.png"]
+    assert resumed_s < 5.0, resumed_s
+    mochi.wait_ready(timeout=300)  # the restarted actor is back for the next tests
+    assert any(w["worker_id"] == row["worker_id"] and w["pid"] != row["pid"] for w in mochi.workers())

@@ -45,3 +45,48 @@ def test_rss_stays_flat_over_20_jobs_and_logs_are_structured(tmp_path, tiny_chec
     done = [line for line in lines if line["msg"].startswith("done")]
     assert {line["job_id"] for line in done} == set(ids)
     assert all(line["worker_id"] == "w-local" and line["level"] == "INFO" for line in done)
+
+
+def test_worker_validates_stored_params_and_prompt_tokens_at_the_claim(tmp_path, tiny_checkpoint, tiny):
+    """The store is a trust boundary: bad params and over-long prompts fail at once, without a retry."""
+    import importlib.metadata
+
+    import mochi_lab
+
+    settings = Settings(data_dir=tmp_path, cache_dir=tiny_checkpoint.parent, lease_s=30, poll_s=0.01)
+    store = open_store(settings.store_url)
+    bad = store.enqueue("alice", {**GenerationParams.parse("a cat", seed=1, **tiny).to_dict(), "num_frames": 8})
+    long_prompt = "a " * 300  # 600 characters, ~300 T5 tokens
+    too_long = store.enqueue("alice", {**GenerationParams.parse("a cat", seed=1, **tiny).to_dict(), "prompt": long_prompt})
+    good = store.enqueue("alice", GenerationParams.parse("a cat", seed=1, **tiny).to_dict())
+    worker = Worker("w-admit", settings)
+    worker.start()
+    try:
+        deadline = time.monotonic() + 120
+        while store.get("alice", good.id).status not in ("done", "failed") and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        worker.stop(timeout=60)
+    got = store.get("alice", bad.id)
+    assert (got.status, got.attempts) == ("failed", 1)
+    assert "num_frames" in got.error and "6k+1" in got.error and got.step == 0
+    got = store.get("alice", too_long.id)
+    assert (got.status, got.attempts, got.step) == ("failed", 1, 0)
+    n = worker.runner.count_tokens(long_prompt)
+    assert got.error.endswith(f"prompt: is {n} tokens for model 'tiny'; the limit is 256 "
+                              "(the text encoder's max_sequence_length)")
+    done = store.get("alice", good.id)
+    assert done.status == "done"
+    assert done.meta["versions"]["mochi_lab"] == importlib.metadata.version("mochi_lab") == mochi_lab.__version__
+
+
+def test_worker_module_does_not_import_the_package_face():
+    import ast
+    from pathlib import Path
+
+    import mochi_lab.worker as worker_mod
+
+    tree = ast.parse(Path(worker_mod.__file__).read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module == "mochi_lab":
+            raise AssertionError(f"worker.py imports the package face: line {node.lineno}")

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import ipywidgets as W
 
-from mochi_lab.job import Job
-
 from ._poll import DEFAULT_INTERVAL_S, Poller
 from .job_card import JobCard
+
+if TYPE_CHECKING:
+    from mochi_lab import Job
 
 
 class CardStack(W.VBox):
@@ -28,10 +29,10 @@ class CardStack(W.VBox):
         return list(self.children)
 
     @property
-    def jobs(self) -> list[Job]:
+    def jobs(self) -> "list[Job]":
         return [c.job for c in self.children]
 
-    def add(self, job: Job) -> JobCard:
+    def add(self, job: "Job") -> JobCard:
         card = JobCard(job, download_dir=self.download_dir)
         self.children = (card, *self.children)
         if not card.finished:

@@ -3,45 +3,46 @@
 from __future__ import annotations
 
 import asyncio
-import html
 import time
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import ipywidgets as W
 
-from ._format import error_html, gib, seconds
+from ._format import error_html, mapping, render
 from ._poll import Poller
 
 if TYPE_CHECKING:
-    from mochi_lab.client import MochiCluster
+    from mochi_lab import MochiCluster
 
-STATE_COLOURS = {"idle": "#198754", "busy": "#0d6efd", "loading": "#b8860b", "error": "#dc3545"}
 COLUMNS = ("worker", "node", "device", "memory", "model", "state", "current job", "jobs done", "uptime")
+
+
+def worker_view(row: Any) -> dict[str, Any]:
+    """One worker row's display facts, as plain values the template escapes (no type assumed)."""
+    r = mapping(row)
+    return {
+        "worker_id": r.get("worker_id"), "node": r.get("node") or "-",
+        "device": r.get("gpu_name") or r.get("device") or "-",
+        "gpu_used": r.get("gpu_memory_used"), "gpu_total": r.get("gpu_memory_total"), "rss": r.get("rss_bytes"),
+        "model": r.get("model") or "-", "state": r.get("state"), "error": r.get("error"),
+        "current_job": r.get("current_job") or "-", "jobs_done": r.get("jobs_done", 0), "uptime": r.get("uptime_s"),
+    }
 
 
 def workers_html(rows: list[dict[str, Any]]) -> str:
     """The worker rows as a compact HTML table."""
-    head = "".join(f"<th style='text-align:left;padding:2px 8px'>{c}</th>" for c in COLUMNS)
-    body = []
-    for r in rows:
-        device = r.get("gpu_name") or r.get("device") or "-"
-        used, total = r.get("gpu_memory_used"), r.get("gpu_memory_total")
-        memory = f"{gib(used)} / {gib(total)}" if total else f"RSS {gib(r.get('rss_bytes'))}"
-        state = str(r.get("state"))
-        colour = STATE_COLOURS.get(state, "#6c757d")
-        cells = [
-            html.escape(str(r.get("worker_id"))), html.escape(str(r.get("node") or "-")), html.escape(str(device)),
-            memory, html.escape(str(r.get("model") or "-")),
-            f"<span style='color:{colour};font-weight:bold'>{html.escape(state)}</span>"
-            + (f" <span title='{html.escape(str(r['error']))}'>⚠</span>" if r.get("error") else ""),
-            f"<code>{html.escape(str(r.get('current_job') or '-'))}</code>", str(r.get("jobs_done", 0)),
-            seconds(r.get("uptime_s")),
-        ]
-        body.append("<tr>" + "".join(f"<td style='padding:2px 8px'>{c}</td>" for c in cells) + "</tr>")
-    if not body:
-        body.append(f"<tr><td colspan={len(COLUMNS)}><i>no live workers</i></td></tr>")
-    return (f"<table class='mochi-workers' style='border-collapse:collapse;font-size:12px'>"
-            f"<thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>")
+    return render("cluster_panel.html", "workers", rows=[worker_view(r) for r in rows], columns=COLUMNS)
+
+
+def counts_html(counts: Any) -> str:
+    """This account's job counts by status ("queued <b>2</b> · running <b>1</b> ...")."""
+    items = list(counts.items()) if isinstance(counts, Mapping) else []
+    return render("cluster_panel.html", "counts", counts=items)
+
+
+def notice_html(message: str) -> str:
+    return render("cluster_panel.html", "notice", message=message)
 
 
 class ClusterPanel(W.VBox):
@@ -91,13 +92,13 @@ class ClusterPanel(W.VBox):
             return
         self.refreshes += 1
         self.table.value = workers_html(self.rows)
-        self.counts.value = "jobs: " + " · ".join(f"{k} <b>{v}</b>" for k, v in counts.items())
+        self.counts.value = counts_html(counts)
         self.updated.value = f"updated {time.strftime('%H:%M:%S')}"
 
     def scale(self, n: int) -> None:
         """Resize the pool. Shrinking drains workers (seconds), so on a kernel it runs off the event loop."""
         self.scale_button.disabled = True
-        self.message.value = f"scaling to {n} workers…"
+        self.message.value = notice_html(f"scaling to {n} workers…")
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
@@ -118,7 +119,8 @@ class ClusterPanel(W.VBox):
 
     def _scaled(self, n: int, error: str | None) -> None:
         self.scale_button.disabled = False
-        self.message.value = error_html(error) if error else f"pool scaled to {n}; new workers load their model first"
+        self.message.value = (error_html(error) if error
+                              else notice_html(f"pool scaled to {n}; new workers load their model first"))
         self.refresh()
 
     def _views_changed(self, change: dict[str, Any]) -> None:

@@ -2,24 +2,22 @@
 
 from __future__ import annotations
 
-import html
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterable
 
 import ipywidgets as W
 
-from mochi_lab.job import Job
-from mochi_lab.reprs import status_badge, video_widget
-from mochi_lab.store import DONE, STATUSES
+from mochi_lab import DONE, STATUSES
+from mochi_lab.reprs import BORDER
 
-from ._format import error_html, seconds, short, size, when
+from ._format import error_html, job_view, mapping, render, to_float
 from ._poll import DEFAULT_INTERVAL_S
 from .card_stack import CardStack, HasCardStack
 
 if TYPE_CHECKING:
     import pandas as pd
 
-    from mochi_lab.client import MochiCluster
+    from mochi_lab import Job, MochiCluster
 
 _BUTTON = W.Layout(width="84px")
 
@@ -27,19 +25,12 @@ _BUTTON = W.Layout(width="84px")
 class HistoryRow(W.HBox):
     """One job: thumbnail, facts, and Play / Re-run / Delete (Delete asks for a second click)."""
 
-    def __init__(self, job: Job, thumbnail: bytes | None, on: dict[str, Callable[[Job], None]]):
+    def __init__(self, job: "Job", thumbnail: bytes | None, on: dict[str, Callable[["Job"], None]]):
         self.job = job
         r = job.record
         self.thumbnail = (W.Image(value=thumbnail, format="png", width="64px") if thumbnail
-                          else W.HTML("<div style='width:64px;height:36px;background:#eee'></div>"))
-        run = r.timings.get("run_s")
-        self.info = W.HTML(
-            f"{status_badge(r.status)} <b>{html.escape(short(str(r.params.get('prompt', '')), 70))}</b><br>"
-            f"<span style='color:#888;font-size:11px'>{html.escape(r.id)} · {when(r.created_at)} · "
-            f"{html.escape(size(r.params))} · seed {r.params.get('seed')} · run {seconds(run)}"
-            f"{' · ' + html.escape(r.experiment) if r.experiment else ''}</span>",
-            layout=W.Layout(width="560px"),
-        )
+                          else W.HTML(render("history.html", "no_thumbnail")))
+        self.info = W.HTML(render("history.html", "row", r=job_view(r)), layout=W.Layout(width="560px"))
         self.play_button = W.Button(description="Play", icon="play", disabled=r.status != DONE, layout=_BUTTON)
         self.rerun_button = W.Button(description="Re-run", icon="redo", layout=_BUTTON)
         self.delete_button = W.Button(description="Delete", icon="trash", layout=_BUTTON)
@@ -48,10 +39,10 @@ class HistoryRow(W.HBox):
         self.delete_button.on_click(lambda _: self._delete(on["delete"]))
         self.armed = False
         super().__init__([self.thumbnail, self.info, self.play_button, self.rerun_button, self.delete_button],
-                         layout=W.Layout(align_items="center", border_bottom="1px solid #eee"))
+                         layout=W.Layout(align_items="center", border_bottom=f"1px solid {BORDER}"))
         self.add_class("mochi-history-row")
 
-    def _delete(self, delete: Callable[[Job], None]) -> None:
+    def _delete(self, delete: Callable[["Job"], None]) -> None:
         # Deleting removes the MP4 too: the first click only arms the button.
         if not self.armed:
             self.armed = True
@@ -117,24 +108,23 @@ class History(HasCardStack, W.VBox):
         on = {"play": self.play, "rerun": self.rerun, "delete": self.delete}
         self.table.children = [HistoryRow(j, self._thumbnail(j), on) for j in jobs]
         if not jobs:
-            self.table.children = [W.HTML("<i>no jobs match</i>")]
+            self.table.children = [W.HTML(render("history.html", "empty"))]
         self.page.value = f"{self.offset + 1}–{self.offset + len(jobs)}" if jobs else "0"
         self.prev_button.disabled = self.offset == 0
         self.next_button.disabled = not more
 
-    def play(self, job: Job) -> None:
+    def play(self, job: "Job") -> None:
         r = job.record
         try:
-            job.result(timeout=0)  # raises unless done
-            video = video_widget(r)
+            video = job.video  # raises unless done
         except Exception as exc:  # deleted meanwhile, or not done
-            self.error.value = error_html(f"cannot play {r.id}: {exc}")
+            self.error.value = error_html(f"cannot play {r.id}: {type(exc).__name__}: {exc}")
             return
+        self.error.value = ""
         self.playing = r.id
-        self.player.children = [W.HTML(f"<b>{html.escape(short(str(r.params.get('prompt', ''))))}</b> "
-                                       f"<code>{html.escape(r.id)}</code>"), video]
+        self.player.children = [W.HTML(render("history.html", "caption", r=job_view(r))), video]
 
-    def rerun(self, job: Job) -> Job | None:
+    def rerun(self, job: "Job") -> "Job | None":
         """Queue the same params again, seed included (bypassing the result cache): the same video again."""
         try:
             new = job.reproduce()
@@ -145,7 +135,7 @@ class History(HasCardStack, W.VBox):
         self.refresh()
         return new
 
-    def delete(self, job: Job) -> None:
+    def delete(self, job: "Job") -> None:
         try:
             self.cluster.delete(job.id)
         except Exception as exc:
@@ -169,32 +159,38 @@ class History(HasCardStack, W.VBox):
 
     def _experiment_names(self) -> list[str]:
         try:
-            return [e.name for e in self.cluster.experiments()]
+            return [str(e.name) for e in self.cluster.experiments()]
         except Exception:  # suggestions only: the filter still takes any typed name
             return []
 
-    def _thumbnail(self, job: Job) -> bytes | None:
-        if job.id not in self._thumbs and job.thumbnail is not None:
+    def _thumbnail(self, job: "Job") -> bytes | None:
+        if job.id not in self._thumbs:
             try:
-                self._thumbs[job.id] = job.thumbnail.read_bytes()
-            except OSError:
+                thumb = job.thumbnail  # PNG bytes from the backend, or None
+            except Exception:  # deleted meanwhile, or unreachable: the row shows a placeholder
                 return None
+            if not thumb:
+                return None
+            self._thumbs[job.id] = bytes(thumb)
         return self._thumbs.get(job.id)
 
 
-def jobs_frame(jobs: Iterable[Job]) -> "pd.DataFrame":
+def jobs_frame(jobs: Iterable["Job"]) -> "pd.DataFrame":
     """Jobs as a DataFrame, one row each, from the records already read (no store I/O)."""
     import pandas as pd
 
     rows = []
     for j in jobs:
         r = j.record
+        params = mapping(r.params)
+        created = to_float(r.created_at)
         rows.append({
-            "id": r.id, "created": pd.Timestamp(r.created_at, unit="s"), "status": r.status,
-            **{k: r.params.get(k) for k in ("prompt", "num_frames", "height", "width", "num_inference_steps",
-                                             "guidance_scale", "seed", "fps", "model")},
-            "experiment": r.experiment, "tags": list(r.tags), "run_s": r.timings.get("run_s"),
-            "video": r.artifacts.get("video"), "error": r.error,
+            "id": r.id, "created": pd.Timestamp(created, unit="s") if created is not None else pd.NaT,
+            "status": r.status,
+            **{k: params.get(k) for k in ("prompt", "num_frames", "height", "width", "num_inference_steps",
+                                           "guidance_scale", "seed", "fps", "model")},
+            "experiment": r.experiment, "tags": list(r.tags or ()), "run_s": mapping(r.timings).get("run_s"),
+            "video": mapping(r.artifacts).get("video"), "error": r.error,
         })
     columns = ["id", "created", "status", "prompt", "num_frames", "height", "width", "num_inference_steps",
                "guidance_scale", "seed", "fps", "model", "experiment", "tags", "run_s", "video", "error"]

@@ -2,22 +2,29 @@
 
 from __future__ import annotations
 
-import html
 import os
-import shutil
 import time
 from collections import deque
 from pathlib import Path
+from typing import TYPE_CHECKING
+from urllib.parse import quote
 
 import ipywidgets as W
 
-from mochi_lab.job import Job
-from mochi_lab.reprs import status_badge, video_widget
-from mochi_lab.store import CANCELLED, DONE, FAILED, QUEUED, JobNotFound, JobRecord
+from mochi_lab import CANCELLED, DONE, FAILED, QUEUED, JobNotFound
+from mochi_lab.reprs import BORDER
 
-from ._format import error_html, seconds, short, size
+from ._format import error_html, job_view, mapping, render, seconds, to_float, to_int
+
+if TYPE_CHECKING:
+    from mochi_lab import Job, JobRecord
 
 BAR_STYLES = {DONE: "success", FAILED: "danger", CANCELLED: "warning"}
+
+
+def finished(r: "JobRecord") -> bool:
+    """Whether a record is done, failed or cancelled (whatever type a hostile record's status has)."""
+    return isinstance(r.status, str) and r.status in BAR_STYLES
 
 
 def default_download_dir() -> Path:
@@ -25,20 +32,10 @@ def default_download_dir() -> Path:
     return Path(os.environ.get("MOCHI_LAB_DOWNLOAD_DIR") or "mochi_videos")
 
 
-def link_video(video: Path, folder: Path) -> Path:
-    """Put the MP4 where the Jupyter server can serve it: a hard link (no copy) or, across disks, a copy.
-
-    The artifact store is usually outside the server's root, and a symlink out of the root is refused
-    by the server, so the file itself must appear inside it. Returns the path relative to the cwd.
-    """
-    folder.mkdir(parents=True, exist_ok=True)
-    dest = folder / video.name
-    if not dest.exists():
-        try:
-            os.link(video, dest)
-        except OSError:
-            shutil.copyfile(video, dest)
-    return Path(os.path.relpath(dest))
+def download_href(path: Path) -> str:
+    """A relative URL for a file under the kernel's cwd: percent-encoded, so no name can become a scheme."""
+    href = quote(Path(os.path.relpath(path)).as_posix())
+    return href if href.startswith((".", "/")) else "./" + href
 
 
 class EtaClock:
@@ -62,11 +59,15 @@ class EtaClock:
 
 
 class JobCard(W.VBox):
-    """A card for one job. `poll()` reads the job once and redraws; the owner decides when to call it."""
+    """A card for one job. `poll()` reads the job once and redraws; the owner decides when to call it.
 
-    def __init__(self, job: Job, *, download_dir: Path | None = None):
+    It uses only the public `Job` handle: `record`, `refresh()`, `cancel()`, and once done `video`,
+    `thumbnail` (PNG bytes) and `save(folder)` (works on every backend, local files or not).
+    """
+
+    def __init__(self, job: "Job", *, download_dir: Path | None = None):
         self.job = job
-        self.download_dir = download_dir or default_download_dir()
+        self.download_dir = Path(download_dir) if download_dir else default_download_dir()
         self.clock = EtaClock()
         self.header = W.HTML()
         self.stage = W.HTML()
@@ -79,22 +80,22 @@ class JobCard(W.VBox):
         self.error = W.HTML()
         self.video: W.Video | None = None
         self.thumbnail: W.Image | None = None
-        self.link: Path | None = None
+        self.link: Path | None = None  # the saved MP4, relative to the kernel's cwd
         self.gone = False
         super().__init__(
             [self.header, W.HBox([self.stage, self.bar, self.eta, self.cancel_button]), self.error, self.result],
-            layout=W.Layout(border="1px solid #ccc", padding="4px", margin="4px 0"),
+            layout=W.Layout(border=f"1px solid {BORDER}", padding="4px", margin="4px 0"),
         )
         self.add_class("mochi-job-card")
         self.update(job.record)
 
     @property
-    def record(self) -> JobRecord:
+    def record(self) -> "JobRecord":
         return self.job.record
 
     @property
     def finished(self) -> bool:
-        return self.job.record.finished
+        return finished(self.job.record)
 
     def poll(self) -> bool:
         """Read the job from the store and redraw; returns whether it is still queued or running."""
@@ -116,28 +117,28 @@ class JobCard(W.VBox):
         self.cancel_button.disabled = True
         self.cancel_button.description = "Cancelling"
         try:
-            self.job.cancel()
+            # timeout=0: ask and return; the poll task shows the job settle (a wait here would block the kernel)
+            self.job.cancel(timeout=0)
         except JobNotFound:
             self._gone()
             return
         self.update(self.job.record)
 
-    def update(self, r: JobRecord, now: float | None = None) -> None:
+    def update(self, r: "JobRecord", now: float | None = None) -> None:
         now = time.time() if now is None else now
-        p = r.params
-        self.header.value = (
-            f"{status_badge(r.status)} <b>{html.escape(short(str(p.get('prompt', ''))))}</b>"
-            f" <span style='color:#888;font-size:11px'>{html.escape(r.id)} · seed {p.get('seed')} · "
-            f"{html.escape(size(p))} · {html.escape(str(p.get('model')))}</span>"
-        )
-        total = r.total_steps or int(p.get("num_inference_steps") or 1)
-        self.bar.max = max(1, total)
-        self.bar.value = total if r.status == DONE else min(r.step, total)
-        self.bar.bar_style = BAR_STYLES.get(r.status, "info")
-        steps = f" {r.step}/{total}" if r.stage == "denoising" else ""
-        self.stage.value = f"<code>{html.escape(r.stage)}{steps}</code>"
-        self.eta.value = self._eta_text(r, total, now)
-        if r.finished:
+        view = job_view(r)
+        self.header.value = render("job_card.html", "header", r=view)
+        total = to_int(r.total_steps) or to_int(mapping(r.params).get("num_inference_steps")) or 1
+        total = max(1, total)
+        step = max(0, to_int(r.step, 0))
+        self.bar.max = total
+        self.bar.value = total if r.status == DONE else min(step, total)
+        self.bar.bar_style = BAR_STYLES.get(r.status, "info") if isinstance(r.status, str) else "info"
+        denoising = r.stage == "denoising"
+        self.stage.value = render("job_card.html", "stage", stage=r.stage,
+                                  step=r.step if denoising else None, total=total)
+        self.eta.value = self._eta_text(r, step, total, now)
+        if finished(r):
             self.cancel_button.disabled = True
             self.cancel_button.description = "Cancel"
             self.cancel_button.layout.display = "none"
@@ -147,36 +148,47 @@ class JobCard(W.VBox):
         if r.status == FAILED:
             self.error.value = error_html(r.error or "failed (no error recorded)", r.traceback)
         elif r.status == DONE and self.video is None:
-            self._show_result(r)
+            self._show_result()
 
-    def _eta_text(self, r: JobRecord, total: int, now: float) -> str:
+    def _eta_text(self, r: "JobRecord", step: int, total: int, now: float) -> str:
         if r.status == QUEUED:
-            return f"queued {seconds(now - r.created_at)}"
-        if r.finished:
-            run = r.timings.get("run_s")
-            return f"{r.status} in {seconds(run)}" if run is not None else r.status
+            created = to_float(r.created_at)
+            return "queued" if created is None else f"queued {seconds(now - created)}"
+        if finished(r):
+            run = mapping(r.timings).get("run_s")
+            return f"{r.status} in {seconds(run)}" if run is not None else str(r.status)
         if r.stage != "denoising":
             return f"{r.stage}…"
-        if r.step >= total:
+        if step >= total:
             return "decoding…"
-        self.clock.observe(r.step, now)
-        left = self.clock.eta(r.step, total, now)
+        self.clock.observe(step, now)
+        left = self.clock.eta(step, total, now)
         return "ETA …" if left is None else f"ETA {seconds(left)}"
 
-    def _show_result(self, r: JobRecord) -> None:
-        video = Path(r.artifacts["video"])
+    def _show_result(self) -> None:
         try:
             # Bytes travel to the browser over the widget comm; they are never written into the notebook.
-            self.video = video_widget(r)
-        except OSError as exc:  # deleted since it finished
-            self.error.value = error_html(f"the video is gone: {exc}")
+            self.video = self.job.video
+        except Exception as exc:  # deleted since it finished, or the backend cannot serve it
+            self.error.value = error_html(f"the video is gone: {type(exc).__name__}: {exc}")
             return
         side: list[W.Widget] = []
-        thumb = r.artifacts.get("thumbnail")
-        if thumb and Path(thumb).exists():
-            self.thumbnail = W.Image.from_file(thumb, width="96px")
+        try:
+            thumb = self.job.thumbnail
+        except Exception:  # a missing thumbnail is no reason to hide the video
+            thumb = None
+        if thumb:
+            self.thumbnail = W.Image(value=bytes(thumb), format="png", width="96px")
             side.append(self.thumbnail)
-        self.link = link_video(video, self.download_dir)
-        href = html.escape(self.link.as_posix())
-        side.append(W.HTML(f'<a href="{href}" download="{html.escape(video.name)}">⬇ {html.escape(video.name)}</a>'))
+        try:
+            # A copy beside the notebook, which the Jupyter server can serve (the artifact may not be local).
+            self.download_dir.mkdir(parents=True, exist_ok=True)
+            saved = Path(self.job.save(self.download_dir))
+            self.link = Path(os.path.relpath(saved))
+            side.append(W.HTML(render("job_card.html", "download", href=download_href(saved), name=saved.name)))
+        except Exception as exc:
+            side.append(W.HTML(error_html(f"no download link: {type(exc).__name__}: {exc}")))
         self.result.children = [self.video, W.VBox(side, layout=W.Layout(margin="0 0 0 8px"))]
+
+
+__all__ = ["JobCard", "EtaClock", "default_download_dir", "download_href"]

@@ -7,23 +7,33 @@ from typing import TYPE_CHECKING, Any
 
 import ipywidgets as W
 
-from mochi_lab.job import Job
-from mochi_lab.params import (
-    FPS_MAX, FPS_MIN, FRAMES_MAX, FRAMES_MIN, GUIDANCE_MAX, GUIDANCE_MIN, SEED_MAX, SIZE_MAX, SIZE_MIN,
-    STEPS_MAX, STEPS_MIN, GenerationParams, ParamsError,
-)
-from mochi_lab.settings import known_models
+from mochi_lab import LIMITS, GenerationParams, ParamsError
 
-from ._format import error_html
+from ._format import error_html, render
 from ._poll import DEFAULT_INTERVAL_S
 from .card_stack import CardStack, HasCardStack
 
 if TYPE_CHECKING:
-    from mochi_lab.client import MochiCluster
+    from mochi_lab import Job, MochiCluster
 
+
+def _int_limits(name: str) -> tuple[int, int]:
+    lo, hi = LIMITS[name]
+    return int(lo), int(hi)
+
+
+FRAMES_MIN, FRAMES_MAX = _int_limits("num_frames")
+HEIGHT_MIN, HEIGHT_MAX = _int_limits("height")
+WIDTH_MIN, WIDTH_MAX = _int_limits("width")
+STEPS_MIN, STEPS_MAX = _int_limits("num_inference_steps")
+FPS_MIN, FPS_MAX = _int_limits("fps")
+SEED_MIN, SEED_MAX = _int_limits("seed")
+GUIDANCE_MIN, GUIDANCE_MAX = (float(v) for v in LIMITS["guidance_scale"])
 # Mochi needs num_frames = 6k+1 and sizes divisible by 16 (diffusers checks only 8): offer nothing else.
-FRAME_CHOICES = list(range(FRAMES_MIN, FRAMES_MAX + 1, 6))
-SIZE_CHOICES = list(range(SIZE_MIN, SIZE_MAX + 1, 16))
+FRAME_CHOICES = [n for n in range(FRAMES_MIN, FRAMES_MAX + 1) if n % 6 == 1]
+HEIGHT_CHOICES = [n for n in range(HEIGHT_MIN, HEIGHT_MAX + 1) if n % 16 == 0]
+WIDTH_CHOICES = [n for n in range(WIDTH_MIN, WIDTH_MAX + 1) if n % 16 == 0]
+SIZE_CHOICES = HEIGHT_CHOICES  # the name older code imported
 _LABEL = {"description_width": "110px"}
 
 
@@ -49,9 +59,9 @@ class Studio(HasCardStack, W.VBox):
                                       layout=_layout("660px"))
         self.num_frames = W.Dropdown(options=FRAME_CHOICES, value=d["num_frames"], description="frames (6k+1)",
                                      style=_LABEL, layout=_layout())
-        self.height = W.Dropdown(options=SIZE_CHOICES, value=d["height"], description="height", style=_LABEL,
+        self.height = W.Dropdown(options=HEIGHT_CHOICES, value=d["height"], description="height", style=_LABEL,
                                  layout=_layout())
-        self.width = W.Dropdown(options=SIZE_CHOICES, value=d["width"], description="width", style=_LABEL,
+        self.width = W.Dropdown(options=WIDTH_CHOICES, value=d["width"], description="width", style=_LABEL,
                                 layout=_layout())
         self.fps = W.BoundedIntText(value=d["fps"], min=FPS_MIN, max=FPS_MAX, description="fps", style=_LABEL,
                                     layout=_layout())
@@ -60,10 +70,10 @@ class Studio(HasCardStack, W.VBox):
         self.guidance = W.BoundedFloatText(value=d["guidance_scale"], min=GUIDANCE_MIN, max=GUIDANCE_MAX, step=0.5,
                                            description="guidance", style=_LABEL, layout=_layout())
         self.random_seed = W.Checkbox(value=seed is None, description="random seed", indent=False)
-        self.seed = W.BoundedIntText(value=0 if seed is None else seed, min=0, max=SEED_MAX, description="seed",
+        self.seed = W.BoundedIntText(value=SEED_MIN if seed is None else seed, min=SEED_MIN, max=SEED_MAX, description="seed",
                                      disabled=seed is None, style=_LABEL, layout=_layout("220px"))
         self.random_seed.observe(lambda ch: setattr(self.seed, "disabled", ch["new"]), "value")
-        self.model = W.Dropdown(options=sorted(known_models()), value=d["model"], description="model", style=_LABEL,
+        self.model = W.Dropdown(options=_models(cluster, d["model"]), value=d["model"], description="model", style=_LABEL,
                                 layout=_layout())
         self.generate_button = W.Button(description="Generate", icon="play", button_style="primary")
         self.generate_button.on_click(lambda _: self.submit())
@@ -80,7 +90,7 @@ class Studio(HasCardStack, W.VBox):
         self.add_class("mochi-studio")
 
     @property
-    def jobs(self) -> list[Job]:
+    def jobs(self) -> "list[Job]":
         """Jobs started here, newest first."""
         return self.stack.jobs
 
@@ -103,7 +113,7 @@ class Studio(HasCardStack, W.VBox):
             "model": self.model.value,
         }
 
-    def submit(self) -> Job | None:
+    def submit(self) -> "Job | None":
         """Queue one job from the form (what Generate does). Returns at once; the card follows the job."""
         params = self.params()
         try:
@@ -116,8 +126,7 @@ class Studio(HasCardStack, W.VBox):
             return None
         if job.id in {j.id for j in self.stack.jobs}:
             # The cluster's result cache hands back the job that already has these exact params.
-            self.error.value = (f"<span style='color:#888'>same parameters and seed as job <code>{job.id}</code>: "
-                                "its result is reused (tick 'random seed' for a new video)</span>")
+            self.error.value = render("studio.html", "reused", job_id=job.id)
             return job
         self.error.value = ""
         self.stack.add(job)
@@ -129,3 +138,12 @@ def _field_defaults(model: str) -> dict[str, Any]:
     out = {name: f.default for name, f in fields.items() if name not in ("prompt", "seed")}
     out.update(seed=None, model=model)
     return out
+
+
+def _models(cluster: "MochiCluster", default: str) -> list[str]:
+    """The models the cluster serves (the default first if the cluster forgot it), as dropdown labels."""
+    try:
+        models = [str(m) for m in cluster.models()]
+    except Exception:  # an old or unreachable backend: offer the default only
+        models = []
+    return sorted(set(models) | {str(default)})

@@ -193,6 +193,10 @@ export MOCHI_LAB_DATA_DIR="$data_dir"
 # this cluster's port block so that two clusters on one machine do not collide.
 export DASHBOARD_METRIC_PORT=$((port_base + 2))
 export AUTOSCALER_METRIC_PORT=$((port_base + 3))
+# Ray Client (ray://): for each client connection the head's proxy starts a server process,
+# which imports Ray twice before it listens: 15-25 s on a loaded 2-core machine, against a
+# default wait of 30 s (RAY_CLIENT_SERVER_CHECK_CHANNEL_TIMEOUT_S): give it longer.
+export RAY_CLIENT_SERVER_CHECK_CHANNEL_TIMEOUT_S="${RAY_CLIENT_SERVER_CHECK_CHANNEL_TIMEOUT_S:-120}"
 # Ray token authentication: set explicitly, so a ~/.ray/auth_token left by some other Ray
 # does not decide it. The token is this cluster's own.
 if [[ "$use_auth" == 1 ]]; then

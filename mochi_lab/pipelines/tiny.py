@@ -12,8 +12,27 @@ import string
 import tempfile
 from pathlib import Path
 
-TINY_VERSION = "v1"  # bump when the architecture below changes, so caches rebuild
+TINY_VERSION = "v2"  # bump when the architecture below changes, so caches rebuild
 TINY_SEED = 0
+# genmo/mochi-1-preview's scheduler: diffusers' Mochi conversion script builds
+# FlowMatchEulerDiscreteScheduler(invert_sigmas=True), so every other field is the class default.
+# invert_sigmas is the branch diffusers marks "only required in Mochi": the tiny model must take it too.
+MOCHI_1_SCHEDULER_CONFIG = {
+    "num_train_timesteps": 1000,
+    "shift": 1.0,
+    "use_dynamic_shifting": False,
+    "base_shift": 0.5,
+    "max_shift": 1.15,
+    "base_image_seq_len": 256,
+    "max_image_seq_len": 4096,
+    "invert_sigmas": True,
+    "shift_terminal": None,
+    "use_karras_sigmas": False,
+    "use_exponential_sigmas": False,
+    "use_beta_sigmas": False,
+    "time_shift_type": "exponential",
+    "stochastic_sampling": False,
+}
 _COMMON_WORDS = (
     "a an the of and in on at with to from by over under into is are cat dog bird fish horse car boat "
     "wave sea ocean beach sky cloud sun moon star night day city street forest tree mountain river snow "
@@ -68,7 +87,7 @@ def build_tiny_mochi(path: str | os.PathLike) -> Path:
                  feed_forward_proj="gated-gelu", decoder_start_token_id=0)
     )
     pipe = MochiPipeline(
-        scheduler=FlowMatchEulerDiscreteScheduler(),
+        scheduler=FlowMatchEulerDiscreteScheduler(**MOCHI_1_SCHEDULER_CONFIG),
         vae=vae,
         text_encoder=text_encoder,
         tokenizer=tokenizer,
@@ -79,9 +98,13 @@ def build_tiny_mochi(path: str | os.PathLike) -> Path:
     return path
 
 
+def tiny_checkpoint_dir(cache_dir: str | os.PathLike) -> Path:
+    return Path(cache_dir) / f"tiny-mochi-{TINY_VERSION}"
+
+
 def ensure_tiny_mochi(cache_dir: str | os.PathLike) -> Path:
     """The saved tiny checkpoint under `cache_dir`, built once (atomically, safe across processes)."""
-    target = Path(cache_dir) / f"tiny-mochi-{TINY_VERSION}"
+    target = tiny_checkpoint_dir(cache_dir)
     if (target / "model_index.json").exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -25,7 +25,11 @@ def open_store(url: str, *, max_attempts: int = 3) -> Store:
     if url.startswith("sqlite://"):
         from mochi_lab.store.sqlite import SQLiteStore
 
-        return SQLiteStore(url, max_attempts=max_attempts)
+        try:
+            return SQLiteStore(url, max_attempts=max_attempts)
+        except OSError as exc:  # a data dir under a file, read-only, or gone
+            where = exc.filename or url
+            raise StoreUnavailable(f"cannot create the SQLite store {url}: {where}: {exc.strerror or exc}") from None
     if url.startswith(("redis://", "rediss://", "unix://")):
         from mochi_lab.store.redis import RedisStore
 

@@ -9,10 +9,14 @@ from __future__ import annotations
 import abc
 import dataclasses
 import os
+import re
 import time
 import uuid
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Iterable
+
+from mochi_lab.settings import check_account
 
 QUEUED, RUNNING, DONE, FAILED, CANCELLED = "queued", "running", "done", "failed", "cancelled"
 STATUSES = (QUEUED, RUNNING, DONE, FAILED, CANCELLED)
@@ -89,9 +93,19 @@ class Claim:
     token: int
 
 
+JOB_ID_RE = re.compile(r"[0-9a-f]{1,16}-[0-9a-f]{12}")
+
+
 def new_job_id() -> str:
     # time-ordered prefix keeps ids sortable by creation; the random tail makes them unguessable
     return f"{int(time.time() * 1000):x}-{uuid.uuid4().hex[:12]}"
+
+
+def check_job_id(job_id: str) -> str:
+    """Raise ValueError unless `job_id` has the form new_job_id makes (ids name files)."""
+    if not isinstance(job_id, str) or not JOB_ID_RE.fullmatch(job_id):
+        raise ValueError(f"not a job id: {job_id!r:.80}")
+    return job_id
 
 
 def worker_lost_error(attempts: int) -> str:
@@ -116,6 +130,16 @@ def job_matches(
     if text is not None and text.casefold() not in str(job.params.get("prompt", "")).casefold():
         return False
     return True
+
+
+ARTIFACT_SUFFIXES = {"video": ".mp4", "thumbnail": ".png"}
+
+
+def artifact_path(root: Path, account: str, job_id: str, name: str) -> Path:
+    """Where a job's artifact lives: derived from the account and the id, inside the artifacts root.
+
+    Never read back from the store: a planted path must not decide what a delete removes."""
+    return root / check_account(account) / f"{check_job_id(job_id)}{ARTIFACT_SUFFIXES[name]}"
 
 
 def remove_artifacts(artifacts: dict[str, str]) -> None:
@@ -179,7 +203,9 @@ class Store(abc.ABC):
         timings: dict[str, float],
         meta: dict[str, Any],
     ) -> None:
-        """Mark done. Raises LeaseLost when `token` no longer owns the job."""
+        """Mark done; a cancel request that came too late is cleared (the job answers done).
+
+        Raises LeaseLost when `token` no longer owns the job."""
 
     @abc.abstractmethod
     def fail(
@@ -192,7 +218,7 @@ class Store(abc.ABC):
         timings: dict[str, float] | None = None,
         meta: dict[str, Any] | None = None,
     ) -> None:
-        """Mark failed with its error. Raises LeaseLost."""
+        """Mark failed with its error (a pending cancel request is cleared, as in `complete`). Raises LeaseLost."""
 
     @abc.abstractmethod
     def finish_cancelled(
@@ -202,11 +228,22 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     def cancel(self, account: str, job_id: str) -> JobRecord:
-        """Cancel: a queued job at once, a running job by flag. Finished jobs are left as they are."""
+        """Cancel: a queued job at once, a running job by flag; returns the job as it is now.
+
+        A finished job is returned unchanged (a done or failed one with cancel_requested False): when a
+        cancel races the last step, whichever the store saw first wins, and the record says which."""
 
     @abc.abstractmethod
     def requeue_expired(self, *, now: float | None = None) -> list[str]:
         """Requeue running jobs whose lease expired; returns their ids."""
+
+    @abc.abstractmethod
+    def release_worker(self, worker_id: str) -> list[str]:
+        """Take back the running jobs claimed by `worker_id` at once, as if their leases had expired
+        (requeued with the attempt counted, failed after `max_attempts`, cancelled when a cancel waits).
+
+        For a worker known dead or restarted under the same id; the next claim raises the fencing
+        token, so the old owner's writes are refused. Returns the ids taken back."""
 
     # -- history ---------------------------------------------------------------
     @abc.abstractmethod

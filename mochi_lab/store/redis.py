@@ -29,6 +29,7 @@ import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
+from mochi_lab.store import redis_lua as lua
 from mochi_lab.store.base import (
     STATUSES,
     Claim,
@@ -43,229 +44,6 @@ from mochi_lab.store.base import (
     remove_artifacts,
 )
 
-_LIB = r"""
-local P = ARGV[1]
-local function now_str()
-  local t = redis.call('TIME')
-  return t[1] .. '.' .. string.format('%06d', tonumber(t[2]))
-end
-local function jkey(id) return P .. ':job:' .. id end
--- fields stored as JSON text or numbers: spliced into a doc as they are
-local RAW = {params = 1, tags = 1, artifacts = 1, timings = 1, meta = 1, step = 1, total_steps = 1, priority = 1,
-             attempts = 1, fence = 1, seq = 1, created_at = 1, started_at = 1, finished_at = 1, lease_expires_at = 1}
--- the whole job as one JSON object: one bulk reply and one json.loads in Python, not 50 and 6
-local function doc(k)
-  local h, parts = redis.call('HGETALL', k), {}
-  for i = 1, #h, 2 do
-    local v = h[i + 1]
-    if not RAW[h[i]] then v = cjson.encode(v) end
-    parts[#parts + 1] = '"' .. h[i] .. '":' .. v
-  end
-  return '{' .. table.concat(parts, ',') .. '}'
-end
-local function qkey(acc) return P .. ':q:' .. acc end
-local function skey(acc, st) return P .. ':s:' .. acc .. ':' .. st end
--- the account's length keeps "a:b" + "c" and "a" + "b:c" apart
-local function ekey(acc, exp) return P .. ':e:' .. string.len(acc) .. ':' .. acc .. ':' .. exp end
-local function qmember(seq, id) return string.format('%016d', tonumber(seq)) .. ':' .. id end
-local function move(id, acc, seq, old, new)
-  redis.call('ZREM', skey(acc, old), id)
-  redis.call('ZADD', skey(acc, new), seq, id)
-end
-local function push(id, acc, seq, prio)
-  redis.call('ZADD', qkey(acc), -tonumber(prio), qmember(seq, id))
-  if not redis.call('ZSCORE', P .. ':ready', acc) then
-    redis.call('ZADD', P .. ':ready', redis.call('HGET', P .. ':lastclaim', acc) or 0, acc)
-  end
-end
-local function unqueue(id, acc, seq)
-  redis.call('ZREM', qkey(acc), qmember(seq, id))
-  if redis.call('ZCARD', qkey(acc)) == 0 then redis.call('ZREM', P .. ':ready', acc) end
-end
-local function finish(k, id, acc, seq, old, st, now)
-  redis.call('HSET', k, 'status', st, 'stage', st, 'finished_at', now)
-  redis.call('HDEL', k, 'lease_expires_at')
-  redis.call('ZREM', P .. ':leases', id)
-  move(id, acc, seq, old, st)
-end
-local function requeue_expired(now, limit, maxatt)
-  local ids = redis.call('ZRANGEBYSCORE', P .. ':leases', '-inf', '(' .. now, 'LIMIT', 0, limit)
-  for _, id in ipairs(ids) do
-    redis.call('ZREM', P .. ':leases', id)
-    local k = jkey(id)
-    local f = redis.call('HMGET', k, 'status', 'account', 'seq', 'priority', 'attempts', 'cancel_requested')
-    if f[1] == 'running' then
-      if f[6] == '1' then  -- nobody is left to acknowledge the cancel
-        finish(k, id, f[2], f[3], 'running', 'cancelled', now)
-      elseif tonumber(f[5]) >= maxatt then
-        finish(k, id, f[2], f[3], 'running', 'failed', now)
-        redis.call('HSET', k, 'error', 'worker lost ' .. f[5] .. ' times')
-      else
-        redis.call('HSET', k, 'status', 'queued', 'stage', 'queued')
-        redis.call('HDEL', k, 'worker_id', 'lease_expires_at')
-        move(id, f[2], f[3], 'running', 'queued')
-        push(id, f[2], f[3], f[4])
-      end
-    end
-  end
-  return ids
-end
--- nil when ARGV[3] (the token) owns the running job, else why not
-local function lost(k, token)
-  local f = redis.call('HMGET', k, 'status', 'fence')
-  if not f[1] then return 'no longer exists' end
-  if f[1] ~= 'running' or f[2] ~= token then
-    return 'token ' .. token .. ' lost the lease (now ' .. f[1] .. ', token ' .. f[2] .. ')'
-  end
-  return nil
-end
-"""
-
-# ARGV: P, account, id, has key ('0'/'1'), idempotency key, priority, params JSON, tags JSON, has experiment, experiment
-_ENQUEUE = _LIB + r"""
-local acc, id, has_idem, idem, prio = ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
-local k = jkey(id)
-if has_idem == '1' then
-  local old = redis.call('HGET', P .. ':idem:' .. acc, idem)
-  if old and redis.call('EXISTS', jkey(old)) == 1 then return {'OLD', doc(jkey(old))} end
-  redis.call('HSET', P .. ':idem:' .. acc, idem, id)
-  redis.call('HSET', k, 'idempotency_key', idem)
-end
-local seq, now = redis.call('INCR', P .. ':seq'), now_str()
-if ARGV[9] == '1' then
-  redis.call('HSET', k, 'experiment', ARGV[10])
-  redis.call('ZADD', ekey(acc, ARGV[10]), seq, id)
-end
-redis.call('HSET', k, 'id', id, 'account', acc, 'priority', prio, 'params', ARGV[7], 'tags', ARGV[8],
-           'created_at', now, 'seq', seq, 'status', 'queued', 'stage', 'queued', 'step', 0, 'total_steps', 0,
-           'message', '', 'attempts', 0, 'fence', 0, 'cancel_requested', 0,
-           'artifacts', '{}', 'timings', '{}', 'meta', '{}')
-redis.call('ZADD', P .. ':h:' .. acc, seq, id)
-redis.call('ZADD', skey(acc, 'queued'), seq, id)
-push(id, acc, seq, prio)
-return {'NEW', now}
-"""
-
-_CLAIM = _LIB + r"""
-local worker, lease_s = ARGV[2], tonumber(ARGV[3])
-local now = now_str()
-requeue_expired(now, 100, tonumber(ARGV[4]))
-for _ = 1, 1000 do
-  local accs = redis.call('ZRANGE', P .. ':ready', 0, 0)
-  if #accs == 0 then return false end
-  local acc = accs[1]
-  local popped = redis.call('ZPOPMIN', qkey(acc))
-  if #popped == 0 then
-    redis.call('ZREM', P .. ':ready', acc)
-  else
-    local id = string.sub(popped[1], 18)
-    local k = jkey(id)
-    local n = redis.call('INCR', P .. ':claimseq')
-    redis.call('HSET', P .. ':lastclaim', acc, n)
-    if redis.call('ZCARD', qkey(acc)) == 0 then redis.call('ZREM', P .. ':ready', acc)
-    else redis.call('ZADD', P .. ':ready', n, acc) end
-    if redis.call('HGET', k, 'status') == 'queued' then  -- else a stray entry: skip it
-      local exp = string.format('%.6f', tonumber(now) + lease_s)
-      redis.call('HINCRBY', k, 'fence', 1)
-      redis.call('HINCRBY', k, 'attempts', 1)
-      redis.call('HSET', k, 'status', 'running', 'stage', 'claimed', 'step', 0, 'message', '',
-                 'worker_id', worker, 'lease_expires_at', exp)
-      redis.call('HSETNX', k, 'started_at', now)
-      move(id, acc, redis.call('HGET', k, 'seq'), 'queued', 'running')
-      redis.call('ZADD', P .. ':leases', exp, id)
-      return doc(k)
-    end
-  end
-end
-return false
-"""
-
-# ARGV: P, id, token, lease_s ('' keeps the lease), then field/value pairs to set
-_OWNER = _LIB + r"""
-local k, token = jkey(ARGV[2]), ARGV[3]
-local why = lost(k, token)
-if why then return {'LOST', why} end
-if ARGV[4] ~= '' then
-  local exp = string.format('%.6f', tonumber(now_str()) + tonumber(ARGV[4]))
-  redis.call('HSET', k, 'lease_expires_at', exp)
-  redis.call('ZADD', P .. ':leases', exp, ARGV[2])
-end
-if #ARGV > 4 then redis.call('HSET', k, unpack(ARGV, 5)) end
-return {'OK', redis.call('HGET', k, 'cancel_requested')}
-"""
-
-# ARGV: P, id, token, final status, then field/value pairs to set
-_FINISH = _LIB + r"""
-local id, token = ARGV[2], ARGV[3]
-local k = jkey(id)
-local why = lost(k, token)
-if why then return {'LOST', why} end
-local f = redis.call('HMGET', k, 'account', 'seq')
-finish(k, id, f[1], f[2], 'running', ARGV[4], now_str())
-if #ARGV > 4 then redis.call('HSET', k, unpack(ARGV, 5)) end
-return {'OK'}
-"""
-
-_CANCEL = _LIB + r"""
-local acc, id = ARGV[2], ARGV[3]
-local k = jkey(id)
-local f = redis.call('HMGET', k, 'account', 'status', 'seq')
-if f[1] ~= acc then return false end
-if f[2] == 'queued' then
-  unqueue(id, acc, f[3])
-  redis.call('HSET', k, 'status', 'cancelled', 'stage', 'cancelled', 'finished_at', now_str())
-  move(id, acc, f[3], 'queued', 'cancelled')
-elseif f[2] == 'running' then
-  redis.call('HSET', k, 'cancel_requested', '1')
-end
-return doc(k)
-"""
-
-# returns the artifacts JSON of the deleted job, false when the account has no such job
-_DELETE = _LIB + r"""
-local acc, id = ARGV[2], ARGV[3]
-local k = jkey(id)
-local f = redis.call('HMGET', k, 'account', 'status', 'seq', 'idempotency_key', 'artifacts', 'experiment')
-if f[1] ~= acc then return false end
-if f[2] == 'queued' then unqueue(id, acc, f[3]) end
-if f[6] then redis.call('ZREM', ekey(acc, f[6]), id) end
-redis.call('ZREM', P .. ':leases', id)
-redis.call('ZREM', skey(acc, f[2]), id)
-redis.call('ZREM', P .. ':h:' .. acc, id)
-if f[4] and redis.call('HGET', P .. ':idem:' .. acc, f[4]) == id then
-  redis.call('HDEL', P .. ':idem:' .. acc, f[4])
-end
-redis.call('DEL', k)
-return f[5] or '{}'
-"""
-
-_REQUEUE = _LIB + r"""
-local now = ARGV[3]
-if now == '' then now = now_str() end
-return requeue_expired(now, -1, tonumber(ARGV[2]))
-"""
-
-# ARGV: P, index key, start, stop (ZREVRANGE), then the jobs as JSON docs joined into an array
-_PAGE = _LIB + r"""
-local out = {}
-for _, id in ipairs(redis.call('ZREVRANGE', ARGV[2], ARGV[3], ARGV[4])) do
-  if redis.call('EXISTS', jkey(id)) == 1 then out[#out + 1] = doc(jkey(id)) end
-end
-return '[' .. table.concat(out, ',') .. ']'
-"""
-
-# ARGV: P, account, id: the job's doc, or false when the account has no such job
-_GET = _LIB + r"""
-local k = jkey(ARGV[3])
-if redis.call('HGET', k, 'account') ~= ARGV[2] then return false end
-return doc(k)
-"""
-
-_PUT_EXPERIMENT = _LIB + r"""
-local acc, name = ARGV[2], ARGV[3]
-redis.call('HSET', P .. ':exp:' .. acc, name, ARGV[4])
-redis.call('ZADD', P .. ':expo:' .. acc, 'NX', redis.call('INCR', P .. ':seq'), name)
-"""
 
 _JSON_FIELDS = frozenset({"params", "tags", "artifacts", "timings", "meta"})
 _FIELDS = tuple(f.name for f in dataclasses.fields(JobRecord))
@@ -344,16 +122,25 @@ class RedisStore(Store):
             retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), 2, supported_errors=(redis.ConnectionError,)),
         )
         reg = client.register_script
-        self._enqueue, self._claim, self._owner, self._finish = reg(_ENQUEUE), reg(_CLAIM), reg(_OWNER), reg(_FINISH)
-        self._cancel, self._delete, self._requeue = reg(_CANCEL), reg(_DELETE), reg(_REQUEUE)
-        self._page, self._get, self._put_experiment = reg(_PAGE), reg(_GET), reg(_PUT_EXPERIMENT)
+        self._enqueue, self._claim, self._owner, self._finish = reg(lua.ENQUEUE), reg(lua.CLAIM), reg(lua.OWNER), reg(lua.FINISH)
+        self._cancel, self._delete, self._requeue = reg(lua.CANCEL), reg(lua.DELETE), reg(lua.REQUEUE)
+        self._page, self._get, self._put_experiment = reg(lua.PAGE), reg(lua.GET), reg(lua.PUT_EXPERIMENT)
+        self._release_worker = reg(lua.RELEASE_WORKER)
         self._client, self._pid = client, os.getpid()
 
     def __reduce__(self) -> tuple[Any, ...]:  # picklable by url: a worker opens its own connection
         return (type(self), (self.url, self.max_attempts))
 
     def __repr__(self) -> str:
-        return f"RedisStore({self.url!r})"
+        # never the password (nor the username): scheme://host:port/db and the prefix only
+        parts = urlsplit(self.url)
+        if parts.scheme == "unix":
+            where = f"unix://{parts.path}"
+        else:
+            host = parts.hostname or "localhost"
+            host = f"[{host}]" if ":" in host else host
+            where = f"{parts.scheme}://{host}:{parts.port or 6379}/{parts.path.lstrip('/') or '0'}"
+        return f"RedisStore({where!r}, prefix={self.prefix!r})"
 
     def _key(self, *parts: str) -> str:
         return ":".join((self.prefix, *parts))
@@ -451,6 +238,11 @@ class RedisStore(Store):
     def requeue_expired(self, *, now: float | None = None) -> list[str]:
         """Take back running jobs whose lease expired; returns their ids (requeued, failed or cancelled)."""
         return list(self._requeue(args=[self.prefix, self.max_attempts, "" if now is None else repr(float(now))]))
+
+    @_guard
+    def release_worker(self, worker_id: str) -> list[str]:
+        """Take back the running jobs of a worker that died or restarted, without waiting out their leases."""
+        return list(self._release_worker(args=[self.prefix, worker_id, self.max_attempts]))
 
     # -- history -------------------------------------------------------------------------
     @_guard

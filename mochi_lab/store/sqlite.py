@@ -295,8 +295,10 @@ class SQLiteStore(Store):
         self._owner_write(
             job_id, token,
             "status = ?, stage = ?, finished_at = ?, lease_expires_at = NULL, "
+            # a cancel request that came too late lost the race: a done or failed job does not keep it
+            "cancel_requested = cancel_requested AND ? = 'cancelled', "
             "timings = COALESCE(?, timings), meta = COALESCE(?, meta)" + extra,
-            (status, status, time.time(), None if timings is None else _dumps(timings),
+            (status, status, time.time(), status, None if timings is None else _dumps(timings),
              None if meta is None else _dumps(meta), *args),
         )
 
@@ -340,6 +342,10 @@ class SQLiteStore(Store):
             "WHERE status = 'running' AND lease_expires_at < ? ORDER BY lease_expires_at LIMIT ?",
             (now, limit),
         ).fetchall()
+        return self._take_back(db, rows, now)
+
+    def _take_back(self, db: sqlite3.Connection, rows: list, now: float) -> list[str]:
+        """Running jobs whose owner is gone: cancelled, failed after the last attempt, else queued again."""
         for seq, _, attempts, cancel_requested in rows:
             if cancel_requested:  # nobody is left to acknowledge the cancel: it is done
                 db.execute(
@@ -357,6 +363,15 @@ class SQLiteStore(Store):
                     "lease_expires_at = NULL WHERE seq = ?", (seq,),
                 )
         return [row[1] for row in rows]
+
+    def release_worker(self, worker_id: str) -> list[str]:
+        """Take back the running jobs of a worker that died or restarted, without waiting out their leases."""
+        with self._write() as db:
+            rows = db.execute(
+                "SELECT seq, id, attempts, cancel_requested FROM jobs WHERE status = 'running' AND worker_id = ? "
+                "ORDER BY seq", (worker_id,),
+            ).fetchall()
+            return self._take_back(db, rows, time.time())
 
     # -- history ---------------------------------------------------------------------
     def _get(self, db: sqlite3.Connection, account: str, job_id: str) -> JobRecord:

@@ -15,7 +15,7 @@ import clusterlib as cl  # noqa: E402
 
 @pytest.fixture(scope="session")
 def rendered() -> dict[str, list[dict]]:
-    """Every overlay, rendered offline: {"dev": [docs], "prod": [docs]}."""
+    """Every overlay, rendered offline by `kubectl kustomize`: {"dev": [docs], "prod": [docs]}."""
     return {name: cl.render(cl.K8S / "overlays" / name) for name in cl.OVERLAYS}
 
 

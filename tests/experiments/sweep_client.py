@@ -25,7 +25,7 @@ def main() -> None:
     settings = Settings(**json.loads(sys.argv[1]))
     name, hang_after = sys.argv[2], int(sys.argv[3])
     cluster = MochiCluster(settings=settings, start_pool=False)
-    store = cluster.store
+    store = cluster.backend.store
     enqueue = store.enqueue
     queued = 0
 

@@ -22,6 +22,8 @@ ROOT = HERE.parents[1]
 
 
 def test_sweep_wait_dataframe_compare_export(mochi, tiny, tmp_path):
+    # A worker that last served another model (the NaN-weights test) reloads tiny: only the others are warm.
+    warm = {w["worker_id"] for w in mochi.workers() if w["model"] == "tiny" and w["state"] in ("idle", "busy")}
     exp = mochi.experiment("e2e-sweep", description="two by two", tags=["e2e"])
     jobs = exp.sweep(["a cat surfing", "a dog skating"], [1, 2], **tiny)
     assert exp.wait(timeout=300, progress=False)["done"] == 4
@@ -30,7 +32,9 @@ def test_sweep_wait_dataframe_compare_export(mochi, tiny, tmp_path):
     assert list(df["job_id"]) == [j.id for j in jobs]
     assert list(zip(df["prompt"], df["seed"], strict=True)) == [("a cat surfing", 1), ("a cat surfing", 2),
                                                    ("a dog skating", 1), ("a dog skating", 2)]
-    assert (df["run_s"] > 0).all() and (df["denoise_s"] > 0).all() and (df["load_s"] == 0).all()
+    assert (df["run_s"] > 0).all() and (df["denoise_s"] > 0).all()
+    on_warm = df["worker_id"].isin(warm)
+    assert on_warm.any() and (df.loc[on_warm, "load_s"] == 0).all()
     assert (df["finished_at"] >= df["created_at"]).all()
     assert all(probe(p).frames == 7 for p in df["video"])
     assert {j.record.experiment for j in mochi.jobs(experiment="e2e-sweep")} == {"e2e-sweep"}

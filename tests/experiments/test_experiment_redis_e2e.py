@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from mochi_lab import Experiment
+from mochi_lab.direct import DirectBackend
 from mochi_lab.settings import Settings
 from mochi_lab.store import open_store
 from mochi_lab.video import read_frames
@@ -25,19 +26,20 @@ def redis_worker(tmp_path, tiny_checkpoint):
     worker = Worker("redis-e2e-worker", settings, "tiny")
     worker.start()
     store = open_store(url)
-    yield store
+    yield DirectBackend(settings.model_copy(update={"account": "carol"}), store)
     worker.stop(timeout=60)
     store.drop_all()  # type: ignore[attr-defined]
     store.close()
 
 
 def test_sweep_runs_end_to_end_on_redis(redis_worker, tiny):
-    store = redis_worker
-    exp = Experiment.open(store, "carol", "redis-sweep", tags=["redis"])
+    carol = redis_worker
+    store = carol.store
+    exp = Experiment.open(carol, "redis-sweep", tags=["redis"])
     jobs = exp.sweep(["a lantern", "a glacier"], [4], **tiny)
     assert exp.wait(timeout=300, progress=False)["done"] == 2
     # another handle (as another kernel would) sees the same runs, jobs and results
-    again = Experiment.open(open_store(store.url), "carol", "redis-sweep")
+    again = Experiment.open(DirectBackend(carol.settings, open_store(store.url)), "redis-sweep")
     assert [r.job_id for r in again.runs] == [j.id for j in jobs]
     df = again.to_dataframe()
     assert list(df["status"]) == ["done", "done"] and (df["denoise_s"] > 0).all()
@@ -46,4 +48,4 @@ def test_sweep_runs_end_to_end_on_redis(redis_worker, tiny):
     meta = store.get("carol", jobs[0].id).meta
     assert meta["seed"] == 4 and meta["model_revision"].startswith("sha256:")
     assert exp.sweep(["a lantern", "a glacier"], [4], **tiny)[1].id == jobs[1].id
-    assert Experiment.open(store, "carol", "redis-sweep").resume() == []
+    assert Experiment.open(carol, "redis-sweep").resume() == []

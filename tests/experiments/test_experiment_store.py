@@ -11,13 +11,13 @@ from mochi_lab.cache import cached_enqueue
 from mochi_lab.experiment import MISSING
 from mochi_lab.store import open_store
 
-from exp_helpers import finish
+from exp_helpers import backend, finish
 
 TINY = {"num_frames": 7, "height": 32, "width": 32, "num_inference_steps": 2, "fps": 8}
 
 
 def open_exp(store, name="sweep-1", account="alice", **kw) -> Experiment:
-    return Experiment.open(store, account, name, **kw)
+    return Experiment.open(backend(store, account), name, **kw)
 
 
 def test_create_reopen_and_list_newest_first(store, store_url):
@@ -36,9 +36,9 @@ def test_another_account_cannot_open_or_see_an_experiment(store):
     exp = open_exp(store, "secret", account="alice")
     exp.sweep(["alice's prompt"], [1], **TINY)
     with pytest.raises(ExperimentNotFound):
-        Experiment.open(store, "bob", "secret", create=False)
+        Experiment.open(backend(store, "bob"), "secret", create=False)
     assert store.list_experiments("bob") == []
-    bobs = Experiment.open(store, "bob", "secret")  # bob gets his own, empty experiment of that name
+    bobs = Experiment.open(backend(store, "bob"), "secret")  # bob gets his own, empty experiment of that name
     assert bobs.runs == [] and bobs.status()["queued"] == 0
     assert len(open_exp(store, "secret").runs) == 1
 
@@ -119,12 +119,13 @@ def test_wait_and_dataframe_and_export(store, sample_mp4, tmp_path):
     assert counts["done"] == 1 and counts["failed"] == 1
     df = exp.to_dataframe()
     assert list(df["prompt"]) == ["a cat", "a dog"] and list(df["status"]) == ["done", "failed"]
-    assert df.loc[0, "denoise_s"] == 0.5 and df.loc[0, "video"] == str(sample_mp4)
+    assert df.loc[0, "denoise_s"] == 0.5 and df.loc[0, "video"].endswith(f"{df.loc[0, 'job_id']}.mp4")
     assert pd.isna(df.loc[1, "video"]) and df.loc[1, "error"] == "RuntimeError: boom"
     assert df["created_at"].dt.tz is not None and (df["num_frames"] == 7).all()
     out = exp.export(tmp_path / "export")
     names = sorted(p.name for p in out.iterdir())
     assert names == sorted(["manifest.csv", "manifest.json", f"000_{exp.runs[0].key}.mp4"])  # only done videos
+    assert (out / f"000_{exp.runs[0].key}.mp4").read_bytes() == sample_mp4.read_bytes()
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["experiment"]["name"] == "sweep-1" and manifest["varying"] == ["prompt"]
     assert [r["status"] for r in manifest["runs"]] == ["done", "failed"]

@@ -74,3 +74,36 @@ def test_raising_from_on_step_stops_at_that_step(runner):
     with pytest.raises(JobCancelled):
         runner.generate(GenerationParams.parse("a cat", seed=1, **{**TINY, "num_inference_steps": 50}), on_step)
     assert seen == [1, 2]
+
+
+def test_tiny_scheduler_is_mochi_1s_field_for_field(tiny_checkpoint):
+    from mochi_lab.pipelines.tiny import MOCHI_1_SCHEDULER_CONFIG
+
+    saved = json.loads((tiny_checkpoint / "scheduler" / "scheduler_config.json").read_text())
+    assert saved["_class_name"] == "FlowMatchEulerDiscreteScheduler"
+    for field, value in MOCHI_1_SCHEDULER_CONFIG.items():
+        assert saved[field] == value, field
+    assert saved["invert_sigmas"] is True  # the branch diffusers keeps for Mochi alone
+    extra = set(saved) - set(MOCHI_1_SCHEDULER_CONFIG) - {"_class_name", "_diffusers_version"}
+    assert not extra, f"scheduler fields the reference does not pin: {extra}"
+
+
+@pytest.mark.parametrize(
+    "size",
+    [
+        {"num_frames": 1, "height": 16, "width": 16, "num_inference_steps": 2},  # every minimum
+        {"num_frames": 1, "height": 16, "width": 16, "num_inference_steps": 200},  # most steps
+        {"num_frames": 283, "height": 16, "width": 16, "num_inference_steps": 2},  # most frames
+        # each largest side alone: both at once is ~4 CPU-minutes of VAE decode and tests nothing more
+        {"num_frames": 1, "height": 1280, "width": 16, "num_inference_steps": 2},
+        {"num_frames": 1, "height": 16, "width": 1280, "num_inference_steps": 2},
+    ],
+    ids=["minimum", "max-steps", "max-frames", "max-height", "max-width"],
+)
+def test_boundary_params_each_make_a_video(runner, size, tmp_path):
+    from mochi_lab.video import probe, write_mp4
+
+    p = GenerationParams.parse("a cat", seed=0, fps=8, **size)
+    result = runner.generate(p)
+    info = probe(write_mp4(result.frames, tmp_path / "edge.mp4", p.fps))
+    assert (info.frames, info.height, info.width) == (size["num_frames"], size["height"], size["width"])

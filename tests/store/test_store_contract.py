@@ -395,3 +395,60 @@ def test_picklable_by_url(store: Store) -> None:
     other = open_store(store.url)
     assert other.claim("w", 60).job.id == job.id
     other.close()
+
+
+# -- cancel racing completion (issue 12 #8) ------------------------------------------------------
+def test_completion_clears_a_cancel_request_that_came_too_late(store: Store) -> None:
+    done, failed, cancelled = (store.enqueue("alice", {"prompt": n}) for n in "abc")
+    cd, cf, cc = (store.claim("w", 60) for _ in range(3))
+    for job in (done, failed, cancelled):
+        assert store.cancel("alice", job.id).cancel_requested  # requested while running
+    store.complete(done.id, cd.token, artifacts={"video": "/v.mp4"}, timings={}, meta={})
+    store.fail(failed.id, cf.token, error="OOM")
+    store.finish_cancelled(cancelled.id, cc.token)
+    got = store.get("alice", done.id)
+    assert (got.status, got.cancel_requested) == (DONE, False)
+    assert (store.get("alice", failed.id).status, store.get("alice", failed.id).cancel_requested) == (FAILED, False)
+    assert store.get("alice", cancelled.id).status == CANCELLED
+    # a cancel after the end answers the final state and changes nothing
+    for job in (done, failed, cancelled):
+        before = store.get("alice", job.id)
+        after = store.cancel("alice", job.id)
+        assert after == before == store.get("alice", job.id)
+    assert store.cancel("alice", done.id).cancel_requested is False
+
+
+# -- releasing a dead worker's claims (issue 12 #9) -----------------------------------------------
+def test_release_worker_requeues_its_running_jobs_at_once(store: Store) -> None:
+    a, b, c = (store.enqueue("alice", {"prompt": n}) for n in "abc")
+    ca = store.claim("dead", 600)
+    cb = store.claim("alive", 600)
+    assert store.release_worker("nobody") == []
+    assert store.release_worker("dead") == [a.id]
+    got = store.get("alice", a.id)
+    assert (got.status, got.stage, got.attempts, got.worker_id, got.lease_expires_at) == (QUEUED, QUEUED, 1, None, None)
+    assert store.get("alice", b.id).status == RUNNING  # another worker's claim is untouched
+    with pytest.raises(LeaseLost):  # the old owner is locked out before anyone claims again
+        store.progress(a.id, ca.token, stage="denoising", step=1, total=2)
+    again = store.claim("dead", 600)  # the restarted worker (same id) or any other takes it next
+    assert (again.job.id, again.job.attempts, again.token) == (a.id, 2, ca.token + 1)
+    with pytest.raises(LeaseLost):
+        store.complete(a.id, ca.token, artifacts={}, timings={}, meta={})
+    store.complete(a.id, again.token, artifacts={}, timings={}, meta={})
+    store.complete(b.id, cb.token, artifacts={}, timings={}, meta={})
+    assert store.release_worker("dead") == []  # finished jobs are not touched
+    assert store.get("alice", a.id).status == DONE
+    assert store.claim("w", 60).job.id == c.id
+
+
+def test_release_worker_follows_the_expiry_rules(make_store) -> None:
+    store = make_store(max_attempts=1)
+    worn, cancelled = store.enqueue("alice", {"prompt": "worn"}), store.enqueue("alice", {"prompt": "cancelled"})
+    store.claim("dead", 600), store.claim("dead", 600)
+    store.cancel("alice", cancelled.id)
+    assert sorted(store.release_worker("dead")) == sorted([worn.id, cancelled.id])
+    got = store.get("alice", worn.id)
+    assert (got.status, got.error) == (FAILED, "worker lost 1 times")
+    assert store.get("alice", cancelled.id).status == CANCELLED
+    assert store.claim("w", 60) is None
+    assert store.counts("alice")[RUNNING] == 0

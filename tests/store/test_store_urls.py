@@ -62,3 +62,11 @@ def test_redis_url_prefix_is_stripped(redis_base_url: str) -> None:
 def test_open_store_rejects_other_schemes() -> None:
     with pytest.raises(ValueError, match="sqlite:// or redis://"):
         open_store("postgres://x")
+
+
+def test_redis_repr_never_shows_the_password() -> None:
+    store = RedisStore("redis://admin:s3cr3t-pw@redis.example:6380/2?prefix=team")
+    assert repr(store) == "RedisStore('redis://redis.example:6380/2', prefix='team')"
+    assert "s3cr3t" not in repr(store) and "admin" not in repr(store)
+    assert "s3cr3t" not in repr(RedisStore("rediss://:s3cr3t@h/0")) and "s3cr3t" not in str(RedisStore("redis://:s3cr3t@h"))
+    assert repr(RedisStore("redis://127.0.0.1")) == "RedisStore('redis://127.0.0.1:6379/0', prefix='mochi')"

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import re
+from collections import Counter
+
+from fakes import FakeCluster
 
 from mochi_lab.widgets import ClusterPanel
 
@@ -40,17 +43,49 @@ def test_refreshes_while_a_view_is_shown_and_stops_when_it_goes(mochi):
     asyncio.run(main())
 
 
+class Counting:
+    """A handle whose method calls are counted: `calls["workers"]` is the number of worker-table reads."""
+
+    def __init__(self, target):
+        self._target = target
+        self.calls: Counter[str] = Counter()
+
+    def __getattr__(self, name):
+        attr = getattr(self._target, name)
+        if not callable(attr):
+            return attr
+
+        def counted(*args, **kwargs):
+            self.calls[name] += 1
+            return attr(*args, **kwargs)
+
+        return counted
+
+
+async def _close_while_polling(panel: ClusterPanel, reads) -> None:
+    """Show a view, let it poll, close it: the poll task must end at once and read nothing more."""
+    panel._view_count = 1
+    await asyncio.sleep(0.5)
+    task = panel.poller._task
+    assert task is not None and not task.done() and reads() >= 2
+    panel.close()
+    await asyncio.sleep(0.01)  # far less than one interval: only a cancelled task can be done by now
+    assert task.cancelled() and not panel.poller.running
+    after = reads()
+    await asyncio.sleep(0.6)
+    assert reads() == after  # no store read after close
+
+
 def test_closing_stops_refreshing(mochi):
-    panel = ClusterPanel(mochi, interval=0.1)
+    cluster = Counting(mochi)
+    panel = ClusterPanel(cluster, interval=0.2)
+    asyncio.run(_close_while_polling(panel, lambda: cluster.calls["workers"]))
 
-    async def main() -> None:
-        panel._view_count = 1
-        await asyncio.sleep(0.15)
-        panel.close()
-        await asyncio.sleep(0.05)
-        assert not panel.poller.running
 
-    asyncio.run(main())
+def test_closing_stops_refreshing_without_a_cluster():
+    cluster = FakeCluster(workers=[{"worker_id": "w-1", "state": "idle"}])
+    panel = ClusterPanel(cluster, interval=0.2)
+    asyncio.run(_close_while_polling(panel, lambda: cluster.reads["workers"]))
 
 
 def test_scale_to_the_current_size_keeps_every_worker(mochi):

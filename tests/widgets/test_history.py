@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import pytest
+from fakes import PNG, FakeCluster, FakeJob, record
 from widget_helpers import drive, unique
 
 from mochi_lab import JobNotFound
@@ -37,7 +37,7 @@ def test_lists_the_accounts_jobs_newest_first_with_thumbnails(mochi, made):
     history = History(mochi, text=word)
     assert [r.job.id for r in rows(history)] == [slow.id, blue.id, red.id]
     by_id = {r.job.id: r for r in rows(history)}
-    assert by_id[red.id].thumbnail.value == red.thumbnail.read_bytes()
+    assert by_id[red.id].thumbnail.value == red.thumbnail  # PNG bytes from the backend
     assert by_id[red.id].thumbnail.value[:4] == b"\x89PNG"
     assert by_id[slow.id].play_button.disabled and not by_id[red.id].play_button.disabled
     assert "cancelled" in by_id[slow.id].info.value and f"{word} red ball" in by_id[red.id].info.value
@@ -71,12 +71,12 @@ def test_pages(mochi, made):
     assert len(rows(history)) == 2
 
 
-def test_play_shows_the_video(mochi, made):
+def test_play_shows_the_video(mochi, made, tmp_path):
     word, red, *_ = made
     history = History(mochi, text=f"{word} red")
     rows(history)[0].play_button.click()
     caption, video = history.player.children
-    assert red.id in caption.value and video.value == Path(red.result()).read_bytes()
+    assert red.id in caption.value and video.value == red.save(tmp_path).read_bytes()
 
 
 def test_rerun_queues_the_same_params_and_makes_the_same_video(mochi, tmp_path):
@@ -118,3 +118,36 @@ def test_dataframe_has_one_row_per_job(mochi, made):
     assert list(df["status"]) == ["cancelled", "done", "done"] and list(df["seed"]) == [3, 2, 1]
     assert df.loc[df["id"] == blue.id, "experiment"].item() == f"exp-{word}"
     assert jobs_frame(mochi.jobs(text=word)).equals(df)
+
+
+def test_rows_without_a_cluster_read_each_thumbnail_once_and_play_only_done_jobs(tmp_path):
+    done = FakeJob(record(id="d-1", status="done", stage="done"))
+    queued = FakeJob(record(id="q-1", status="queued", stage="queued"))
+    reads = {"n": 0}
+    thumbnail = type(done).thumbnail
+
+    class Counted(FakeJob):
+        @property
+        def thumbnail(self):
+            reads["n"] += 1
+            return thumbnail.fget(self)
+
+    done.__class__ = Counted
+    cluster = FakeCluster(jobs=[queued, done], experiments=["exp-a"])
+    history = History(cluster, download_dir=tmp_path)
+    by_id = {r.job.id: r for r in rows(history)}
+    assert by_id["d-1"].thumbnail.value == PNG and not by_id["d-1"].play_button.disabled
+    assert by_id["q-1"].play_button.disabled and "background" in by_id["q-1"].thumbnail.value  # a placeholder
+    history.refresh()
+    assert reads["n"] == 1  # paging and re-listing reuse the bytes
+    assert history.experiment.options == ("exp-a",)
+    history.play(queued)
+    assert "cannot play q-1" in history.error.value and history.playing is None
+    history.play(done)
+    assert history.error.value == "" and history.playing == "d-1"
+    assert history.player.children[1].value == done._video
+    row = by_id["d-1"]
+    row.delete_button.click()
+    assert cluster.reads.get("delete") is None  # armed only
+    row.delete_button.click()
+    assert [r.job.id for r in rows(history)] == ["q-1"] and history.playing is None

@@ -9,11 +9,12 @@ from pathlib import Path
 
 import pytest
 from traitlets import TraitError
+from fakes import FakeCluster, FakeJob, record
 from widget_helpers import drive, unique
 
-from mochi_lab import GenerationParams, Job
-from mochi_lab.store import JobRecord
+from mochi_lab import LIMITS, GenerationParams, Job
 from mochi_lab.widgets import JobCard, Studio
+from mochi_lab.widgets.job_card import download_href
 
 # A job long enough to catch mid-denoising on 2 busy cores (tiny model: ~0.03 s a step at this size).
 LONG = {"num_frames": 19, "height": 64, "width": 96, "num_inference_steps": 200, "fps": 8}
@@ -30,8 +31,9 @@ def test_controls_offer_only_valid_values(mochi):
     for name in ("height", "width"):
         sizes = getattr(studio, name).options
         assert sizes[0] == 16 and sizes[-1] == 1280 and all(s % 16 == 0 for s in sizes)
-    assert (studio.steps.min, studio.steps.max) == (1, 200)
+    assert (studio.steps.min, studio.steps.max) == LIMITS["num_inference_steps"] and studio.steps.max == 200
     assert (studio.guidance.min, studio.guidance.max) == (0.0, 30.0)
+    assert (studio.seed.min, studio.seed.max) == (0, 2**32 - 1) and (studio.fps.min, studio.fps.max) == (1, 120)
     assert "tiny" in studio.model.options
     with pytest.raises(TraitError):
         studio.num_frames.value = 84  # Mochi would silently round it down
@@ -57,11 +59,13 @@ def test_generate_click_runs_a_job_and_the_card_follows_it(mochi, tmp_path):
     assert card.eta.value.startswith("done in")
     assert card.cancel_button.layout.display == "none"
     assert not studio.poll_once()  # nothing left to poll: the kernel task would stop here
-    video = Path(job.record.artifacts["video"])
+    video = Path(job.result())
     assert card.video.value == video.read_bytes() and card.video.value[4:8] == b"ftyp"
-    assert card.thumbnail.value[:8] == b"\x89PNG\r\n\x1a\n"
-    assert not card.link.is_absolute() and card.link.resolve().samefile(video)  # a link, not a second copy
-    assert f'href="{card.link.as_posix()}"' in card.result.children[1].children[-1].value
+    assert card.thumbnail.value[:8] == b"\x89PNG\r\n\x1a\n" and card.thumbnail.value == job.thumbnail
+    # job.save's copy beside the notebook, linked relative to the kernel's cwd (works on any backend)
+    assert not card.link.is_absolute() and card.link.name == f"{job.id}.mp4"
+    assert card.link.resolve().parent == (tmp_path / "videos").resolve() and card.link.read_bytes() == video.read_bytes()
+    assert f'href="{download_href(card.link)}"' in card.result.children[1].children[-1].value
     assert [s for s, _ in seen][-1] == "done"
 
 
@@ -101,15 +105,23 @@ def test_cancel_button_stops_a_running_job(mochi, tmp_path):
 
 def test_failed_job_shows_its_error_and_traceback():
     # The card is a pure view of a record: a failed record needs no cluster (and no store reads).
-    params = GenerationParams.parse("a <b>bold</b> idea", num_frames=7, height=32, width=32).to_dict()
-    record = JobRecord(id="f-1", account="alice", params=params, status="failed", stage="failed",
-                       error="RuntimeError: NaN latents <x>", traceback="Traceback (most recent call last):\n  ...")
-    card = JobCard(Job(None, "alice", record))
+    r = record(id="f-1", params={"prompt": "a <b>bold</b> idea"}, status="failed", stage="failed",
+               error="RuntimeError: NaN latents <x>", traceback="Traceback (most recent call last):\n  ...")
+    job = FakeJob(r)
+    card = JobCard(job)
     assert "RuntimeError: NaN latents &lt;x&gt;" in card.error.value
     assert "<details><summary>traceback</summary>" in card.error.value
     assert "&lt;b&gt;bold" in card.header.value  # prompts are escaped
     assert card.bar.bar_style == "danger" and card.cancel_button.layout.display == "none"
-    assert card.poll() is False  # finished: no store read (the store is None here)
+    assert card.poll() is False and job.refreshes == 0  # finished: no store read
+
+
+def test_a_deleted_job_shows_deleted_and_stops_polling():
+    job = FakeJob(record())
+    card = JobCard(job)
+    job.deleted = True
+    assert card.poll() is False and card.gone and card.eta.value == "deleted"
+    assert card.poll() is False and job.refreshes == 1
 
 
 def test_poll_task_runs_on_the_event_loop_and_stops_when_the_job_ends(mochi, tmp_path):
@@ -130,20 +142,51 @@ def test_poll_task_runs_on_the_event_loop_and_stops_when_the_job_ends(mochi, tmp
     assert threads == {threading.main_thread().name}  # trait updates came from the loop, not threads
 
 
+async def _close_while_polling(studio: Studio, job) -> None:
+    """Let the card poll its job, close the Studio: the poll task must end at once and read nothing more."""
+    task = studio.stack.poller._task
+    assert task is not None and not task.done()
+    await asyncio.sleep(0.5)
+    assert job.refreshes >= 2
+    studio.close()
+    await asyncio.sleep(0.01)  # far less than one interval: only a cancelled task can be done by now
+    assert task.cancelled() and not studio.stack.poller.running
+    after = job.refreshes
+    await asyncio.sleep(0.6)
+    assert job.refreshes == after  # no store read after close
+
+
 def test_closing_the_studio_stops_polling(mochi, tmp_path):
     studio = tiny_studio(mochi, tmp_path, unique("a long road"), interval=0.2, **LONG)
 
     async def main() -> Job:
         job = studio.submit()
-        assert studio.stack.poller.running
-        studio.close()
-        await asyncio.sleep(0.5)
-        assert not studio.stack.poller.running
+        refresh = job.refresh
+        job.refreshes = 0
+
+        def counted():
+            job.refreshes += 1
+            return refresh()
+
+        job.refresh = counted  # the card polls through the handle: count its reads
+        await _close_while_polling(studio, job)
         return job
 
     job = asyncio.run(main())
     job.cancel()  # free the worker for the other tests
     job.wait(timeout=60)
+
+
+def test_closing_the_studio_stops_polling_without_a_cluster(tmp_path):
+    cluster = FakeCluster()
+    cluster.next_job = job = FakeJob(record(status="running"))  # never finishes
+    studio = Studio(cluster, prompt="a long road", download_dir=tmp_path, interval=0.2)
+
+    async def main() -> None:
+        assert studio.submit() is job
+        await _close_while_polling(studio, job)
+
+    asyncio.run(main())
 
 
 def test_download_dir_defaults_to_the_env_or_a_folder_beside_the_notebook(monkeypatch):

@@ -1,0 +1,100 @@
+"""The one interface a `MochiCluster`, its `Job`s and `Experiment`s talk to.
+
+A backend is bound to one account, decided by whoever built it: the direct backend (store + Ray pool,
+`mochi_lab.direct`) takes it from settings, for the embedded default and operators; a gateway backend
+gets it from the server, which checks the caller's token. Handles, widgets and notebooks cannot tell
+the two apart. Job state travels as `JobRecord`s (plain data); progress is part of the record
+(stage, step, total_steps, message).
+"""
+
+from __future__ import annotations
+
+import abc
+import shutil
+from pathlib import Path
+from typing import Any
+
+from mochi_lab.params import GenerationParams, SubmitOptions
+from mochi_lab.store.base import JobRecord
+
+ARTIFACTS = ("video", "thumbnail")
+
+
+class Backend(abc.ABC):
+    """Jobs, artifacts, workers and experiments of one account."""
+
+    account: str
+
+    # -- jobs ------------------------------------------------------------------
+    @abc.abstractmethod
+    def submit(self, params: GenerationParams, options: SubmitOptions, *, reuse: bool = True) -> JobRecord:
+        """Queue validated params. `reuse`: an identical done or in-flight job is returned instead."""
+
+    @abc.abstractmethod
+    def get(self, job_id: str) -> JobRecord:
+        """The job with its progress (JobNotFound for unknown ids and other accounts' ids)."""
+
+    @abc.abstractmethod
+    def list(self, *, status: str | None = None, experiment: str | None = None, tag: str | None = None,
+             text: str | None = None, limit: int = 50, offset: int = 0) -> list[JobRecord]:
+        """This account's jobs, newest first."""
+
+    @abc.abstractmethod
+    def cancel(self, job_id: str) -> JobRecord: ...
+
+    @abc.abstractmethod
+    def delete(self, job_id: str) -> None: ...
+
+    @abc.abstractmethod
+    def counts(self) -> dict[str, int]: ...
+
+    # -- artifacts -------------------------------------------------------------
+    @abc.abstractmethod
+    def artifact_path(self, job_id: str, name: str) -> Path:
+        """A local file holding the job's artifact ("video" or "thumbnail"); FileNotFoundError if none."""
+
+    def artifact(self, job_id: str, name: str) -> bytes:
+        return self.artifact_path(job_id, name).read_bytes()
+
+    def save_artifact(self, job_id: str, name: str, dest: Path) -> Path:
+        shutil.copyfile(self.artifact_path(job_id, name), dest)
+        return dest
+
+    # -- the pool --------------------------------------------------------------
+    @abc.abstractmethod
+    def models(self) -> list[str]:
+        """Model names the pool can serve."""
+
+    @abc.abstractmethod
+    def workers(self) -> list[dict[str, Any]]: ...
+
+    @abc.abstractmethod
+    def scale(self, n: int) -> None: ...
+
+    @abc.abstractmethod
+    def shutdown_pool(self) -> None: ...
+
+    @abc.abstractmethod
+    def wait_ready(self, timeout: float) -> None: ...
+
+    # -- experiments -----------------------------------------------------------
+    @abc.abstractmethod
+    def get_experiment(self, name: str) -> dict[str, Any]:
+        """KeyError when this account has no such experiment."""
+
+    @abc.abstractmethod
+    def put_experiment(self, record: dict[str, Any]) -> None: ...
+
+    @abc.abstractmethod
+    def list_experiments(self) -> list[dict[str, Any]]: ...
+
+    # -- the handle ------------------------------------------------------------
+    @abc.abstractmethod
+    def info(self) -> dict[str, str]:
+        """backend, address, store, account, model, workers: for reprs (no secrets)."""
+
+    def close(self) -> None:
+        pass
+
+
+__all__ = ["ARTIFACTS", "Backend"]

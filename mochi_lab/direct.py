@@ -1,0 +1,155 @@
+"""The direct backend: the store plus the Ray pool, in this process.
+
+Used by the embedded default (no address: local Ray, SQLite) and by operators (`RAY_ADDRESS`,
+`REDIS_URL`). Whoever holds it holds the store's credentials, so the account it acts for is the one
+in its settings; on a shared cluster only the gateway holds one.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+from mochi_lab.backend import ARTIFACTS, Backend
+from mochi_lab.cache import cached_enqueue
+from mochi_lab.params import GenerationParams, SubmitOptions, check_admission, check_model, check_prompt_tokens
+from mochi_lab.pipelines.config import PipelineConfig
+from mochi_lab.settings import Settings, known_models, redact_url
+from mochi_lab.store import DONE, JobRecord, Store, StoreError, StoreUnavailable, open_store
+from mochi_lab.store.base import artifact_path
+
+if TYPE_CHECKING:
+    from mochi_lab.pool import Pool
+
+
+class DirectBackend(Backend):
+    """One account's view of a store, and (optionally) the pool that serves it."""
+
+    def __init__(self, settings: Settings, store: Store, pool: "Pool | None" = None, *, model: str = "tiny",
+                 ray_address: str | None = None):
+        self.settings = settings
+        self.account = settings.account
+        self.store = store
+        self.pool = pool
+        self.model = model
+        self.ray_address = ray_address
+
+    @classmethod
+    def start(cls, settings: Settings, model: str = "tiny", pipeline: PipelineConfig | None = None, *,
+              start_pool: bool = True) -> "DirectBackend":
+        """Open the store (failing fast when it is unreachable), join or start Ray, re-attach the pool."""
+        check_model(model, known_models())
+        store = open_store(settings.store_url, max_attempts=settings.max_attempts)
+        try:
+            store.counts(settings.account)  # one round trip now beats a worker retrying forever later
+        except StoreError as exc:
+            store.close()
+            raise StoreUnavailable(f"cannot use the store at {redact_url(settings.store_url)}: {exc}") from None
+        from mochi_lab.pool import Pool, connect
+
+        address = connect(settings)
+        pool = Pool(settings, store, model, pipeline or PipelineConfig(cpu_offload=settings.offload))
+        if start_pool:
+            pool.ensure()
+        return cls(settings, store, pool, model=model, ray_address=address)
+
+    # -- jobs ------------------------------------------------------------------
+    def submit(self, params: GenerationParams, options: SubmitOptions, *, reuse: bool = True) -> JobRecord:
+        check_model(params.model, known_models())
+        check_admission(params, self.settings.max_token_steps.get(params.model))
+        counter = _local_token_counter(params, self.settings.cache_dir)
+        if counter is not None:
+            check_prompt_tokens(params, counter)
+        opts = {"priority": options.priority, "experiment": options.experiment, "tags": list(options.tags)}
+        if reuse and options.idempotency_key is None:
+            return cached_enqueue(self.store, self.account, params.to_dict(), **opts)
+        return self.store.enqueue(self.account, params.to_dict(), idempotency_key=options.idempotency_key, **opts)
+
+    def get(self, job_id: str) -> JobRecord:
+        return self.store.get(self.account, job_id)
+
+    def list(self, *, status: str | None = None, experiment: str | None = None, tag: str | None = None,
+             text: str | None = None, limit: int = 50, offset: int = 0) -> list[JobRecord]:
+        return self.store.list(self.account, status=status, experiment=experiment, tag=tag, text=text,
+                               limit=limit, offset=offset)
+
+    def cancel(self, job_id: str) -> JobRecord:
+        return self.store.cancel(self.account, job_id)
+
+    def delete(self, job_id: str) -> None:
+        self.store.delete(self.account, job_id)
+
+    def counts(self) -> dict[str, int]:
+        return self.store.counts(self.account)
+
+    # -- artifacts -------------------------------------------------------------
+    def artifact_path(self, job_id: str, name: str) -> Path:
+        if name not in ARTIFACTS:
+            raise ValueError(f"artifact must be one of {', '.join(ARTIFACTS)}, got {name!r}")
+        record = self.get(job_id)  # JobNotFound for other accounts' ids
+        if record.status != DONE or name not in record.artifacts:
+            raise FileNotFoundError(f"job {job_id} has no {name} (status {record.status})")
+        # Derived from the account and the id inside the artifacts root, never read from the store.
+        path = artifact_path(self.settings.artifacts_dir, self.account, job_id, name)
+        if not path.is_file():
+            raise FileNotFoundError(f"the {name} of job {job_id} is gone from {path.parent}")
+        return path
+
+    # -- the pool --------------------------------------------------------------
+    def models(self) -> list[str]:
+        return sorted(known_models())
+
+    def workers(self) -> list[dict[str, Any]]:
+        return self.store.workers()
+
+    def _pool(self) -> "Pool":
+        if self.pool is None:
+            raise RuntimeError("this handle has no pool (it was opened on the store alone)")
+        return self.pool
+
+    def scale(self, n: int) -> None:
+        self._pool().scale(n)
+
+    def shutdown_pool(self) -> None:
+        self._pool().shutdown()
+
+    def wait_ready(self, timeout: float) -> None:
+        self._pool().wait_ready(timeout)
+
+    # -- experiments -----------------------------------------------------------
+    def get_experiment(self, name: str) -> dict[str, Any]:
+        return self.store.get_experiment(self.account, name)
+
+    def put_experiment(self, record: dict[str, Any]) -> None:
+        self.store.put_experiment(self.account, record)
+
+    def list_experiments(self) -> list[dict[str, Any]]:
+        return self.store.list_experiments(self.account)
+
+    # -- the handle ------------------------------------------------------------
+    def info(self) -> dict[str, str]:
+        s = self.settings
+        return {
+            "backend": "direct",
+            "address": str(self.ray_address or "-"),
+            "store": redact_url(s.store_url),
+            "account": self.account,
+            "model": self.model,
+            "workers": "one per GPU (one on a CPU-only cluster)" if s.workers is None else str(s.workers),
+        }
+
+    def close(self) -> None:
+        self.store.close()
+
+
+def _local_token_counter(params: GenerationParams, cache_dir: Path) -> Callable[[str], int] | None:
+    """Count tokens here only when the tokenizer is on this machine; else the worker checks at claim."""
+    if max(len(params.prompt), len(params.negative_prompt)) < 256:
+        return None
+    from mochi_lab.pipelines.tokens import local_tokenizer
+
+    tokenizer = local_tokenizer(params.model, cache_dir)
+    return None if tokenizer is None else (lambda text: len(tokenizer(text).input_ids))
+
+
+__all__ = ["DirectBackend"]

@@ -1,0 +1,77 @@
+"""Cleans up a local Ray after the process that started it dies, however it dies.
+
+`ray.init()` with no address starts Ray's processes as children of the calling process. When that
+process is SIGKILLed (a kernel killed, a laptop closed), Ray's dashboard and runtime-env agents
+outlive it (~250 MB each time). The embedded default therefore starts this small watcher beside its
+Ray: it waits for the owner to die, then ends every process of that Ray session.
+
+    python -m mochi_lab.reaper OWNER_PID SESSION_DIR
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+
+POLL_S = 0.5
+GRACE_S = 3.0  # SIGTERM first; what is left after this gets SIGKILL
+
+
+def start(owner_pid: int, session_dir: str) -> subprocess.Popen:
+    """Start the watcher for `owner_pid`'s Ray session, in its own session so the owner's death spares it."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "mochi_lab.reaper", str(owner_pid), session_dir],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+
+
+def session_processes(session_dir: str, known: dict[int, float]) -> list[psutil.Process]:
+    """Processes of the session: any whose command line names its folder, and every one seen below the
+    owner while it lived (Ray's workers rename themselves), matched by start time against pid reuse."""
+    found = []
+    for proc in psutil.process_iter(["pid", "cmdline", "create_time"]):
+        if proc.pid == os.getpid():
+            continue
+        cmdline = " ".join(proc.info["cmdline"] or ())
+        if session_dir in cmdline or known.get(proc.pid) == proc.info["create_time"]:
+            found.append(proc)
+    return found
+
+
+def watch(owner_pid: int, session_dir: str) -> int:
+    try:
+        owner = psutil.Process(owner_pid)
+        born = owner.create_time()
+    except psutil.NoSuchProcess:
+        owner, born = None, None
+    known: dict[int, float] = {}
+    while owner is not None:
+        try:
+            if owner.create_time() != born or owner.status() == psutil.STATUS_ZOMBIE:
+                break
+            known.update({c.pid: c.create_time() for c in owner.children(recursive=True)})
+        except psutil.NoSuchProcess:
+            break
+        time.sleep(POLL_S)
+    procs = session_processes(session_dir, known)
+    for proc in procs:
+        try:
+            proc.send_signal(signal.SIGTERM)
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=GRACE_S)
+    for proc in alive:
+        try:
+            proc.kill()
+        except psutil.NoSuchProcess:
+            pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(watch(int(sys.argv[1]), sys.argv[2]))

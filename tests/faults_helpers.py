@@ -1,0 +1,54 @@
+"""Helpers for the fault tests: a worker in a thread of the test process, with optionally slow steps."""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent / "store"))
+from store_helpers import RedisServer, free_port  # noqa: E402,F401
+
+from mochi_lab import worker as worker_mod  # noqa: E402
+
+
+class SlowRunner:
+    """Wraps a runner so each denoising step takes at least `step_s` (a stand-in for a real GPU step)."""
+
+    def __init__(self, runner: Any, step_s: float, stuck: Callable[[], bool] = lambda: False) -> None:
+        self._runner, self.step_s, self.stuck = runner, step_s, stuck
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._runner, name)
+
+    def generate(self, params: Any, on_step: Any = None) -> Any:
+        def slow(step: int, total: int) -> None:
+            time.sleep(self.step_s)
+            while self.stuck():  # a step that ignores everything (a hung kernel)
+                time.sleep(0.05)
+            if on_step is not None:
+                on_step(step, total)
+
+        return self._runner.generate(params, slow)
+
+
+def slow_steps(monkeypatch: Any, step_s: float, stuck: Callable[[], bool] = lambda: False) -> None:
+    real = worker_mod.load_runner
+
+    def load(*args: Any, **kwargs: Any) -> Any:
+        return SlowRunner(real(*args, **kwargs), step_s, stuck)
+
+    monkeypatch.setattr(worker_mod, "load_runner", load)
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float, what: str, every: float = 0.02) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(every)
