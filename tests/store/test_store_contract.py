@@ -361,14 +361,19 @@ def test_delete_running_job_locks_its_worker_out(store: Store) -> None:
 
 # -- workers and experiments --------------------------------------------------------------------
 def test_workers_registry_with_ttl(store: Store) -> None:
-    store.put_worker({"worker_id": "w-b", "gpu": "H100", "job_id": None}, ttl_s=30)
-    store.put_worker({"worker_id": "w-a", "gpu": "H100", "memory_gb": 80.0}, ttl_s=1.0)
+    # TTLs long enough that a stalled machine cannot expire a row between a write and the next read
+    store.put_worker({"worker_id": "w-b", "gpu": "H100", "job_id": None}, ttl_s=60)
+    store.put_worker({"worker_id": "w-a", "gpu": "H100", "memory_gb": 80.0}, ttl_s=60)
     rows = store.workers()
     assert [w["worker_id"] for w in rows] == ["w-a", "w-b"]
     assert rows[0] == {"worker_id": "w-a", "gpu": "H100", "memory_gb": 80.0}
-    store.put_worker({"worker_id": "w-a", "gpu": "H100", "job_id": "j1"}, ttl_s=1.0)  # renew and update
+    store.put_worker({"worker_id": "w-a", "gpu": "H100", "job_id": "j1"}, ttl_s=60)  # renew and update
     assert store.workers()[0]["job_id"] == "j1"
-    time.sleep(1.1)
+    store.put_worker({"worker_id": "w-a", "gpu": "H100", "job_id": "j1"}, ttl_s=0.2)  # not renewed: it goes
+    deadline = time.monotonic() + 10
+    while "w-a" in [w["worker_id"] for w in store.workers()]:
+        assert time.monotonic() < deadline, "an expired worker row was still listed after 10 s"
+        time.sleep(0.05)
     assert [w["worker_id"] for w in store.workers()] == ["w-b"]
     store.remove_worker("w-b")
     store.remove_worker("never-there")
