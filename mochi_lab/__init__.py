@@ -9,6 +9,7 @@ from mochi_lab.experiment import Experiment, ExperimentNotFound
 from mochi_lab.job import Job, JobCancelledError, JobFailed
 from mochi_lab.params import LIMITS, GenerationParams, ParamsError
 from mochi_lab.pipelines.config import PipelineConfig
+from mochi_lab.remote import GatewayAuthError, GatewayBackend, GatewayError, QuotaExceeded
 from mochi_lab.settings import Settings
 from mochi_lab.store.base import (
     CANCELLED, DONE, FAILED, QUEUED, RUNNING, STATUSES, JobNotFound, JobRecord, StoreUnavailable,
@@ -17,7 +18,7 @@ from mochi_lab.version import __version__
 
 __all__ = [
     "CANCELLED", "DONE", "FAILED", "LIMITS", "QUEUED", "RUNNING", "STATUSES",
-    "Backend", "Experiment", "ExperimentNotFound", "GenerationParams", "Job", "JobCancelledError", "JobFailed",
+    "Backend", "Experiment", "GatewayAuthError", "GatewayBackend", "GatewayError", "QuotaExceeded", "ExperimentNotFound", "GenerationParams", "Job", "JobCancelledError", "JobFailed",
     "JobNotFound", "JobRecord", "MochiCluster", "ParamsError", "PipelineConfig", "Settings", "StoreUnavailable",
     "WorkerRows", "__version__",
 ]

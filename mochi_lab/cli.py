@@ -2,6 +2,7 @@
 
     mochi-lab generate "a cat surfing a wave" -o cat.mp4 --steps 16
     mochi-lab experiment run experiments/steps_vs_quality.yaml --wait
+    mochi-lab gateway --host 0.0.0.0 --port 8770
 
 Experiment specs are YAML: the experiment's name and grid; fixed params apply to every run, grid params
 are swept (see experiments/README.md):
@@ -181,6 +182,15 @@ def _run_spec(args: argparse.Namespace) -> int:
     return 0 if counts["done"] == len(df) else EXIT_FAILED
 
 
+def _gateway(args: argparse.Namespace) -> int:
+    """Serve the multi-user gateway (the only door to the store and the pool on a shared cluster)."""
+    from mochi_lab.gateway import serve
+    from mochi_lab.settings import Settings
+
+    serve(args.host, args.port, Settings.from_env(ray_address=args.address, redis_url=args.redis_url))
+    return 0
+
+
 def _connection_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--address", help="Ray address (default: RAY_ADDRESS, else a local Ray)")
     p.add_argument("--redis-url", help="default: REDIS_URL, else SQLite in the data dir")
@@ -217,6 +227,11 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--export", metavar="DIR", help="copy the videos and manifests here (with --wait)")
     _connection_args(r)
     r.set_defaults(func=_run_spec)
+    gw = sub.add_parser("gateway", help="serve the JupyterHub-authenticated gateway (see README, Multi-user deployment)")
+    gw.add_argument("--host", default=None, help="default: MOCHI_LAB_GATEWAY_HOST, else 127.0.0.1")
+    gw.add_argument("--port", type=int, default=None, help="default: MOCHI_LAB_GATEWAY_PORT, else 8770")
+    _connection_args(gw)
+    gw.set_defaults(func=_gateway)
     return top
 
 

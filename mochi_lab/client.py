@@ -38,6 +38,19 @@ class MochiCluster:
         backend: Backend | None = None,
     ):
         if backend is None:
+            import os
+
+            # An http(s) address, or no address with MOCHI_LAB_GATEWAY set: the multi-user gateway, which
+            # decides the account from JUPYTERHUB_API_TOKEN (`account=` and JUPYTERHUB_USER change nothing).
+            # An explicit redis_url or settings (operators) keeps the direct backend.
+            gateway = address if isinstance(address, str) and address.startswith(("http://", "https://")) else (
+                os.environ.get("MOCHI_LAB_GATEWAY") if address is None and redis_url is None and settings is None
+                else None)
+            if gateway:
+                from mochi_lab.remote import GatewayBackend
+
+                backend = GatewayBackend(gateway, token=os.environ.get("JUPYTERHUB_API_TOKEN"), model=model)
+        if backend is None:
             from mochi_lab.direct import DirectBackend
 
             settings = settings or Settings.from_env(

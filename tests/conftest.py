@@ -33,7 +33,7 @@ os.environ["JUPYTERHUB_USER"] = "alice"
 # A checkpoint with NaN weights, for pipeline-failure tests; workers inherit this when Ray starts.
 BROKEN_CHECKPOINT = _SESSION_HOME / "tiny-broken"
 os.environ["MOCHI_LAB_MODELS"] = json.dumps({"tiny-broken": str(BROKEN_CHECKPOINT)})
-for var in ("RAY_ADDRESS", "REDIS_URL", "REDIS_HOST"):
+for var in ("RAY_ADDRESS", "REDIS_URL", "REDIS_HOST", "MOCHI_LAB_GATEWAY", "JUPYTERHUB_API_TOKEN"):
     os.environ.pop(var, None)
 
 import pytest  # noqa: E402

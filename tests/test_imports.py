@@ -15,16 +15,17 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # Lower layers first. A module may import its own layer or lower ones, never a higher one.
 LAYERS: list[set[str]] = [
-    {"version", "settings", "video", "provenance", "reprs", "params", "reaper"},
+    {"version", "settings", "video", "provenance", "reprs", "params", "reaper", "hubauth"},
     {"store", "store.base", "store.sqlite", "store.redis", "store.redis_lua"},
     {"pipelines", "pipelines.config", "pipelines.tiny", "pipelines.tokens", "pipelines.mochi"},
     {"worker"},
     {"pool"},
     {"cache", "sweep"},
-    {"backend", "direct"},
+    {"backend", "direct", "remote"},
     {"job", "experiment", "experiment_views"},
     {"client"},
     {""},  # the package face, mochi_lab/__init__.py
+    {"gateway"},
     {"cli", "widgets"},
 ]
 LAYER = {name: i for i, names in enumerate(LAYERS) for name in names}

@@ -1,0 +1,803 @@
+"""The multi-user gateway: an HTTP front door to one store and one Ray pool (the contract: gateway_contract).
+
+The gateway is the only client-facing component holding the store's and Ray's credentials. Each
+request is authenticated (`mochi_lab.hubauth`: a JupyterHub token checked with the hub, or a static
+hashed token); the account is the one the server resolved, never anything the client sends, and the
+request is served by a `DirectBackend` bound to that account over the shared store and pool. So
+another account's job answers exactly like an unknown id (404).
+
+Door hardening: a quota of queued + running jobs per account (429, nothing queued), the pool's
+admission (422, `DirectBackend.submit`), JSON errors that never carry a token, a store URL or a server
+path, and a web page rendered with Jinja2 autoescaping under a strict Content-Security-Policy.
+
+`create_app(settings)` builds the ASGI app; `serve(host, port, settings)` runs it with uvicorn.
+Progress streams (`/events/{job_id}`) share one store poller per job, fanned out to every listener.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import io
+import json
+import logging
+import os
+import secrets
+import tempfile
+import threading
+import time
+import zipfile
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs
+
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse, Response, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from mochi_lab.direct import DirectBackend
+from mochi_lab.hubauth import (
+    AuthError,
+    AuthUnavailable,
+    Authenticator,
+    ChainAuth,
+    HubAuth,
+    Identity,
+    StaticTokens,
+    parse_authorization,
+)
+from mochi_lab.params import GenerationParams, ParamsError, SubmitOptions, validate_name
+from mochi_lab.settings import Settings, check_account
+from mochi_lab.store.base import FINISHED, QUEUED, RUNNING, JobNotFound, JobRecord, StoreError, check_job_id
+
+log = logging.getLogger("mochi_lab.gateway")
+
+COOKIE = "mochi-lab-token"
+CSRF_HEADER = "x-mochi-lab"  # cookie-authenticated writes must carry it (a cross-site form cannot)
+HIDDEN_FIELDS = ("fence", "lease_expires_at")
+ROUTES = {"video": "download", "thumbnail": "thumbnail"}
+MAX_BODY_BYTES = 1 << 20
+
+
+# -- settings ----------------------------------------------------------------------------------------
+_ENV = {
+    "host": "MOCHI_LAB_GATEWAY_HOST",
+    "port": "MOCHI_LAB_GATEWAY_PORT",
+    "model": "MOCHI_LAB_GATEWAY_MODEL",
+    "service_name": "JUPYTERHUB_SERVICE_NAME",
+    "prefix": "JUPYTERHUB_SERVICE_PREFIX",
+    "hub_api_url": "JUPYTERHUB_API_URL",
+    "hub_api_token": "JUPYTERHUB_API_TOKEN",
+    "admin_groups": "MOCHI_LAB_GATEWAY_ADMIN_GROUPS",
+    "static_tokens": "MOCHI_LAB_GATEWAY_TOKENS",
+    "auth_cache_s": "MOCHI_LAB_GATEWAY_AUTH_CACHE_S",
+    "max_active_jobs": "MOCHI_LAB_MAX_ACTIVE_JOBS",
+    "events_poll_s": "MOCHI_LAB_GATEWAY_EVENTS_POLL_S",
+    "events_max_s": "MOCHI_LAB_GATEWAY_EVENTS_MAX_S",
+}
+
+
+class GatewayConfig(BaseModel):
+    """The gateway's own settings. Each comes from `Settings` when it has a field of that name, else
+    from the environment variable in `_ENV`, else the default; keyword overrides win."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    host: str = "127.0.0.1"
+    port: int = 8770
+    model: str = "tiny"  # the pool's model when the gateway starts the pool itself
+    service_name: str = "mochi-lab"
+    prefix: str = "/"
+    hub_api_url: str | None = None
+    hub_api_token: SecretStr | None = None  # the service's token (reads users' admin flags)
+    admin_groups: list[str] = Field(default_factory=list)
+    # sha256(token) hex -> {"account": ..., "admin": bool}; JSON, or "@/path/to/file.json"
+    static_tokens: dict[str, Any] = Field(default_factory=dict)
+    auth_cache_s: float = 30.0
+    max_active_jobs: int = 20  # queued + running jobs per account
+    events_poll_s: float = 0.05
+    events_max_s: float = 6 * 3600.0
+
+    @field_validator("admin_groups", mode="before")
+    @classmethod
+    def _groups(cls, v: Any) -> Any:
+        return [g.strip() for g in v.split(",") if g.strip()] if isinstance(v, str) else v
+
+    @field_validator("static_tokens", mode="before")
+    @classmethod
+    def _tokens(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            text = Path(v[1:]).read_text() if v.startswith("@") else v
+            v = json.loads(text) if text.strip() else {}
+        return v
+
+    @field_validator("prefix")
+    @classmethod
+    def _prefix(cls, v: str) -> str:
+        return "/" + v.strip("/") + "/" if v.strip("/") else "/"
+
+    @field_validator("max_active_jobs")
+    @classmethod
+    def _quota(cls, v: int) -> int:
+        if v < 1:
+            raise ValueError("max_active_jobs must be at least 1")
+        return v
+
+    @classmethod
+    def from_env(cls, settings: Settings | None = None, **overrides: Any) -> "GatewayConfig":
+        values: dict[str, Any] = {}
+        have = type(settings).model_fields if settings is not None else {}
+        for name, var in _ENV.items():
+            if name in have and name not in ("host", "port", "model"):
+                values[name] = getattr(settings, name)
+            elif os.environ.get(var):
+                values[name] = os.environ[var]
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+    def authenticator(self) -> Authenticator:
+        static = StaticTokens(self.static_tokens) if self.static_tokens else None
+        hub = None
+        if self.hub_api_url:
+            hub = HubAuth(self.hub_api_url, service_name=self.service_name,
+                          api_token=self.hub_api_token.get_secret_value() if self.hub_api_token else None,
+                          admin_groups=self.admin_groups, cache_s=self.auth_cache_s)
+        if static is None and hub is None:
+            raise ValueError("the gateway needs a hub (JUPYTERHUB_API_URL) or static tokens (MOCHI_LAB_GATEWAY_TOKENS)")
+        return ChainAuth(static, hub)
+
+
+# -- errors ------------------------------------------------------------------------------------------
+class ApiError(Exception):
+    def __init__(self, status: int, kind: str, detail: str):
+        super().__init__(detail)
+        self.status, self.kind, self.detail = status, kind, detail
+
+
+def _not_found(what: str = "job not found") -> ApiError:
+    return ApiError(404, "not_found", what)
+
+
+def _error_response(status: int, kind: str, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": kind, "detail": detail}, status_code=status, headers=headers)
+
+
+# -- job JSON ----------------------------------------------------------------------------------------
+def job_json(record: JobRecord) -> dict[str, Any]:
+    """The record as the client may see it: no fencing internals, artifacts as route names only."""
+    data = dataclasses.asdict(record)
+    for name in HIDDEN_FIELDS:
+        data.pop(name, None)
+    data["artifacts"] = {name: f"{ROUTES[name]}/{record.id}" for name in ROUTES if name in (record.artifacts or {})}
+    return data
+
+
+# -- progress streams: one store poller per job, fanned out ------------------------------------------
+class _Watch:
+    def __init__(self) -> None:
+        self.history: list[dict[str, Any]] = []
+        self.cond = asyncio.Condition()
+        self.listeners = 0
+        self.done = False
+        self.task: asyncio.Task | None = None
+
+
+_LOGGED = ("status", "stage", "step", "total_steps", "message", "attempts")
+
+
+def _signature(view: dict[str, Any]) -> tuple:
+    return tuple(view.get(k) for k in ("status", "stage", "step", "attempts"))
+
+
+class ProgressHub:
+    """Every change of (status, stage, step) of a job, in order, to every listener of that job.
+
+    One poller per (account, job) reads the store every `poll_s` while anyone listens and keeps the
+    changes it saw; each listener starts at the latest one and reads on at its own pace.
+
+    The stores keep a job's latest progress, not a log, so a step shorter than one poll can be merged
+    into the next. A store that offers `progress_since(account, job_id, after_seq)` -> [{"seq", "status",
+    "stage", "step", "total_steps", "message", "attempts"}, ...] (every change, in order, newer than
+    `after_seq`; -1: from the start) is read instead, and then no change is ever merged.
+    """
+
+    def __init__(self, poll_s: float = 0.05, max_s: float = 6 * 3600.0, keepalive_s: float = 15.0):
+        self.poll_s, self.max_s, self.keepalive_s = poll_s, max_s, keepalive_s
+        self._watches: dict[tuple[str, str], _Watch] = {}
+
+    def pollers(self) -> int:
+        return sum(1 for w in self._watches.values() if not w.done)
+
+    async def listen(self, backend: DirectBackend, job_id: str) -> AsyncIterator[dict[str, Any] | None]:
+        """Job JSONs as they change (None: nothing new for `keepalive_s`); ends after a finished state."""
+        key = (backend.account, job_id)
+        watch = self._watches.get(key)
+        if watch is None or watch.done:
+            watch = self._watches[key] = _Watch()
+            watch.task = asyncio.ensure_future(self._poll(key, watch, backend, job_id))
+        watch.listeners += 1
+        i = max(len(watch.history) - 1, 0)
+        try:
+            while True:
+                idle = False
+                async with watch.cond:
+                    try:
+                        await asyncio.wait_for(watch.cond.wait_for(lambda: len(watch.history) > i or watch.done),
+                                               self.keepalive_s)
+                    except asyncio.TimeoutError:
+                        idle = True
+                if idle:  # yield outside the lock: a slow listener must never hold up the poller
+                    yield None
+                    continue
+                while i < len(watch.history):
+                    i += 1
+                    yield watch.history[i - 1]
+                if watch.done and i >= len(watch.history):
+                    return
+        finally:
+            watch.listeners -= 1
+
+    async def _poll(self, key: tuple[str, str], watch: _Watch, backend: DirectBackend, job_id: str) -> None:
+        # A store with a progress log (`progress_since`, see the class doc) lets no change be merged.
+        reader = getattr(getattr(backend, "store", None), "progress_since", None)
+        last: tuple | None = None
+        seq = -1
+        deadline = time.monotonic() + self.max_s
+        failures = 0
+
+        async def emit(view: dict[str, Any]) -> None:
+            nonlocal last
+            if _signature(view) == last:
+                return
+            last = _signature(view)
+            async with watch.cond:
+                watch.history.append(view)
+                watch.cond.notify_all()
+
+        try:
+            while time.monotonic() < deadline and watch.listeners > 0:
+                try:
+                    record = await asyncio.to_thread(backend.get, job_id)
+                    entries = [] if reader is None else await asyncio.to_thread(reader, backend.account, job_id, seq)
+                    failures = 0
+                except JobNotFound:  # deleted while watched
+                    return
+                except StoreError as exc:
+                    failures += 1
+                    log.warning("progress poll of %s failed (%d): %s", job_id, failures, type(exc).__name__)
+                    await asyncio.sleep(min(2.0, self.poll_s * 2 ** failures))
+                    continue
+                view = job_json(record)
+                for entry in entries:  # the log from the job's start, then what follows, in order
+                    seq = max(seq, int(entry.get("seq", seq)))
+                    await emit({**view, **{k: entry[k] for k in _LOGGED if k in entry}})
+                if reader is None or record.status in FINISHED:
+                    await emit(view)
+                if record.status in FINISHED:
+                    return
+                await asyncio.sleep(self.poll_s)
+        finally:
+            async with watch.cond:
+                watch.done = True
+                watch.cond.notify_all()
+            if self._watches.get(key) is watch:
+                del self._watches[key]
+
+    async def close(self) -> None:
+        for watch in list(self._watches.values()):
+            if watch.task is not None:
+                watch.task.cancel()
+
+
+# -- request bodies (loose on purpose: GenerationParams/SubmitOptions give the errors) ----------------
+class GenerateBody(BaseModel):
+    """POST /generate. `params` are GenerationParams fields; the account is never taken from a body."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    params: dict[str, Any]
+    priority: Any = 0
+    tags: Any = Field(default_factory=list)
+    experiment: Any = None
+    idempotency_key: Any = None
+    reuse: bool = True
+
+
+class ScaleBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    n: Any
+
+
+class SweepBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    prompts: Any
+    seeds: Any = None
+    params: dict[str, Any] = Field(default_factory=dict)
+    priority: Any = 0
+
+
+def _validation_text(exc: Any) -> str:
+    parts = []
+    for err in exc.errors():
+        loc = [str(p) for p in err.get("loc", ()) if p not in ("body",)]
+        field = ".".join(loc) or "body"
+        msg = "unknown field; the account is decided by the server from the token" if err.get("type") == \
+            "extra_forbidden" else err.get("msg", "invalid")
+        parts.append(f"{field}: {msg}")
+    return "invalid request:\n  " + "\n  ".join(parts)
+
+
+# -- the app -----------------------------------------------------------------------------------------
+def create_app(settings: Settings | None = None, *, backend_factory: Callable[[], DirectBackend] | None = None,
+               auth: Authenticator | None = None, config: GatewayConfig | None = None):
+    """The gateway's ASGI app.
+
+    `backend_factory()` gives the shared store + pool (a `DirectBackend`, its account unused); by
+    default `DirectBackend.start(settings, config.model)`, closed when the app stops (an injected one
+    is left open). `auth` decides identities (default: from `config`: hub and/or static tokens).
+    """
+    settings = settings or Settings.from_env()
+    config = config or GatewayConfig.from_env(settings)
+    auth = auth or config.authenticator()
+    owned = backend_factory is None
+    factory = backend_factory or (lambda: DirectBackend.start(settings, config.model, start_pool=True))
+    progress = ProgressHub(config.events_poll_s, config.events_max_s)
+    state: dict[str, Any] = {"shared": None}
+    start_lock = threading.Lock()
+    quota_locks: dict[str, threading.Lock] = {}
+
+    def shared() -> DirectBackend:
+        if state["shared"] is None:
+            with start_lock:
+                if state["shared"] is None:
+                    state["shared"] = factory()
+        return state["shared"]
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        await run_in_threadpool(shared)
+        try:
+            yield
+        finally:
+            await progress.close()
+            closer = getattr(auth, "aclose", None)
+            if closer is not None:
+                await closer()
+            if owned and state["shared"] is not None:
+                state["shared"].close()
+
+    prefix = config.prefix.rstrip("/")
+    app = FastAPI(title="mochi_lab gateway", lifespan=lifespan, docs_url=f"{prefix}/docs",
+                  openapi_url=f"{prefix}/openapi.json", redoc_url=None,
+                  description="Text-to-video with Mochi 1 on a shared Ray pool, per account. "
+                              "Authenticate with `Authorization: token <JupyterHub token>`.")
+    app.state.progress = progress
+    app.state.config = config
+    api = APIRouter()
+
+    # -- errors ---------------------------------------------------------------------------------
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, exc: ApiError):
+        return _error_response(exc.status, exc.kind, exc.detail,
+                               {"WWW-Authenticate": "token"} if exc.status == 401 else None)
+
+    @app.exception_handler(AuthError)
+    async def _auth_error(request: Request, exc: AuthError):
+        return _error_response(exc.status, exc.kind, exc.detail,
+                               {"WWW-Authenticate": "token"} if exc.status == 401 else None)
+
+    @app.exception_handler(AuthUnavailable)
+    async def _auth_unavailable(request: Request, exc: AuthUnavailable):
+        return _error_response(503, "unavailable", str(exc))
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError):
+        return _error_response(422, "invalid", _validation_text(exc))
+
+    @app.exception_handler(ParamsError)
+    async def _params(request: Request, exc: ParamsError):
+        return _error_response(422, "invalid", str(exc))
+
+    @app.exception_handler(JobNotFound)
+    async def _missing(request: Request, exc: JobNotFound):
+        return _error_response(404, "not_found", "job not found")
+
+    @app.exception_handler(StoreError)
+    async def _store(request: Request, exc: StoreError):
+        log.warning("store error on %s %s: %s", request.method, request.url.path, type(exc).__name__)
+        return _error_response(503, "unavailable", "the job store is unavailable; try again shortly")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException):
+        kinds = {401: "unauthorized", 403: "forbidden", 404: "not_found", 405: "method_not_allowed",
+                 413: "too_large", 422: "invalid", 429: "quota", 503: "unavailable"}
+        return _error_response(exc.status_code, kinds.get(exc.status_code, "error"), str(exc.detail))
+
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, exc: Exception):
+        log.error("internal error on %s %s: %s", request.method, request.url.path, type(exc).__name__)
+        return _error_response(500, "internal", "internal error")
+
+    # -- identity -------------------------------------------------------------------------------
+    async def identify(request: Request) -> Identity:
+        header = request.headers.get("authorization")
+        token = parse_authorization(header)
+        from_cookie = False
+        if token is None and header is None:
+            token = request.cookies.get(COOKIE) or None
+            from_cookie = token is not None
+        if token is None:
+            raise ApiError(401, "unauthorized", "a token is required: Authorization: token <token>")
+        if from_cookie and request.method not in ("GET", "HEAD") and request.headers.get(CSRF_HEADER) != "1":
+            raise ApiError(403, "forbidden", f"a cookie-authenticated write needs the header {CSRF_HEADER}: 1")
+        return await auth.identify(token)
+
+    def backend_for(account: str) -> DirectBackend:
+        base = shared()
+        check_account(account)  # model_copy does not validate
+        return DirectBackend(settings.model_copy(update={"account": account}), base.store, base.pool,
+                             model=base.model, ray_address=base.ray_address)
+
+    def user_backend(identity: Identity = Depends(identify)) -> DirectBackend:
+        return backend_for(identity.account)
+
+    def admin_only(identity: Identity = Depends(identify)) -> Identity:
+        if not identity.admin:
+            raise ApiError(403, "forbidden", "this action needs an admin")
+        return identity
+
+    def job_id_of(job_id: str) -> str:
+        try:
+            return check_job_id(job_id)
+        except ValueError:
+            raise _not_found() from None
+
+    def check_quota(backend: DirectBackend, adding: int = 1) -> None:
+        counts = backend.counts()
+        active = counts.get(QUEUED, 0) + counts.get(RUNNING, 0)
+        if active + adding > config.max_active_jobs:
+            raise ApiError(429, "quota", f"account {backend.account} has {active} queued or running jobs; the limit "
+                                         f"is max_active_jobs={config.max_active_jobs} (wait for some to finish or "
+                                         f"cancel some); nothing was queued")
+
+    def quota_lock(account: str) -> threading.Lock:
+        return quota_locks.setdefault(account, threading.Lock())
+
+    # -- routes ---------------------------------------------------------------------------------
+    @api.get("/healthz", tags=["service"])
+    def healthz():
+        try:
+            shared().store.workers()
+        except StoreError:
+            raise ApiError(503, "unavailable", "the job store is unavailable") from None
+        return {"ok": True}
+
+    @api.get("/whoami", tags=["service"])
+    def whoami(identity: Identity = Depends(identify)):
+        return {"account": identity.account, "admin": identity.admin}
+
+    @api.get("/models", tags=["pool"])
+    def models(backend: DirectBackend = Depends(user_backend)):
+        return backend.models()
+
+    @api.post("/generate", status_code=201, tags=["jobs"])
+    def generate(body: GenerateBody, backend: DirectBackend = Depends(user_backend)):
+        params = GenerationParams.parse(**{"model": backend.model, **body.params})
+        options = SubmitOptions.parse(priority=body.priority, tags=body.tags, experiment=body.experiment,
+                                      idempotency_key=body.idempotency_key)
+        with quota_lock(backend.account):
+            check_quota(backend)
+            record = backend.submit(params, options, reuse=body.reuse)
+        return job_json(record)
+
+    @api.get("/status/{job_id}", tags=["jobs"])
+    def status(job_id: str, backend: DirectBackend = Depends(user_backend)):
+        return job_json(backend.get(job_id_of(job_id)))
+
+    @api.get("/jobs/{account}", tags=["jobs"])
+    def jobs(account: str, status: str | None = None, experiment: str | None = None, tag: str | None = None,
+             text: str | None = None, limit: int = 50, offset: int = 0, identity: Identity = Depends(identify)):
+        if account != identity.account and not identity.admin:
+            raise _not_found("account not found")
+        try:
+            backend = backend_for(account)
+        except ValueError:
+            raise _not_found("account not found") from None
+        from mochi_lab.store.base import check_status
+
+        try:
+            check_status(status)
+        except ValueError as exc:
+            raise ApiError(422, "invalid", str(exc)) from None
+        if not 0 < limit <= 1000 or offset < 0:
+            raise ApiError(422, "invalid", "limit must be 1..1000 and offset >= 0")
+        return [job_json(r) for r in backend.list(status=status, experiment=experiment, tag=tag, text=text,
+                                                  limit=limit, offset=offset)]
+
+    @api.get("/counts", tags=["jobs"])
+    def counts(backend: DirectBackend = Depends(user_backend)):
+        return backend.counts()
+
+    @api.post("/cancel/{job_id}", tags=["jobs"])
+    def cancel(job_id: str, backend: DirectBackend = Depends(user_backend)):
+        return job_json(backend.cancel(job_id_of(job_id)))
+
+    @api.delete("/jobs/{job_id}", status_code=204, tags=["jobs"])
+    def delete(job_id: str, backend: DirectBackend = Depends(user_backend)):
+        backend.delete(job_id_of(job_id))
+        return Response(status_code=204)
+
+    @api.post("/rerun/{job_id}", status_code=201, tags=["jobs"])
+    def rerun(job_id: str, backend: DirectBackend = Depends(user_backend)):
+        record = backend.get(job_id_of(job_id))
+        options = SubmitOptions.parse(tags=[f"reproduces:{record.id}"])
+        with quota_lock(backend.account):
+            check_quota(backend)
+            new = backend.submit(GenerationParams.stored(record.params), options, reuse=False)
+        return job_json(new)
+
+    def artifact(backend: DirectBackend, job_id: str, name: str) -> Path:
+        job_id = job_id_of(job_id)
+        try:
+            return backend.artifact_path(job_id, name)
+        except FileNotFoundError:  # its text may name a server path: say it in our own words
+            record = backend.get(job_id)
+            raise _not_found(f"job {job_id} has no {name} (status {record.status})") from None
+
+    @api.get("/download/{job_id}", tags=["artifacts"], response_class=FileResponse)
+    def download(job_id: str, backend: DirectBackend = Depends(user_backend)):
+        path = artifact(backend, job_id, "video")
+        return FileResponse(path, media_type="video/mp4", filename=f"{job_id}.mp4",
+                            content_disposition_type="inline", headers={"Cache-Control": "private, max-age=3600"})
+
+    @api.get("/thumbnail/{job_id}", tags=["artifacts"], response_class=FileResponse)
+    def thumbnail(job_id: str, backend: DirectBackend = Depends(user_backend)):
+        path = artifact(backend, job_id, "thumbnail")
+        return FileResponse(path, media_type="image/png", headers={"Cache-Control": "private, max-age=3600"})
+
+    @api.get("/events/{job_id}", tags=["jobs"], response_class=StreamingResponse)
+    async def events(job_id: str, backend: DirectBackend = Depends(user_backend)):
+        job_id = job_id_of(job_id)
+        await run_in_threadpool(backend.get, job_id)  # 404 before the stream starts
+
+        async def stream():
+            async for item in progress.listen(backend, job_id):
+                if item is None:
+                    yield ": keepalive\n\n"
+                else:
+                    yield f"event: progress\ndata: {json.dumps(item)}\n\n"
+
+        return StreamingResponse(stream(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    @api.get("/workers/status", tags=["pool"])
+    def workers(backend: DirectBackend = Depends(user_backend)):
+        return backend.workers()
+
+    @api.post("/pool/scale", tags=["pool"])
+    def scale(body: ScaleBody, identity: Identity = Depends(admin_only)):
+        n = body.n
+        if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= 1024:
+            raise ApiError(422, "invalid", f"n must be a whole number of workers between 0 and 1024, got {n!r:.40}")
+        backend_for(identity.account).scale(n)
+        log.info("pool scaled to %d by %s", n, identity.account)
+        return {"ok": True}
+
+    @api.post("/pool/shutdown", tags=["pool"])
+    def shutdown(identity: Identity = Depends(admin_only)):
+        backend_for(identity.account).shutdown_pool()
+        log.info("pool shut down by %s", identity.account)
+        return {"ok": True}
+
+    # -- experiments ----------------------------------------------------------------------------
+    def experiment_name(name: str) -> str:
+        try:
+            return validate_name(name)
+        except ValueError:
+            raise _not_found("experiment not found") from None
+
+    def open_experiment(backend: DirectBackend, name: str, create: bool = False):
+        from mochi_lab.experiment import Experiment
+
+        try:
+            record = backend.get_experiment(experiment_name(name))
+        except KeyError:
+            if not create:
+                raise _not_found("experiment not found") from None
+            return Experiment.open(backend, name, model=backend.model)
+        return Experiment(backend, record, model=backend.model)
+
+    @api.get("/experiments", tags=["experiments"])
+    def experiments(backend: DirectBackend = Depends(user_backend)):
+        return backend.list_experiments()
+
+    @api.get("/experiments/{name}", tags=["experiments"])
+    def get_experiment(name: str, backend: DirectBackend = Depends(user_backend)):
+        try:
+            return backend.get_experiment(experiment_name(name))
+        except KeyError:
+            raise _not_found("experiment not found") from None
+
+    @api.put("/experiments/{name}", status_code=204, tags=["experiments"])
+    async def put_experiment(name: str, request: Request, backend: DirectBackend = Depends(user_backend)):
+        raw = await request.body()
+        if len(raw) > MAX_BODY_BYTES:
+            raise ApiError(413, "too_large", f"an experiment record is at most {MAX_BODY_BYTES} bytes")
+        try:
+            record = json.loads(raw)
+        except ValueError:
+            raise ApiError(422, "invalid", "the body must be a JSON object") from None
+        if not isinstance(record, dict):
+            raise ApiError(422, "invalid", "the body must be a JSON object")
+        try:
+            validate_name(name)
+        except ValueError as exc:
+            raise ApiError(422, "invalid", str(exc)) from None
+        if record.get("name") != name:
+            raise ApiError(422, "invalid", "name: the record's name must equal the path's")
+        if not isinstance(record.get("runs", []), list):
+            raise ApiError(422, "invalid", "runs: must be a list")
+        record["account"] = backend.account  # forced: never the client's
+        record.setdefault("runs", [])
+        await run_in_threadpool(backend.put_experiment, record)
+        return Response(status_code=204)
+
+    @api.post("/experiments/{name}/sweep", tags=["experiments"])
+    def sweep(name: str, body: SweepBody, backend: DirectBackend = Depends(user_backend)):
+        from mochi_lab.sweep import expand_grid
+
+        try:
+            validate_name(name)
+            planned = len(expand_grid(body.prompts, body.seeds, body.params))
+        except (ValueError, TypeError) as exc:
+            raise ApiError(422, "invalid", str(exc)) from None
+        priority = SubmitOptions.parse(priority=body.priority).priority
+        with quota_lock(backend.account):
+            check_quota(backend, planned)
+            exp = open_experiment(backend, name, create=True)
+            jobs = exp.sweep(body.prompts, body.seeds, priority=priority, **body.params)
+        return [job_json(j.record) for j in jobs]
+
+    @api.post("/experiments/{name}/resume", tags=["experiments"])
+    def resume(name: str, backend: DirectBackend = Depends(user_backend)):
+        exp = open_experiment(backend, name)
+        with quota_lock(backend.account):
+            todo = sum(n for k, n in exp.status().items() if k in ("missing", "failed", "cancelled"))
+            if todo:
+                check_quota(backend, todo)
+            jobs = exp.resume()
+        return [job_json(j.record) for j in jobs]
+
+    @api.get("/experiments/{name}/export", tags=["experiments"])
+    def export(name: str, backend: DirectBackend = Depends(user_backend)):
+        exp = open_experiment(backend, name)
+        exp._backend = _RoutedBackend(backend)  # the manifest names routes, never server paths
+        with tempfile.TemporaryDirectory(prefix="mochi-export-") as tmp:
+            folder = exp.export(Path(tmp) / name)
+            buf = io.BytesIO()
+            with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+                for path in sorted(folder.rglob("*")):
+                    if path.is_file():
+                        zf.write(path, f"{name}/{path.relative_to(folder)}")
+        return Response(buf.getvalue(), media_type="application/zip",
+                        headers={"Content-Disposition": f'attachment; filename="{name}.zip"'})
+
+    # -- the web page ---------------------------------------------------------------------------
+    def page_headers(nonce: str) -> dict[str, str]:
+        return {
+            "Content-Security-Policy": (f"default-src 'none'; script-src 'nonce-{nonce}'; style-src 'nonce-{nonce}'; "
+                                        "img-src 'self'; media-src 'self'; connect-src 'self'; form-action 'self'; "
+                                        "base-uri 'none'; frame-ancestors 'self'"),
+            "X-Content-Type-Options": "nosniff",
+            "Referrer-Policy": "same-origin",
+            "Cache-Control": "no-store",
+        }
+
+    @api.get("/", response_class=HTMLResponse, tags=["web"])
+    async def page(request: Request):
+        from mochi_lab.reprs import render
+
+        try:
+            identity = await identify(request)
+        except (ApiError, AuthError) as exc:
+            if "text/html" in request.headers.get("accept", "") and getattr(exc, "status", 401) == 401:
+                return RedirectResponse("login", status_code=303)
+            raise
+        backend = backend_for(identity.account)
+        records = await run_in_threadpool(backend.list, limit=50)
+        counts = await run_in_threadpool(backend.counts)
+        nonce = secrets.token_urlsafe(16)
+        html = render("page.html", account=identity.account, admin=identity.admin, jobs=[_page_job(r) for r in records],
+                      counts=counts, nonce=nonce, models=backend.models(), default_model=backend.model,
+                      max_active_jobs=config.max_active_jobs, csrf_header=CSRF_HEADER)
+        return HTMLResponse(html, headers=page_headers(nonce))
+
+    @api.get("/login", response_class=HTMLResponse, tags=["web"])
+    def login_form():
+        from mochi_lab.reprs import render
+
+        nonce = secrets.token_urlsafe(16)
+        return HTMLResponse(render("login.html", nonce=nonce, error=None), headers=page_headers(nonce))
+
+    @api.post("/login", tags=["web"])
+    async def login(request: Request):
+        from mochi_lab.reprs import render
+
+        raw = await request.body()
+        token = (parse_qs(raw[:8192].decode("utf-8", "replace")).get("token") or [""])[0].strip()
+        try:
+            if not token:
+                raise AuthError(401, "enter a token")
+            await auth.identify(token)
+        except AuthError as exc:
+            nonce = secrets.token_urlsafe(16)
+            return HTMLResponse(render("login.html", nonce=nonce, error=exc.detail), status_code=exc.status,
+                                headers=page_headers(nonce))
+        resp = RedirectResponse("./", status_code=303)
+        resp.set_cookie(COOKIE, token, httponly=True, samesite="strict", path=config.prefix,
+                        secure=request.url.scheme == "https", max_age=12 * 3600)
+        return resp
+
+    @api.post("/logout", tags=["web"])
+    def logout():
+        resp = RedirectResponse("login", status_code=303)
+        resp.delete_cookie(COOKIE, path=config.prefix)
+        return resp
+
+    app.include_router(api, prefix=prefix)
+    return app
+
+
+class _RoutedBackend:
+    """A user's backend whose listed jobs name artifact routes, not server paths (for exports)."""
+
+    def __init__(self, inner: DirectBackend):
+        self._inner = inner
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    def list(self, **kwargs: Any) -> list[JobRecord]:
+        out = []
+        for r in self._inner.list(**kwargs):
+            routed = dataclasses.replace(r, artifacts={k: f"{ROUTES[k]}/{r.id}" for k in ROUTES if k in r.artifacts})
+            out.append(routed)
+        return out
+
+    def save_artifact(self, job_id: str, name: str, dest: Path) -> Path:
+        return self._inner.save_artifact(job_id, name, dest)
+
+
+def _page_job(r: JobRecord) -> dict[str, Any]:
+    """A job as the page shows it: plain values, every one escaped by the template."""
+    p = r.params if isinstance(r.params, dict) else {}
+    return {
+        "id": r.id, "status": r.status, "stage": r.stage, "step": r.step, "total": r.total_steps,
+        "prompt": p.get("prompt"), "negative_prompt": p.get("negative_prompt"), "tags": list(r.tags or []),
+        "experiment": r.experiment, "seed": p.get("seed"), "model": p.get("model"),
+        "size": f"{p.get('width')}x{p.get('height')}, {p.get('num_frames')} frames, {p.get('num_inference_steps')} steps",
+        "error": r.error, "finished": r.status in FINISHED, "video": "video" in (r.artifacts or {}),
+        "created": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.created_at)) if r.created_at else "",
+    }
+
+
+def serve(host: str | None = None, port: int | None = None, settings: Settings | None = None) -> None:
+    """Run the gateway with uvicorn (blocking): `mochi-lab gateway [--host --port]`."""
+    import uvicorn
+
+    settings = settings or Settings.from_env()
+    config = GatewayConfig.from_env(settings, host=host, port=port)
+    app = create_app(settings, config=config)
+    uvicorn.run(app, host=config.host, port=config.port, proxy_headers=True, forwarded_allow_ips="127.0.0.1",
+                log_level="info")
+
+
+__all__ = ["GatewayConfig", "ProgressHub", "create_app", "job_json", "serve"]

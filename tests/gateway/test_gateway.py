@@ -1,0 +1,467 @@
+"""The gateway against a real JupyterHub, real uvicorn servers, the session's store and its 4-worker Ray pool.
+
+`storefront` is a gateway over a store of its own with no pool (its jobs stay queued: quotas, the page,
+refusals); `gateway` is the one over the session's store and pool (generation, downloads, isolation, progress).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import time
+
+import httpx
+import pytest
+
+TINY = {"num_frames": 7, "height": 32, "width": 32, "num_inference_steps": 2, "fps": 8}  # as tests/conftest.py
+AUTH_CACHE_S = 1.0  # tests/gateway/conftest.py: the gateways' auth cache
+
+EVIL = "<img src=x onerror=alert(1)>"
+EVIL_ESCAPED = "&lt;img src=x onerror=alert(1)&gt;"
+FINISHED = {"done", "failed", "cancelled"}
+
+
+def wait_done(client: httpx.Client, job_id: str, timeout: float = 180) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        r = client.get(f"/status/{job_id}")
+        assert r.status_code == 200, r.text
+        job = r.json()
+        if job["status"] in FINISHED:
+            return job
+        assert time.monotonic() < deadline, f"job {job_id} still {job['status']} after {timeout} s"
+        time.sleep(0.1)
+
+
+def _tiny(**over):
+    return {"prompt": "a cat surfing a wave", **TINY, **over}
+
+
+# -- identity ------------------------------------------------------------------------------------------
+def test_healthz_is_open_and_whoami_is_the_hub_user(storefront, tokens):
+    with storefront.client() as anon:
+        assert anon.get("/healthz").json() == {"ok": True}
+    for user, admin in (("alice", False), ("bob", False), ("carol", True), ("dave", True)):
+        with storefront.client(tokens[user]) as c:
+            assert c.get("/whoami").json() == {"account": user, "admin": admin}
+    # both schemes
+    with storefront.client(headers={"Authorization": f"Bearer {tokens['bob']}"}) as c:
+        assert c.get("/whoami").json()["account"] == "bob"
+
+
+def test_missing_garbage_revoked_and_unscoped_tokens_are_refused(storefront, hub, tokens):
+    with storefront.client() as anon:
+        r = anon.get("/whoami")
+        assert r.status_code == 401 and r.json()["error"] == "unauthorized"
+        assert anon.get("/status/18c0c0c0c0c-0123456789ab").status_code == 401
+        for header in ("token nonsense-token-123", "Bearer " + "f" * 64, "Basic YWxpY2U6eA==", "token"):
+            r = anon.get("/whoami", headers={"Authorization": header})
+            assert r.status_code == 401, header
+            assert r.json() == {"error": "unauthorized", "detail": r.json()["detail"]}
+    unscoped = hub.token("alice", scopes=["read:users:name!user"])
+    with storefront.client(unscoped) as c:
+        r = c.get("/whoami")
+        assert r.status_code == 403 and r.json()["error"] == "forbidden"
+        assert "access:services!service=mochi-lab" in r.json()["detail"]
+        assert c.post("/generate", json={"params": _tiny()}).status_code == 403
+    minted = hub.mint("bob")
+    with storefront.client(minted["token"]) as c:
+        assert c.get("/whoami").status_code == 200
+        hub.revoke("bob", minted["id"])
+        time.sleep(AUTH_CACHE_S + 0.3)
+        r = c.get("/whoami")
+        assert r.status_code == 401 and r.json()["error"] == "unauthorized"
+    # no response carries the token
+    assert minted["token"] not in r.text and unscoped not in r.text
+
+
+def test_admin_actions_need_an_admin(storefront, tokens):
+    for user in ("alice", "bob"):
+        with storefront.client(tokens[user]) as c:
+            for path, body in (("/pool/scale", {"n": 2}), ("/pool/shutdown", None)):
+                r = c.post(path, json=body)
+                assert r.status_code == 403 and r.json()["error"] == "forbidden", (user, path, r.text)
+    with storefront.client(tokens["carol"]) as c:  # an admin passes the door; a bad n is refused before acting
+        r = c.post("/pool/scale", json={"n": True})
+        assert r.status_code == 422 and "n must be" in r.json()["detail"]
+
+
+def test_listing_another_account_is_not_found_unless_admin(storefront, tokens):
+    with storefront.client(tokens["bob"]) as bob:
+        r = bob.get("/jobs/alice")
+        assert r.status_code == 404 and r.json()["error"] == "not_found"
+        assert bob.get("/jobs/nobody-at-all").json() == r.json()  # like an unknown account
+        assert bob.get("/jobs/bob").status_code == 200
+    with storefront.client(tokens["carol"]) as carol:
+        assert carol.get("/jobs/alice").status_code == 200
+
+
+# -- the door ------------------------------------------------------------------------------------------
+def test_a_body_cannot_choose_the_account(storefront, tokens):
+    with storefront.client(tokens["alice"]) as alice:
+        before = alice.get("/counts").json()
+        r = alice.post("/generate", json={"params": _tiny(seed=7), "account": "bob"})
+        assert r.status_code == 422 and r.json()["error"] == "invalid" and "account" in r.json()["detail"]
+        r = alice.post("/generate", json={"params": {**_tiny(seed=7), "account": "bob"}})
+        assert r.status_code == 422 and "account" in r.json()["detail"]
+        assert alice.get("/counts").json() == before  # nothing queued
+        r = alice.post("/generate", json={"params": _tiny(seed=7)})
+        assert r.status_code == 201, r.text
+        job = r.json()
+        assert job["account"] == "alice"
+        assert "fence" not in job and "lease_expires_at" not in job
+        assert alice.get(f"/status/{job['id']}").json()["account"] == "alice"
+    with storefront.client(tokens["bob"]) as bob:
+        assert all(j["account"] == "bob" for j in bob.get("/jobs/bob").json())
+        assert bob.get(f"/status/{job['id']}").status_code == 404
+
+
+def test_invalid_params_are_422_naming_the_field(storefront, tokens):
+    with storefront.client(tokens["alice"]) as alice:
+        before = alice.get("/counts").json()
+        r = alice.post("/generate", json={"params": _tiny(num_frames=84)})
+        assert r.status_code == 422
+        body = r.json()
+        assert body["error"] == "invalid" and "num_frames" in body["detail"] and "79 or 85" in body["detail"]
+        r = alice.post("/generate", json={"params": _tiny(model="no-such-model")})
+        assert r.status_code == 422 and "model" in r.json()["detail"]
+        r = alice.post("/generate", json={"params": _tiny(), "tags": "not-a-list"})
+        assert r.status_code == 422 and "tags" in r.json()["detail"]
+        r = alice.post("/generate", json={"params": _tiny(num_frames=163, height=480, width=848,
+                                                            num_inference_steps=64)})
+        assert r.status_code == 422 and "token-steps" in r.json()["detail"]  # the pool's admission
+        assert alice.get("/counts").json() == before
+
+
+def test_quota_refuses_with_429_and_queues_nothing(storefront, tokens):
+    with storefront.client(tokens["bob"]) as bob:
+        active = lambda: sum(bob.get("/counts").json()[s] for s in ("queued", "running"))  # noqa: E731
+        seed = 100
+        while active() < 3:  # the storefront's max_active_jobs
+            seed += 1
+            assert bob.post("/generate", json={"params": _tiny(seed=seed)}).status_code == 201
+        listed = len(bob.get("/jobs/bob").json())
+        r = bob.post("/generate", json={"params": _tiny(seed=999)})
+        assert r.status_code == 429
+        assert r.json()["error"] == "quota" and "max_active_jobs=3" in r.json()["detail"]
+        assert active() == 3 and len(bob.get("/jobs/bob").json()) == listed
+        # cancelling one frees a place
+        job = bob.get("/jobs/bob", params={"status": "queued"}).json()[0]
+        assert bob.post(f"/cancel/{job['id']}").json()["status"] == "cancelled"
+        assert bob.post("/generate", json={"params": _tiny(seed=999)}).status_code == 201
+
+
+def test_markup_in_every_field_is_escaped_on_the_page(storefront, tokens):
+    with storefront.client(tokens["carol"]) as carol:
+        r = carol.post("/generate", json={"params": _tiny(prompt=f"a cat {EVIL}", negative_prompt=EVIL, seed=5),
+                                           "tags": [EVIL, "plain"]})
+        assert r.status_code == 201, r.text
+        page = carol.get("/", headers={"Accept": "text/html"})
+        assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+        html = page.text
+        assert EVIL not in html and "<img" not in html
+        assert html.count(EVIL_ESCAPED) >= 3  # prompt, negative prompt, tag
+        assert "carol" in html and "innerHTML" not in html
+        csp = page.headers["content-security-policy"]
+        assert "script-src 'nonce-" in csp and "unsafe-inline" not in csp
+    with storefront.client() as anon:  # a browser with no session is sent to sign in
+        r = anon.get("/", headers={"Accept": "text/html"})
+        assert r.status_code == 303 and r.headers["location"].endswith("login")
+
+
+def test_openapi_docs_are_served(storefront):
+    with storefront.client() as anon:
+        assert anon.get("/docs").status_code == 200
+        paths = anon.get("/openapi.json").json()["paths"]
+        assert {"/generate", "/status/{job_id}", "/download/{job_id}", "/events/{job_id}"} <= set(paths)
+
+
+# -- on the pool ---------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def alice_job(gateway, tokens):
+    with gateway.client(tokens["alice"]) as alice:
+        r = alice.post("/generate", json={"params": _tiny(seed=4242), "reuse": False})
+        assert r.status_code == 201, r.text
+        job = wait_done(alice, r.json()["id"])
+    assert job["status"] == "done", job
+    return job
+
+
+def test_alice_generates_polls_downloads_and_ranges(gateway, tokens, alice_job, tmp_path):
+    from mochi_lab.video import probe
+
+    job_id = alice_job["id"]
+    assert alice_job["artifacts"] == {"video": f"download/{job_id}", "thumbnail": f"thumbnail/{job_id}"}
+    with gateway.client(tokens["alice"]) as alice:
+        r = alice.get(f"/download/{job_id}")
+        assert r.status_code == 200 and r.headers["content-type"] == "video/mp4"
+        assert r.headers["accept-ranges"] == "bytes"
+        video = r.content
+        (tmp_path / "v.mp4").write_bytes(video)
+        info = probe(tmp_path / "v.mp4")
+        assert info is not None
+        r = alice.get(f"/download/{job_id}", headers={"Range": "bytes=10-99"})
+        assert r.status_code == 206
+        assert r.headers["content-range"] == f"bytes 10-99/{len(video)}"
+        assert r.content == video[10:100]
+        r = alice.get(f"/download/{job_id}", headers={"Range": "bytes=-16"})
+        assert r.status_code == 206 and r.content == video[-16:]
+        r = alice.get(f"/thumbnail/{job_id}")
+        assert r.status_code == 200 and r.content[:8] == b"\x89PNG\r\n\x1a\n"
+        with alice.stream("GET", f"/events/{job_id}") as s:  # a finished job: one event, then the end
+            events = [json.loads(line[5:]) for line in s.iter_lines() if line.startswith("data:")]
+        assert [e["status"] for e in events] == ["done"]
+        listed = alice.get("/jobs/alice", params={"status": "done"}).json()
+        assert job_id in {j["id"] for j in listed}
+        assert str(gateway.app.state.config.prefix) == "/"
+    assert "/" not in json.dumps(alice_job["artifacts"]).replace(f"download/{job_id}", "").replace(
+        f"thumbnail/{job_id}", "")  # route names, never server paths
+
+
+def test_bob_gets_404_for_everything_of_alices(gateway, tokens, alice_job):
+    job_id = alice_job["id"]
+    unknown = "18c0c0c0c0c-0123456789ab"
+    with gateway.client(tokens["alice"]) as alice:
+        assert alice.put("/experiments/alice-exp", json={"name": "alice-exp", "account": "bob", "description": "x",
+                                                         "tags": [], "runs": []}).status_code == 204
+        assert alice.get("/experiments/alice-exp").json()["account"] == "alice"  # forced
+    with gateway.client(tokens["bob"]) as bob:
+        for method, path in (("GET", "/status/{}"), ("GET", "/download/{}"), ("GET", "/thumbnail/{}"),
+                             ("GET", "/events/{}"), ("POST", "/cancel/{}"), ("POST", "/rerun/{}"),
+                             ("DELETE", "/jobs/{}")):
+            mine = bob.request(method, path.format(job_id))
+            none = bob.request(method, path.format(unknown))
+            assert mine.status_code == 404, (method, path, mine.text)
+            assert mine.json() == none.json() == {"error": "not_found", "detail": "job not found"}, (method, path)
+        for path in ("/experiments/alice-exp", "/experiments/alice-exp/export"):
+            assert bob.get(path).status_code == 404, path
+        assert bob.post("/experiments/alice-exp/resume").status_code == 404
+        assert "alice-exp" not in {e["name"] for e in bob.get("/experiments").json()}
+    with gateway.client(tokens["alice"]) as alice:  # untouched
+        assert alice.get(f"/status/{job_id}").json()["status"] == "done"
+        assert alice.get(f"/download/{job_id}").status_code == 200
+
+
+def _sse_steps(events: list[dict]) -> list[tuple]:
+    return [(e["status"], e["stage"], e["step"]) for e in events]
+
+
+async def _listen(url: str, token: str, job_id: str, ready: asyncio.Event | None = None) -> list[dict]:
+    out = []
+    async with httpx.AsyncClient(base_url=url, headers={"Authorization": f"token {token}"}, timeout=300,
+                                 trust_env=False) as c:
+        async with c.stream("GET", f"/events/{job_id}") as r:
+            assert r.status_code == 200
+            assert r.headers["content-type"].startswith("text/event-stream")
+            event = None
+            async for line in r.aiter_lines():
+                if line.startswith("event:"):
+                    event = line[6:].strip()
+                elif line.startswith("data:"):
+                    assert event == "progress"
+                    out.append(json.loads(line[5:]))
+                    if ready is not None:
+                        ready.set()
+    return out
+
+
+def test_progress_reaches_20_listeners_in_order_and_ends_terminal(gateway, tokens, mochi):
+    """20 concurrent listeners on one job: each sees the same changes, in order, from queued to done."""
+    n_workers = len(mochi.workers())
+    steps = 20
+
+    async def scenario():
+        with gateway.client(tokens["erin"]) as erin:  # keep every worker busy so the watched job waits queued
+            blockers = [erin.post("/generate", json={"params": _tiny(num_inference_steps=60, seed=500 + i,
+                                                                      height=64, width=64), "reuse": False}).json()
+                        for i in range(n_workers)]
+            deadline = time.monotonic() + 60
+            while sum(erin.get(f"/status/{b['id']}").json()["status"] != "queued" for b in blockers) < n_workers:
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.05)
+        with gateway.client(tokens["alice"]) as alice:
+            job = alice.post("/generate", json={"params": _tiny(num_inference_steps=steps, seed=777),
+                                                "reuse": False}).json()
+        readies = [asyncio.Event() for _ in range(20)]
+        listeners = [asyncio.ensure_future(_listen(gateway.url, tokens["alice"], job["id"], ready))
+                     for ready in readies]
+        results = await asyncio.wait_for(asyncio.gather(*listeners), 300)
+        with gateway.client(tokens["erin"]) as erin:  # leave the pool as we found it
+            for b in blockers:
+                assert wait_done(erin, b["id"])["status"] == "done"
+        return job, results
+
+    job, results = asyncio.run(scenario())
+    with gateway.client(tokens["alice"]) as alice:
+        final = alice.get(f"/status/{job['id']}").json()
+    assert final["status"] == "done" and final["step"] == final["total_steps"] == steps
+    order = {"queued": 0, "loading": 1, "denoising": 2, "decoding": 3, "encoding": 4, "done": 5}
+    first = _sse_steps(results[0])
+    for events in results:
+        seq = _sse_steps(events)
+        assert seq == first, "every listener sees the same changes"
+        assert events[0]["status"] == "queued", "listeners were attached while the job was queued"
+        assert events[-1]["status"] == "done" and events[-1]["step"] == steps
+        keys = [(order.get(stage, 2), step) for _, stage, step in seq]
+        assert keys == sorted(keys) and len(set(seq)) == len(seq), f"in order, no repeats: {seq}"
+        observed = [step for _, stage, step in seq if stage in ("denoising", "decoding")]
+        assert observed == sorted(set(observed)) and observed[-1] == steps
+        if hasattr(mochi.backend.store, "progress_since"):  # a store with a progress log: nothing merged
+            assert observed == list(range(steps + 1))
+    print(f"steps seen by every listener: {observed} of 0..{steps}")
+    assert gateway.app.state.progress.pollers() == 0  # the shared poller ended with the job
+
+
+def test_the_fan_out_delivers_every_change_to_every_listener():
+    """ProgressHub against a backend whose job advances one step per read: the poller sees every state, and
+    each of 20 listeners must get all of them, in order (the fan-out drops nothing, even for slow readers)."""
+    from mochi_lab.gateway import ProgressHub
+    from mochi_lab.store.base import JobRecord
+
+    total = 30
+
+    class Stepping:
+        account = "alice"
+
+        def __init__(self):
+            self.reads = 0
+
+        def get(self, job_id):
+            self.reads += 1
+            k = self.reads - 1
+            if k == 0:
+                return JobRecord(job_id, "alice", {}, status="queued", stage="queued")
+            if k <= total + 1:
+                step = k - 1
+                return JobRecord(job_id, "alice", {}, status="running", stage="denoising" if step < total else
+                                 "decoding", step=step, total_steps=total)
+            return JobRecord(job_id, "alice", {}, status="done", stage="done", step=total, total_steps=total)
+
+    async def scenario():
+        hub = ProgressHub(poll_s=0.001)
+        backend = Stepping()
+
+        async def listener(i):
+            seen = []
+            async for item in hub.listen(backend, "18c0c0c0c0c-0123456789ab"):
+                seen.append((item["status"], item["step"]))
+                if i % 4 == 0:
+                    await asyncio.sleep(0.003)  # a slow reader
+            return seen
+
+        # all subscribe before the poller's first read (they start in the same loop turn)
+        return await asyncio.gather(*(listener(i) for i in range(20)))
+
+    results = asyncio.run(scenario())
+    want = [("queued", 0)] + [("running", s) for s in range(total + 1)] + [("done", total)]
+    for seen in results:
+        assert seen == want
+
+
+def test_static_tokens_cookies_and_an_unreachable_hub(tmp_path):
+    """Hub-less deployments: hashed static tokens; the page's cookie session; a hub that is down is a 503."""
+    from starlette.testclient import TestClient
+
+    from mochi_lab.direct import DirectBackend
+    from mochi_lab.gateway import COOKIE, CSRF_HEADER, GatewayConfig, create_app
+    from mochi_lab.hubauth import StaticTokens, hash_token
+    from mochi_lab.settings import Settings
+    from mochi_lab.store import open_store
+
+    with pytest.raises(ValueError, match="sha256"):
+        StaticTokens({"plain-token": {"account": "alice"}})
+    settings = Settings(data_dir=tmp_path, account="alice")
+    store = open_store(settings.store_url)
+    shared = DirectBackend(settings, store, None)
+    static = {hash_token("alice-secret"): {"account": "alice"}, hash_token("root-secret"): {"account": "ops",
+                                                                                          "admin": True}}
+    with socket.socket() as sock:  # a port nothing listens on: the hub is down
+        sock.bind(("127.0.0.1", 0))
+        down = sock.getsockname()[1]
+    config = GatewayConfig(static_tokens=static, hub_api_url=f"http://127.0.0.1:{down}/hub/api")
+    app = create_app(settings, backend_factory=lambda: shared, config=config)
+    try:
+        with TestClient(app, base_url="http://127.0.0.1") as c:
+            assert c.get("/whoami", headers={"Authorization": "token alice-secret"}).json() == \
+                {"account": "alice", "admin": False}
+            assert c.get("/whoami", headers={"Authorization": "Bearer root-secret"}).json()["admin"] is True
+            r = c.get("/whoami", headers={"Authorization": "token not-a-static-one"})  # falls to the hub: down
+            assert r.status_code == 503 and r.json()["error"] == "unavailable" and "not-a-static-one" not in r.text
+            # the page's session: sign in with a token, then a cookie; writes need the CSRF header
+            r = c.post("/login", content="token=alice-secret", follow_redirects=False,
+                       headers={"Content-Type": "application/x-www-form-urlencoded"})
+            assert r.status_code == 303 and COOKIE in r.headers["set-cookie"]
+            assert "httponly" in r.headers["set-cookie"].lower() and "samesite=strict" in r.headers["set-cookie"].lower()
+            assert c.get("/whoami").json()["account"] == "alice"
+            body = {"params": {"prompt": "x", **TINY}}
+            r = c.post("/generate", json=body)
+            assert r.status_code == 403 and CSRF_HEADER in r.json()["detail"]
+            r = c.post("/generate", json=body, headers={CSRF_HEADER: "1"})
+            assert r.status_code == 201 and r.json()["account"] == "alice"
+            assert "<html" in c.get("/").text
+            c.post("/logout")
+            c.cookies.clear()
+            assert c.get("/whoami").status_code == 401
+    finally:
+        store.close()
+
+
+def test_a_store_progress_log_gives_every_step_even_faster_than_a_poll():
+    """With a store that keeps a progress log (`progress_since`), all of a job's steps reach 20 listeners even
+    when the whole job runs between two polls."""
+    from mochi_lab.gateway import ProgressHub
+    from mochi_lab.store.base import JobRecord
+
+    total, job_id = 25, "18c0c0c0c0c-0123456789ab"
+    log = ([{"seq": 0, "status": "queued", "stage": "queued", "step": 0, "attempts": 0}]
+           + [{"seq": 1 + s, "status": "running", "stage": "denoising" if s < total else "decoding", "step": s,
+               "total_steps": total, "attempts": 1} for s in range(total + 1)]
+           + [{"seq": total + 2, "status": "running", "stage": "encoding", "step": total, "attempts": 1},
+              {"seq": total + 3, "status": "done", "stage": "done", "step": total, "attempts": 1}])
+
+    class Store:
+        def __init__(self):
+            self.calls = 0
+
+        def progress_since(self, account, job, after):
+            assert (account, job) == ("alice", job_id)
+            self.calls += 1
+            upto = len(log) if self.calls > 1 else 3  # the first poll sees the start, the second everything
+            return [e for e in log[:upto] if e["seq"] > after]
+
+    class Backend:
+        account = "alice"
+        store = Store()
+
+        def get(self, job):
+            done = self.store.calls >= 1
+            return JobRecord(job, "alice", {}, status="done" if done else "queued", stage="done" if done else "queued",
+                             step=total if done else 0, total_steps=total, attempts=1 if done else 0,
+                             artifacts={"video": "/srv/x.mp4"} if done else {})
+
+    async def scenario():
+        hub = ProgressHub(poll_s=0.001)
+        backend = Backend()
+
+        async def listener():
+            return [item async for item in hub.listen(backend, job_id)]
+
+        return await asyncio.gather(*(listener() for _ in range(20)))
+
+    for events in asyncio.run(scenario()):
+        steps = [e["step"] for e in events if e["stage"] in ("denoising", "decoding")]
+        assert steps == list(range(total + 1))
+        assert events[0]["status"] == "queued" and events[-1]["status"] == "done"
+        assert events[-1]["artifacts"] == {"video": f"download/{job_id}"}  # a route, never the server path
+
+
+def test_the_notebook_handle_works_unchanged_through_the_hub_gateway(gateway, tokens, tmp_path, monkeypatch):
+    """MochiCluster(url) with only the hub token: the same flow as on the direct backend, hub identities."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: remote_flow sits there
+    from remote_flow import handle_flow
+
+    handle_flow(gateway.url, tokens["alice"], tokens["bob"], tmp_path, monkeypatch)
