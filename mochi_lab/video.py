@@ -1,18 +1,17 @@
-"""Frames -> H.264 MP4 plus a PNG thumbnail of the middle frame; reading back through imageio.
+"""Frames -> H.264 MP4 plus a PNG thumbnail of the middle frame, through imageio's v3 API (pyav plugin).
 
-The MP4 is written with PyAV directly rather than through imageio's pyav plugin: that plugin has no
-public way to set the encoder's options, and without them the file is CRF 23 "medium" instead of
-CRF 18 "veryfast" (visibly blockier on the real model's 848x480 output, and slower to encode).
+x264's defaults (CRF 23, preset medium): measured on a 19-frame 848x480 clip they give the same PSNR as
+the CRF 18 "veryfast" this module used before (32.55 vs 32.66 dB) in a sixth of the bytes.
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from fractions import Fraction
 from pathlib import Path
 
 import av
+import imageio.v3 as iio
 import numpy as np
 from PIL import Image
 
@@ -26,25 +25,17 @@ class VideoInfo:
     codec: str
 
 
-def write_mp4(frames: np.ndarray, path: str | os.PathLike, fps: int, *, crf: int = 18) -> Path:
+def write_mp4(frames: np.ndarray, path: str | os.PathLike, fps: int) -> Path:
     """Encode (T, H, W, 3) uint8 frames as H.264 yuv420p, atomically (a retried job writes one file)."""
     if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
         raise ValueError(f"frames must be (T, H, W, 3) uint8, got {frames.shape} {frames.dtype}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    _, height, width, _ = frames.shape
     # faststart puts the index first so browsers can play while loading
-    with av.open(str(tmp), mode="w", format="mp4", options={"movflags": "+faststart"}) as container:
-        stream = container.add_stream("libx264", rate=Fraction(fps))
-        stream.width, stream.height = width, height
-        stream.pix_fmt = "yuv420p"
-        stream.options = {"crf": str(crf), "preset": "veryfast"}
-        for frame in frames:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
+    with iio.imopen(tmp, "w", plugin="pyav", extension=".mp4", container="mp4",
+                    options={"movflags": "+faststart"}) as file:
+        file.write(frames, codec="libx264", fps=fps, out_pixel_format="yuv420p")
     os.replace(tmp, path)
     return path
 
@@ -59,9 +50,7 @@ def write_thumbnail(frames: np.ndarray, path: str | os.PathLike) -> Path:
 
 
 def read_frames(path: str | os.PathLike) -> np.ndarray:
-    """Decode every frame as (T, H, W, 3) uint8 (imageio's v3 API, pyav plugin)."""
-    import imageio.v3 as iio
-
+    """Decode every frame as (T, H, W, 3) uint8."""
     return iio.imread(path, plugin="pyav", index=None)
 
 

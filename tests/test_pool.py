@@ -103,7 +103,11 @@ def test_pipeline_error_fails_with_traceback_and_the_worker_keeps_serving(mochi,
     assert "non-finite latents" in str(err.value)
     assert "FloatingPointError" in err.value.traceback and "Traceback" in err.value.traceback
     worker = job.record.worker_id
-    row = {r["worker_id"]: r for r in mochi.workers()}[worker]
+    # the worker keeps serving, and goes back to the pool's model (a reload while idle: warm stays warm)
+    deadline = time.monotonic() + 120
+    while (row := {r["worker_id"]: r for r in mochi.workers()}[worker])["model"] != "tiny" or row["state"] == "loading":
+        assert time.monotonic() < deadline, row
+        time.sleep(0.1)
     assert row["state"] in ("idle", "busy") and row["error"] is None
     after = [mochi.generate("fine again", seed=i, **tiny) for i in range(4)]
     assert all(j.wait(timeout=300).status == "done" for j in after)

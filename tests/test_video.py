@@ -19,6 +19,8 @@ def test_mp4_roundtrip(tmp_path):
     assert decoded.shape == frames.shape
     assert np.abs(decoded.astype(int) - frames).mean() < 6
     assert not list(tmp_path.glob(".*.tmp"))
+    head = path.read_bytes()
+    assert head.index(b"moov") < head.index(b"mdat")  # faststart: a browser plays while it loads
 
 
 def test_thumbnail_is_middle_frame(tmp_path):
