@@ -126,15 +126,21 @@ class GatewayBackend(Backend):
         self.cache_dir = root / _host_dir(self.url) / self.account
 
     # -- HTTP ------------------------------------------------------------------
-    def _request(self, method: str, path: str, *, not_found=None, **kwargs: Any) -> httpx.Response:
+    @contextlib.contextmanager
+    def _reaching(self, what: str):
+        """A timeout or a broken connection while doing `what` becomes StoreUnavailable, token scrubbed."""
         try:
-            response = self._client.request(method, path, **kwargs)
+            yield
         except httpx.TimeoutException:
-            raise StoreUnavailable(f"the mochi_lab gateway at {self._where} did not answer "
-                                   f"{method} /{path.split('?')[0]} within {self.timeout:g}s") from None
+            raise StoreUnavailable(f"the mochi_lab gateway at {self._where} did not answer {what} "
+                                   f"within {self.timeout:g}s") from None
         except httpx.TransportError as exc:
-            raise StoreUnavailable(f"cannot reach the mochi_lab gateway at {self._where}: "
+            raise StoreUnavailable(f"cannot reach the mochi_lab gateway at {self._where} ({what}): "
                                    f"{self._scrub(str(exc)) or type(exc).__name__}") from None
+
+    def _request(self, method: str, path: str, *, not_found=None, **kwargs: Any) -> httpx.Response:
+        with self._reaching(f"{method} /{path.split('?')[0]}"):
+            response = self._client.request(method, path, **kwargs)
         if response.is_success:
             return response
         raise self._error(response, not_found)
@@ -284,25 +290,18 @@ class GatewayBackend(Backend):
         fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
         try:
             with os.fdopen(fd, "wb") as f:
-                try:
-                    with self._client.stream("GET", f"{route}/{job_id}") as r:
-                        if r.status_code in (404, 409, 410):
-                            r.read()
-                            # an unknown or other account's id raises JobNotFound here; else there is no file
-                            record = self.get(job_id)
-                            raise FileNotFoundError(f"job {job_id} has no {name} (status {record.status})")
-                        if not r.is_success:
-                            raise self._error(r, self._job_missing(job_id))
-                        expected = r.headers.get("content-length")
-                        for chunk in r.iter_bytes(_CHUNK):
-                            f.write(chunk)
-                        got = f.tell()
-                except httpx.TimeoutException:
-                    raise StoreUnavailable(f"the mochi_lab gateway at {self._where} did not send the {name} of "
-                                           f"job {job_id} within {self.timeout:g}s") from None
-                except httpx.TransportError as exc:
-                    raise StoreUnavailable(f"download of the {name} of job {job_id} from {self._where} broke off: "
-                                           f"{self._scrub(str(exc)) or type(exc).__name__}") from None
+                with self._reaching(f"the {name} of job {job_id}"), self._client.stream("GET", f"{route}/{job_id}") as r:
+                    if r.status_code in (404, 409, 410):
+                        r.read()
+                        # an unknown or other account's id raises JobNotFound here; else there is no file
+                        record = self.get(job_id)
+                        raise FileNotFoundError(f"job {job_id} has no {name} (status {record.status})")
+                    if not r.is_success:
+                        raise self._error(r, self._job_missing(job_id))
+                    expected = r.headers.get("content-length")
+                    for chunk in r.iter_bytes(_CHUNK):
+                        f.write(chunk)
+                    got = f.tell()
             if expected is not None and expected.isdigit() and int(expected) != got:
                 raise StoreUnavailable(f"download of the {name} of job {job_id} from {self._where} was cut short "
                                        f"({got} of {expected} bytes)")
