@@ -201,10 +201,8 @@ class ProgressHub:
     One poller per (account, job) reads the store every `poll_s` while anyone listens and keeps the
     changes it saw; each listener starts at the latest one and reads on at its own pace.
 
-    The stores keep a job's latest progress, not a log, so a step shorter than one poll can be merged
-    into the next. A store that offers `progress_since(account, job_id, after_seq)` -> [{"seq", "status",
-    "stage", "step", "total_steps", "message", "attempts"}, ...] (every change, in order, newer than
-    `after_seq`; -1: from the start) is read instead, and then no change is ever merged.
+    The running states come from the store's progress log (`Store.progress_since`), so a step shorter
+    than one poll is still delivered; a backend without a store (tests) is polled for its latest state.
     """
 
     def __init__(self, poll_s: float = 0.05, max_s: float = 6 * 3600.0, keepalive_s: float = 15.0):
@@ -244,7 +242,6 @@ class ProgressHub:
             watch.listeners -= 1
 
     async def _poll(self, key: tuple[str, str], watch: _Watch, backend: DirectBackend, job_id: str) -> None:
-        # A store with a progress log (`progress_since`, see the class doc) lets no change be merged.
         reader = getattr(getattr(backend, "store", None), "progress_since", None)
         last: tuple | None = None
         seq = -1
@@ -277,7 +274,7 @@ class ProgressHub:
                 for entry in entries:  # the log from the job's start, then what follows, in order
                     seq = max(seq, int(entry.get("seq", seq)))
                     await emit({**view, **{k: entry[k] for k in _LOGGED if k in entry}})
-                if reader is None or record.status in FINISHED:
+                if reader is None or record.status != RUNNING:  # the log has the running states
                     await emit(view)
                 if record.status in FINISHED:
                     return

@@ -21,6 +21,10 @@ from mochi_lab.settings import check_account
 QUEUED, RUNNING, DONE, FAILED, CANCELLED = "queued", "running", "done", "failed", "cancelled"
 STATUSES = (QUEUED, RUNNING, DONE, FAILED, CANCELLED)
 FINISHED = frozenset({DONE, FAILED, CANCELLED})
+# a job's progress log: enough for every step of the longest allowed job and its retries; a finished
+# job's log stays a while for listeners still reading it
+PROGRESS_LOG_MAX = 4096
+PROGRESS_LOG_KEEP_S = 600
 
 
 class StoreError(RuntimeError):
@@ -192,6 +196,14 @@ class Store(abc.ABC):
         message: str = "",
     ) -> bool:
         """Record stage and step k/N; returns whether a cancel was requested. Raises LeaseLost."""
+
+    @abc.abstractmethod
+    def progress_since(self, account: str, job_id: str, after_seq: int = -1) -> list[dict[str, Any]]:
+        """Every `progress` write of the job after `after_seq`, in order (-1: from its first).
+
+        Entries: {"seq", "status", "stage", "step", "total_steps", "message", "attempts"}, as the job
+        stood after that write. A job keeps at most PROGRESS_LOG_MAX entries; a finished job's log goes
+        after PROGRESS_LOG_KEEP_S. JobNotFound for another account's id, as `get`."""
 
     @abc.abstractmethod
     def complete(

@@ -2,6 +2,7 @@
 
 Keys, all under `{prefix}:` (default prefix `mochi`):
   job:{id}            hash, one field per JobRecord field (None = absent) plus `seq`
+  plog:{id}           list of JSON progress entries (the job after each `progress`), expiring once it ends
   q:{account}         zset of queued jobs, score -priority, member "{seq:016d}:{id}" (FIFO on ties)
   ready               zset of accounts with queued jobs, score = that account's last claim number
   lastclaim           hash account -> claim number (fairness: the longest-unserved account goes next)
@@ -31,6 +32,8 @@ from redis.retry import Retry
 
 from mochi_lab.store import redis_lua as lua
 from mochi_lab.store.base import (
+    PROGRESS_LOG_MAX,
+    RUNNING,
     STATUSES,
     Claim,
     JobNotFound,
@@ -64,6 +67,13 @@ def _pairs(fields: dict[str, Any]) -> list[str]:
         if value is not None:
             out += (name, _dumps(value) if name in _JSON_FIELDS else str(value))
     return out
+
+
+def _owned(job_id: str, out: list[str]) -> bool:
+    """An owner script's reply: cancel_requested, or LeaseLost."""
+    if out[0] == "LOST":
+        raise LeaseLost(f"job {job_id}: {out[1]}")
+    return out[1] == "1"
 
 
 def _decode(doc: str | dict[str, Any]) -> JobRecord:
@@ -126,6 +136,7 @@ class RedisStore(Store):
         self._cancel, self._delete, self._requeue = reg(lua.CANCEL), reg(lua.DELETE), reg(lua.REQUEUE)
         self._page, self._get, self._put_experiment = reg(lua.PAGE), reg(lua.GET), reg(lua.PUT_EXPERIMENT)
         self._release_worker = reg(lua.RELEASE_WORKER)
+        self._progress, self._progress_since = reg(lua.PROGRESS), reg(lua.PROGRESS_SINCE)
         self._client, self._pid = client, os.getpid()
 
     def __reduce__(self) -> tuple[Any, ...]:  # picklable by url: a worker opens its own connection
@@ -185,10 +196,7 @@ class RedisStore(Store):
 
     def _owner_write(self, job_id: str, token: int, lease_s: float | None, fields: dict[str, Any]) -> bool:
         lease = "" if lease_s is None else repr(float(lease_s))
-        out = self._owner(args=[self.prefix, job_id, str(int(token)), lease, *_pairs(fields)])
-        if out[0] == "LOST":
-            raise LeaseLost(f"job {job_id}: {out[1]}")
-        return out[1] == "1"
+        return _owned(job_id, self._owner(args=[self.prefix, job_id, str(int(token)), lease, *_pairs(fields)]))
 
     @_guard
     def heartbeat(self, job_id: str, token: int, lease_s: float) -> bool:
@@ -200,7 +208,16 @@ class RedisStore(Store):
         message: str = "",
     ) -> bool:
         fields = {"stage": stage, "step": step, "total_steps": total, "message": message}
-        return self._owner_write(job_id, token, None, fields)
+        return _owned(job_id, self._progress(args=[self.prefix, job_id, str(int(token)), PROGRESS_LOG_MAX,
+                                                   *_pairs(fields)]))
+
+    @_guard
+    def progress_since(self, account: str, job_id: str, after_seq: int = -1) -> list[dict[str, Any]]:
+        first = max(int(after_seq) + 1, 0)
+        raw = self._progress_since(args=[self.prefix, account, job_id, first])
+        if raw is None:
+            raise JobNotFound(f"job {job_id} not found")
+        return [{"seq": first + i, "status": RUNNING, **json.loads(e)} for i, e in enumerate(raw)]
 
     def _finish_as(self, job_id: str, token: int, status: str, fields: dict[str, Any]) -> None:
         out = self._finish(args=[self.prefix, job_id, str(int(token)), status, *_pairs(fields)])

@@ -4,8 +4,11 @@ Each script is `LIB` (shared helpers; ARGV[1] is the key prefix) followed by its
 Key layout: see mochi_lab/store/redis.py.
 """
 
+from mochi_lab.store.base import PROGRESS_LOG_KEEP_S
+
 LIB = r"""
 local P = ARGV[1]
+local PLOG_KEEP = @PROGRESS_LOG_KEEP_S@
 local function now_str()
   local t = redis.call('TIME')
   return t[1] .. '.' .. string.format('%06d', tonumber(t[2]))
@@ -43,8 +46,10 @@ local function unqueue(id, acc, seq)
   redis.call('ZREM', qkey(acc), qmember(seq, id))
   if redis.call('ZCARD', qkey(acc)) == 0 then redis.call('ZREM', P .. ':ready', acc) end
 end
+local function lkey(id) return P .. ':plog:' .. id end
 local function finish(k, id, acc, seq, old, st, now)
   redis.call('HSET', k, 'status', st, 'stage', st, 'finished_at', now)
+  redis.call('EXPIRE', lkey(id), PLOG_KEEP)
   redis.call('HDEL', k, 'lease_expires_at')
   redis.call('ZREM', P .. ':leases', id)
   move(id, acc, seq, old, st)
@@ -82,7 +87,7 @@ local function lost(k, token)
   end
   return nil
 end
-"""
+""".replace("@PROGRESS_LOG_KEEP_S@", str(PROGRESS_LOG_KEEP_S))
 
 # ARGV: P, account, id, has key ('0'/'1'), idempotency key, priority, params JSON, tags JSON, has experiment, experiment
 ENQUEUE = LIB + r"""
@@ -157,6 +162,27 @@ if #ARGV > 4 then redis.call('HSET', k, unpack(ARGV, 5)) end
 return {'OK', redis.call('HGET', k, 'cancel_requested')}
 """
 
+# ARGV: P, id, token, log cap, then field/value pairs to set; the job as it stands is appended to its log
+PROGRESS = LIB + r"""
+local id, token = ARGV[2], ARGV[3]
+local k = jkey(id)
+local why = lost(k, token)
+if why then return {'LOST', why} end
+if #ARGV > 4 then redis.call('HSET', k, unpack(ARGV, 5)) end
+if redis.call('LLEN', lkey(id)) < tonumber(ARGV[4]) then
+  local f = redis.call('HMGET', k, 'stage', 'step', 'total_steps', 'message', 'attempts')
+  redis.call('RPUSH', lkey(id), cjson.encode({stage = f[1], step = tonumber(f[2]), total_steps = tonumber(f[3]),
+                                              message = f[4] or '', attempts = tonumber(f[5])}))
+end
+return {'OK', redis.call('HGET', k, 'cancel_requested')}
+"""
+
+# ARGV: P, account, id, first index: the log from there, or false for another account's (or no) job
+PROGRESS_SINCE = LIB + r"""
+if redis.call('HGET', jkey(ARGV[3]), 'account') ~= ARGV[2] then return false end
+return redis.call('LRANGE', lkey(ARGV[3]), ARGV[4], -1)
+"""
+
 # ARGV: P, id, token, final status, then field/value pairs to set
 FINISH = LIB + r"""
 local id, token = ARGV[2], ARGV[3]
@@ -200,7 +226,7 @@ redis.call('ZREM', P .. ':h:' .. acc, id)
 if f[4] and redis.call('HGET', P .. ':idem:' .. acc, f[4]) == id then
   redis.call('HDEL', P .. ':idem:' .. acc, f[4])
 end
-redis.call('DEL', k)
+redis.call('DEL', k, lkey(id))
 return f[5] or '{}'
 """
 

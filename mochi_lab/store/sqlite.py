@@ -24,6 +24,9 @@ from mochi_lab.store.base import (
     CANCELLED,
     DONE,
     FAILED,
+    PROGRESS_LOG_KEEP_S,
+    PROGRESS_LOG_MAX,
+    RUNNING,
     STATUSES,
     Claim,
     JobNotFound,
@@ -81,6 +84,13 @@ CREATE TABLE IF NOT EXISTS workers (
     info TEXT NOT NULL,
     expires_at REAL NOT NULL
 );
+-- every progress write of a job, in order, dropped with the job or a while after it ends
+CREATE TABLE IF NOT EXISTS progress_log (
+    job_id TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    entry TEXT NOT NULL,
+    PRIMARY KEY (job_id, seq)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS experiments (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
     account TEXT NOT NULL,
@@ -282,11 +292,28 @@ class SQLiteStore(Store):
         self, job_id: str, token: int, *, stage: str, step: int | None = None, total: int | None = None,
         message: str = "",
     ) -> bool:
-        return self._owner_write(
-            job_id, token,
-            "stage = ?, step = COALESCE(?, step), total_steps = COALESCE(?, total_steps), message = ?",
-            (stage, step, total, message),
+        with self._write() as db:
+            cancel = self._owner_write(
+                job_id, token,
+                "stage = ?, step = COALESCE(?, step), total_steps = COALESCE(?, total_steps), message = ?",
+                (stage, step, total, message),
+            )
+            db.execute(
+                "INSERT INTO progress_log(job_id, seq, entry) SELECT id, "
+                "(SELECT COUNT(*) FROM progress_log WHERE job_id = ?), json_object('stage', stage, 'step', step, "
+                "'total_steps', total_steps, 'message', message, 'attempts', attempts) FROM jobs "
+                "WHERE id = ? AND (SELECT COUNT(*) FROM progress_log WHERE job_id = ?) < ?",
+                (job_id, job_id, job_id, PROGRESS_LOG_MAX),
+            )
+        return cancel
+
+    def progress_since(self, account: str, job_id: str, after_seq: int = -1) -> list[dict[str, Any]]:
+        conn = self._conn()
+        self._get(conn, account, job_id)  # JobNotFound for another account's id
+        rows = conn.execute(
+            "SELECT seq, entry FROM progress_log WHERE job_id = ? AND seq > ? ORDER BY seq", (job_id, int(after_seq))
         )
+        return [{"seq": seq, "status": RUNNING, **json.loads(entry)} for seq, entry in rows]
 
     def _finish(
         self, job_id: str, token: int, status: str, *, timings: Any, meta: Any, extra: str = "", args: tuple = ()
@@ -300,6 +327,11 @@ class SQLiteStore(Store):
             "timings = COALESCE(?, timings), meta = COALESCE(?, meta)" + extra,
             (status, status, time.time(), status, None if timings is None else _dumps(timings),
              None if meta is None else _dumps(meta), *args),
+        )
+        # the log holds only running and recent jobs, so this scan stays short
+        self._conn().execute(
+            "DELETE FROM progress_log WHERE job_id IN (SELECT DISTINCT p.job_id FROM progress_log p "
+            "JOIN jobs j ON j.id = p.job_id WHERE j.finished_at < ?)", (time.time() - PROGRESS_LOG_KEEP_S,),
         )
 
     def complete(
@@ -412,6 +444,7 @@ class SQLiteStore(Store):
         with self._write() as db:
             job = self._get(db, account, job_id)
             db.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
+            db.execute("DELETE FROM progress_log WHERE job_id = ?", (job_id,))
         remove_artifacts(job.artifacts)
 
     def counts(self, account: str) -> dict[str, int]:

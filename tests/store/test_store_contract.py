@@ -116,6 +116,51 @@ def test_heartbeat_and_progress(store: Store) -> None:
     assert (got.stage, got.step, got.total_steps, got.status) == ("decoding", 3, 8, RUNNING)
 
 
+def test_the_progress_log_keeps_every_write_in_order_per_account(store: Store, monkeypatch) -> None:
+    job = store.enqueue("alice", {"prompt": "p"})
+    assert store.progress_since("alice", job.id) == []
+    claim = store.claim("w1", 60)
+    store.progress(job.id, claim.token, stage="loading", message="<b>ü</b>")
+    for k in range(4):
+        store.progress(job.id, claim.token, stage="denoising", step=k, total=3)
+    store.progress(job.id, claim.token, stage="decoding")  # step/total as they were
+    log = store.progress_since("alice", job.id)
+    assert [(e["seq"], e["status"], e["stage"], e["step"], e["total_steps"]) for e in log] == [
+        (0, RUNNING, "loading", 0, 0), (1, RUNNING, "denoising", 0, 3), (2, RUNNING, "denoising", 1, 3),
+        (3, RUNNING, "denoising", 2, 3), (4, RUNNING, "denoising", 3, 3), (5, RUNNING, "decoding", 3, 3)]
+    assert log[0]["message"] == "<b>ü</b>" and {e["attempts"] for e in log} == {1}
+    assert [e["seq"] for e in store.progress_since("alice", job.id, after_seq=3)] == [4, 5]
+    assert store.progress_since("alice", job.id, after_seq=99) == []
+    with pytest.raises(JobNotFound):  # another account's id reads as a missing one
+        store.progress_since("bob", job.id)
+    # a write that lost its lease logs nothing
+    store.release_worker("w1")
+    with pytest.raises(LeaseLost):
+        store.progress(job.id, claim.token, stage="denoising", step=9)
+    again = store.claim("w2", 60)
+    store.progress(job.id, again.token, stage="loading")
+    assert [(e["seq"], e["attempts"]) for e in store.progress_since("alice", job.id, 5)] == [(6, 2)]
+    store.complete(job.id, again.token, artifacts={}, timings={}, meta={})
+    assert len(store.progress_since("alice", job.id)) == 7  # kept a while for late readers
+    store.delete("alice", job.id)
+    with pytest.raises(JobNotFound):
+        store.progress_since("alice", job.id)
+
+
+def test_the_progress_log_is_capped(store: Store, monkeypatch) -> None:
+    import mochi_lab.store.redis as redis_store
+    import mochi_lab.store.sqlite as sqlite_store
+
+    for module in (redis_store, sqlite_store):
+        monkeypatch.setattr(module, "PROGRESS_LOG_MAX", 5)
+    job = store.enqueue("alice", {"prompt": "p"})
+    claim = store.claim("w1", 60)
+    for k in range(9):
+        store.progress(job.id, claim.token, stage="denoising", step=k, total=8)
+    assert [e["step"] for e in store.progress_since("alice", job.id)] == [0, 1, 2, 3, 4]
+    assert store.get("alice", job.id).step == 8  # the job itself keeps moving
+
+
 def test_complete_fail_and_finish_cancelled(store: Store) -> None:
     a, b, c = (store.enqueue("alice", {"prompt": n}) for n in "abc")
     ca, cb, cc = (store.claim("w", 60) for _ in range(3))
