@@ -9,10 +9,10 @@ from mochi_lab.experiment import Experiment, ExperimentNotFound
 from mochi_lab.job import Job, JobCancelledError, JobFailed
 from mochi_lab.params import LIMITS, GenerationParams, ParamsError
 from mochi_lab.pipelines.config import PipelineConfig
-from mochi_lab.remote import GatewayAuthError, GatewayBackend, GatewayError, QuotaExceeded
+from mochi_lab.remote import GatewayAuthError, GatewayBackend, GatewayError
 from mochi_lab.settings import Settings
 from mochi_lab.store.base import (
-    CANCELLED, DONE, FAILED, QUEUED, RUNNING, STATUSES, JobNotFound, JobRecord, StoreUnavailable,
+    CANCELLED, DONE, FAILED, QUEUED, RUNNING, STATUSES, JobNotFound, JobRecord, QuotaExceeded, StoreUnavailable,
 )
 from mochi_lab.version import __version__
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import abc
 import shutil
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +20,7 @@ from mochi_lab.params import GenerationParams, SubmitOptions
 from mochi_lab.store.base import JobRecord
 
 ARTIFACTS = ("video", "thumbnail")
+_POLL_MIN_S, _POLL_MAX_S = 0.05, 0.2  # a state read is cheap; latency is not
 
 
 class Backend(abc.ABC):
@@ -47,6 +50,21 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     def counts(self) -> dict[str, int]: ...
+
+    def watch(self, job_id: str, timeout: float | None = None) -> Iterator[JobRecord]:
+        """The job's states until it finishes (the last one yielded is finished): TimeoutError after
+        `timeout` s. This one polls; a backend that can be told of changes pushes them instead."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        delay = _POLL_MIN_S
+        while True:
+            record = self.get(job_id)
+            yield record
+            if record.finished:
+                return
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutError(f"job {job_id} still {record.status} ({record.stage}) after {timeout}s")
+            time.sleep(delay if deadline is None else max(0.0, min(delay, deadline - time.monotonic())))
+            delay = min(delay * 1.5, _POLL_MAX_S)
 
     # -- artifacts -------------------------------------------------------------
     @abc.abstractmethod

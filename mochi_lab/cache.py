@@ -43,6 +43,7 @@ def cached_enqueue(
     priority: int = 0,
     experiment: str | None = None,
     tags: Iterable[str] = (),
+    max_active: int | None = None,
 ) -> JobRecord:
     """Return the account's done or in-flight job with these exact params, else queue a new one.
 
@@ -54,7 +55,7 @@ def cached_enqueue(
     for slot in itertools.count():
         record = store.enqueue(
             account, dict(params), priority=priority, experiment=experiment, tags=tags,
-            idempotency_key=f"{CACHE_PREFIX}{key}/{slot}",
+            idempotency_key=f"{CACHE_PREFIX}{key}/{slot}", max_active=max_active,
         )
         if record.status not in _DEAD:
             return record

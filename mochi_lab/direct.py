@@ -23,16 +23,19 @@ if TYPE_CHECKING:
 
 
 class DirectBackend(Backend):
-    """One account's view of a store, and (optionally) the pool that serves it."""
+    """One account's view of a store, and (optionally) the pool that serves it.
+
+    `max_active_jobs`: the account's quota of queued + running jobs (None: none), enforced by the store."""
 
     def __init__(self, settings: Settings, store: Store, pool: "Pool | None" = None, *, model: str = "tiny",
-                 ray_address: str | None = None):
+                 ray_address: str | None = None, max_active_jobs: int | None = None):
         self.settings = settings
         self.account = settings.account
         self.store = store
         self.pool = pool
         self.model = model
         self.ray_address = ray_address
+        self.max_active_jobs = max_active_jobs
 
     @classmethod
     def start(cls, settings: Settings, model: str = "tiny", pipeline: PipelineConfig | None = None, *,
@@ -60,7 +63,8 @@ class DirectBackend(Backend):
         counter = _local_token_counter(params, self.settings.cache_dir)
         if counter is not None:
             check_prompt_tokens(params, counter)
-        opts = {"priority": options.priority, "experiment": options.experiment, "tags": list(options.tags)}
+        opts = {"priority": options.priority, "experiment": options.experiment, "tags": list(options.tags),
+                "max_active": self.max_active_jobs}
         if reuse and options.idempotency_key is None:
             return cached_enqueue(self.store, self.account, params.to_dict(), **opts)
         return self.store.enqueue(self.account, params.to_dict(), idempotency_key=options.idempotency_key, **opts)

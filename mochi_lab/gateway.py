@@ -36,7 +36,7 @@ from urllib.parse import parse_qs
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field
 
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -53,8 +53,18 @@ from mochi_lab.hubauth import (
     parse_authorization,
 )
 from mochi_lab.params import GenerationParams, ParamsError, SubmitOptions, validate_name
-from mochi_lab.settings import Settings, check_account
-from mochi_lab.store.base import FINISHED, QUEUED, RUNNING, JobNotFound, JobRecord, StoreError, check_job_id
+from mochi_lab.settings import GatewayConfig, Settings, check_account
+from mochi_lab.store.base import (
+    FINISHED,
+    QUEUED,
+    RUNNING,
+    JobNotFound,
+    JobRecord,
+    QuotaExceeded,
+    StoreError,
+    active_limit_error,
+    check_job_id,
+)
 
 log = logging.getLogger("mochi_lab.gateway")
 
@@ -65,92 +75,17 @@ ROUTES = {"video": "download", "thumbnail": "thumbnail"}
 MAX_BODY_BYTES = 1 << 20
 
 
-# -- settings ----------------------------------------------------------------------------------------
-_ENV = {
-    "host": "MOCHI_LAB_GATEWAY_HOST",
-    "port": "MOCHI_LAB_GATEWAY_PORT",
-    "model": "MOCHI_LAB_GATEWAY_MODEL",
-    "service_name": "JUPYTERHUB_SERVICE_NAME",
-    "prefix": "JUPYTERHUB_SERVICE_PREFIX",
-    "hub_api_url": "JUPYTERHUB_API_URL",
-    "hub_api_token": "JUPYTERHUB_API_TOKEN",
-    "admin_groups": "MOCHI_LAB_GATEWAY_ADMIN_GROUPS",
-    "static_tokens": "MOCHI_LAB_GATEWAY_TOKENS",
-    "auth_cache_s": "MOCHI_LAB_GATEWAY_AUTH_CACHE_S",
-    "max_active_jobs": "MOCHI_LAB_MAX_ACTIVE_JOBS",
-    "events_poll_s": "MOCHI_LAB_GATEWAY_EVENTS_POLL_S",
-    "events_max_s": "MOCHI_LAB_GATEWAY_EVENTS_MAX_S",
-}
-
-
-class GatewayConfig(BaseModel):
-    """The gateway's own settings. Each comes from `Settings` when it has a field of that name, else
-    from the environment variable in `_ENV`, else the default; keyword overrides win."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    host: str = "127.0.0.1"
-    port: int = 8770
-    model: str = "tiny"  # the pool's model when the gateway starts the pool itself
-    service_name: str = "mochi-lab"
-    prefix: str = "/"
-    hub_api_url: str | None = None
-    hub_api_token: SecretStr | None = None  # the service's token (reads users' admin flags)
-    admin_groups: list[str] = Field(default_factory=list)
-    # sha256(token) hex -> {"account": ..., "admin": bool}; JSON, or "@/path/to/file.json"
-    static_tokens: dict[str, Any] = Field(default_factory=dict)
-    auth_cache_s: float = 30.0
-    max_active_jobs: int = 20  # queued + running jobs per account
-    events_poll_s: float = 0.05
-    events_max_s: float = 6 * 3600.0
-
-    @field_validator("admin_groups", mode="before")
-    @classmethod
-    def _groups(cls, v: Any) -> Any:
-        return [g.strip() for g in v.split(",") if g.strip()] if isinstance(v, str) else v
-
-    @field_validator("static_tokens", mode="before")
-    @classmethod
-    def _tokens(cls, v: Any) -> Any:
-        if isinstance(v, str):
-            text = Path(v[1:]).read_text() if v.startswith("@") else v
-            v = json.loads(text) if text.strip() else {}
-        return v
-
-    @field_validator("prefix")
-    @classmethod
-    def _prefix(cls, v: str) -> str:
-        return "/" + v.strip("/") + "/" if v.strip("/") else "/"
-
-    @field_validator("max_active_jobs")
-    @classmethod
-    def _quota(cls, v: int) -> int:
-        if v < 1:
-            raise ValueError("max_active_jobs must be at least 1")
-        return v
-
-    @classmethod
-    def from_env(cls, settings: Settings | None = None, **overrides: Any) -> "GatewayConfig":
-        values: dict[str, Any] = {}
-        have = type(settings).model_fields if settings is not None else {}
-        for name, var in _ENV.items():
-            if name in have and name not in ("host", "port", "model"):
-                values[name] = getattr(settings, name)
-            elif os.environ.get(var):
-                values[name] = os.environ[var]
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        return cls(**values)
-
-    def authenticator(self) -> Authenticator:
-        static = StaticTokens(self.static_tokens) if self.static_tokens else None
-        hub = None
-        if self.hub_api_url:
-            hub = HubAuth(self.hub_api_url, service_name=self.service_name,
-                          api_token=self.hub_api_token.get_secret_value() if self.hub_api_token else None,
-                          admin_groups=self.admin_groups, cache_s=self.auth_cache_s)
-        if static is None and hub is None:
-            raise ValueError("the gateway needs a hub (JUPYTERHUB_API_URL) or static tokens (MOCHI_LAB_GATEWAY_TOKENS)")
-        return ChainAuth(static, hub)
+def authenticator(config: GatewayConfig) -> Authenticator:
+    """Hub and/or static tokens, as `config` says."""
+    static = StaticTokens(config.static_tokens) if config.static_tokens else None
+    hub = None
+    if config.hub_api_url:
+        hub = HubAuth(config.hub_api_url, service_name=config.service_name,
+                      api_token=config.hub_api_token.get_secret_value() if config.hub_api_token else None,
+                      admin_groups=config.admin_groups, cache_s=config.auth_cache_s)
+    if static is None and hub is None:
+        raise ValueError("the gateway needs a hub (JUPYTERHUB_API_URL) or static tokens (MOCHI_LAB_GATEWAY_TOKENS)")
+    return ChainAuth(static, hub)
 
 
 # -- errors ------------------------------------------------------------------------------------------
@@ -244,7 +179,7 @@ class ProgressHub:
     async def _poll(self, key: tuple[str, str], watch: _Watch, backend: DirectBackend, job_id: str) -> None:
         reader = getattr(getattr(backend, "store", None), "progress_since", None)
         last: tuple | None = None
-        seq = -1
+        seq, first = -1, True
         deadline = time.monotonic() + self.max_s
         failures = 0
 
@@ -271,7 +206,9 @@ class ProgressHub:
                     await asyncio.sleep(min(2.0, self.poll_s * 2 ** failures))
                     continue
                 view = job_json(record)
-                for entry in entries:  # the log from the job's start, then what follows, in order
+                if first:  # a listener joining late starts at the job's state now, not its history
+                    entries, first = ([] if record.status in FINISHED else entries[-1:]), False
+                for entry in entries:  # in order
                     seq = max(seq, int(entry.get("seq", seq)))
                     await emit({**view, **{k: entry[k] for k in _LOGGED if k in entry}})
                 if reader is None or record.status != RUNNING:  # the log has the running states
@@ -342,14 +279,13 @@ def create_app(settings: Settings | None = None, *, backend_factory: Callable[[]
     is left open). `auth` decides identities (default: from `config`: hub and/or static tokens).
     """
     settings = settings or Settings.from_env()
-    config = config or GatewayConfig.from_env(settings)
-    auth = auth or config.authenticator()
+    config = config or GatewayConfig.from_env()
+    auth = auth or authenticator(config)
     owned = backend_factory is None
     factory = backend_factory or (lambda: DirectBackend.start(settings, config.model, start_pool=True))
     progress = ProgressHub(config.events_poll_s, config.events_max_s)
     state: dict[str, Any] = {"shared": None}
     start_lock = threading.Lock()
-    quota_locks: dict[str, threading.Lock] = {}
 
     def shared() -> DirectBackend:
         if state["shared"] is None:
@@ -403,6 +339,10 @@ def create_app(settings: Settings | None = None, *, backend_factory: Callable[[]
     async def _params(request: Request, exc: ParamsError):
         return _error_response(422, "invalid", str(exc))
 
+    @app.exception_handler(QuotaExceeded)
+    async def _quota(request: Request, exc: QuotaExceeded):
+        return _error_response(429, "quota", str(exc))
+
     @app.exception_handler(JobNotFound)
     async def _missing(request: Request, exc: JobNotFound):
         return _error_response(404, "not_found", "job not found")
@@ -441,12 +381,13 @@ def create_app(settings: Settings | None = None, *, backend_factory: Callable[[]
         base = shared()
         check_account(account)  # model_copy does not validate
         return DirectBackend(settings.model_copy(update={"account": account}), base.store, base.pool,
-                             model=base.model, ray_address=base.ray_address)
+                             model=base.model, ray_address=base.ray_address, max_active_jobs=config.max_active_jobs)
 
-    def user_backend(identity: Identity = Depends(identify)) -> DirectBackend:
+    # The cheap dependencies are async: a sync one costs a thread-pool hop per request.
+    async def user_backend(identity: Identity = Depends(identify)) -> DirectBackend:
         return backend_for(identity.account)
 
-    def admin_only(identity: Identity = Depends(identify)) -> Identity:
+    async def admin_only(identity: Identity = Depends(identify)) -> Identity:
         if not identity.admin:
             raise ApiError(403, "forbidden", "this action needs an admin")
         return identity
@@ -457,16 +398,12 @@ def create_app(settings: Settings | None = None, *, backend_factory: Callable[[]
         except ValueError:
             raise _not_found() from None
 
-    def check_quota(backend: DirectBackend, adding: int = 1) -> None:
+    def check_quota(backend: DirectBackend, adding: int) -> None:
+        """All of a sweep or none: refused up front when it cannot fit (each job is checked by the store too)."""
         counts = backend.counts()
         active = counts.get(QUEUED, 0) + counts.get(RUNNING, 0)
         if active + adding > config.max_active_jobs:
-            raise ApiError(429, "quota", f"account {backend.account} has {active} queued or running jobs; the limit "
-                                         f"is max_active_jobs={config.max_active_jobs} (wait for some to finish or "
-                                         f"cancel some); nothing was queued")
-
-    def quota_lock(account: str) -> threading.Lock:
-        return quota_locks.setdefault(account, threading.Lock())
+            raise active_limit_error(backend.account, active, config.max_active_jobs)
 
     # -- routes ---------------------------------------------------------------------------------
     @api.get("/healthz", tags=["service"])
@@ -478,7 +415,7 @@ def create_app(settings: Settings | None = None, *, backend_factory: Callable[[]
         return {"ok": True}
 
     @api.get("/whoami", tags=["service"])
-    def whoami(identity: Identity = Depends(identify)):
+    async def whoami(identity: Identity = Depends(identify)):
         return {"account": identity.account, "admin": identity.admin}
 
     @api.get("/models", tags=["pool"])
@@ -490,14 +427,11 @@ def create_app(settings: Settings | None = None, *, backend_factory: Callable[[]
         params = GenerationParams.parse(**{"model": backend.model, **body.params})
         options = SubmitOptions.parse(priority=body.priority, tags=body.tags, experiment=body.experiment,
                                       idempotency_key=body.idempotency_key)
-        with quota_lock(backend.account):
-            check_quota(backend)
-            record = backend.submit(params, options, reuse=body.reuse)
-        return job_json(record)
+        return job_json(backend.submit(params, options, reuse=body.reuse))
 
     @api.get("/status/{job_id}", tags=["jobs"])
     def status(job_id: str, backend: DirectBackend = Depends(user_backend)):
-        return job_json(backend.get(job_id_of(job_id)))
+        return JSONResponse(job_json(backend.get(job_id_of(job_id))))
 
     @api.get("/jobs/{account}", tags=["jobs"])
     def jobs(account: str, status: str | None = None, experiment: str | None = None, tag: str | None = None,
@@ -536,10 +470,7 @@ def create_app(settings: Settings | None = None, *, backend_factory: Callable[[]
     def rerun(job_id: str, backend: DirectBackend = Depends(user_backend)):
         record = backend.get(job_id_of(job_id))
         options = SubmitOptions.parse(tags=[f"reproduces:{record.id}"])
-        with quota_lock(backend.account):
-            check_quota(backend)
-            new = backend.submit(GenerationParams.stored(record.params), options, reuse=False)
-        return job_json(new)
+        return job_json(backend.submit(GenerationParams.stored(record.params), options, reuse=False))
 
     def artifact(backend: DirectBackend, job_id: str, name: str) -> Path:
         job_id = job_id_of(job_id)
@@ -657,20 +588,18 @@ def create_app(settings: Settings | None = None, *, backend_factory: Callable[[]
         except (ValueError, TypeError) as exc:
             raise ApiError(422, "invalid", str(exc)) from None
         priority = SubmitOptions.parse(priority=body.priority).priority
-        with quota_lock(backend.account):
-            check_quota(backend, planned)
-            exp = open_experiment(backend, name, create=True)
-            jobs = exp.sweep(body.prompts, body.seeds, priority=priority, **body.params)
+        check_quota(backend, planned)
+        exp = open_experiment(backend, name, create=True)
+        jobs = exp.sweep(body.prompts, body.seeds, priority=priority, **body.params)
         return [job_json(j.record) for j in jobs]
 
     @api.post("/experiments/{name}/resume", tags=["experiments"])
     def resume(name: str, backend: DirectBackend = Depends(user_backend)):
         exp = open_experiment(backend, name)
-        with quota_lock(backend.account):
-            todo = sum(n for k, n in exp.status().items() if k in ("missing", "failed", "cancelled"))
-            if todo:
-                check_quota(backend, todo)
-            jobs = exp.resume()
+        todo = sum(n for k, n in exp.status().items() if k in ("missing", "failed", "cancelled"))
+        if todo:
+            check_quota(backend, todo)
+        jobs = exp.resume()
         return [job_json(j.record) for j in jobs]
 
     @api.get("/experiments/{name}/export", tags=["experiments"])
@@ -791,10 +720,10 @@ def serve(host: str | None = None, port: int | None = None, settings: Settings |
     import uvicorn
 
     settings = settings or Settings.from_env()
-    config = GatewayConfig.from_env(settings, host=host, port=port)
+    config = GatewayConfig.from_env(host=host, port=port)
     app = create_app(settings, config=config)
     uvicorn.run(app, host=config.host, port=config.port, proxy_headers=True, forwarded_allow_ips="127.0.0.1",
                 log_level="info")
 
 
-__all__ = ["GatewayConfig", "ProgressHub", "create_app", "job_json", "serve"]
+__all__ = ["ProgressHub", "create_app", "job_json", "serve"]

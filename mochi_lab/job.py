@@ -3,7 +3,6 @@ no Ray reference, so it outlives kernels and clients (`cluster.job(id)` re-attac
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +10,6 @@ from mochi_lab.backend import Backend
 from mochi_lab.params import GenerationParams, SubmitOptions
 from mochi_lab.store.base import CANCELLED, DONE, FAILED, JobRecord, check_job_id
 
-_POLL_MIN_S, _POLL_MAX_S = 0.05, 0.2  # a state read is cheap; latency is not
 
 
 class JobFailed(RuntimeError):
@@ -82,20 +80,13 @@ class Job:
     # -- results ---------------------------------------------------------------
     def wait(self, timeout: float | None = None, *, progress: bool = False) -> JobRecord:
         """Block until the job finishes (or `timeout` seconds pass: TimeoutError)."""
-        deadline = None if timeout is None else time.monotonic() + timeout
         bar = None
-        delay = _POLL_MIN_S
         try:
-            while True:
-                r = self.refresh()
+            for r in self._backend.watch(self.id, timeout):
+                self._record = r
                 if progress:
                     bar = _update_bar(bar, r)
-                if r.finished:
-                    return r
-                if deadline is not None and time.monotonic() >= deadline:
-                    raise TimeoutError(f"job {self.id} still {r.status} ({r.stage}) after {timeout}s")
-                time.sleep(delay if deadline is None else max(0.0, min(delay, deadline - time.monotonic())))
-                delay = min(delay * 1.5, _POLL_MAX_S)
+            return self._record
         finally:
             if bar is not None:
                 bar.close()

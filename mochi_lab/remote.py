@@ -30,7 +30,14 @@ import httpx
 from mochi_lab.backend import ARTIFACTS, Backend
 from mochi_lab.params import GenerationParams, ParamsError, SubmitOptions, check_model
 from mochi_lab.settings import check_account
-from mochi_lab.store.base import ARTIFACT_SUFFIXES, JOB_ID_RE, JobNotFound, JobRecord, StoreUnavailable
+from mochi_lab.store.base import (
+    ARTIFACT_SUFFIXES,
+    JOB_ID_RE,
+    JobNotFound,
+    JobRecord,
+    QuotaExceeded,
+    StoreUnavailable,
+)
 
 DEFAULT_TIMEOUT_S = 30.0
 _CHUNK = 1 << 20
@@ -54,10 +61,6 @@ class GatewayAuthError(PermissionError):
 
     def __str__(self) -> str:  # PermissionError(msg) prints fine; keep it one clear line
         return str(self.args[0]) if self.args else "not allowed"
-
-
-class QuotaExceeded(RuntimeError):
-    """429: this account is at one of the gateway's limits; the message names which."""
 
 
 class _TokenAuth(httpx.Auth):
@@ -252,7 +255,8 @@ class GatewayBackend(Backend):
 
     def events(self, job_id: str, *, timeout: float | None = None) -> Iterator[JobRecord]:
         """The job's progress as the server pushes it (`GET /events/{id}`, server-sent events): one record
-        per change of status, stage or step, the last one finished. Not part of `Backend`."""
+        per change of status, stage or step, the last one finished. TimeoutError when nothing (not even a
+        keep-alive) arrives for `timeout` s."""
         jid = self._job_id(job_id)
         try:
             with self._client.stream("GET", f"events/{jid}", timeout=httpx.Timeout(self.timeout, read=timeout)) as r:
@@ -272,6 +276,30 @@ class GatewayBackend(Backend):
         except httpx.TransportError as exc:
             raise StoreUnavailable(f"lost the event stream of the mochi_lab gateway at {self._where}: "
                                    f"{self._scrub(str(exc)) or type(exc).__name__}") from None
+
+    def watch(self, job_id: str, timeout: float | None = None) -> Iterator[JobRecord]:
+        """Pushed by the server (`events`), so the end is seen when it happens, not at the next poll; a
+        stream that ends early (the server's time limit, a restart, a cut) is opened again."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            try:
+                for record in self.events(job_id, timeout=left):
+                    yield record
+                    if record.finished:
+                        return
+                    if deadline is not None and time.monotonic() >= deadline:
+                        break
+            except TimeoutError:
+                pass
+            except StoreUnavailable:  # a cut stream; a gateway that is gone fails the read below
+                time.sleep(0.1)
+            record = self.get(job_id)
+            yield record
+            if record.finished:
+                return
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutError(f"job {job_id} still {record.status} ({record.stage}) after {timeout}s")
 
     # -- artifacts -------------------------------------------------------------
     def _cached(self, job_id: str, name: str) -> Path:

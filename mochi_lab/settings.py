@@ -7,9 +7,10 @@ import json
 import os
 import re
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
 BUILTIN_MODELS: dict[str, str] = {
     "tiny": "tiny",  # built offline in code, see mochi_lab.pipelines.tiny
@@ -146,3 +147,74 @@ class Settings(BaseModel):
     @property
     def artifacts_dir(self) -> Path:
         return self.data_dir / "artifacts"
+
+
+# The gateway's settings and their environment variables.
+_GATEWAY_ENV = {
+    "host": "MOCHI_LAB_GATEWAY_HOST",
+    "port": "MOCHI_LAB_GATEWAY_PORT",
+    "model": "MOCHI_LAB_MODEL",
+    "service_name": "JUPYTERHUB_SERVICE_NAME",
+    "prefix": "JUPYTERHUB_SERVICE_PREFIX",
+    "hub_api_url": "JUPYTERHUB_API_URL",
+    "hub_api_token": "JUPYTERHUB_API_TOKEN",
+    "admin_groups": "MOCHI_LAB_GATEWAY_ADMIN_GROUPS",
+    "static_tokens": "MOCHI_LAB_GATEWAY_TOKENS",
+    "auth_cache_s": "MOCHI_LAB_GATEWAY_AUTH_CACHE_S",
+    "max_active_jobs": "MOCHI_LAB_MAX_ACTIVE_JOBS",
+    "events_poll_s": "MOCHI_LAB_GATEWAY_EVENTS_POLL_S",
+    "events_max_s": "MOCHI_LAB_GATEWAY_EVENTS_MAX_S",
+}
+
+
+class GatewayConfig(BaseModel):
+    """The gateway's own settings (the store, Ray and pool ones are `Settings`). `from_env` reads the
+    variables in `_GATEWAY_ENV`; keyword overrides win."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    host: str = "127.0.0.1"
+    port: int = 8770
+    model: str = "tiny"  # the model of the pool the gateway owns (it creates or re-attaches it at start)
+    service_name: str = "mochi-lab"
+    prefix: str = "/"
+    hub_api_url: str | None = None
+    hub_api_token: SecretStr | None = None  # the service's token (reads users' admin flags)
+    admin_groups: list[str] = Field(default_factory=list)
+    # sha256(token) hex -> {"account": ..., "admin": bool}; JSON, or "@/path/to/file.json"
+    static_tokens: dict[str, Any] = Field(default_factory=dict)
+    auth_cache_s: float = 30.0
+    max_active_jobs: int = 20  # queued + running jobs per account
+    events_poll_s: float = 0.05
+    events_max_s: float = 6 * 3600.0
+
+    @field_validator("admin_groups", mode="before")
+    @classmethod
+    def _groups(cls, v: Any) -> Any:
+        return [g.strip() for g in v.split(",") if g.strip()] if isinstance(v, str) else v
+
+    @field_validator("static_tokens", mode="before")
+    @classmethod
+    def _tokens(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            text = Path(v[1:]).read_text() if v.startswith("@") else v
+            v = json.loads(text) if text.strip() else {}
+        return v
+
+    @field_validator("prefix")
+    @classmethod
+    def _prefix(cls, v: str) -> str:
+        return "/" + v.strip("/") + "/" if v.strip("/") else "/"
+
+    @field_validator("max_active_jobs")
+    @classmethod
+    def _quota(cls, v: int) -> int:
+        if v < 1:
+            raise ValueError("max_active_jobs must be at least 1")
+        return v
+
+    @classmethod
+    def from_env(cls, **overrides: Any) -> "GatewayConfig":
+        values: dict[str, Any] = {name: os.environ[var] for name, var in _GATEWAY_ENV.items() if os.environ.get(var)}
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)

@@ -34,6 +34,7 @@ class GatewayStub:
         self.failures: list[tuple[str, int, Any, dict]] = []  # (path prefix, status, body, headers)
         self.scaled: list[int] = []
         self.steps = 2
+        self.cut_events = 0  # event streams still to break after their first event
         self.page_max = 1000  # the server's cap on one GET /jobs
         self.prefix = "/services/mochi-lab"  # the hub's service prefix; routes are the same below it
 
@@ -190,10 +191,15 @@ class GatewayStub:
         return httpx.Response(200, json=[self._job_json(j) for j in rows[offset:offset + limit]])
 
     def _events(self, job: dict[str, Any]) -> httpx.Response:
-        chunks = []
-        while True:
-            chunks.append(f"event: progress\ndata: {json.dumps(self._job_json(job))}\n\n")
-            if job["status"] in FINISHED:
-                break
-            self.advance(job)
-        return httpx.Response(200, content="".join(chunks).encode(), headers={"content-type": "text/event-stream"})
+        """The whole stream at once; while `cut_events` > 0 a stream breaks after its first event."""
+        def chunks():
+            while True:
+                yield f"event: progress\ndata: {json.dumps(self._job_json(job))}\n\n".encode()
+                if job["status"] in FINISHED:
+                    return
+                self.advance(job)
+                if self.cut_events > 0:
+                    self.cut_events -= 1
+                    raise httpx.ReadError("connection reset by peer")
+
+        return httpx.Response(200, content=chunks(), headers={"content-type": "text/event-stream"})

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import time
 import sys
 from pathlib import Path
 
@@ -201,6 +202,16 @@ def test_events_stream_progress_to_the_end(bob):
     assert seen[-1][0] == "done" and ("running", 1) in seen
 
 
+def test_wait_follows_the_pushed_stream_across_cuts(bob, stub):
+    stub.steps = 6
+    job = bob.generate("cut", seed=9, **TINY)
+    stub.cut_events = 2
+    assert job.wait(timeout=30).status == "done" and job.record.step == 6
+    paths = _paths(stub)
+    assert stub.cut_events == 0 and paths.count(f"GET {stub.prefix}/events/{job.id}") == 3, paths
+    assert paths.count(f"GET {stub.prefix}/status/{job.id}") == 2, "one state read per cut, no polling"
+
+
 # -- errors ----------------------------------------------------------------------
 def test_422_is_ParamsError_with_the_servers_words(bob, stub):
     stub.inject("generate", 422,
@@ -353,8 +364,8 @@ def storefront_url(tmp_path_factory):
     """The real gateway over a store of its own and no pool (jobs stay queued). No Ray."""
     pytest.importorskip("mochi_lab.gateway")
     from mochi_lab.direct import DirectBackend
-    from mochi_lab.gateway import GatewayConfig, create_app
-    from mochi_lab.settings import Settings
+    from mochi_lab.gateway import create_app
+    from mochi_lab.settings import GatewayConfig, Settings
     from mochi_lab.store import open_store
 
     settings = Settings(data_dir=tmp_path_factory.mktemp("storefront"), account="alice")
@@ -376,6 +387,10 @@ def test_the_real_server_maps_like_the_stub(storefront_url, tmp_path, monkeypatc
         job = bob.generate("queued forever", seed=1, **TINY)
         assert bob.job(job.id).status == "queued" and [j.id for j in bob.jobs()] == [job.id]
         assert bob.generate("queued forever", seed=1, **TINY).id == job.id  # the server's result cache
+        t0 = time.monotonic()
+        with pytest.raises(TimeoutError, match="still queued"):  # waits on the pushed stream, within its time
+            job.wait(timeout=0.5)
+        assert 0.5 <= time.monotonic() - t0 < 3
         with pytest.raises(FileNotFoundError, match="has no video .status queued"):
             bob.backend.artifact_path(job.id, "video")
         with pytest.raises(JobNotFound):
@@ -428,7 +443,8 @@ def tokens_for_the_pool():
 def gateway_url(mochi, test_settings, tokens_for_the_pool):
     """The real gateway over the session's store and Ray pool (tests/conftest.py's `mochi`)."""
     pytest.importorskip("mochi_lab.gateway")
-    from mochi_lab.gateway import GatewayConfig, create_app
+    from mochi_lab.gateway import create_app
+    from mochi_lab.settings import GatewayConfig
 
     shared = mochi.backend
     config = GatewayConfig(static_tokens=_static_tokens(**tokens_for_the_pool), events_poll_s=0.02)

@@ -14,6 +14,7 @@ from mochi_lab.store.base import (
     JobNotFound,
     JobRecord,
     LeaseLost,
+    QuotaExceeded,
     Store,
     StoreError,
     StoreUnavailable,
@@ -39,6 +40,6 @@ def open_store(url: str, *, max_attempts: int = 3) -> Store:
 
 __all__ = [
     "CANCELLED", "DONE", "FAILED", "FINISHED", "QUEUED", "RUNNING", "STATUSES",
-    "Claim", "JobNotFound", "JobRecord", "LeaseLost", "Store", "StoreError", "StoreUnavailable",
+    "Claim", "JobNotFound", "JobRecord", "LeaseLost", "QuotaExceeded", "Store", "StoreError", "StoreUnavailable",
     "open_store",
 ]

@@ -46,6 +46,15 @@ class StoreUnavailable(StoreError):
     """The backend cannot be reached (connection refused, timed out)."""
 
 
+class QuotaExceeded(RuntimeError):
+    """This account is at one of its limits (a gateway answers 429); the message names which. Nothing was queued."""
+
+
+def active_limit_error(account: str, active: int, limit: int) -> QuotaExceeded:
+    return QuotaExceeded(f"account {account} has {active} queued or running jobs; the limit is "
+                         f"max_active_jobs={limit} (wait for some to finish or cancel some); nothing was queued")
+
+
 @dataclass
 class JobRecord:
     """One job, as stored. `stage` is finer than `status` (loading, denoising, decoding, ...)."""
@@ -170,8 +179,12 @@ class Store(abc.ABC):
         experiment: str | None = None,
         tags: Iterable[str] = (),
         idempotency_key: str | None = None,
+        max_active: int | None = None,
     ) -> JobRecord:
-        """Queue a job. The same (account, idempotency_key) returns the first job again."""
+        """Queue a job. The same (account, idempotency_key) returns the first job again.
+
+        `max_active`: refuse (QuotaExceeded) a new job while the account has that many queued or
+        running ones, checked and queued in one atomic step, so gateway replicas cannot both pass."""
 
     @abc.abstractmethod
     def claim(self, worker_id: str, lease_s: float) -> Claim | None:

@@ -41,6 +41,7 @@ from mochi_lab.store.base import (
     LeaseLost,
     Store,
     StoreUnavailable,
+    active_limit_error,
     check_status,
     job_matches,
     new_job_id,
@@ -172,17 +173,19 @@ class RedisStore(Store):
     @_guard
     def enqueue(
         self, account: str, params: dict[str, Any], *, priority: int = 0, experiment: str | None = None,
-        tags: Iterable[str] = (), idempotency_key: str | None = None,
+        tags: Iterable[str] = (), idempotency_key: str | None = None, max_active: int | None = None,
     ) -> JobRecord:
         job = JobRecord(id=new_job_id(), account=account, params=dict(params), priority=int(priority),
                         experiment=experiment, tags=list(tags), idempotency_key=idempotency_key)
         has_key, has_experiment = int(idempotency_key is not None), int(experiment is not None)
         kind, value = self._enqueue(args=[
             self.prefix, account, job.id, has_key, idempotency_key or "", job.priority, _dumps(job.params),
-            _dumps(job.tags), has_experiment, experiment or "",
+            _dumps(job.tags), has_experiment, experiment or "", "" if max_active is None else int(max_active),
         ])
         if kind == "OLD":
             return _decode(value)
+        if kind == "LIMIT":
+            raise active_limit_error(account, int(value), int(max_active))
         job.created_at = float(value)  # stamped by the server's clock
         return job
 

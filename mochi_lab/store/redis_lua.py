@@ -89,13 +89,20 @@ local function lost(k, token)
 end
 """.replace("@PROGRESS_LOG_KEEP_S@", str(PROGRESS_LOG_KEEP_S))
 
-# ARGV: P, account, id, has key ('0'/'1'), idempotency key, priority, params JSON, tags JSON, has experiment, experiment
+# ARGV: P, account, id, has key ('0'/'1'), idempotency key, priority, params JSON, tags JSON, has experiment, experiment,
+# max active jobs ('' for none)
 ENQUEUE = LIB + r"""
 local acc, id, has_idem, idem, prio = ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
 local k = jkey(id)
 if has_idem == '1' then
   local old = redis.call('HGET', P .. ':idem:' .. acc, idem)
   if old and redis.call('EXISTS', jkey(old)) == 1 then return {'OLD', doc(jkey(old))} end
+end
+if ARGV[11] ~= '' then
+  local active = redis.call('ZCARD', skey(acc, 'queued')) + redis.call('ZCARD', skey(acc, 'running'))
+  if active >= tonumber(ARGV[11]) then return {'LIMIT', active} end
+end
+if has_idem == '1' then
   redis.call('HSET', P .. ':idem:' .. acc, idem, id)
   redis.call('HSET', k, 'idempotency_key', idem)
 end

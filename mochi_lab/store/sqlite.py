@@ -34,6 +34,7 @@ from mochi_lab.store.base import (
     LeaseLost,
     Store,
     StoreUnavailable,
+    active_limit_error,
     check_status,
     new_job_id,
     remove_artifacts,
@@ -230,7 +231,7 @@ class SQLiteStore(Store):
     # -- queue ---------------------------------------------------------------------
     def enqueue(
         self, account: str, params: dict[str, Any], *, priority: int = 0, experiment: str | None = None,
-        tags: Iterable[str] = (), idempotency_key: str | None = None,
+        tags: Iterable[str] = (), idempotency_key: str | None = None, max_active: int | None = None,
     ) -> JobRecord:
         job = JobRecord(id=new_job_id(), account=account, params=dict(params), priority=int(priority),
                         experiment=experiment, tags=list(tags), idempotency_key=idempotency_key, created_at=time.time())
@@ -240,6 +241,11 @@ class SQLiteStore(Store):
                 old = db.execute(f"{_SELECT} WHERE account = ? AND idempotency_key = ?", (account, idempotency_key))
                 if (row := old.fetchone()) is not None:
                     return _row_to_job(row)
+            if max_active is not None:
+                (active,) = db.execute("SELECT COUNT(*) FROM jobs WHERE account = ? AND status IN "
+                                       "('queued', 'running')", (account,)).fetchone()
+                if active >= max_active:
+                    raise active_limit_error(account, active, max_active)
             db.execute(_INSERT, values)
             db.execute("INSERT OR IGNORE INTO accounts(account) VALUES (?)", (account,))
         return job

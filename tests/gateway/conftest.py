@@ -170,7 +170,7 @@ class Gateway:
 
 
 def _config(hub: Hub, **overrides):
-    from mochi_lab.gateway import GatewayConfig
+    from mochi_lab.settings import GatewayConfig
 
     return GatewayConfig(hub_api_url=hub.api_url, hub_api_token=hub.service_token, service_name=SERVICE,
                          admin_groups=["mochi-admins"], auth_cache_s=AUTH_CACHE_S, events_poll_s=0.02,

@@ -361,7 +361,8 @@ def test_static_tokens_cookies_and_an_unreachable_hub(tmp_path):
     from starlette.testclient import TestClient
 
     from mochi_lab.direct import DirectBackend
-    from mochi_lab.gateway import COOKIE, CSRF_HEADER, GatewayConfig, create_app
+    from mochi_lab.gateway import COOKIE, CSRF_HEADER, create_app
+    from mochi_lab.settings import GatewayConfig
     from mochi_lab.hubauth import StaticTokens, hash_token
     from mochi_lab.settings import Settings
     from mochi_lab.store import open_store

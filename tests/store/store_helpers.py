@@ -113,3 +113,20 @@ def sqlite_writer(url: str) -> None:
 if __name__ == "__main__":
     if sys.argv[1] == "sqlite_writer":
         sqlite_writer(sys.argv[2])
+
+
+def enqueue_under_quota(url: str, n: int, limit: int, start, out) -> None:
+    """Try `n` enqueues for one account with `max_active=limit`; report (queued ids, refusals)."""
+    from mochi_lab.store import QuotaExceeded, open_store
+
+    store = open_store(url)
+    start.wait()
+    ids, refused = [], 0
+    for i in range(n):
+        try:
+            ids.append(store.enqueue("alice", {"prompt": f"q{i}"}, max_active=limit).id)
+        except QuotaExceeded:
+            refused += 1
+    out.put((ids, refused))
+    store.close()
+

@@ -7,7 +7,9 @@ import queue
 import threading
 from collections import Counter
 
-from store_helpers import claim_all
+import pytest
+
+from store_helpers import claim_all, enqueue_under_quota
 
 from mochi_lab.store import DONE, Store
 from mochi_lab.store.redis import RedisStore
@@ -89,3 +91,35 @@ def test_a_forked_child_opens_its_own_connection(store: Store) -> None:
     # the parent's connection was not disturbed by the child's traffic
     assert store.get("alice", child_id).params == {"prompt": "from the child"}
     assert [j.id for j in store.list("alice")] == [child_id, first.id]
+
+
+def test_the_active_jobs_quota_holds_across_processes(store: Store) -> None:
+    """Like gateway replicas: 4 processes race to queue 10 jobs each under max_active=7; exactly 7 get in."""
+    from mochi_lab.store import QuotaExceeded
+
+    ctx = mp.get_context("spawn")
+    start, out = ctx.Barrier(4), ctx.Queue()
+    procs = [ctx.Process(target=enqueue_under_quota, args=(store.url, 10, 7, start, out)) for _ in range(4)]
+    for p in procs:
+        p.start()
+    try:
+        results = [out.get(timeout=90) for _ in procs]
+    finally:
+        for p in procs:
+            p.join(timeout=30)
+    queued = [i for ids, _ in results for i in ids]
+    assert len(queued) == 7 and sum(refused for _, refused in results) == 33
+    assert store.counts("alice")["queued"] == 7
+    with pytest.raises(QuotaExceeded, match="max_active_jobs=7"):
+        store.enqueue("alice", {"prompt": "one more"}, max_active=7)
+    store.enqueue("bob", {"prompt": "another account"}, max_active=7)  # per account
+    store.enqueue("alice", {"prompt": "k"}, idempotency_key="k")  # no quota asked: none applied
+    assert store.enqueue("alice", {"prompt": "k"}, idempotency_key="k", max_active=1).params["prompt"] == "k"
+    claim = store.claim("w", 60)  # running counts too; finished does not
+    assert claim.job.account == "alice"  # accounts tie: the first by name goes first
+    store.complete(claim.job.id, claim.token, artifacts={}, timings={}, meta={})
+    store.cancel("alice", next(i for i in queued if i != claim.job.id))
+    store.enqueue("alice", {"prompt": "room again"}, max_active=7)  # 8 active - 2 finished = 6
+    with pytest.raises(QuotaExceeded):
+        store.enqueue("alice", {"prompt": "full again"}, max_active=7)
+

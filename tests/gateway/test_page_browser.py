@@ -1,0 +1,238 @@
+"""The gateway's web page (`GET /`) in Debian's headless Chromium through Playwright.
+
+Signed in through the login form (a hub token, then the cookie session), a user queues a video with the
+page's own form, watches its progress arrive, plays it through the gateway and downloads it; markup in
+every field stays text; another user sees none of it; a form from elsewhere cannot write.
+Screenshots go to artifacts/browser/ (ignored by git).
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from urllib.parse import urljoin
+
+import pytest
+
+pytestmark = pytest.mark.browser
+
+REPO = Path(__file__).resolve().parents[2]
+ARTIFACTS = REPO / "artifacts" / "browser"
+CHROMIUM = "/usr/bin/chromium"  # Debian's build; Playwright's own browsers are never downloaded
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
+FINISHED = ("done", "failed", "cancelled")
+
+IMG = "<img src=x onerror=alert(1)>"
+SCRIPT = '"><script>window.__pwned=1</script>'
+
+# Before any page script: every change of a card's (status, steps) text, in the order the page showed it.
+RECORD_PROGRESS = """
+window.__shown = [];
+document.addEventListener("DOMContentLoaded", () => {
+  const jobs = document.getElementById("jobs");
+  if (!jobs) return;
+  const last = new Map();
+  new MutationObserver(() => {
+    for (const card of jobs.querySelectorAll("article.job")) {
+      const seen = {id: card.dataset.job, status: card.querySelector(".status").textContent.trim(),
+                    steps: card.querySelector(".steps").textContent.trim()};
+      const key = seen.status + "|" + seen.steps;
+      if (last.get(seen.id) !== key) { last.set(seen.id, key); window.__shown.push(seen); }
+    }
+  }).observe(jobs, {subtree: true, childList: true, characterData: true, attributes: true});
+});
+"""
+CARD_FINISHED = """(id) => {
+  const s = document.querySelector('#job-' + id + ' .status');
+  return s !== null && ['done', 'failed', 'cancelled'].includes(s.textContent.trim());
+}"""
+VIDEO_PLAYABLE = """(id) => {
+  const v = document.querySelector('#job-' + id + ' video');
+  return v !== null && v.readyState >= 2 && v.duration > 0;
+}"""
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as pw:
+        chromium = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        try:
+            yield pw, chromium
+        finally:
+            chromium.close()
+
+
+def sign_in(page, base: str, user: str, token: str) -> None:
+    """Open the page with no session, get sent to the login form, and sign in there."""
+    page.goto(base + "/")
+    assert page.url == base + "/login"
+    page.fill("input[name=token]", token)
+    page.click("button[type=submit]")
+    page.wait_for_url(base + "/")
+    assert page.locator("header .account").inner_text() == user
+
+
+def fill_tiny(page, prompt: str, steps: int = 4) -> None:
+    page.fill("textarea[name=prompt]", prompt)
+    for name, value in (("num_frames", 7), ("height", 32), ("width", 32), ("num_inference_steps", steps),
+                        ("fps", 8)):
+        page.fill(f"input[name={name}]", str(value))
+
+
+def submit(page) -> str:
+    """Press generate; return the id of the card the page puts first."""
+    before = page.locator("#jobs article.job").count()
+    page.click("#generate button[type=submit]")
+    page.wait_for_function("(n) => document.querySelectorAll('#jobs article.job').length > n", arg=before)
+    assert page.locator("#message").inner_text().startswith("queued ")
+    return page.locator("#jobs article.job").first.get_attribute("data-job")
+
+
+def test_alice_queues_watches_plays_and_downloads_on_the_page(browser, gateway, tokens):
+    import av
+
+    pw, chromium = browser
+    context = chromium.new_context(viewport={"width": 1100, "height": 900})
+    context.add_init_script(RECORD_PROGRESS)
+    page = context.new_page()
+    media = []  # (url, status) of every response the page got
+    page.on("response", lambda r: media.append((r.url, r.status)))
+    try:
+        sign_in(page, gateway.url, "alice", tokens["alice"])
+        fill_tiny(page, "a paper boat on a pond, seen by the page", steps=4)
+        job_id = submit(page)
+        page.wait_for_function(CARD_FINISHED, arg=job_id, timeout=180_000, polling=200)
+        card = page.locator(f"#job-{job_id}")
+        assert card.locator(".status").inner_text() == "done", card.inner_text()
+
+        # progress arrived while it ran: some step strictly between 0 and the total, shown before "done"
+        shown = [s for s in page.evaluate("window.__shown") if s["id"] == job_id]
+        statuses = [s["status"] for s in shown]
+        assert statuses[-1] == "done" and statuses.count("done") == 1, shown
+        steps = [tuple(map(int, s["steps"].split("/"))) for s in shown if s["steps"]]
+        assert {total for _, total in steps} == {4}, shown
+        assert [k for k, _ in steps] == sorted(k for k, _ in steps), shown  # never backwards
+        assert any(s["status"] == "running" and 0 < int(s["steps"].split("/")[0]) < 4
+                   for s in shown[:statuses.index("done")] if s["steps"]), shown
+
+        # the new <video> plays from the gateway, streamed with Range requests (206)
+        page.wait_for_function(VIDEO_PLAYABLE, arg=job_id, timeout=60_000, polling=200)
+        assert any(url.endswith(f"/download/{job_id}") and status == 206 for url, status in media), media
+
+        # the download link, followed with the page's cookie session, is an MP4 of the job's frames
+        href = card.locator("a[download]").get_attribute("href")
+        url = urljoin(page.url, href)
+        resp = page.request.get(url)
+        assert resp.status == 200 and resp.headers["content-type"] == "video/mp4"
+        with av.open(io.BytesIO(resp.body())) as container:
+            frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+        with gateway.client(tokens["alice"]) as alice:
+            job = alice.get(f"/status/{job_id}").json()
+        assert len(frames) == job["params"]["num_frames"] == 7
+        assert frames[0].shape == (32, 32, 3)
+        anonymous = pw.request.new_context()
+        try:
+            assert anonymous.get(url).status == 401  # it was the session that opened it
+        finally:
+            anonymous.dispose()
+
+        card.scroll_into_view_if_needed()
+        page.wait_for_timeout(300)  # let a frame paint
+        page.screenshot(path=str(ARTIFACTS / "gateway_page.png"), full_page=True)
+    except Exception:
+        page.screenshot(path=str(ARTIFACTS / "gateway_page-failure.png"), full_page=True)
+        raise
+    finally:
+        context.close()
+
+
+def test_markup_stays_text_other_users_see_nothing_and_foreign_forms_cannot_write(browser, storefront, tokens):
+    from mochi_lab.gateway import CSRF_HEADER
+
+    _, chromium = browser
+    prompt = f"alice's secret cat {IMG} {SCRIPT}"
+    tags = [IMG, SCRIPT, "plain"]
+    # Without the page's CSP, so that escaping alone is what keeps the markup inert (the CSP is a second wall).
+    context = chromium.new_context(bypass_csp=True, viewport={"width": 1100, "height": 900})
+    page = context.new_page()
+    dialogs = []
+
+    def on_dialog(dialog):
+        dialogs.append(dialog.message)
+        dialog.dismiss()
+
+    page.on("dialog", on_dialog)
+    job_id = None
+    alice = storefront.client(tokens["alice"])
+    try:
+        r = alice.post("/generate", json={"params": {"prompt": "x", "num_frames": 7, "height": 32, "width": 32,
+                                                     "num_inference_steps": 2}, "experiment": SCRIPT})
+        assert r.status_code == 422 and "experiment" in r.json()["detail"]  # not a name: refused, not stored
+
+        sign_in(page, storefront.url, "alice", tokens["alice"])
+        fill_tiny(page, prompt, steps=2)
+        page.fill("input[name=negative_prompt]", SCRIPT)
+        page.fill("input[name=tags]", ", ".join(tags))
+        job_id = submit(page)  # the card the script builds from the job's JSON
+
+        def check_card():
+            card = page.locator(f"#job-{job_id}")
+            assert card.locator(".prompt").inner_text() == prompt
+            assert card.locator(".negative").inner_text() == SCRIPT
+            assert card.locator(".tag").all_inner_texts() == tags
+            assert page.locator("#jobs img, #jobs script, #jobs [onerror]").count() == 0
+            page.wait_for_timeout(300)  # an <img src=x> would have failed to load by now
+            assert dialogs == [] and page.evaluate("typeof window.__pwned") == "undefined"
+
+        check_card()
+        page.reload()  # now the server's rendering of the same job
+        assert page.locator("#jobs article.job").first.get_attribute("data-job") == job_id
+        check_card()
+        page.screenshot(path=str(ARTIFACTS / "gateway_page_markup.png"), full_page=True)
+
+        # a form on another site posting to the gateway: the browser's session does not make it a write
+        evil = "http://evil.example/"
+        page.route(evil, lambda route: route.fulfill(content_type="text/html", body=(
+            f'<form method="post" action="{storefront.url}/cancel/{job_id}"><input name="a" value="1"></form>'
+            "<script>document.forms[0].submit()</script>")))
+        with page.expect_response(f"{storefront.url}/cancel/{job_id}") as answer:
+            page.goto(evil)
+        assert answer.value.status in (401, 403)
+        # a form posted from the page's own origin without the CSRF header: refused too
+        page.goto(storefront.url + "/")
+        with page.expect_response(f"{storefront.url}/cancel/{job_id}") as answer:
+            page.evaluate("""(id) => {
+              const f = document.createElement('form');
+              f.method = 'post'; f.action = 'cancel/' + id;
+              document.body.appendChild(f); f.submit();
+            }""", job_id)
+        assert answer.value.status == 403 and CSRF_HEADER in answer.value.json()["detail"]
+        assert alice.get(f"/status/{job_id}").json()["status"] == "queued"  # neither cancelled it
+
+        # bob, signed in, sees his own jobs and none of alice's
+        bob_context = chromium.new_context()
+        try:
+            bob_page = bob_context.new_page()
+            sign_in(bob_page, storefront.url, "bob", tokens["bob"])
+            on_page = set(bob_page.locator("#jobs article.job").evaluate_all("cs => cs.map(c => c.dataset.job)"))
+            with storefront.client(tokens["bob"]) as bob:
+                assert on_page == {j["id"] for j in bob.get("/jobs/bob").json()}
+            assert job_id not in bob_page.content() and "secret cat" not in bob_page.content()
+        finally:
+            bob_context.close()
+
+        # the watch would have seen markup run: the same string inserted as HTML does raise a dialog
+        page.evaluate("(html) => document.body.insertAdjacentHTML('beforeend', html)", IMG)
+        page.wait_for_timeout(500)
+        assert dialogs == ["1"]
+    except Exception:
+        page.screenshot(path=str(ARTIFACTS / "gateway_page_markup-failure.png"), full_page=True)
+        raise
+    finally:
+        context.close()
+        if job_id is not None:  # the storefront's quota is per account: leave alice's place free
+            alice.post(f"/cancel/{job_id}")
+        alice.close()
