@@ -109,7 +109,7 @@ class Backend(abc.ABC):
     # -- the handle ------------------------------------------------------------
     @abc.abstractmethod
     def info(self) -> dict[str, str]:
-        """backend, address, store, account, model, workers: for reprs (no secrets)."""
+        """backend, address, account, model, and where known store and workers: for reprs (no secrets)."""
 
     def close(self) -> None:
         pass

@@ -174,8 +174,8 @@ class MochiCluster:
 
     def __repr__(self) -> str:
         i = self.backend.info()
-        return (f"<MochiCluster {i['backend']} address={i['address']} store={i['store']} "
-                f"account={self.account!r} model={self.model!r}>")
+        store = f" store={i['store']}" if i.get("store") else ""
+        return f"<MochiCluster {i['backend']} address={i['address']}{store} account={self.account!r} model={self.model!r}>"
 
 
 class WorkerRows(list):

@@ -398,8 +398,7 @@ class GatewayBackend(Backend):
 
     # -- the handle ------------------------------------------------------------
     def info(self) -> dict[str, str]:
-        return {"backend": "gateway", "address": self._where, "store": "-", "account": self.account,
-                "model": self.model, "workers": "server's"}
+        return {"backend": "gateway", "address": self._where, "account": self.account, "model": self.model}
 
     def close(self) -> None:
         self._client.close()

@@ -1,7 +1,7 @@
 """The notebook handle flow on a real gateway, as one function of (url, alice's token, bob's token).
 
 tests/test_remote.py runs it on a gateway with static tokens over the session's pool; a hub-backed gateway
-(tests/gateway/conftest.py: `gateway`, `tokens`) runs it the same way:
+(tests/hub_fixtures.py: `gateway`, `tokens`) runs it the same way:
 
     def test_the_client_on_the_hub_gateway(gateway, tokens, tmp_path, monkeypatch):
         from remote_flow import handle_flow  # with tests/ on sys.path

@@ -280,8 +280,7 @@ def test_the_token_never_shows(connect, stub, caplog, tmp_path):
     for text in texts:
         assert BOB not in text and "secret-pass" not in text
     assert "***" in str(exc.value)
-    assert backend.info() == {"backend": "gateway", "address": URL, "store": "-", "account": "bob",
-                              "model": "tiny", "workers": "server's"}
+    assert backend.info() == {"backend": "gateway", "address": URL, "account": "bob", "model": "tiny"}
 
 
 def test_an_unknown_model_fails_at_connect(connect):

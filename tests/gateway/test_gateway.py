@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 TINY = {"num_frames": 7, "height": 32, "width": 32, "num_inference_steps": 2, "fps": 8}  # as tests/conftest.py
-AUTH_CACHE_S = 1.0  # tests/gateway/conftest.py: the gateways' auth cache
+AUTH_CACHE_S = 1.0  # tests/hub_fixtures.py: the gateways' auth cache
 
 EVIL = "<img src=x onerror=alert(1)>"
 EVIL_ESCAPED = "&lt;img src=x onerror=alert(1)&gt;"

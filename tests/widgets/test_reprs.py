@@ -12,8 +12,11 @@ from mochi_lab.reprs import WIDGET_MIME
 
 def test_cluster_repr_is_compact_html(mochi):
     out = mochi._repr_html_()
-    assert "MochiCluster" in out and "alice" in out and "tiny" in out and "sqlite" in out
-    assert "ray " in out and len(out) < 1000
+    assert "MochiCluster" in out and f"<b>{mochi.account}</b>" in out and "tiny" in out and len(out) < 1000
+    if mochi.backend.info()["backend"] == "gateway":  # its URL; the store and Ray are the server's business
+        assert f"gateway {mochi.backend.info()['address']}" in out and "store" not in out and "ray " not in out
+    else:
+        assert "sqlite" in out and "ray " in out
 
 
 def test_job_reprs_need_no_store(mochi):

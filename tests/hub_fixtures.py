@@ -1,7 +1,8 @@
-"""Gateway fixtures, started once per session: a real JupyterHub on 127.0.0.1 and real gateways on uvicorn.
+"""Gateway fixtures, started once per session (on first use): a real JupyterHub on 127.0.0.1 and real
+gateways on uvicorn. tests/conftest.py imports them, so every test folder shares the one hub.
 
 The hub runs from the installed `jupyterhub` package with DummyAuthenticator users alice, bob, carol (a hub
-admin), dave (in the admin group `mochi-admins`) and erin, the gateway registered as the external service
+admin), dave and wendy (in the admin group `mochi-admins`) and erin, the gateway registered as the external service
 `mochi-lab`, and every user granted `access:services!service=mochi-lab`. It needs no proxy: the hub's API is
 called on the hub's own port, and an in-memory proxy class stands in for configurable-http-proxy.
 Tokens are minted through the hub's REST API by a `minter` service with the `tokens` scope.
@@ -21,7 +22,8 @@ import httpx
 import pytest
 
 SERVICE = "mochi-lab"
-USERS = ("alice", "bob", "carol", "dave", "erin")  # erin: keeps the pool busy in one test
+# erin keeps the pool busy in one test; wendy (an admin by group) drives the widget tests, nora the notebooks
+USERS = ("alice", "bob", "carol", "dave", "erin", "wendy", "nora")
 AUTH_CACHE_S = 1.0  # a revoked token stops working after this long
 
 
@@ -65,7 +67,7 @@ c.JupyterHub.cleanup_servers = False
 c.JupyterHub.authenticator_class = "dummy"
 c.Authenticator.allowed_users = {users!r}
 c.Authenticator.admin_users = {{"carol"}}
-c.JupyterHub.load_groups = {{"mochi-admins": {{"users": ["dave"]}}}}
+c.JupyterHub.load_groups = {{"mochi-admins": {{"users": ["dave", "wendy"]}}}}
 c.JupyterHub.services = [
     {{"name": "{service}", "url": "http://127.0.0.1:{gateway_port}", "api_token": "{service_token}"}},
     {{"name": "minter", "api_token": "{minter_token}"}},
