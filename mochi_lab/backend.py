@@ -66,6 +66,10 @@ class Backend(abc.ABC):
             time.sleep(delay if deadline is None else max(0.0, min(delay, deadline - time.monotonic())))
             delay = min(delay * 1.5, _POLL_MAX_S)
 
+    @abc.abstractmethod
+    def preview(self, job_id: str) -> tuple[int, bytes] | None:
+        """(step, animated WebP) of the job's live preview, or None (not yet, or done: see the video)."""
+
     # -- artifacts -------------------------------------------------------------
     @abc.abstractmethod
     def artifact_path(self, job_id: str, name: str) -> Path:

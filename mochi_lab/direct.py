@@ -86,6 +86,9 @@ class DirectBackend(Backend):
     def counts(self) -> dict[str, int]:
         return self.store.counts(self.account)
 
+    def preview(self, job_id: str) -> tuple[int, bytes] | None:
+        return self.store.get_preview(self.account, job_id)
+
     # -- artifacts -------------------------------------------------------------
     def artifact_path(self, job_id: str, name: str) -> Path:
         if name not in ARTIFACTS:

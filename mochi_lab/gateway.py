@@ -123,7 +123,7 @@ class _Watch:
         self.task: asyncio.Task | None = None
 
 
-_LOGGED = ("status", "stage", "step", "total_steps", "message", "attempts")
+_LOGGED = ("status", "stage", "step", "total_steps", "message", "attempts", "live")
 
 
 def _signature(view: dict[str, Any]) -> tuple:
@@ -491,6 +491,16 @@ def create_app(settings: Settings | None = None, *, backend_factory: Callable[[]
         path = artifact(backend, job_id, "thumbnail")
         return FileResponse(path, media_type="image/png", headers={"Cache-Control": "private, max-age=3600"})
 
+    @api.get("/preview/{job_id}", tags=["artifacts"])
+    def preview(job_id: str, backend: DirectBackend = Depends(user_backend)):
+        """The running (or cancelled, or failed) job's latest preview: an animated WebP, one picture per
+        latent frame; 204 when it has none (yet, or any more: a done job has its video)."""
+        found = backend.preview(job_id_of(job_id))
+        if found is None:
+            return Response(status_code=204, headers={"Cache-Control": "no-store"})
+        step, data = found
+        return Response(data, media_type="image/webp", headers={"X-Preview-Step": str(step), "Cache-Control": "no-store"})
+
     @api.get("/events/{job_id}", tags=["jobs"], response_class=StreamingResponse)
     async def events(job_id: str, backend: DirectBackend = Depends(user_backend)):
         job_id = job_id_of(job_id)
@@ -510,7 +520,7 @@ def create_app(settings: Settings | None = None, *, backend_factory: Callable[[]
     def workers(backend: DirectBackend = Depends(user_backend)):
         return backend.workers()
 
-    @api.post("/pool/scale", tags=["pool"])
+    @api.post("/workers/scale", tags=["pool"])
     def scale(body: ScaleBody, identity: Identity = Depends(admin_only)):
         n = body.n
         if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= 1024:
@@ -519,7 +529,7 @@ def create_app(settings: Settings | None = None, *, backend_factory: Callable[[]
         log.info("pool scaled to %d by %s", n, identity.account)
         return {"ok": True}
 
-    @api.post("/pool/shutdown", tags=["pool"])
+    @api.post("/workers/shutdown", tags=["pool"])
     def shutdown(identity: Identity = Depends(admin_only)):
         backend_for(identity.account).shutdown_pool()
         log.info("pool shut down by %s", identity.account)

@@ -11,7 +11,10 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 from mochi_lab.pipelines.config import PipelineConfig
 from mochi_lab.settings import Settings
@@ -28,6 +31,20 @@ def _import_ray():
     import ray
 
     return ray
+
+
+def redact_credentials(url: str | None) -> str | None:
+    """The store URL without user and password (the pool's creator keeps those)."""
+    if not url:
+        return url
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[-1])) if "@" in parts.netloc else url
+
+
+def store_url_here(sent: str | None) -> str | None:
+    """A worker's store URL: its node's own REDIS_URL (on a cluster, the worker's least-privilege user),
+    else the creator's, which arrives without credentials (a local, password-less Redis)."""
+    return os.environ.get("REDIS_URL") or sent
 
 
 class WorkerActor:
@@ -50,6 +67,7 @@ class WorkerActor:
         import ray
 
         node = {"node_id": ray.get_runtime_context().get_node_id(), "node_ip": ray.util.get_node_ip_address()}
+        settings = {**settings, "redis_url": store_url_here(settings.get("redis_url"))}
         self.worker = Worker(worker_id, Settings(**settings), model, PipelineConfig(**config), facts=node)
         self.worker.start()
         self._stopping = False
@@ -91,8 +109,46 @@ def _restart_process(worker) -> None:
     os._exit(70)
 
 
+class _HeldLogs(logging.Handler):
+    """Keeps log records instead of writing them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+@contextmanager
+def quiet_ray_start() -> Iterator[_HeldLogs]:
+    """Hold back the "ray" logger's lines while Ray starts or joins (INFO "Started a local Ray instance",
+    the token-auth WARNING, ...): in a notebook they are a red stderr box on every `MochiCluster()`.
+    When the start fails, the held lines are written out after all, through Ray's own handlers, so
+    that what Ray said about the failure is shown with it. Later Ray messages are not affected."""
+    logger = logging.getLogger("ray")
+    held = _HeldLogs()
+    handlers, propagate = logger.handlers[:], logger.propagate
+    logger.handlers[:] = [held]
+    logger.propagate = False
+    failed = False
+    try:
+        yield held
+    except BaseException:
+        failed = True
+        raise
+    finally:
+        logger.handlers[:] = handlers
+        logger.propagate = propagate
+        if failed:
+            for record in held.records:
+                logger.handle(record)
+
+
 def connect(settings: Settings) -> str:
-    """Join the Ray cluster at settings.ray_address, or start a local one on loopback. Returns its address."""
+    """Join the Ray cluster at settings.ray_address, or start a local one on loopback. Returns its address.
+
+    Ray's start-up log lines are shown only if the start fails (see `quiet_ray_start`)."""
     ray = _import_ray()
     if ray.is_initialized():
         current = ray.get_runtime_context().gcs_address
@@ -100,29 +156,34 @@ def connect(settings: Settings) -> str:
         if wanted and not wanted.startswith("ray://") and wanted not in ("auto", current):
             raise RuntimeError(f"this process is already connected to Ray at {current}, not {wanted}")
     else:
-        if settings.ray_address:
-            ray.init(address=settings.ray_address, namespace=settings.namespace, log_to_driver=False)
-        else:
-            # "local" starts a new Ray even when another one runs on this machine; it picks free
-            # ports for itself (never Redis' 6379) and stays on 127.0.0.1.
-            kwargs = dict(address="local", namespace=settings.namespace, include_dashboard=False,
-                          _node_ip_address="127.0.0.1", log_to_driver=False)
-            try:
-                ray.init(**kwargs)
-            except Exception as exc:
-                # Ray waits a fixed 30 s for its node agents; a loaded laptop can miss that once
-                if "timed out during startup" not in str(exc):
-                    raise
-                log.warning("local Ray was slow to start; trying once more")
-                ray.shutdown()
-                ray.init(**kwargs)
-            from mochi_lab import reaper
-
-            # Ray's own processes would outlive a SIGKILLed owner: a watcher ends them then.
-            reaper.start(os.getpid(), ray._private.worker.global_worker.node.get_session_dir_path())
+        with quiet_ray_start():
+            _start(ray, settings)
     if settings.ray_address and settings.ray_address.startswith("ray://"):
         return settings.ray_address  # a Ray Client session has no GCS address of its own
     return ray.get_runtime_context().gcs_address
+
+
+def _start(ray: Any, settings: Settings) -> None:
+    if settings.ray_address:
+        ray.init(address=settings.ray_address, namespace=settings.namespace, log_to_driver=False)
+    else:
+        # "local" starts a new Ray even when another one runs on this machine; it picks free
+        # ports for itself (never Redis' 6379) and stays on 127.0.0.1.
+        kwargs = dict(address="local", namespace=settings.namespace, include_dashboard=False,
+                      _node_ip_address="127.0.0.1", log_to_driver=False)
+        try:
+            ray.init(**kwargs)
+        except Exception as exc:
+            # Ray waits a fixed 30 s for its node agents; a loaded laptop can miss that once
+            if "timed out during startup" not in str(exc):
+                raise
+            log.warning("local Ray was slow to start; trying once more")
+            ray.shutdown()
+            ray.init(**kwargs)
+        from mochi_lab import reaper
+
+        # Ray's own processes would outlive a SIGKILLed owner: a watcher ends them then.
+        reaper.start(os.getpid(), ray._private.worker.global_worker.node.get_session_dir_path())
 
 
 class Pool:
@@ -170,7 +231,9 @@ class Pool:
             "get_if_exists": True,
         }
         actor_cls = self.ray.remote(WorkerActor)
+        # never the creator's store password: Ray keeps an actor's arguments in its GCS (see store_url_here)
         settings = self.settings.model_dump(mode="json")
+        settings["redis_url"] = redact_credentials(settings.get("redis_url"))
         for i in range(n):
             name = f"{ACTOR_PREFIX}{i}"
             if name not in existing:

@@ -301,6 +301,11 @@ class GatewayBackend(Backend):
             if deadline is not None and time.monotonic() >= deadline:
                 raise TimeoutError(f"job {job_id} still {record.status} ({record.stage}) after {timeout}s")
 
+    def preview(self, job_id: str) -> tuple[int, bytes] | None:
+        jid = self._job_id(job_id)
+        r = self._request("GET", f"preview/{jid}", not_found=self._job_missing(jid))
+        return None if r.status_code == 204 else (int(r.headers.get("x-preview-step", 0)), r.content)
+
     # -- artifacts -------------------------------------------------------------
     def _cached(self, job_id: str, name: str) -> Path:
         return self.cache_dir / f"{job_id}{ARTIFACT_SUFFIXES[name]}"
@@ -366,10 +371,10 @@ class GatewayBackend(Backend):
         return list(self._json("GET", "workers/status"))
 
     def scale(self, n: int) -> None:
-        self._request("POST", "pool/scale", json={"n": n})
+        self._request("POST", "workers/scale", json={"n": n})
 
     def shutdown_pool(self) -> None:
-        self._request("POST", "pool/shutdown")
+        self._request("POST", "workers/shutdown")
 
     def wait_ready(self, timeout: float) -> None:
         """Until the server's workers all say idle or busy (at least one), as the direct pool waits."""

@@ -104,6 +104,10 @@ class Settings(BaseModel):
     max_run_s: float = 3600.0
     health_check_s: float = 1.0
     offload: bool = False  # model CPU offload, for GPUs under ~48 GB
+    # Live previews: every preview_every denoising steps (0: about every 10 % of them; -1: none), at most
+    # one per preview_min_interval_s.
+    preview_every: int = 0
+    preview_min_interval_s: float = 1.0
     # Admission: the largest job (latent tokens x steps) each model's pool accepts; None: no limit.
     # The defaults fit one job in well under an hour: the tiny model on a CPU, Genmo's reference
     # video (163 frames, 848x480, 64 steps = 2.85M) on an H100. Pool owners set their own.
@@ -131,6 +135,8 @@ class Settings(BaseModel):
             "cancel_grace_s": "MOCHI_LAB_CANCEL_GRACE_S",
             "max_run_s": "MOCHI_LAB_MAX_RUN_S",
             "offload": "MOCHI_LAB_OFFLOAD",
+            "preview_every": "MOCHI_LAB_PREVIEW_EVERY",
+            "preview_min_interval_s": "MOCHI_LAB_PREVIEW_MIN_INTERVAL_S",
             "max_token_steps": "MOCHI_LAB_MAX_TOKEN_STEPS",  # JSON, e.g. {"mochi-1-preview": 6000000}
         }.items():
             if os.environ.get(var):

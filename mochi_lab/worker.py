@@ -23,6 +23,7 @@ import psutil
 
 from mochi_lab.params import GenerationParams, ParamsError, check_prompt_tokens
 from mochi_lab.pipelines import JobCancelled, PipelineConfig, load_runner
+from mochi_lab.pipelines.preview import PreviewPlan, encode_strip
 from mochi_lab.provenance import model_revision
 from mochi_lab.settings import Settings
 from mochi_lab.version import __version__
@@ -31,6 +32,50 @@ from mochi_lab.store.base import ARTIFACT_SUFFIXES, artifact_path, remove_artifa
 from mochi_lab.video import write_mp4, write_thumbnail
 
 log = logging.getLogger("mochi_lab.worker")
+
+
+class _JobClock:
+    """The live figures of one running attempt, from its own measured steps: elapsed_s, rate (steps/s,
+    over the later half of the steps so far), eta_s (the steps left at that rate, plus decode and encode
+    as long as this worker's past jobs took per pixel; left out until it has done one), and the last
+    stored preview's step."""
+
+    def __init__(self, params: GenerationParams, post_s_per_px: float | None, started: float):
+        self.total = params.num_inference_steps
+        self.pixels = params.num_frames * params.height * params.width
+        self.post_s = None if post_s_per_px is None else post_s_per_px * self.pixels
+        self.started = started  # monotonic, at the claim
+        self.step_times: dict[int, float] = {}
+        self.denoised: float | None = None
+        self.preview_step: int | None = None
+
+    def live(self, step: int) -> dict[str, Any]:
+        now = time.monotonic()
+        out: dict[str, Any] = {"elapsed_s": round(now - self.started, 3)}
+        self.step_times.setdefault(step, now)
+        rate = None
+        if step >= 2:  # over the later half of the steps so far: it follows a machine that speeds up or
+            since = max(1, step // 2)  # slows down, and skips the first step's warm-up
+            rate = (step - since) / max(now - self.step_times.get(since, now), 1e-9)
+        if step >= self.total and self.denoised is None:
+            self.denoised = now
+        if rate is not None:
+            out["rate"] = round(rate, 3)
+        left = None
+        if self.denoised is not None:
+            left = max(0.0, (self.post_s or 0.0) - (now - self.denoised)) if self.post_s is not None else None
+        elif rate is not None:
+            left = (self.total - step) / rate + (self.post_s or 0.0)
+        if left is not None:
+            out["eta_s"] = round(left, 3)
+        if self.preview_step is not None:
+            out["preview_step"] = self.preview_step
+        return out
+
+    def post_s_per_px(self, post_s: float, before: float | None) -> float:
+        """This job's decode + encode time per pixel, averaged with the worker's past ones."""
+        now = post_s / max(self.pixels, 1)
+        return now if before is None else 0.5 * before + 0.5 * now
 
 
 class JsonFormatter(logging.Formatter):
@@ -126,6 +171,8 @@ class Worker:
         self._store_down_since: float | None = None
         self._store_skip_until = 0.0
         self._backoff_cap = settings.store_backoff_max_s
+        # this worker's decode + encode seconds per output pixel (frames x height x width), for ETAs
+        self._post_s_per_px: float | None = None
 
     # -- lifecycle -------------------------------------------------------------
     def start(self) -> None:
@@ -285,11 +332,22 @@ class Worker:
         self._store_back()
         return out
 
+    def _put_preview(self, job_id: str, token: int, step: int, data: bytes) -> bool:
+        """Like a progress write: a store outage skips the preview, never the job."""
+        try:
+            self.store.put_preview(job_id, token, step, data)
+            return True
+        except LeaseLost:
+            raise
+        except (StoreError, ValueError) as exc:
+            log.warning("preview at step %d not stored: %s", step, exc, extra={"job_id": job_id})
+            return False
+
     # -- one job ---------------------------------------------------------------
     def run_job(self, claim: Claim) -> None:
         job, token = claim.job, claim.token
         extra = {"job_id": job.id, "worker_id": self.worker_id, "attempt": job.attempts}
-        claimed_at = time.time()
+        claimed_at, claimed_mono = time.time(), time.monotonic()
         self.state, self.current_job = "busy", job.id
         running = self._job = _RunningJob(job.id, token, time.monotonic() + self.settings.lease_s)
         self.publish()
@@ -314,7 +372,9 @@ class Worker:
                 self._load_unpaid = False
             timings["queue_s"] = max(0.0, claimed_at - job.created_at - load_s)
             timings["load_s"] = load_s
-            self._progress(job.id, token, stage="denoising", step=0, total=params.num_inference_steps)
+            clock = _JobClock(params, self._post_s_per_px, claimed_mono)
+            self._progress(job.id, token, stage="denoising", step=0, total=params.num_inference_steps,
+                           live=clock.live(0))
             self.runner.reset_peak()
             rss_before = self._proc.memory_info().rss
             gpu_before = self.runner.memory_info().get("gpu_allocated_bytes")
@@ -328,12 +388,19 @@ class Worker:
                     raise JobRejected(f"exceeded max run time ({max_run_s:g} s)")
                 # after the last step the pipeline decodes the latents with the VAE
                 stage = "decoding" if step == total else "denoising"
-                if cancel.is_set() or self._progress(job.id, token, stage=stage, step=step, total=total):
+                if cancel.is_set() or self._progress(job.id, token, stage=stage, step=step, total=total,
+                                                     live=clock.live(step)):
                     raise JobCancelled(job.id)
 
-            result = self.runner.generate(params, on_step)
+            def on_preview(step: int, frames) -> None:
+                if self._put_preview(job.id, token, step, encode_strip(frames)):
+                    clock.preview_step = step
+
+            every = self.settings.preview_every
+            plan = None if every < 0 else PreviewPlan(on_preview, every, self.settings.preview_min_interval_s)
+            result = self.runner.generate(params, on_step, preview=plan)
             timings.update(result.timings)
-            self._progress(job.id, token, stage="encoding", message="writing MP4")
+            self._progress(job.id, token, stage="encoding", message="writing MP4", live=clock.live(params.num_inference_steps))
             t0 = time.perf_counter()
             # named by job id, so a retried job overwrites rather than adds files
             paths = self._artifact_paths(job)
@@ -342,6 +409,7 @@ class Worker:
                 "thumbnail": str(write_thumbnail(result.frames, paths["thumbnail"])),
             }
             timings["encode_s"] = time.perf_counter() - t0
+            self._post_s_per_px = clock.post_s_per_px(timings.get("decode_s", 0.0) + timings["encode_s"], self._post_s_per_px)
             timings["run_s"] = time.time() - claimed_at
             meta.update(result.info)
             meta.update(self._provenance(params), rss_before=rss_before, rss_after=self._proc.memory_info().rss,

@@ -106,10 +106,10 @@ class GatewayStub:
             rows, self.workers = self.workers, [dict(r, state="idle" if r["state"] == "loading" else r["state"])
                                                 for r in self.workers]
             return httpx.Response(200, json=rows)
-        if path.startswith("pool/"):
+        if (method, path) in (("POST", "workers/scale"), ("POST", "workers/shutdown")):
             if account not in self.admins:
                 return self._error(403, "forbidden", "only admins may change the pool")
-            if path == "pool/scale":
+            if path == "workers/scale":
                 self.scaled.append(body["n"])
             return httpx.Response(200, json={"ok": True})
         if m := re.fullmatch(r"(status|cancel|download|thumbnail|events)/([^/]+)", path):

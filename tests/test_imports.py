@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 LAYERS: list[set[str]] = [
     {"version", "settings", "video", "provenance", "reprs", "params", "reaper", "hubauth"},
     {"store", "store.base", "store.sqlite", "store.redis", "store.redis_lua"},
-    {"pipelines", "pipelines.config", "pipelines.tiny", "pipelines.tokens", "pipelines.mochi"},
+    {"pipelines", "pipelines.config", "pipelines.tiny", "pipelines.tokens", "pipelines.preview", "pipelines.mochi"},
     {"worker"},
     {"pool"},
     {"cache", "sweep"},

@@ -173,7 +173,7 @@ def test_another_accounts_job_is_not_found(bob, connect, stub):
             call()
     before = len(stub.requests)
     with pytest.raises(JobNotFound):
-        bob.job("../pool/shutdown")  # not an id: refused here, nothing is sent
+        bob.job("../workers/shutdown")  # not an id: refused here, nothing is sent
     assert len(stub.requests) == before
 
 

@@ -90,3 +90,53 @@ def test_worker_module_does_not_import_the_package_face():
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom) and node.module == "mochi_lab":
             raise AssertionError(f"worker.py imports the package face: line {node.lineno}")
+
+
+def test_previews_and_honest_eta_while_a_job_runs(tmp_path, tiny_checkpoint):
+    """Previews every 4 steps reach the store (the last one stays with a cancelled job, goes with a done one);
+    the ETA comes from the job's measured steps and falls as it runs."""
+    import io
+
+    from PIL import Image
+
+    settings = Settings(data_dir=tmp_path, cache_dir=tiny_checkpoint.parent, lease_s=30, poll_s=0.01,
+                        preview_every=4, preview_min_interval_s=0)
+    store = open_store(settings.store_url)
+    size = {"num_frames": 19, "height": 64, "width": 96, "fps": 8}
+    # denoising dominates (as with the real model), and the warm-up job teaches the worker its decode + encode
+    warm = store.enqueue("alice", GenerationParams.parse("warm-up", seed=1, num_inference_steps=4, **size).to_dict())
+    job = store.enqueue("alice", GenerationParams.parse("a cat", seed=2, num_inference_steps=120, **size).to_dict())
+    worker = Worker("w-preview", settings)
+    worker.start()
+    try:
+        deadline = time.monotonic() + 300
+        while store.get("alice", job.id).status != "done" and time.monotonic() < deadline:
+            time.sleep(0.05)
+        done = store.get("alice", job.id)
+        # cancelled mid-run: it keeps its last preview
+        slow = store.enqueue("alice", GenerationParams.parse("a dog", seed=3, num_inference_steps=200, **size).to_dict())
+        while not (store.get_preview("alice", slow.id) or (None,))[0] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        store.cancel("alice", slow.id)
+        while store.get("alice", slow.id).status != "cancelled" and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        worker.stop(timeout=60)
+    assert store.get("alice", warm.id).status == "done" and done.status == "done"
+    log = store.progress_since("alice", job.id)
+    denoising = [e for e in log if e["stage"] in ("denoising", "decoding")]
+    assert sorted({e["live"].get("preview_step") for e in denoising} - {None}) == list(range(4, 121, 4))
+    assert store.get_preview("alice", job.id) is None  # the video replaced it
+    step, image = store.get_preview("alice", slow.id)
+    strip = Image.open(io.BytesIO(image))
+    assert 0 < step < 200 and strip.format == "WEBP" and strip.size == (12, 8) and strip.n_frames == 4
+
+    # ETA: from the second step on, falling while denoising, and close to what was actually left
+    etas = [(e["step"], e["live"]["eta_s"], e["live"]["elapsed_s"]) for e in denoising if "eta_s" in e["live"]]
+    assert [s for s, _, _ in etas][0] == 2 and all(e["live"].get("rate", 0) > 0 for e in denoising[3:])
+    falling = [b <= a * 1.05 for (_, a, _), (_, b, _) in zip(etas, etas[1:])]
+    assert sum(falling) >= 0.9 * len(falling), etas  # a busy machine may slow one step
+    # accuracy: over the middle half of the steps, the median error against what was actually left
+    run_s = done.timings["run_s"]  # both from the claim
+    errors = sorted(abs(eta - (run_s - elapsed)) / (run_s - elapsed) for s, eta, elapsed in etas if 30 <= s <= 90)
+    assert errors[len(errors) // 2] <= 0.3, (errors, run_s, [(s, eta, el) for s, eta, el in etas][::10])

@@ -1,6 +1,7 @@
 # syntax=docker/dockerfile:1.7
 #
-# mochi_lab Ray image: the RayCluster head, the GPU workers and the model-prefetch Job all run it.
+# mochi_lab Ray image: the RayCluster head, the GPU workers, the model-prefetch Job and the gateway
+# (`mochi-lab gateway`: Ray Client needs the cluster's Ray and Python) all run it.
 # CUDA base + Python from uv + CUDA torch and mochi_lab[gpu] installed from this repository's
 # pyproject, so the image carries exactly the package the lead ships (nothing pinned twice).
 #

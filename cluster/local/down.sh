@@ -7,8 +7,9 @@ usage() {
   cat <<'EOF'
 Usage: cluster/local/down.sh [options]
 
-Stops the Ray worker nodes, the Ray head and Redis of the local cluster whose state is in
-STATE_DIR: SIGTERM to each recorded process group, SIGKILL after the grace period.
+Stops the gateway and JupyterHub (if up.sh --gateway started them), the Ray worker nodes, the
+Ray head and Redis of the local cluster whose state is in STATE_DIR: SIGTERM to each recorded
+process group, SIGKILL after the grace period.
 Then any process still marked as this cluster's (MOCHI_LOCAL_CLUSTER=STATE_DIR in its
 environment, set by up.sh: e.g. Ray worker processes, which live in process groups of their own).
 Processes are only signalled if they belong to this cluster (that marker, their command line
@@ -123,10 +124,10 @@ stop_group() {  # stop_group NAME PGID
 }
 
 failed=0
-# workers first (highest number first), then the head: the head outliving its workers
-# avoids them spinning on a lost GCS
+# the gateway and the hub first (clients of the cluster), then the workers (highest number
+# first), then the head: the head outliving its workers avoids them spinning on a lost GCS
 mapfile -t worker_files < <(find "$pids_dir" -maxdepth 1 -name 'worker-*.pgid' 2>/dev/null | sort -t- -k2 -n -r)
-for f in "${worker_files[@]}" "$pids_dir/head.pgid"; do
+for f in "$pids_dir/gateway.pgid" "$pids_dir/hub.pgid" "${worker_files[@]}" "$pids_dir/head.pgid"; do
   [[ -f "$f" ]] || continue
   name="$(basename "$f" .pgid)"
   pgid="$(cat "$f")"
@@ -181,7 +182,7 @@ if [[ -f "$redis_pidfile" ]]; then
 fi
 
 [[ $failed -eq 0 ]] || die "some processes could not be stopped; see above"
-rm -f "$state_dir/env"
+rm -f "$state_dir/env" "$state_dir/notebook.env" "$state_dir/admin_token"
 if [[ $purge -eq 1 ]]; then
   rm -rf "$state_dir"
   echo "down.sh: stopped; removed $state_dir"

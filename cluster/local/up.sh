@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # A whole mochi_lab cluster on one machine, on loopback only: Redis, a Ray head and N Ray
-# worker processes (each its own Ray node, optionally with logical GPUs), like the Kubernetes
-# deployment in miniature. Stop it with cluster/local/down.sh (same options).
+# worker processes (each its own Ray node, optionally with logical GPUs), and with --gateway a
+# JupyterHub and the gateway registered as its service, like the Kubernetes deployment in
+# miniature. Stop it with cluster/local/down.sh (same options).
 set -euo pipefail
 
 usage() {
@@ -14,6 +15,15 @@ Starts, all on a loopback address:
   N Ray workers  ray start --address IP:RAY_PORT --num-gpus G --num-cpus C, one Ray node each
 and writes STATE_DIR/env (source it), STATE_DIR/cluster.json, process ids and logs.
 Python drivers connect with RAY_ADDRESS=IP:RAY_PORT and REDIS_URL from STATE_DIR/env.
+
+With --gateway, the production topology on top of that:
+  JupyterHub     the hub API on 127.0.0.1:PORT_BASE+11 (no proxy: clients call the gateway
+                 directly), users `user` and `admin` (a hub admin), the roles of
+                 cluster/jupyterhub/values.yaml (every user may use the service mochi-lab)
+  gateway        mochi-lab gateway on 127.0.0.1:PORT_BASE+10, registered as the hub's service
+                 mochi-lab; it owns the pool: MOCHI_LAB_MODEL, one actor per GPU
+and writes STATE_DIR/notebook.env: what a notebook holds, MOCHI_LAB_GATEWAY and the JupyterHub
+token of `user` (JUPYTERHUB_API_TOKEN), nothing else; STATE_DIR/admin_token: a token of `admin`.
 
 Every option also reads an environment variable (shown) and has a default:
   --state-dir DIR        MOCHI_LOCAL_STATE_DIR        /tmp/mochi-local-RAY_PORT
@@ -39,6 +49,9 @@ Every option also reads an environment variable (shown) and has a default:
   --no-auth              MOCHI_LOCAL_AUTH=0           no Ray token authentication (default: a
                          token of this cluster's own in STATE_DIR/ray_auth_token; drivers
                          need RAY_AUTH_MODE and RAY_AUTH_TOKEN_PATH from STATE_DIR/env)
+  --gateway              MOCHI_LOCAL_GATEWAY=1        also a JupyterHub and the gateway (see above;
+                         needs Redis and the jupyterhub package)
+  --model NAME           MOCHI_LAB_MODEL              tiny: the model of the gateway's pool
   --timeout SECONDS      MOCHI_LOCAL_TIMEOUT          180 (waiting for nodes)
   --attempts N           MOCHI_LOCAL_START_ATTEMPTS   3 tries per node (a loaded machine can
                          make a raylet give up waiting for its agent)
@@ -74,6 +87,8 @@ dashboard="${MOCHI_LOCAL_DASHBOARD:-0}"
 timeout_s="${MOCHI_LOCAL_TIMEOUT:-180}"
 use_auth="${MOCHI_LOCAL_AUTH:-1}"
 attempts="${MOCHI_LOCAL_START_ATTEMPTS:-3}"
+use_gateway="${MOCHI_LOCAL_GATEWAY:-0}"
+model="${MOCHI_LAB_MODEL:-tiny}"
 PYTHON="${PYTHON:-python3}"
 
 while [[ $# -gt 0 ]]; do
@@ -94,6 +109,8 @@ while [[ $# -gt 0 ]]; do
     --dashboard) dashboard=1; shift ;;
     --timeout) need_value $#; timeout_s="$2"; shift 2 ;;
     --no-auth) use_auth=0; shift ;;
+    --gateway) use_gateway=1; shift ;;
+    --model) need_value $#; model="$2"; shift 2 ;;
     --attempts) need_value $#; attempts="$2"; shift 2 ;;
     -h|--help) usage; exit 0 ;;
     *) echo "up.sh: unknown argument: $1" >&2; usage >&2; exit 2 ;;
@@ -111,6 +128,10 @@ done
 [[ "$ip" =~ ^127\.[0-9]+\.[0-9]+\.[0-9]+$ ]] || die "--ip must be a 127.x.y.z loopback address, got '$ip'"
 [[ "$ip" != "127.0.0.1" ]] || die "--ip 127.0.0.1 makes Ray advertise the primary interface instead; use another 127.x.y.z (default 127.0.0.2)"
 [[ "$redis_bind" =~ ^127\. || "$redis_bind" == "::1" ]] || die "--redis-bind must be a loopback address"
+if [[ "$use_gateway" == 1 ]]; then
+  [[ "$use_redis" == 1 ]] || die "--gateway needs Redis (the gateway and the pool share the store); drop --no-redis"
+  [[ "$model" =~ ^[A-Za-z0-9._-]+$ ]] || die "--model must be a model name, got '$model'"
+fi
 port_base="${port_base:-$((ray_port + 20000))}"
 is_uint "$port_base" || die "--port-base must be a whole number"
 port_top=$((port_base + 100 * (workers + 2)))
@@ -128,6 +149,11 @@ command -v "$PYTHON" >/dev/null || die "PYTHON=$PYTHON not found"
 if [[ "$use_redis" == 1 ]]; then
   command -v redis-server >/dev/null || die "redis-server not found (install Redis, or use --no-redis)"
 fi
+if [[ "$use_gateway" == 1 ]]; then
+  "$PYTHON" -c "import jupyterhub, mochi_lab.gateway" 2>/dev/null || die "--gateway needs the jupyterhub package and mochi_lab's gateway in $PYTHON"
+fi
+gateway_port=$((port_base + 10))
+hub_port=$((port_base + 11))
 
 data_dir="${data_dir:-$state_dir/data}"
 mkdir -p "$state_dir/pids" "$state_dir/logs" "$state_dir/ray" "$state_dir/redis" "$data_dir"
@@ -334,6 +360,140 @@ if len(rows) != expected:
 print(f"up.sh: {len(rows)} nodes alive, all on loopback: {sorted({r['address'] for r in rows})}")
 PY
 
+# ---- the gateway and its JupyterHub (--gateway) ----------------------------------------------
+gateway_url=""
+hub_api_url=""
+wait_http() {  # wait_http URL SECONDS PGID NAME: until URL answers 200, the group dies, or time runs out
+  "$PYTHON" - "$@" <<'PY'
+import os, sys, time, urllib.request
+url, timeout, pgid, name = sys.argv[1], float(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+deadline = time.time() + timeout
+while time.time() < deadline:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        sys.exit(f"up.sh: {name} exited; see its log")
+    try:
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            if resp.status == 200:
+                sys.exit(0)
+    except Exception:
+        pass
+    time.sleep(1)
+sys.exit(f"up.sh: {name} did not answer {url} in {timeout:.0f} s; see its log")
+PY
+}
+
+if [[ "$use_gateway" == 1 ]]; then
+  mkdir -p "$state_dir/hub"
+  chmod 700 "$state_dir/hub"
+  # Tokens of the two services, known to the hub through its environment only.
+  service_token="$(od -An -N32 -tx1 /dev/urandom | tr -d ' \n')"
+  local_token="$(od -An -N32 -tx1 /dev/urandom | tr -d ' \n')"
+  values_file="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)/jupyterhub/values.yaml"
+  hub_api_url="http://127.0.0.1:$hub_port/hub/api"
+  gateway_url="http://127.0.0.1:$gateway_port/services/mochi-lab/"
+  cat >"$state_dir/hub/jupyterhub_config.py" <<PY
+# Written by cluster/local/up.sh: the local JupyterHub, with the roles of cluster/jupyterhub/values.yaml.
+import os
+import secrets
+import yaml
+from jupyterhub.proxy import Proxy
+
+
+class NoProxy(Proxy):
+    """No configurable-http-proxy here: routes are kept in memory, clients call the gateway directly."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.should_start = False
+        self._routes = {}
+
+    async def add_route(self, routespec, target, data):
+        self._routes[routespec] = {"routespec": routespec, "target": target, "data": data}
+
+    async def delete_route(self, routespec):
+        self._routes.pop(routespec, None)
+
+    async def get_all_routes(self):
+        return dict(self._routes)
+
+
+with open("$values_file") as f:
+    hub = yaml.safe_load(f)["hub"]
+c.JupyterHub.proxy_class = NoProxy
+c.JupyterHub.ip = "127.0.0.1"
+c.JupyterHub.port = $((port_base + 12))
+c.JupyterHub.hub_ip = "127.0.0.1"
+c.JupyterHub.hub_port = $hub_port
+c.JupyterHub.db_url = "sqlite:///$state_dir/hub/jupyterhub.sqlite"
+c.JupyterHub.cookie_secret_file = "$state_dir/hub/cookie_secret"
+c.JupyterHub.pid_file = "$state_dir/hub/jupyterhub.pid"
+c.JupyterHub.cleanup_servers = False
+c.JupyterHub.authenticator_class = "dummy"
+c.DummyAuthenticator.password = secrets.token_hex(32)  # nobody logs in here: tokens come from up.sh
+c.Authenticator.allowed_users = {"user", "admin"}
+c.Authenticator.admin_users = {"admin"}
+c.JupyterHub.services = [
+    {"name": "mochi-lab", "url": "http://127.0.0.1:$gateway_port", "api_token": os.environ["MOCHI_LOCAL_SERVICE_TOKEN"]},
+    {"name": "mochi-local", "api_token": os.environ["MOCHI_LOCAL_LOCAL_TOKEN"]},
+]
+c.JupyterHub.load_roles = [{"name": name, **role} for name, role in hub["loadRoles"].items()] + [
+    {"name": "mochi-local", "scopes": ["tokens", "read:users"], "services": ["mochi-local"]},
+]
+c.Spawner.server_token_scopes = hub["config"]["KubeSpawner"]["server_token_scopes"]
+PY
+  echo "up.sh: JupyterHub API on 127.0.0.1:$hub_port"
+  set -m
+  (cd "$state_dir/hub" && MOCHI_LOCAL_CLUSTER="$state_dir" MOCHI_LOCAL_SERVICE_TOKEN="$service_token" \
+    MOCHI_LOCAL_LOCAL_TOKEN="$local_token" exec "$PYTHON" -m jupyterhub -f "$state_dir/hub/jupyterhub_config.py") \
+    </dev/null >>"$state_dir/logs/hub.log" 2>&1 &
+  echo "$!" >"$state_dir/pids/hub.pgid"
+  set +m
+  wait_http "$hub_api_url/" 120 "$(cat "$state_dir/pids/hub.pgid")" JupyterHub
+
+  # what a notebook holds (a kernel's token: the scopes of server_token_scopes that `user` has),
+  # and an admin's token for scaling
+  MOCHI_LOCAL_LOCAL_TOKEN="$local_token" "$PYTHON" - "$hub_api_url" "$state_dir" "$gateway_url" "$values_file" <<'PY'
+import json, os, pathlib, shlex, sys, urllib.request
+import yaml
+api, state, gateway, values = sys.argv[1], pathlib.Path(sys.argv[2]), sys.argv[3], sys.argv[4]
+scopes = [s for s in yaml.safe_load(open(values))["hub"]["config"]["KubeSpawner"]["server_token_scopes"] if "!server" not in s]
+
+def token(user):
+    req = urllib.request.Request(f"{api}/users/{user}/tokens", method="POST",
+                                 data=json.dumps({"note": "cluster/local/up.sh", "scopes": scopes}).encode(),
+                                 headers={"Authorization": "token " + os.environ["MOCHI_LOCAL_LOCAL_TOKEN"],
+                                          "Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        return json.load(resp)["token"]
+
+def private(path, text):
+    path.touch(mode=0o600)
+    path.write_text(text)
+
+private(state / "notebook.env", "# written by cluster/local/up.sh: all a notebook holds\n"
+        f"export MOCHI_LAB_GATEWAY={shlex.quote(gateway)}\nexport JUPYTERHUB_API_TOKEN={shlex.quote(token('user'))}\n")
+private(state / "admin_token", token("admin") + "\n")
+PY
+
+  echo "up.sh: gateway on 127.0.0.1:$gateway_port (model $model), the pool's owner"
+  gateway_env=(MOCHI_LOCAL_CLUSTER="$state_dir" RAY_ADDRESS="ray://$ip:$port_base" MOCHI_LAB_MODEL="$model"
+    JUPYTERHUB_SERVICE_NAME=mochi-lab JUPYTERHUB_SERVICE_PREFIX=/services/mochi-lab/
+    JUPYTERHUB_API_URL="$hub_api_url" JUPYTERHUB_API_TOKEN="$service_token")
+  if [[ "$gpus_per_worker" -gt 0 ]]; then
+    gateway_env+=(MOCHI_LAB_WORKERS="$((workers * gpus_per_worker))")
+  fi
+  set -m
+  (cd "$state_dir" && exec env "${gateway_env[@]}" "$PYTHON" -c \
+    'import sys; from mochi_lab.cli import main; sys.exit(main(sys.argv[1:]))' \
+    gateway --host 127.0.0.1 --port "$gateway_port") </dev/null >>"$state_dir/logs/gateway.log" 2>&1 &
+  echo "$!" >"$state_dir/pids/gateway.pgid"
+  set +m
+  # it answers once it has created (or re-attached) the pool through Ray Client
+  wait_http "${gateway_url}healthz" "$((timeout_s > 300 ? timeout_s : 300))" "$(cat "$state_dir/pids/gateway.pgid")" gateway
+fi
+
 # ---- state --------------------------------------------------------------------------------
 {
   echo "# written by cluster/local/up.sh; source it to point mochi_lab at this cluster"
@@ -371,6 +531,9 @@ info = {
     "pinned_gpus": bool($pin_gpus),
     "ray_auth_mode": "$RAY_AUTH_MODE",
     "ray_auth_token_path": "${token_file:-}" or None,
+    "gateway_url": "$gateway_url" or None,
+    "hub_api_url": "$hub_api_url" or None,
+    "model": "$model" if "$use_gateway" == "1" else None,
     "data_dir": "$data_dir",
     "temp_dir": str(state / "ray"),
     "process_groups": pgids,
@@ -382,3 +545,6 @@ PY
 
 ready=1
 echo "up.sh: ready. In a shell: source $state_dir/env ; stop: cluster/local/down.sh --state-dir $state_dir"
+if [[ "$use_gateway" == 1 ]]; then
+  echo "up.sh: a notebook's view (the gateway and a hub token, nothing else): source $state_dir/notebook.env"
+fi

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Deploy mochi_lab onto a Kubernetes cluster that already runs the KubeRay operator and has
-# GPU nodes: namespace, Redis password Secret, the kustomize overlay (Redis, volumes, RBAC,
-# NetworkPolicies, model prefetch Job, RayCluster) and JupyterHub (z2jh Helm chart).
+# GPU nodes: namespace, the Secrets (Redis users' passwords, Ray token), the kustomize overlay
+# (Redis, volumes, RBAC, NetworkPolicies, model prefetch Job, RayCluster, gateway) and
+# JupyterHub (z2jh Helm chart), which registers the gateway as its service mochi-lab.
 set -euo pipefail
 
 usage() {
@@ -10,10 +11,13 @@ Usage: cluster/scripts/deploy-all.sh [options]
 
 Deploys mochi_lab into the namespace mochi-lab of the current kubectl context:
   1. checks kubectl, helm and the KubeRay CRD (rayclusters.ray.io)
-  2. creates the namespace and, once, the Secret mochi-redis (random password)
-  3. applies cluster/k8s/overlays/<overlay> (Redis, PVCs, RBAC, NetworkPolicies,
-     model prefetch Job, RayCluster mochi-ray) and waits for Redis and the Ray head
-  4. installs/upgrades JupyterHub with cluster/jupyterhub/values.yaml
+  2. creates the namespace and, once, the Secrets mochi-redis (a random password per Redis
+     user: gateway, worker, gcs, healthcheck) and mochi-ray-auth (the Ray token); a key that is
+     missing is added, existing ones are never rotated
+  3. applies cluster/k8s/overlays/<overlay> (Redis, PVCs, RBAC, NetworkPolicies, model
+     prefetch Job, RayCluster mochi-ray, gateway) and waits for Redis and the Ray head
+  4. installs/upgrades JupyterHub with cluster/jupyterhub/values.yaml (the chart creates the
+     gateway's service token in its Secret hub) and waits for the gateway
 
 Options:
   -o, --overlay NAME      dev or prod (default: dev)
@@ -25,14 +29,15 @@ Options:
       --no-wait           do not wait for Redis and the Ray head
       --dry-run           print the commands instead of running them
   -h, --help              this text
-
-Environment: REDIS_PASSWORD  password for a new Secret mochi-redis (default: random hex).
 EOF
 }
 
 NAMESPACE=mochi-lab
 SECRET=mochi-redis
+SECRET_KEYS=(gateway-password worker-password gcs-password healthcheck-password)
+RAY_AUTH_SECRET=mochi-ray-auth
 RAYCLUSTER=mochi-ray
+GATEWAY=mochi-lab-gateway
 PREFETCH_JOB=mochi-model-prefetch
 HELM_RELEASE=jupyterhub
 HELM_REPO_URL=https://hub.jupyter.org/helm-chart/
@@ -95,24 +100,44 @@ fi
 echo "== namespace $NAMESPACE"
 k apply -f "$CLUSTER_DIR/k8s/base/namespace.yaml"
 
-echo "== Secret $SECRET"
-if [[ $dry_run -eq 0 ]] && q -n "$NAMESPACE" get secret "$SECRET" >/dev/null 2>&1; then
-  echo "exists, keeping its password"
-else
-  password="${REDIS_PASSWORD:-}"
-  if [[ -z "$password" ]]; then
-    # hex: safe inside redis://:PASSWORD@host URLs
-    password="$(od -An -N32 -tx1 /dev/urandom | tr -d ' \n')"
-  fi
-  [[ "$password" =~ ^[A-Za-z0-9._~-]+$ ]] || die "REDIS_PASSWORD must be URL-safe ([A-Za-z0-9._~-])"
+# hex: safe in redis:// URLs and in Redis' ACL lines
+random_hex() { od -An -N32 -tx1 /dev/urandom | tr -d ' \n'; }
+
+# ensure_secret NAME KEY...: create the Secret with a random value per key, or add the keys it
+# lacks. Values go to kubectl on stdin, never on a command line; existing values are kept.
+ensure_secret() {
+  local name="$1" key missing=() have
+  shift
   if [[ $dry_run -eq 1 ]]; then
-    echo "+ kubectl -n $NAMESPACE create secret generic $SECRET --from-literal=password=<hidden>"
-  else
-    kubectl "${kubectl_args[@]}" -n "$NAMESPACE" create secret generic "$SECRET" \
-      --from-literal=password="$password" >/dev/null
-    echo "created"
+    echo "+ kubectl -n $NAMESPACE create secret generic $name (keys: $*; random values, hidden)"
+    return 0
   fi
-fi
+  if ! q -n "$NAMESPACE" get secret "$name" >/dev/null 2>&1; then
+    for key in "$@"; do printf '%s=%s\n' "$key" "$(random_hex)"; done \
+      | kubectl "${kubectl_args[@]}" -n "$NAMESPACE" create secret generic "$name" --from-env-file=/dev/stdin >/dev/null
+    echo "created $name"
+    return 0
+  fi
+  for key in "$@"; do
+    have="$(q -n "$NAMESPACE" get secret "$name" -o "go-template={{index .data \"$key\"}}" 2>/dev/null || true)"
+    [[ -n "$have" && "$have" != "<no value>" ]] || missing+=("$key")
+  done
+  if [[ ${#missing[@]} -eq 0 ]]; then
+    echo "$name exists, keeping its values"
+    return 0
+  fi
+  {
+    printf '{"stringData": {'
+    local sep=""
+    for key in "${missing[@]}"; do printf '%s"%s": "%s"' "$sep" "$key" "$(random_hex)"; sep=", "; done
+    printf '}}\n'
+  } | kubectl "${kubectl_args[@]}" -n "$NAMESPACE" patch secret "$name" --type merge --patch-file /dev/stdin >/dev/null
+  echo "$name: added ${missing[*]}"
+}
+
+echo "== Secrets"
+ensure_secret "$SECRET" "${SECRET_KEYS[@]}"
+ensure_secret "$RAY_AUTH_SECRET" auth_token
 
 echo "== model prefetch Job"
 # A finished Job is deleted so that a new image tag never meets the immutable Job template;
@@ -141,6 +166,10 @@ if [[ $skip_hub -eq 0 ]]; then
   run helm "${helm_args[@]}" upgrade --install "$HELM_RELEASE" jupyterhub/jupyterhub \
     --namespace "$NAMESPACE" "${version_args[@]}" --values "$values" \
     --timeout 15m --wait
+  if [[ $wait_ready -eq 1 ]]; then
+    echo "== waiting for the gateway (it starts once the chart has created its service token)"
+    k -n "$NAMESPACE" rollout status "deployment/$GATEWAY" --timeout=15m
+  fi
 fi
 
 cat <<EOF
@@ -148,4 +177,5 @@ cat <<EOF
 Model download: kubectl -n $NAMESPACE logs -f job/$PREFETCH_JOB
 Ray:            kubectl -n $NAMESPACE get raycluster $RAYCLUSTER; kubectl -n $NAMESPACE get pods -l ray.io/cluster=$RAYCLUSTER
 Open:           cluster/scripts/port-forward.sh   (JupyterHub http://127.0.0.1:8000, Ray dashboard http://127.0.0.1:8265)
+Notebooks:      MochiCluster() talks to the gateway (MOCHI_LAB_GATEWAY); scale with cluster/scripts/scale-workers.sh N
 EOF

@@ -8,8 +8,13 @@ Usage: cluster/scripts/port-forward.sh [options]
 
 Forwards, until Ctrl-C or until one forward dies:
   JupyterHub      svc/proxy-public:80          -> http://ADDRESS:HUB_PORT
+                  (the gateway too: http://ADDRESS:HUB_PORT/services/mochi-lab/)
   Ray dashboard   svc/mochi-ray-head-svc:8265  -> http://ADDRESS:DASHBOARD_PORT
   Ray Client      svc/mochi-ray-head-svc:10001 -> ray://ADDRESS:CLIENT_PORT (with --client)
+Port-forwards go through the kubelet, so the NetworkPolicies (which keep everything but the
+gateway away from the dashboard) do not apply to them. Ray asks for its token: the dashboard
+in the browser once, Ray Client through RAY_AUTH_MODE=token and RAY_AUTH_TOKEN, both from
+  kubectl -n mochi-lab get secret mochi-ray-auth -o jsonpath='{.data.auth_token}' | base64 -d
 
 Options:
   -n, --namespace NS        namespace (default: mochi-lab)

@@ -1,7 +1,8 @@
 """Load a Mochi checkpoint with diffusers and turn `GenerationParams` into frames.
 
 The real model and the tiny one go through the same `MochiPipeline.from_pretrained` path.
-Nothing here knows of Ray or Redis: progress leaves through the `on_step` callback.
+Nothing here knows of Ray or Redis: progress leaves through the `on_step` callback, previews through
+a `PreviewPlan`'s.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from diffusers import MochiPipeline
 
 from mochi_lab.params import GenerationParams
 from mochi_lab.pipelines.config import PipelineConfig
+from mochi_lab.pipelines.preview import PreviewMap, PreviewPlan, estimate_x0, fit_preview_map
 
 log = logging.getLogger(__name__)
 
@@ -64,9 +66,21 @@ class MochiRunner:
     def count_tokens(self, text: str) -> int:
         return len(self.pipe.tokenizer(text).input_ids)
 
+    @property
+    def preview_map(self) -> PreviewMap:
+        """Latent -> RGB for previews, fitted on this pipeline's VAE at first use."""
+        if getattr(self, "_preview_map", None) is None:
+            t0 = time.perf_counter()
+            self._preview_map = fit_preview_map(self.pipe)
+            log.info("fitted the preview map of %s in %.2fs (held-out r2 %.3f)", self.name,
+                     time.perf_counter() - t0, self._preview_map.r2)
+        return self._preview_map
+
     @torch.inference_mode()
-    def generate(self, params: GenerationParams, on_step: StepCallback | None = None) -> GenerationResult:
-        """Text encode, denoise (reporting each step), then VAE decode; returns uint8 frames."""
+    def generate(self, params: GenerationParams, on_step: StepCallback | None = None,
+                 preview: PreviewPlan | None = None) -> GenerationResult:
+        """Text encode, denoise (reporting each step, previewing as `preview` plans), then VAE decode;
+        returns uint8 frames."""
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
         generator = torch.Generator(device="cpu").manual_seed(params.seed)
@@ -81,12 +95,22 @@ class MochiRunner:
         timings["text_s"] = t1 - t0
         marks = {"last_step": t1}
         total = params.num_inference_steps
+        seen: dict[str, torch.Tensor] = {}
+        if preview is not None:
+            self.preview_map  # fitted before the first step, not inside one
 
         def callback(pipe, i, t, kwargs):
             marks["last_step"] = time.perf_counter()
+            latents_now = kwargs["latents"]
             # bad weights or a bf16 overflow give NaN latents; fail now rather than decode garbage
-            if not torch.isfinite(kwargs["latents"]).all():
+            if not torch.isfinite(latents_now).all():
                 raise FloatingPointError(f"non-finite latents at step {i + 1}/{total}: check the weights and dtype")
+            if preview is not None and preview.due(i + 1, total):
+                sigmas = pipe.scheduler.sigmas
+                x0 = estimate_x0(seen["latents"], latents_now, float(sigmas[i]), float(sigmas[i + 1]),
+                                 float(sigmas[-1]))
+                preview.emit(i + 1, self.preview_map.frames(x0))
+            seen["latents"] = latents_now  # the sampler makes a new tensor each step: a reference, no copy
             if on_step is not None:
                 on_step(i + 1, total)
             return kwargs
@@ -96,6 +120,7 @@ class MochiRunner:
             1, self.pipe.transformer.config.in_channels, params.height, params.width, params.num_frames,
             torch.float32, torch.device("cpu"), generator,
         ).to(self.device, embeds.dtype)
+        seen["latents"] = latents
         out = self.pipe(
             prompt_embeds=embeds,
             prompt_attention_mask=mask,

@@ -25,6 +25,7 @@ FINISHED = frozenset({DONE, FAILED, CANCELLED})
 # job's log stays a while for listeners still reading it
 PROGRESS_LOG_MAX = 4096
 PROGRESS_LOG_KEEP_S = 600
+PREVIEW_MAX_BYTES = 96 * 1024  # one job's live preview (an animated strip of ~64 KB), overwritten
 
 
 class StoreError(RuntimeError):
@@ -67,6 +68,8 @@ class JobRecord:
     step: int = 0
     total_steps: int = 0
     message: str = ""
+    # the running attempt's live figures, written with its progress: elapsed_s, eta_s, rate (steps/s), preview_step
+    live: dict[str, Any] = field(default_factory=dict)
     priority: int = 0
     attempts: int = 0
     experiment: str | None = None
@@ -207,8 +210,10 @@ class Store(abc.ABC):
         step: int | None = None,
         total: int | None = None,
         message: str = "",
+        live: dict[str, Any] | None = None,
     ) -> bool:
-        """Record stage and step k/N; returns whether a cancel was requested. Raises LeaseLost."""
+        """Record stage and step k/N (and the attempt's `live` figures, when given; a claim clears them);
+        returns whether a cancel was requested. Raises LeaseLost."""
 
     @abc.abstractmethod
     def progress_since(self, account: str, job_id: str, after_seq: int = -1) -> list[dict[str, Any]]:
@@ -217,6 +222,16 @@ class Store(abc.ABC):
         Entries: {"seq", "status", "stage", "step", "total_steps", "message", "attempts"}, as the job
         stood after that write. A job keeps at most PROGRESS_LOG_MAX entries; a finished job's log goes
         after PROGRESS_LOG_KEEP_S. JobNotFound for another account's id, as `get`."""
+
+    @abc.abstractmethod
+    def put_preview(self, job_id: str, token: int, step: int, data: bytes) -> None:
+        """Keep `data` (an image of at most PREVIEW_MAX_BYTES) as the running job's preview at `step`,
+        replacing the last one. A done job's preview goes (the video replaces it); a cancelled or failed
+        job keeps its last. Raises LeaseLost, or ValueError when too large."""
+
+    @abc.abstractmethod
+    def get_preview(self, account: str, job_id: str) -> tuple[int, bytes] | None:
+        """(step, image) of the job's preview, or None. JobNotFound for another account's id, as `get`."""
 
     @abc.abstractmethod
     def complete(
@@ -325,3 +340,10 @@ class Store(abc.ABC):
     # -- lifecycle -------------------------------------------------------------
     def close(self) -> None:
         pass
+
+
+def check_preview(data: bytes) -> bytes:
+    if not isinstance(data, (bytes, bytearray)) or len(data) > PREVIEW_MAX_BYTES:
+        raise ValueError(f"a preview must be at most {PREVIEW_MAX_BYTES} bytes, got {len(data) if data else data!r}")
+    return bytes(data)
+

@@ -3,6 +3,7 @@
 Keys, all under `{prefix}:` (default prefix `mochi`):
   job:{id}            hash, one field per JobRecord field (None = absent) plus `seq`
   plog:{id}           list of JSON progress entries (the job after each `progress`), expiring once it ends
+  preview:{id}        hash step, data (base64 image): the running job's latest preview
   q:{account}         zset of queued jobs, score -priority, member "{seq:016d}:{id}" (FIFO on ties)
   ready               zset of accounts with queued jobs, score = that account's last claim number
   lastclaim           hash account -> claim number (fairness: the longest-unserved account goes next)
@@ -18,8 +19,10 @@ Times come from the Redis server's clock, so workers on different nodes agree on
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import functools
+import inspect
 import json
 import os
 from collections.abc import Callable, Iterable
@@ -42,6 +45,7 @@ from mochi_lab.store.base import (
     Store,
     StoreUnavailable,
     active_limit_error,
+    check_preview,
     check_status,
     job_matches,
     new_job_id,
@@ -49,12 +53,16 @@ from mochi_lab.store.base import (
 )
 
 
-_JSON_FIELDS = frozenset({"params", "tags", "artifacts", "timings", "meta"})
+_JSON_FIELDS = frozenset({"params", "tags", "artifacts", "timings", "meta", "live"})
 _FIELDS = tuple(f.name for f in dataclasses.fields(JobRecord))
 _FIELD_SET = frozenset(_FIELDS)
 _LIST_CHUNK = 200  # jobs fetched per round trip while filtering a history in Python
 
 F = TypeVar("F", bound=Callable[..., Any])
+# No CLIENT SETINFO on connect: least-privilege ACL users are not granted it (cluster/k8s/base/redis.yaml).
+# redis-py 8 takes driver_info; older versions lib_name/lib_version.
+_NO_SETINFO = ({"driver_info": None} if "driver_info" in inspect.signature(redis.Redis.__init__).parameters
+               else {"lib_name": None, "lib_version": None})
 
 
 def _dumps(value: Any) -> str:
@@ -131,6 +139,7 @@ class RedisStore(Store):
             self._plain, decode_responses=True, single_connection_client=True,
             socket_connect_timeout=self._timeouts[0], socket_timeout=self._timeouts[1],
             retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), 2, supported_errors=(redis.ConnectionError,)),
+            **_NO_SETINFO,
         )
         reg = client.register_script
         self._enqueue, self._claim, self._owner, self._finish = reg(lua.ENQUEUE), reg(lua.CLAIM), reg(lua.OWNER), reg(lua.FINISH)
@@ -138,6 +147,7 @@ class RedisStore(Store):
         self._page, self._get, self._put_experiment = reg(lua.PAGE), reg(lua.GET), reg(lua.PUT_EXPERIMENT)
         self._release_worker = reg(lua.RELEASE_WORKER)
         self._progress, self._progress_since = reg(lua.PROGRESS), reg(lua.PROGRESS_SINCE)
+        self._put_preview, self._get_preview = reg(lua.PUT_PREVIEW), reg(lua.GET_PREVIEW)
         self._client, self._pid = client, os.getpid()
 
     def __reduce__(self) -> tuple[Any, ...]:  # picklable by url: a worker opens its own connection
@@ -208,11 +218,24 @@ class RedisStore(Store):
     @_guard
     def progress(
         self, job_id: str, token: int, *, stage: str, step: int | None = None, total: int | None = None,
-        message: str = "",
+        message: str = "", live: dict[str, Any] | None = None,
     ) -> bool:
-        fields = {"stage": stage, "step": step, "total_steps": total, "message": message}
+        fields = {"stage": stage, "step": step, "total_steps": total, "message": message, "live": live}
         return _owned(job_id, self._progress(args=[self.prefix, job_id, str(int(token)), PROGRESS_LOG_MAX,
                                                    *_pairs(fields)]))
+
+    @_guard
+    def put_preview(self, job_id: str, token: int, step: int, data: bytes) -> None:
+        encoded = base64.b64encode(check_preview(data)).decode()  # the client speaks text
+        _owned(job_id, self._put_preview(args=[self.prefix, job_id, str(int(token)), int(step), encoded]))
+
+    @_guard
+    def get_preview(self, account: str, job_id: str) -> tuple[int, bytes] | None:
+        raw = self._get_preview(args=[self.prefix, account, job_id])
+        if raw is None:
+            raise JobNotFound(f"job {job_id} not found")
+        step, data = raw
+        return None if data is None else (int(step), base64.b64decode(data))
 
     @_guard
     def progress_since(self, account: str, job_id: str, after_seq: int = -1) -> list[dict[str, Any]]:

@@ -15,7 +15,7 @@ local function now_str()
 end
 local function jkey(id) return P .. ':job:' .. id end
 -- fields stored as JSON text or numbers: spliced into a doc as they are
-local RAW = {params = 1, tags = 1, artifacts = 1, timings = 1, meta = 1, step = 1, total_steps = 1, priority = 1,
+local RAW = {params = 1, tags = 1, artifacts = 1, timings = 1, meta = 1, live = 1, step = 1, total_steps = 1, priority = 1,
              attempts = 1, fence = 1, seq = 1, created_at = 1, started_at = 1, finished_at = 1, lease_expires_at = 1}
 -- the whole job as one JSON object: one bulk reply and one json.loads in Python, not 50 and 6
 local function doc(k)
@@ -47,9 +47,12 @@ local function unqueue(id, acc, seq)
   if redis.call('ZCARD', qkey(acc)) == 0 then redis.call('ZREM', P .. ':ready', acc) end
 end
 local function lkey(id) return P .. ':plog:' .. id end
+local function pkey(id) return P .. ':preview:' .. id end
 local function finish(k, id, acc, seq, old, st, now)
   redis.call('HSET', k, 'status', st, 'stage', st, 'finished_at', now)
   redis.call('EXPIRE', lkey(id), PLOG_KEEP)
+  -- the video replaces a done job's preview; a cancelled or failed one keeps its last look
+  if st == 'done' then redis.call('DEL', pkey(id)) end
   redis.call('HDEL', k, 'lease_expires_at')
   redis.call('ZREM', P .. ':leases', id)
   move(id, acc, seq, old, st)
@@ -143,7 +146,7 @@ for _ = 1, 1000 do
       local exp = string.format('%.6f', tonumber(now) + lease_s)
       redis.call('HINCRBY', k, 'fence', 1)
       redis.call('HINCRBY', k, 'attempts', 1)
-      redis.call('HSET', k, 'status', 'running', 'stage', 'claimed', 'step', 0, 'message', '',
+      redis.call('HSET', k, 'status', 'running', 'stage', 'claimed', 'step', 0, 'message', '', 'live', '{}',
                  'worker_id', worker, 'lease_expires_at', exp)
       redis.call('HSETNX', k, 'started_at', now)
       move(id, acc, redis.call('HGET', k, 'seq'), 'queued', 'running')
@@ -177,9 +180,10 @@ local why = lost(k, token)
 if why then return {'LOST', why} end
 if #ARGV > 4 then redis.call('HSET', k, unpack(ARGV, 5)) end
 if redis.call('LLEN', lkey(id)) < tonumber(ARGV[4]) then
-  local f = redis.call('HMGET', k, 'stage', 'step', 'total_steps', 'message', 'attempts')
+  local f = redis.call('HMGET', k, 'stage', 'step', 'total_steps', 'message', 'attempts', 'live')
+  local live = f[6] and f[6] ~= '{}' and cjson.decode(f[6]) or nil
   redis.call('RPUSH', lkey(id), cjson.encode({stage = f[1], step = tonumber(f[2]), total_steps = tonumber(f[3]),
-                                              message = f[4] or '', attempts = tonumber(f[5])}))
+                                              message = f[4] or '', attempts = tonumber(f[5]), live = live}))
 end
 return {'OK', redis.call('HGET', k, 'cancel_requested')}
 """
@@ -188,6 +192,20 @@ return {'OK', redis.call('HGET', k, 'cancel_requested')}
 PROGRESS_SINCE = LIB + r"""
 if redis.call('HGET', jkey(ARGV[3]), 'account') ~= ARGV[2] then return false end
 return redis.call('LRANGE', lkey(ARGV[3]), ARGV[4], -1)
+"""
+
+# ARGV: P, id, token, step, image (base64)
+PUT_PREVIEW = LIB + r"""
+local why = lost(jkey(ARGV[2]), ARGV[3])
+if why then return {'LOST', why} end
+redis.call('HSET', pkey(ARGV[2]), 'step', ARGV[4], 'data', ARGV[5])
+return {'OK', '0'}
+"""
+
+# ARGV: P, account, id: {step, image (base64)}, {} without one, or false for another account's (or no) job
+GET_PREVIEW = LIB + r"""
+if redis.call('HGET', jkey(ARGV[3]), 'account') ~= ARGV[2] then return false end
+return redis.call('HMGET', pkey(ARGV[3]), 'step', 'data')
 """
 
 # ARGV: P, id, token, final status, then field/value pairs to set
@@ -233,7 +251,7 @@ redis.call('ZREM', P .. ':h:' .. acc, id)
 if f[4] and redis.call('HGET', P .. ':idem:' .. acc, f[4]) == id then
   redis.call('HDEL', P .. ':idem:' .. acc, f[4])
 end
-redis.call('DEL', k, lkey(id))
+redis.call('DEL', k, lkey(id), pkey(id))
 return f[5] or '{}'
 """
 

@@ -35,6 +35,7 @@ from mochi_lab.store.base import (
     Store,
     StoreUnavailable,
     active_limit_error,
+    check_preview,
     check_status,
     new_job_id,
     remove_artifacts,
@@ -52,6 +53,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     step INTEGER NOT NULL DEFAULT 0,
     total_steps INTEGER NOT NULL DEFAULT 0,
     message TEXT NOT NULL DEFAULT '',
+    live TEXT NOT NULL DEFAULT '{}',
     priority INTEGER NOT NULL DEFAULT 0,
     attempts INTEGER NOT NULL DEFAULT 0,
     experiment TEXT,
@@ -92,6 +94,11 @@ CREATE TABLE IF NOT EXISTS progress_log (
     entry TEXT NOT NULL,
     PRIMARY KEY (job_id, seq)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS previews (
+    job_id TEXT PRIMARY KEY,
+    step INTEGER NOT NULL,
+    data BLOB NOT NULL
+);
 CREATE TABLE IF NOT EXISTS experiments (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
     account TEXT NOT NULL,
@@ -101,7 +108,9 @@ CREATE TABLE IF NOT EXISTS experiments (
 );
 """
 
-_JSON_FIELDS = ("params", "tags", "artifacts", "timings", "meta")
+_JSON_FIELDS = ("params", "tags", "artifacts", "timings", "meta", "live")
+# columns added since the first release: a store file made before gets them on open
+_ADDED_COLUMNS = {"live": "TEXT NOT NULL DEFAULT '{}'"}
 _COLUMNS = [f.name for f in dataclasses.fields(JobRecord)]  # the table has the same columns, plus seq
 _SELECT = f"SELECT {', '.join(_COLUMNS)} FROM jobs"
 _INSERT = f"INSERT INTO jobs ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})"
@@ -115,6 +124,13 @@ def _row_to_job(row: sqlite3.Row) -> JobRecord:
         data[name] = json.loads(data[name])
     data["cancel_requested"] = bool(data["cancel_requested"])
     return JobRecord.from_dict(data)
+
+
+def _entry(text: str) -> dict[str, Any]:
+    entry = json.loads(text)
+    if not entry.get("live"):  # as the Redis log: no live figures, no key
+        entry.pop("live", None)
+    return entry
 
 
 def _prompt_contains(params: str, text: str) -> bool:
@@ -181,6 +197,10 @@ class SQLiteStore(Store):
                 for statement in _SCHEMA.split(";"):
                     if statement.strip():
                         conn.execute(statement)
+                have = {row[1] for row in conn.execute("PRAGMA table_info(jobs)")}
+                for name, decl in _ADDED_COLUMNS.items():
+                    if name not in have:
+                        conn.execute(f"ALTER TABLE jobs ADD COLUMN {name} {decl}")
                 conn.execute("COMMIT")
             except BaseException:
                 conn.execute("ROLLBACK")
@@ -267,7 +287,7 @@ class SQLiteStore(Store):
                 (account,),
             ).fetchone()
             row = db.execute(
-                "UPDATE jobs SET status = 'running', stage = 'claimed', step = 0, message = '', "
+                "UPDATE jobs SET status = 'running', stage = 'claimed', step = 0, message = '', live = '{}', "
                 "attempts = attempts + 1, fence = fence + 1, worker_id = ?, lease_expires_at = ?, "
                 f"started_at = COALESCE(started_at, ?) WHERE seq = ? RETURNING {', '.join(_COLUMNS)}",
                 (worker_id, now + lease_s, now, seq),
@@ -296,18 +316,19 @@ class SQLiteStore(Store):
 
     def progress(
         self, job_id: str, token: int, *, stage: str, step: int | None = None, total: int | None = None,
-        message: str = "",
+        message: str = "", live: dict[str, Any] | None = None,
     ) -> bool:
         with self._write() as db:
             cancel = self._owner_write(
                 job_id, token,
-                "stage = ?, step = COALESCE(?, step), total_steps = COALESCE(?, total_steps), message = ?",
-                (stage, step, total, message),
+                "stage = ?, step = COALESCE(?, step), total_steps = COALESCE(?, total_steps), message = ?, "
+                "live = COALESCE(?, live)",
+                (stage, step, total, message, None if live is None else _dumps(live)),
             )
             db.execute(
                 "INSERT INTO progress_log(job_id, seq, entry) SELECT id, "
                 "(SELECT COUNT(*) FROM progress_log WHERE job_id = ?), json_object('stage', stage, 'step', step, "
-                "'total_steps', total_steps, 'message', message, 'attempts', attempts) FROM jobs "
+                "'total_steps', total_steps, 'message', message, 'attempts', attempts, 'live', json(live)) FROM jobs "
                 "WHERE id = ? AND (SELECT COUNT(*) FROM progress_log WHERE job_id = ?) < ?",
                 (job_id, job_id, job_id, PROGRESS_LOG_MAX),
             )
@@ -319,7 +340,19 @@ class SQLiteStore(Store):
         rows = conn.execute(
             "SELECT seq, entry FROM progress_log WHERE job_id = ? AND seq > ? ORDER BY seq", (job_id, int(after_seq))
         )
-        return [{"seq": seq, "status": RUNNING, **json.loads(entry)} for seq, entry in rows]
+        return [{"seq": seq, "status": RUNNING, **_entry(entry)} for seq, entry in rows]
+
+    def put_preview(self, job_id: str, token: int, step: int, data: bytes) -> None:
+        data = check_preview(data)
+        with self._write() as db:
+            self._owner_write(job_id, token, "fence = fence", ())
+            db.execute("INSERT OR REPLACE INTO previews(job_id, step, data) VALUES (?, ?, ?)", (job_id, int(step), data))
+
+    def get_preview(self, account: str, job_id: str) -> tuple[int, bytes] | None:
+        conn = self._conn()
+        self._get(conn, account, job_id)  # JobNotFound for another account's id
+        row = conn.execute("SELECT step, data FROM previews WHERE job_id = ?", (job_id,)).fetchone()
+        return None if row is None else (row[0], bytes(row[1]))
 
     def _finish(
         self, job_id: str, token: int, status: str, *, timings: Any, meta: Any, extra: str = "", args: tuple = ()
@@ -345,6 +378,7 @@ class SQLiteStore(Store):
     ) -> None:
         extra, args = ", artifacts = ?", (_dumps(artifacts),)
         self._finish(job_id, token, DONE, timings=timings, meta=meta, extra=extra, args=args)
+        self._conn().execute("DELETE FROM previews WHERE job_id = ?", (job_id,))  # the video replaces it
 
     def fail(
         self, job_id: str, token: int, *, error: str, traceback: str = "", timings: dict[str, float] | None = None,
@@ -451,6 +485,7 @@ class SQLiteStore(Store):
             job = self._get(db, account, job_id)
             db.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
             db.execute("DELETE FROM progress_log WHERE job_id = ?", (job_id,))
+            db.execute("DELETE FROM previews WHERE job_id = ?", (job_id,))
         remove_artifacts(job.artifacts)
 
     def counts(self, account: str) -> dict[str, int]:

@@ -255,3 +255,123 @@ def quantity(q: Any) -> float:
     if not m or (m.group(2) and m.group(2) not in units):
         raise ValueError(f"not a quantity: {q!r}")
     return float(m.group(1)) * units.get(m.group(2), 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Pod Security Standards
+# ---------------------------------------------------------------------------------------------
+RESTRICTED_VOLUME_TYPES = {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral", "persistentVolumeClaim",
+                           "projected", "secret"}
+
+
+def restricted_container_problems(csc: dict | None, psc: dict | None = None, name: str = "container") -> list[str]:
+    """The container rules of the Pod Security Standard `restricted` (Kubernetes 1.30), for one
+    container's securityContext given the pod's. Pod-level runAsNonRoot / seccompProfile count."""
+    csc, psc = csc or {}, psc or {}
+    out = []
+    if csc.get("privileged"):
+        out.append(f"{name}: privileged")
+    if csc.get("allowPrivilegeEscalation") is not False:
+        out.append(f"{name}: allowPrivilegeEscalation must be false")
+    caps = csc.get("capabilities") or {}
+    if "ALL" not in (caps.get("drop") or []):
+        out.append(f"{name}: capabilities must drop ALL")
+    if set(caps.get("add") or []) - {"NET_BIND_SERVICE"}:
+        out.append(f"{name}: capabilities added: {caps['add']}")
+    if csc.get("runAsNonRoot", psc.get("runAsNonRoot")) is not True:
+        out.append(f"{name}: runAsNonRoot must be true")
+    if csc.get("runAsUser", psc.get("runAsUser")) == 0:
+        out.append(f"{name}: runAsUser 0")
+    seccomp = (csc.get("seccompProfile") or psc.get("seccompProfile") or {}).get("type")
+    if seccomp not in ("RuntimeDefault", "Localhost"):
+        out.append(f"{name}: seccompProfile must be RuntimeDefault or Localhost, got {seccomp}")
+    if csc.get("procMount", "Default") != "Default":
+        out.append(f"{name}: procMount")
+    return out
+
+
+def restricted_pod_problems(spec: dict) -> list[str]:
+    """Every rule of `restricted` (which includes `baseline`) for a pod spec."""
+    out = []
+    for key in ("hostNetwork", "hostPID", "hostIPC"):
+        if spec.get(key):
+            out.append(f"{key}")
+    psc = spec.get("securityContext") or {}
+    if psc.get("runAsUser") == 0:
+        out.append("pod runAsUser 0")
+    for sysctl in psc.get("sysctls") or []:
+        out.append(f"sysctl {sysctl['name']}")
+    for v in spec.get("volumes") or []:
+        kinds = set(v) - {"name"}
+        if not kinds <= RESTRICTED_VOLUME_TYPES:
+            out.append(f"volume {v['name']}: {sorted(kinds - RESTRICTED_VOLUME_TYPES)}")
+    for c in [*spec.get("initContainers", []), *spec.get("containers", []), *spec.get("ephemeralContainers", [])]:
+        out += restricted_container_problems(c.get("securityContext"), psc, c["name"])
+        for p in c.get("ports") or []:
+            if p.get("hostPort"):
+                out.append(f"{c['name']}: hostPort {p['hostPort']}")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# JupyterHub: the single-user Pods KubeSpawner builds from the z2jh values
+# ---------------------------------------------------------------------------------------------
+def spawner_pods(values: dict, workdir: Path) -> dict[str, dict]:
+    """Apply the values the way the z2jh chart configures KubeSpawner (singleuser.* and
+    hub.config.KubeSpawner), then let KubeSpawner apply each profile (load_user_options) and build
+    the Pod (get_pod_manifest). {profile slug: Pod}. Nothing is contacted."""
+    import asyncio
+    import copy
+
+    kubeconfig = workdir / "kubeconfig"
+    kubeconfig.write_text(  # KubeSpawner loads a config at construction
+        "apiVersion: v1\nkind: Config\ncurrent-context: offline\n"
+        "clusters: [{name: offline, cluster: {server: 'https://127.0.0.1:9'}}]\n"
+        "contexts: [{name: offline, context: {cluster: offline, user: offline}}]\n"
+        "users: [{name: offline, user: {token: offline}}]\n"
+    )
+    import kubernetes_asyncio.config.kube_config as kube_config
+    from kubernetes_asyncio.client import ApiClient
+    from kubespawner import KubeSpawner
+
+    su = values["singleuser"]
+    traits = KubeSpawner.class_traits(config=True)
+    for profile in su["profileList"]:
+        unknown = set(profile.get("kubespawner_override", {})) - set(traits)
+        assert not unknown, f"profile {profile['slug']}: not KubeSpawner options: {unknown}"
+    hub_config = values.get("hub", {}).get("config", {}).get("KubeSpawner", {})
+    unknown = set(hub_config) - set(traits)
+    assert not unknown, f"hub.config.KubeSpawner: not KubeSpawner options: {unknown}"
+
+    async def build() -> dict[str, dict]:
+        pods = {}
+        async with ApiClient() as api:
+            for profile in su["profileList"]:
+                sp = KubeSpawner(_mock=True, namespace="mochi-lab")
+                for name, value in hub_config.items():
+                    setattr(sp, name, copy.deepcopy(value))
+                sp.image = f"{su['image']['name']}:{su['image']['tag']}"
+                sp.image_pull_policy = su["image"]["pullPolicy"]
+                sp.environment = copy.deepcopy(su.get("extraEnv", {}))
+                sp.extra_labels = su.get("extraLabels", {})
+                sp.service_account = su["serviceAccountName"]
+                sp.volumes = su["storage"].get("extraVolumes", [])
+                sp.volume_mounts = su["storage"].get("extraVolumeMounts", [])
+                sp.uid, sp.fs_gid = su.get("uid", 1000), su.get("fsGid", 100)  # the chart's defaults
+                sp.allow_privilege_escalation = su.get("allowPrivilegeEscalation", False)
+                sp.cpu_limit, sp.cpu_guarantee = su["cpu"]["limit"], su["cpu"]["guarantee"]
+                sp.mem_limit, sp.mem_guarantee = su["memory"]["limit"], su["memory"]["guarantee"]
+                sp.profile_list = su["profileList"]
+                sp.user_options = {"profile": profile["slug"]}
+                await sp.load_user_options()
+                pod = api.sanitize_for_serialization(await sp.get_pod_manifest())
+                pods[profile["slug"]] = {"apiVersion": "v1", "kind": "Pod", **pod}
+        return pods
+
+    # read once at import by kubernetes_asyncio: point it at the offline file for this call
+    old = kube_config.KUBE_CONFIG_DEFAULT_LOCATION
+    kube_config.KUBE_CONFIG_DEFAULT_LOCATION = str(kubeconfig)
+    try:
+        return asyncio.run(build())
+    finally:
+        kube_config.KUBE_CONFIG_DEFAULT_LOCATION = old

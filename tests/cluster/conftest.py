@@ -32,3 +32,9 @@ def values() -> dict:
 @pytest.fixture(scope="session")
 def images_env() -> dict[str, str]:
     return cl.read_env_file(cl.IMAGES_ENV)
+
+
+@pytest.fixture(scope="session")
+def notebook_pods(values, tmp_path_factory) -> dict[str, dict]:
+    """The single-user Pods of each profile, as KubeSpawner builds them from the z2jh values."""
+    return cl.spawner_pods(values, tmp_path_factory.mktemp("kubespawner"))

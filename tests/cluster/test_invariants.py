@@ -19,7 +19,10 @@ except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
 REDIS_SERVICE = "mochi-redis"
-REDIS_SECRET = ("mochi-redis", "password")
+REDIS_SECRET = "mochi-redis"
+# Redis user -> its password's key in the Secret (cluster/k8s/base/redis.yaml)
+REDIS_USERS = {"gateway": "gateway-password", "worker": "worker-password", "gcs": "gcs-password",
+               "healthcheck": "healthcheck-password"}
 CONFIG = "mochi-lab-config"
 
 
@@ -34,42 +37,49 @@ def _redis_service(docs) -> tuple[str, int]:
     return svc["metadata"]["name"], port["port"]
 
 
-def _check_redis_url(url: str, docs) -> None:
-    """REDIS_URL points at the Redis Service, with the password from the Secret."""
+def _check_redis_url(url: str, docs) -> str:
+    """REDIS_URL points at the Redis Service as an ACL user; returns the user."""
     name, port = _redis_service(docs)
     parts = urlsplit(url)
     assert parts.scheme == "redis"
     assert parts.hostname in (name, f"{name}.mochi-lab.svc", f"{name}.mochi-lab.svc.cluster.local"), url
     assert parts.port == port, url
+    assert parts.username in REDIS_USERS, url
     assert parts.password == "$(MOCHI_REDIS_PASSWORD)", url
     assert parts.path == "/0"
+    return parts.username
 
 
 def test_redis_url_of_every_pod_matches_the_service_and_secret(rendered):
     for overlay, docs in rendered.items():
-        seen = 0
+        users = {}
         for d in docs:
             for label, tmpl in cl.pod_templates(d):
                 for c in cl.all_containers(tmpl):
                     env = cl.env_list(c)
                     if "REDIS_URL" not in env:
                         continue
-                    seen += 1
-                    _check_redis_url(env["REDIS_URL"]["value"], docs)
+                    user = _check_redis_url(env["REDIS_URL"]["value"], docs)
+                    users[label if d["kind"] == "RayCluster" else d["kind"]] = user
                     ref = env["MOCHI_REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"]
-                    assert (ref["name"], ref["key"]) == REDIS_SECRET, label
+                    assert (ref["name"], ref["key"]) == (REDIS_SECRET, REDIS_USERS[user]), label
                     # $(VAR) only expands variables defined earlier in the list
                     names = [e["name"] for e in c["env"]]
                     assert names.index("MOCHI_REDIS_PASSWORD") < names.index("REDIS_URL"), label
-        assert seen == 2, overlay  # the Ray head and the GPU workers
+        assert users == {"Deployment": "gateway", "RayCluster/mochi-ray/gpu-workers": "worker"}, overlay
 
 
-def test_redis_url_in_jupyterhub_values(values, rendered):
-    env = values["singleuser"]["extraEnv"]
+def test_every_redis_user_has_an_acl_line_and_a_password_in_the_secret(rendered):
     for docs in rendered.values():
-        _check_redis_url(env["REDIS_URL"], docs)
-    ref = env["MOCHI_REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"]
-    assert (ref["name"], ref["key"]) == REDIS_SECRET
+        acl = cl.find(docs, "ConfigMap", "mochi-redis-config")["data"]["users.acl"]
+        lines = {line.split()[1]: line for line in acl.splitlines() if line.startswith("user ")}
+        assert set(lines) == {"default", *REDIS_USERS}
+        assert " off " in lines["default"] and " on " not in lines["default"]
+        (redis,) = cl.find(docs, "StatefulSet", "mochi-redis")["spec"]["template"]["spec"]["containers"]
+        env = cl.env_list(redis)
+        for user, key in REDIS_USERS.items():
+            (placeholder,) = re.findall(r">@([A-Z_]+)@", lines[user])
+            assert env[placeholder]["valueFrom"]["secretKeyRef"] == {"name": REDIS_SECRET, "key": key}, user
 
 
 def test_redis_statefulset(rendered):
@@ -82,13 +92,19 @@ def test_redis_statefulset(rendered):
         for svc in (headless, cl.find(docs, "Service", REDIS_SERVICE)):
             assert svc["spec"]["selector"] == selector
         (c,) = sts["spec"]["template"]["spec"]["containers"]
-        script = " ".join(c["command"])
-        assert "--appendonly yes" in script
-        assert "--maxmemory-policy noeviction" in script
-        assert "requirepass" in script and "$REDIS_PASSWORD" in script
-        assert "--port 6379" in script and {p["containerPort"] for p in c["ports"]} == {6379}
-        ref = cl.env_list(c)["REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"]
-        assert (ref["name"], ref["key"]) == REDIS_SECRET
+        assert c["command"] == ["sh", "/etc/mochi-redis/start.sh"]
+        args = " ".join(c["args"])
+        assert "--appendonly yes" in args and "--appendfsync everysec" in args
+        assert "--maxmemory-policy noeviction" in args and "--maxmemory $(REDIS_MAXMEMORY)" in args
+        assert "--port 6379" in args and {p["containerPort"] for p in c["ports"]} == {6379}
+        assert "pass" not in args  # passwords only through the environment and stdin
+        config = cl.find(docs, "ConfigMap", "mochi-redis-config")
+        (vol,) = [v for v in sts["spec"]["template"]["spec"]["volumes"] if "configMap" in v]
+        assert vol["configMap"]["name"] == config["metadata"]["name"]
+        assert {"name": vol["name"], "mountPath": "/etc/mochi-redis", "readOnly": True} in c["volumeMounts"]
+        assert set(config["data"]) == {"users.acl", "start.sh"}
+        for probe in ("readinessProbe", "livenessProbe"):
+            assert "--user healthcheck" in " ".join(c[probe]["exec"]["command"])
         maxmem = cl.env_list(c)["REDIS_MAXMEMORY"]["value"]
         assert cl.quantity(maxmem.replace("gb", "G")) < cl.quantity(c["resources"]["limits"]["memory"])
         (claim,) = sts["spec"]["volumeClaimTemplates"]
@@ -98,9 +114,11 @@ def test_redis_statefulset(rendered):
 
 def test_secret_is_created_by_deploy_all_with_the_referenced_name():
     script = (cl.CLUSTER / "scripts" / "deploy-all.sh").read_text()
-    assert re.search(r"^SECRET=mochi-redis$", script, re.M)
-    assert "create secret generic \"$SECRET\"" in script
-    assert "--from-literal=password=" in script
+    assert re.search(rf"^SECRET={REDIS_SECRET}$", script, re.M)
+    (keys,) = re.findall(r"^SECRET_KEYS=\(([^)]*)\)$", script, re.M)
+    assert set(keys.split()) == set(REDIS_USERS.values())
+    assert 'ensure_secret "$SECRET" "${SECRET_KEYS[@]}"' in script
+    assert "--from-literal" not in script  # values go through stdin
 
 
 def test_every_secret_and_configmap_reference_resolves(rendered, values):
@@ -124,13 +142,15 @@ def test_every_secret_and_configmap_reference_resolves(rendered, values):
         assert rc["spec"]["gcsFaultToleranceOptions"]["redisPassword"]["valueFrom"]["secretKeyRef"] in [
             v for k, v in refs if k == "secretKeyRef"
         ]
+        made = {(REDIS_SECRET, key) for key in REDIS_USERS.values()} | {("mochi-ray-auth", "auth_token")}
+        made.add(("hub", "hub.services.mochi-lab.apiToken"))  # the z2jh chart's Secret
         for kind, ref in refs:
             if kind == "configMapKeyRef":
                 assert ref["name"] == CONFIG and ref["key"] in data, ref
             elif kind == "configMapRef":
                 assert ref["name"] == CONFIG
             elif kind == "secretKeyRef":
-                assert (ref["name"], ref["key"]) == REDIS_SECRET or ref.get("optional") is True, ref
+                assert (ref["name"], ref["key"]) in made or ref.get("optional") is True, ref
             else:
                 pytest.fail(f"unexpected {kind}")
 
@@ -141,8 +161,16 @@ def test_gcs_fault_tolerance_points_at_redis(rendered):
         ft = rc["spec"]["gcsFaultToleranceOptions"]
         name, port = _redis_service(docs)
         assert ft["redisAddress"] == f"{name}:{port}"
+        assert ft["redisUsername"] == {"value": "gcs"}
         ref = ft["redisPassword"]["valueFrom"]["secretKeyRef"]
-        assert (ref["name"], ref["key"]) == REDIS_SECRET
+        assert (ref["name"], ref["key"]) == (REDIS_SECRET, REDIS_USERS["gcs"])
+        # the gcs user's keys are exactly Ray's namespace (Ray names its hashes RAY<namespace>@<table>)
+        acl = cl.find(docs, "ConfigMap", "mochi-redis-config")["data"]["users.acl"]
+        (gcs,) = [line for line in acl.splitlines() if line.startswith("user gcs ")]
+        assert set(re.findall(r"(\S*~\S+)", gcs)) == {f"~RAY{ft['externalStorageNamespace']}@*", "%W~DUMMY"}
+        for line in acl.splitlines():
+            if line.startswith(("user gateway ", "user worker ")):
+                assert re.findall(r"(\S*~\S+)", line) == ["~mochi:*"]
         # KubeRay rejects the old annotation together with gcsFaultToleranceOptions
         assert "ray.io/ft-enabled" not in rc["metadata"].get("annotations", {})
         for _, tmpl in cl.pod_templates(rc):
@@ -175,15 +203,11 @@ def test_gpu_count_per_pod_matches_the_worker_actors(rendered, overlay):
     # GPU nodes are usually tainted
     tolerations = group["template"]["spec"]["tolerations"]
     assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in tolerations
-    # every Ray pod and notebook reads MOCHI_LAB_WORKERS from the same ConfigMap
-    for _, tmpl in cl.pod_templates(rc):
+    # the gateway (the pool's owner) and every Ray pod read MOCHI_LAB_WORKERS from the same ConfigMap
+    gateway = cl.find(docs, "Deployment", "mochi-lab-gateway")
+    for _, tmpl in [*cl.pod_templates(rc), *cl.pod_templates(gateway)]:
         for c in tmpl["spec"]["containers"]:
             assert {"configMapRef": {"name": CONFIG}} in c["envFrom"]
-
-
-def test_notebooks_get_the_pool_size_from_the_configmap(values):
-    ref = values["singleuser"]["extraEnv"]["MOCHI_LAB_WORKERS"]["valueFrom"]["configMapKeyRef"]
-    assert ref == {"name": CONFIG, "key": "MOCHI_LAB_WORKERS"}
 
 
 def test_autoscaling_and_shared_memory(rendered):
@@ -255,34 +279,31 @@ def test_only_labelled_clients_reach_redis(rendered, values):
         (rule,) = policy["spec"]["ingress"]
         assert rule["from"] == [{"podSelector": {"matchLabels": {label: "true"}}}]
         assert rule["ports"] == [{"protocol": "TCP", "port": 6379}]
-        # exactly the pods that talk to Redis carry the label: the Ray pods (and notebooks)
+        # exactly the pods that talk to Redis carry the label: the gateway, the GPU workers (REDIS_URL)
+        # and the Ray head (its GCS, gcsFaultToleranceOptions)
         for d in docs:
             for name, tmpl in cl.pod_templates(d):
-                uses_redis = any("REDIS_URL" in cl.env_list(c) for c in cl.all_containers(tmpl))
+                uses_redis = any("REDIS_URL" in cl.env_list(c) for c in cl.all_containers(tmpl)) or name.endswith("/head")
                 labelled = tmpl.get("metadata", {}).get("labels", {}).get(label) == "true"
                 if d["kind"] == "StatefulSet":
                     continue  # Redis itself
                 assert uses_redis == labelled, name
-        ray_policy = cl.find(docs, "NetworkPolicy", "mochi-ray-ingress")
+        ray_policy = cl.find(docs, "NetworkPolicy", "mochi-ray")
         assert ray_policy["spec"]["podSelector"]["matchLabels"] == {"ray.io/cluster": cl.find(docs, "RayCluster")["metadata"]["name"]}
-    assert values["singleuser"]["extraLabels"][label] == "true"
-    assert values["singleuser"]["extraLabels"]["mochi-lab.io/ray-client"] == "true"
+    assert label not in values["singleuser"]["extraLabels"]
 
 
-def test_notebook_egress_opens_ray_client_and_redis(values, rendered):
-    egress = values["singleuser"]["networkPolicy"]["egress"]
-    by_port = {}
-    for rule in egress:
-        for p in rule["ports"]:
-            by_port[p["port"]] = rule["to"][0]["podSelector"]["matchLabels"]
-    docs = rendered["prod"]
-    assert by_port[6379] == cl.find(docs, "StatefulSet", "mochi-redis")["spec"]["selector"]["matchLabels"]
-    assert by_port[10001]["ray.io/cluster"] == cl.find(docs, "RayCluster")["metadata"]["name"]
+def test_notebook_egress_opens_only_the_gateway(values, rendered):
+    (rule,) = values["singleuser"]["networkPolicy"]["egress"]
+    dep = cl.find(rendered["prod"], "Deployment", "mochi-lab-gateway")
+    assert rule["to"] == [{"podSelector": {"matchLabels": dep["spec"]["selector"]["matchLabels"]}}]
+    assert rule["ports"] == [{"protocol": "TCP", "port": 8000}]
 
 
-def test_ray_address_matches_the_head_service(values, rendered):
-    url = urlsplit(values["singleuser"]["extraEnv"]["RAY_ADDRESS"])
+def test_ray_address_matches_the_head_service(rendered):
     for docs in rendered.values():
+        gateway = cl.find(docs, "Deployment", "mochi-lab-gateway")
+        url = urlsplit(cl.env_list(gateway["spec"]["template"]["spec"]["containers"][0])["RAY_ADDRESS"]["value"])
         rc = cl.find(docs, "RayCluster")
         # KubeRay names the head Service <cluster>-head-svc
         assert url.scheme == "ray" and url.hostname == f"{rc['metadata']['name']}-head-svc"
@@ -302,8 +323,9 @@ def test_volumes_and_paths_agree(rendered, values):
             assert pvcs[name]["spec"]["accessModes"] == ["ReadWriteMany"], name
         rc = cl.find(docs, "RayCluster")
         job = cl.find(docs, "Job", "mochi-model-prefetch")
+        gateway = cl.find(docs, "Deployment", "mochi-lab-gateway")
         cache_mounts, output_mounts = set(), set()
-        for d in (rc, job):
+        for d in (rc, job, gateway):
             for label, tmpl in cl.pod_templates(d):
                 vols = {v["name"]: v for v in tmpl["spec"]["volumes"]}
                 for c in cl.all_containers(tmpl):
@@ -318,11 +340,7 @@ def test_volumes_and_paths_agree(rendered, values):
         assert output_mounts == {data["MOCHI_LAB_DATA_DIR"]}
         for key in ("HF_HOME", "MOCHI_LAB_CACHE_DIR", "MOCHI_MODEL_READY_FILE"):
             assert data[key].startswith("/models/"), key
-        sv = values["singleuser"]["storage"]
-        (vol,) = sv["extraVolumes"]
-        (mount,) = sv["extraVolumeMounts"]
-        assert vol["persistentVolumeClaim"]["claimName"] == "mochi-outputs"
-        assert mount["name"] == vol["name"] and mount["mountPath"] == data["MOCHI_LAB_DATA_DIR"]
+        assert "extraVolumes" not in values["singleuser"]["storage"]  # notebooks get videos through the gateway
 
 
 def test_model_prefetch_job_and_worker_wait_agree(rendered):
@@ -443,7 +461,8 @@ def test_scale_workers_patch_is_valid_and_sized(rendered, n, gpus):
     pods = math.ceil(n / gpus)
     assert group["replicas"] == group["minReplicas"] == pods
     assert f'"MOCHI_LAB_WORKERS": "{n}"' in out
-    assert f"MochiCluster().scale({n})" in out
+    assert f'/services/mochi-lab/workers/scale {{"n": {n}}}' in out  # through the pool's owner, the gateway
+    assert "MochiCluster" not in out
 
 
 def test_deploy_all_applies_the_overlay_and_the_values():
@@ -454,6 +473,8 @@ def test_deploy_all_applies_the_overlay_and_the_values():
     assert f"kubectl apply -k {cl.K8S / 'overlays' / 'prod'}" in out
     assert f"--values {cl.VALUES}" in out and "--namespace mochi-lab" in out and "--version 9.9.9" in out
     assert out.index("create secret generic mochi-redis") < out.index("apply -k")
+    assert out.index("create secret generic mochi-ray-auth") < out.index("apply -k")
+    assert out.index("--values") < out.index("rollout status deployment/mochi-lab-gateway")
     kustomization = (cl.K8S / "base" / "kustomization.yaml").read_text()
     assert "namespace: mochi-lab" in kustomization
     bad = subprocess.run(["bash", str(cl.CLUSTER / "scripts" / "deploy-all.sh"), "--dry-run", "-o", "staging"],

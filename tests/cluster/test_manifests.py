@@ -15,7 +15,7 @@ import clusterlib as cl
 
 EXPECTED_KINDS = {
     "Namespace", "ConfigMap", "ServiceAccount", "Role", "RoleBinding", "PersistentVolumeClaim",
-    "Service", "StatefulSet", "NetworkPolicy", "Job", "RayCluster",
+    "Service", "StatefulSet", "NetworkPolicy", "Job", "RayCluster", "Deployment", "PodDisruptionBudget",
 }
 CLUSTER_SCOPED = {"Namespace"}  # of EXPECTED_KINDS
 

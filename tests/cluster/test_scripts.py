@@ -68,6 +68,8 @@ def test_help_and_bad_arguments(name):
         (["--workers", "0"], "at least 1"),
         (["--workers", "two"], "whole number"),
         (["--state-dir", "/tmp/" + "x" * 40], "too long"),
+        (["--gateway", "--no-redis"], "needs Redis"),
+        (["--gateway", "--model", "a b"], "model name"),
     ],
 )
 def test_local_up_refuses_bad_settings_before_starting_anything(args, message, tmp_path):

@@ -20,7 +20,10 @@ def test_values_validate_against_the_z2jh_schema(values):
         ((), "singleuser", "singelUser"),
         (("singleuser",), "extraEnv", "extraEnvv"),
         (("singleuser", "image"), "tag", "tagg"),
-        (("singleuser", "storage"), "extraVolumeMounts", "extraVolumeMount"),
+        (("singleuser", "storage"), "type", "typ"),
+        (("singleuser", "cloudMetadata"), "blockWithIptables", "blockWithIpTables"),
+        (("hub",), "loadRoles", "loadRole"),
+        (("proxy", "chp"), "containerSecurityContext", "containerSecurityContxt"),
         (("singleuser", "networkPolicy"), "egress", "egres"),
         (("cull",), "timeout", "timout"),
     ],
@@ -76,74 +79,32 @@ def test_notebook_egress_rules_are_valid_network_policy_rules(values):
 
 
 # ---- the single-user Pods, built by KubeSpawner itself -------------------------------------------
-def _spawner_pods(values, monkeypatch, tmp_path) -> dict[str, dict]:
-    """Apply the values the way the z2jh chart configures KubeSpawner, then let KubeSpawner
-    apply each profile (load_user_options) and build the Pod (get_pod_manifest)."""
-    kubeconfig = tmp_path / "kubeconfig"
-    kubeconfig.write_text(  # KubeSpawner loads a config at construction; nothing is contacted
-        "apiVersion: v1\nkind: Config\ncurrent-context: offline\n"
-        "clusters: [{name: offline, cluster: {server: 'https://127.0.0.1:9'}}]\n"
-        "contexts: [{name: offline, context: {cluster: offline, user: offline}}]\n"
-        "users: [{name: offline, user: {token: offline}}]\n"
-    )
-    monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
-    from kubernetes_asyncio.client import ApiClient
-    from kubespawner import KubeSpawner
-
-    su = values["singleuser"]
-    traits = KubeSpawner.class_traits(config=True)
-    for profile in su["profileList"]:
-        unknown = set(profile.get("kubespawner_override", {})) - set(traits)
-        assert not unknown, f"profile {profile['slug']}: not KubeSpawner options: {unknown}"
-
-    async def build() -> dict[str, dict]:
-        pods = {}
-        async with ApiClient() as api:
-            for profile in su["profileList"]:
-                sp = KubeSpawner(_mock=True, namespace="mochi-lab")
-                sp.image = f"{su['image']['name']}:{su['image']['tag']}"
-                sp.image_pull_policy = su["image"]["pullPolicy"]
-                sp.environment = copy.deepcopy(su["extraEnv"])
-                sp.extra_labels = su["extraLabels"]
-                sp.service_account = su["serviceAccountName"]
-                sp.volumes = su["storage"]["extraVolumes"]
-                sp.volume_mounts = su["storage"]["extraVolumeMounts"]
-                sp.cpu_limit, sp.cpu_guarantee = su["cpu"]["limit"], su["cpu"]["guarantee"]
-                sp.mem_limit, sp.mem_guarantee = su["memory"]["limit"], su["memory"]["guarantee"]
-                sp.profile_list = su["profileList"]
-                sp.user_options = {"profile": profile["slug"]}
-                await sp.load_user_options()
-                pod = api.sanitize_for_serialization(await sp.get_pod_manifest())
-                pods[profile["slug"]] = {"apiVersion": "v1", "kind": "Pod", **pod}
-        return pods
-
-    return asyncio.run(build())
-
-
-def test_every_profile_builds_a_valid_pod(values, rendered, monkeypatch, tmp_path):
-    pods = _spawner_pods(values, monkeypatch, tmp_path)
+def test_every_profile_builds_a_valid_pod(values, tmp_path):
+    pods = cl.spawner_pods(values, tmp_path)
     assert set(pods) == {"cpu", "gpu"}
     for slug, pod in pods.items():
         for version in cl.K8S_VERSIONS:
             cl.validate_core(pod, version)
         (c,) = pod["spec"]["containers"]
-        env = [e["name"] for e in c["env"]]
-        assert env.index("MOCHI_REDIS_PASSWORD") < env.index("REDIS_URL"), slug  # $(VAR) order
-        assert {"RAY_ADDRESS", "REDIS_URL", "MOCHI_LAB_DATA_DIR", "MOCHI_LAB_WORKERS"} <= set(env)
-        assert pod["metadata"]["labels"]["mochi-lab.io/redis-client"] == "true"
+        env = {e["name"]: e for e in c["env"]}
+        assert env["MOCHI_LAB_GATEWAY"]["value"] == values["singleuser"]["extraEnv"]["MOCHI_LAB_GATEWAY"]
         assert pod["spec"]["serviceAccountName"] == "mochi-notebook"
-        claims = {v["persistentVolumeClaim"]["claimName"] for v in pod["spec"]["volumes"] if "persistentVolumeClaim" in v}
-        assert "mochi-outputs" in claims
+        assert pod["metadata"]["labels"]["mochi-lab.io/gateway-client"] == "true"
         assert c["image"] == f"{values['singleuser']['image']['name']}:{values['singleuser']['image']['tag']}"
         assert {"cpu", "memory"} <= set(c["resources"]["limits"]) and {"cpu", "memory"} <= set(c["resources"]["requests"])
+        assert not cl.restricted_pod_problems(pod["spec"]), slug
     assert "nvidia.com/gpu" not in pods["cpu"]["spec"]["containers"][0]["resources"]["limits"]
     gpu = pods["gpu"]["spec"]
     assert gpu["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
     assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in gpu["tolerations"]
 
 
-def test_a_typo_in_a_profile_override_fails(values, monkeypatch, tmp_path):
+def test_a_typo_in_a_profile_override_fails(values, tmp_path):
     bad = copy.deepcopy(values)
     bad["singleuser"]["profileList"][1]["kubespawner_override"]["extra_resource_limit"] = {"nvidia.com/gpu": "1"}
     with pytest.raises(AssertionError, match="extra_resource_limit"):
-        _spawner_pods(bad, monkeypatch, tmp_path)
+        cl.spawner_pods(bad, tmp_path)
+    bad = copy.deepcopy(values)
+    bad["hub"]["config"]["KubeSpawner"]["container_securty_context"] = {}
+    with pytest.raises(AssertionError, match="container_securty_context"):
+        cl.spawner_pods(bad, tmp_path)

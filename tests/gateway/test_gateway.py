@@ -79,11 +79,11 @@ def test_missing_garbage_revoked_and_unscoped_tokens_are_refused(storefront, hub
 def test_admin_actions_need_an_admin(storefront, tokens):
     for user in ("alice", "bob"):
         with storefront.client(tokens[user]) as c:
-            for path, body in (("/pool/scale", {"n": 2}), ("/pool/shutdown", None)):
+            for path, body in (("/workers/scale", {"n": 2}), ("/workers/shutdown", None)):
                 r = c.post(path, json=body)
                 assert r.status_code == 403 and r.json()["error"] == "forbidden", (user, path, r.text)
     with storefront.client(tokens["carol"]) as c:  # an admin passes the door; a bad n is refused before acting
-        r = c.post("/pool/scale", json={"n": True})
+        r = c.post("/workers/scale", json={"n": True})
         assert r.status_code == 422 and "n must be" in r.json()["detail"]
 
 
@@ -228,7 +228,7 @@ def test_bob_gets_404_for_everything_of_alices(gateway, tokens, alice_job):
         assert alice.get("/experiments/alice-exp").json()["account"] == "alice"  # forced
     with gateway.client(tokens["bob"]) as bob:
         for method, path in (("GET", "/status/{}"), ("GET", "/download/{}"), ("GET", "/thumbnail/{}"),
-                             ("GET", "/events/{}"), ("POST", "/cancel/{}"), ("POST", "/rerun/{}"),
+                             ("GET", "/preview/{}"), ("GET", "/events/{}"), ("POST", "/cancel/{}"), ("POST", "/rerun/{}"),
                              ("DELETE", "/jobs/{}")):
             mine = bob.request(method, path.format(job_id))
             none = bob.request(method, path.format(unknown))
@@ -241,6 +241,7 @@ def test_bob_gets_404_for_everything_of_alices(gateway, tokens, alice_job):
     with gateway.client(tokens["alice"]) as alice:  # untouched
         assert alice.get(f"/status/{job_id}").json()["status"] == "done"
         assert alice.get(f"/download/{job_id}").status_code == 200
+        assert alice.get(f"/preview/{job_id}").status_code == 204  # done: the video replaced the preview
 
 
 def _sse_steps(events: list[dict]) -> list[tuple]:
@@ -474,3 +475,29 @@ def test_the_notebook_handle_works_unchanged_through_the_hub_gateway(gateway, to
     from remote_flow import handle_flow
 
     handle_flow(gateway.url, tokens["alice"], tokens["bob"], tmp_path, monkeypatch)
+
+
+def test_a_running_jobs_preview_comes_through_the_gateway_and_stays_after_a_cancel(gateway, tokens):
+    import io
+
+    from PIL import Image
+
+    body = {"params": _tiny(prompt="a slow preview", num_frames=19, height=64, width=96, num_inference_steps=200),
+            "reuse": False}
+    with gateway.client(tokens["alice"]) as alice, gateway.client(tokens["bob"]) as bob:
+        job = alice.post("/generate", json=body).json()
+        assert alice.get(f"/preview/{job['id']}").status_code == 204  # queued: nothing to show yet
+        deadline = time.monotonic() + 120
+        while (r := alice.get(f"/preview/{job['id']}")).status_code == 204:
+            assert time.monotonic() < deadline, alice.get(f"/status/{job['id']}").json()
+            time.sleep(0.2)
+        assert r.status_code == 200 and r.headers["content-type"] == "image/webp", r.text
+        strip = Image.open(io.BytesIO(r.content))
+        assert strip.size == (12, 8) and strip.n_frames == 4 and 0 < int(r.headers["x-preview-step"]) < 200
+        assert bob.get(f"/preview/{job['id']}").status_code == 404
+        status = alice.get(f"/status/{job['id']}").json()
+        assert status["live"]["preview_step"] >= 1 and status["live"]["elapsed_s"] > 0
+        alice.post(f"/cancel/{job['id']}")
+        assert wait_done(alice, job["id"])["status"] == "cancelled"
+        kept = alice.get(f"/preview/{job['id']}")
+        assert kept.status_code == 200 and kept.content[:4] == b"RIFF"  # its last look stays

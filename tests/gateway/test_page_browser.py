@@ -9,6 +9,7 @@ Screenshots go to artifacts/browser/ (ignored by git).
 from __future__ import annotations
 
 import io
+import time
 from pathlib import Path
 from urllib.parse import urljoin
 
@@ -147,6 +148,37 @@ def test_alice_queues_watches_plays_and_downloads_on_the_page(browser, gateway, 
         raise
     finally:
         context.close()
+
+
+def test_a_running_job_shows_its_forming_video_and_an_eta(browser, gateway, tokens):
+    pw, chromium = browser
+    context = chromium.new_context(viewport={"width": 1100, "height": 700})
+    page = context.new_page()
+    body = {"params": {"prompt": "a slow sunrise, previewed", "num_frames": 19, "height": 64, "width": 96,
+                       "num_inference_steps": 200, "fps": 8}, "reuse": False}
+    with gateway.client(tokens["alice"]) as alice:
+        job_id = alice.post("/generate", json=body).json()["id"]
+        try:
+            sign_in(page, gateway.url, "alice", tokens["alice"])
+            img = f"#job-{job_id} img.preview"
+            seen = []
+            deadline = time.monotonic() + 120
+            while len(set(seen)) < 2:  # the picture is replaced as the job goes on
+                assert time.monotonic() < deadline, (seen, alice.get(f"/status/{job_id}").json())
+                if page.locator(img).count():
+                    src = page.locator(img).get_attribute("src")
+                    if page.evaluate("(s) => { const i = document.querySelector(s); return i.complete && "
+                                     "i.naturalWidth > 0; }", img):
+                        seen.append(src)
+                time.sleep(0.2)
+            size = page.evaluate("(s) => [document.querySelector(s).naturalWidth, document.querySelector(s)."
+                                 "naturalHeight]", img)
+            assert size == [12, 8] and page.locator(img).bounding_box()["width"] > 100
+            assert page.locator(f"#job-{job_id} .eta").inner_text().endswith("s left")
+            page.screenshot(path=str(ARTIFACTS / "gateway_page_preview.png"))
+        finally:
+            alice.post(f"/cancel/{job_id}")
+            context.close()
 
 
 def test_markup_stays_text_other_users_see_nothing_and_foreign_forms_cannot_write(browser, storefront, tokens):

@@ -107,3 +107,63 @@ def test_boundary_params_each_make_a_video(runner, size, tmp_path):
     result = runner.generate(p)
     info = probe(write_mp4(result.frames, tmp_path / "edge.mp4", p.fps))
     assert (info.frames, info.height, info.width) == (size["num_frames"], size["height"], size["width"])
+
+
+# -- live previews ------------------------------------------------------------------
+PREVIEWED = {"num_frames": 19, "height": 64, "width": 96, "num_inference_steps": 12}
+
+
+def _pooled(video: np.ndarray, latent_frames: int) -> np.ndarray:
+    from mochi_lab.pipelines.preview import _pool_to_latent_grid
+
+    t = torch.from_numpy(video).float().permute(3, 0, 1, 2)[None] / 255
+    return _pool_to_latent_grid(t, latent_frames).numpy() * 255
+
+
+def _corr(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a.astype(float) - a.mean(axis=(0, 1, 2)), b.astype(float) - b.mean(axis=(0, 1, 2))
+    return float(np.corrcoef(a.reshape(-1), b.reshape(-1))[0, 1])
+
+
+def test_previews_come_as_planned_and_converge_on_the_video(runner, monkeypatch):
+    import io
+
+    from PIL import Image
+
+    import mochi_lab.pipelines.mochi as mochi_module
+    from mochi_lab.pipelines.preview import PREVIEW_BYTES, PreviewPlan, encode_strip
+
+    x0s = []
+    estimate = mochi_module.estimate_x0
+    monkeypatch.setattr(mochi_module, "estimate_x0", lambda *a: x0s.append(estimate(*a)) or x0s[-1])
+    got = []
+    plan = PreviewPlan(emit=lambda step, frames: got.append((step, frames)), every=3, min_interval_s=0)
+    result = runner.generate(GenerationParams.parse("a cat", seed=5, **PREVIEWED), preview=plan)
+    assert [s for s, _ in got] == [3, 6, 9, 12]
+    for _, frames in got:  # every latent frame, at 1/8 of the video's size
+        assert frames.shape == (4, 8, 12, 3) and frames.dtype == np.uint8
+    # the clean latent the sampler points at converges: exact at the last step, farthest at the first
+    errors = [float((x - x0s[-1]).norm() / x0s[-1].norm()) for x in x0s]
+    assert errors[-1] == 0 and errors == sorted(errors, reverse=True) and errors[0] > 0.05
+    # the preview looks like the decoded video (de-meaned correlation), at the end at least as at the start
+    first, last = (_corr(frames, _pooled(result.frames, 4)) for _, frames in (got[0], got[-1]))
+    assert last > 0.15 and last >= first - 0.02, (first, last)
+    strip = encode_strip(got[-1][1])
+    image = Image.open(io.BytesIO(strip))
+    assert len(strip) <= PREVIEW_BYTES and image.format == "WEBP" and image.n_frames == 4 and image.size == (12, 8)
+
+
+def test_the_preview_plan_defaults_to_a_tenth_of_the_steps_and_one_a_second():
+    from mochi_lab.pipelines.preview import PreviewPlan
+
+    plan = PreviewPlan(emit=lambda *a: None, min_interval_s=0)
+    assert [s for s in range(1, 65) if plan.due(s, 64)] == [6, 12, 18, 24, 30, 36, 42, 48, 54, 60, 64]
+    slow = PreviewPlan(emit=lambda *a: None, every=1, min_interval_s=3600)
+    assert [s for s in range(1, 11) if slow.due(s, 10)] == [1]  # then nothing for an hour
+
+
+def test_the_preview_map_is_fitted_on_the_pipelines_vae(runner):
+    m = runner.preview_map
+    assert m.weight.shape == (runner.pipe.transformer.config.in_channels, 3) and m.bias.shape == (3,)
+    assert 0 < m.r2 <= 1  # held out: better than the mean colour alone
+    assert runner.preview_map is m  # fitted once per loaded pipeline

@@ -147,6 +147,50 @@ def test_the_progress_log_keeps_every_write_in_order_per_account(store: Store, m
         store.progress_since("alice", job.id)
 
 
+def test_live_figures_ride_with_progress_and_a_claim_clears_them(store: Store) -> None:
+    job = store.enqueue("alice", {"prompt": "p"})
+    assert store.get("alice", job.id).live == {}
+    claim = store.claim("w1", 60)
+    store.progress(job.id, claim.token, stage="denoising", step=1, total=4, live={"eta_s": 3.5, "rate": 2.0})
+    store.progress(job.id, claim.token, stage="denoising", step=2)  # live left as it was
+    assert store.get("alice", job.id).live == {"eta_s": 3.5, "rate": 2.0}
+    log = store.progress_since("alice", job.id)
+    assert log[0]["live"] == {"eta_s": 3.5, "rate": 2.0} and log[1]["live"] == {"eta_s": 3.5, "rate": 2.0}
+    store.release_worker("w1")
+    store.claim("w2", 60)
+    assert store.get("alice", job.id).live == {}  # a new attempt starts without the old figures
+
+
+def test_previews_are_owned_bounded_overwritten_and_dropped_with_the_video(store: Store) -> None:
+    from mochi_lab.store.base import PREVIEW_MAX_BYTES
+
+    a, b = store.enqueue("alice", {"prompt": "a"}), store.enqueue("alice", {"prompt": "b"})
+    assert store.get_preview("alice", a.id) is None
+    ca, cb = store.claim("w", 60), store.claim("w", 60)
+    store.put_preview(a.id, ca.token, 3, b"RIFF\x00one")
+    store.put_preview(a.id, ca.token, 6, b"RIFF\x00two")  # overwritten: one preview per job
+    assert store.get_preview("alice", a.id) == (6, b"RIFF\x00two")
+    with pytest.raises(JobNotFound):
+        store.get_preview("bob", a.id)
+    with pytest.raises(ValueError, match="at most"):
+        store.put_preview(a.id, ca.token, 7, b"x" * (PREVIEW_MAX_BYTES + 1))
+    with pytest.raises(LeaseLost):  # only the job's owner writes it
+        store.put_preview(a.id, ca.token + 1, 7, b"forged")
+    store.put_preview(b.id, cb.token, 2, bytes(range(256)))  # any bytes survive the trip
+    store.cancel("alice", b.id)
+    store.finish_cancelled(b.id, cb.token)
+    assert store.get_preview("alice", b.id) == (2, bytes(range(256)))  # a cancelled job keeps its last look
+    store.complete(a.id, ca.token, artifacts={}, timings={}, meta={})
+    assert store.get_preview("alice", a.id) is None  # the video replaces it
+    store.delete("alice", b.id)
+    with pytest.raises(JobNotFound):
+        store.get_preview("alice", b.id)
+    if hasattr(store, "prefix"):  # and nothing of it is left behind
+        assert store._client.exists(f"{store.prefix}:preview:{b.id}", f"{store.prefix}:preview:{a.id}") == 0
+    else:
+        assert store._conn().execute("SELECT COUNT(*) FROM previews").fetchone()[0] == 0
+
+
 def test_the_progress_log_is_capped(store: Store, monkeypatch) -> None:
     import mochi_lab.store.redis as redis_store
     import mochi_lab.store.sqlite as sqlite_store
@@ -502,3 +546,20 @@ def test_release_worker_follows_the_expiry_rules(make_store) -> None:
     assert store.get("alice", cancelled.id).status == CANCELLED
     assert store.claim("w", 60) is None
     assert store.counts("alice")[RUNNING] == 0
+
+
+def test_a_store_file_from_before_live_figures_opens_and_gains_them(tmp_path: Path) -> None:
+    import sqlite3
+
+    url = f"sqlite:///{tmp_path / 'old.sqlite3'}"
+    store = open_store(url)
+    job = store.enqueue("alice", {"prompt": "p"})
+    store.close()
+    with sqlite3.connect(tmp_path / "old.sqlite3") as db:  # as the first release wrote it
+        db.execute("ALTER TABLE jobs DROP COLUMN live")
+    store = open_store(url)
+    assert store.get("alice", job.id).live == {}
+    claim = store.claim("w", 60)
+    store.progress(job.id, claim.token, stage="denoising", step=1, total=2, live={"eta_s": 1.0})
+    assert store.get("alice", job.id).live == {"eta_s": 1.0}
+    store.close()
