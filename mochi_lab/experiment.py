@@ -29,8 +29,46 @@ class ExperimentNotFound(KeyError):
         return str(self.args[0]) if self.args else "experiment not found"
 
 
+class RunJobs(list):
+    """The jobs `Experiment.sweep()` and `resume()` return: a plain list of `Job`, which a notebook
+    shows as a table with each job's status and the overall progress, read when it is displayed."""
+
+    def __init__(self, jobs: Iterable[Job] = (), *, experiment: "Experiment | None" = None):
+        super().__init__(jobs)
+        self.experiment = experiment
+
+    def _records(self) -> list[JobRecord | None]:
+        """Each job's current record (None: deleted), in one listing of the experiment's jobs."""
+        listed = {}
+        if self.experiment is not None:
+            listed = {r.id: r for r in self.experiment._backend.list(experiment=self.experiment.name,
+                                                                      limit=_LIST_LIMIT)}
+        return [listed.get(job.id) or _current(job) for job in self]
+
+    def _repr_html_(self) -> str:
+        from mochi_lab.experiment_views import jobs_html
+        from mochi_lab.reprs import error_html
+
+        try:
+            records = self._records()
+        except Exception as exc:  # the store is down: say so where the table would be
+            return error_html(f"cannot read the jobs: {type(exc).__name__}: {exc}")
+        items = [(dict(job.record.params), rec) for job, rec in zip(self, records, strict=True)]
+        return jobs_html(self.experiment.name if self.experiment is not None else "-", items)
+
+
+def _current(job: Job) -> JobRecord | None:
+    try:
+        return job.refresh()
+    except JobNotFound:
+        return None
+
+
 class Experiment:
-    """Create or re-open with `cluster.experiment(name)`; every method reads the store, not a cache."""
+    """Create or re-open with `cluster.experiment(name)`; every method reads the store, not a cache.
+
+    Displayed in a notebook, it is a table of its runs with their status and overall progress, read
+    from the store at that moment."""
 
     def __init__(self, backend: Backend, record: dict[str, Any], *, model: str = "tiny"):
         self._backend = backend
@@ -110,13 +148,15 @@ class Experiment:
     # -- queueing --------------------------------------------------------------
     def sweep(
         self, prompts: str | Iterable[str], seeds: Any = None, *, priority: int = 0, **param_lists: Any
-    ) -> list[Job]:
+    ) -> RunJobs:
         """Queue the grid prompts x params x seeds; a param given as a scalar is fixed for every run.
 
         Runs without a seed get one derived from the experiment name and the params, so the same
-        sweep issued again maps onto the same runs and queues nothing new.
+        sweep issued again maps onto the same runs and queues nothing new. Returns the jobs (a list
+        that a notebook shows as a live table).
         """
-        return self._queue(plan_runs(self.name, expand_grid(prompts, seeds, param_lists), self.model), priority)
+        jobs = self._queue(plan_runs(self.name, expand_grid(prompts, seeds, param_lists), self.model), priority)
+        return RunJobs(jobs, experiment=self)
 
     def add(
         self, params: GenerationParams | Mapping[str, Any] | None = None, /, *, priority: int = 0, **kwargs: Any
@@ -156,13 +196,13 @@ class Experiment:
         if ids:
             self._update(put)
 
-    def resume(self, *, priority: int = 0) -> list[Job]:
+    def resume(self, *, priority: int = 0) -> RunJobs:
         """Re-queue only the runs that are missing, failed or cancelled; done and in-flight runs stay."""
         runs, jobs = self._snapshot()
         dead = {r.key for r in runs if jobs[r.key] is not None and jobs[r.key].status in (FAILED, CANCELLED)}
         todo = {r.key for r in runs if jobs[r.key] is None} | dead
         if not todo:
-            return []
+            return RunJobs(experiment=self)
 
         def bump(rec: dict[str, Any]) -> None:
             for r in rec["runs"]:
@@ -173,7 +213,7 @@ class Experiment:
         current = [Run.from_dict(r) for r in self._update(bump)["runs"] if r["key"] in todo]
         records = [self._enqueue(run, priority) for run in current]
         self._remember({run.key: (run.attempt, rec.id) for run, rec in zip(current, records, strict=True)})
-        return [Job(self._backend, rec) for rec in records]
+        return RunJobs((Job(self._backend, rec) for rec in records), experiment=self)
 
     # -- reading ---------------------------------------------------------------
     def _snapshot(self) -> tuple[list[Run], dict[str, JobRecord | None]]:
@@ -256,17 +296,30 @@ class Experiment:
 
     # -- views -----------------------------------------------------------------
     def to_dataframe(self):
-        """One row per run: run key, job id, status, params, timings, times, paths and worker."""
+        """One row per run: the swept params, seed, status and run time (`run_s`) first; then run key,
+        job id, stage, attempt, the other params, timings, times, paths and worker."""
         from mochi_lab.experiment_views import runs_dataframe
 
         return runs_dataframe(*self._snapshot())
 
-    def compare(self, *, columns: int | None = None, width: int = 256):
-        """An ipywidgets grid of the runs' videos, each labelled with only the params that differ."""
+    def compare(self, rows: str | list[str] | None = None, columns: str | None = None, *, width: int = 256):
+        """The runs' videos in a grid, with row and column headers for the swept params, played in sync
+        from one play/pause/scrub control. `rows` / `columns` name the params for each axis (default:
+        the innermost swept param across, the others down)."""
         from mochi_lab.experiment_views import compare_grid
 
         return compare_grid(*self._snapshot(), video=lambda job_id: self._backend.artifact(job_id, "video"),
-                            columns=columns, width=width)
+                            rows=rows, columns=columns, width=width)
+
+    def _repr_html_(self) -> str:
+        from mochi_lab.experiment_views import experiment_html
+        from mochi_lab.reprs import error_html
+
+        try:
+            runs, jobs = self._snapshot()  # read now: the table is live each time it is shown
+        except Exception as exc:  # the store is down, or the experiment was deleted
+            return error_html(f"cannot read experiment {self.name!r}: {type(exc).__name__}: {exc}")
+        return experiment_html(self._record, runs, jobs)
 
     def export(self, folder: str | Any) -> Any:
         """Copy the done runs' videos into `folder`, with manifest.json and manifest.csv; returns the folder."""
@@ -288,4 +341,4 @@ def _summary(jobs: Mapping[str, JobRecord | None]) -> str:
     return " ".join(f"{k}={v}" for k, v in sorted(counts.items()))
 
 
-__all__ = ["MISSING", "Experiment", "ExperimentNotFound"]
+__all__ = ["MISSING", "Experiment", "ExperimentNotFound", "RunJobs"]

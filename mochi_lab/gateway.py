@@ -22,7 +22,6 @@ import dataclasses
 import io
 import json
 import logging
-import os
 import secrets
 import tempfile
 import threading

@@ -25,6 +25,9 @@ from typing import Any
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
 
 WIDGET_MIME = "application/vnd.jupyter.widget-view+json"
+# A live widget's static stand-in, for the notebook file: front ends render nothing for this type, and
+# the save hook (mochi_lab.widgets.save_hook) turns it into text/html when the notebook is saved.
+STATIC_MIME = "application/vnd.mochi-lab.static+html"
 MIN_VIDEO_PX = 256  # test videos are 32 px wide: scale them up so they can be seen
 
 # Theme colours (JupyterLab CSS variables), with fallbacks for front ends that do not define them.
@@ -147,7 +150,7 @@ def _env() -> Environment:
     env = Environment(loader=FileSystemLoader(Path(__file__).with_name("templates")), autoescape=True,
                       undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)
     env.filters.update(num=num, seconds=seconds, gib=gib, when=when, short=short, text=text)
-    env.globals.update(MUTED=MUTED, BORDER=BORDER, PLACEHOLDER=PLACEHOLDER, ERROR=ERROR,
+    env.globals.update(MUTED=MUTED, BORDER=BORDER, PLACEHOLDER=PLACEHOLDER, ERROR=ERROR, WARN=WARN,
                        status_colour=status_colour, state_colour=state_colour)
     return env
 
@@ -170,8 +173,126 @@ def error_html(error: Any, traceback: Any = None) -> str:
 
 
 # -- views of a job --------------------------------------------------------------------------------
-def job_view(r: Any) -> dict[str, Any]:
-    """The display facts of a job record, each a plain value the templates escape (no type assumed)."""
+# Per-stage timings in the order a job goes through them, with their short labels; run_s is the total.
+TIMING_LABELS = (("queue_s", "queue"), ("load_s", "load"), ("text_s", "text"), ("denoise_s", "denoise"),
+                 ("decode_s", "decode"), ("encode_s", "encode"), ("run_s", "total"))
+LEASE_GRACE_S = 2.0  # a lease this far past its deadline means its worker stopped heartbeating
+
+
+def ordinal(n: Any) -> str:
+    """1st, 2nd, 3rd, 4th, 11th, 22nd (anything that is not a whole number is shown as text)."""
+    k = to_int(n)
+    if k is None:
+        return text(n)
+    suffix = "th" if 10 <= k % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(k % 10, "th")
+    return f"{k}{suffix}"
+
+
+def timings_line(timings: Any) -> list[tuple[str, str]]:
+    """The per-stage seconds a record holds, as (label, "1.2 s") pairs in stage order; nothing if none."""
+    t = mapping(timings)
+    return [(label, seconds(t[key])) for key, label in TIMING_LABELS if key in t and t[key] is not None]
+
+
+def queue_note(position: Any) -> str | None:
+    """A queued job's place, as `Job.queue_position()` reports it: "3rd of your 5 queued jobs · ~2 min".
+
+    The place is among this account's queued jobs (the order a worker takes them in); other accounts'
+    jobs are interleaved fairly, so the estimate, when there is one, is a lower bound."""
+    p = mapping(position)
+    pos, of = to_int(p.get("position")), to_int(p.get("queued"))
+    if pos is None:
+        return None
+    line = f"{ordinal(pos)} of your {of} queued jobs" if of and of > 1 else "your only queued job"
+    eta = to_float(p.get("eta_s"))
+    if eta is not None:
+        line += f" · ~{_eta_words(eta)}"
+    if to_int(p.get("workers")) == 0:
+        line += " · no worker serves this model yet"
+    return line
+
+
+def _eta_words(s: float) -> str:
+    if s < 60:
+        return f"{max(5, int(round(s / 5.0)) * 5)} s"
+    return f"{int(round(s / 60.0))} min"
+
+
+class RetryTracker:
+    """Follows one job's successive records and says what a snapshot cannot: that a worker was lost.
+
+    A record holds only the attempt count; the stage where a lost attempt stopped is the last one this
+    tracker saw before the job went back to the queue (or came back with a higher attempt). Pure:
+    records in, lines out, no I/O. `observe` returns new events (for a text progress bar), `notes`
+    the lines a view shows now.
+    """
+
+    def __init__(self) -> None:
+        self.attempt: int | None = None  # the attempt count of the last record seen
+        self.status: Any = None
+        self.stage: str | None = None  # the last stage seen while the current attempt ran
+        self.lost = False  # a worker of this job was lost (seen, or implied by the attempt count)
+        self.lost_stage: str | None = None  # where, when seen
+        self.lease_expired_for: float | None = None
+
+    def observe(self, r: Any, now: float | None = None) -> list[str]:
+        now = time.time() if now is None else now
+        status, stage = field(r, "status"), field(r, "stage")
+        attempt = to_int(field(r, "attempts"), 0) or 0
+        events: list[str] = []
+        if self.attempt is None:  # the first record: a retry already under way shows in its count
+            self.lost = status == "running" and attempt > 1 or status == "queued" and attempt >= 1
+        else:
+            was_running = self.status == "running"
+            if was_running and (attempt > self.attempt or status == "queued"):
+                self.lost, self.lost_stage, self.stage = True, self.stage, None
+                events.append(self.line(status, attempt))
+            elif attempt > self.attempt and self.lost and self.status == "queued":
+                events.append(self.line(status, attempt))  # the requeued job was claimed again
+        if status == "running" and isinstance(stage, str) and stage != "claimed":
+            self.stage = stage
+        self.attempt, self.status = attempt, status
+        expires = to_float(field(r, "lease_expires_at"))
+        self.lease_expired_for = (now - expires if status == "running" and expires is not None
+                                  and now - expires > LEASE_GRACE_S else None)
+        return events
+
+    def line(self, status: Any, attempt: int) -> str:
+        where = f"worker lost at {self.lost_stage}" if self.lost_stage else "worker lost"
+        if status == "queued":
+            return f"{where}; queued again for attempt {attempt + 1}"
+        return f"{where}; retrying, attempt {attempt}"
+
+    def notes(self, r: Any) -> list[str]:
+        """The lines a view shows for the record last observed (none once the job has ended)."""
+        status = field(r, "status")
+        out: list[str] = []
+        if self.lost and status in ("running", "queued"):
+            out.append(self.line(status, to_int(field(r, "attempts"), 0) or 0))
+        if self.lease_expired_for is not None and status == "running":
+            out.append(f"no heartbeat from its worker for {seconds(self.lease_expired_for)}: the job goes back "
+                       "to the queue when its lease is taken back")
+        return out
+
+
+def stopped_note(r: Any) -> str | None:
+    """Where a cancelled job stopped: "stopped at step 57/200", or that it never started."""
+    if field(r, "status") != "cancelled":
+        return None
+    step, total = to_int(field(r, "step")), to_int(field(r, "total_steps"))
+    if not field(r, "started_at") and not step:
+        return "cancelled before it started"
+    if step and total:
+        return f"stopped at denoising step {step}/{total}"
+    return "stopped before denoising"
+
+
+def job_view(r: Any, *, notes: Any = (), media: Any = None, preview: Any = None) -> dict[str, Any]:
+    """The display facts of a job record, each a plain value the templates escape (no type assumed).
+
+    `notes`: lines about the job's life a record alone does not hold (a lost worker, the queue
+    position); `media`: the finished job's thumbnail and video links (`media_view`); `preview`: the
+    running job's latest preview (`preview_view`)."""
     p = mapping(field(r, "params"))
     timings = mapping(field(r, "timings"))
     meta = mapping(field(r, "meta"))
@@ -183,6 +304,7 @@ def job_view(r: Any) -> dict[str, Any]:
         total = total_steps  # a hostile total is shown, never used as a number
     step_n = to_int(step)
     attempts = field(r, "attempts")
+    stopped = stopped_note(r)
     return {
         "id": field(r, "id"),
         "status": status,
@@ -193,6 +315,7 @@ def job_view(r: Any) -> dict[str, Any]:
         "progress": (max(0, min(step_n, total)) if step_n is not None and isinstance(total, int) and total > 0
                      else None),
         "running": status == "running",
+        "denoising": status == "running" and stage == "denoising",
         "prompt": p.get("prompt", ""),
         "negative_prompt": p.get("negative_prompt"),
         "width": p.get("width"), "height": p.get("height"), "num_frames": p.get("num_frames"),
@@ -200,8 +323,10 @@ def job_view(r: Any) -> dict[str, Any]:
         "fps": p.get("fps"), "model": p.get("model"),
         "worker": meta.get("worker_id") or field(r, "worker_id"),
         "timings": ([(k[:-2], timings[k]) for k in TIMING_STAGES if k in timings] if "run_s" in timings else []),
+        "timing_line": timings_line(timings) if "run_s" in timings else [],
         "run_s": timings.get("run_s"),
         "video": basename(artifacts.get("video")) if artifacts.get("video") else None,
+        "preview": preview if status != "done" else None,
         "error": field(r, "error"),
         "traceback": field(r, "traceback"),
         "experiment": field(r, "experiment"),
@@ -210,12 +335,69 @@ def job_view(r: Any) -> dict[str, Any]:
         # shown only when it says something: a retried job, or a value that is not a count
         "attempts": attempts if (to_int(attempts, 0) > 1 or not (attempts is None or _is_number(attempts)))
         else None,
+        "notes": [*strings(list(notes) if isinstance(notes, (list, tuple)) else notes),
+                  *([stopped] if stopped else [])],
+        "media": media_view(media),
     }
 
 
-def job_html(record: Any) -> str:
+def media_view(media: Any) -> dict[str, Any] | None:
+    """A done job's media for the static view: `thumbnail` (a data: URI), `href` (a relative link to
+    the saved MP4, percent-encoded), `name` (the file's name), `note` (why there is no link)."""
+    m = mapping(media)
+    if not m:
+        return None
+    thumb = m.get("thumbnail")
+    href = m.get("href")
+    return {
+        # only the URIs this module builds reach a src attribute (nothing from the store)
+        "thumbnail": thumb if isinstance(thumb, str) and thumb.startswith(_THUMB_PREFIXES) else None,
+        "href": href if isinstance(href, str) and href.startswith("./") else None,
+        "name": m.get("name"),
+        "note": m.get("note"),
+        "video": bool(m.get("video", True)),
+    }
+
+
+_THUMB_PREFIXES = ("data:image/jpeg;base64,", "data:image/png;base64,")
+THUMB_PX = 160  # the static thumbnail's width: small enough to keep a saved notebook light
+
+
+def thumbnail_uri(png: Any, width: int = THUMB_PX) -> str | None:
+    """A thumbnail's bytes as a small JPEG data: URI (a few KB, so a saved notebook stays light);
+    None for anything that is not an image."""
+    if not isinstance(png, (bytes, bytearray)) or not png:
+        return None
+    import base64
+    import io
+
+    try:
+        from PIL import Image
+
+        with Image.open(io.BytesIO(bytes(png))) as im:
+            im = im.convert("RGB")
+            if im.width > width:
+                im = im.resize((width, max(1, round(im.height * width / im.width))))
+            out = io.BytesIO()
+            im.save(out, format="JPEG", quality=80)
+    except Exception:  # not an image (a hostile or truncated artifact): no thumbnail
+        return None
+    return "data:image/jpeg;base64," + base64.b64encode(out.getvalue()).decode("ascii")
+
+
+def job_html(record: Any, *, notes: Any = (), media: Any = None, preview: Any = None) -> str:
     """The compact job summary (a `JobRecord` or a mapping of its fields)."""
-    return render("job.html", r=job_view(record))
+    return render("job.html", r=job_view(record, notes=notes, media=media, preview=preview))
+
+
+def preview_view(step: Any, webp: Any) -> dict[str, Any] | None:
+    """A preview's (step, animated WebP bytes) as an image the templates can show: a data: URI we build
+    from the bytes (base64 only), never a value read from the store as text."""
+    if not isinstance(webp, (bytes, bytearray)) or not webp.startswith(b"RIFF"):
+        return None
+    import base64
+
+    return {"src": "data:image/webp;base64," + base64.b64encode(bytes(webp)).decode(), "step": to_int(step)}
 
 
 def cluster_html(info: Mapping[str, Any]) -> str:
@@ -248,5 +430,6 @@ def job_widget(record: Any, video: Any):
     return W.VBox([W.HTML(job_html(record)), video])
 
 
-__all__ = ["MIN_VIDEO_PX", "WIDGET_MIME", "cluster_html", "error_html", "job_html", "job_view", "job_widget",
-           "render", "status_badge", "video_widget"]
+__all__ = ["MIN_VIDEO_PX", "RetryTracker", "STATIC_MIME", "WIDGET_MIME", "cluster_html", "error_html", "job_html",
+           "job_view", "job_widget", "media_view", "ordinal", "queue_note", "render", "status_badge", "stopped_note",
+           "thumbnail_uri", "timings_line", "video_widget"]

@@ -23,7 +23,7 @@ class SlowRunner:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._runner, name)
 
-    def generate(self, params: Any, on_step: Any = None) -> Any:
+    def generate(self, params: Any, on_step: Any = None, preview: Any = None) -> Any:
         def slow(step: int, total: int) -> None:
             time.sleep(self.step_s)
             while self.stuck():  # a step that ignores everything (a hung kernel)
@@ -31,7 +31,7 @@ class SlowRunner:
             if on_step is not None:
                 on_step(step, total)
 
-        return self._runner.generate(params, slow)
+        return self._runner.generate(params, slow, preview=preview)
 
 
 def slow_steps(monkeypatch: Any, step_s: float, stuck: Callable[[], bool] = lambda: False) -> None:

@@ -23,6 +23,7 @@ class CardStack(W.VBox):
         self.download_dir = download_dir
         self.poller = Poller(self.poll_once, interval)
         self.on_finish = on_finish  # e.g. the history browser re-lists when a re-run ends
+        self.on_change: Callable[[], None] | None = None  # a card added, removed, or a job's status changed
 
     @property
     def cards(self) -> list[JobCard]:
@@ -33,24 +34,47 @@ class CardStack(W.VBox):
         return [c.job for c in self.children]
 
     def add(self, job: "Job") -> JobCard:
-        card = JobCard(job, download_dir=self.download_dir)
+        card = JobCard(job, download_dir=self.download_dir, on_clear=self.remove)
+        for other in self.children:
+            other.replace_in_queue()  # a new job may change their count: ask again at the next poll
         self.children = (card, *self.children)
         if not card.finished:
             self.poller.start()  # no-op outside a running event loop: the caller drives poll_once
+        if self.on_change is not None:
+            self.on_change()
         return card
+
+    def remove(self, card: JobCard) -> None:
+        """Take a card off the stack and close it (its job is not touched: it keeps running)."""
+        self.children = tuple(c for c in self.children if c is not card)
+        card.close()
+        if self.on_change is not None:
+            self.on_change()
+
+    def clear_finished(self) -> int:
+        """Remove the cards of jobs that have ended; returns how many went."""
+        done = [c for c in self.children if c.finished or c.gone]
+        for card in done:
+            self.remove(card)
+        return len(done)
 
     def poll_once(self) -> bool:
         """One polling step: refresh every unfinished card. Returns whether any is still active."""
         if self.comm is None:  # the widget was closed: stop reading the store for it
             return False
         active = False
+        changed = False
         for card in self.cards:
             if card.finished or card.gone:
                 continue
+            before = card.record.status
             still = card.poll()
+            changed = changed or card.record.status != before or not still
             if not still and self.on_finish is not None:
                 self.on_finish(card)
             active = active or still
+        if changed and self.on_change is not None:
+            self.on_change()
         return active
 
     async def wait(self, timeout: float | None = None) -> None:

@@ -68,24 +68,13 @@ REATTACH = textwrap.dedent(
 )
 
 
-def _port_free(port: int) -> bool:
-    for host in ("127.0.0.1", "127.0.0.2", ""):
-        with socket.socket() as s:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                s.bind((host, port))
-            except OSError:
-                return False
-    return True
-
-
 def _pick_ports() -> tuple[int, int]:
     """A Ray port and a Redis port (not 6379/6390) whose whole port block is free: other tests
     and other clusters may run on this machine."""
     for ray_port in range(6410, 6500, 2):
         base = ray_port + 20000
         block = [ray_port, ray_port + 1, *range(base, base + 100 * (WORKERS + 2))]
-        if all(_port_free(p) for p in block):
+        if all(cl.port_free(p) for p in block):
             return ray_port, ray_port + 1
     raise RuntimeError("no free port block between 6410 and 6500")
 

@@ -19,7 +19,6 @@ import random
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -40,23 +39,12 @@ RAY_DEFAULT_PORTS = {6379, 8265, 10001, 52365, 44217, 44227, 8076, 8077}
 BLOCK = 64
 
 
-def _free(port: int) -> bool:
-    for host in ("127.0.0.1", "127.0.0.2", ""):
-        with socket.socket() as s:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                s.bind((host, port))
-            except OSError:
-                return False
-    return True
-
-
 def _port_block() -> int:
     """The first port of BLOCK free ports in a row, away from Ray's defaults."""
     for _ in range(200):
         base = random.randrange(30000, 60000 - BLOCK)
         ports = range(base, base + BLOCK)
-        if not RAY_DEFAULT_PORTS & set(ports) and all(_free(p) for p in ports):
+        if not RAY_DEFAULT_PORTS & set(ports) and all(cl.port_free(p) for p in ports):
             return base
     raise RuntimeError("no free block of ports")
 

@@ -153,3 +153,62 @@ def test_result_cache_on_the_store(store):
     assert cached_enqueue(store, "alice", {**params, "seed": 6}).id != second.id
     assert cached_enqueue(store, "bob", params).id != second.id  # per account
     assert cached_enqueue(store, "alice", params).id == second.id
+
+
+def test_the_experiment_and_its_sweep_list_show_live_status_tables(store, sample_mp4):
+    exp = open_exp(store, description="cats & <dogs>")
+    jobs = exp.sweep(["a cat", "a dog"], [1], **TINY)
+    assert isinstance(jobs, list) and [type(j).__name__ for j in jobs] == ["Job", "Job"]
+    assert [j.id for j in jobs[:1]] == [jobs[0].id] and len(jobs) == 2  # still a plain list of Job
+    before = exp._repr_html_()
+    assert "0/2 finished" in before and before.count(">queued</span>") == 2
+    assert "cats &amp; &lt;dogs&gt;" in before  # the description is text
+    assert "0/2 finished" in jobs._repr_html_()
+    finish(store, "done", video=sample_mp4)
+    finish(store, "failed")
+    # the same objects, displayed again: read now, not when they were made
+    shown, listed = exp._repr_html_(), jobs._repr_html_()
+    for html in (shown, listed):
+        assert "2/2 finished" in html and ">done</span>" in html and ">failed</span>" in html
+        assert "RuntimeError: boom" in html and "1.0 s" in html  # the failed run's error, the done one's run time
+        assert html.index("a cat") < html.index("a dog")  # run order
+    store.delete("alice", jobs[1].id)
+    assert ">deleted</span>" in jobs._repr_html_() and ">missing</span>" in exp._repr_html_()
+
+
+def test_a_running_run_shows_its_step_in_the_table(store):
+    exp = open_exp(store)
+    exp.sweep(["a cat"], [1, 2], **TINY)
+    claim = store.claim("test-worker", 30.0)
+    store.progress(claim.job.id, claim.token, stage="denoising", step=1, total=2)
+    html = exp._repr_html_()
+    assert ">running</span>" in html and '<progress value="1" max="2"' in html and " 1/2" in html
+    assert "0/2 finished" in html
+
+
+def test_dataframe_puts_the_swept_params_seed_status_and_run_time_first(store, sample_mp4):
+    exp = open_exp(store)
+    exp.sweep(["a cat", "a dog"], [7], num_frames=7, height=32, width=32, num_inference_steps=[2, 4], fps=8)
+    finish(store, "done", video=sample_mp4)
+    df = exp.to_dataframe()
+    assert list(df.columns[:5]) == ["prompt", "num_inference_steps", "seed", "status", "run_s"]
+    assert list(df["num_inference_steps"]) == [2, 4, 2, 4] and df.loc[0, "run_s"] == 1.0
+    assert {"job_id", "run", "denoise_s", "video", "height"} <= set(df.columns[5:])
+
+
+def test_compare_has_row_and_column_headers_for_the_swept_params(store, sample_mp4):
+    exp = open_exp(store)
+    exp.sweep(["a cat", "a dog"], [1, 2], **TINY)
+    finish(store, "done", video=sample_mp4)  # a cat, seed 1
+    grid = exp.compare()
+    assert (grid.row_param, grid.col_param) == ("prompt", "seed")
+    assert grid.row_labels == ["a cat", "a dog"] and grid.col_labels == ["1", "2"]
+    done = grid.cell("a cat", "1")
+    assert done["status"] == "done" and grid.videos[done["video"]] == sample_mp4.read_bytes()
+    assert grid.cell("a dog", "2")["status"] == "queued" and grid.cell("a dog", "2")["video"] == -1
+    assert len(grid.cells) == 4 and len(grid.videos) == 1 and grid.playing  # plays at once, together
+    flipped = exp.compare(rows="seed", columns="prompt")
+    assert flipped.row_labels == ["1", "2"] and flipped.col_labels == ["a cat", "a dog"]
+    assert flipped.cell("1", "a cat")["video"] == 0
+    with pytest.raises(ValueError, match="not a generation parameter"):
+        exp.compare(rows="colour")

@@ -63,6 +63,7 @@ class FakeJob:
         self._record = rec
         self._history = list(history or [])  # records that successive refresh() calls return
         self._video, self._thumbnail = video, thumbnail
+        self.position: dict[str, Any] | None = None  # what queue_position() answers while queued
         self.refreshes = 0
         self.cancels = 0
         self.deleted = False
@@ -86,6 +87,9 @@ class FakeJob:
         if self._history:
             self._record = self._history.pop(0)
         return self._record
+
+    def queue_position(self) -> dict[str, Any] | None:
+        return self.position if self.refresh().status == "queued" else None
 
     def cancel(self, timeout: float = 0) -> str:
         self.cancels += 1
@@ -169,7 +173,7 @@ class FakeCluster:
     def generate(self, prompt: str, **params: Any) -> FakeJob:
         self._read("generate")
         job = self.next_job or FakeJob(record(id=f"g-{len(self.generated)}", status="queued", stage="queued",
-                                              params={**params, "prompt": prompt}))
+                                              attempts=0, timings={}, params={**params, "prompt": prompt}))
         self.generated.append(job)
         return job
 
@@ -199,10 +203,14 @@ class Scan(HTMLParser):
         return "".join(self.texts)
 
 
-# What our templates emit; anything else (img, script, an on* handler) came from data.
+# What our templates emit; anything else (script, an on* handler) came from data. A finished job's static
+# view has a <video> (or an <img> thumbnail) whose src/poster are URIs mochi_lab.reprs built, never stored text.
 ALLOWED_TAGS = {"div", "span", "b", "i", "code", "br", "pre", "details", "summary", "progress", "table", "thead",
-                "tbody", "tr", "th", "td", "a"}
-ALLOWED_ATTRS = {"class", "style", "title", "href", "download", "value", "max", "colspan"}
+                "tbody", "tr", "th", "td", "a", "video", "img"}
+ALLOWED_ATTRS = {"class", "style", "title", "href", "download", "value", "max", "colspan", "src", "poster", "controls",
+                 "autoplay", "loop", "muted", "playsinline", "preload", "alt", "width"}
+# the only values those URI attributes may hold: a relative link, or a data: image
+SAFE_URI = ("./", "data:image/jpeg;base64,", "data:image/png;base64,")
 
 
 def assert_safe(html: str, payload: str | None = None, *, shown: bool = True) -> Scan:
@@ -215,6 +223,9 @@ def assert_safe(html: str, payload: str | None = None, *, shown: bool = True) ->
     assert set(scan.tags) <= ALLOWED_TAGS, f"foreign elements {set(scan.tags) - ALLOWED_TAGS} in {html}"
     names = {name for name, _ in scan.attrs}
     assert names <= ALLOWED_ATTRS, f"foreign attributes {names - ALLOWED_ATTRS} in {html}"
+    for name, value in scan.attrs:
+        if name in ("src", "poster"):
+            assert (value or "").startswith(SAFE_URI), f"{name}={value!r} is not a URI mochi_lab built, in {html}"
     # markup, or a quote that closed an attribute (as text, "onerror=alert" is harmless and expected)
     for needle in ("<img", "<script", "<svg", 'onmouseover="', "onmouseover='", '" onmouseover', "' onmouseover"):
         assert needle not in html, f"{needle!r} reached the page raw: {html}"

@@ -6,9 +6,14 @@ import asyncio
 import re
 from collections import Counter
 
-from fakes import FakeCluster
+import time
+
+import pytest
+from fakes import PAYLOADS, FakeCluster, FakeJob, assert_safe, hostile_record, record
+from widget_helpers import unique
 
 from mochi_lab.widgets import ClusterPanel
+from mochi_lab.widgets.cluster_panel import queue_view, scaled_message
 
 
 def test_table_lists_every_live_worker(mochi):
@@ -22,6 +27,8 @@ def test_table_lists_every_live_worker(mochi):
     assert re.search(r"(idle|busy)", body) and "tiny" in body
     assert all(f"{s} <b>" in panel.counts.value for s in ("queued", "running", "done", "failed", "cancelled"))
     assert panel.scale_to.value == 4
+    assert "4 CPU workers" in panel.summary.value and "GPU" not in panel.summary.value  # the session is CPU-only
+    assert "your queue" in panel.queue.value
 
 
 def test_refreshes_while_a_view_is_shown_and_stops_when_it_goes(mochi):
@@ -92,5 +99,79 @@ def test_scale_to_the_current_size_keeps_every_worker(mochi):
     panel = ClusterPanel(mochi)
     before = {w["worker_id"]: w["started_at"] for w in mochi.workers()}
     panel.scale_button.click()  # scale_to starts at the pool's size
-    assert "pool scaled to 4" in panel.message.value and not panel.scale_button.disabled
+    assert "pool kept at 4 workers" in panel.message.value and not panel.scale_button.disabled
+    assert "load their model" not in panel.message.value
     assert {w["worker_id"]: w["started_at"] for w in mochi.workers()} == before
+
+
+def test_a_workers_current_job_shows_its_prompt_and_progress(mochi):
+    """The account's own job by its prompt and step; on the other backend's panel it is another account's."""
+    prompt = unique("panel long take")
+    job = mochi.generate(prompt, num_frames=19, height=64, width=96, num_inference_steps=200, fps=8)
+    try:
+        deadline = time.monotonic() + 120
+        while job.refresh().stage != "denoising" or (job.record.step or 0) < 1:
+            assert time.monotonic() < deadline, f"job never reached denoising: {job.record.stage}"
+            time.sleep(0.1)
+        panel = ClusterPanel(mochi)
+        cell = next(c for c in panel.table.value.split('class="mochi-current-job"')[1:] if job.id in c)
+        assert prompt in cell and "denoising" in cell and "<progress" in cell and "/200" in cell
+        assert "another account" not in cell
+    finally:
+        job.cancel(timeout=30)
+
+
+def test_another_accounts_job_is_shown_by_id_only():
+    rows = [{"worker_id": "w-1", "state": "busy", "current_job": "theirs-1", "device": "cpu"},
+            {"worker_id": "w-2", "state": "busy", "current_job": "mine-1", "device": "cpu"}]
+    mine = FakeJob(record(id="mine-1", params={"prompt": "my own prompt"}))
+    panel = ClusterPanel(FakeCluster(workers=rows, jobs=[mine]))
+    theirs_cell, mine_cell = panel.table.value.split('class="mochi-current-job"')[1:]
+    assert "another account's job" in theirs_cell and "theirs-1" in theirs_cell and "prompt" not in theirs_cell
+    assert "my own prompt" in mine_cell and "another account" not in mine_cell
+
+
+def test_the_queue_is_listed_in_the_order_the_accounts_jobs_start():
+    now = 1.7e9 + 100
+    jobs = [FakeJob(record(id=i, status="queued", stage="queued", priority=p, created_at=1.7e9 + t,
+                           params={"prompt": f"prompt {i}", "width": 64, "height": 48, "num_frames": 13,
+                                   "num_inference_steps": 30}))
+            for i, p, t in [("late", 0, 50), ("urgent", 5, 90), ("early", 0, 10)]]
+    views = queue_view([*jobs, FakeJob(record(id="started", status="running"))], now=now)
+    assert [(v["position"], v["id"]) for v in views] == [(1, "urgent"), (2, "early"), (3, "late")]
+    assert views[1]["waiting"] == 90.0
+    panel = ClusterPanel(FakeCluster(jobs=jobs))
+    queue = panel.queue.value
+    assert queue.index("prompt urgent") < queue.index("prompt early") < queue.index("prompt late")
+    assert "64x48 &middot; 13 frames &middot; 30 steps" in queue
+
+
+def test_the_summary_names_cpu_or_gpu_workers():
+    cpu = ClusterPanel(FakeCluster(workers=[{"worker_id": f"w-{i}", "state": "idle", "device": "cpu"}
+                                            for i in range(2)]))
+    assert "2 CPU workers" in cpu.summary.value and "GPU" not in cpu.summary.value
+    gpu = ClusterPanel(FakeCluster(workers=[{"worker_id": "w-0", "state": "busy", "device": "cuda",
+                                             "gpu_name": "NVIDIA H200"}]))
+    assert "1 GPU worker</b> (NVIDIA H200)" in gpu.summary.value and "CPU" not in gpu.summary.value
+
+
+def test_scaling_down_says_the_removed_workers_drain_not_that_new_ones_load():
+    assert "load their model" in scaled_message(1, 2) and "from 1 to 2 workers" in scaled_message(1, 2)
+    down = scaled_message(2, 1)
+    assert "from 2 to 1 worker;" in down and "load" not in down and "finished their running jobs" in down
+    panel = ClusterPanel(FakeCluster(workers=[{"worker_id": "w-0", "state": "idle"},
+                                              {"worker_id": "w-1", "state": "idle"}]))
+    panel.scale(1)  # no running loop: at once
+    assert "from 2 to 1 worker" in panel.message.value and "load" not in panel.message.value
+
+
+@pytest.mark.parametrize("payload", PAYLOADS)
+def test_the_current_job_the_queue_and_the_summary_escape_what_they_show(payload):
+    running = FakeJob(hostile_record(payload, id="r-1", status="running"))
+    queued = FakeJob(hostile_record(payload, id="q-1", status="queued"))
+    workers = [{"worker_id": "w-1", "state": payload, "current_job": "r-1", "gpu_name": payload},
+               {"worker_id": "w-2", "state": "busy", "current_job": payload, "device": payload}]
+    panel = ClusterPanel(FakeCluster(workers=workers, jobs=[running, queued]))
+    assert_safe(panel.table.value, payload)  # the prompt of r-1, the id of another account's job
+    assert_safe(panel.summary.value, payload)  # a GPU name and a state
+    assert_safe(panel.queue.value, payload)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import json
 import re
 from pathlib import Path
 
@@ -17,7 +18,7 @@ import ipywidgets as W
 import pytest
 from fakes import ALL, DOUBLE, MARKUP, PAYLOADS, SINGLE, FakeCluster, FakeJob, assert_safe, hostile_record, record
 
-from mochi_lab import reprs
+from mochi_lab import ParamsError, reprs
 from mochi_lab.widgets import ClusterPanel, History, HistoryRow, JobCard, Studio, workers_html
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -83,9 +84,40 @@ def test_job_html_formats_real_numbers():
     html = reprs.job_html(record(step=1, total_steps=2))
     assert '<progress value="1" max="2"' in html and " 1/2" in html
     assert "32x32 &middot; 7 frames &middot; 2 steps &middot; seed 1 &middot; model tiny" in html
-    assert "run 1.40s" in html and "&#9654; j-1.mp4" in html
+    # the timings once, on one line, in stage order, each formatted; the total last
+    assert "queue 0.1 s &middot; load 0.0 s &middot; denoise 1.0 s &middot; decode 0.2 s &middot; encode 0.1 s " \
+           "&middot; total 1.4 s" in html and "&#9654; j-1.mp4" in html
     hostile = reprs.job_html(record(step=MARKUP))
     assert "<progress" not in hostile and "&lt;img" in hostile  # no bar from a value that is not a number
+
+
+@pytest.mark.parametrize("payload", PAYLOADS)
+def test_job_notes_and_media_are_text(payload):
+    """Notes (a lost worker, the queue), the stopped step and the media block escape what they quote,
+    and a src/href that mochi_lab did not build (a stored or hostile value) never reaches an attribute."""
+    html = reprs.job_html(record(status="cancelled", stage="cancelled", step=3, total_steps=9, started_at=1.0),
+                          notes=[payload, f"worker lost at {payload}"],
+                          media={"href": payload, "thumbnail": payload, "name": payload, "note": payload})
+    scan = assert_safe(html, payload)
+    assert "stopped at denoising step 3/9" in scan.text and "worker lost at " + payload in scan.text
+    assert not any(name in ("src", "poster", "href") for name, _ in scan.attrs)  # none of these URIs is ours
+    ok = reprs.job_html(record(status="done", stage="done"), media={"href": "./v/j-1.mp4", "name": payload,
+                                                                    "thumbnail": "data:image/jpeg;base64,AAAA"})
+    attrs = assert_safe(ok, payload).attrs
+    assert ("src", "./v/j-1.mp4") in attrs and ("poster", "data:image/jpeg;base64,AAAA") in attrs
+    assert ("download", payload) in attrs
+
+
+@pytest.mark.parametrize("payload", PAYLOADS)
+def test_queue_note_and_retry_lines_take_any_value(payload):
+    assert reprs.queue_note({"position": payload, "queued": payload}) is None  # not a number: no place to show
+    line = reprs.queue_note({"position": 2, "queued": payload, "eta_s": payload, "workers": payload})
+    assert line == "your only queued job"  # a count that is not a number is no count
+    tracker = reprs.RetryTracker()
+    for r in (record(status="running", stage=payload, attempts=1), record(status="queued", stage="queued", attempts=1)):
+        tracker.observe(r)
+    (note,) = tracker.notes(record(status="queued", attempts=1))
+    assert_safe(reprs.render("_macros.html", "notes", lines=[note]), payload)
 
 
 @pytest.mark.parametrize("payload", PAYLOADS)
@@ -123,12 +155,14 @@ def test_job_card_with_markup_in_every_field(payload, status, tmp_path):
     r = hostile_record(payload) if status is None else hostile_record(payload, status=status)
     card = JobCard(FakeJob(r), download_dir=tmp_path)
     assert_safe(card.header.value, payload if len(payload) < 80 else None)
-    assert_safe(card.stage.value, payload)
+    assert_safe(card.stage.value, payload if status != "queued" else None)  # queued: the badge says it all
+    assert (card.stage.value == "") == (status == "queued")
     assert_safe(card.error.value, payload if status == "failed" else None)
     assert isinstance(card.bar.value, int) and isinstance(card.bar.max, int)
     card.poll()
     card.cancel()
-    for html in (card.header.value, card.stage.value, card.error.value):
+    for html in (card.header.value, card.stage.value, card.error.value, card.notes.value, card.timings.value,
+                 card.static_html()):
         assert_safe(html, None)
 
 
@@ -137,19 +171,22 @@ def test_job_card_of_a_done_hostile_job_links_its_video_safely(payload, tmp_path
     monkeypatch.chdir(tmp_path)  # the kernel's cwd is the notebook's folder; links are relative to it
     job = FakeJob(hostile_record(payload, status="done"))
     card = JobCard(job, download_dir=Path("videos"))
-    assert card.video is not None and card.thumbnail is not None
-    link = card.result.children[1].children[-1].value
+    assert card.video is not None and card.thumbnail is None  # the video plays: no thumbnail beside it
+    link = card.download_html
+    assert card.download.outputs[0]["data"]["text/html"] == link  # rendered by the front end, which resolves it
     scan = assert_safe(link, payload)
     href = dict(scan.attrs)["href"]
     assert href.startswith("./") and all(c not in href for c in "<>\"' :")  # percent-encoded, no scheme
     assert (tmp_path / "videos" / f"{payload}.mp4").read_bytes() == job._video
+    static = card.static_html()  # the notebook file's copy: the same link, the payload as text
+    assert dict(assert_safe(static, payload).attrs)["href"] == href
 
 
 def test_job_card_link_cannot_become_a_javascript_url(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     job = FakeJob(record(id="javascript:alert(1)//", status="done", stage="done"))
     card = JobCard(job, download_dir=Path("."))
-    href = dict(assert_safe(card.result.children[1].children[-1].value).attrs)["href"]
+    href = dict(assert_safe(card.download_html).attrs)["href"]
     assert href.startswith("./javascript%3Aalert") and card.link == Path("javascript:alert(1)__.mp4")
 
 
@@ -191,7 +228,7 @@ def test_history_browser_escapes_jobs_errors_and_captions(payload, tmp_path):
     for row in history.rows:
         assert_safe(row.info.value, None)
     history.play(done)
-    assert_safe(history.player.children[0].value, payload)
+    assert_safe(history.player.children[0].children[0].value, payload)  # the caption beside Close
     history.play(broken)  # the backend's error, which quotes the id, is text
     assert_safe(history.error.value, payload)
     cluster.fail = RuntimeError(payload)
@@ -260,6 +297,11 @@ def test_studio_errors_and_notices_are_text(payload, tmp_path):
     studio.submit()  # the same job again: the reuse notice quotes its id
     assert_safe(studio.error.value, payload)
     assert "reused" in studio.error.value and len(studio.cards) == 1
+    assert_safe(studio.static_html(), payload)  # the notebook file's stand-in
+    cluster.fail = ParamsError(f"invalid generation parameters:\n  prompt: {payload}\n  {payload}: {payload}")
+    studio.submit()  # the backend's own refusal: each line by its field, the rest below the form
+    assert_safe(studio.field_errors["prompt"].value, payload)
+    assert_safe(studio.error.value, payload)
 
 
 @pytest.mark.parametrize("payload", PAYLOADS)
@@ -269,17 +311,19 @@ def test_experiment_grid_parts_escape(payload):
 
 
 @pytest.mark.parametrize("payload", PAYLOADS)
-def test_experiment_compare_grid_escapes_labels_and_statuses(payload):
-    from mochi_lab.experiment_views import compare_grid
+def test_experiment_compare_grid_carries_labels_and_statuses_as_text(payload):
+    """The grid is drawn in the browser from plain strings, which its script sets as text only."""
+    from mochi_lab.experiment_views import _COMPARE_ESM, compare_grid
     from mochi_lab.sweep import Run
 
-    runs = [Run(payload, {"prompt": payload, "seed": 1}), Run("b", {"prompt": "x", "seed": payload})]
+    runs = [Run(payload, {"prompt": payload, "seed": 1}), Run("b", {"prompt": "x", "seed": 2})]
     jobs = {payload: hostile_record(payload), "b": None}
     grid = compare_grid(runs, jobs, video=lambda job_id: b"")
-    for cell in grid.children:
-        for part in cell.children:
-            if isinstance(part, W.HTML):
-                assert_safe(part.value, None)
+    assert grid.row_labels == [payload[:59] + "…" if len(payload) > 60 else payload, "x"]
+    assert {c["status"] for c in grid.cells} == {payload, "missing"} and grid.videos == []
+    assert json.loads(grid.cells[0]["title"])["prompt"] == payload  # the tooltip: the run's params
+    # the only ways a string reaches the page: textContent, a title, a dataset value
+    assert not re.search(r"innerHTML|outerHTML|insertAdjacentHTML|document\.write|DOMParser", _COMPARE_ESM)
 
 
 # -- no HTML by string formatting in the view code ----------------------------------------------------

@@ -46,11 +46,13 @@ def test_lists_the_accounts_jobs_newest_first_with_thumbnails(mochi, made):
 def test_filters_by_status_text_and_experiment(mochi, made):
     word, red, blue, slow = made
     history = History(mochi, text=word)
+    assert history.status.label == "all"  # the "every status" choice is labelled, not blank
     history.status.value = "done"
     assert {r.job.id for r in rows(history)} == {red.id, blue.id}
     history.status.value = "cancelled"
     assert [r.job.id for r in rows(history)] == [slow.id]
-    history.status.value = None
+    history.status.value = "all"
+    assert {r.job.id for r in rows(history)} == {red.id, blue.id, slow.id}
     history.text.value = f"{word} RED"  # case-insensitive prompt substring
     assert [r.job.id for r in rows(history)] == [red.id]
     history.text.value = ""
@@ -71,12 +73,20 @@ def test_pages(mochi, made):
     assert len(rows(history)) == 2
 
 
-def test_play_shows_the_video(mochi, made, tmp_path):
-    word, red, *_ = made
-    history = History(mochi, text=f"{word} red")
-    rows(history)[0].play_button.click()
-    caption, video = history.player.children
+def test_play_opens_the_video_under_its_row_and_close_removes_it(mochi, made, tmp_path):
+    word, red, blue, _ = made
+    history = History(mochi, text=word)
+    by_id = {r.job.id: r for r in rows(history)}
+    by_id[red.id].play_button.click()
+    (player,) = by_id[red.id].detail.children  # under the row it came from, nowhere else
+    assert player is history.player and by_id[blue.id].detail.children == ()
+    (caption, close), video = player.children[0].children, player.children[1]
     assert red.id in caption.value and video.value == red.save(tmp_path).read_bytes()
+    history.refresh()  # a re-listed table keeps the player under its row
+    assert {r.job.id: r for r in rows(history)}[red.id].detail.children == (player,)
+    close.click()
+    assert history.player is None and history.playing is None
+    assert all(r.detail.children == () for r in rows(history))
 
 
 def test_rerun_queues_the_same_params_and_makes_the_same_video(mochi, tmp_path):
@@ -90,8 +100,10 @@ def test_rerun_queues_the_same_params_and_makes_the_same_video(mochi, tmp_path):
     drive(history.poll_once, lambda: card.finished)
     assert card.record.status == "done"
     assert np.array_equal(read_frames(card.job.result()), read_frames(first.result()))
-    # the finished re-run re-listed the table
-    assert [r.job.id for r in rows(history)] == [card.job.id, first.id]
+    # the finished re-run re-listed the table; its card stays under the row it came from
+    new_row, source = rows(history)
+    assert (new_row.job.id, source.job.id) == (card.job.id, first.id)
+    assert source.detail.children == (card,) and new_row.detail.children == ()
 
 
 def test_delete_needs_a_second_click_and_removes_job_and_files(mochi, made, tmp_path):
@@ -146,8 +158,69 @@ def test_rows_without_a_cluster_read_each_thumbnail_once_and_play_only_done_jobs
     history.play(done)
     assert history.error.value == "" and history.playing == "d-1"
     assert history.player.children[1].value == done._video
+    assert by_id["d-1"].detail.children == () and rows(history)[1].detail.children == (history.player,)
     row = by_id["d-1"]
     row.delete_button.click()
     assert cluster.reads.get("delete") is None  # armed only
     row.delete_button.click()
     assert [r.job.id for r in rows(history)] == ["q-1"] and history.playing is None
+
+
+def test_the_player_moves_to_the_row_played_and_closes_when_its_row_leaves_the_page(tmp_path):
+    a = FakeJob(record(id="a-1", status="done", stage="done"))
+    b = FakeJob(record(id="b-1", status="done", stage="done"))
+    history = History(FakeCluster(jobs=[a, b]), limit=1, download_dir=tmp_path)
+    history.play(a)
+    first = history.player
+    assert rows(history)[0].detail.children == (first,)
+    history.next_button.click()  # b's page: a's row is gone, so is its player
+    assert history.player is None and history.playing is None and rows(history)[0].detail.children == ()
+    history.play(b)
+    assert rows(history)[0].detail.children == (history.player,) and history.player is not first
+
+
+def test_a_rerun_card_opens_under_its_row_and_moves_below_the_table_when_the_row_is_not_shown(tmp_path):
+    a = FakeJob(record(id="a-1", status="done", stage="done"))
+    b = FakeJob(record(id="b-1", status="done", stage="done"))
+    history = History(FakeCluster(jobs=[a, b]), limit=1, download_dir=tmp_path)
+    (row,) = rows(history)
+    row.rerun_button.click()
+    (card,) = history.stack.cards
+    assert card.job.id == "a-1-again"
+    assert rows(history)[0].detail.children == (card,) and history.others.children == ()
+    history.next_button.click()
+    assert rows(history)[0].job.id == "b-1" and rows(history)[0].detail.children == ()
+    assert history.others.children == (card,)  # never lost: below the table
+    history.prev_button.click()
+    assert rows(history)[0].detail.children == (card,) and history.others.children == ()
+    assert history.stack not in history.children  # each card shows once, under its row
+    card.clear()  # the card's own "remove" (the job is not touched)
+    assert rows(history)[0].detail.children == () and history.rerun_cards == {}
+    history.refresh()
+    assert rows(history)[0].detail.children == () and history.others.children == ()
+
+
+def test_the_all_filter_is_labelled_and_a_none_status_means_all(tmp_path):
+    history = History(FakeCluster(), download_dir=tmp_path)
+    assert (history.status.value, history.status.label) == ("all", "all")
+    assert History(FakeCluster(), status="done", download_dir=tmp_path).status.label == "done"
+    history.status.value = "failed"
+    history.status.value = None  # what the old API took for "all"
+    assert (history.status.value, history.status.label) == ("all", "all")
+
+
+def test_a_running_jobs_row_shows_the_video_as_it_forms(mochi):
+    import time
+
+    word = unique("forming")
+    job = mochi.generate(word, seed=4, num_frames=19, height=64, width=96, num_inference_steps=200, fps=8)
+    try:
+        deadline = time.monotonic() + 120
+        while job.progress["preview_step"] is None:
+            assert time.monotonic() < deadline and not job.done(), job.record
+            time.sleep(0.2)
+        (row,) = rows(History(mochi, text=word))
+        assert row.thumbnail.format == "webp" and row.thumbnail.value[:4] == b"RIFF"
+        assert row.job.record.status == "running"
+    finally:
+        job.cancel()

@@ -1,13 +1,23 @@
-"""Rich reprs render from memory; a done job offers its video as a widget, never as bytes in text."""
+"""Displayed jobs: HTML only (a saved notebook shows them without its kernel), live until they end,
+saying when a worker was lost; `wait(progress=True)` says so too; a queued job knows its place."""
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
+import threading
+import time
 from pathlib import Path
 
-from widget_helpers import unique
+import pytest
+from fakes import record
+from widget_helpers import drive, unique
 
-from mochi_lab import Job
-from mochi_lab.reprs import WIDGET_MIME
+from mochi_lab import Job, JobRecord
+from mochi_lab.job import LiveView, TextProgress
+from mochi_lab.reprs import WIDGET_MIME, RetryTracker
+
+TINY = {"num_frames": 7, "height": 32, "width": 32, "num_inference_steps": 2, "fps": 8}
 
 
 def test_cluster_repr_is_compact_html(mochi):
@@ -19,31 +29,237 @@ def test_cluster_repr_is_compact_html(mochi):
         assert "sqlite" in out and "ray " in out
 
 
-def test_job_reprs_need_no_store(mochi):
+def test_job_reprs_need_no_store_and_are_html_only(mochi):
     prompt = unique("<script>alert(1)</script>")
-    job = mochi.generate(prompt, num_frames=7, height=32, width=32, num_inference_steps=2, fps=8)
-    queued_html = job._repr_html_()
-    assert "&lt;script&gt;" in queued_html and "<script>" not in queued_html
+    job = mochi.generate(prompt, **TINY)
+    queued = job._repr_mimebundle_()
+    assert "&lt;script&gt;" in queued["text/html"] and "<script>" not in queued["text/html"]
     job.result(timeout=240)
     offline = Job(None, job.record)  # any backend read would raise AttributeError
     html = offline._repr_html_()
-    assert "done" in html and "run " in html and Path(job.record.artifacts["video"]).name in html
+    assert ">done<" in html and "total " in html and Path(job.record.artifacts["video"]).name in html
     assert job.record.meta["worker_id"] in html
+    bundle = offline._repr_mimebundle_()  # no widget: a notebook reopened without its kernel shows this
+    assert set(bundle) == {"text/plain", "text/html"} and WIDGET_MIME not in bundle
+    assert "ftyp" not in bundle["text/plain"] + bundle["text/html"]
 
 
-def test_done_job_bundle_has_a_video_widget_and_no_bytes(mochi):
-    import ipywidgets as W
-    from ipywidgets.widgets.widget import _instances
+class Recorder:
+    """Stands in for IPython's display machinery: what a LiveView publishes, in order."""
 
-    job = mochi.generate(unique("a shell"), num_frames=7, height=32, width=32, num_inference_steps=2, fps=8)
-    queued = job._repr_mimebundle_()
-    assert WIDGET_MIME not in queued and set(queued) == {"text/plain", "text/html"}
-    job.result(timeout=240)
-    bundle = job._repr_mimebundle_()
-    assert set(bundle) == {"text/plain", "text/html", WIDGET_MIME}
-    box = _instances[bundle[WIDGET_MIME]["model_id"]]  # the live widget the front end will show
-    summary, video = box.children
-    assert isinstance(video, W.Video) and "done" in summary.value
-    assert video.value == Path(job.result()).read_bytes() and video.width == "256"
-    assert "ftyp" not in bundle["text/plain"] and "ftyp" not in bundle["text/html"]
-    assert job._repr_mimebundle_()[WIDGET_MIME] == bundle[WIDGET_MIME]  # displayed twice, sent once
+    def __init__(self) -> None:
+        self.sent: list[tuple[bool, dict]] = []
+
+    def __call__(self, bundle: dict, update: bool) -> None:
+        self.sent.append((update, bundle))
+
+    @property
+    def html(self) -> list[str]:
+        return [b["text/html"] for _, b in self.sent]
+
+
+def test_a_displayed_job_stays_live_and_ends_as_static_html_with_its_video(mochi, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the kernel's cwd is the notebook's folder
+    job = mochi.generate(unique("a lighthouse"), **{**TINY, "num_inference_steps": 40})
+    shown = Recorder()
+    view = LiveView(job, publish=shown, folder=Path("videos")).start()  # no loop here: the test steps it
+    assert shown.sent[0][0] is False and ">done<" not in shown.html[0]  # shown as it was: not ended yet
+    drive(view.step, lambda: view.finished)
+    assert all(update for update, _ in shown.sent[1:])  # the same output, updated in place
+    assert all(a != b for a, b in zip(shown.html, shown.html[1:]))  # only changes are sent
+    assert any("/40" in h and "denoising" in h for h in shown.html)  # the steps went by
+    last = shown.html[-1]
+    assert ">done<" in last and "total " in last and "running" not in last
+    assert f'<video class="mochi-video" src="./videos/{job.id}.mp4" poster="data:image/jpeg;base64,' in last
+    assert f'href="./videos/{job.id}.mp4" download="{job.id}.mp4"' in last
+    assert (tmp_path / "videos" / f"{job.id}.mp4").read_bytes() == Path(job.result()).read_bytes()
+    n = len(shown.sent)
+    assert view.step() is False and len(shown.sent) == n  # ended: no more reads, nothing sent
+
+
+def test_the_live_view_polls_on_the_event_loop_and_stops_at_the_end(mochi, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    job = mochi.generate(unique("a heron at dawn"), **TINY)
+    shown = Recorder()
+    threads: set[str] = set()
+
+    def publish(bundle, update):
+        threads.add(threading.current_thread().name)
+        shown(bundle, update)
+
+    async def main() -> None:
+        view = LiveView(job, interval=0.1, publish=publish).start()  # in a running loop: a task keeps it live
+        assert view._task is not None
+        await asyncio.wait_for(view._task, 240)
+
+    asyncio.run(main())
+    assert ">done<" in shown.html[-1] and job.record.status == "done"
+    assert threads == {threading.main_thread().name}  # sent from the loop, never a thread
+
+
+def test_a_lost_worker_is_said_and_the_bar_starts_again(tmp_path, monkeypatch):
+    """Real store transitions: a worker claims the job, reaches decoding and dies (its claims are taken
+    back); another claims it as attempt 2. `wait(progress=True)` and the live view both say so."""
+    from mochi_lab.direct import DirectBackend
+    from mochi_lab.settings import Settings
+    from mochi_lab.store import open_store
+
+    store = open_store(f"sqlite:///{tmp_path / 'jobs.db'}")
+    backend = DirectBackend(Settings.from_env(account="alice"), store)
+    rec = store.enqueue("alice", {"prompt": "a kite", **TINY, "num_inference_steps": 10, "seed": 1, "model": "tiny",
+                                  "guidance_scale": 4.5, "negative_prompt": ""})
+    job = Job(backend, rec)
+    pause = 0.6  # several of wait()'s polls per state
+
+    def worker_dies_then_another_takes_over() -> None:
+        a = store.claim("w-a", lease_s=60)
+        for step in (1, 5, 10):
+            store.progress(rec.id, a.token, stage="denoising", step=step, total=10)
+            time.sleep(pause)
+        store.progress(rec.id, a.token, stage="decoding", step=10, total=10)
+        time.sleep(pause)
+        store.release_worker("w-a")  # the worker's process died: the job goes back to the queue
+        time.sleep(pause)
+        b = store.claim("w-b", lease_s=60)
+        store.progress(rec.id, b.token, stage="denoising", step=2, total=10)
+        time.sleep(pause)
+        store.cancel("alice", rec.id)
+        store.finish_cancelled(rec.id, b.token)
+
+    bar = TextProgress()
+    shown = Recorder()
+    live = LiveView(job, publish=shown)
+    marks: list[tuple[int, int]] = []  # (bar position, lines written) after each state
+    thread = threading.Thread(target=worker_dies_then_another_takes_over)
+    thread.start()
+    try:
+        for r in backend.watch(rec.id, timeout=60):
+            bar.update(r)
+            live.update(r)
+            marks.append((bar.bar.n if bar.bar is not None else 0, len(bar.lines)))
+    finally:
+        thread.join(30)
+        bar.close()
+    assert bar.lines == ["worker lost at decoding; queued again for attempt 2",
+                         "worker lost at decoding; retrying, attempt 2"]
+    assert marks[-1][0] == 2 and max(n for n, _ in marks) == 10
+    for (n0, w0), (n1, w1) in zip(marks, marks[1:]):
+        assert n1 >= n0 or w1 > w0, marks  # the bar never goes back without a line saying why
+    assert any("worker lost at decoding; queued again for attempt 2" in h for h in shown.html)
+    assert any("worker lost at decoding; retrying, attempt 2" in h and "2/10" in h for h in shown.html)
+    assert "stopped at denoising step 2/10" in shown.html[-1] and "attempt 2" in shown.html[-1]
+
+
+def test_retry_lines_and_a_silent_worker():
+    t = RetryTracker()
+    first = record(status="running", stage="denoising", attempts=2)
+    t.observe(first)
+    assert t.notes(first) == ["worker lost; retrying, attempt 2"]  # re-attached mid-retry: the count says it
+    now = time.time()
+    silent = record(status="running", stage="decoding", attempts=2, lease_expires_at=now - 12)
+    t.observe(silent, now)
+    assert "no heartbeat from its worker for 12 s" in t.notes(silent)[-1]
+    t.observe(record(status="done", stage="done", attempts=2))
+    assert t.notes(record(status="done", attempts=2)) == []  # an ended job: nothing to warn about
+    fresh = RetryTracker()
+    for r in (record(status="queued", stage="queued", attempts=0), record(status="running", stage="claimed", attempts=1),
+              record(status="running", stage="denoising", attempts=1)):
+        assert fresh.observe(r) == [] and fresh.notes(r) == []  # a first claim is no retry
+
+
+class QueueBackend:
+    """Just what `Job.queue_position` reads: queued and done jobs, and the workers."""
+
+    def __init__(self, queued: list[JobRecord], done: list[JobRecord], workers: list[dict]):
+        self.queued, self.done_jobs, self.rows = queued, done, workers
+
+    def get(self, job_id):
+        return next(r for r in self.queued if r.id == job_id)
+
+    def list(self, *, status=None, limit=50, **_):
+        return list({"queued": self.queued, "done": self.done_jobs}[status])[:limit]
+
+    def workers(self):
+        return self.rows
+
+
+def test_queue_position_is_the_order_workers_take_jobs_in_with_an_honest_estimate():
+    shape = dict(record().params)
+    q = [record(id=f"q{i}", status="queued", created_at=100.0 + i, priority=p, params=shape)
+         for i, p in enumerate([0, 0, 5, 0])]  # q2 has a higher priority: it goes first
+    done = [record(id=f"d{i}", status="done", timings={"run_s": s}, params=shape) for i, s in enumerate([30, 40, 50])]
+    done.append(record(id="other", status="done", timings={"run_s": 999}, params={**shape, "width": 848}))
+    backend = QueueBackend(q, done, [{"model": "tiny"}, {"model": "tiny"}, {"model": "mochi-1-preview"}])
+    places = {r.id: Job(backend, r).queue_position() for r in q}
+    assert [places[i]["position"] for i in ("q2", "q0", "q1", "q3")] == [1, 2, 3, 4]
+    assert all(p["queued"] == 4 and p["workers"] == 2 for p in places.values())
+    # the median run of the same size (40 s, the 848-wide run does not count), per worker in turn
+    assert places["q3"]["eta_s"] == 2 * 40 and places["q2"]["eta_s"] == 40
+    assert Job(QueueBackend(q, [], []), q[0]).queue_position()["eta_s"] is None  # nothing to go by: no guess
+    running = dataclasses.replace(q[0], status="running")
+    assert Job(QueueBackend([running], [], []), running).queue_position() is None
+
+
+def test_queued_jobs_know_their_place_on_the_real_backend(mochi):
+    """More long jobs than workers: the ones left queued are placed in the order they were submitted.
+
+    Read newest first: a claim in between only moves the older jobs up, so each place read must be
+    below the one read before it, whatever the workers do meanwhile."""
+    word = unique("queue")
+    jobs = [mochi.generate(f"{word} {i}", seed=i, num_frames=19, height=64, width=96, num_inference_steps=200, fps=8)
+            for i in range(7)]
+    try:
+        places = [(j, j.queue_position()) for j in reversed(jobs)]
+        waiting = [(j, p) for j, p in places if p is not None]
+        assert waiting, "every job was claimed at once: no queue to place"
+        positions = [p["position"] for _, p in waiting]
+        assert positions == sorted(positions, reverse=True) and len(set(positions)) == len(positions), positions
+        assert positions[-1] >= 1 and all(p["queued"] >= p["position"] and p["workers"] >= 1 for _, p in waiting)
+    finally:
+        for j in jobs:
+            j.cancel(timeout=0)
+        for j in jobs:
+            j.wait(timeout=120)
+
+
+@pytest.fixture(autouse=True)
+def _no_download_env(monkeypatch):
+    monkeypatch.delenv("MOCHI_LAB_DOWNLOAD_DIR", raising=False)
+
+
+def test_the_text_bar_shows_the_workers_rate_and_eta_not_the_polls(capsys):
+    from mochi_lab.job import TextProgress
+    from mochi_lab.store.base import JobRecord
+
+    bar = TextProgress()
+    base = dict(id="1-000000000000", account="a", params={}, status="running", total_steps=40, attempts=1)
+    bar.update(JobRecord(**base, stage="denoising", step=10, live={"rate": 2.5, "eta_s": 12.4, "elapsed_s": 4}))
+    assert bar.bar.n == 10 and "2.50 step/s" in bar.bar.postfix and "~12 s left" in bar.bar.postfix
+    bar.update(JobRecord(**base, stage="decoding", step=40, live={"rate": 2.5, "eta_s": 3.0}))
+    assert bar.bar.n == 40 and bar.bar.postfix.startswith("decoding") and "step/s" not in bar.bar.postfix
+    bar.close()
+    err = capsys.readouterr().err
+    assert "<" not in err and "it/s" not in err  # tqdm's own poll-timed remaining time and rate are not shown
+
+
+def test_a_displayed_running_job_shows_its_latest_preview_and_drops_it_for_the_video(tmp_path):
+    from mochi_lab.direct import DirectBackend
+    from mochi_lab.job import LiveView
+    from mochi_lab.settings import Settings
+    from mochi_lab.store import open_store
+
+    settings = Settings(data_dir=tmp_path, account="alice")
+    store = open_store(settings.store_url)
+    backend = DirectBackend(settings, store, None)
+    record = store.enqueue("alice", {"prompt": "<b>p</b>", "num_inference_steps": 8})
+    claim = store.claim("w", 60)
+    webp = b"RIFF\x10\x00\x00\x00WEBPVP8L" + bytes(16)
+    store.put_preview(record.id, claim.token, 4, webp)
+    store.progress(record.id, claim.token, stage="denoising", step=4, total=8, live={"preview_step": 4, "eta_s": 2.0})
+    sent = []
+    view = LiveView(Job(backend, record), publish=lambda bundle, update: sent.append(bundle["text/html"])).start()
+    assert 'src="data:image/webp;base64,' in sent[-1] and "preview at step 4" in sent[-1]
+    store.complete(record.id, claim.token, artifacts={}, timings={"run_s": 1.0}, meta={})
+    view.step()
+    assert "data:image/webp" not in sent[-1]  # done: the video (or its summary) takes the preview's place
+    store.close()

@@ -1,0 +1,262 @@
+"""Jobs and the Studio in a real JupyterLab, in headless Chromium, the way a researcher uses them.
+
+The server runs under a JupyterHub-like base URL (/user/alice/) with the notebook in a subfolder, so
+a link that ignores either lands on the wrong route. One notebook (written here) displays a job right
+after submitting it, a Studio that generates one video, and a long job that a later cell cancels.
+Checked, with screenshots in artifacts/browser/ (ignored by git):
+
+1. the download links (the Studio card's and the job output's) reach the files/ route: following
+   one gives video/mp4 whose bytes decode (PyAV) as the MP4 with the job's frames;
+2. a displayed job is live: its output moves from queued/running through the denoising steps to
+   its end without re-running the cell, and a cancelled one says where it stopped;
+3. saved (with the save hook enabled), and opened again without its kernel, the notebook shows each
+   job's last state as static HTML (prompt, status, thumbnail, timings) and no widget error.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from pathlib import Path
+
+import pytest
+from labkit import CHROMIUM, CHROMIUM_ARGS, notebook, running_lab, stop_sessions
+
+pytestmark = pytest.mark.browser
+
+REPO = Path(__file__).resolve().parents[2]
+ARTIFACTS = REPO / "artifacts" / "browser"
+BASE = "/user/alice/"  # what JupyterHub puts in front of a single-user server's routes
+FOLDER = "work"  # the notebook's folder under the server's root
+NAME = "ux_jobs.ipynb"
+TINY = "num_frames=7, height=32, width=64, num_inference_steps=2, fps=8"
+LONG = "num_frames=31, height=256, width=448, num_inference_steps=200, fps=8"  # ~10 s of denoising on 2 cores
+CELLS = [
+    "import asyncio\nfrom mochi_lab import MochiCluster\nfrom mochi_lab.widgets import Studio\n\ncluster = MochiCluster()",
+    f'job = cluster.generate("ux-job a lighthouse at dusk", seed=1, {TINY})\njob',
+    f'studio = Studio(cluster, prompt="ux-studio a paper boat", seed=2, {TINY})\nstudio',
+    "studio.generate_button.click()\nawait studio.wait(timeout=300)",
+    f'slow = cluster.generate("ux-slow a long road", seed=3, {LONG})\nslow',
+    # Let the slow job's output move while the kernel is idle, then cancel it mid-denoising.
+    "for _ in range(600):\n    await asyncio.sleep(0.1)\n    if slow.progress['step'] >= 40 or slow.done():\n        break\n"
+    "await asyncio.sleep(0.5)\nslow.cancel()",
+]
+
+ALL_CELLS_RAN = """() => {
+  const prompts = [...document.querySelectorAll('.jp-CodeCell .jp-InputArea-prompt')];
+  return prompts.length > 0 && prompts.every(p => /\\[\\d+\\]/.test(p.textContent));
+}"""
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory):
+    """A JupyterLab under BASE with the save hook enabled; yields (url with BASE, root, log)."""
+    tmp = tmp_path_factory.mktemp("ux-lab")
+    root = tmp / "root"
+    (root / FOLDER).mkdir(parents=True)
+    (root / FOLDER / NAME).write_text(json.dumps(notebook(CELLS)))
+    # the save hook: a saved notebook keeps the widgets' static stand-ins, not the live widgets
+    hook = {"ServerApp": {"jpserver_extensions": {"mochi_lab.widgets.save_hook": True}}}
+    env = {"MOCHI_LAB_PREVIEW_MIN_INTERVAL_S": "0.3"}  # several previews in a job of a few seconds
+    with running_lab(tmp, root, base_url=BASE, env=env, server_config=hook) as (url, log_path):
+        yield url, root, log_path
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        b = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        try:
+            yield b
+        finally:
+            b.close()
+
+
+def output_of(page, prompt: str):
+    """The output area of the cell whose job has `prompt` (its live view, or its static one)."""
+    return page.locator(".jp-Cell").filter(has=page.locator(".jp-OutputArea", has_text=prompt)).first
+
+
+def decode(data: bytes, tmp: Path) -> int:
+    """Frames in MP4 bytes, decoded with PyAV (raises when they are not an MP4)."""
+    import av
+
+    path = tmp / "downloaded.mp4"
+    path.write_bytes(data)
+    with av.open(str(path)) as container:
+        assert container.format.name.startswith("mov"), container.format.name
+        return sum(1 for _ in container.decode(video=0))
+
+
+FETCH = """async (href) => {
+  const r = await fetch(href);
+  const bytes = new Uint8Array(await r.arrayBuffer());
+  return {status: r.status, type: r.headers.get('content-type'), bytes: Array.from(bytes)};
+}"""
+
+
+def follow(page, link, tmp: Path) -> tuple[str, int]:
+    """Follow a download link as the page resolved it: its content type, and the frames its bytes decode to."""
+    href = link.evaluate("a => a.href")
+    assert f"{BASE}files/{FOLDER}/mochi_videos/" in href, href  # the server's files route, not /lab/tree
+    got = page.evaluate(FETCH, href)
+    assert got["status"] == 200, got["status"]
+    with page.expect_download() as download:
+        link.click()
+    saved = Path(download.value.path())
+    data = saved.read_bytes()
+    assert data == bytes(got["bytes"])  # what the click saved is what the route serves
+    return got["type"], decode(data, tmp)
+
+
+def test_jobs_and_studio_live_links_and_a_reopened_notebook(lab, browser, tmp_path):
+    url, root, log_path = lab
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    page = browser.new_page(viewport={"width": 1280, "height": 1100}, accept_downloads=True)
+    try:
+        page.goto(f"{url}/lab/tree/{FOLDER}/{NAME}", timeout=120_000)
+        idle = page.get_by_text("| Idle", exact=False)
+        idle.first.wait_for(timeout=180_000)
+        page.locator(".lm-MenuBar-itemLabel", has_text="Run").first.click()
+        page.locator('.lm-Menu-item[data-command="runmenu:run-all"]').click()
+
+        # 2. live: the slow job's output shows growing step counts while later cells run, then its end
+        slow = output_of(page, "ux-slow")
+        slow.wait_for(timeout=400_000)
+        steps: list[int] = []
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            text = slow.locator(".jp-OutputArea").inner_text()
+            m = re.search(r"(\d+)/200", text)
+            if m and (not steps or int(m.group(1)) != steps[-1]):
+                steps.append(int(m.group(1)))
+            if re.match(r"\s*(done|failed|cancelled)\b", text):  # the badge leads the output
+                break
+            time.sleep(0.2)
+        page.wait_for_function(ALL_CELLS_RAN, timeout=300_000, polling=1000)
+        idle.first.wait_for(timeout=60_000)
+        assert page.locator(".jp-RenderedText[data-mime-type='application/vnd.jupyter.error']").count() == 0, \
+            page.locator(".jp-OutputArea-output[data-mime-type='application/vnd.jupyter.stderr']").all_inner_texts()
+        assert len(steps) >= 2 and steps == sorted(steps), steps  # it moved, forward only, with no re-run
+        slow_text = slow.locator(".jp-OutputArea").inner_text()
+        assert "cancelled" in slow_text
+        stopped = re.search(r"stopped at denoising step (\d+)/200", slow_text)
+        assert stopped and 0 < int(stopped.group(1)) < 200, slow_text
+
+        # the job displayed right after submitting ended as done, with its video, without a re-run
+        job = output_of(page, "ux-job")
+        job.locator("video.mochi-video").wait_for(timeout=60_000)
+        job_text = job.locator(".jp-OutputArea").inner_text()
+        assert "done" in job_text and "total " in job_text and "queued" not in job_text
+        page.wait_for_function("""() => [...document.querySelectorAll('video.mochi-video')]
+            .every(v => v.readyState >= 2 && v.duration > 0)""", timeout=60_000, polling=500)
+
+        # 1. the Studio card's download link, and the job output's: the MP4 itself from the files route
+        studio = page.locator(".jp-OutputArea-output .mochi-studio")
+        card = studio.locator(".mochi-job-card").first
+        card.locator("video").wait_for(timeout=60_000)
+        assert card.locator("img").count() == 0  # no thumbnail beside the playing video
+        link = card.locator("a.mochi-download")
+        ctype, frames = follow(page, link, tmp_path)
+        assert ctype == "video/mp4" and frames == 7
+        ctype, frames = follow(page, job.locator("a.mochi-download"), tmp_path)
+        assert ctype == "video/mp4" and frames == 7
+        studio.scroll_into_view_if_needed()
+        page.wait_for_timeout(500)
+        page.screenshot(path=str(ARTIFACTS / "ux_studio_live.png"))
+
+        # the Studio's form: a typed value out of range is an error next to its field, kept as typed
+        guidance = studio.locator(".widget-inline-hbox", has_text="guidance").locator("input")
+        guidance.fill("99")
+        guidance.press("Enter")
+        error = studio.locator(".mochi-error", has_text="guidance_scale: must be between 0.0 and 30.0, got 99.0")
+        error.wait_for(timeout=30_000)
+        assert guidance.input_value() == "99"  # not clamped to 30
+        cards_before = studio.locator(".mochi-job-card").count()
+        studio.locator("button", has_text="Generate").click()
+        page.wait_for_timeout(1500)
+        assert studio.locator(".mochi-job-card").count() == cards_before  # nothing was queued
+        page.screenshot(path=str(ARTIFACTS / "ux_studio_field_error.png"))
+        guidance.fill("4.5")
+        guidance.press("Enter")
+        error.wait_for(state="detached", timeout=30_000)
+
+        # three jobs at once on the lab's one worker: the waiting ones say their place in the queue
+        studio.locator("label", has_text="random seed").click()
+        steps = studio.locator(".widget-inline-hbox", has_text="steps").locator("input")
+        steps.fill("200")
+        steps.press("Enter")
+        generate = studio.locator("button", has_text=re.compile("Generate|Submitting"))
+        for _ in range(3):
+            generate.click()
+            page.wait_for_function("""() => [...document.querySelectorAll('.mochi-studio button')]
+                .some(b => b.textContent.includes('Generate') && !b.disabled)""", timeout=30_000)
+        for place in ("1st", "2nd"):  # the two waiting cards, consistent with each other
+            studio.locator(".mochi-note", has_text=f"{place} of your 2 queued jobs").first.wait_for(timeout=60_000)
+        # a running card shows the video as it forms: a picture that is replaced as the steps go on
+        shown: dict[int, set[str]] = {}
+        deadline = time.monotonic() + 120
+        while not any(len(srcs) >= 2 for srcs in shown.values()):
+            assert time.monotonic() < deadline, shown
+            for i, src in enumerate(page.evaluate("""() => [...document.querySelectorAll(
+                    '.mochi-studio .mochi-job-card')].map(c => { const i = [...c.querySelectorAll('img')]
+                    .find(i => i.offsetWidth > 0 && i.complete && i.naturalWidth > 0); return i ? i.src : null; })""")):
+                if src:
+                    shown.setdefault(i, set()).add(src)
+            time.sleep(0.1)
+        studio.locator(".mochi-job-card").first.scroll_into_view_if_needed()
+        page.screenshot(path=str(ARTIFACTS / "ux_studio_queue.png"))
+        page.wait_for_function("""() => [...document.querySelectorAll('.mochi-studio .mochi-job-card')]
+            .filter(c => c.querySelector('video')).length >= 4""", timeout=300_000, polling=1000)
+        slow.scroll_into_view_if_needed()
+        page.wait_for_timeout(300)
+        page.screenshot(path=str(ARTIFACTS / "ux_job_outputs_live.png"))
+
+        # 3. save; the file holds static HTML for every job, and no live widget of ours
+        path = root / FOLDER / NAME
+        before = path.stat().st_mtime
+        page.locator(".lm-MenuBar-itemLabel", has_text="File").first.click()
+        page.locator('.lm-Menu-item[data-command="docmanager:save"]').click()
+        deadline = time.monotonic() + 60
+        while path.stat().st_mtime == before and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert path.stat().st_mtime != before, "the notebook was not saved"
+        saved = json.loads(path.read_text())
+        outputs = [o for c in saved["cells"] for o in c.get("outputs", [])]
+        datas = [o.get("data", {}) for o in outputs]
+        kinds = [(sorted(o.get("data", {})), o.get("metadata")) for o in outputs]
+        assert sum("text/html" in d for d in datas) == 3, kinds  # the two jobs and the Studio's stand-in
+        assert not any("application/vnd.jupyter.widget-view+json" in d for d in datas), "a live widget was saved"
+        assert not any("application/vnd.mochi-lab.static+html" in d for d in datas)
+        html = [("".join(d["text/html"]) if isinstance(d["text/html"], list) else d["text/html"])
+                for d in datas if "text/html" in d]
+        assert any("mochi-studio-static" in h and "ux-studio a paper boat" in h for h in html)
+        assert path.stat().st_size < 400_000  # thumbnails are small; no video bytes in the file
+
+        # ... opened again with its kernel gone: the last states, as HTML, and no widget error
+        stop_sessions(url)
+        page.goto(f"{url}/lab/tree/{FOLDER}/{NAME}", timeout=120_000)
+        page.locator(".jp-OutputArea-output .mochi-job").first.wait_for(timeout=120_000)
+        page.wait_for_timeout(3000)  # the widget manager gives up on missing models after ~2 s
+        body = page.locator(".jp-Notebook").inner_text()
+        assert "Error displaying widget" not in body and "model not found" not in body
+        for prompt, status in (("ux-job a lighthouse", "done"), ("ux-studio a paper boat", "done"),
+                               ("ux-slow a long road", "cancelled")):
+            view = page.locator(".jp-OutputArea-output .mochi-job", has_text=prompt).first
+            text = view.inner_text()
+            assert status in text and "total " in text, text
+        done = page.locator(".jp-OutputArea-output .mochi-job", has_text="ux-studio a paper boat").first
+        poster = done.locator("video").get_attribute("poster")
+        assert poster and poster.startswith("data:image/jpeg;base64,")  # the thumbnail
+        page.locator(".jp-OutputArea-output .mochi-studio-static").first.scroll_into_view_if_needed()
+        page.wait_for_timeout(1000)
+        page.screenshot(path=str(ARTIFACTS / "ux_reopened_without_kernel.png"), full_page=True)
+    except Exception:
+        page.screenshot(path=str(ARTIFACTS / "ux-failure.png"))
+        print(log_path.read_text()[-4000:])
+        raise
+    finally:
+        page.close()

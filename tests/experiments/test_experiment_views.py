@@ -1,0 +1,67 @@
+"""The experiment views without a store: which swept params label the compare grid's rows and columns,
+and the run table with whatever a record holds (the store is a trust boundary)."""
+
+import re
+
+import pytest
+
+from mochi_lab.experiment_views import experiment_html, grid_axes, jobs_html
+from mochi_lab.store.base import JobRecord
+from mochi_lab.sweep import Run, expand_grid, plan_runs
+
+MARKUP = "<img src=x onerror=alert(1)>"
+
+TINY = {"num_frames": 7, "height": 32, "width": 32, "fps": 8}
+
+
+def runs(prompts, seeds, **lists):
+    return plan_runs("axes", expand_grid(prompts, seeds, {**TINY, **lists}), "tiny")
+
+
+def test_the_innermost_swept_param_runs_across_and_the_others_down():
+    assert grid_axes(runs(["a", "b"], [1, 2])) == (["prompt"], "seed")
+    three = runs(["a", "b"], [1, 2], num_inference_steps=[2, 4])
+    assert grid_axes(three) == (["prompt", "num_inference_steps"], "seed")
+
+
+def test_one_swept_param_runs_across_unless_it_has_many_values():
+    assert grid_axes(runs(["a"], [1, 2, 3])) == ([], "seed")
+    assert grid_axes(runs(["a"], list(range(8)))) == (["seed"], None)
+    assert grid_axes(runs(["a"], [1])) == ([], None)  # nothing differs: one cell
+
+
+def test_chosen_axes_are_kept_and_every_other_swept_param_joins_the_rows():
+    three = runs(["a", "b"], [1, 2], num_inference_steps=[2, 4])
+    assert grid_axes(three, rows="seed", columns="prompt") == (["seed", "num_inference_steps"], "prompt")
+    assert grid_axes(three, columns="num_inference_steps") == (["prompt", "seed"], "num_inference_steps")
+    assert grid_axes(three, rows=["seed"]) == (["seed", "prompt"], "num_inference_steps")
+    with pytest.raises(ValueError):
+        grid_axes(three, columns="colour")
+
+
+@pytest.mark.parametrize("status", [MARKUP, ["a", "list"], {"a": 1}, None, 7])
+def test_the_run_table_shows_any_record_as_text(status):
+    hostile = JobRecord(id=MARKUP, account="alice", params={"prompt": MARKUP}, status=status, stage=MARKUP,
+                        step=MARKUP, total_steps=MARKUP, error=MARKUP, timings={"run_s": MARKUP})
+    runs = [Run("a", {"prompt": MARKUP, "seed": 1}), Run("b", {"prompt": "x", "seed": MARKUP})]
+    record = {"name": MARKUP, "description": MARKUP, "tags": [MARKUP]}
+    for html in (experiment_html(record, runs, {"a": hostile, "b": None}),
+                 jobs_html(MARKUP, [({"prompt": MARKUP}, hostile), ({"prompt": "x"}, None)])):
+        assert "<img" not in html and "&lt;img src=x onerror=alert(1)&gt;" in html
+        assert not re.search(r"<(?!/?(div|b|i|br|progress|span|table|thead|tbody|tr|th|td|code)\b)", html)
+        assert "0/2 finished" in html  # a status that is not one of ours never counts as finished
+
+
+def test_the_eta_of_an_experiment_counts_running_then_queued_runs_at_the_done_pace():
+    from mochi_lab.experiment_views import eta_s
+    from mochi_lab.store.base import JobRecord
+
+    def job(status, run_s=None, eta=None):
+        return JobRecord("1-000000000000", "a", {}, status=status, timings={"run_s": run_s} if run_s else {},
+                         live={"eta_s": eta} if eta is not None else {})
+
+    assert eta_s([job("done", 10), None]) == 0.0  # nothing waits
+    assert eta_s([job("queued")]) is None  # nothing done yet: no basis
+    # two running side by side (the longer one counts), then 4 queued at 10 s over those 2 workers
+    assert eta_s([job("done", 8), job("done", 12), job("running", eta=3), job("running", eta=5)]
+                 + [job("queued")] * 4) == 5 + 4 * 10 / 2
