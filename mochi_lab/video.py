@@ -1,4 +1,4 @@
-"""Frames -> H.264 MP4 plus a PNG thumbnail of the middle frame, through imageio's v3 API (pyav plugin).
+"""Frames -> H.264 MP4 (PyAV) plus a PNG thumbnail of the middle frame; decoding through imageio's v3 API.
 
 x264's defaults (CRF 23, preset medium): measured on a 19-frame 848x480 clip they give the same PSNR as
 the CRF 18 "veryfast" this module used before (32.55 vs 32.66 dB) in a sixth of the bytes.
@@ -32,10 +32,15 @@ def write_mp4(frames: np.ndarray, path: str | os.PathLike, fps: int) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    # faststart puts the index first so browsers can play while loading
-    with iio.imopen(tmp, "w", plugin="pyav", extension=".mp4", container="mp4",
-                    options={"movflags": "+faststart"}) as file:
-        file.write(frames, codec="libx264", fps=fps, out_pixel_format="yuv420p")
+    # PyAV itself, not imageio's writer: that one runs gc.collect() twice on close, which in a worker
+    # holding a diffusers pipeline took 0.5 s of a tiny job's 0.6 s. faststart puts the index first
+    # so browsers can play while loading.
+    with av.open(str(tmp), "w", format="mp4", options={"movflags": "+faststart"}) as out:
+        stream = out.add_stream("libx264", rate=int(fps))
+        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
+        for frame in frames:
+            out.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        out.mux(stream.encode())  # flush the encoder's delayed frames
     os.replace(tmp, path)
     return path
 
