@@ -54,7 +54,8 @@ class Backend(abc.ABC):
     def watch(self, job_id: str, timeout: float | None = None) -> Iterator[JobRecord]:
         """The job's states until it finishes (the last one yielded is finished): TimeoutError after
         `timeout` s. This one polls; a backend that can be told of changes pushes them instead."""
-        deadline = None if timeout is None else time.monotonic() + timeout
+        started = time.monotonic()
+        deadline = None if timeout is None else started + timeout
         delay = _POLL_MIN_S
         while True:
             record = self.get(job_id)
@@ -63,7 +64,10 @@ class Backend(abc.ABC):
                 return
             if deadline is not None and time.monotonic() >= deadline:
                 raise TimeoutError(f"job {job_id} still {record.status} ({record.stage}) after {timeout}s")
-            time.sleep(delay if deadline is None else max(0.0, min(delay, deadline - time.monotonic())))
+            # the shortest interval where the end may be near: the first seconds, and the last stages
+            near_end = record.stage in ("decoding", "encoding") or time.monotonic() - started < 2.0
+            wait = _POLL_MIN_S if near_end else delay
+            time.sleep(wait if deadline is None else max(0.0, min(wait, deadline - time.monotonic())))
             delay = min(delay * 1.5, _POLL_MAX_S)
 
     @abc.abstractmethod

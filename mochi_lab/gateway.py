@@ -179,7 +179,8 @@ class ProgressHub:
         reader = getattr(getattr(backend, "store", None), "progress_since", None)
         last: tuple | None = None
         seq, first = -1, True
-        deadline = time.monotonic() + self.max_s
+        started = time.monotonic()
+        deadline = started + self.max_s
         failures = 0
 
         async def emit(view: dict[str, Any]) -> None:
@@ -214,7 +215,10 @@ class ProgressHub:
                     await emit(view)
                 if record.status in FINISHED:
                     return
-                await asyncio.sleep(self.poll_s)
+                # 5x as often where the end may be near: a job's first seconds (short jobs) and its last
+                # stages, so `job.result()` sees the end soon after it happens
+                near_end = record.stage in ("decoding", "encoding") or time.monotonic() - started < 2.0
+                await asyncio.sleep(self.poll_s / 5 if near_end else self.poll_s)
         finally:
             async with watch.cond:
                 watch.done = True
