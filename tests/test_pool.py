@@ -19,6 +19,9 @@ print(job.id, flush=True)
 time.sleep(600)
 """
 
+# a job that denoises for seconds (about 28 ms a step here), so a fault can land mid-denoise
+SECONDS_LONG = {"num_frames": 31, "height": 128, "width": 224, "num_inference_steps": 200}
+
 
 def _max_overlap(records) -> int:
     events = sorted([(r.started_at, 1) for r in records] + [(r.finished_at, -1) for r in records])
@@ -141,7 +144,7 @@ def test_node_lost_mid_job_reruns_elsewhere_with_one_artifact(mochi, ray_cluster
     faulty = MochiCluster(settings=settings)
     try:
         faulty.wait_ready(timeout=300)
-        job = faulty.generate("a storm", seed=4, **{**tiny, "num_inference_steps": 150})
+        job = faulty.generate("a storm", seed=4, **{**tiny, **SECONDS_LONG})
         deadline = time.monotonic() + 120
         while (r := job.refresh()).step < 3:
             assert time.monotonic() < deadline, r
@@ -166,7 +169,7 @@ def test_node_lost_mid_job_reruns_elsewhere_with_one_artifact(mochi, ray_cluster
 def test_killed_worker_process_releases_its_job_at_once(mochi, test_settings, tiny):
     """SIGKILL the actor process running a job: Ray restarts the actor, whose worker takes back its old
     claims (release_worker), so the job runs again within seconds, not after its lease (issue 12 #9)."""
-    job = mochi.generate("a killed worker", seed=5, **{**tiny, "num_inference_steps": 200})
+    job = mochi.generate("a killed worker", seed=5, **{**tiny, **SECONDS_LONG})
     deadline = time.monotonic() + 120
     while (r := job.refresh()).step < 3:
         assert time.monotonic() < deadline, r

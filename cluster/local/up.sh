@@ -478,7 +478,9 @@ private(state / "admin_token", token("admin") + "\n")
 PY
 
   echo "up.sh: gateway on 127.0.0.1:$gateway_port (model $model), the pool's owner"
-  gateway_env=(MOCHI_LOCAL_CLUSTER="$state_dir" RAY_ADDRESS="ray://$ip:$port_base" MOCHI_LAB_MODEL="$model"
+  # On one machine the gateway joins Ray as a driver (the head's GCS address); on Kubernetes it uses Ray
+  # Client, whose per-client server start takes 15-25 s here and sometimes misses its deadline.
+  gateway_env=(MOCHI_LOCAL_CLUSTER="$state_dir" RAY_ADDRESS="$ip:$ray_port" MOCHI_LAB_MODEL="$model"
     JUPYTERHUB_SERVICE_NAME=mochi-lab JUPYTERHUB_SERVICE_PREFIX=/services/mochi-lab/
     JUPYTERHUB_API_URL="$hub_api_url" JUPYTERHUB_API_TOKEN="$service_token")
   if [[ "$gpus_per_worker" -gt 0 ]]; then

