@@ -117,3 +117,15 @@ def running_lab(tmp: Path, root: Path, *, base_url: str = "/", env: dict[str, st
             os.killpg(server.pid, signal.SIGKILL)  # our own process group (start_new_session)
             server.wait(10)
         log.close()
+
+
+def run_all(page, url: str, path: str):
+    """Open the notebook at `path` (under the server's root) in JupyterLab, wait for its kernel, and run
+    every cell from the Run menu; returns the kernel's "Idle" status locator."""
+    page.goto(f"{url}/lab/tree/{path}", timeout=120_000)
+    idle = page.get_by_text("| Idle", exact=False)
+    idle.first.wait_for(timeout=180_000)
+    page.locator(".lm-MenuBar-itemLabel", has_text="Run").first.click()
+    page.locator('.lm-Menu-item[data-command="runmenu:run-all"]').click()
+    return idle
+

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 import pytest
-from labkit import CHROMIUM, CHROMIUM_ARGS, notebook, running_lab, stop_sessions
+from labkit import CHROMIUM, CHROMIUM_ARGS, notebook, run_all, running_lab, stop_sessions
 
 pytestmark = pytest.mark.browser
 
@@ -117,11 +117,7 @@ def test_jobs_and_studio_live_links_and_a_reopened_notebook(lab, browser, tmp_pa
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     page = browser.new_page(viewport={"width": 1280, "height": 1100}, accept_downloads=True)
     try:
-        page.goto(f"{url}/lab/tree/{FOLDER}/{NAME}", timeout=120_000)
-        idle = page.get_by_text("| Idle", exact=False)
-        idle.first.wait_for(timeout=180_000)
-        page.locator(".lm-MenuBar-itemLabel", has_text="Run").first.click()
-        page.locator('.lm-Menu-item[data-command="runmenu:run-all"]').click()
+        idle = run_all(page, url, f"{FOLDER}/{NAME}")
 
         # 2. live: the slow job's output shows growing step counts while later cells run, then its end
         slow = output_of(page, "ux-slow")

@@ -25,7 +25,7 @@ import re
 from pathlib import Path
 
 import pytest
-from labkit import CHROMIUM, CHROMIUM_ARGS, notebook, running_lab
+from labkit import CHROMIUM, CHROMIUM_ARGS, notebook, run_all, running_lab
 
 REPO = Path(__file__).resolve().parents[2]
 ARTIFACTS = REPO / "artifacts" / "browser"
@@ -167,11 +167,7 @@ def test_history_experiments_and_cluster_panel_in_jupyterlab(lab):
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
         page.on("pageerror", lambda e: print("page error:", e))  # shown when the test fails
         try:
-            page.goto(f"{url}/lab/tree/{NAME}", timeout=120_000)
-            idle = page.get_by_text("| Idle", exact=False)
-            idle.first.wait_for(timeout=180_000)
-            page.locator(".lm-MenuBar-itemLabel", has_text="Run").first.click()
-            page.locator('.lm-Menu-item[data-command="runmenu:run-all"]').click()
+            idle = run_all(page, url, NAME)
             page.wait_for_function(ALL_CELLS_RAN, timeout=500_000, polling=1000)
             idle.first.wait_for(timeout=60_000)
 

@@ -10,7 +10,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from labkit import CHROMIUM, CHROMIUM_ARGS, running_lab
+from labkit import CHROMIUM, CHROMIUM_ARGS, run_all, running_lab
 
 pytestmark = pytest.mark.browser
 
@@ -48,11 +48,7 @@ def test_quickstart_runs_and_a_generated_video_plays(lab):
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
         page = browser.new_page(viewport={"width": 1280, "height": 1000})
         try:
-            page.goto(f"{url}/lab/tree/{NOTEBOOK.name}", timeout=120_000)
-            idle = page.get_by_text("| Idle", exact=False)
-            idle.first.wait_for(timeout=180_000)  # the kernel exists and is idle
-            page.locator(".lm-MenuBar-itemLabel", has_text="Run").first.click()
-            page.locator('.lm-Menu-item[data-command="runmenu:run-all"]').click()
+            idle = run_all(page, url, NOTEBOOK.name)
             page.wait_for_function(ALL_CELLS_RAN, timeout=400_000, polling=1000)
             idle.first.wait_for(timeout=60_000)
             errors = page.locator(".jp-OutputArea-output[data-mime-type='application/vnd.jupyter.stderr']")

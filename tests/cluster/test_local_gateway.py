@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import shlex
 import shutil
 import subprocess
 import sys
@@ -22,7 +21,7 @@ from pathlib import Path
 import pytest
 
 import clusterlib as cl
-from test_local_cluster import _alive, _logs, _marked_pids, _pick_ports
+from test_local_cluster import _alive, _logs, _marked_pids, _pick_ports, _read_env
 from test_operator_scripts import FAKE_KUBECTL
 
 UP = cl.CLUSTER / "local" / "up.sh"
@@ -44,15 +43,6 @@ NOTEBOOK = textwrap.dedent(
                                   "job_id": job.id, "leaked": leaked}))
     """
 )
-
-
-def _env_file(path: Path) -> dict[str, str]:
-    out = {}
-    for line in path.read_text().splitlines():
-        if line.startswith("export "):
-            key, _, value = line[len("export "):].partition("=")
-            out[key] = shlex.split(value)[0]
-    return out
 
 
 def _get(url: str, token: str | None) -> tuple[int, bytes]:
@@ -82,7 +72,7 @@ def test_a_hub_token_gets_a_video_through_the_gateway(tmp_path):
             assert up.returncode == 0, up.stdout + up.stderr + _logs(state)
             info = json.loads((state / "cluster.json").read_text())
             assert {"hub", "gateway"} <= set(info["process_groups"])
-            notebook_env = _env_file(state / "notebook.env")
+            notebook_env = _read_env(state / "notebook.env")
             assert set(notebook_env) == {"MOCHI_LAB_GATEWAY", "JUPYTERHUB_API_TOKEN"}
             gateway = notebook_env["MOCHI_LAB_GATEWAY"]
             assert gateway == info["gateway_url"]
