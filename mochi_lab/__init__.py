@@ -4,7 +4,7 @@ The public API is what this module exports; front ends (widgets, the web page) u
 """
 
 from mochi_lab.backend import Backend
-from mochi_lab.client import MochiCluster, WorkerRows
+from mochi_lab.client import MochiCluster, Rows
 from mochi_lab.experiment import Experiment, ExperimentNotFound
 from mochi_lab.job import Job, JobCancelledError, JobFailed
 from mochi_lab.params import LIMITS, GenerationParams, ParamsError
@@ -20,5 +20,5 @@ __all__ = [
     "CANCELLED", "DONE", "FAILED", "LIMITS", "QUEUED", "RUNNING", "STATUSES",
     "Backend", "Experiment", "GatewayAuthError", "GatewayBackend", "GatewayError", "QuotaExceeded", "ExperimentNotFound", "GenerationParams", "Job", "JobCancelledError", "JobFailed",
     "JobNotFound", "JobRecord", "MochiCluster", "ParamsError", "PipelineConfig", "Settings", "StoreUnavailable",
-    "WorkerRows", "__version__",
+    "Rows", "__version__",
 ]

@@ -12,7 +12,7 @@ from __future__ import annotations
 import abc
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +50,10 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     def counts(self) -> dict[str, int]: ...
+
+    @abc.abstractmethod
+    def queue(self, limit: int = 50) -> list[dict[str, Any]]:
+        """The cluster's queued jobs, every account's, in the order workers will take them (`queue_rows`)."""
 
     def watch(self, job_id: str, timeout: float | None = None) -> Iterator[JobRecord]:
         """The job's states until it finishes (the last one yielded is finished): TimeoutError after
@@ -123,4 +127,21 @@ class Backend(abc.ABC):
         pass
 
 
-__all__ = ["ARTIFACTS", "Backend"]
+def queue_rows(records: Iterable[JobRecord], account: str, *, admin: bool) -> list[dict[str, Any]]:
+    """The queue as `account` may see it: its own jobs whole (id, prompt), other accounts' jobs by place,
+    model and size only, and their account's name only for an admin."""
+    rows = []
+    for position, r in enumerate(records, start=1):
+        p = r.params if isinstance(r.params, dict) else {}
+        mine = r.account == account
+        rows.append({
+            "position": position, "mine": mine, "account": r.account if mine or admin else None,
+            "id": r.id if mine or admin else None, "prompt": p.get("prompt") if mine else None,
+            "model": p.get("model"), "width": p.get("width"), "height": p.get("height"),
+            "num_frames": p.get("num_frames"), "steps": p.get("num_inference_steps"),
+            "priority": r.priority, "created_at": r.created_at,
+        })
+    return rows
+
+
+__all__ = ["ARTIFACTS", "Backend", "queue_rows"]

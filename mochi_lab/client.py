@@ -138,10 +138,19 @@ class MochiCluster:
         return [Experiment(self.backend, r, model=self.model) for r in self.backend.list_experiments()]
 
     # -- pool ------------------------------------------------------------------
-    def workers(self) -> "WorkerRows":
+    def workers(self) -> "Rows":
         """One row per worker: id, node, GPU, memory, model, state, current job, jobs done, uptime."""
         now = time.time()
-        return WorkerRows(dict(r, uptime_s=round(now - r["started_at"], 1)) for r in self.backend.workers())
+        return Rows(dict(r, uptime_s=round(now - r["started_at"], 1)) for r in self.backend.workers())
+
+    def queue(self, limit: int = 50) -> "Rows":
+        """The cluster's queued jobs, every account's, in the order workers will take them: `position`,
+        `model`, size (`width`, `height`, `num_frames`, `steps`), `priority`, `created_at`, and `mine`.
+        This account's rows carry `id` and `prompt`; other accounts' rows name their `account` and `id`
+        only for admins."""
+        if isinstance(limit, bool) or not isinstance(limit, int) or not 0 < limit <= 1000:
+            raise ValueError(f"limit must be a whole number between 1 and 1000, got {limit!r}")
+        return Rows(self.backend.queue(limit))
 
     def scale(self, n: int) -> None:
         """Grow or shrink the pool to `n` workers (shrinking lets running jobs finish)."""
@@ -178,8 +187,8 @@ class MochiCluster:
         return f"<MochiCluster {i['backend']} address={i['address']}{store} account={self.account!r} model={self.model!r}>"
 
 
-class WorkerRows(list):
-    """A list of worker dicts that also converts to a DataFrame."""
+class Rows(list):
+    """A list of dicts (workers, queued jobs) that also converts to a DataFrame."""
 
     def to_dataframe(self):
         import pandas as pd

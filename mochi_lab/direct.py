@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from mochi_lab.backend import ARTIFACTS, Backend
+from mochi_lab.backend import ARTIFACTS, Backend, queue_rows
 from mochi_lab.cache import cached_enqueue
 from mochi_lab.params import GenerationParams, SubmitOptions, check_admission, check_model, check_prompt_tokens
 from mochi_lab.pipelines.config import PipelineConfig
@@ -25,10 +25,12 @@ if TYPE_CHECKING:
 class DirectBackend(Backend):
     """One account's view of a store, and (optionally) the pool that serves it.
 
-    `max_active_jobs`: the account's quota of queued + running jobs (None: none), enforced by the store."""
+    `max_active_jobs`: the account's quota of queued + running jobs (None: none), enforced by the store.
+    `admin`: whether the queue shows other accounts' names and job ids (whoever holds the store's
+    credentials can read them anyway; the gateway passes its caller's role)."""
 
     def __init__(self, settings: Settings, store: Store, pool: "Pool | None" = None, *, model: str = "tiny",
-                 ray_address: str | None = None, max_active_jobs: int | None = None):
+                 ray_address: str | None = None, max_active_jobs: int | None = None, admin: bool = True):
         self.settings = settings
         self.account = settings.account
         self.store = store
@@ -36,6 +38,7 @@ class DirectBackend(Backend):
         self.model = model
         self.ray_address = ray_address
         self.max_active_jobs = max_active_jobs
+        self.admin = admin
 
     @classmethod
     def start(cls, settings: Settings, model: str = "tiny", pipeline: PipelineConfig | None = None, *,
@@ -88,6 +91,9 @@ class DirectBackend(Backend):
 
     def preview(self, job_id: str) -> tuple[int, bytes] | None:
         return self.store.get_preview(self.account, job_id)
+
+    def queue(self, limit: int = 50) -> list[dict[str, Any]]:
+        return queue_rows(self.store.queued(limit), self.account, admin=self.admin)
 
     # -- artifacts -------------------------------------------------------------
     def artifact_path(self, job_id: str, name: str) -> Path:

@@ -55,6 +55,7 @@ from mochi_lab.params import GenerationParams, ParamsError, SubmitOptions, valid
 from mochi_lab.settings import GatewayConfig, Settings, check_account
 from mochi_lab.store.base import (
     FINISHED,
+    QUEUE_LIST_MAX,
     QUEUED,
     RUNNING,
     JobNotFound,
@@ -380,11 +381,12 @@ def create_app(settings: Settings | None = None, *, backend_factory: Callable[[]
             raise ApiError(403, "forbidden", f"a cookie-authenticated write needs the header {CSRF_HEADER}: 1")
         return await auth.identify(token)
 
-    def backend_for(account: str) -> DirectBackend:
+    def backend_for(account: str, *, admin: bool = False) -> DirectBackend:
         base = shared()
         check_account(account)  # model_copy does not validate
         return DirectBackend(settings.model_copy(update={"account": account}), base.store, base.pool,
-                             model=base.model, ray_address=base.ray_address, max_active_jobs=config.max_active_jobs)
+                             model=base.model, ray_address=base.ray_address, max_active_jobs=config.max_active_jobs,
+                             admin=admin)
 
     # The cheap dependencies are async: a sync one costs a thread-pool hop per request.
     async def user_backend(identity: Identity = Depends(identify)) -> DirectBackend:
@@ -518,6 +520,14 @@ def create_app(settings: Settings | None = None, *, backend_factory: Callable[[]
 
         return StreamingResponse(stream(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    @api.get("/queue", tags=["pool"])
+    def queue(limit: int = 50, identity: Identity = Depends(identify)):
+        """Every account's queued jobs in the order workers take them: the caller's own in full, others'
+        by place and size only (with their account for admins)."""
+        if not 0 < limit <= QUEUE_LIST_MAX:
+            raise ApiError(422, "invalid", f"limit must be 1..{QUEUE_LIST_MAX}")
+        return backend_for(identity.account, admin=identity.admin).queue(limit)
 
     @api.get("/workers/status", tags=["pool"])
     def workers(backend: DirectBackend = Depends(user_backend)):

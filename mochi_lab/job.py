@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 LIVE_INTERVAL_S = 0.5  # how often a displayed job reads its state while it is queued or running
 QUEUE_EVERY_S = 1.0  # how often a displayed queued job asks for its place in the queue
 ESTIMATE_EVERY_S = 15.0  # how often the inputs of a queued job's wait estimate are read again
-_LISTED = 1000  # queued jobs read to place one (a quota keeps an account far below this)
+_LISTED = 1000  # queued jobs read to place one
 _RECENT = 20  # done jobs read to estimate a queued job's wait
 
 
@@ -184,26 +184,25 @@ class Job:
         return video_widget(self._backend.artifact(self.id, "video"), p.get("width"), p.get("height"))
 
     def queue_position(self) -> dict[str, Any] | None:
-        """Where this job stands in the queue (live), or None when it is not queued.
+        """Where this job stands in the cluster's queue (live), or None when it is not queued.
 
-        `position` is its place among this account's queued jobs, in the order workers take them
-        (priority, then age); `queued` how many that account has queued. Accounts are served in turn,
-        so other accounts' jobs may run in between: `eta_s`, when known, is a lower bound, estimated
-        from this account's recent run times of the same size and model and the `workers` that serve
-        the model (None without a recent run to go by)."""
+        `position` is its place among every account's queued jobs in the order workers take them (accounts
+        in turn, each one's by priority then age); `queued` how many are queued in all (at most the first
+        1000 are read). `eta_s`, when known, is from this account's recent run times of the same size and
+        model and the `workers` that serve the model (None without a recent run to go by). Jobs queued
+        later by an account that has waited longer may still go before it."""
         r = self.refresh()
         if r.status != QUEUED:
             return None
-        queued = [j for j in self._backend.list(status=QUEUED, limit=_LISTED) if j.status == QUEUED]
-        if all(j.id != r.id for j in queued):
-            queued.append(r)
-        queued.sort(key=_queue_order)
-        position = 1 + next(i for i, j in enumerate(queued) if j.id == r.id)
+        rows = self._backend.queue(limit=_LISTED)
+        position = next((row["position"] for row in rows if row.get("id") == r.id), None)
+        if position is None:  # claimed since the refresh, or beyond the rows read
+            return None if self.refresh().status != QUEUED else {"position": None, "queued": len(rows)}
         workers, durations = self._estimate_inputs(r)
         eta = None
         if durations and workers:
             eta = math.ceil(position / workers) * statistics.median(durations)
-        return {"position": position, "queued": len(queued), "workers": workers, "eta_s": eta,
+        return {"position": position, "queued": len(rows), "workers": workers, "eta_s": eta,
                 "runs_measured": len(durations)}
 
     def _estimate_inputs(self, r: JobRecord) -> tuple[int | None, list[float]]:
@@ -252,13 +251,6 @@ def _describe(r: JobRecord) -> str:
     step = f" {r.step}/{r.total_steps}" if r.total_steps else ""
     prompt = r.params.get("prompt", "") if isinstance(r.params, dict) else ""
     return f"<Job {r.id} {r.status} {r.stage}{step} prompt={str(prompt)[:40]!r}>"
-
-
-def _queue_order(r: JobRecord) -> tuple:
-    """The order a worker takes one account's queued jobs in: priority first, then age."""
-    p = r.priority if isinstance(r.priority, (int, float)) and not isinstance(r.priority, bool) else 0
-    t = r.created_at if isinstance(r.created_at, (int, float)) else 0.0
-    return (-p, t, str(r.id))
 
 
 _SHAPE = ("model", "width", "height", "num_frames", "num_inference_steps")

@@ -306,6 +306,9 @@ class GatewayBackend(Backend):
         r = self._request("GET", f"preview/{jid}", not_found=self._job_missing(jid))
         return None if r.status_code == 204 else (int(r.headers.get("x-preview-step", 0)), r.content)
 
+    def queue(self, limit: int = 50) -> list[dict[str, Any]]:
+        return list(self._json("GET", "queue", params={"limit": limit}))
+
     # -- artifacts -------------------------------------------------------------
     def _cached(self, job_id: str, name: str) -> Path:
         return self.cache_dir / f"{job_id}{ARTIFACT_SUFFIXES[name]}"

@@ -195,15 +195,12 @@ def timings_line(timings: Any) -> list[tuple[str, str]]:
 
 
 def queue_note(position: Any) -> str | None:
-    """A queued job's place, as `Job.queue_position()` reports it: "3rd of your 5 queued jobs · ~2 min".
-
-    The place is among this account's queued jobs (the order a worker takes them in); other accounts'
-    jobs are interleaved fairly, so the estimate, when there is one, is a lower bound."""
+    """A queued job's place, as `Job.queue_position()` reports it: "3rd of 5 in the queue · ~2 min"."""
     p = mapping(position)
     pos, of = to_int(p.get("position")), to_int(p.get("queued"))
     if pos is None:
         return None
-    line = f"{ordinal(pos)} of your {of} queued jobs" if of and of > 1 else "your only queued job"
+    line = f"{ordinal(pos)} of {of} in the queue" if of and of > 1 else "next in the queue"
     eta = to_float(p.get("eta_s"))
     if eta is not None:
         line += f" · ~{_eta_words(eta)}"

@@ -1,5 +1,5 @@
-"""`ClusterPanel`: the workers with what each is running, this account's queue and job counts,
-refreshed while a view of it is on screen."""
+"""`ClusterPanel`: the workers with what each is running, the cluster's queue and this account's job
+counts, refreshed while a view of it is on screen."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ from typing import TYPE_CHECKING, Any
 
 import ipywidgets as W
 
-from mochi_lab import QUEUED, RUNNING
+from mochi_lab import RUNNING
 
-from ._format import error_html, job_view, mapping, render, to_float, to_int
+from ._format import error_html, job_view, mapping, render, to_float
 from ._poll import Poller
 
 if TYPE_CHECKING:
@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 COLUMNS = ("worker", "node", "device", "memory", "model", "state", "current job", "jobs done", "uptime")
 QUEUE_COLUMNS = ("#", "prompt", "size", "priority", "waiting", "job")
 QUEUE_SHOWN = 20  # queue rows drawn; the rest are counted
-_LISTED = 1000  # running / queued jobs read per refresh (a quota keeps an account far below this)
+_LISTED = 1000  # running jobs and queue rows read per refresh
 
 
 def job_brief(job: "Job | None") -> dict[str, Any] | None:
@@ -71,28 +71,31 @@ def summary_html(rows: list[Any]) -> str:
     return render("cluster_panel.html", "summary", s=pool_summary(rows))
 
 
-def queue_view(jobs: list["Job"], now: float | None = None) -> list[dict[str, Any]]:
-    """This account's queued jobs in the order its jobs are claimed (priority first, then oldest first)."""
+def queue_view(rows: list[Any], now: float | None = None) -> list[dict[str, Any]]:
+    """The cluster's queue rows (`MochiCluster.queue()`) as display facts, in the order given (the order
+    workers take them). Another account's job shows no prompt; its account shows where the server named it
+    (for admins). No type is assumed: the rows come from the store or over the network."""
     now = time.time() if now is None else now
-
-    def order(job: "Job") -> tuple[int, float]:
-        r = job.record
-        return (-(to_int(r.priority, 0) or 0), to_float(r.created_at, 0.0) or 0.0)
-
-    jobs = [j for j in jobs if j.record.status == QUEUED]  # it may have started since it was listed
     views = []
-    for position, job in enumerate(sorted(jobs, key=order), start=1):
-        r = job.record
-        created = to_float(r.created_at)
-        views.append({**job_view(r), "position": position, "priority": r.priority,
-                      "waiting": None if created is None else max(0.0, now - created)})
+    for row in rows:
+        r = mapping(row)
+        created = to_float(r.get("created_at"))
+        views.append({
+            "position": r.get("position"), "mine": r.get("mine") is True, "account": r.get("account"),
+            "id": r.get("id"), "prompt": r.get("prompt"), "width": r.get("width"), "height": r.get("height"),
+            "num_frames": r.get("num_frames"), "steps": r.get("steps"), "priority": r.get("priority"),
+            "waiting": None if created is None else max(0.0, now - created),
+        })
     return views
 
 
-def queue_html(jobs: list["Job"], now: float | None = None) -> str:
-    views = queue_view(jobs, now)
+def queue_html(rows: list[Any], now: float | None = None) -> str:
+    views = queue_view(rows, now)
+    # the account column only where the server named other accounts (it does so for admins)
+    accounts = any(v["account"] is not None and not v["mine"] for v in views)
+    columns = QUEUE_COLUMNS[:1] + ("account",) + QUEUE_COLUMNS[1:] if accounts else QUEUE_COLUMNS
     return render("cluster_panel.html", "queue", rows=views[:QUEUE_SHOWN], more=max(0, len(views) - QUEUE_SHOWN),
-                  columns=QUEUE_COLUMNS)
+                  columns=columns, accounts=accounts)
 
 
 def counts_html(counts: Any) -> str:
@@ -119,7 +122,7 @@ def scaled_message(before: int, after: int) -> str:
 
 
 class ClusterPanel(W.VBox):
-    """Workers (with the prompt and progress of each one's current job), this account's queue and job counts.
+    """Workers (with the prompt and progress of each one's current job), the queue and this account's counts.
 
     The kernel cannot see the screen, but the front end counts the views it shows of a widget
     (`_view_count`, once the kernel sets it to 0). The panel refreshes every `interval` seconds while
@@ -143,7 +146,7 @@ class ClusterPanel(W.VBox):
         self.scale_button.on_click(lambda _: self.scale(self.scale_to.value))
         self.message = W.HTML()
         self.rows: list[dict[str, Any]] = []
-        self.queued: list["Job"] = []  # this account's queued jobs, as last read
+        self.queued: list[dict[str, Any]] = []  # the cluster's queue (`MochiCluster.queue()`), as last read
         self.refreshes = 0  # how many times the table was redrawn (tests and curious users)
         self.poller = Poller(self._tick, interval)
         super().__init__([
@@ -162,11 +165,11 @@ class ClusterPanel(W.VBox):
         return bool(self._view_count)
 
     def refresh(self) -> None:
-        """Read the workers, this account's running and queued jobs and its counts (four reads), and redraw."""
+        """Read the workers, this account's running jobs, the queue and the counts (four reads), and redraw."""
         try:
             self.rows = list(self.cluster.workers())
             running = self.cluster.jobs(status=RUNNING, limit=_LISTED)
-            self.queued = list(self.cluster.jobs(status=QUEUED, limit=_LISTED))
+            self.queued = list(self.cluster.queue(limit=_LISTED))
             counts = self.cluster.counts()
         except Exception as exc:
             self.message.value = error_html(f"{type(exc).__name__}: {exc}")

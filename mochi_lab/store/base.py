@@ -26,6 +26,7 @@ FINISHED = frozenset({DONE, FAILED, CANCELLED})
 PROGRESS_LOG_MAX = 4096
 PROGRESS_LOG_KEEP_S = 600
 PREVIEW_MAX_BYTES = 96 * 1024  # one job's live preview (an animated strip of ~64 KB), overwritten
+QUEUE_LIST_MAX = 1000  # queued jobs `Store.queued` reads at most, across accounts
 
 
 class StoreError(RuntimeError):
@@ -151,6 +152,21 @@ def job_matches(
 ARTIFACT_SUFFIXES = {"video": ".mp4", "thumbnail": ".png"}
 
 
+def claim_order(per_account: Iterable[list[JobRecord]], limit: int) -> list[JobRecord]:
+    """Queued jobs in the order workers take them if nothing else arrives: one job from each account in
+    turn (accounts given longest-unserved first), each account's own jobs already by priority then age.
+    A served account goes to the back, so the turn order stays the same round after round."""
+    queues = [list(q) for q in per_account]
+    out: list[JobRecord] = []
+    for rank in range(max(map(len, queues), default=0)):
+        for queue in queues:
+            if rank < len(queue):
+                out.append(queue[rank])
+                if len(out) >= limit:
+                    return out
+    return out
+
+
 def artifact_path(root: Path, account: str, job_id: str, name: str) -> Path:
     """Where a job's artifact lives: derived from the account and the id, inside the artifacts root.
 
@@ -195,6 +211,12 @@ class Store(abc.ABC):
 
         Expired leases are requeued first (attempt + 1, failing after `max_attempts`).
         """
+
+    @abc.abstractmethod
+    def queued(self, limit: int = QUEUE_LIST_MAX) -> list[JobRecord]:
+        """Every account's queued jobs in the order workers will take them (`claim_order`), at most `limit`.
+
+        It crosses accounts: only for the pool's owner; a door shows other accounts' jobs redacted."""
 
     @abc.abstractmethod
     def heartbeat(self, job_id: str, token: int, lease_s: float) -> bool:

@@ -36,6 +36,7 @@ from redis.retry import Retry
 from mochi_lab.store import redis_lua as lua
 from mochi_lab.store.base import (
     PROGRESS_LOG_MAX,
+    QUEUE_LIST_MAX,
     RUNNING,
     STATUSES,
     Claim,
@@ -47,6 +48,7 @@ from mochi_lab.store.base import (
     active_limit_error,
     check_preview,
     check_status,
+    claim_order,
     job_matches,
     new_job_id,
     remove_artifacts,
@@ -145,6 +147,7 @@ class RedisStore(Store):
         self._enqueue, self._claim, self._owner, self._finish = reg(lua.ENQUEUE), reg(lua.CLAIM), reg(lua.OWNER), reg(lua.FINISH)
         self._cancel, self._delete, self._requeue = reg(lua.CANCEL), reg(lua.DELETE), reg(lua.REQUEUE)
         self._page, self._get, self._put_experiment = reg(lua.PAGE), reg(lua.GET), reg(lua.PUT_EXPERIMENT)
+        self._queued = reg(lua.QUEUED)
         self._release_worker = reg(lua.RELEASE_WORKER)
         self._progress, self._progress_since = reg(lua.PROGRESS), reg(lua.PROGRESS_SINCE)
         self._put_preview, self._get_preview = reg(lua.PUT_PREVIEW), reg(lua.GET_PREVIEW)
@@ -294,6 +297,11 @@ class RedisStore(Store):
         if not raw:
             raise JobNotFound(f"job {job_id} not found")
         return _decode(raw)
+
+    @_guard
+    def queued(self, limit: int = QUEUE_LIST_MAX) -> list[JobRecord]:
+        per_account = json.loads(self._queued(args=[self.prefix, limit]))
+        return claim_order(([_decode(raw) for raw in docs] for docs in per_account), limit)
 
     def _range(self, index: str, start: int, stop: int) -> list[JobRecord]:
         return [_decode(raw) for raw in json.loads(self._page(args=[self.prefix, index, start, stop]))]

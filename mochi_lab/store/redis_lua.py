@@ -283,6 +283,21 @@ end
 return '[' .. table.concat(out, ',') .. ']'
 """
 
+# ARGV: P, limit: per account with queued jobs, in turn order (the `ready` zset), the docs of its first
+# `limit` queued jobs in its own order; Python interleaves them (base.claim_order)
+QUEUED = LIB + r"""
+local limit, out = tonumber(ARGV[2]), {}
+for _, acc in ipairs(redis.call('ZRANGE', P .. ':ready', 0, limit - 1)) do
+  local docs = {}
+  for _, member in ipairs(redis.call('ZRANGE', qkey(acc), 0, limit - 1)) do
+    local k = jkey(string.sub(member, 18))
+    if redis.call('HGET', k, 'status') == 'queued' then docs[#docs + 1] = doc(k) end
+  end
+  out[#out + 1] = '[' .. table.concat(docs, ',') .. ']'
+end
+return '[' .. table.concat(out, ',') .. ']'
+"""
+
 # ARGV: P, account, id: the job's doc, or false when the account has no such job
 GET = LIB + r"""
 local k = jkey(ARGV[3])

@@ -9,6 +9,7 @@ statements: a stale token matches no row and changes nothing.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import os
 import sqlite3
@@ -26,6 +27,7 @@ from mochi_lab.store.base import (
     FAILED,
     PROGRESS_LOG_KEEP_S,
     PROGRESS_LOG_MAX,
+    QUEUE_LIST_MAX,
     RUNNING,
     STATUSES,
     Claim,
@@ -37,6 +39,7 @@ from mochi_lab.store.base import (
     active_limit_error,
     check_preview,
     check_status,
+    claim_order,
     new_job_id,
     remove_artifacts,
     worker_lost_error,
@@ -296,6 +299,16 @@ class SQLiteStore(Store):
                        (account,))
         job = _row_to_job(row)
         return Claim(job=job, token=job.fence)
+
+    def queued(self, limit: int = QUEUE_LIST_MAX) -> list[JobRecord]:
+        rows = self._conn().execute(
+            f"SELECT {', '.join(_COLUMNS)} FROM (SELECT j.*, a.last_claim, ROW_NUMBER() OVER "
+            "(PARTITION BY j.account ORDER BY j.priority DESC, j.seq) AS rank FROM jobs j "
+            "JOIN accounts a ON a.account = j.account WHERE j.status = 'queued') "
+            "WHERE rank <= ? ORDER BY last_claim, account, rank", (limit,)).fetchall()
+        per_account = [[_row_to_job(r) for r in group]
+                       for _, group in itertools.groupby(rows, key=lambda r: r["account"])]
+        return claim_order(per_account, limit)
 
     def _owner_write(self, job_id: str, token: int, sets: str, args: tuple[Any, ...]) -> bool:
         """Apply `sets` only while `token` owns the running job; returns cancel_requested."""

@@ -196,7 +196,7 @@ def test_jobs_and_studio_live_links_and_a_reopened_notebook(lab, browser, tmp_pa
             page.wait_for_function("""() => [...document.querySelectorAll('.mochi-studio button')]
                 .some(b => b.textContent.includes('Generate') && !b.disabled)""", timeout=30_000)
         for place in ("1st", "2nd"):  # the two waiting cards, consistent with each other
-            studio.locator(".mochi-note", has_text=f"{place} of your 2 queued jobs").first.wait_for(timeout=60_000)
+            studio.locator(".mochi-note", has_text=f"{place} of 2 in the queue").first.wait_for(timeout=60_000)
         # a running card shows the video as it forms (the displayed slow job showed it changing, above)
         page.wait_for_function("""() => [...document.querySelectorAll('.mochi-studio .mochi-job-card img')]
             .some(i => i.offsetWidth > 0 && i.complete && i.naturalWidth > 0)""", timeout=120_000, polling=100)

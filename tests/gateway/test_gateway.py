@@ -152,6 +152,32 @@ def test_quota_refuses_with_429_and_queues_nothing(storefront, tokens):
         assert bob.post("/generate", json={"params": _tiny(seed=999)}).status_code == 201
 
 
+def test_the_queue_shows_other_accounts_jobs_by_place_only_and_names_them_to_admins(storefront, tokens):
+    secret = f"erin's secret plan {time.time_ns()}"
+    with storefront.client(tokens["erin"]) as erin:
+        job = erin.post("/generate", json={"params": _tiny(prompt=secret, seed=11)}).json()
+        try:
+            rows = erin.get("/queue", params={"limit": 1000}).json()
+            assert [r["position"] for r in rows] == list(range(1, len(rows) + 1))
+            (own,) = [r for r in rows if r["id"] == job["id"]]
+            assert own["mine"] and own["prompt"] == secret and own["account"] == "erin" and own["width"] == 32
+            with storefront.client(tokens["bob"]) as bob:
+                seen = bob.get("/queue", params={"limit": 1000}).json()
+                text = json.dumps(seen)
+                assert secret not in text and job["id"] not in text and "erin" not in text
+                theirs = seen[own["position"] - 1]  # the same place for every viewer
+                assert not theirs["mine"] and (theirs["id"], theirs["account"], theirs["prompt"]) == (None, None, None)
+                assert (theirs["width"], theirs["num_frames"], theirs["steps"]) == (32, 7, 2)
+                for bad in (0, 1001, "all", -1):
+                    r = bob.get("/queue", params={"limit": bad})
+                    assert r.status_code == 422 and "limit" in r.text, (bad, r.text)
+            with storefront.client(tokens["carol"]) as carol:  # an admin: whose and which, still not what
+                row = carol.get("/queue", params={"limit": 1000}).json()[own["position"] - 1]
+                assert (row["account"], row["id"], row["prompt"]) == ("erin", job["id"], None)
+        finally:
+            erin.post(f"/cancel/{job['id']}")
+
+
 def test_markup_in_every_field_is_escaped_on_the_page(storefront, tokens):
     with storefront.client(tokens["carol"]) as carol:
         r = carol.post("/generate", json={"params": _tiny(prompt=f"a cat {EVIL}", negative_prompt=EVIL, seed=5),

@@ -101,6 +101,24 @@ def test_round_robin_between_busy_accounts(store: Store) -> None:
     assert {store.claim("w", 60).job.account for _ in range(2)} == {"X", "Y"}
 
 
+def test_queued_lists_every_account_in_the_order_workers_will_take_them(store: Store) -> None:
+    assert store.queued() == []
+    for account, n in [("carol", 1), ("alice", 4), ("bob", 2)]:
+        for i in range(n):
+            store.enqueue(account, {"prompt": f"{account}{i}"}, priority=5 if (account, i) == ("alice", 3) else 0)
+    store.claim("w", 60)  # alice (first by name among the never-served) is served and goes to the back
+    gone = store.enqueue("bob", {"prompt": "cancelled"})
+    store.cancel("bob", gone.id)
+    store.enqueue("dave", {"prompt": "dave0"}, priority=-3)
+
+    predicted = store.queued()
+    assert [j.params["prompt"] for j in predicted[:3]] == ["bob0", "carol0", "dave0"]
+    assert all(j.status == QUEUED for j in predicted)
+    assert store.queued(limit=4) == predicted[:4]
+    assert [j.id for j in predicted] == drain(store)  # the prediction is the claim order, job for job
+    assert store.queued() == []
+
+
 # -- owner writes ----------------------------------------------------------------------------
 def test_heartbeat_and_progress(store: Store) -> None:
     job = store.enqueue("alice", {"prompt": "p"})

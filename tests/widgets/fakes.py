@@ -13,6 +13,7 @@ from types import SimpleNamespace
 from typing import Any
 
 from mochi_lab import JobNotFound
+from mochi_lab.backend import queue_rows
 from mochi_lab.reprs import video_widget
 from mochi_lab.store.base import JobRecord
 
@@ -125,11 +126,12 @@ class FakeCluster:
 
     def __init__(self, *, jobs: list[FakeJob] = (), workers: list[Any] = (), counts: Any = None,
                  experiments: list[str] = (), fail: Exception | None = None, model: str = "tiny",
-                 models: list[str] = ("tiny",)):
+                 models: list[str] = ("tiny",), queue: list[Any] | None = None):
         self.model = model
         self._models = list(models)
         self._jobs = list(jobs)
         self._workers = list(workers)
+        self._queue = queue  # queue rows as given; by default the queued jobs, in order, as an admin sees them
         self._counts = counts if counts is not None else {"queued": 0, "running": 0, "done": 0, "failed": 0,
                                                           "cancelled": 0}
         self._experiments = [SimpleNamespace(name=n) for n in experiments]
@@ -150,6 +152,12 @@ class FakeCluster:
     def workers(self) -> list[Any]:
         self._read("workers")
         return list(self._workers)
+
+    def queue(self, limit: int = 50) -> list[Any]:
+        self._read("queue")
+        if self._queue is not None:
+            return self._queue[:limit]
+        return queue_rows([j.record for j in self._jobs if j.record.status == "queued"], "alice", admin=True)[:limit]
 
     def counts(self) -> Any:
         self._read("counts")

@@ -12,6 +12,7 @@ import pytest
 from fakes import PAYLOADS, FakeCluster, FakeJob, assert_safe, hostile_record, record
 from widget_helpers import unique
 
+from mochi_lab.backend import queue_rows
 from mochi_lab.widgets import ClusterPanel
 from mochi_lab.widgets.cluster_panel import queue_view, scaled_message
 
@@ -28,7 +29,7 @@ def test_table_lists_every_live_worker(mochi):
     assert all(f"{s} <b>" in panel.counts.value for s in ("queued", "running", "done", "failed", "cancelled"))
     assert panel.scale_to.value == 4
     assert "4 CPU workers" in panel.summary.value and "GPU" not in panel.summary.value  # the session is CPU-only
-    assert "your queue" in panel.queue.value
+    assert "<b>queue</b>" in panel.queue.value
 
 
 def test_refreshes_while_a_view_is_shown_and_stops_when_it_goes(mochi):
@@ -131,19 +132,25 @@ def test_another_accounts_job_is_shown_by_id_only():
     assert "my own prompt" in mine_cell and "another account" not in mine_cell
 
 
-def test_the_queue_is_listed_in_the_order_the_accounts_jobs_start():
+def test_the_queue_is_the_clusters_with_other_accounts_redacted_and_named_only_for_admins():
     now = 1.7e9 + 100
-    jobs = [FakeJob(record(id=i, status="queued", stage="queued", priority=p, created_at=1.7e9 + t,
-                           params={"prompt": f"prompt {i}", "width": 64, "height": 48, "num_frames": 13,
-                                   "num_inference_steps": 30}))
-            for i, p, t in [("late", 0, 50), ("urgent", 5, 90), ("early", 0, 10)]]
-    views = queue_view([*jobs, FakeJob(record(id="started", status="running"))], now=now)
-    assert [(v["position"], v["id"]) for v in views] == [(1, "urgent"), (2, "early"), (3, "late")]
-    assert views[1]["waiting"] == 90.0
-    panel = ClusterPanel(FakeCluster(jobs=jobs))
-    queue = panel.queue.value
-    assert queue.index("prompt urgent") < queue.index("prompt early") < queue.index("prompt late")
+    jobs = [record(id=i, account=a, status="queued", stage="queued", priority=p, created_at=1.7e9 + t,
+                   params={"prompt": f"prompt {i}", "width": 64, "height": 48, "num_frames": 13,
+                           "num_inference_steps": 30})
+            for i, a, p, t in [("urgent", "alice", 5, 90), ("bobs", "bob", 0, 20), ("early", "alice", 0, 10)]]
+    seen_by_alice = queue_rows(jobs, "alice", admin=False)
+    views = queue_view(seen_by_alice, now=now)
+    assert [(v["position"], v["id"], v["mine"]) for v in views] == [(1, "urgent", True), (2, None, False),
+                                                                     (3, "early", True)]
+    assert views[2]["waiting"] == 90.0 and views[1]["prompt"] is None and views[1]["account"] is None
+    queue = ClusterPanel(FakeCluster(queue=seen_by_alice)).queue.value
+    assert queue.index("prompt urgent") < queue.index("another account's job") < queue.index("prompt early")
     assert "64x48 &middot; 13 frames &middot; 30 steps" in queue
+    assert "bob" not in queue and "<th style=\"text-align: left; padding: 2px 8px\">account</th>" not in queue
+    # an admin sees whose each job is (still not their prompts)
+    admin = ClusterPanel(FakeCluster(queue=queue_rows(jobs, "carol", admin=True))).queue.value
+    assert ">account</th>" in admin and ">bob</td>" in admin and "prompt bobs" not in admin
+    assert admin.count("another account's job") == 3
 
 
 def test_the_summary_names_cpu_or_gpu_workers():
@@ -171,7 +178,9 @@ def test_the_current_job_the_queue_and_the_summary_escape_what_they_show(payload
     queued = FakeJob(hostile_record(payload, id="q-1", status="queued"))
     workers = [{"worker_id": "w-1", "state": payload, "current_job": "r-1", "gpu_name": payload},
                {"worker_id": "w-2", "state": "busy", "current_job": payload, "device": payload}]
-    panel = ClusterPanel(FakeCluster(workers=workers, jobs=[running, queued]))
+    hostile_queue = [{k: payload for k in ("position", "account", "id", "prompt", "width", "height", "num_frames",
+                                           "steps", "priority", "created_at")} | {"mine": mine} for mine in (True, False)]
+    panel = ClusterPanel(FakeCluster(workers=workers, jobs=[running, queued], queue=hostile_queue))
     assert_safe(panel.table.value, payload)  # the prompt of r-1, the id of another account's job
     assert_safe(panel.summary.value, payload)  # a GPU name and a state
     assert_safe(panel.queue.value, payload)

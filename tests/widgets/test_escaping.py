@@ -112,7 +112,7 @@ def test_job_notes_and_media_are_text(payload):
 def test_queue_note_and_retry_lines_take_any_value(payload):
     assert reprs.queue_note({"position": payload, "queued": payload}) is None  # not a number: no place to show
     line = reprs.queue_note({"position": 2, "queued": payload, "eta_s": payload, "workers": payload})
-    assert line == "your only queued job"  # a count that is not a number is no count
+    assert line == "next in the queue"  # a count that is not a number is no count
     tracker = reprs.RetryTracker()
     for r in (record(status="running", stage=payload, attempts=1), record(status="queued", stage="queued", attempts=1)):
         tracker.observe(r)

@@ -14,6 +14,7 @@ from fakes import record
 from widget_helpers import drive, unique
 
 from mochi_lab import Job, JobRecord
+from mochi_lab.backend import queue_rows
 from mochi_lab.job import LiveView, TextProgress
 from mochi_lab.reprs import WIDGET_MIME, RetryTracker
 
@@ -168,7 +169,7 @@ def test_retry_lines_and_a_silent_worker():
 
 
 class QueueBackend:
-    """Just what `Job.queue_position` reads: queued and done jobs, and the workers."""
+    """Just what `Job.queue_position` reads: the cluster's queue (in the order given), done jobs, the workers."""
 
     def __init__(self, queued: list[JobRecord], done: list[JobRecord], workers: list[dict]):
         self.queued, self.done_jobs, self.rows = queued, done, workers
@@ -176,25 +177,28 @@ class QueueBackend:
     def get(self, job_id):
         return next(r for r in self.queued if r.id == job_id)
 
+    def queue(self, limit=50):
+        return queue_rows(self.queued, "alice", admin=False)[:limit]
+
     def list(self, *, status=None, limit=50, **_):
-        return list({"queued": self.queued, "done": self.done_jobs}[status])[:limit]
+        return list({"done": self.done_jobs}[status])[:limit]
 
     def workers(self):
         return self.rows
 
 
-def test_queue_position_is_the_order_workers_take_jobs_in_with_an_honest_estimate():
+def test_queue_position_is_the_place_in_the_clusters_queue_with_an_honest_estimate():
     shape = dict(record().params)
-    q = [record(id=f"q{i}", status="queued", created_at=100.0 + i, priority=p, params=shape)
-         for i, p in enumerate([0, 0, 5, 0])]  # q2 has a higher priority: it goes first
+    q = [record(id=i, account=a, status="queued", params=shape)
+         for i, a in [("q2", "alice"), ("theirs", "bob"), ("q0", "alice"), ("q1", "alice"), ("q3", "alice")]]
     done = [record(id=f"d{i}", status="done", timings={"run_s": s}, params=shape) for i, s in enumerate([30, 40, 50])]
     done.append(record(id="other", status="done", timings={"run_s": 999}, params={**shape, "width": 848}))
     backend = QueueBackend(q, done, [{"model": "tiny"}, {"model": "tiny"}, {"model": "mochi-1-preview"}])
-    places = {r.id: Job(backend, r).queue_position() for r in q}
-    assert [places[i]["position"] for i in ("q2", "q0", "q1", "q3")] == [1, 2, 3, 4]
-    assert all(p["queued"] == 4 and p["workers"] == 2 for p in places.values())
+    places = {r.id: Job(backend, r).queue_position() for r in q if r.account == "alice"}
+    assert [places[i]["position"] for i in ("q2", "q0", "q1", "q3")] == [1, 3, 4, 5]  # bob's job counts too
+    assert all(p["queued"] == 5 and p["workers"] == 2 for p in places.values())
     # the median run of the same size (40 s, the 848-wide run does not count), per worker in turn
-    assert places["q3"]["eta_s"] == 2 * 40 and places["q2"]["eta_s"] == 40
+    assert places["q3"]["eta_s"] == 3 * 40 and places["q2"]["eta_s"] == 40
     assert Job(QueueBackend(q, [], []), q[0]).queue_position()["eta_s"] is None  # nothing to go by: no guess
     running = dataclasses.replace(q[0], status="running")
     assert Job(QueueBackend([running], [], []), running).queue_position() is None

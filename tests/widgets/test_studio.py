@@ -246,7 +246,7 @@ def test_a_queued_card_shows_its_place_and_a_lost_worker_as_a_line():
     job.position = {"position": 3, "queued": 5, "eta_s": 118.0, "workers": 2}
     card = JobCard(job)
     assert card.poll()
-    assert "3rd of your 5 queued jobs · ~2 min" in card.notes.value
+    assert "3rd of 5 in the queue · ~2 min" in card.notes.value
     assert card.eta.value.startswith("waiting")
     # claimed, then its worker dies in decoding; the job is queued again, then retried
     job._history = [record(status="running", stage="denoising", step=2, total_steps=2, attempts=1),
