@@ -8,6 +8,7 @@ in its settings; on a shared cluster only the gateway holds one.
 from __future__ import annotations
 
 import dataclasses
+import time
 from pathlib import Path
 
 import httpx
@@ -48,6 +49,7 @@ class DirectBackend(Backend):
         self.model = model
         self.ray_address = ray_address
         self.max_active_jobs = max_active_jobs
+        self._workers_seen = (-1e9, False)  # (monotonic time, any live worker row then)
 
     @classmethod
     def start(cls, settings: Settings, model: str = "tiny", pipeline: PipelineConfig | None = None, *,
@@ -97,9 +99,16 @@ class DirectBackend(Backend):
 
     def get(self, job_id: str) -> JobRecord:
         record = self.store.get(self.account, job_id)
-        if record.status == QUEUED and self.pool is not None and not self.store.workers():
+        if record.status == QUEUED and self.pool is not None and not self._any_worker():
             record = dataclasses.replace(record, stage=WAITING_STAGE)
         return record
+
+    def _any_worker(self) -> bool:
+        """Whether any worker row is live, read at most once a second (watches poll a queued job often)."""
+        now = time.monotonic()
+        if now - self._workers_seen[0] > 1.0:
+            self._workers_seen = (now, bool(self.store.workers()))
+        return self._workers_seen[1]
 
     def list(self, *, status: str | None = None, experiment: str | None = None, tag: str | None = None,
              text: str | None = None, limit: int = 50, offset: int = 0) -> list[JobRecord]:

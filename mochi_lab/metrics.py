@@ -18,6 +18,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, generate_latest, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
+from mochi_lab.settings import known_models
 from mochi_lab.store import Store, StoreError
 
 log = logging.getLogger("mochi_lab.metrics")
@@ -47,6 +48,7 @@ class PoolCollector:
             self.store_errors += 1
 
     def collect(self) -> Iterator[Metric]:
+        self._models = set(known_models())
         try:
             depth = self.store.queue_depth()
             rows = self.store.workers()
@@ -66,11 +68,17 @@ class PoolCollector:
             errors.add_metric(["worker", row["worker_id"]], (row.get("stats") or {}).get("store_errors", 0))
         yield errors
 
+    def _model(self, model: str) -> str:
+        """A model label: a known model's name, else "other" (the store is a trust boundary: a stored job
+        could name anything)."""
+        return model if model in self._models else "other"
+
     def _queue(self, depth: dict[tuple[str, str, str], int]) -> Metric:
         labels = ["model", "state"] + (["account"] if self.accounts else [])
         gauge = GaugeMetricFamily("mochi_queue_jobs", "Jobs queued or running, by model and state.", labels=labels)
         summed: dict[tuple[str, ...], int] = {}
         for (account, model, state), n in depth.items():
+            model = self._model(model)
             key = (model, state, account) if self.accounts else (model, state)
             summed[key] = summed.get(key, 0) + n
         for key, n in sorted(summed.items()):
@@ -106,9 +114,13 @@ class PoolCollector:
         gpu = {field: GaugeMetricFamily(name, text, labels=["worker"]) for field, (name, text) in GPU_FIELDS.items()}
         for row in rows:
             worker, stats = row["worker_id"], row.get("stats") or {}
+            by_label: dict[tuple[str, str], int] = {}
             for model, outcomes in (stats.get("finished") or {}).items():
                 for outcome, n in outcomes.items():
-                    finished.add_metric([worker, model, outcome], n)
+                    key = (self._model(model), outcome)
+                    by_label[key] = by_label.get(key, 0) + n
+            for (model, outcome), n in sorted(by_label.items()):
+                finished.add_metric([worker, model, outcome], n)
             steps.add_metric([worker], stats.get("steps", 0))
             if stats.get("rate") is not None:
                 rate.add_metric([worker], stats["rate"])

@@ -100,7 +100,7 @@ def _gpu_facts() -> dict[str, Any]:
     return {"device": "cuda", "gpu_name": props.name, "gpu_memory_total": props.total_memory}
 
 
-class _Nvml:
+class NvmlSampler:
     """This worker's GPU as NVML sees it (utilisation, device memory, power), for its row. Absent, not
     faked, where there is no GPU or no NVML: `sample()` is then {}."""
 
@@ -166,9 +166,11 @@ class WorkerStats:
             stage = self.stages[name]
             stage["count"] += 1
             stage["sum"] += seconds
+            # each bucket counts its own observations, (previous bound, bound]; metrics accumulates them
             for i, bound in enumerate(STAGE_BUCKETS_S):
                 if seconds <= bound:
                     stage["buckets"][i] += 1
+                    break
         if outcome == "done" and timings.get("denoise_s"):
             self.steps += steps
             self.denoise_s += timings["denoise_s"]
@@ -237,7 +239,7 @@ class Worker:
         self.state = "loading"
         self.idle_since: float | None = None  # wall time this worker last became idle
         self.stats = WorkerStats()
-        self._nvml: _Nvml | None = None
+        self._nvml: NvmlSampler | None = None
         self.current_job: str | None = None
         self.jobs_done = 0
         self.error: str | None = None
@@ -359,7 +361,7 @@ class Worker:
         self._load_unpaid = True
         self._facts.update(_gpu_facts())
         if self._nvml is None:
-            self._nvml = _Nvml()
+            self._nvml = NvmlSampler()
         self.state, self.idle_since = "idle", time.time()
         self.beat = time.monotonic()
         self.publish()
@@ -513,7 +515,7 @@ class Worker:
             if self._finish_badly(running, exc, timings, meta, extra):
                 model = job.params.get("model") if isinstance(job.params, dict) else None
                 outcome = "cancelled" if isinstance(exc, JobCancelled) else "failed"
-                self.stats.job_finished(model if isinstance(model, str) else "?", outcome, timings, 0)
+                self.stats.job_finished(str(model), outcome, timings, 0)  # metrics bound the label
         finally:
             finished.set()
             beat.join()

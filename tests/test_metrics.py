@@ -61,9 +61,15 @@ def test_counts_and_histogram_sums_match_the_jobs_own_timings(mochi, endpoint, t
         count = (total(after, "mochi_stage_seconds_count", stage=stage)
                  - total(before, "mochi_stage_seconds_count", stage=stage))
         assert count == 3, stage
-        # cumulative buckets: +Inf holds every observation
-        assert total(after, "mochi_stage_seconds_bucket", stage=stage, le="+Inf") == total(
-            after, "mochi_stage_seconds_count", stage=stage)
+        # cumulative buckets: each holds the jobs at or under its bound, +Inf all of them
+        for sample in after["mochi_stage_seconds_bucket"]:
+            if sample.labels["stage"] != stage:
+                continue
+            worker, le = sample.labels["worker"], sample.labels["le"]
+            bound = float("inf") if le == "+Inf" else float(le)
+            grown = sample.value - total(before, "mochi_stage_seconds_bucket", stage=stage, le=le, worker=worker)
+            assert grown == sum(1 for r in records if r.worker_id == worker and r.timings[f"{stage}_s"] <= bound), \
+                (stage, worker, le)
     rates = after["mochi_steps_per_second"]
     assert rates and all(s.value > 0 for s in rates)
     assert total(after, "mochi_workers", state="idle") + total(after, "mochi_workers", state="busy") == 4
@@ -105,3 +111,29 @@ def test_a_store_that_does_not_answer_is_counted_and_reported_down():
     assert "mochi_queue_jobs" not in families
     owner = [s.value for s in families2["mochi_store_errors"].samples if s.labels["component"] == "owner"]
     assert owner == [2]
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+@pytest.mark.skipif(not _has_cuda(), reason="no CUDA GPU here: NVML figures are left out, tested above")
+def test_nvml_reads_this_processs_gpu():
+    from mochi_lab.worker import NvmlSampler
+
+    sample = NvmlSampler().sample()
+    assert 0.0 <= sample["gpu_utilization"] <= 1.0
+    assert 0 < sample["gpu_device_memory_used"] <= sample["gpu_device_memory_total"]
+    assert sample.get("gpu_power_w", 1.0) > 0
+
+
+def test_worker_rows_on_cpu_carry_no_gpu_figures(mochi):
+    from mochi_lab.worker import NvmlSampler
+
+    if _has_cuda():
+        pytest.skip("this machine has a GPU")
+    assert NvmlSampler().sample() == {}
+    rows = list(mochi.workers())
+    assert rows and not any(field in row for row in rows for field in GPU_FIELDS)

@@ -125,8 +125,9 @@ class FakeCluster:
 
     def __init__(self, *, jobs: list[FakeJob] = (), workers: list[Any] = (), counts: Any = None,
                  experiments: list[str] = (), fail: Exception | None = None, model: str = "tiny",
-                 models: list[str] = ("tiny",)):
+                 models: list[str] = ("tiny",), dashboard: str | None = None):
         self.model = model
+        self._dashboard = dashboard
         self._models = list(models)
         self._jobs = list(jobs)
         self._workers = list(workers)
@@ -146,6 +147,9 @@ class FakeCluster:
     def models(self) -> list[str]:
         self._read("models")
         return list(self._models)
+
+    def dashboard_url(self) -> str | None:
+        return self._dashboard
 
     def workers(self) -> list[Any]:
         self._read("workers")
