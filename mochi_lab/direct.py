@@ -10,9 +10,9 @@ from __future__ import annotations
 import dataclasses
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
 
 import httpx
-from typing import TYPE_CHECKING, Any, Callable
 
 from mochi_lab.backend import ARTIFACTS, Backend
 from mochi_lab.cache import cached_enqueue
