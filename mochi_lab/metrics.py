@@ -89,7 +89,8 @@ class PoolCollector:
         snap = getattr(self.controller, "snapshot", None) or {}
         states = dict.fromkeys(WORKER_STATES, 0)
         for row in rows:
-            states[row.get("state") or "error"] = states.get(row.get("state") or "error", 0) + 1
+            state = row.get("state") if row.get("state") in WORKER_STATES else "error"  # a bounded label
+            states[state] += 1
         if snap.get("leader"):
             states["pending"], states["retiring"] = snap.get("pending", 0), snap.get("retiring", 0)
         by_state = GaugeMetricFamily("mochi_workers", "Pool workers by state.", labels=["state"])
