@@ -107,6 +107,11 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def wait_ready(self, timeout: float) -> None: ...
 
+    def dashboard_url(self) -> str | None:
+        """The Ray dashboard, when one answers from this process; None by default (a gateway's notebooks
+        reach no Ray)."""
+        return None
+
     # -- experiments -----------------------------------------------------------
     @abc.abstractmethod
     def get_experiment(self, name: str) -> dict[str, Any]:

@@ -158,6 +158,10 @@ class MochiCluster:
             raise ValueError(f"n must be a whole number of workers >= 0, got {n!r}")
         self.backend.scale(n)
 
+    def dashboard_url(self) -> str | None:
+        """The Ray dashboard's address when one answers from here (never through a gateway)."""
+        return self.backend.dashboard_url()
+
     def shutdown_pool(self) -> None:
         """Stop every pool worker (queued jobs stay queued for the next pool)."""
         self.backend.shutdown_pool()

@@ -7,19 +7,28 @@ in its settings; on a shared cluster only the gateway holds one.
 
 from __future__ import annotations
 
+import dataclasses
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
+
+import httpx
 
 from mochi_lab.backend import ARTIFACTS, Backend, queue_rows
 from mochi_lab.cache import cached_enqueue
 from mochi_lab.params import GenerationParams, SubmitOptions, check_admission, check_model, check_prompt_tokens
 from mochi_lab.pipelines.config import PipelineConfig
-from mochi_lab.settings import Settings, known_models, redact_url
-from mochi_lab.store import DONE, JobRecord, Store, StoreError, StoreUnavailable, open_store
+from mochi_lab.settings import ScalingConfig, Settings, known_models, redact_url
+from mochi_lab.store import DONE, QUEUED, JobRecord, Store, StoreError, StoreUnavailable, open_store
 from mochi_lab.store.base import artifact_path
 
 if TYPE_CHECKING:
+    from mochi_lab.controller import PoolController
+    from mochi_lab.metrics import Metrics
     from mochi_lab.pool import Pool
+
+# the stage a queued job shows while no worker is alive to take it (the pool is scaling up from zero)
+WAITING_STAGE = "waiting for a worker"
 
 
 class DirectBackend(Backend):
@@ -27,7 +36,11 @@ class DirectBackend(Backend):
 
     `max_active_jobs`: the account's quota of queued + running jobs (None: none), enforced by the store.
     `admin`: whether the queue shows other accounts' names and job ids (whoever holds the store's
-    credentials can read them anyway; the gateway passes its caller's role)."""
+    credentials can read them anyway; the gateway passes its caller's role).
+    The pool's owner may hold a `controller` (autoscaling) and `metrics` (a Prometheus endpoint)."""
+
+    controller: "PoolController | None" = None
+    metrics: "Metrics | None" = None
 
     def __init__(self, settings: Settings, store: Store, pool: "Pool | None" = None, *, model: str = "tiny",
                  ray_address: str | None = None, max_active_jobs: int | None = None, admin: bool = True):
@@ -39,11 +52,15 @@ class DirectBackend(Backend):
         self.ray_address = ray_address
         self.max_active_jobs = max_active_jobs
         self.admin = admin
+        self._workers_seen = (-1e9, False)  # (monotonic time, any live worker row then)
 
     @classmethod
     def start(cls, settings: Settings, model: str = "tiny", pipeline: PipelineConfig | None = None, *,
-              start_pool: bool = True) -> "DirectBackend":
-        """Open the store (failing fast when it is unreachable), join or start Ray, re-attach the pool."""
+              start_pool: bool = True, scaling: ScalingConfig | None = None) -> "DirectBackend":
+        """Open the store (failing fast when it is unreachable), join or start Ray, re-attach the pool.
+
+        With `scaling`, a `PoolController` sizes the pool from the queue (and `start_pool` is moot); with
+        `settings.metrics_port` set, Prometheus metrics are served on it."""
         check_model(model, known_models())
         store = open_store(settings.store_url, max_attempts=settings.max_attempts)
         try:
@@ -55,9 +72,20 @@ class DirectBackend(Backend):
 
         address = connect(settings)
         pool = Pool(settings, store, model, pipeline or PipelineConfig(cpu_offload=settings.offload))
-        if start_pool:
+        backend = cls(settings, store, pool, model=model, ray_address=address)
+        if scaling is not None:
+            from mochi_lab.controller import PoolController
+
+            backend.controller = PoolController(pool, store, scaling)
+            backend.controller.start()
+        elif start_pool:
             pool.ensure()
-        return cls(settings, store, pool, model=model, ray_address=address)
+        if settings.metrics_port is not None:
+            from mochi_lab.metrics import Metrics
+
+            backend.metrics = Metrics(store, backend.controller, accounts=settings.metrics_accounts)
+            backend.metrics.serve(settings.metrics_port, settings.metrics_host)
+        return backend
 
     # -- jobs ------------------------------------------------------------------
     def submit(self, params: GenerationParams, options: SubmitOptions, *, reuse: bool = True) -> JobRecord:
@@ -73,7 +101,17 @@ class DirectBackend(Backend):
         return self.store.enqueue(self.account, params.to_dict(), idempotency_key=options.idempotency_key, **opts)
 
     def get(self, job_id: str) -> JobRecord:
-        return self.store.get(self.account, job_id)
+        record = self.store.get(self.account, job_id)
+        if record.status == QUEUED and self.pool is not None and not self._any_worker():
+            record = dataclasses.replace(record, stage=WAITING_STAGE)
+        return record
+
+    def _any_worker(self) -> bool:
+        """Whether any worker row is live, read at most once a second (watches poll a queued job often)."""
+        now = time.monotonic()
+        if now - self._workers_seen[0] > 1.0:
+            self._workers_seen = (now, bool(self.store.workers()))
+        return self._workers_seen[1]
 
     def list(self, *, status: str | None = None, experiment: str | None = None, tag: str | None = None,
              text: str | None = None, limit: int = 50, offset: int = 0) -> list[JobRecord]:
@@ -121,13 +159,38 @@ class DirectBackend(Backend):
         return self.pool
 
     def scale(self, n: int) -> None:
-        self._pool().scale(n)
+        """n workers: with a controller, its min and max both become n (it retires only idle workers)."""
+        if self.controller is not None:
+            self.controller.set_bounds(n, n)
+        else:
+            self._pool().scale(n)
 
     def shutdown_pool(self) -> None:
+        if self.controller is not None:  # or it would start them again
+            self.controller.set_bounds(0, 0)
         self._pool().shutdown()
 
     def wait_ready(self, timeout: float) -> None:
         self._pool().wait_ready(timeout)
+
+    def dashboard_url(self) -> str | None:
+        """settings.ray_dashboard_url, else the dashboard Ray reports, if it answers within a second."""
+        url = self.settings.ray_dashboard_url
+        if not url and self.pool is not None:
+            try:
+                import ray
+
+                url = ray._private.worker.get_dashboard_url()
+            except Exception:  # no dashboard, or a Ray without this private helper
+                url = None
+        if not url:
+            return None
+        url = url if "://" in url else f"http://{url}"
+        try:
+            httpx.get(url, timeout=1.0)
+        except httpx.HTTPError:
+            return None
+        return url
 
     # -- experiments -----------------------------------------------------------
     def get_experiment(self, name: str) -> dict[str, Any]:
@@ -152,6 +215,10 @@ class DirectBackend(Backend):
         }
 
     def close(self) -> None:
+        if self.controller is not None:
+            self.controller.stop()
+        if self.metrics is not None:
+            self.metrics.close()
         self.store.close()
 
 

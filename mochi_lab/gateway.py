@@ -52,7 +52,7 @@ from mochi_lab.hubauth import (
     parse_authorization,
 )
 from mochi_lab.params import GenerationParams, ParamsError, SubmitOptions, validate_name
-from mochi_lab.settings import GatewayConfig, Settings, check_account
+from mochi_lab.settings import GatewayConfig, ScalingConfig, Settings, check_account
 from mochi_lab.store.base import (
     FINISHED,
     QUEUE_LIST_MAX,
@@ -286,7 +286,8 @@ def create_app(settings: Settings | None = None, *, backend_factory: Callable[[]
     config = config or GatewayConfig.from_env()
     auth = auth or authenticator(config)
     owned = backend_factory is None
-    factory = backend_factory or (lambda: DirectBackend.start(settings, config.model, start_pool=True))
+    scaling = ScalingConfig.from_env() if config.autoscale else None
+    factory = backend_factory or (lambda: DirectBackend.start(settings, config.model, start_pool=True, scaling=scaling))
     progress = ProgressHub(config.events_poll_s, config.events_max_s)
     state: dict[str, Any] = {"shared": None}
     start_lock = threading.Lock()
@@ -354,6 +355,9 @@ def create_app(settings: Settings | None = None, *, backend_factory: Callable[[]
     @app.exception_handler(StoreError)
     async def _store(request: Request, exc: StoreError):
         log.warning("store error on %s %s: %s", request.method, request.url.path, type(exc).__name__)
+        metrics = state["shared"] and state["shared"].metrics
+        if metrics:
+            metrics.store_error()
         return _error_response(503, "unavailable", "the job store is unavailable; try again shortly")
 
     @app.exception_handler(StarletteHTTPException)
@@ -384,9 +388,11 @@ def create_app(settings: Settings | None = None, *, backend_factory: Callable[[]
     def backend_for(account: str, *, admin: bool = False) -> DirectBackend:
         base = shared()
         check_account(account)  # model_copy does not validate
-        return DirectBackend(settings.model_copy(update={"account": account}), base.store, base.pool,
-                             model=base.model, ray_address=base.ray_address, max_active_jobs=config.max_active_jobs,
-                             admin=admin)
+        backend = DirectBackend(settings.model_copy(update={"account": account}), base.store, base.pool,
+                                model=base.model, ray_address=base.ray_address, max_active_jobs=config.max_active_jobs,
+                                admin=admin)
+        backend.controller = base.controller  # an admin's scale sets its bounds
+        return backend
 
     # The cheap dependencies are async: a sync one costs a thread-pool hop per request.
     async def user_backend(identity: Identity = Depends(identify)) -> DirectBackend:

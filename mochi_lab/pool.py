@@ -98,6 +98,14 @@ class WorkerActor:
         self._stopping = True
         self.worker.stop(timeout)
 
+    def retire(self) -> None:
+        """Stop claiming, finish the job in hand however long it takes, then end this actor for good
+        (no restart): its GPU, and then its node, are free. Never interrupts a job."""
+        import ray
+
+        self.stop(timeout=None)
+        ray.actor.exit_actor()
+
 
 def _restart_process(worker) -> None:
     """Exit at once (no cleanup that a wedged thread could block); Ray restarts the actor."""
@@ -224,7 +232,7 @@ class Pool:
             "max_restarts": -1,
             "max_concurrency": 4,
             "scheduling_strategy": "SPREAD",
-            "num_gpus": 1 if gpus else 0,
+            "num_gpus": self.settings.gpus_per_worker if self.settings.gpus_per_worker is not None else 1 if gpus else 0,
             # Ray sets a worker's torch threads (OMP_NUM_THREADS) from its num_cpus
             "num_cpus": self.settings.cpus_per_worker,
             "resources": self.settings.worker_resources or None,
@@ -271,6 +279,12 @@ class Pool:
         self.ensure(n)
         extra = [h for name, h in self.handles().items() if int(name[len(ACTOR_PREFIX):]) >= n]
         self._stop(extra)
+
+    def retire(self, names: list[str]) -> dict[str, Any]:
+        """Ask these workers to retire (`WorkerActor.retire`): each stops claiming, finishes its job and
+        exits. Returns name -> the call's ref, resolved (with an ActorDiedError) when the actor has gone."""
+        handles = self.handles()
+        return {name: handles[name].retire.remote() for name in names if name in handles}
 
     def shutdown(self) -> None:
         self._stop(list(self.handles().values()))

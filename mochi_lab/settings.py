@@ -84,6 +84,9 @@ class Settings(BaseModel):
     namespace: str = "mochi_lab"
     workers: int | None = None  # None: one per GPU, or one on a CPU-only cluster
     cpus_per_worker: int = 1
+    # GPUs each worker asks Ray for; None: 1 when the cluster has GPUs now, else 0. A pool that scales
+    # from zero sets it: its workers must ask for a GPU while no GPU node exists yet.
+    gpus_per_worker: float | None = None
     # extra Ray resources each worker needs, e.g. {"h100": 1} to pin the pool to a node group
     worker_resources: dict[str, float] = Field(default_factory=dict)
     lease_s: float = 30.0
@@ -113,6 +116,14 @@ class Settings(BaseModel):
     # video (163 frames, 848x480, 64 steps = 2.85M) on an H100. Pool owners set their own.
     max_token_steps: dict[str, int | None] = Field(
         default_factory=lambda: {"tiny": 1_000_000, "mochi-1-preview": 3_000_000})
+    # Prometheus metrics of the pool owner (mochi_lab.metrics: the gateway, or the embedded default when
+    # set) on their own port, on metrics_host (0: a free port; None: off). Accounts become a label of
+    # the queue gauge only with metrics_accounts (their number is the number of users).
+    metrics_port: int | None = None
+    metrics_host: str = "127.0.0.1"
+    metrics_accounts: bool = False
+    # the Ray dashboard the ClusterPanel links to; None: the one Ray reports, when it answers
+    ray_dashboard_url: str | None = None
 
     @field_validator("account")
     @classmethod
@@ -131,6 +142,7 @@ class Settings(BaseModel):
             "namespace": "MOCHI_LAB_NAMESPACE",
             "workers": "MOCHI_LAB_WORKERS",
             "cpus_per_worker": "MOCHI_LAB_CPUS_PER_WORKER",
+            "gpus_per_worker": "MOCHI_LAB_GPUS_PER_WORKER",
             "lease_s": "MOCHI_LAB_LEASE_S",
             "cancel_grace_s": "MOCHI_LAB_CANCEL_GRACE_S",
             "max_run_s": "MOCHI_LAB_MAX_RUN_S",
@@ -138,6 +150,10 @@ class Settings(BaseModel):
             "preview_every": "MOCHI_LAB_PREVIEW_EVERY",
             "preview_min_interval_s": "MOCHI_LAB_PREVIEW_MIN_INTERVAL_S",
             "max_token_steps": "MOCHI_LAB_MAX_TOKEN_STEPS",  # JSON, e.g. {"mochi-1-preview": 6000000}
+            "metrics_port": "MOCHI_LAB_METRICS_PORT",
+            "metrics_host": "MOCHI_LAB_METRICS_HOST",
+            "metrics_accounts": "MOCHI_LAB_METRICS_ACCOUNTS",
+            "ray_dashboard_url": "MOCHI_LAB_RAY_DASHBOARD_URL",
         }.items():
             if os.environ.get(var):
                 env[name] = os.environ[var]
@@ -155,6 +171,45 @@ class Settings(BaseModel):
         return self.data_dir / "artifacts"
 
 
+class ScalingConfig(BaseModel):
+    """The pool controller's settings (mochi_lab.controller), from its owner's configuration.
+
+    Every `interval_s` the pool is sized to clamp(ceil((queued + running jobs) / target_per_worker),
+    min_workers, max_workers). Growing is immediate; a worker is retired only once it has been idle for
+    `idle_timeout_s`, and at most once per `cooldown_s` (no flapping). `headroom_workers` > 0 asks the
+    Ray autoscaler (request_resources) to keep room for that many workers more than the pool has."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    min_workers: int = Field(default=0, ge=0, le=1024)
+    max_workers: int = Field(default=4, ge=0, le=1024)
+    target_per_worker: int = Field(default=1, ge=1, le=1000)
+    idle_timeout_s: float = Field(default=300.0, ge=0)
+    cooldown_s: float = Field(default=60.0, ge=0)
+    interval_s: float = Field(default=2.0, gt=0, le=60)
+    headroom_workers: int = Field(default=0, ge=0, le=1024)
+
+    @field_validator("max_workers")
+    @classmethod
+    def _bounds(cls, v: int, info: Any) -> int:
+        low = info.data.get("min_workers")
+        if low is not None and v < low:
+            raise ValueError(f"max_workers ({v}) must be at least min_workers ({low})")
+        return v
+
+    @classmethod
+    def from_env(cls, **overrides: Any) -> "ScalingConfig":
+        """MOCHI_LAB_MIN_WORKERS, MOCHI_LAB_MAX_WORKERS, MOCHI_LAB_TARGET_PER_WORKER, MOCHI_LAB_IDLE_TIMEOUT_S,
+        MOCHI_LAB_SCALE_COOLDOWN_S, MOCHI_LAB_SCALE_INTERVAL_S, MOCHI_LAB_HEADROOM_WORKERS."""
+        names = {"min_workers": "MOCHI_LAB_MIN_WORKERS", "max_workers": "MOCHI_LAB_MAX_WORKERS",
+                 "target_per_worker": "MOCHI_LAB_TARGET_PER_WORKER", "idle_timeout_s": "MOCHI_LAB_IDLE_TIMEOUT_S",
+                 "cooldown_s": "MOCHI_LAB_SCALE_COOLDOWN_S", "interval_s": "MOCHI_LAB_SCALE_INTERVAL_S",
+                 "headroom_workers": "MOCHI_LAB_HEADROOM_WORKERS"}
+        values: dict[str, Any] = {name: os.environ[var] for name, var in names.items() if os.environ.get(var)}
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+
 # The gateway's settings and their environment variables.
 _GATEWAY_ENV = {
     "host": "MOCHI_LAB_GATEWAY_HOST",
@@ -170,6 +225,7 @@ _GATEWAY_ENV = {
     "max_active_jobs": "MOCHI_LAB_MAX_ACTIVE_JOBS",
     "events_poll_s": "MOCHI_LAB_GATEWAY_EVENTS_POLL_S",
     "events_max_s": "MOCHI_LAB_GATEWAY_EVENTS_MAX_S",
+    "autoscale": "MOCHI_LAB_AUTOSCALE",
 }
 
 
@@ -193,6 +249,9 @@ class GatewayConfig(BaseModel):
     max_active_jobs: int = 20  # queued + running jobs per account
     events_poll_s: float = 0.05
     events_max_s: float = 6 * 3600.0
+    # The pool controller (mochi_lab.controller, ScalingConfig.from_env()) sizes the pool from the queue;
+    # off: the pool is MOCHI_LAB_WORKERS actors, resized by an admin only.
+    autoscale: bool = False
 
     @field_validator("admin_groups", mode="before")
     @classmethod

@@ -100,6 +100,88 @@ def _gpu_facts() -> dict[str, Any]:
     return {"device": "cuda", "gpu_name": props.name, "gpu_memory_total": props.total_memory}
 
 
+class NvmlSampler:
+    """This worker's GPU as NVML sees it (utilisation, device memory, power), for its row. Absent, not
+    faked, where there is no GPU or no NVML: `sample()` is then {}."""
+
+    def __init__(self) -> None:
+        self.handle = None
+        try:
+            import pynvml
+            import torch
+
+            if not torch.cuda.is_available():
+                return
+            pynvml.nvmlInit()
+            uuid = getattr(torch.cuda.get_device_properties(0), "uuid", None)
+            # the device torch calls 0 is the one Ray gave this actor (CUDA_VISIBLE_DEVICES)
+            self.handle = (pynvml.nvmlDeviceGetHandleByUUID(f"GPU-{uuid}") if uuid is not None else
+                           pynvml.nvmlDeviceGetHandleByIndex(int(os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0])))
+            self.nvml = pynvml
+        except Exception as exc:  # no driver, no library, an odd CUDA_VISIBLE_DEVICES: no GPU figures
+            log.info("no NVML figures: %r", exc)
+            self.handle = None
+
+    def sample(self) -> dict[str, float]:
+        if self.handle is None:
+            return {}
+        nv, h = self.nvml, self.handle
+        out: dict[str, float] = {}
+        try:
+            out["gpu_utilization"] = nv.nvmlDeviceGetUtilizationRates(h).gpu / 100.0
+            mem = nv.nvmlDeviceGetMemoryInfo(h)
+            out["gpu_device_memory_used"], out["gpu_device_memory_total"] = mem.used, mem.total
+            out["gpu_power_w"] = nv.nvmlDeviceGetPowerUsage(h) / 1000.0
+        except Exception as exc:  # e.g. power not supported on this board: keep what was read
+            log.debug("NVML read: %r", exc)
+        return out
+
+
+# Stage-time histograms kept by each worker and reported in its row (mochi_lab.metrics exports them):
+# upper bounds in seconds, from a tiny job's milliseconds to Genmo's reference video's minutes.
+STAGE_BUCKETS_S = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0)
+STAGES = ("queue", "load", "text", "denoise", "decode", "encode")
+
+
+class WorkerStats:
+    """Cumulative figures of one worker's life (they restart from zero with it, as Prometheus counters
+    do): jobs finished per model and outcome, stage-time histograms, denoising steps and seconds, the
+    last job's steps per second, and store errors."""
+
+    def __init__(self) -> None:
+        self.finished: dict[str, dict[str, int]] = {}
+        self.stages = {name: {"count": 0, "sum": 0.0, "buckets": [0] * len(STAGE_BUCKETS_S)} for name in STAGES}
+        self.steps = 0
+        self.denoise_s = 0.0
+        self.rate: float | None = None
+        self.store_errors = 0
+
+    def job_finished(self, model: str, outcome: str, timings: dict[str, float], steps: int) -> None:
+        by_model = self.finished.setdefault(model, {})
+        by_model[outcome] = by_model.get(outcome, 0) + 1
+        for name in STAGES:
+            seconds = timings.get(f"{name}_s")
+            if seconds is None:
+                continue
+            stage = self.stages[name]
+            stage["count"] += 1
+            stage["sum"] += seconds
+            # each bucket counts its own observations, (previous bound, bound]; metrics accumulates them
+            for i, bound in enumerate(STAGE_BUCKETS_S):
+                if seconds <= bound:
+                    stage["buckets"][i] += 1
+                    break
+        if outcome == "done" and timings.get("denoise_s"):
+            self.steps += steps
+            self.denoise_s += timings["denoise_s"]
+            self.rate = steps / timings["denoise_s"]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"finished": self.finished, "stages": self.stages, "buckets": list(STAGE_BUCKETS_S),
+                "steps": self.steps, "denoise_s": self.denoise_s, "rate": self.rate,
+                "store_errors": self.store_errors}
+
+
 def _versions() -> dict[str, str]:
     import diffusers
     import torch
@@ -155,6 +237,9 @@ class Worker:
         self.store = open_store(settings.store_url, max_attempts=settings.max_attempts)
         self.started_at = time.time()
         self.state = "loading"
+        self.idle_since: float | None = None  # wall time this worker last became idle
+        self.stats = WorkerStats()
+        self._nvml: NvmlSampler | None = None
         self.current_job: str | None = None
         self.jobs_done = 0
         self.error: str | None = None
@@ -275,7 +360,9 @@ class Worker:
         self.loaded_at = time.time()
         self._load_unpaid = True
         self._facts.update(_gpu_facts())
-        self.state = "idle"
+        if self._nvml is None:
+            self._nvml = NvmlSampler()
+        self.state, self.idle_since = "idle", time.time()
         self.beat = time.monotonic()
         self.publish()
         log.info("loaded %s in %.2fs", model, self.runner.load_s, extra={"worker_id": self.worker_id})
@@ -283,6 +370,7 @@ class Worker:
     # -- the store, across outages ------------------------------------------------
     def _store_failed(self, exc: BaseException, what: str) -> None:
         now = time.monotonic()
+        self.stats.store_errors += 1
         if self._store_down_since is None:
             self._store_down_since = now
             if isinstance(exc, StoreError):
@@ -417,18 +505,22 @@ class Worker:
             if self._finish(running, "complete", lambda: self.store.complete(
                     job.id, token, artifacts=artifacts, timings=timings, meta=meta), extra):
                 self.jobs_done += 1
+                self.stats.job_finished(params.model, "done", timings, params.num_inference_steps)
                 log.info("done in %.2fs", timings["run_s"], extra=extra)
         except LeaseLost:
             log.warning("lease lost; result dropped", extra=extra)
             self._drop_orphans(job)
         except Exception as exc:
             timings["run_s"] = time.time() - claimed_at
-            self._finish_badly(running, exc, timings, meta, extra)
+            if self._finish_badly(running, exc, timings, meta, extra):
+                model = job.params.get("model") if isinstance(job.params, dict) else None
+                outcome = "cancelled" if isinstance(exc, JobCancelled) else "failed"
+                self.stats.job_finished(str(model), outcome, timings, 0)  # metrics bound the label
         finally:
             finished.set()
             beat.join()
             self._job = None
-            self.state, self.current_job = "idle", None
+            self.state, self.current_job, self.idle_since = "idle", None, time.time()
             self.publish()
 
     def _admit(self, job) -> GenerationParams:
@@ -459,25 +551,28 @@ class Worker:
             log.warning("%s not recorded: the store stayed unavailable while stopping", what, extra=extra)
         return landed
 
-    def _finish_badly(self, running: "_RunningJob", exc: Exception, timings, meta, extra) -> None:
+    def _finish_badly(self, running: "_RunningJob", exc: Exception, timings, meta, extra) -> bool:
+        """Record the job cancelled or failed; True when the store took it."""
         job_id, token = running.job_id, running.token
         try:
             if isinstance(exc, JobCancelled):
-                self._finish(running, "finish_cancelled",
-                             lambda: self.store.finish_cancelled(job_id, token, timings=timings, meta=meta), extra)
+                landed = self._finish(running, "finish_cancelled",
+                                      lambda: self.store.finish_cancelled(job_id, token, timings=timings, meta=meta), extra)
                 log.info("cancelled", extra=extra)
             elif isinstance(exc, JobRejected):  # not retried: the same job would fail the same way
-                self._finish(running, "fail", lambda: self.store.fail(
+                landed = self._finish(running, "fail", lambda: self.store.fail(
                     job_id, token, error=str(exc), traceback="", timings=timings, meta=meta), extra)
                 log.error("rejected: %s", exc, extra=extra)
             else:
                 tb = "".join(traceback.format_exception(exc))
-                self._finish(running, "fail", lambda: self.store.fail(
+                landed = self._finish(running, "fail", lambda: self.store.fail(
                     job_id, token, error=f"{type(exc).__name__}: {exc}", traceback=tb, timings=timings, meta=meta),
                     extra)
                 log.error("failed: %s", exc, extra=extra)
+            return landed
         except (LeaseLost, JobNotFound):
             log.warning("lease lost while finishing", extra=extra)
+            return False
 
     def _artifact_paths(self, job) -> dict[str, Path]:
         # derived from the account and the id inside the artifacts root (it refuses ids and accounts
@@ -500,6 +595,7 @@ class Worker:
                 if self.store.heartbeat(running.job_id, running.token, self.settings.lease_s):
                     running.cancel_requested()
                 running.lease_until = sent + self.settings.lease_s
+                self.publish()  # the row outlives a long job, with its GPU figures fresh
             except LeaseLost:
                 running.lost.set()
                 return
@@ -581,6 +677,9 @@ class Worker:
             "started_at": self.started_at,
             "error": self.error,
             "pid": self._facts.get("pid"),
+            "idle_since": self.idle_since if self.state == "idle" else None,
+            "stats": self.stats.to_dict(),
+            **(self._nvml.sample() if self._nvml is not None else {}),
         }
 
     def publish(self) -> None:

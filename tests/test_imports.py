@@ -20,6 +20,7 @@ LAYERS: list[set[str]] = [
     {"pipelines", "pipelines.config", "pipelines.tiny", "pipelines.tokens", "pipelines.preview", "pipelines.mochi"},
     {"worker"},
     {"pool"},
+    {"controller", "metrics"},
     {"cache", "sweep"},
     {"backend", "direct", "remote"},
     {"job", "experiment", "experiment_views"},
@@ -35,6 +36,7 @@ FORBIDDEN_EXTERNAL = {
     "pipelines": {"ray", "redis"},
     "reprs": {"torch", "ray", "redis"},
     "params": {"torch", "ray", "redis"},
+    "metrics": {"torch", "ray"},
 }
 
 

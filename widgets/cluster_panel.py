@@ -18,7 +18,7 @@ from ._poll import Poller
 if TYPE_CHECKING:
     from mochi_lab import Job, MochiCluster
 
-COLUMNS = ("worker", "node", "device", "memory", "model", "state", "current job", "jobs done", "uptime")
+COLUMNS = ("worker", "node", "device", "memory", "GPU use", "model", "state", "current job", "jobs done", "uptime")
 QUEUE_COLUMNS = ("#", "prompt", "size", "priority", "waiting", "job")
 QUEUE_SHOWN = 20  # queue rows drawn; the rest are counted
 _LISTED = 1000  # running jobs and queue rows read per refresh
@@ -38,7 +38,10 @@ def worker_view(row: Any, job: dict[str, Any] | None = None) -> dict[str, Any]:
     return {
         "worker_id": r.get("worker_id"), "node": r.get("node") or "-",
         "device": r.get("gpu_name") or r.get("device") or "-",
-        "gpu_used": r.get("gpu_memory_used"), "gpu_total": r.get("gpu_memory_total"), "rss": r.get("rss_bytes"),
+        # the device's memory as NVML reads it where there is one, else what this process allocated
+        "gpu_used": r.get("gpu_device_memory_used", r.get("gpu_memory_used")),
+        "gpu_total": r.get("gpu_device_memory_total", r.get("gpu_memory_total")), "rss": r.get("rss_bytes"),
+        "gpu_util": to_float(r.get("gpu_utilization")), "gpu_power": to_float(r.get("gpu_power_w")),
         "model": r.get("model") or "-", "state": r.get("state"), "error": r.get("error"),
         "current_job": r.get("current_job") or "-", "job": job,
         "jobs_done": r.get("jobs_done", 0), "uptime": r.get("uptime_s"),
@@ -104,6 +107,11 @@ def counts_html(counts: Any) -> str:
     return render("cluster_panel.html", "counts", counts=items)
 
 
+def dashboard_html(url: str | None) -> str:
+    """A link to the Ray dashboard, or nothing when none answers from here."""
+    return render("cluster_panel.html", "dashboard", url=url) if url else ""
+
+
 def notice_html(message: str) -> str:
     return render("cluster_panel.html", "notice", message=message)
 
@@ -145,12 +153,16 @@ class ClusterPanel(W.VBox):
                                      layout=W.Layout(width="auto", min_width="80px"))
         self.scale_button.on_click(lambda _: self.scale(self.scale_to.value))
         self.message = W.HTML()
+        try:
+            self.dashboard = W.HTML(dashboard_html(cluster.dashboard_url()))
+        except Exception:  # a link is a convenience: never a reason for the panel to fail
+            self.dashboard = W.HTML()
         self.rows: list[dict[str, Any]] = []
         self.queued: list[dict[str, Any]] = []  # the cluster's queue (`MochiCluster.queue()`), as last read
         self.refreshes = 0  # how many times the table was redrawn (tests and curious users)
         self.poller = Poller(self._tick, interval)
         super().__init__([
-            W.HBox([self.refresh_button, self.updated, self.scale_to, self.scale_button],
+            W.HBox([self.refresh_button, self.updated, self.scale_to, self.scale_button, self.dashboard],
                    layout=W.Layout(align_items="center")),
             self.summary, self.counts, self.table, self.queue, self.message,
         ])

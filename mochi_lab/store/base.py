@@ -346,6 +346,17 @@ class Store(abc.ABC):
     @abc.abstractmethod
     def remove_worker(self, worker_id: str) -> None: ...
 
+    # -- the pool's controller -------------------------------------------------
+    @abc.abstractmethod
+    def queue_depth(self) -> dict[tuple[str, str, str], int]:
+        """Queued and running jobs of every account, counted by (account, model, status); a job whose
+        params name no model counts under "?"."""
+
+    @abc.abstractmethod
+    def lead(self, role: str, holder: str, ttl_s: float, *, take: bool = False) -> bool:
+        """Hold `role` for `ttl_s` more seconds: True when `holder` had it, nobody did, or the last
+        holder's time ran out (or `take`: taken over whoever holds it). One holder at a time."""
+
     # -- experiments -----------------------------------------------------------
     @abc.abstractmethod
     def put_experiment(self, account: str, record: dict[str, Any]) -> None:

@@ -151,6 +151,7 @@ class RedisStore(Store):
         self._release_worker = reg(lua.RELEASE_WORKER)
         self._progress, self._progress_since = reg(lua.PROGRESS), reg(lua.PROGRESS_SINCE)
         self._put_preview, self._get_preview = reg(lua.PUT_PREVIEW), reg(lua.GET_PREVIEW)
+        self._queue_depth, self._lead = reg(lua.QUEUE_DEPTH), reg(lua.LEAD)
         self._client, self._pid = client, os.getpid()
 
     def __reduce__(self) -> tuple[Any, ...]:  # picklable by url: a worker opens its own connection
@@ -371,6 +372,16 @@ class RedisStore(Store):
         pipe.delete(self._key("worker", worker_id))
         pipe.srem(self._key("workers"), worker_id)
         pipe.execute()
+
+    # -- the pool's controller -----------------------------------------------------------
+    @_guard
+    def queue_depth(self) -> dict[tuple[str, str, str], int]:
+        flat = self._queue_depth(args=[self.prefix])
+        return {(flat[i], flat[i + 1], flat[i + 2]): int(flat[i + 3]) for i in range(0, len(flat), 4)}
+
+    @_guard
+    def lead(self, role: str, holder: str, ttl_s: float, *, take: bool = False) -> bool:
+        return self._lead(args=[self.prefix, role, holder, f"{ttl_s:.3f}", "1" if take else "0"]) == 1
 
     # -- experiments ---------------------------------------------------------------------
     @_guard

@@ -310,3 +310,37 @@ local acc, name = ARGV[2], ARGV[3]
 redis.call('HSET', P .. ':exp:' .. acc, name, ARGV[4])
 redis.call('ZADD', P .. ':expo:' .. acc, 'NX', redis.call('INCR', P .. ':seq'), name)
 """
+
+# ARGV: P. Flat list of account, model, status, count over the queues and the running jobs' leases.
+QUEUE_DEPTH = LIB + r"""
+local counts, order = {}, {}
+local function add(acc, id, st)
+  local ok, params = pcall(cjson.decode, redis.call('HGET', jkey(id), 'params') or '{}')
+  local model = ok and type(params) == 'table' and type(params.model) == 'string' and params.model or '?'
+  local key = acc .. '\0' .. model .. '\0' .. st
+  if not counts[key] then counts[key] = 0; order[#order + 1] = {acc, model, st, key} end
+  counts[key] = counts[key] + 1
+end
+for _, acc in ipairs(redis.call('ZRANGE', P .. ':ready', 0, -1)) do
+  for _, m in ipairs(redis.call('ZRANGE', qkey(acc), 0, -1)) do add(acc, string.sub(m, 18), 'queued') end
+end
+for _, id in ipairs(redis.call('ZRANGE', P .. ':leases', 0, -1)) do
+  local acc = redis.call('HGET', jkey(id), 'account')
+  if acc then add(acc, id, 'running') end
+end
+local out = {}
+for _, o in ipairs(order) do
+  out[#out + 1] = o[1]; out[#out + 1] = o[2]; out[#out + 1] = o[3]; out[#out + 1] = counts[o[4]]
+end
+return out
+"""
+
+# ARGV: P, role, holder, ttl_s, take ('1' or '0'). 1 when holder now holds role, else 0.
+LEAD = LIB + r"""
+local k, t = P .. ':lead:' .. ARGV[2], redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
+local f = redis.call('HMGET', k, 'holder', 'until')
+if ARGV[5] ~= '1' and f[1] and f[1] ~= ARGV[3] and tonumber(f[2]) > now then return 0 end
+redis.call('HSET', k, 'holder', ARGV[3], 'until', string.format('%.3f', now + tonumber(ARGV[4])))
+return 1
+"""

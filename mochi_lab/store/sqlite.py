@@ -28,6 +28,7 @@ from mochi_lab.store.base import (
     PROGRESS_LOG_KEEP_S,
     PROGRESS_LOG_MAX,
     QUEUE_LIST_MAX,
+    QUEUED,
     RUNNING,
     STATUSES,
     Claim,
@@ -101,6 +102,12 @@ CREATE TABLE IF NOT EXISTS previews (
     job_id TEXT PRIMARY KEY,
     step INTEGER NOT NULL,
     data BLOB NOT NULL
+);
+-- one holder per role (the pool's controller), until its time runs out
+CREATE TABLE IF NOT EXISTS leaders (
+    role TEXT PRIMARY KEY,
+    holder TEXT NOT NULL,
+    until REAL NOT NULL
 );
 CREATE TABLE IF NOT EXISTS experiments (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -526,6 +533,29 @@ class SQLiteStore(Store):
 
     def remove_worker(self, worker_id: str) -> None:
         self._conn().execute("DELETE FROM workers WHERE worker_id = ?", (worker_id,))
+
+    # -- the pool's controller -------------------------------------------------------------
+    def queue_depth(self) -> dict[tuple[str, str, str], int]:
+        out: dict[tuple[str, str, str], int] = {}
+        for account, params, status in self._conn().execute(
+                "SELECT account, params, status FROM jobs WHERE status IN (?, ?)", (QUEUED, RUNNING)):
+            try:
+                model = json.loads(params).get("model")
+            except (ValueError, AttributeError):
+                model = None
+            key = (account, model if isinstance(model, str) else "?", status)
+            out[key] = out.get(key, 0) + 1
+        return out
+
+    def lead(self, role: str, holder: str, ttl_s: float, *, take: bool = False) -> bool:
+        with self._write() as conn:
+            now = time.time()
+            row = conn.execute("SELECT holder, until FROM leaders WHERE role = ?", (role,)).fetchone()
+            if row is not None and not take and row[0] != holder and row[1] > now:
+                return False
+            conn.execute("INSERT INTO leaders(role, holder, until) VALUES (?, ?, ?) ON CONFLICT(role) "
+                         "DO UPDATE SET holder = excluded.holder, until = excluded.until", (role, holder, now + ttl_s))
+            return True
 
     # -- experiments -----------------------------------------------------------------------
     def put_experiment(self, account: str, record: dict[str, Any]) -> None:

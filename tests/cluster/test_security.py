@@ -230,8 +230,8 @@ def test_gateway_deployment(rendered):
         spec = dep["spec"]["template"]["spec"]
         (c,) = spec["containers"]
         assert c["command"] == ["mochi-lab", "gateway", "--host", "0.0.0.0", "--port", "8000"]
-        (port,) = c["ports"]
-        assert (port["name"], port["containerPort"]) == ("http", 8000)
+        # the service port, and Prometheus' (tests/cluster/test_monitoring.py)
+        assert {p["name"]: p["containerPort"] for p in c["ports"]} == {"http": 8000, "metrics": 9464}
         env = {e["name"]: e for e in c["env"]}
         prefix = env["JUPYTERHUB_SERVICE_PREFIX"]["value"]
         assert prefix == f"/services/{env['JUPYTERHUB_SERVICE_NAME']['value']}/" == f"/services/{SERVICE}/"
@@ -248,8 +248,7 @@ def test_gateway_deployment(rendered):
         assert urlsplit(env["REDIS_URL"]["value"]).username == "gateway"
         svc = cl.find(docs, "Service", "mochi-lab-gateway")
         assert svc["spec"]["selector"] == dep["spec"]["selector"]["matchLabels"]
-        (sport,) = svc["spec"]["ports"]
-        assert (sport["port"], sport["targetPort"]) == (8000, "http")
+        assert {(p["port"], p["targetPort"]) for p in svc["spec"]["ports"]} == {(8000, "http"), (9464, "metrics")}
         pdb = cl.find(docs, "PodDisruptionBudget", "mochi-lab-gateway")
         assert pdb["spec"]["selector"] == dep["spec"]["selector"]
         assert 1 <= pdb["spec"]["minAvailable"] < dep["spec"]["replicas"]

@@ -581,3 +581,37 @@ def test_a_store_file_from_before_live_figures_opens_and_gains_them(tmp_path: Pa
     store.progress(job.id, claim.token, stage="denoising", step=1, total=2, live={"eta_s": 1.0})
     assert store.get("alice", job.id).live == {"eta_s": 1.0}
     store.close()
+
+
+# -- the pool's controller ---------------------------------------------------------------
+def test_queue_depth_counts_queued_and_running_by_account_model_and_status(store: Store) -> None:
+    assert store.queue_depth() == {}
+    for i in range(3):
+        store.enqueue("alice", {"prompt": str(i), "model": "tiny"})
+    store.enqueue("bob", {"prompt": "b", "model": "mochi-1-preview"})
+    store.enqueue("bob", {"prompt": "no model"})
+    carols = store.enqueue("carol", {"prompt": "c", "model": "tiny"})
+    claim = store.claim("w", 60)  # fairness: the first account's oldest job
+    store.complete(claim.job.id, claim.token, artifacts={}, timings={}, meta={})
+    claim = store.claim("w", 60)
+    assert claim.job.account == "bob"
+    assert store.queue_depth() == {
+        ("alice", "tiny", QUEUED): 2,
+        ("bob", "?", QUEUED): 1,
+        ("bob", "mochi-1-preview", RUNNING): 1,
+        ("carol", "tiny", QUEUED): 1,
+    }
+    store.cancel("carol", carols.id)
+    assert ("carol", "tiny", QUEUED) not in store.queue_depth()
+
+
+def test_lead_has_one_holder_until_its_time_runs_out(store: Store) -> None:
+    assert store.lead("pool", "a", 0.5)
+    assert store.lead("pool", "a", 0.5)  # renewed
+    assert not store.lead("pool", "b", 0.5)
+    assert store.lead("other-role", "b", 0.5)
+    time.sleep(0.6)
+    assert store.lead("pool", "b", 10)
+    assert not store.lead("pool", "a", 10)
+    assert store.lead("pool", "a", 10, take=True)
+    assert not store.lead("pool", "b", 10)

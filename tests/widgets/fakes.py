@@ -126,8 +126,10 @@ class FakeCluster:
 
     def __init__(self, *, jobs: list[FakeJob] = (), workers: list[Any] = (), counts: Any = None,
                  experiments: list[str] = (), fail: Exception | None = None, model: str = "tiny",
-                 models: list[str] = ("tiny",), queue: list[Any] | None = None):
+                 models: list[str] = ("tiny",), queue: list[Any] | None = None,
+                 dashboard: str | None = None):
         self.model = model
+        self._dashboard = dashboard
         self._models = list(models)
         self._jobs = list(jobs)
         self._workers = list(workers)
@@ -148,6 +150,9 @@ class FakeCluster:
     def models(self) -> list[str]:
         self._read("models")
         return list(self._models)
+
+    def dashboard_url(self) -> str | None:
+        return self._dashboard
 
     def workers(self) -> list[Any]:
         self._read("workers")

@@ -184,3 +184,17 @@ def test_the_current_job_the_queue_and_the_summary_escape_what_they_show(payload
     assert_safe(panel.table.value, payload)  # the prompt of r-1, the id of another account's job
     assert_safe(panel.summary.value, payload)  # a GPU name and a state
     assert_safe(panel.queue.value, payload)
+
+
+def test_gpu_use_per_worker_and_a_link_to_the_ray_dashboard():
+    rows = [{"worker_id": "w-gpu", "state": "busy", "gpu_name": "NVIDIA H100", "gpu_utilization": 0.87,
+             "gpu_power_w": 312.4, "gpu_device_memory_used": 30 * 2**30, "gpu_device_memory_total": 80 * 2**30,
+             "gpu_memory_used": 1, "gpu_memory_total": 2},
+            {"worker_id": "w-cpu", "state": "idle", "rss_bytes": 2**30}]
+    panel = ClusterPanel(FakeCluster(workers=rows, dashboard='http://head:8265/?x="<b>'))
+    gpu_row, cpu_row = panel.table.value.split("<tbody>")[1].split("</tr>")[:2]
+    assert "87 % &middot; 312 W" in gpu_row
+    assert "30.00 GiB / 80.00 GiB" in gpu_row  # the device's memory (NVML), not this process's allocation
+    assert re.search(r'class="mochi-gpu-use"[^>]*>-</td>', cpu_row)  # no GPU: nothing made up
+    assert 'href="http://head:8265/?x=&#34;&lt;b&gt;"' in panel.dashboard.value
+    assert ClusterPanel(FakeCluster(workers=rows)).dashboard.value == ""

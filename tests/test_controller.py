@@ -1,0 +1,108 @@
+"""The pool controller on the session's Ray: sizing, and scale-down that never touches a busy worker.
+
+Its pool is its own (namespace "mochi_ctl", a SQLite store of its own, workers asking for no CPU or GPU),
+so the session's 4-worker pool is untouched. The autoscaling sequence on Ray's real autoscaler is
+tests/test_autoscaling.py.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from mochi_lab.controller import PoolController, desired_workers
+from mochi_lab.params import GenerationParams
+from mochi_lab.settings import ScalingConfig, Settings
+from mochi_lab.store import open_store
+
+# a job that denoises for seconds (about 28 ms a step here), so the controller ticks while it runs
+SECONDS_LONG = {"num_frames": 31, "height": 128, "width": 224, "num_inference_steps": 200}
+NAME = "mochi-worker-0"
+
+
+@pytest.mark.parametrize("work, bounds, want", [
+    (0, (0, 3), 0), (6, (0, 3), 3), (1, (0, 3), 1), (0, (1, 3), 1), (5, (0, 8), 3), (7, (0, 8), 4),
+])
+def test_desired_is_the_clamped_ceiling_of_work_per_target(work, bounds, want):
+    config = ScalingConfig(min_workers=bounds[0], max_workers=bounds[1], target_per_worker=2 if bounds[1] == 8 else 1)
+    assert desired_workers(work, config) == want
+
+
+def test_bad_scaling_settings_name_the_field():
+    with pytest.raises(ValueError, match="max_workers .1. must be at least min_workers .2."):
+        ScalingConfig(min_workers=2, max_workers=1)
+    with pytest.raises(ValueError, match="target_per_worker"):
+        ScalingConfig(target_per_worker=0)
+
+
+@pytest.fixture()
+def own_pool(ray_cluster, tmp_path):
+    from mochi_lab.pool import Pool
+
+    settings = Settings.from_env(ray_address=ray_cluster.address, namespace="mochi_ctl", data_dir=tmp_path / "data",
+                                 lease_s=4.0, worker_ttl_s=6.0, gpus_per_worker=0, cpus_per_worker=0)
+    store = open_store(settings.store_url)
+    pool = Pool(settings, store, "tiny")
+    yield store, pool
+    pool.shutdown()
+    store.close()
+
+
+def _until(what, test, timeout=120.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if test():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"{what}: not within {timeout:.0f} s")
+
+
+def _long_job(store, seed):
+    return store.enqueue("alice", GenerationParams.parse("a long river", seed=seed, **SECONDS_LONG).to_dict())
+
+
+def test_scale_down_due_while_a_job_runs_never_retires_the_busy_worker(own_pool):
+    store, pool = own_pool
+    ctl = PoolController(pool, store, ScalingConfig(min_workers=0, max_workers=1, idle_timeout_s=0, cooldown_s=0))
+    job = _long_job(store, 1)
+    assert ctl.tick()["started"] == [NAME]
+    _until("the job denoising", lambda: store.get("alice", job.id).stage == "denoising")
+    ctl.set_bounds(0, 0)  # an admin's scale to 0: with no idle timeout and no cool-down, due at once
+    ticks = 0
+    while store.get("alice", job.id).status == "running":
+        snap = ctl.tick()
+        assert snap["leader"] and snap["desired"] == 0 and snap["retired"] == [] and not ctl.retiring
+        assert NAME in pool.handles()
+        ticks += 1
+        time.sleep(0.1)
+    assert ticks >= 3, "the job ended before the controller could be tested against it"
+    record = store.get("alice", job.id)
+    assert (record.status, record.attempts) == ("done", 1)
+    # idle now: retired at the next tick, then gone with its row
+    _until("retired", lambda: ctl.tick()["retired"] == [NAME], timeout=30)
+    _until("actor gone", lambda: NAME not in pool.handles() and not store.workers(), timeout=60)
+    assert store.get("alice", job.id).attempts == 1
+
+
+def test_a_worker_retired_mid_job_finishes_it_then_exits(own_pool):
+    store, pool = own_pool
+    pool.ensure(1)
+    job = _long_job(store, 2)
+    _until("the job denoising", lambda: store.get("alice", job.id).stage == "denoising")
+    assert set(pool.retire([NAME])) == {NAME}
+    _until("the job done", lambda: store.get("alice", job.id).status != "running")
+    record = store.get("alice", job.id)
+    assert (record.status, record.attempts, record.worker_id) == ("done", 1, NAME)
+    _until("actor gone", lambda: NAME not in pool.handles(), timeout=60)
+    time.sleep(1.0)  # not restarted by Ray: a retired actor exits for good
+    assert NAME not in pool.handles()
+
+
+def test_one_controller_leads_and_an_admins_scale_takes_the_lead(own_pool):
+    store, pool = own_pool
+    config = ScalingConfig(min_workers=0, max_workers=0)
+    a, b = PoolController(pool, store, config, holder="a"), PoolController(pool, store, config, holder="b")
+    assert a.tick()["leader"] and not b.tick()["leader"]
+    b.set_bounds(0, 0)
+    assert b.tick()["leader"] and not a.tick()["leader"]
