@@ -62,10 +62,9 @@ class MochiRunner:
             self.pipe.enable_model_cpu_offload()
         else:
             self.pipe.to(self.device)
-        if self.config.step_cache_threshold:
-            from diffusers.hooks import FirstBlockCacheConfig
-
-            self.pipe.transformer.enable_cache(FirstBlockCacheConfig(threshold=self.config.step_cache_threshold))
+        self.step_cache: dict[str, int] | None = None
+        if self.config.step_cache_threshold is not None:
+            self.step_cache = enable_first_block_cache(self.pipe.transformer, self.config.step_cache_threshold)
         if self.config.compile:
             compile_blocks(self.pipe.transformer)
         self.load_s = time.perf_counter() - t0
@@ -99,6 +98,10 @@ class MochiRunner:
         t0 = time.perf_counter()
         generator = torch.Generator(device="cpu").manual_seed(params.seed)
         cfg = params.guidance_scale > 1.0
+        if self.step_cache is not None:
+            # a job stopped mid-way leaves the hooks' residuals behind: the next job must not compare with them
+            self.pipe.transformer._reset_stateful_cache()
+            self.step_cache.update(calls=0, skips=0)
         if self.parallel is not None:
             self.parallel.active = cfg
             if cfg:  # a stop on either rank stops both at the same step
@@ -161,7 +164,10 @@ class MochiRunner:
                                     latents=seen["latents"])
         video = out.frames[0]
         frames = (np.clip(video, 0.0, 1.0) * 255).round().astype(np.uint8)
-        return GenerationResult(frames=frames, timings=timings, info=self.memory_info(), latents=seen["latents"])
+        info = self.memory_info()
+        if self.step_cache is not None:
+            info.update(step_cache_calls=self.step_cache["calls"], step_cache_skips=self.step_cache["skips"])
+        return GenerationResult(frames=frames, timings=timings, info=info, latents=seen["latents"])
 
     def memory_info(self) -> dict[str, Any]:
         if self.device.type != "cuda":
@@ -189,3 +195,25 @@ def compile_blocks(transformer: torch.nn.Module) -> None:
     dynamo.config.cache_size_limit = max(dynamo.config.cache_size_limit, 64)
     for block in transformer.transformer_blocks:
         block.compile()
+
+
+def enable_first_block_cache(transformer: torch.nn.Module, threshold: float) -> dict[str, int]:
+    """diffusers' First Block Cache on `transformer`; returns live counts of its transformer calls and of
+    those it skipped (all blocks after the first), which the hooks do not expose themselves."""
+    from diffusers.hooks import FirstBlockCacheConfig, HookRegistry
+
+    transformer.enable_cache(FirstBlockCacheConfig(threshold=threshold))
+    hook = HookRegistry.check_if_exists_or_initialize(transformer.transformer_blocks[0]).get_hook(
+        "fbc_leader_block_hook")
+    decide = hook._should_compute_remaining_blocks
+    counts = {"calls": 0, "skips": 0}
+
+    @torch.compiler.disable  # counting is Python bookkeeping; a compiled block calls it eagerly
+    def counted(residual: torch.Tensor) -> bool:
+        compute = decide(residual)
+        counts["calls"] += 1
+        counts["skips"] += not compute
+        return compute
+
+    hook._should_compute_remaining_blocks = counted
+    return counts
