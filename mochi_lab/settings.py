@@ -7,7 +7,7 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
@@ -84,6 +84,11 @@ class Settings(BaseModel):
     namespace: str = "mochi_lab"
     workers: int | None = None  # None: one per GPU, or one on a CPU-only cluster
     cpus_per_worker: int = 1
+    # GPUs per worker: 2 (the production shape, 2 GPUs per worker) runs one video's CFG halves on both GPUs
+    # (mochi_lab.gang); 1 is one single-GPU worker per GPU. gang_timeout_s bounds how long one rank of a
+    # 2-GPU worker waits for the other (forming the pair, a collective, a model switch).
+    gpus_per_worker: Literal[1, 2] = 1
+    gang_timeout_s: float = 600.0
     # extra Ray resources each worker needs, e.g. {"h100": 1} to pin the pool to a node group
     worker_resources: dict[str, float] = Field(default_factory=dict)
     lease_s: float = 30.0
@@ -131,6 +136,7 @@ class Settings(BaseModel):
             "namespace": "MOCHI_LAB_NAMESPACE",
             "workers": "MOCHI_LAB_WORKERS",
             "cpus_per_worker": "MOCHI_LAB_CPUS_PER_WORKER",
+            "gpus_per_worker": "MOCHI_LAB_GPUS_PER_WORKER",
             "lease_s": "MOCHI_LAB_LEASE_S",
             "cancel_grace_s": "MOCHI_LAB_CANCEL_GRACE_S",
             "max_run_s": "MOCHI_LAB_MAX_RUN_S",

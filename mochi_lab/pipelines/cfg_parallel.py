@@ -22,13 +22,15 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
-from mochi_lab.pipelines import JobCancelled
-
 StepCallback = Callable[[int, int], None]
 
 
 class PeerLost(RuntimeError):
     """A collective failed or timed out: the other rank died or is stuck. Restart both ranks."""
+
+
+class StoppedByPeer(Exception):
+    """The other rank stopped the job (a cancel, a lost lease, an error) at this step."""
 
 
 class CfgParallel:
@@ -90,7 +92,7 @@ class CfgParallel:
 
     def synced_step(self, on_step: StepCallback | None) -> StepCallback:
         """A step callback that ends with an all-reduce of a stop flag: when `on_step` raises on
-        either rank, that rank re-raises and the other raises JobCancelled, at the same step."""
+        either rank, that rank re-raises and the other raises StoppedByPeer, at the same step."""
 
         def step(i: int, total: int) -> None:
             error: BaseException | None = None
@@ -106,7 +108,7 @@ class CfgParallel:
             if error is not None:
                 raise error
             if int(flag.item()):
-                raise JobCancelled(f"stopped by the other rank at step {i}/{total}")
+                raise StoppedByPeer(f"stopped by the other rank at step {i}/{total}")
 
         return step
 

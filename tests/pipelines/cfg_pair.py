@@ -18,7 +18,7 @@ sys.path.insert(0, os.environ.get("MOCHI_LAB_ROOT", "."))
 
 from mochi_lab.params import GenerationParams  # noqa: E402
 from mochi_lab.pipelines import JobCancelled, load_runner  # noqa: E402
-from mochi_lab.pipelines.cfg_parallel import CfgParallel, join_pair, rendezvous_store  # noqa: E402
+from mochi_lab.pipelines.cfg_parallel import CfgParallel, StoppedByPeer, join_pair, rendezvous_store  # noqa: E402
 
 
 def main() -> None:
@@ -48,7 +48,7 @@ def main() -> None:
     try:
         result = runner.generate(params, on_step, decode=a.rank == 0)
         out.update(latents=result.latents, frames=torch.from_numpy(result.frames))
-    except JobCancelled as exc:
+    except (JobCancelled, StoppedByPeer) as exc:
         out["outcome"] = f"cancelled: {exc}"
     out["stats"] = dict(runner.parallel.stats)
     torch.save(out, a.out)
