@@ -72,6 +72,12 @@ class CfgParallel:
 
         transformer.forward = forward
 
+    @staticmethod
+    def unwrap(transformer: torch.nn.Module) -> None:
+        """Back to the transformer's own forward."""
+        transformer.__dict__.pop("forward", None)
+        transformer.__dict__.pop("_cfg_parallel", None)
+
     def _shard(self, *batch: torch.Tensor) -> list[torch.Tensor]:
         """This rank's sample of each batched input (rank 0: unconditional, rank 1: conditional)."""
         return [t[self.rank:self.rank + 1] for t in batch]

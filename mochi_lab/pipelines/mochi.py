@@ -58,6 +58,8 @@ class MochiRunner:
         self.pipe.set_progress_bar_config(disable=True)
         if self.config.vae_tiling:
             self.pipe.vae.enable_tiling()
+        else:  # an adopted pipe may come tiled
+            self.pipe.vae.disable_tiling()
         if self.config.cpu_offload and self.device.type == "cuda":
             self.pipe.enable_model_cpu_offload()
         else:
