@@ -215,7 +215,7 @@ def bench_cache(b: Bench, pipe, threshold: float) -> None:
     for option, th in (("first_block_cache", threshold), ("first_block_cache_all_hits", 1e9)):
         try:
             timed_job(b, make_runner(pipe, PipelineConfig(step_cache_threshold=th), b.dev), b.frames[0],
-                      b.steps + 2, option)
+                      b.steps + 2, option, decode=False)  # the decode is the baseline's
         finally:
             pipe.transformer.disable_cache()
 
@@ -240,7 +240,7 @@ def bench_cfg_parallel(b: Bench, pipe, plan: list[list[int]]) -> None:
         runner.enable_cfg_parallel(CfgParallel(b.dev))
         for i, (frames, steps) in enumerate(plan):
             runner.parallel.reset_stats()
-            row = timed_job(b, runner, frames, steps, "cfg_parallel", gpus=2)
+            row = timed_job(b, runner, frames, steps, "cfg_parallel", gpus=2, decode=i > 0)
             if i == 0:  # warm-up
                 b.res["runs"].pop()
                 continue
@@ -303,10 +303,10 @@ def rank1_main(a: argparse.Namespace) -> int:
 
 def bench_compile(b: Bench, pipe) -> None:
     runner = make_runner(pipe, PipelineConfig(compile=True), b.dev)
-    first = timed_job(b, runner, b.frames[0], 2, "compile_warmup")
+    first = timed_job(b, runner, b.frames[0], 2, "compile_warmup", decode=False)
     b.res["meta"]["compile_first_job_s"] = first["wall_s"]
     b.res["runs"].pop()
-    timed_job(b, runner, b.frames[0], b.steps, "compile")
+    timed_job(b, runner, b.frames[0], b.steps, "compile", decode=False)
 
 
 def project(b: Bench) -> None:

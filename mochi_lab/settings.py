@@ -124,6 +124,11 @@ class Settings(BaseModel):
     def _account(cls, v: str) -> str:
         return check_account(v)
 
+    @field_validator("gpus_per_worker", mode="before")
+    @classmethod
+    def _gpus_from_text(cls, v: Any) -> Any:
+        return int(v) if isinstance(v, str) and v.strip().isdigit() else v  # the environment's "2"
+
     @classmethod
     def from_env(cls, **overrides) -> "Settings":
         env: dict = {
@@ -137,6 +142,7 @@ class Settings(BaseModel):
             "workers": "MOCHI_LAB_WORKERS",
             "cpus_per_worker": "MOCHI_LAB_CPUS_PER_WORKER",
             "gpus_per_worker": "MOCHI_LAB_GPUS_PER_WORKER",
+            "gang_timeout_s": "MOCHI_LAB_GANG_TIMEOUT_S",
             "lease_s": "MOCHI_LAB_LEASE_S",
             "cancel_grace_s": "MOCHI_LAB_CANCEL_GRACE_S",
             "max_run_s": "MOCHI_LAB_MAX_RUN_S",

@@ -121,3 +121,15 @@ def test_killing_rank_1_mid_job_reruns_the_job_on_a_fresh_gang(gang):
     folder = gang.backend.settings.artifacts_dir / gang.backend.settings.account
     assert sorted(p.name for p in folder.iterdir() if p.name.startswith(job.id)) == [f"{job.id}.mp4", f"{job.id}.png"]
     assert _decoded(final.artifacts["video"]).shape[0] == SLOW["num_frames"]
+
+
+def test_gpus_per_worker_takes_1_or_2_and_says_so(monkeypatch):
+    from pydantic import ValidationError
+
+    from mochi_lab.settings import Settings
+
+    monkeypatch.setenv("MOCHI_LAB_GPUS_PER_WORKER", "2")
+    assert Settings.from_env().gpus_per_worker == 2
+    monkeypatch.setenv("MOCHI_LAB_GPUS_PER_WORKER", "4")
+    with pytest.raises(ValidationError, match=r"gpus_per_worker\n  Input should be 1 or 2"):
+        Settings.from_env()

@@ -160,15 +160,14 @@ class MochiRunner:
         )
         t2 = time.perf_counter()
         timings["denoise_s"] = marks["last_step"] - t1
-        timings["decode_s"] = t2 - marks["last_step"]
-        if not decode:
-            return GenerationResult(frames=np.zeros((0, params.height, params.width, 3), np.uint8), timings=timings,
-                                    latents=seen["latents"])
-        video = out.frames[0]
-        frames = (np.clip(video, 0.0, 1.0) * 255).round().astype(np.uint8)
         info = self.memory_info()
         if self.step_cache is not None:
             info.update(step_cache_calls=self.step_cache["calls"], step_cache_skips=self.step_cache["skips"])
+        if not decode:
+            frames = np.zeros((0, params.height, params.width, 3), np.uint8)
+        else:
+            timings["decode_s"] = t2 - marks["last_step"]
+            frames = (np.clip(out.frames[0], 0.0, 1.0) * 255).round().astype(np.uint8)
         return GenerationResult(frames=frames, timings=timings, info=info, latents=seen["latents"])
 
     def memory_info(self) -> dict[str, Any]:
