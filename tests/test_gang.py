@@ -40,8 +40,15 @@ def gang(ray_cluster, tmp_path_factory):
     try:
         yield cluster
     finally:
+        import ray
+
         cluster.shutdown_pool()
         cluster.close()
+        # the pool's shutdown takes the peer and the placement group (2 GPUs) with it
+        table = {row["name"]: row for row in ray.util.placement_group_table().values()}
+        assert table[f"mochi-gang-{NAMESPACE}-0"]["state"] == "REMOVED"
+        with pytest.raises(ValueError):
+            ray.get_actor("mochi-peer-0", namespace=NAMESPACE)
         ray_cluster.remove_node(node)
 
 
@@ -101,17 +108,18 @@ def test_cancel_stops_both_ranks_at_the_same_step(gang):
     assert nxt.status == "done" and ray.get(_peer().ping.remote())["last"]["seed"] == 22
 
 
-def test_killing_rank_1_mid_job_reruns_the_job_on_a_fresh_gang(gang):
+@pytest.mark.parametrize("rank", [1, 0])
+def test_killing_a_rank_mid_job_reruns_the_job_on_a_fresh_gang(gang, rank):
     import ray
 
-    job = gang.generate("a gang losing a rank", seed=31, **SLOW)
+    job = gang.generate(f"a gang losing rank {rank}", seed=31 + rank, **SLOW)
     wait_for(lambda: job.refresh().step >= 3, 120, "the job to reach step 3")
     leader = next(w for w in gang.workers() if w["current_job"] == job.id)
     peer_pid = ray.get(_peer().ping.remote())["pid"]
-    os.kill(peer_pid, signal.SIGKILL)
+    os.kill(peer_pid if rank == 1 else leader["pid"], signal.SIGKILL)
     killed = time.monotonic()
     wait_for(lambda: job.refresh().attempts == 2, 120, "attempt 2")
-    print(f"\n[gang] rank 1 SIGKILLed mid-job: attempt 2 began {time.monotonic() - killed:.2f} s later")
+    print(f"\n[gang] rank {rank} SIGKILLed mid-job: attempt 2 began {time.monotonic() - killed:.2f} s later")
     final = job.wait(timeout=600)
     assert final.status == "done", final.error
     assert final.attempts == 2
