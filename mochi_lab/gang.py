@@ -217,7 +217,7 @@ def start(ray: Any, settings: Settings, index: int, leader_cls: Any, leader_args
         pg = ray.util.placement_group(bundles, strategy="STRICT_PACK", name=name, lifetime="detached")
     common = {k: v for k, v in options.items() if k not in ("scheduling_strategy", "resources", "name")}
     placed = [PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=r) for r in (0, 1)]
-    settings_json, model, config = leader_args[1], leader_args[2], leader_args[3]
+    _, settings_json, model, config = leader_args  # the peer serves the leader's model with its config
     ray.remote(PeerActor).options(name=f"{PEER_PREFIX}{index}", scheduling_strategy=placed[1],
                                   **common).remote(settings_json, model, config)
     leader_cls.options(name=leader_args[0], scheduling_strategy=placed[0], resources=options.get("resources"),
@@ -227,8 +227,8 @@ def start(ray: Any, settings: Settings, index: int, leader_cls: Any, leader_args
 def remove(ray: Any, namespace: str, keep_below: int = 0) -> None:
     """Kill the peers and remove the placement groups of gangs `keep_below` and up (their leaders are
     stopped by the pool)."""
-    for pg_id, row in ray.util.placement_group_table().items():
-        prefix = group_name(namespace, 0)[:-1]
+    prefix = group_name(namespace, 0)[:-1]
+    for row in ray.util.placement_group_table().values():
         name = row.get("name") or ""
         if row.get("state") == "REMOVED" or not name.startswith(prefix) or not name[len(prefix):].isdigit():
             continue

@@ -16,7 +16,7 @@ class PipelineConfig(BaseModel):
     vae_tiling: bool = True
     # model CPU offload: for GPUs under ~48 GB; costs PCIe transfers every job
     cpu_offload: bool = False
-    # torch.compile of the transformer: slow first job, faster steps after
+    # regional torch.compile of the transformer's blocks: a slow first job, faster steps after
     compile: bool = False
     # First Block Cache (diffusers' cache hooks): a transformer call whose first block's residual changed by
     # less than this (relative mean) since the last full call reuses the other blocks' cached residual.

@@ -95,7 +95,7 @@ class MochiRunner:
                  preview: PreviewPlan | None = None, decode: bool = True) -> GenerationResult:
         """Text encode, denoise (reporting each step, previewing as `preview` plans), then VAE decode;
         returns uint8 frames. With CFG parallelism both ranks call this for a guided job; rank 1 passes
-        `decode=False` (its frames are empty) and no callbacks."""
+        `decode=False` (its frames are empty) and no preview."""
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
         generator = torch.Generator(device="cpu").manual_seed(params.seed)
