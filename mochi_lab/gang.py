@@ -134,7 +134,7 @@ class GangWorker(Worker):
         import ray
 
         try:
-            state = ray.get(self.peer.ping.remote(), timeout=5)
+            state = ray.get(self.peer.ping.remote(), timeout=2)
         except ray.exceptions.GetTimeoutError:  # a busy machine: the collectives' timeout still guards
             return out
         except Exception as exc:

@@ -131,6 +131,24 @@ def test_killing_a_rank_mid_job_reruns_the_job_on_a_fresh_gang(gang, rank):
     assert _decoded(final.artifacts["video"]).shape[0] == SLOW["num_frames"]
 
 
+
+@pytest.mark.parametrize("rank", [1, 0])
+def test_a_rank_lost_while_idle_restarts_the_pair_as_a_unit(gang, rank):
+    """Rank 1 lost: rank 0's health check sees it and restarts itself. Rank 0 lost: the new rank 0 finds
+    rank 1 still in the old group and has it restart. Either way both processes are new."""
+    import ray
+
+    leader = gang.workers()[0]
+    peer_pid = ray.get(_peer().ping.remote())["pid"]
+    os.kill(peer_pid if rank == 1 else leader["pid"], signal.SIGKILL)
+    wait_for(lambda: (w := gang.workers()) and w[0]["pid"] != leader["pid"] and w[0]["state"] == "idle", 120,
+             "a new rank 0", every=0.2)
+    job = gang.generate("after an idle loss", seed=41 + rank, num_frames=7, height=32, width=32,
+                        num_inference_steps=2, guidance_scale=4.5).wait(timeout=120)
+    assert job.status == "done", job.error
+    assert job.meta["gang"]["peer_pid"] != peer_pid
+    assert ray.get(_peer().ping.remote())["last"]["seed"] == 41 + rank
+
 def test_gpus_per_worker_takes_1_or_2_and_says_so(monkeypatch):
     from pydantic import ValidationError
 
