@@ -228,7 +228,8 @@ def bench_cfg_parallel(b: Bench, pipe, plan: list[list[int]]) -> None:
     from mochi_lab.pipelines.cfg_parallel import CfgParallel, backend_for, join_pair, rendezvous_store
 
     store = rendezvous_store(0, 0, timeout_s=300)
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "1"} if b.cuda else {**os.environ, "OMP_NUM_THREADS": "1"}
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "0,1").split(",")
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": visible[1]} if b.cuda else {**os.environ, "OMP_NUM_THREADS": "1"}
     child = subprocess.Popen([sys.executable, __file__, str(b.out), "--rank1", str(store.port), "--plan",
                               json.dumps(plan), "--hw", f"{b.h}x{b.w}"] + (["--smoke"] if b.smoke else []), env=env)
     threads = torch.get_num_threads()
@@ -252,7 +253,10 @@ def bench_cfg_parallel(b: Bench, pipe, plan: list[list[int]]) -> None:
     finally:
         torch.set_num_threads(threads)
         CfgParallel.unwrap(pipe.transformer)  # the next sections run on one device
-        child.wait(timeout=300)
+        try:
+            child.wait(timeout=120)
+        except subprocess.TimeoutExpired:  # stuck in a collective after a failure here
+            child.kill()
 
 
 def text_broadcast(b: Bench, runner) -> dict[str, float]:
