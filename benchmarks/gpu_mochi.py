@@ -1,29 +1,39 @@
-"""Mochi 1 denoise/decode benchmark on one GPU: where the ~300 s per video goes, and what each option buys.
+"""Mochi 1 through mochi_lab's own runner, full size with random weights: what each option buys per video.
 
-Builds the full-size diffusers ``MochiTransformer3DModel()`` (48 layers, dim 3072, = mochi-1-preview) and
-``AutoencoderKLMochi()`` with random weights in bf16 (no hub access needed; timing does not depend on the weights),
-then measures one denoising step with classifier-free guidance (batch 2) at 848x480 for 85 and 163 frames:
-baseline bf16 + SDPA, First Block Cache (diffusers hooks), regional ``torch.compile``, the cost of model CPU
-offload, and VAE decode (tiled vs untiled, bf16). It projects a 64-step video: denoise step x 64 + decode.
+Builds the full-size Mochi in bf16 on the GPU from configs alone (no hub access; timing does not depend on
+the weights): diffusers' `MochiTransformer3DModel()` (48 layers, width 3072, = mochi-1-preview),
+`AutoencoderKLMochi()` and a T5-XXL-shaped `T5EncoderModel` (24 layers, d_model 4096), wrapped in a
+`MochiPipeline` and handed to `mochi_lab.pipelines.mochi.MochiRunner`. Each option is a `PipelineConfig` and a
+real `runner.generate()` call at 848x480 with CFG (guidance 4.5):
 
-FLOP model (stated in the output too). With V visual tokens, N = V + text tokens, L layers, width d, FF width f:
+  baseline            PipelineConfig() (VAE tiling on): 85 frames (and 163 if the budget allows)
+  vae_untiled         vae_tiling=False: decode time and peak memory (an OOM is recorded)
+  first_block_cache   step_cache_threshold: skipped calls counted; with random weights the ratio is indicative only
+  cfg_parallel        2 ranks (NCCL, 2 GPUs; gloo, 2 CPU processes in smoke): the CFG batch split, as gpus_per_worker=2
+  compile             compile=True (regional torch.compile of the blocks); the first job's extra time is compile time
+
+Per run: per-step time (median of the steps after the first), MFU, text encode, decode, peak memory, and the
+projected time of 85 and 163 frames at 64 steps (text + 64 steps + decode). FLOP model:
     FLOP/pass = 2*L*(4*d^2 + 3*d*f) * V  +  4*N^2*d*L        (linear layers + attention QK^T and PV)
-Full size: 2*48*(4*3072^2 + 3*3072*8192) = 10.87 GFLOP per visual token, attention 4*N^2*3072*48.
-V = T_lat*(H/16)*(W/16), T_lat = (frames-1)//6 + 1 (VAE /8 spatially, then 2x2 patches); text tokens 256.
-FLOP/step = 2 * FLOP/pass (CFG). MFU = achieved FLOP/s / 989 TFLOPS (H100 SXM dense bf16).
-At 85 frames: V = 23,850, ~0.60 PFLOP/pass, 64 steps = 77 PFLOP = 78 s at 100% MFU.
+V = T_lat*(H/16)*(W/16), T_lat = (frames-1)//6 + 1, N = V + valid text tokens; FLOP/step = 2 * FLOP/pass (CFG).
+MFU = achieved FLOP/s / (989 TFLOPS x GPUs) (H100 and H200: 989 TFLOPS dense bf16).
 
-Usage: python benchmarks/gpu_mochi.py OUT_DIR [--smoke]. Without CUDA it runs a tiny float32 smoke config that
-exercises the same code paths and writes the same JSON (OUT_DIR/gpu_mochi.json); its numbers mean nothing.
+Usage: python benchmarks/gpu_mochi.py OUT_DIR [--smoke]. Without CUDA it runs a tiny float32 smoke config
+through the same code paths and writes the same JSON (OUT_DIR/gpu_mochi.json); its timings mean nothing,
+except the CFG-parallel/baseline step ratio of the tiny model on this CPU. A real GPU run also writes
+benchmarks/results/<date>-<gpu>.json.
 """
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import gc
 import json
 import os
 import platform
+import re
 import statistics
+import subprocess
 import sys
 import time
 import traceback
@@ -33,405 +43,398 @@ from typing import Any, Callable
 
 import torch
 
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from mochi_lab.params import GenerationParams  # noqa: E402
+from mochi_lab.pipelines.config import PipelineConfig  # noqa: E402
+
 PEAK_TFLOPS = 989.0
 STEPS = 64
+GUIDANCE = 4.5
 FORMULA = ("FLOP/pass = 2*L*(4d^2+3df)*V + 4*N^2*d*L  [full size: 10.87 GFLOP*V + 4*N^2*3072*48], "
-           "V = T_lat*(H/16)*(W/16), N = V + text tokens, FLOP/step = 2*FLOP/pass (CFG batch 2), "
-           f"MFU vs {PEAK_TFLOPS:.0f} TFLOPS bf16")
-ANCHORS = {"seed_h100_84f_s": 300, "paraattention_a100_84f_s": 196, "paraattention_a100_compile_s": 150,
-           "teacache_speedup": "1.5-2.1x", "physical_limit_85f_64steps_h100_s": 78}
+           "V = T_lat*(H/16)*(W/16), N = V + valid text tokens, FLOP/step = 2*FLOP/pass (CFG batch 2), "
+           f"MFU vs {PEAK_TFLOPS:.0f} TFLOPS bf16 per GPU")
+ANCHORS = {"mochi_xdit_cfg_parallel_2gpu_speedup": 1.99, "paraattention_a100_84f_1gpu_s": 196,
+           "paraattention_a100_84f_2gpu_cfg_s": 105, "paraattention_a100_84f_2gpu_cfg_compile_s": 82,
+           "flop_floor_85f_64steps_1xh100_s": 78, "flop_floor_85f_64steps_2xh100_s": 39}
+GOALS = {"denoise_mfu_min": 0.45, "cfg_parallel_85f_64steps_max_s": 80.0}
+# A long prompt: the pipeline pads and truncates to 256 T5 tokens, and only valid tokens are attended.
+PROMPT = " ".join(["a slow motion close up of a red cat surfing a blue ocean wave at sunset, cinematic"] * 16)
 TINY_TRANSFORMER = dict(num_layers=2, num_attention_heads=2, attention_head_dim=8, pooled_projection_dim=16,
-                        in_channels=12, out_channels=None, qk_norm="rms_norm", text_embed_dim=32,
-                        time_embed_dim=4, activation_fn="swiglu", max_sequence_length=16)
+                        in_channels=12, qk_norm="rms_norm", text_embed_dim=32, time_embed_dim=4,
+                        activation_fn="swiglu", max_sequence_length=256)
 TINY_VAE = dict(latent_channels=12, encoder_block_out_channels=(32, 32, 32, 32),
                 decoder_block_out_channels=(32, 32, 32, 32), layers_per_block=(1, 1, 1, 1, 1))
+T5_XXL = dict(d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64, feed_forward_proj="gated-gelu",
+              decoder_start_token_id=0)
+TINY_T5 = dict(d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4, feed_forward_proj="gated-gelu",
+               decoder_start_token_id=0)
+
+
+def build_pipe(smoke: bool, device: torch.device, dtype: torch.dtype, seed: int = 0):
+    """The full-size (or smoke) Mochi with random weights, built in place on `device` in `dtype`."""
+    from diffusers import AutoencoderKLMochi, FlowMatchEulerDiscreteScheduler, MochiPipeline, MochiTransformer3DModel
+    from transformers import T5Config, T5EncoderModel
+
+    from mochi_lab.pipelines.tiny import MOCHI_1_SCHEDULER_CONFIG, _tokenizer
+
+    tokenizer = _tokenizer()  # any T5 tokenizer: only token counts matter for timing
+    torch.manual_seed(seed)
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # a 10B-parameter fp32 init on the CPU would take minutes
+    try:
+        with torch.device(device), torch.no_grad():
+            transformer = MochiTransformer3DModel(**(TINY_TRANSFORMER if smoke else {})).to(dtype).eval()
+            # random weights: a small output layer keeps 64 steps of latents finite; the cost is unchanged
+            transformer.proj_out.weight.mul_(0.01)
+            vae = AutoencoderKLMochi(**(TINY_VAE if smoke else {})).to(dtype).eval()
+            text_encoder = T5EncoderModel(T5Config(vocab_size=max(len(tokenizer), 32128),
+                                                   **(TINY_T5 if smoke else T5_XXL))).to(dtype).eval()
+    finally:
+        torch.set_default_dtype(old)
+    vae.encoder = None  # decode only
+    return MochiPipeline(scheduler=FlowMatchEulerDiscreteScheduler(**MOCHI_1_SCHEDULER_CONFIG), vae=vae,
+                         text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer)
+
+
+def make_runner(pipe, config: PipelineConfig, device: torch.device):
+    from mochi_lab.pipelines.mochi import MochiRunner
+
+    return MochiRunner("random-full-size", config.model_copy(update={"device": str(device)}), name="random", pipe=pipe)
 
 
 class Bench:
-    """Shared state: device, models, deadline and the JSON being built (rewritten after every section)."""
+    """Sizes, deadline and the JSON being built (rewritten after every section)."""
 
-    def __init__(self, out_dir: Path, smoke: bool, budget_s: float, iters: int) -> None:
-        self.out, self.smoke, self.iters = out_dir, smoke, iters
+    def __init__(self, out_dir: Path, smoke: bool, budget_s: float) -> None:
+        self.out, self.smoke = out_dir, smoke
         self.cuda = torch.cuda.is_available() and not smoke
         self.dev = torch.device("cuda" if self.cuda else "cpu")
         self.dtype = torch.bfloat16 if self.cuda else torch.float32
         self.t0, self.deadline = time.monotonic(), time.monotonic() + budget_s
-        self.base: int | None = None  # allocated bytes once the models are loaded (set after build)
-        # Smoke sizes keep the real aspect of the work (two lengths, tiling that actually tiles) at toy cost.
         self.h, self.w = (480, 848) if not smoke else (32, 48)
-        self.frame_counts = (85, 163) if not smoke else (7, 13)
-        self.text_tokens = 256 if not smoke else 16
-        self.res: dict[str, Any] = {"meta": {}, "denoise": [], "step_cache": {}, "offload": {}, "vae": [],
-                                    "projection": {}, "memory_checks": [], "memory_ok": None}
+        self.frames = (85, 163) if not smoke else (7, 13)
+        self.steps = 4 if not smoke else 10  # the first step is not timed
+        self.res: dict[str, Any] = {"gpu_name": None, "meta": {}, "runs": [], "projection": {}, "goals": {}}
 
     def left(self) -> float:
         return self.deadline - time.monotonic()
-
-    def sync(self) -> None:
-        if self.cuda:
-            torch.cuda.synchronize()
-
-    def timeit(self, fn: Callable[[], Any], warmup: int, iters: int) -> list[float]:
-        for _ in range(warmup):
-            fn()
-        self.sync()
-        times = []
-        for _ in range(iters):
-            t = time.perf_counter()
-            fn()
-            self.sync()
-            times.append(time.perf_counter() - t)
-        return times
-
-    def reset_peak(self) -> None:
-        if self.cuda:
-            torch.cuda.reset_peak_memory_stats()
-
-    def peak(self) -> int | None:
-        return torch.cuda.max_memory_allocated() if self.cuda else None
-
-    def allocated(self) -> int | None:
-        gc.collect()
-        self.sync()
-        return torch.cuda.memory_allocated() if self.cuda else None
-
-    def mem_check(self, label: str) -> dict[str, Any]:
-        """Allocated memory must return to the post-load baseline after each config (the creeping-memory pitfall)."""
-        now = self.allocated()
-        ok = None if now is None else now - self.base <= 16 * 2**20  # allocator rounding slack
-        row = {"config": label, "baseline_bytes": self.base, "after_bytes": now,
-               "growth_bytes": None if now is None else now - self.base, "ok": ok}
-        self.res["memory_checks"].append(row)
-        return row
 
     def save(self) -> None:
         self.res["meta"]["elapsed_s"] = round(time.monotonic() - self.t0, 2)
         (self.out / "gpu_mochi.json").write_text(json.dumps(self.res, indent=2, default=str))
 
 
-def build(b: Bench) -> tuple[torch.nn.Module, torch.nn.Module]:
-    from diffusers import AutoencoderKLMochi, MochiTransformer3DModel
-
-    # Initialising directly on the GPU in the target dtype: a 10B-parameter fp32 init on the CPU takes minutes.
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(b.dtype)
-    try:
-        with torch.device(b.dev):
-            tr = MochiTransformer3DModel(**(TINY_TRANSFORMER if b.smoke else {})).to(b.dtype).eval()
-            vae = AutoencoderKLMochi(**(TINY_VAE if b.smoke else {})).to(b.dtype).eval()
-    finally:
-        torch.set_default_dtype(old)
-    vae.encoder = None  # decode-only benchmark; frees the encoder's weights
-    return tr, vae
-
-
-def flops(tr: torch.nn.Module, frames: int, b: Bench) -> dict[str, float]:
-    c = tr.config
-    d, L = c.num_attention_heads * c.attention_head_dim, c.num_layers
-    f = tr.transformer_blocks[0].ff_inner_dim
+def flops(tr_config: Any, frames: int, h: int, w: int, text_tokens: int, ff: int) -> dict[str, float]:
+    d, L = tr_config.num_attention_heads * tr_config.attention_head_dim, tr_config.num_layers
     t_lat = (frames - 1) // 6 + 1
-    v = t_lat * (b.h // 16) * (b.w // 16)
-    n = v + b.text_tokens
-    linear, attn = 2 * L * (4 * d * d + 3 * d * f) * v, 4 * n * n * d * L
-    return {"latent_frames": t_lat, "visual_tokens": v, "tokens": n, "linear_gflop_per_token": linear / v / 1e9,
-            "pass_tflop": (linear + attn) / 1e12, "step_tflop": 2 * (linear + attn) / 1e12}
+    v = t_lat * (h // 16) * (w // 16)
+    n = v + text_tokens
+    linear, attn = 2 * L * (4 * d * d + 3 * d * ff) * v, 4 * n * n * d * L
+    return {"visual_tokens": v, "tokens": n, "step_tflop": 2 * (linear + attn) / 1e12}
 
 
-def inputs(tr: torch.nn.Module, frames: int, b: Bench, gen: torch.Generator) -> dict[str, torch.Tensor]:
-    c, t_lat = tr.config, (frames - 1) // 6 + 1
-    mk = lambda *s: torch.randn(*s, generator=gen, device=b.dev, dtype=b.dtype)  # noqa: E731
-    return {"hidden_states": mk(2, c.in_channels, t_lat, b.h // 8, b.w // 8),
-            "encoder_hidden_states": mk(2, b.text_tokens, c.text_embed_dim),
-            # All text tokens valid: Mochi's processor attends only to unmasked text, and the formula assumes 256.
-            "encoder_attention_mask": torch.ones(2, b.text_tokens, dtype=torch.bool, device=b.dev),
-            "timestep": torch.full((2,), 500.0, device=b.dev, dtype=b.dtype)}
+def params(b: Bench, frames: int, steps: int) -> GenerationParams:
+    return GenerationParams.parse(PROMPT, seed=0, num_frames=frames, height=b.h, width=b.w,
+                                  num_inference_steps=steps, guidance_scale=GUIDANCE)
 
 
-def run_step(tr: torch.nn.Module, x: dict[str, torch.Tensor], cached: bool = False) -> torch.Tensor:
-    with torch.inference_mode():
-        if cached:  # the cache hooks keep their state per context, like MochiPipeline's "cond_uncond"
-            with tr.cache_context("cond_uncond"):
-                return tr(**x, return_dict=False)[0]
-        return tr(**x, return_dict=False)[0]
-
-
-def denoise(b: Bench, tr: torch.nn.Module, option: str, frames: int, gen: torch.Generator) -> dict[str, Any]:
-    fl = flops(tr, frames, b)
-    row: dict[str, Any] = {"option": option, "frames": frames, **fl}
-    x = inputs(tr, frames, b, gen)
-    b.reset_peak()
-    times = b.timeit(lambda x=x: run_step(tr, x), warmup=1, iters=b.iters)
-    step = statistics.median(times)
-    row.update(step_s=step, step_s_all=times, achieved_tflops=fl["step_tflop"] / step,
-               mfu=fl["step_tflop"] / step / PEAK_TFLOPS, denoise_64_s=step * STEPS, peak_bytes=b.peak(),
-               ideal_64_s=STEPS * fl["step_tflop"] / PEAK_TFLOPS)  # the 100%-MFU floor
-    row["peak_over_baseline_bytes"] = None if b.base is None else row["peak_bytes"] - b.base  # activations
-    del x
-    row["memory"] = b.mem_check(f"{option}@{frames}f")
+def timed_job(b: Bench, runner, frames: int, steps: int, option: str, gpus: int = 1, decode: bool = True,
+              ) -> dict[str, Any]:
+    """One real `runner.generate` call; step times come from the step callback (the runner's finiteness
+    check reads the latents each step, so on CUDA each mark follows a synchronisation)."""
+    marks: list[float] = []
+    if b.cuda:
+        torch.cuda.reset_peak_memory_stats()
+    t = time.perf_counter()
+    result = runner.generate(params(b, frames, steps), lambda i, n: marks.append(time.perf_counter()), decode=decode)
+    wall = time.perf_counter() - t
+    text_tokens = int(runner.pipe.encode_prompt(PROMPT, do_classifier_free_guidance=False, device=runner.device)[1]
+                      .sum()) if "text_tokens" not in b.res["meta"] else b.res["meta"]["text_tokens"]
+    b.res["meta"]["text_tokens"] = text_tokens
+    steps_s = [y - x for x, y in zip(marks, marks[1:])]
+    step = statistics.median(steps_s)
+    fl = flops(runner.pipe.transformer.config, frames, b.h, b.w, text_tokens,
+               runner.pipe.transformer.transformer_blocks[0].ff_inner_dim)
+    row = {"option": option, "frames": frames, "steps": steps, "gpus": gpus, **fl, "step_s": step,
+           "steps_s": steps_s, "first_step_s": marks[0] - t - result.timings["text_s"],
+           "text_s": result.timings["text_s"], "decode_s": result.timings.get("decode_s") if decode else None,
+           "wall_s": wall, "achieved_tflops": fl["step_tflop"] / step,
+           "mfu": fl["step_tflop"] / step / (PEAK_TFLOPS * gpus),
+           "peak_bytes": torch.cuda.max_memory_allocated() if b.cuda else None, **result.info}
+    b.res["runs"].append(row)
+    b.save()
     return row
 
 
 def section(b: Bench, name: str, fn: Callable[[], None]) -> None:
-    """Run one section; record failures (OOM included) instead of losing the rest of a scarce GPU run."""
+    """Run one section; record a failure (an OOM included) instead of losing the rest of a scarce GPU run."""
     t = time.monotonic()
     try:
         fn()
     except Exception as e:  # noqa: BLE001 - a benchmark reports, it does not stop
         b.res.setdefault("errors", {})[name] = f"{type(e).__name__}: {e}"[:2000]
         traceback.print_exc()
-    # Outside the except block: its traceback pins the failed section's tensors until the block ends.
-    gc.collect()
+    gc.collect()  # outside the except block, whose traceback pins the failed section's tensors
     if b.cuda:
         torch.cuda.empty_cache()
     print(f"[{name}] {time.monotonic() - t:.1f}s, {b.left():.0f}s of budget left", flush=True)
     b.save()
 
 
-def bench_baseline(b: Bench, tr: torch.nn.Module, gen: torch.Generator, option: str = "baseline_sdpa",
-                   extra_s: float = 0.0) -> None:
-    first = denoise(b, tr, option, b.frame_counts[0], gen)
-    b.res["denoise"].append(first)
-    # Skip the long video if its predicted cost (attention grows as N^2) does not fit the remaining budget.
-    long = flops(tr, b.frame_counts[1], b)["step_tflop"] / first["step_tflop"]
-    if b.left() > (b.iters + 1) * first["step_s"] * long + 30 + extra_s:
-        b.res["denoise"].append(denoise(b, tr, option, b.frame_counts[1], gen))
-    else:
-        b.res["denoise"].append({"option": option, "frames": b.frame_counts[1], "skipped": "time budget"})
+def fits(b: Bench, row: dict[str, Any] | None, scale: float = 1.0, margin: float = 30.0) -> bool:
+    """Whether a run like `row` (times `scale`) fits in what is left of the budget."""
+    return row is not None and b.left() > scale * row["wall_s"] + margin
 
 
-def bench_cache(b: Bench, tr: torch.nn.Module, gen: torch.Generator, threshold: float) -> None:
-    """First Block Cache. Random weights make the real hit rate unknowable, so measure the cost of a miss and of a
-    hit separately (thresholds that force each) and project 64 steps over skip ratios; also report the ratio seen on
-    a synthetic Euler trajectory at `threshold`, which is only indicative."""
-    from diffusers.hooks import FirstBlockCacheConfig, HookRegistry
-
-    frames = b.frame_counts[0]
-    x = inputs(tr, frames, b, gen)
-    out: dict[str, Any] = {"frames": frames, "threshold": threshold,
-                           "api": "transformer.enable_cache(FirstBlockCacheConfig(threshold))"}
-    counts = {"calls": 0, "skips": 0}
-
-    def enable(th: float) -> None:
-        tr.enable_cache(FirstBlockCacheConfig(threshold=th))
-        hook = HookRegistry.check_if_exists_or_initialize(tr.transformer_blocks[0]).get_hook("fbc_leader_block_hook")
-        decide = hook._should_compute_remaining_blocks
-
-        def counted(residual: torch.Tensor) -> bool:  # count hits: the hook does not expose them
-            compute = decide(residual)
-            counts["calls"] += 1
-            counts["skips"] += not compute
-            return compute
-        hook._should_compute_remaining_blocks = counted
-
-    b.reset_peak()
-    for key, th in (("miss", -1.0), ("hit", float("inf"))):  # -1: never skip; inf: skip after the 1st call
-        enable(th)
-        counts.update(calls=0, skips=0)
-        out[f"{key}_step_s"] = statistics.median(b.timeit(lambda x=x: run_step(tr, x, True), 1, b.iters))
-        out[f"{key}_skips"] = f"{counts['skips']}/{counts['calls']}"  # expect 0/n and n-1/n; NaNs would break it
-        tr.disable_cache()
-    enable(threshold)
-    counts.update(calls=0, skips=0)
-    lat, finite = x["hidden_states"].clone(), True
-    n_traj = 6 if not b.smoke else 4
-    for i in range(n_traj):  # Euler steps of a 64-step schedule, velocity normalised so random weights stay finite
-        v = run_step(tr, {**x, "hidden_states": lat, "timestep": x["timestep"] * 0 + 1000 * (1 - i / STEPS)}, True)
-        finite &= bool(torch.isfinite(v).all())
-        lat = lat - (1 / STEPS) * v / v.float().std().clamp(min=1e-6).to(v.dtype)
-    tr.disable_cache()
-    del x, lat, v
-    r = counts["skips"] / max(counts["calls"], 1)
-    proj = lambda s: STEPS * ((1 - s) * out["miss_step_s"] + s * out["hit_step_s"])  # noqa: E731
-    out.update(observed_skip_ratio=r, observed_note="random weights: indicative only", trajectory_steps=n_traj,
-               outputs_finite=finite, peak_bytes=b.peak(), denoise_64_s_at_observed=proj(r),
-               denoise_64_s_by_skip_ratio={f"{s:.2f}": proj(s) for s in (0.0, 0.33, 0.5, 0.6)})
-    out["memory"] = b.mem_check("first_block_cache")  # after disable_cache: cached residuals must be gone
-    b.res["step_cache"] = out
+def bench_baseline(b: Bench, pipe) -> None:
+    runner = make_runner(pipe, PipelineConfig(), b.dev)
+    timed_job(b, runner, b.frames[0], 2, "warmup")  # kernels, cuDNN and allocator warm-up
+    b.res["runs"].pop()
+    short = timed_job(b, runner, b.frames[0], b.steps, "baseline")
+    longer = flops(pipe.transformer.config, b.frames[1], b.h, b.w, b.res["meta"]["text_tokens"],
+                   pipe.transformer.transformer_blocks[0].ff_inner_dim)["step_tflop"] / short["step_tflop"]
+    if fits(b, short, 2 * longer, margin=240 if not b.smoke else 5):  # room left for the other sections
+        timed_job(b, runner, b.frames[1], 3, "baseline")
 
 
-def bench_offload(b: Bench, tr: torch.nn.Module) -> None:
-    """Model CPU offload (enable_model_cpu_offload) moves each whole model onto the GPU for its stage and back:
-    per video that is one host->device and one device->host copy of the transformer, timed here for real."""
-    nbytes = sum(p.numel() * p.element_size() for p in tr.parameters())
-    out: dict[str, Any] = {"transformer_bytes": nbytes}
-    if not b.cuda:
-        out.update(skipped="no CUDA: nothing to offload to", d2h_s=None, h2d_s=None, per_video_s=None)
-        b.res["offload"] = out
-        return
-    t = time.perf_counter()
-    tr.to("cpu")
-    b.sync()
-    out["d2h_s"] = time.perf_counter() - t
-    t = time.perf_counter()
-    tr.to(b.dev)
-    b.sync()
-    out["h2d_s"] = time.perf_counter() - t
-    gbps = nbytes / out["h2d_s"] / 1e9
-    # T5-XXL encoder (4.76B params, bf16) makes the same round trip; estimated at the measured bandwidth.
-    t5 = 4.76e9 * 2 / gbps / 1e9
-    out.update(h2d_gb_per_s=gbps, t5_round_trip_est_s=2 * t5, per_video_s=out["d2h_s"] + out["h2d_s"] + 2 * t5,
-               note="pageable host memory as accelerate uses it; sequential/group offload is far slower")
-    out["memory"] = b.mem_check("offload_round_trip")
-    b.res["offload"] = out
+def bench_vae_untiled(b: Bench, pipe) -> None:
+    runner = make_runner(pipe, PipelineConfig(vae_tiling=False), b.dev)
+    try:
+        timed_job(b, runner, b.frames[0], 2, "vae_untiled")
+    except torch.OutOfMemoryError as e:  # the known pitfall: record it
+        b.res["runs"].append({"option": "vae_untiled", "frames": b.frames[0], "oom": str(e).splitlines()[0]})
+    finally:
+        pipe.vae.enable_tiling()
 
 
-def bench_vae(b: Bench, vae: torch.nn.Module, gen: torch.Generator) -> None:
-    frames = b.frame_counts[0]
-    t_lat = (frames - 1) // 6 + 1
-    z = torch.randn(1, 12, t_lat, b.h // 8, b.w // 8, generator=gen, device=b.dev, dtype=b.dtype)
-    if b.smoke:  # 24 px tiles (3 latents), stride 16: the tiled path really tiles the 32x48 toy frame (2x3 tiles)
-        vae.enable_tiling(24, 24, 16, 16)
-    with torch.inference_mode():
-        vae.decode(z[:, :, :2, :16, :16])  # one small warm-up decode: cuDNN handles and kernels
-    for tiled in (True, False):
-        row: dict[str, Any] = {"frames": frames, "tiled": tiled, "dtype": str(b.dtype).removeprefix("torch.")}
-        if not tiled and b.res["vae"] and b.left() < 3 * b.res["vae"][0].get("decode_s", 0) + 30:
-            row["skipped"] = "time budget"
-        else:
-            vae.use_tiling = tiled
-            b.reset_peak()
-            try:
-                with torch.inference_mode():
-                    t = time.perf_counter()
-                    video = vae.decode(z, return_dict=False)[0]
-                    b.sync()
-                    row.update(decode_s=time.perf_counter() - t, output_shape=list(video.shape), peak_bytes=b.peak())
-                    # The weights already resident count towards the peak; this is what decode itself adds.
-                    row["peak_over_baseline_bytes"] = None if b.base is None else row["peak_bytes"] - b.base
-                    del video
-            except torch.cuda.OutOfMemoryError as e:  # the known pitfall: record it, free, carry on
-                row.update(oom=True, error=str(e).splitlines()[0], peak_bytes=b.peak())
-            if row.get("oom"):  # after the except block, once its traceback no longer pins the activations
-                gc.collect()
-                torch.cuda.empty_cache()
-            row["memory"] = b.mem_check(f"vae_{'tiled' if tiled else 'untiled'}")
-        b.res["vae"].append(row)
-    del z
-
-
-def bench_compile(b: Bench, tr: torch.nn.Module, gen: torch.Generator) -> None:
-    """Regional compile, as diffusers' compile_repeated_blocks does: each block is compiled, and the 48 blocks share
-    one graph, so compiling costs one block (plus the last block's variant), not 48. Mochi's attention processor
-    calls torch.nonzero on the text mask; capturing that op as a dynamic shape keeps each block one graph (checked
-    with inductor on CPU: 4 graphs, no breaks, vs 13 graphs and 6 breaks without). If that fails, retry with breaks."""
-    import torch._dynamo as dynamo
-
-    dynamo.config.cache_size_limit = 64  # 2 block variants x 2 shapes, with room to spare
-    backend = "eager" if b.smoke else "inductor"  # smoke: exercise dynamo tracing without a long C++ build
-    for blk in tr.transformer_blocks:
-        blk.compile(backend=backend, dynamic=False)
-    t = time.monotonic()
-    for capture in (True, False):
-        dynamo.config.capture_dynamic_output_shape_ops = capture
-        b.res["meta"]["compile_capture_dynamic_output_shape_ops"] = capture
+def bench_cache(b: Bench, pipe, threshold: float) -> None:
+    """First Block Cache at `threshold`, and with a huge threshold (every call after the first skips): the
+    cost of a hit. Random weights make the real skip ratio unknowable; the projection takes both costs."""
+    for option, th in (("first_block_cache", threshold), ("first_block_cache_all_hits", 1e9)):
         try:
-            bench_baseline(b, tr, gen, option=f"compile_{backend}", extra_s=0 if b.smoke else 90)  # + recompile
-            break
-        except Exception as e:  # noqa: BLE001 - fall back to graph breaks, keep the reason
-            b.res.setdefault("errors", {})[f"compile_capture_{capture}"] = f"{type(e).__name__}: {e}"[:2000]
-            dynamo.reset()
-            b.res["denoise"] = [r for r in b.res["denoise"] if r["option"] != f"compile_{backend}"]
-            if not capture or b.left() < 150:
-                raise
-    b.res["meta"]["compile_section_s"] = time.monotonic() - t  # includes compilation (warm-up runs)
+            timed_job(b, make_runner(pipe, PipelineConfig(step_cache_threshold=th), b.dev), b.frames[0],
+                      b.steps + 2, option, decode=False)  # the decode is the baseline's
+        finally:
+            pipe.transformer.disable_cache()
+
+
+def bench_cfg_parallel(b: Bench, pipe, plan: list[list[int]]) -> None:
+    """Rank 0 here (GPU 0 / this process), rank 1 a child process (GPU 1 / a second CPU process) that builds
+    the same model and runs the same jobs: mochi_lab's own CfgParallel, as a 2-GPU worker runs it."""
+    import torch.distributed as dist
+
+    from mochi_lab.pipelines.cfg_parallel import CfgParallel, backend_for, join_pair, rendezvous_store
+
+    store = rendezvous_store(0, 0, timeout_s=300)
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "0,1").split(",")
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": visible[1]} if b.cuda else {**os.environ, "OMP_NUM_THREADS": "1"}
+    child = subprocess.Popen([sys.executable, __file__, str(b.out), "--rank1", str(store.port), "--plan",
+                              json.dumps(plan), "--hw", f"{b.h}x{b.w}"] + (["--smoke"] if b.smoke else []), env=env)
+    threads = torch.get_num_threads()
+    try:
+        if not b.cuda:  # two processes share the CPU's cores: one thread each, as the child
+            torch.set_num_threads(1)
+        join_pair(store, 0, backend_for(b.dev), timeout_s=300)
+        runner = make_runner(pipe, PipelineConfig(), b.dev)
+        runner.enable_cfg_parallel(CfgParallel(b.dev))
+        for i, (frames, steps) in enumerate(plan):
+            runner.parallel.reset_stats()
+            row = timed_job(b, runner, frames, steps, "cfg_parallel", gpus=2, decode=i > 0)
+            if i == 0:  # warm-up
+                b.res["runs"].pop()
+                continue
+            calls = max(runner.parallel.stats["calls"], 1)
+            row.update(gather_s_per_step=runner.parallel.stats["gather_s"] / calls,
+                       sync_s_per_step=runner.parallel.stats["sync_s"] / calls)
+        b.res["cfg_parallel_text"] = text_broadcast(b, runner)
+        dist.destroy_process_group()
+    finally:
+        torch.set_num_threads(threads)
+        CfgParallel.unwrap(pipe.transformer)  # the next sections run on one device
+        try:
+            child.wait(timeout=120)
+        except subprocess.TimeoutExpired:  # stuck in a collective after a failure here
+            child.kill()
+
+
+def text_broadcast(b: Bench, runner) -> dict[str, float]:
+    """Each rank encodes the prompt (what a 2-GPU worker does), or rank 0 encodes and broadcasts the
+    embeddings: the cost of both, measured, decides. Run on both ranks alike."""
+    import torch.distributed as dist
+
+    t = time.perf_counter()
+    embeds, mask, neg, neg_mask = runner.pipe.encode_prompt(PROMPT, do_classifier_free_guidance=True,
+                                                            device=runner.device)
+    if b.cuda:
+        torch.cuda.synchronize()
+    encode_s = time.perf_counter() - t
+    times = []
+    for _ in range(5):
+        t = time.perf_counter()
+        for tensor in (embeds, mask, neg, neg_mask):
+            dist.broadcast(tensor.contiguous(), src=0)
+        if b.cuda:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    return {"encode_s": encode_s, "broadcast_s": statistics.median(times),
+            "embeds_bytes": 2 * embeds.numel() * embeds.element_size()}
+
+
+def rank1_main(a: argparse.Namespace) -> int:
+    """The child of bench_cfg_parallel: rank 1 with the same model and jobs, no decode."""
+    from mochi_lab.pipelines.cfg_parallel import CfgParallel, backend_for, join_pair, rendezvous_store
+
+    smoke = a.smoke or not torch.cuda.is_available()
+    b = Bench(a.out_dir, smoke, 1e9)
+    b.h, b.w = map(int, a.hw.split("x"))
+    if smoke:
+        torch.set_num_threads(1)
+    pipe = build_pipe(smoke, b.dev, b.dtype)
+    store = rendezvous_store(1, a.rank1, timeout_s=300)
+    join_pair(store, 1, backend_for(b.dev), timeout_s=300)
+    runner = make_runner(pipe, PipelineConfig(), b.dev)
+    runner.enable_cfg_parallel(CfgParallel(b.dev))
+    for frames, steps in json.loads(a.plan):
+        runner.generate(params(b, frames, steps), decode=False)
+    text_broadcast(b, runner)
+    import torch.distributed as dist
+
+    dist.destroy_process_group()
+    return 0
+
+
+def bench_compile(b: Bench, pipe) -> None:
+    runner = make_runner(pipe, PipelineConfig(compile=True), b.dev)
+    first = timed_job(b, runner, b.frames[0], 2, "compile_warmup", decode=False)
+    b.res["meta"]["compile_first_job_s"] = first["wall_s"]
+    b.res["runs"].pop()
+    timed_job(b, runner, b.frames[0], b.steps, "compile", decode=False)
 
 
 def project(b: Bench) -> None:
-    decode = next((r["decode_s"] for r in b.res["vae"] if "decode_s" in r), None)
-    proj: dict[str, Any] = {}
-    for r in b.res["denoise"]:
-        if "step_s" in r:
-            # Decode was measured at the short length only; scale by frames for the long one (an estimate).
-            dec = None if decode is None else decode * r["frames"] / b.frame_counts[0]
-            proj[f"{r['option']}@{r['frames']}f"] = {"denoise_s": r["denoise_64_s"], "decode_s": dec,
-                                                     "total_s": r["denoise_64_s"] + (dec or 0.0)}
-    c, off = b.res["step_cache"], b.res["offload"]
-    base = proj.get(f"baseline_sdpa@{b.frame_counts[0]}f")
-    if base and "denoise_64_s_at_observed" in c:
-        fbc = c["denoise_64_s_by_skip_ratio"]["0.50"]
-        proj["first_block_cache@skip0.5"] = {"denoise_s": fbc, "total_s": fbc + (base["decode_s"] or 0.0)}
-    if base and off.get("per_video_s"):
-        proj["baseline_sdpa+model_offload"] = {"total_s": base["total_s"] + off["per_video_s"]}
-    b.res["projection"] = proj
+    """text + 64 steps + decode, per option and length. A length an option did not run takes the baseline's
+    step-time ratio between lengths; a missing decode takes the baseline's (the VAE is the same)."""
+    rows = {(r["option"], r["frames"]): r for r in b.res["runs"] if "step_s" in r}
+    base = {f: rows.get(("baseline", f)) for f in b.frames}
+    decode = {f: (base[f] or {}).get("decode_s") for f in b.frames}
+    if decode[b.frames[1]] is None and decode[b.frames[0]]:
+        decode[b.frames[1]] = decode[b.frames[0]] * b.frames[1] / b.frames[0]  # estimate: linear in frames
+    ratio = (base[b.frames[1]]["step_s"] / base[b.frames[0]]["step_s"]) if all(base.values()) else None
+    out: dict[str, Any] = {}
+    for option in dict.fromkeys(r["option"] for r in rows.values()):
+        for f in b.frames:
+            r, note = rows.get((option, f)), "measured"
+            if r is None:
+                r0 = rows.get((option, b.frames[0]))
+                if r0 is None or ratio is None:
+                    continue
+                r, note = {**r0, "step_s": r0["step_s"] * ratio, "decode_s": None}, "step scaled from the baseline"
+            dec = r.get("decode_s") if r.get("decode_s") is not None else decode[f]
+            denoise = r["step_s"] * STEPS
+            out[f"{option}@{f}f"] = {"text_s": r["text_s"], "denoise_64_s": denoise, "decode_s": dec,
+                                     "total_s": r["text_s"] + denoise + (dec or 0.0), "note": note}
+    b.res["projection"] = out
+    mfu = (base[b.frames[0]] or {}).get("mfu")
+    cfg = out.get(f"cfg_parallel@{b.frames[0]}f")
+    b.res["goals"] = {"denoise_mfu": mfu, "denoise_mfu_ok": None if mfu is None or b.smoke else mfu >= GOALS["denoise_mfu_min"],
+                      "cfg_parallel_85f_s": cfg and cfg["total_s"],
+                      "cfg_parallel_85f_ok": None if cfg is None or b.smoke else cfg["total_s"] <= GOALS["cfg_parallel_85f_64steps_max_s"],
+                      **GOALS}
 
 
 def report(b: Bench) -> None:
-    print(f"\nMochi benchmark ({'SMOKE: tiny config, numbers not meaningful' if b.smoke else b.res['meta']['device']})")
-    print(f"Formula: {FORMULA}")
-    print(f"{'option':<18} {'frames':>6} {'tokens':>7} {'TFLOP/step':>10} {'step s':>9} {'TFLOPS':>9} {'MFU':>7}"
-          f" {'64-step s':>9} {'@100% MFU':>9}")
-    for r in b.res["denoise"]:
-        if "step_s" in r:
-            print(f"{r['option']:<18} {r['frames']:>6} {r['tokens']:>7} {r['step_tflop']:>10.4g} {r['step_s']:>9.4g}"
-                  f" {r['achieved_tflops']:>9.3g} {r['mfu']:>7.2%} {r['denoise_64_s']:>9.4g} {r['ideal_64_s']:>9.3g}")
-        else:
-            print(f"{r['option']:<18} {r['frames']:>6}  skipped: {r.get('skipped')}")
-    c = b.res["step_cache"]
-    if "miss_step_s" in c:
-        print(f"first block cache: miss {c['miss_step_s']:.4g}s hit {c['hit_step_s']:.4g}s, skip ratio "
-              f"{c['observed_skip_ratio']:.2f} (random weights, indicative), 64 steps @0.5 skip "
-              f"{c['denoise_64_s_by_skip_ratio']['0.50']:.4g}s")
-    if b.res["offload"].get("per_video_s"):
-        o = b.res["offload"]
-        print(f"model offload: +{o['per_video_s']:.3g}s/video (H2D {o['h2d_gb_per_s']:.3g} GB/s)")
-    for r in b.res["vae"]:
-        what = f"{r['decode_s']:.4g}s" if "decode_s" in r else ("OOM" if r.get("oom") else r.get("skipped"))
-        peak = f", peak {r['peak_bytes'] / 2**30:.2f} GiB" if r.get("peak_bytes") else ""
-        print(f"VAE decode {r['frames']}f {'tiled' if r['tiled'] else 'untiled'} {r['dtype']}: {what}{peak}")
+    m = b.res["meta"]
+    print(f"\nMochi through MochiRunner ({'SMOKE: tiny config on CPU, timings not meaningful' if b.smoke else m['device']})")
+    print(f"Formula: {FORMULA}; valid text tokens {m.get('text_tokens')}")
+    print(f"{'option':<28} {'frames':>6} {'GPUs':>4} {'step s':>9} {'TFLOPS':>8} {'MFU':>7} {'text s':>7} "
+          f"{'decode s':>8} {'peak GiB':>8}")
+    for r in b.res["runs"]:
+        if "step_s" not in r:
+            print(f"{r['option']:<28} {r['frames']:>6}  {r.get('oom') or r.get('skipped')}")
+            continue
+        dec = f"{r['decode_s']:.3g}" if r.get("decode_s") is not None else "-"
+        peak = f"{r['peak_bytes'] / 2**30:.1f}" if r.get("peak_bytes") else "-"
+        skips = f"  skipped {r['step_cache_skips']}/{r['step_cache_calls']}" if "step_cache_calls" in r else ""
+        print(f"{r['option']:<28} {r['frames']:>6} {r['gpus']:>4} {r['step_s']:>9.4g} {r['achieved_tflops']:>8.3g} "
+              f"{r['mfu']:>7.2%} {r['text_s']:>7.3g} {dec:>8} {peak:>8}{skips}")
+    print("projected per video at 64 steps (text + denoise + decode):")
     for k, p in b.res["projection"].items():
-        print(f"projected video {k}: {p['total_s']:.4g}s")
-    ok = b.res["memory_ok"]
-    print(f"memory back to baseline after every config: {'n/a (no CUDA)' if ok is None else ok}")
-    print("anchors: seed ~300 s per 84-frame video (H100); ParaAttention A100 196 s, 150 s compiled; "
-          "TeaCache 1.5-2.1x; 100% MFU floor 78 s (85 frames, 64 steps)")
+        print(f"  {k:<32} {p['total_s']:>8.4g} s  ({p['note']})")
+    if "cfg_parallel_text" in b.res:
+        t = b.res["cfg_parallel_text"]
+        print(f"text: each rank encodes {t['encode_s'] * 1e3:.2f} ms; rank 0 encodes and broadcasts "
+              f"{t['broadcast_s'] * 1e3:.2f} ms more ({t['embeds_bytes']} bytes)")
+    rows = {(r["option"], r["frames"]): r for r in b.res["runs"] if "step_s" in r}
+    one, two = rows.get(("baseline", b.frames[0])), rows.get(("cfg_parallel", b.frames[0]))
+    if one and two:
+        print(f"CFG-parallel step / baseline step at {b.frames[0]} frames: {two['step_s'] / one['step_s']:.3f} "
+              f"(all-gather {two['gather_s_per_step'] * 1e3:.2f} ms/step, stop-flag sync "
+              f"{two['sync_s_per_step'] * 1e3:.2f} ms/step)")
+    print(f"goals: {json.dumps(b.res['goals'])}")
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("out_dir", type=Path)
     ap.add_argument("--smoke", action="store_true", help="tiny CPU config (automatic without CUDA)")
-    ap.add_argument("--budget-s", type=float, default=400.0, help="skip sections that would overrun this")
-    ap.add_argument("--iters", type=int, default=3, help="timed steps per config (after 1 warm-up)")
+    ap.add_argument("--budget-s", type=float, default=420.0, help="skip runs that would overrun this")
     ap.add_argument("--fbc-threshold", type=float, default=0.06)
     ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--size", help="HxW instead of 480x848 (smoke: 32x48), e.g. 128x224 for a CPU ratio")
+    ap.add_argument("--results-dir", type=Path, default=ROOT / "benchmarks" / "results")
+    ap.add_argument("--rank1", type=int, help=argparse.SUPPRESS)  # internal: the CFG-parallel child
+    ap.add_argument("--plan", help=argparse.SUPPRESS)
+    ap.add_argument("--hw", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
-    a.out_dir.mkdir(parents=True, exist_ok=True)
-    b = Bench(a.out_dir, a.smoke or not torch.cuda.is_available(), a.budget_s, a.iters)
-    if b.smoke:
-        torch.set_num_threads(min(2, torch.get_num_threads()))
     import diffusers
 
-    diffusers.utils.logging.set_verbosity_error()  # "modules kept in float32: []" noise from .to(dtype)
+    diffusers.utils.logging.set_verbosity_error()
     warnings.filterwarnings("ignore", message="In CPU autocast")  # Mochi RoPE's fp32 autocast on CPU (smoke)
-
-    cpu = f"cpu x{os.cpu_count()} {platform.machine()}"
+    if a.rank1 is not None:
+        return rank1_main(a)
+    a.out_dir.mkdir(parents=True, exist_ok=True)
+    b = Bench(a.out_dir, a.smoke or not torch.cuda.is_available(), a.budget_s)
+    if a.size:
+        b.h, b.w = map(int, a.size.split("x"))
+    if b.smoke:
+        torch.set_num_threads(min(2, torch.get_num_threads()))
+    gpus = torch.cuda.device_count() if b.cuda else 0
+    b.res["gpu_name"] = torch.cuda.get_device_name() if b.cuda else None
     b.res["meta"] = {
-        "mode": "smoke" if b.smoke else "full", "device": torch.cuda.get_device_name() if b.cuda else cpu,
+        "mode": "smoke" if b.smoke else "full", "gpus": gpus,
+        "device": b.res["gpu_name"] or f"cpu x{os.cpu_count()} {platform.machine()}",
         "torch": torch.__version__, "diffusers": diffusers.__version__, "python": sys.version.split()[0],
-        "dtype": str(b.dtype), "height": b.h, "width": b.w, "text_tokens": b.text_tokens, "iters": b.iters,
+        "dtype": str(b.dtype), "height": b.h, "width": b.w, "guidance_scale": GUIDANCE,
         "steps_projected": STEPS, "peak_tflops": PEAK_TFLOPS, "flop_formula": FORMULA, "anchors": ANCHORS,
-        # Which SDPA kernels torch may pick (flash on H100 bf16 unless disabled): the attention half of the FLOPs.
-        "sdpa_enabled": {k: getattr(torch.backends.cuda, f"{k}_sdp_enabled")()
-                         for k in ("flash", "cudnn", "mem_efficient")}}
+        "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")}
     t = time.monotonic()
-    tr, vae = build(b)
-    b.base = b.allocated()
-    b.res["meta"].update(build_s=time.monotonic() - t, weights_bytes=b.base,
-                         transformer_params=sum(p.numel() for p in tr.parameters()))
-    gen = torch.Generator(device=b.dev).manual_seed(0)
-    section(b, "baseline", lambda: bench_baseline(b, tr, gen))
-    section(b, "step_cache", lambda: bench_cache(b, tr, gen, a.fbc_threshold))
-    section(b, "offload", lambda: bench_offload(b, tr))
-    section(b, "vae", lambda: bench_vae(b, vae, gen))
-    # Compile last: it changes the model in place, and it is the most expensive section to warm up.
-    if a.no_compile or b.left() < (30 if b.smoke else 150):
-        b.res["denoise"].append({"option": "compile", "frames": b.frame_counts[0], "skipped": "disabled or budget"})
+    pipe = build_pipe(b.smoke, b.dev, b.dtype)
+    b.res["meta"].update(build_s=time.monotonic() - t,
+                         transformer_params=sum(p.numel() for p in pipe.transformer.parameters()),
+                         text_encoder_params=sum(p.numel() for p in pipe.text_encoder.parameters()),
+                         weights_bytes=torch.cuda.memory_allocated() if b.cuda else None)
+    section(b, "baseline", lambda: bench_baseline(b, pipe))
+    base = next((r for r in b.res["runs"] if r["option"] == "baseline"), None)
+    section(b, "vae_untiled", lambda: fits(b, base, 1.0) and bench_vae_untiled(b, pipe))
+    section(b, "first_block_cache", lambda: fits(b, base, 3.0) and bench_cache(b, pipe, a.fbc_threshold))
+    if gpus >= 2 or b.smoke:
+        long = [b.frames[1], 3] if any(r["frames"] == b.frames[1] for r in b.res["runs"]) and fits(b, base, 4.0) else None
+        plan = [[b.frames[0], 2], [b.frames[0], b.steps]] + ([long] if long else [])
+        section(b, "cfg_parallel", lambda: fits(b, base, 3.0) and bench_cfg_parallel(b, pipe, plan))
     else:
-        section(b, "compile", lambda: bench_compile(b, tr, gen))
-    checks = [m["ok"] for m in b.res["memory_checks"]]
-    b.res["memory_ok"] = None if not b.cuda else all(checks)
+        b.res["cfg_parallel_skipped"] = f"{gpus} GPU(s): CFG parallelism needs 2"
+    if a.no_compile or not fits(b, base, 2.0, margin=30 if b.smoke else 180):
+        b.res["compile_skipped"] = "disabled or over budget"
+    else:  # last: it changes the blocks in place
+        section(b, "compile", lambda: bench_compile(b, pipe))
     project(b)
     b.save()
+    if b.cuda:  # every real GPU run is kept, named by date and GPU
+        a.results_dir.mkdir(parents=True, exist_ok=True)
+        slug = re.sub(r"[^A-Za-z0-9]+", "-", b.res["gpu_name"]).strip("-").lower()
+        (a.results_dir / f"{b.res['meta']['date'][:10]}-{slug}.json").write_text((b.out / "gpu_mochi.json").read_text())
     report(b)
     return 0
 

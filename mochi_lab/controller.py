@@ -160,7 +160,7 @@ class PoolController:
             return
         from ray.autoscaler.sdk import request_resources
 
-        gpus = self.pool.settings.gpus_per_worker or 1
+        gpus = self.pool.settings.gpus_per_worker
         request_resources(bundles=[{"GPU": gpus}] * size)
         self._headroom = size
 

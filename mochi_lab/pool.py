@@ -56,7 +56,7 @@ class WorkerActor:
     The restarted actor's worker first takes back the jobs its previous life held (`release_worker`).
     """
 
-    def __init__(self, worker_id: str, settings: dict, model: str, config: dict):
+    def __init__(self, worker_id: str, settings: dict, model: str, config: dict, gang: dict | None = None):
         from mochi_lab.worker import JsonFormatter, Worker
 
         handler = logging.StreamHandler()
@@ -68,7 +68,12 @@ class WorkerActor:
 
         node = {"node_id": ray.get_runtime_context().get_node_id(), "node_ip": ray.util.get_node_ip_address()}
         settings = {**settings, "redis_url": store_url_here(settings.get("redis_url"))}
-        self.worker = Worker(worker_id, Settings(**settings), model, PipelineConfig(**config), facts=node)
+        if gang:  # rank 0 of a 2-GPU worker (see mochi_lab.gang)
+            from mochi_lab.gang import GangWorker
+
+            self.worker = GangWorker(worker_id, Settings(**settings), model, PipelineConfig(**config), facts=node, **gang)
+        else:
+            self.worker = Worker(worker_id, Settings(**settings), model, PipelineConfig(**config), facts=node)
         self.worker.start()
         self._stopping = False
         self._watchdog = threading.Thread(target=self._watch, name="mochi-watchdog", daemon=True)
@@ -222,8 +227,9 @@ class Pool:
     def ensure(self, n: int | None = None) -> list[str]:
         """Start missing actors until the pool has `n` (default: one per GPU); re-attaches to existing ones."""
         gpus = self._cluster_gpus()
-        if n is None:  # one worker per GPU, or one on a CPU-only cluster
-            n = self.settings.workers if self.settings.workers is not None else gpus or 1
+        per = self.settings.gpus_per_worker
+        if n is None:  # one worker per GPU (per 2 GPUs for 2-GPU workers), or one on a CPU-only cluster
+            n = self.settings.workers if self.settings.workers is not None else gpus // per or 1
         existing = self.handles()
         self.check(existing)
         options: dict[str, Any] = {
@@ -232,7 +238,7 @@ class Pool:
             "max_restarts": -1,
             "max_concurrency": 4,
             "scheduling_strategy": "SPREAD",
-            "num_gpus": self.settings.gpus_per_worker if self.settings.gpus_per_worker is not None else 1 if gpus else 0,
+            "num_gpus": 1 if (gpus if self.settings.gpu_workers is None else self.settings.gpu_workers) else 0,
             # Ray sets a worker's torch threads (OMP_NUM_THREADS) from its num_cpus
             "num_cpus": self.settings.cpus_per_worker,
             "resources": self.settings.worker_resources or None,
@@ -244,8 +250,15 @@ class Pool:
         settings["redis_url"] = redact_credentials(settings.get("redis_url"))
         for i in range(n):
             name = f"{ACTOR_PREFIX}{i}"
-            if name not in existing:
-                actor_cls.options(name=name, **options).remote(name, settings, self.model, self.config.model_dump())
+            if name in existing:
+                continue
+            args = (name, settings, self.model, self.config.model_dump())
+            if per > 1:
+                from mochi_lab import gang
+
+                gang.start(self.ray, self.settings, i, actor_cls, args, options)
+            else:
+                actor_cls.options(name=name, **options).remote(*args)
         return [f"{ACTOR_PREFIX}{i}" for i in range(n)]
 
     def check(self, handles: dict[str, Any] | None = None, timeout: float = 5.0) -> list[str]:
@@ -279,6 +292,7 @@ class Pool:
         self.ensure(n)
         extra = [h for name, h in self.handles().items() if int(name[len(ACTOR_PREFIX):]) >= n]
         self._stop(extra)
+        self._remove_gangs(n)
 
     def retire(self, names: list[str]) -> dict[str, Any]:
         """Ask these workers to retire (`WorkerActor.retire`): each stops claiming, finishes its job and
@@ -288,6 +302,14 @@ class Pool:
 
     def shutdown(self) -> None:
         self._stop(list(self.handles().values()))
+        self._remove_gangs(0)
+
+    def _remove_gangs(self, keep_below: int) -> None:
+        """2-GPU workers: their peers and placement groups go with their stopped leaders."""
+        if self.settings.gpus_per_worker > 1:
+            from mochi_lab import gang
+
+            gang.remove(self.ray, self.settings.namespace, keep_below)
 
     def _stop(self, handles: list) -> None:
         refs = [h.stop.remote() for h in handles]

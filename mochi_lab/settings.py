@@ -7,7 +7,7 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
@@ -84,9 +84,14 @@ class Settings(BaseModel):
     namespace: str = "mochi_lab"
     workers: int | None = None  # None: one per GPU, or one on a CPU-only cluster
     cpus_per_worker: int = 1
-    # GPUs each worker asks Ray for; None: 1 when the cluster has GPUs now, else 0. A pool that scales
-    # from zero sets it: its workers must ask for a GPU while no GPU node exists yet.
-    gpus_per_worker: float | None = None
+    # GPUs per worker: 2 (the production shape, 2 GPUs per worker) runs one video's CFG halves on both GPUs
+    # (mochi_lab.gang); 1 is one single-GPU worker per GPU. gang_timeout_s bounds how long one rank of a
+    # 2-GPU worker waits for the other (forming the pair, a collective, a model switch).
+    gpus_per_worker: Literal[1, 2] = 1
+    gang_timeout_s: float = 600.0
+    # whether workers ask Ray for GPUs; None: when the cluster has GPUs now. A pool that scales from zero
+    # sets it: its workers must ask for a GPU while no GPU node exists yet.
+    gpu_workers: bool | None = None
     # extra Ray resources each worker needs, e.g. {"h100": 1} to pin the pool to a node group
     worker_resources: dict[str, float] = Field(default_factory=dict)
     lease_s: float = 30.0
@@ -130,6 +135,11 @@ class Settings(BaseModel):
     def _account(cls, v: str) -> str:
         return check_account(v)
 
+    @field_validator("gpus_per_worker", mode="before")
+    @classmethod
+    def _gpus_from_text(cls, v: Any) -> Any:
+        return int(v) if isinstance(v, str) and v.strip().isdigit() else v  # the environment's "2"
+
     @classmethod
     def from_env(cls, **overrides) -> "Settings":
         env: dict = {
@@ -143,6 +153,8 @@ class Settings(BaseModel):
             "workers": "MOCHI_LAB_WORKERS",
             "cpus_per_worker": "MOCHI_LAB_CPUS_PER_WORKER",
             "gpus_per_worker": "MOCHI_LAB_GPUS_PER_WORKER",
+            "gang_timeout_s": "MOCHI_LAB_GANG_TIMEOUT_S",
+            "gpu_workers": "MOCHI_LAB_GPU_WORKERS",
             "lease_s": "MOCHI_LAB_LEASE_S",
             "cancel_grace_s": "MOCHI_LAB_CANCEL_GRACE_S",
             "max_run_s": "MOCHI_LAB_MAX_RUN_S",

@@ -355,7 +355,7 @@ class Worker:
         self.state = "loading"
         self.publish()
         self.runner = None  # drop the old pipeline before loading the next
-        self.runner = load_runner(model, self.settings.cache_dir, self.config)
+        self.runner = self._make_runner(model)
         self.model = model
         self.loaded_at = time.time()
         self._load_unpaid = True
@@ -366,6 +366,14 @@ class Worker:
         self.beat = time.monotonic()
         self.publish()
         log.info("loaded %s in %.2fs", model, self.runner.load_s, extra={"worker_id": self.worker_id})
+
+    def _make_runner(self, model: str):
+        """The loaded pipeline for `model` (a gang's leader also joins its peer here)."""
+        return load_runner(model, self.settings.cache_dir, self.config)
+
+    def _generate(self, params: GenerationParams, on_step: Callable[[int, int], None], plan: PreviewPlan | None):
+        """One job's frames (a gang's leader runs its peer alongside)."""
+        return self.runner.generate(params, on_step, preview=plan)
 
     # -- the store, across outages ------------------------------------------------
     def _store_failed(self, exc: BaseException, what: str) -> None:
@@ -486,7 +494,7 @@ class Worker:
 
             every = self.settings.preview_every
             plan = None if every < 0 else PreviewPlan(on_preview, every, self.settings.preview_min_interval_s)
-            result = self.runner.generate(params, on_step, preview=plan)
+            result = self._generate(params, on_step, plan)
             timings.update(result.timings)
             self._progress(job.id, token, stage="encoding", message="writing MP4", live=clock.live(params.num_inference_steps))
             t0 = time.perf_counter()

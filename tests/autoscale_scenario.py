@@ -184,7 +184,7 @@ def run(out: Path) -> dict:
     try:
         gcs = start_head(tmp)
         settings = Settings.from_env(ray_address=gcs, data_dir=tmp / "data", namespace="mochi_autoscale",
-                                     account="alice", gpus_per_worker=1, cpus_per_worker=1, lease_s=10.0,
+                                     account="alice", gpu_workers=True, cpus_per_worker=1, lease_s=10.0,
                                      worker_ttl_s=6.0)
         scaling = ScalingConfig(min_workers=0, max_workers=MAX_WORKERS, target_per_worker=1, idle_timeout_s=4.0,
                                 cooldown_s=2.0, interval_s=0.5)

@@ -41,7 +41,7 @@ def own_pool(ray_cluster, tmp_path):
     from mochi_lab.pool import Pool
 
     settings = Settings.from_env(ray_address=ray_cluster.address, namespace="mochi_ctl", data_dir=tmp_path / "data",
-                                 lease_s=4.0, worker_ttl_s=6.0, gpus_per_worker=0, cpus_per_worker=0)
+                                 lease_s=4.0, worker_ttl_s=6.0, gpu_workers=False, cpus_per_worker=0)
     store = open_store(settings.store_url)
     pool = Pool(settings, store, "tiny")
     yield store, pool

@@ -17,8 +17,10 @@ ROOT = Path(__file__).resolve().parents[1]
 LAYERS: list[set[str]] = [
     {"version", "settings", "video", "provenance", "reprs", "params", "reaper", "hubauth"},
     {"store", "store.base", "store.sqlite", "store.redis", "store.redis_lua"},
-    {"pipelines", "pipelines.config", "pipelines.tiny", "pipelines.tokens", "pipelines.preview", "pipelines.mochi"},
+    {"pipelines", "pipelines.config", "pipelines.tiny", "pipelines.tokens", "pipelines.preview", "pipelines.cfg_parallel",
+     "pipelines.mochi"},
     {"worker"},
+    {"gang"},
     {"pool"},
     {"controller", "metrics"},
     {"cache", "sweep"},

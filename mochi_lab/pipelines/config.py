@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 
 class PipelineConfig(BaseModel):
@@ -16,10 +16,12 @@ class PipelineConfig(BaseModel):
     vae_tiling: bool = True
     # model CPU offload: for GPUs under ~48 GB; costs PCIe transfers every job
     cpu_offload: bool = False
-    # torch.compile of the transformer: slow first job, faster steps after
+    # regional torch.compile of the transformer's blocks: a slow first job, faster steps after
     compile: bool = False
-    # First Block Cache threshold (diffusers cache hooks); 0 disables step caching
-    step_cache_threshold: float = 0.0
+    # First Block Cache (diffusers' cache hooks): a transformer call whose first block's residual changed by
+    # less than this (relative mean) since the last full call reuses the other blocks' cached residual.
+    # None: no hooks; 0: hooks that never skip (the same frames as None).
+    step_cache_threshold: float | None = Field(default=None, ge=0.0)
 
     def torch_dtype(self, device):
         import torch

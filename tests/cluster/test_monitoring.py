@@ -74,7 +74,7 @@ def test_prometheus_finds_the_gateways_metrics_port(base_docs):
 def test_the_dev_overlay_scales_its_gpu_pool_to_zero(rendered):
     config = next(d for d in rendered["dev"] if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "mochi-lab-config")
     data = config["data"]
-    assert (data["MOCHI_LAB_AUTOSCALE"], data["MOCHI_LAB_MIN_WORKERS"], data["MOCHI_LAB_GPUS_PER_WORKER"]) == ("1", "0", "1")
+    assert (data["MOCHI_LAB_AUTOSCALE"], data["MOCHI_LAB_MIN_WORKERS"], data["MOCHI_LAB_GPU_WORKERS"]) == ("1", "0", "true")
     ray = next(d for d in rendered["dev"] if d["kind"] == "RayCluster")
     group = ray["spec"]["workerGroupSpecs"][0]
     assert group["minReplicas"] == 0 and ray["spec"]["enableInTreeAutoscaling"] is True

@@ -1,0 +1,161 @@
+"""2-GPU workers (`gpus_per_worker=2`) on a real Ray with logical GPUs: a gang of two actors (gloo on CPU)
+renders one guided video with the CFG batch split between them.
+
+The gang has its own node (2 logical GPUs), namespace and SQLite store, so the session pool and it never
+claim each other's jobs.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import av
+import numpy as np
+import pytest
+
+from faults_helpers import wait_for
+from mochi_lab.params import GenerationParams
+from mochi_lab.pipelines import load_runner
+from mochi_lab.video import write_mp4
+
+NAMESPACE = "mochi_gang_test"
+# a guided job of seconds on the tiny model, so that a test can act mid-denoise
+SLOW = {"num_frames": 31, "height": 128, "width": 224, "num_inference_steps": 200, "guidance_scale": 4.5}
+
+
+@pytest.fixture(scope="module")
+def gang(ray_cluster, tmp_path_factory):
+    from mochi_lab import MochiCluster
+    from mochi_lab.settings import Settings
+
+    node = ray_cluster.add_node(num_cpus=2, num_gpus=2, object_store_memory=200 * 2**20)
+    ray_cluster.wait_for_nodes()
+    settings = Settings.from_env(ray_address=ray_cluster.address, namespace=NAMESPACE, gpus_per_worker=2,
+                                 workers=1, lease_s=4.0, worker_ttl_s=6.0,
+                                 data_dir=tmp_path_factory.mktemp("gang-data"))
+    cluster = MochiCluster(settings=settings)
+    cluster.wait_ready(timeout=300)
+    try:
+        yield cluster
+    finally:
+        import ray
+
+        cluster.shutdown_pool()
+        cluster.close()
+        # the pool's shutdown takes the peer and the placement group (2 GPUs) with it
+        table = {row["name"]: row for row in ray.util.placement_group_table().values()}
+        assert table[f"mochi-gang-{NAMESPACE}-0"]["state"] == "REMOVED"
+        with pytest.raises(ValueError):
+            ray.get_actor("mochi-peer-0", namespace=NAMESPACE)
+        ray_cluster.remove_node(node)
+
+
+def _peer():
+    import ray
+
+    return ray.get_actor("mochi-peer-0", namespace=NAMESPACE)
+
+
+def _decoded(path) -> np.ndarray:
+    with av.open(str(path)) as container:
+        return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
+
+
+def test_a_guided_job_on_two_ranks_gives_the_single_process_video(gang, tiny, tiny_checkpoint, tmp_path):
+    import ray
+
+    params = {**tiny, "num_inference_steps": 4, "guidance_scale": 4.5}
+    done = gang.generate("a cat surfing a wave", seed=11, **params).wait(timeout=300)
+    assert done.status == "done", done.error
+    last = ray.get(_peer().ping.remote())["last"]
+    assert last["seed"] == 11 and last["outcome"] == "done" and last["stats"]["calls"] == 4  # rank 1 did half
+    assert done.meta["gang"]["peer"] == "mochi-peer-0"
+    table = {row["name"]: row for row in ray.util.placement_group_table().values()}
+    assert table[f"mochi-gang-{NAMESPACE}-0"]["strategy"] == "STRICT_PACK"
+
+    # The same job in one process: its frames, through the same MP4 encoder, decode to the same pixels.
+    # (The float latents of 2 ranks vs 1 are compared in tests/pipelines/test_cfg_parallel.py: <= 1e-5.)
+    runner = load_runner("tiny", tiny_checkpoint.parent)
+    single = runner.generate(GenerationParams.parse("a cat surfing a wave", seed=11, **params))
+    reference = write_mp4(single.frames, tmp_path / "single.mp4", params["fps"])
+    assert np.array_equal(_decoded(done.artifacts["video"]), _decoded(reference))
+
+    # Without CFG there is nothing to split: rank 0 renders alone and rank 1 idles.
+    alone = gang.generate("a cat surfing a wave", seed=12, **{**params, "guidance_scale": 1.0}).wait(timeout=300)
+    assert alone.status == "done", alone.error
+    assert ray.get(_peer().ping.remote())["last"]["seed"] == 11
+
+
+def test_cancel_stops_both_ranks_at_the_same_step(gang):
+    import ray
+
+    job = gang.generate("a cancelled gang job", seed=21, **SLOW)
+    wait_for(lambda: job.refresh().step >= 2, 120, "the job to reach step 2")
+    asked = time.monotonic()
+    assert job.cancel() == "cancelled"
+    last = wait_for(lambda: (s := ray.get(_peer().ping.remote())["last"])["outcome"] != "running" and s, 30,
+                    "rank 1 to stop")
+    stopped_s = time.monotonic() - asked
+    assert last["outcome"] == "stopped" and last["seed"] == 21
+    assert last["steps"] < SLOW["num_inference_steps"]
+    assert abs(last["steps"] - job.refresh().step) <= 1, (last, job.refresh().step)
+    print(f"\n[gang] cancel: both ranks stopped at step {last['steps']}, {stopped_s:.2f} s after the request")
+    # the gang is intact: the next guided job runs on both ranks
+    nxt = gang.generate("after a cancel", seed=22, num_frames=7, height=32, width=32, num_inference_steps=2,
+                        guidance_scale=4.5).wait(timeout=120)
+    assert nxt.status == "done" and ray.get(_peer().ping.remote())["last"]["seed"] == 22
+
+
+@pytest.mark.parametrize("rank", [1, 0])
+def test_killing_a_rank_mid_job_reruns_the_job_on_a_fresh_gang(gang, rank):
+    import ray
+
+    job = gang.generate(f"a gang losing rank {rank}", seed=31 + rank, **SLOW)
+    wait_for(lambda: job.refresh().step >= 3, 120, "the job to reach step 3")
+    leader = next(w for w in gang.workers() if w["current_job"] == job.id)
+    peer_pid = ray.get(_peer().ping.remote())["pid"]
+    os.kill(peer_pid if rank == 1 else leader["pid"], signal.SIGKILL)
+    killed = time.monotonic()
+    wait_for(lambda: job.refresh().attempts == 2, 120, "attempt 2")
+    print(f"\n[gang] rank {rank} SIGKILLed mid-job: attempt 2 began {time.monotonic() - killed:.2f} s later")
+    final = job.wait(timeout=600)
+    assert final.status == "done", final.error
+    assert final.attempts == 2
+    # a fresh gang: both ranks are new processes
+    assert final.meta["pid"] != leader["pid"]
+    assert final.meta["gang"]["peer_pid"] not in (peer_pid, None)
+    folder = gang.backend.settings.artifacts_dir / gang.backend.settings.account
+    assert sorted(p.name for p in folder.iterdir() if p.name.startswith(job.id)) == [f"{job.id}.mp4", f"{job.id}.png"]
+    assert _decoded(final.artifacts["video"]).shape[0] == SLOW["num_frames"]
+
+
+
+@pytest.mark.parametrize("rank", [1, 0])
+def test_a_rank_lost_while_idle_restarts_the_pair_as_a_unit(gang, rank):
+    """Rank 1 lost: rank 0's health check sees it and restarts itself. Rank 0 lost: the new rank 0 finds
+    rank 1 still in the old group and has it restart. Either way both processes are new."""
+    import ray
+
+    leader = gang.workers()[0]
+    peer_pid = ray.get(_peer().ping.remote())["pid"]
+    os.kill(peer_pid if rank == 1 else leader["pid"], signal.SIGKILL)
+    wait_for(lambda: (w := gang.workers()) and w[0]["pid"] != leader["pid"] and w[0]["state"] == "idle", 120,
+             "a new rank 0", every=0.2)
+    job = gang.generate("after an idle loss", seed=41 + rank, num_frames=7, height=32, width=32,
+                        num_inference_steps=2, guidance_scale=4.5).wait(timeout=120)
+    assert job.status == "done", job.error
+    assert job.meta["gang"]["peer_pid"] != peer_pid
+    assert ray.get(_peer().ping.remote())["last"]["seed"] == 41 + rank
+
+def test_gpus_per_worker_takes_1_or_2_and_says_so(monkeypatch):
+    from pydantic import ValidationError
+
+    from mochi_lab.settings import Settings
+
+    monkeypatch.setenv("MOCHI_LAB_GPUS_PER_WORKER", "2")
+    assert Settings.from_env().gpus_per_worker == 2
+    monkeypatch.setenv("MOCHI_LAB_GPUS_PER_WORKER", "4")
+    with pytest.raises(ValidationError, match=r"gpus_per_worker\n  Input should be 1 or 2"):
+        Settings.from_env()
