@@ -53,7 +53,10 @@ def workers_html(rows: list[dict[str, Any]], jobs: Mapping[str, dict[str, Any]] 
     jobs = jobs or {}
     views = [worker_view(r, jobs.get(mapping(r).get("current_job"))
                          if isinstance(mapping(r).get("current_job"), str) else None) for r in rows]
-    return render("cluster_panel.html", "workers", rows=views, columns=COLUMNS)
+    # GPU use only where NVML reports it: a CPU pool gets no column of dashes
+    gpu_use = any(v["gpu_util"] is not None for v in views)
+    columns = COLUMNS if gpu_use else tuple(c for c in COLUMNS if c != "GPU use")
+    return render("cluster_panel.html", "workers", rows=views, columns=columns, gpu_use=gpu_use)
 
 
 def pool_summary(rows: list[Any]) -> dict[str, Any]:

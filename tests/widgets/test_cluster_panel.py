@@ -198,3 +198,5 @@ def test_gpu_use_per_worker_and_a_link_to_the_ray_dashboard():
     assert re.search(r'class="mochi-gpu-use"[^>]*>-</td>', cpu_row)  # no GPU: nothing made up
     assert 'href="http://head:8265/?x=&#34;&lt;b&gt;"' in panel.dashboard.value
     assert ClusterPanel(FakeCluster(workers=rows)).dashboard.value == ""
+    cpu_only = ClusterPanel(FakeCluster(workers=rows[1:])).table.value
+    assert "GPU" not in cpu_only and "mochi-gpu-use" not in cpu_only  # a CPU pool: no column of dashes
