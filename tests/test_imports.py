@@ -20,6 +20,7 @@ LAYERS: list[set[str]] = [
     {"pipelines", "pipelines.config", "pipelines.tiny", "pipelines.tokens", "pipelines.preview", "pipelines.mochi"},
     {"worker"},
     {"pool"},
+    {"runtime"},  # the local runtime: starts the pool in its daemon; direct attaches through it
     {"cache", "sweep"},
     {"backend", "direct", "remote"},
     {"job", "experiment", "experiment_views"},
