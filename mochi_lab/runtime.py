@@ -145,6 +145,9 @@ def attach(settings: Settings, model: str, pipeline: PipelineConfig) -> Settings
         if record is None or why is not None:
             if record is not None:
                 log.warning("replacing the stale local runtime record (%s)", why)
+                broken = _daemon(record)
+                if broken is not None:  # alive but its Ray is not: end it (the reaper ends its Ray) before a new one
+                    broken.kill()
                 (settings.data_dir / RECORD).unlink(missing_ok=True)
             record = _start_daemon(settings, model, pipeline)
         check_compatible(record, settings, model, pipeline)
