@@ -235,11 +235,11 @@ def _status(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(info, indent=1))
         return 0
-    idle = "busy" if info["idle_s"] is None else f"{info['idle_s']:.0f} s"
+    idle = "not idle" if info["idle_s"] is None else f"idle {info['idle_s']:.0f} s"
     print(f"local runtime at {info['address']} (pid {info['pid']}), up {time.time() - info['started_at']:.0f} s")
     print(f"  model {info['model']}, {info['workers']} worker(s): " + (", ".join(
         f"{w['worker_id']} {w['state']} ({w['jobs_done']} done)" for w in info["worker_rows"]) or "none reporting"))
-    print(f"  idle {idle} of {info['idle_timeout_s']:g} s; {info['drivers']} handle(s) attached, "
+    print(f"  {idle} (stops after {info['idle_timeout_s']:g} s idle); {info['drivers']} handle(s) attached, "
           f"{info['busy_workers']} worker(s) busy")
     print(f"  memory {info['rss_bytes'] / 2**30:.2f} GiB RSS in {info['processes']} processes")
     print(f"  store {info['store']}; log {info['log']}")

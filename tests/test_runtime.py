@@ -69,8 +69,9 @@ FIRST_HANDLE = """
 import json, sys, time
 from mochi_lab import MochiCluster
 time.sleep(max(0.0, float(sys.argv[1]) - time.time()))  # both processes ask at the same moment
+asked = time.time()
 c = MochiCluster(start_pool=False)
-print(json.dumps({"address": c.backend.ray_address}), flush=True)
+print(json.dumps({"address": c.backend.ray_address, "asked": asked}), flush=True)
 """
 
 
@@ -190,11 +191,14 @@ def test_two_first_handles_replace_a_stale_record_with_one_runtime_that_status_s
     try:
         go = time.time() + 4  # after both have imported mochi_lab and Ray
         handles = [_python(FIRST_HANDLE, str(go)) for _ in range(2)]
-        addresses = {_json_line(h)["address"] for h in handles}
+        answers = [_json_line(h) for h in handles]
     finally:
         squatter.close()
     record = runtime.live_record(home)
-    assert record is not None and addresses == {record["address"]} and record["address"] != stale["address"]
+    assert record is not None and record["address"] != stale["address"]
+    assert {a["address"] for a in answers} == {record["address"]}
+    # both asked before the runtime was up: the second one waited on the lock, it did not find a record
+    assert max(a["asked"] for a in answers) < record["started_at"]
     daemons = [p for p in psutil.process_iter(["cmdline"])
                if "mochi_lab.runtime" in (p.info["cmdline"] or []) and (p.info["cmdline"] or [])[-1] == str(home)]
     assert [p.pid for p in daemons] == [record["pid"]]
