@@ -6,11 +6,13 @@ With no `RAY_ADDRESS` (and `persistent` on), the first handle starts a daemon ow
 
 It starts Ray on 127.0.0.1 as its own driver (so Ray's processes are its children and the reaper ends
 them if the daemon is SIGKILLed), creates the pool, and records itself in `<data_dir>/runtime.json`
-(address, pid, session dir, model, store). Ray runs with token authentication, the token a fresh one per
-runtime in `<data_dir>/ray_auth_token` (0600), never Ray's machine-wide `~/.ray/auth_token`, which
-every other local Ray start may rewrite; `RAY_AUTH_MODE=disabled` in the starter's environment opts out. Later handles in any process read the record, check that it
+(address, pid, session dir, model, store). Later handles in any process read the record, check that it
 is alive and attach as Ray drivers; the daemon stops itself (pool, Ray, record) after `runtime_idle_s`
 with no attached driver and no busy worker, or on SIGTERM (`mochi-lab down`).
+
+Ray runs with token authentication, with a fresh token per runtime in `<data_dir>/ray_auth_token` (0600),
+never Ray's machine-wide `~/.ray/auth_token`, which any other local Ray start may create or rewrite under
+it; `RAY_AUTH_MODE=disabled` in the starter's environment opts out.
 
 Every start, attach and stop happens under an fcntl lock on `<data_dir>/runtime.lock`: two first handles
 start one runtime, and a runtime never stops while a handle is attaching to it.
@@ -50,7 +52,7 @@ _attached: str | None = None  # the runtime address this process joined last
 
 
 class RuntimeMismatch(RuntimeError):
-    """The running local runtime serves another model, store or namespace than this handle asks for."""
+    """The running local runtime serves another model, store, namespace or pipeline than this handle asks for."""
 
 
 # -- the record --------------------------------------------------------------------------------------
@@ -126,7 +128,8 @@ def check_compatible(record: dict[str, Any], settings: Settings, model: str,
         raise RuntimeMismatch(f"{runtime} serves model {record['model']!r} ({record['workers']} worker(s)), "
                               f"not {model!r}: {how}")
     if record["store"] != redact_url(settings.store_url):
-        raise RuntimeMismatch(f"{runtime} uses the store {record['store']}, not {redact_url(settings.store_url)}: {how}")
+        raise RuntimeMismatch(f"{runtime} uses the store {record['store']}, "
+                              f"not {redact_url(settings.store_url)}: {how}")
     if record["namespace"] != settings.namespace:
         raise RuntimeMismatch(f"{runtime} runs its pool in namespace {record['namespace']!r}, "
                               f"not {settings.namespace!r}: {how}")
@@ -153,7 +156,8 @@ def attach(settings: Settings, model: str, pipeline: PipelineConfig) -> Settings
         check_compatible(record, settings, model, pipeline)
         joined = settings.model_copy(update={"ray_address": record["address"]})
         ray = _import_ray()
-        if ray.is_initialized() and _attached and ray.get_runtime_context().gcs_address == _attached != record["address"]:
+        if ray.is_initialized() and _attached != record["address"] and \
+                ray.get_runtime_context().gcs_address == _attached:
             ray.shutdown()  # the runtime this process had joined is gone (`mochi-lab down`); join the new one
         _use_auth(record)
         # Under the lock: the daemon cannot decide it is idle between our check and our joining.
@@ -335,6 +339,7 @@ class _Daemon:
                         self._shutdown()
                         return
                 self.record["idle_since"] = None
+                _write_json(self.data_dir / RECORD, self.record)
         with _locked(self.data_dir):
             log.info("told to stop")
             self._shutdown()
