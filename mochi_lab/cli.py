@@ -206,6 +206,10 @@ def _up(args: argparse.Namespace) -> int:
     """Start the local runtime (or attach to the running one) and wait until its workers have loaded."""
     from mochi_lab import MochiCluster
 
+    if args.workers is not None and args.workers < 1:
+        return _fail(f"--workers must be at least 1, got {args.workers}", EXIT_USAGE)
+    if args.idle_timeout is not None and args.idle_timeout <= 0:
+        return _fail(f"--idle-timeout must be a positive number of seconds, got {args.idle_timeout:g}", EXIT_USAGE)
     settings = _local_settings(workers=args.workers, runtime_idle_s=args.idle_timeout, persistent=True)
     with MochiCluster(model=args.model, settings=settings) as cluster:
         cluster.wait_ready(args.timeout)
@@ -221,7 +225,7 @@ def _status(args: argparse.Namespace) -> int:
     settings = _local_settings()
     info = runtime.status(settings.data_dir)
     if info is None:
-        print(f"no local runtime running (data dir {settings.data_dir})")
+        print("null" if args.json else f"no local runtime running (data dir {settings.data_dir})")
         return EXIT_FAILED
     workers = []
     if info["store"] == redact_url(settings.store_url):  # the store its workers report to
@@ -306,16 +310,15 @@ def parser() -> argparse.ArgumentParser:
     up.add_argument("--idle-timeout", type=float, help="stop after this many idle seconds (default: "
                     "MOCHI_LAB_RUNTIME_IDLE_S, else 1800); applies when this command starts it")
     up.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the model to load")
-    up.add_argument("--json", action="store_true", help="print the status as JSON")
-    up.add_argument("--debug", action="store_true", help="show Python tracebacks")
     up.set_defaults(func=_up)
     st = sub.add_parser("status", help="show the local runtime (exit 1 when none runs)")
-    st.add_argument("--json", action="store_true", help="print the status as JSON")
-    st.add_argument("--debug", action="store_true", help="show Python tracebacks")
     st.set_defaults(func=_status)
     dn = sub.add_parser("down", help="stop the local runtime")
-    dn.add_argument("--debug", action="store_true", help="show Python tracebacks")
     dn.set_defaults(func=_down)
+    for cmd in (up, st, dn):
+        if cmd is not dn:
+            cmd.add_argument("--json", action="store_true", help="print the status as JSON")
+        cmd.add_argument("--debug", action="store_true", help="show Python tracebacks")
     return top
 
 
