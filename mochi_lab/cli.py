@@ -3,6 +3,7 @@
     mochi-lab generate "a cat surfing a wave" -o cat.mp4 --steps 16
     mochi-lab experiment run experiments/steps_vs_quality.yaml --wait
     mochi-lab gateway --host 0.0.0.0 --port 8770
+    mochi-lab up | status | down       # the local runtime that outlives kernels (no RAY_ADDRESS)
 
 Experiment specs are YAML: the experiment's name and grid; fixed params apply to every run, grid params
 are swept (see experiments/README.md):
@@ -191,6 +192,77 @@ def _gateway(args: argparse.Namespace) -> int:
     return 0
 
 
+def _local_settings(**overrides: Any):
+    from mochi_lab.settings import Settings
+
+    settings = Settings.from_env(**overrides)
+    if settings.ray_address:
+        raise ValueError(f"RAY_ADDRESS is set ({settings.ray_address}): up, status and down manage the local "
+                         "runtime only; unset it")
+    return settings
+
+
+def _up(args: argparse.Namespace) -> int:
+    """Start the local runtime (or attach to the running one) and wait until its workers have loaded."""
+    from mochi_lab import MochiCluster
+
+    if args.workers is not None and args.workers < 1:
+        return _fail(f"--workers must be at least 1, got {args.workers}", EXIT_USAGE)
+    if args.idle_timeout is not None and args.idle_timeout <= 0:
+        return _fail(f"--idle-timeout must be a positive number of seconds, got {args.idle_timeout:g}", EXIT_USAGE)
+    settings = _local_settings(workers=args.workers, runtime_idle_s=args.idle_timeout, persistent=True)
+    with MochiCluster(model=args.model, settings=settings) as cluster:
+        cluster.wait_ready(args.timeout)
+    return _status(args)
+
+
+def _status(args: argparse.Namespace) -> int:
+    """Print the local runtime: address, pid, model, workers, idle time, memory. Exit 1 when none runs."""
+    from mochi_lab import runtime
+    from mochi_lab.settings import redact_url
+    from mochi_lab.store import open_store
+
+    settings = _local_settings()
+    info = runtime.status(settings.data_dir)
+    if info is None:
+        print("null" if args.json else f"no local runtime running (data dir {settings.data_dir})")
+        return EXIT_FAILED
+    workers = []
+    if info["store"] == redact_url(settings.store_url):  # the store its workers report to
+        store = open_store(settings.store_url)
+        try:
+            workers = [w for w in store.workers() if w.get("model") in (info["model"], None)]
+        finally:
+            store.close()
+    info["worker_rows"] = [{k: w.get(k) for k in ("worker_id", "state", "current_job", "jobs_done", "rss_bytes")}
+                           for w in workers]
+    if args.json:
+        print(json.dumps(info, indent=1))
+        return 0
+    idle = "not idle" if info["idle_s"] is None else f"idle {info['idle_s']:.0f} s"
+    print(f"local runtime at {info['address']} (pid {info['pid']}), up {time.time() - info['started_at']:.0f} s")
+    print(f"  model {info['model']}, {info['workers']} worker(s): " + (", ".join(
+        f"{w['worker_id']} {w['state']} ({w['jobs_done']} done)" for w in info["worker_rows"]) or "none reporting"))
+    print(f"  {idle} (stops after {info['idle_timeout_s']:g} s idle); {info['drivers']} handle(s) attached, "
+          f"{info['busy_workers']} worker(s) busy")
+    print(f"  memory {info['rss_bytes'] / 2**30:.2f} GiB RSS in {info['processes']} processes")
+    print(f"  store {info['store']}; log {info['log']}")
+    return 0
+
+
+def _down(args: argparse.Namespace) -> int:
+    """Stop the local runtime: its pool, Ray and record (queued jobs stay queued in the store)."""
+    from mochi_lab import runtime
+
+    settings = _local_settings()
+    record = runtime.stop(settings.data_dir)
+    if record is None:
+        print(f"no local runtime running (data dir {settings.data_dir})")
+    else:
+        print(f"stopped the local runtime at {record['address']} (pid {record['pid']})")
+    return 0
+
+
 def _connection_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--address", help="Ray address (default: RAY_ADDRESS, else a local Ray)")
     p.add_argument("--redis-url", help="default: REDIS_URL, else SQLite in the data dir")
@@ -232,6 +304,21 @@ def parser() -> argparse.ArgumentParser:
     gw.add_argument("--port", type=int, default=None, help="default: MOCHI_LAB_GATEWAY_PORT, else 8770")
     _connection_args(gw)
     gw.set_defaults(func=_gateway)
+    up = sub.add_parser("up", help="start the local runtime (Ray on 127.0.0.1 + warm pool) that outlives kernels")
+    up.add_argument("--model", default="tiny", help="the model its pool serves (default tiny)")
+    up.add_argument("--workers", type=int, help="pool size (default: one per GPU, or one on a CPU-only machine)")
+    up.add_argument("--idle-timeout", type=float, help="stop after this many idle seconds (default: "
+                    "MOCHI_LAB_RUNTIME_IDLE_S, else 1800); applies when this command starts it")
+    up.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the model to load")
+    up.set_defaults(func=_up)
+    st = sub.add_parser("status", help="show the local runtime (exit 1 when none runs)")
+    st.set_defaults(func=_status)
+    dn = sub.add_parser("down", help="stop the local runtime")
+    dn.set_defaults(func=_down)
+    for cmd in (up, st, dn):
+        if cmd is not dn:
+            cmd.add_argument("--json", action="store_true", help="print the status as JSON")
+        cmd.add_argument("--debug", action="store_true", help="show Python tracebacks")
     return top
 
 

@@ -19,7 +19,9 @@ if TYPE_CHECKING:
 class MochiCluster:
     """Connect to (or start) a cluster and re-attach to (or start) its warm pool.
 
-    With no arguments: a local Ray on 127.0.0.1, SQLite in the user's data dir, the tiny model.
+    With no arguments: the local runtime (a Ray on 127.0.0.1 and its warm pool, started by the first
+    handle and kept across kernels until idle, see mochi_lab.runtime), SQLite in the user's data dir,
+    the tiny model. `persistent=False` (or MOCHI_LAB_PERSISTENT=0) starts a Ray that dies with this process.
     `address`/`RAY_ADDRESS` joins a real Ray cluster; `redis_url`/`REDIS_URL` shares a Redis store
     (both: the direct backend, for operators). `backend=` plugs in any other `Backend`.
     """
@@ -36,6 +38,7 @@ class MochiCluster:
         settings: Settings | None = None,
         start_pool: bool = True,
         backend: Backend | None = None,
+        persistent: bool | None = None,
     ):
         if backend is None:
             import os
@@ -53,9 +56,11 @@ class MochiCluster:
         if backend is None:
             from mochi_lab.direct import DirectBackend
 
-            settings = settings or Settings.from_env(
-                ray_address=address, redis_url=redis_url, account=account, workers=workers
-            )
+            if settings is None:
+                settings = Settings.from_env(ray_address=address, redis_url=redis_url, account=account,
+                                             workers=workers, persistent=persistent)
+            elif persistent is not None:
+                settings = settings.model_copy(update={"persistent": persistent})
             backend = DirectBackend.start(settings, model, pipeline, start_pool=start_pool)
         self.backend = backend
         self.account = backend.account

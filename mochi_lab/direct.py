@@ -70,8 +70,17 @@ class DirectBackend(Backend):
             raise StoreUnavailable(f"cannot use the store at {redact_url(settings.store_url)}: {exc}") from None
         from mochi_lab.pool import Pool, connect
 
+        pipeline = pipeline or PipelineConfig(cpu_offload=settings.offload)
+        if settings.ray_address is None and settings.persistent:
+            from mochi_lab import runtime
+
+            try:  # the local runtime that outlives this process: join it, or start it
+                settings = runtime.attach(settings, model, pipeline)
+            except BaseException:
+                store.close()
+                raise
         address = connect(settings)
-        pool = Pool(settings, store, model, pipeline or PipelineConfig(cpu_offload=settings.offload))
+        pool = Pool(settings, store, model, pipeline)
         backend = cls(settings, store, pool, model=model, ray_address=address)
         if scaling is not None:
             from mochi_lab.controller import PoolController

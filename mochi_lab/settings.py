@@ -112,6 +112,11 @@ class Settings(BaseModel):
     max_run_s: float = 3600.0
     health_check_s: float = 1.0
     offload: bool = False  # model CPU offload, for GPUs under ~48 GB
+    # With no ray_address: True attaches to (or starts) the local runtime that outlives kernels
+    # (mochi_lab.runtime); False starts a Ray inside this process that dies with it.
+    persistent: bool = True
+    # The local runtime stops itself after this long with no attached handle and no busy worker.
+    runtime_idle_s: float = 1800.0
     # Live previews: every preview_every denoising steps (0: about every 10 % of them; -1: none), at most
     # one per preview_min_interval_s.
     preview_every: int = 0
@@ -159,6 +164,8 @@ class Settings(BaseModel):
             "cancel_grace_s": "MOCHI_LAB_CANCEL_GRACE_S",
             "max_run_s": "MOCHI_LAB_MAX_RUN_S",
             "offload": "MOCHI_LAB_OFFLOAD",
+            "persistent": "MOCHI_LAB_PERSISTENT",
+            "runtime_idle_s": "MOCHI_LAB_RUNTIME_IDLE_S",
             "preview_every": "MOCHI_LAB_PREVIEW_EVERY",
             "preview_min_interval_s": "MOCHI_LAB_PREVIEW_MIN_INTERVAL_S",
             "max_token_steps": "MOCHI_LAB_MAX_TOKEN_STEPS",  # JSON, e.g. {"mochi-1-preview": 6000000}

@@ -3,8 +3,8 @@
 Each notebook's kernel gets, only while nbval starts it:
 - its own data dir (store + videos), so one notebook's jobs and worker rows never show up in another's
   asserts, nor in the test session's store (whose workers would otherwise claim notebook jobs);
-- no RAY_ADDRESS/REDIS_URL, so `MochiCluster()` takes the embedded default path (a fresh local Ray
-  in the kernel, SQLite);
+- no RAY_ADDRESS/REDIS_URL, so `MochiCluster()` takes the embedded default path, and MOCHI_LAB_PERSISTENT=0:
+  a fresh local Ray in the kernel that stops with it (no runtime outliving the test run), SQLite;
 - a download-link folder outside the repo (the Studio's links would otherwise land beside the notebook).
 The pytest process keeps its own environment, so tests that start Ray clusters are unaffected.
 """
@@ -36,6 +36,7 @@ def kernel_env(notebook: Path) -> dict[str, str | None]:
         "RAY_ADDRESS": None,
         "REDIS_URL": None,
         "REDIS_HOST": None,
+        "MOCHI_LAB_PERSISTENT": "0",
     }
 
 

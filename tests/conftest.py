@@ -35,6 +35,10 @@ BROKEN_CHECKPOINT = _SESSION_HOME / "tiny-broken"
 os.environ["MOCHI_LAB_MODELS"] = json.dumps({"tiny-broken": str(BROKEN_CHECKPOINT)})
 for var in ("RAY_ADDRESS", "REDIS_URL", "REDIS_HOST", "MOCHI_LAB_GATEWAY", "JUPYTERHUB_API_TOKEN"):
     os.environ.pop(var, None)
+# The embedded default in kernels and CLI runs of the tests keeps a Ray of its own that dies with it (every
+# notebook its own cluster, reaped); tests/test_runtime.py turns the persistent local runtime on where it tests it.
+os.environ["MOCHI_LAB_PERSISTENT"] = "0"
+RUNTIMES = _SESSION_HOME / "runtimes"  # data dirs of the persistent runtimes the tests start
 
 import pytest  # noqa: E402
 
@@ -115,3 +119,34 @@ def mochi(test_settings):
 @pytest.fixture()
 def tiny() -> dict:
     return dict(TINY)
+
+
+def _stop_runtimes() -> list[int]:
+    """Stop every local-runtime daemon serving a data dir under RUNTIMES (one mid-start too); their pids."""
+    import psutil
+
+    from mochi_lab import runtime
+
+    stopped = []
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        cmd = proc.info["cmdline"] or []
+        if "mochi_lab.runtime" in cmd and cmd[-1].startswith(str(RUNTIMES)):
+            if runtime.stop(Path(cmd[-1]), timeout=60) is None:  # no record yet: killed, the reaper ends its Ray
+                proc.kill()
+            stopped.append(proc.pid)
+    return stopped
+
+
+@pytest.fixture(scope="session")
+def runtimes_root() -> Path:
+    """Where tests put the data dirs of persistent local runtimes (the session stops them all at its end)."""
+    return RUNTIMES
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_runtime_left_behind():
+    """A leaked Ray head would slow every later test (and outlive CI's session): stop what the tests started."""
+    yield
+    left = _stop_runtimes()
+    if left:
+        print(f"\nstopped {len(left)} local runtime(s) the tests left running: pids {left}")

@@ -22,7 +22,7 @@ LAYERS: list[set[str]] = [
     {"worker"},
     {"gang"},
     {"pool"},
-    {"controller", "metrics"},
+    {"controller", "metrics", "runtime"},  # runtime: the local runtime starts the pool in its daemon
     {"cache", "sweep"},
     {"backend", "direct", "remote"},
     {"job", "experiment", "experiment_views"},

@@ -1,4 +1,5 @@
-"""A SIGKILLed owner of the embedded local Ray leaves no Ray process behind (checked by pid)."""
+"""A SIGKILLed owner of the embedded local Ray (`persistent=False`: today's in-process Ray) leaves no Ray
+process behind (checked by pid), and no runtime record."""
 
 import os
 import signal
@@ -13,8 +14,10 @@ CHILD = """
 import os, sys, time
 from mochi_lab import MochiCluster, Settings
 import ray
-cluster = MochiCluster(settings=Settings(data_dir=sys.argv[1], cache_dir=sys.argv[2], workers=1, namespace="reaper"))
+cluster = MochiCluster(settings=Settings(data_dir=sys.argv[1], cache_dir=sys.argv[2], workers=1, namespace="reaper"),
+                       persistent=False)
 cluster.wait_ready(timeout=300)
+assert not os.path.exists(os.path.join(sys.argv[1], "runtime.json")), "persistent=False recorded a runtime"
 print(ray._private.worker.global_worker.node.get_session_dir_path(), flush=True)
 time.sleep(600)
 """

@@ -1,0 +1,259 @@
+"""The local runtime outlives its kernels: a killed kernel's job completes on the warm pool, a new process
+attaches in under 2 s and runs with load_s == 0, the runtime stops itself when idle leaving nothing behind,
+stale records are never joined, and two first handles start one runtime.
+
+Kernels here are real processes (`python -c`), the runtime a real daemon with a real Ray head on 127.0.0.1;
+"nothing behind" is checked by pid and by port. Each test's data dir lies under `runtimes_root`, whose
+daemons the session stops at its end whatever happens.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import psutil
+import pytest
+
+from mochi_lab import runtime
+from mochi_lab.cli import main
+from mochi_lab.pipelines.config import PipelineConfig
+from mochi_lab.settings import Settings
+from mochi_lab.video import probe
+
+IDLE_S = 8.0
+# a job of a few seconds on the tiny model: the kernel dies while it runs
+SECONDS = {"num_frames": 19, "height": 64, "width": 96, "num_inference_steps": 64}
+
+KERNEL = """
+import json, sys, time
+from mochi_lab import MochiCluster
+c = MochiCluster()
+job = c.generate("a kernel that dies", seed=1, force=True, **json.loads(sys.argv[1]))
+while job.refresh().status == "queued":
+    time.sleep(0.05)
+print(json.dumps({"job": job.id, "address": c.backend.ray_address, "status": job.status}), flush=True)
+time.sleep(600)
+"""
+
+NEXT_KERNEL = """
+import json, sys, time
+import ray  # imported before the clock starts: a module import is the interpreter's cost, not the attach's
+from mochi_lab import MochiCluster
+from mochi_lab.runtime import RuntimeMismatch
+try:
+    MochiCluster(model="tiny-broken")
+    mismatch = None
+except RuntimeMismatch as exc:
+    mismatch = str(exc)
+t0 = time.perf_counter()
+c = MochiCluster()
+attach_s = time.perf_counter() - t0
+first = c.job(sys.argv[1])
+first.result(300)
+second = c.generate("the next job", seed=2, force=True, **json.loads(sys.argv[2]))
+path = second.result(300)
+print(json.dumps({"attach_s": attach_s, "address": c.backend.ray_address, "first": first.status,
+                  "first_attempts": first.record.attempts, "second_load_s": second.timings["load_s"],
+                  "path": str(path), "mismatch": mismatch}), flush=True)
+"""
+
+FIRST_HANDLE = """
+import json, sys, time
+from mochi_lab import MochiCluster
+time.sleep(max(0.0, float(sys.argv[1]) - time.time()))  # both processes ask at the same moment
+asked = time.time()
+c = MochiCluster(start_pool=False)
+print(json.dumps({"address": c.backend.ray_address, "asked": asked}), flush=True)
+"""
+
+
+@pytest.fixture
+def home(runtimes_root, tiny_checkpoint, monkeypatch):
+    """A data dir of its own, with the persistent runtime on for this test's kernels (and its CLI calls)."""
+    data = runtimes_root / uuid.uuid4().hex[:8]
+    data.mkdir(parents=True)
+    for var, value in {"MOCHI_LAB_DATA_DIR": str(data), "MOCHI_LAB_PERSISTENT": "1", "MOCHI_LAB_WORKERS": "1",
+                       "MOCHI_LAB_RUNTIME_IDLE_S": str(IDLE_S)}.items():
+        monkeypatch.setenv(var, value)
+    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)  # Ray's default: token auth, here with the runtime's own token
+    yield data
+    runtime.stop(data, timeout=60)
+
+
+def _python(code: str, *args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", code, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=os.environ.copy(), start_new_session=True)
+
+
+def _json_line(proc: subprocess.Popen, timeout: float = 300) -> dict:
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+    assert proc.returncode == 0, err[-3000:]
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def _family(record: dict) -> dict[int, float]:
+    """The daemon and every process below it (Ray, its agents, the workers), by pid and start time."""
+    top = psutil.Process(record["pid"])
+    return {p.pid: p.create_time() for p in [top, *top.children(recursive=True)]}
+
+
+def _alive(pid: int, created: float) -> bool:
+    try:
+        p = psutil.Process(pid)
+        return p.create_time() == created and p.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def _listening(address: str) -> bool:
+    host, port = address.rsplit(":", 1)
+    with socket.socket() as s:
+        s.settimeout(1)
+        return s.connect_ex((host, int(port))) == 0
+
+
+def _assert_nothing_left(family: dict[int, float], address: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        left = [pid for pid, created in family.items() if _alive(pid, created)]
+        if not left and not _listening(address):
+            return
+        time.sleep(0.25)
+    raise AssertionError(f"left behind: pids {left}, {address} listening: {_listening(address)}")
+
+
+@pytest.mark.slow
+def test_a_killed_kernels_job_completes_warm_and_the_idle_runtime_stops_leaving_nothing(home, tiny):
+    kernel = _python(KERNEL, json.dumps({**tiny, **SECONDS}))
+    try:
+        line = kernel.stdout.readline()
+        assert line, kernel.stderr.read()[-3000:]
+        started = json.loads(line)
+    finally:
+        os.killpg(kernel.pid, signal.SIGKILL)
+        kernel.wait()
+    record = runtime.live_record(home)
+    assert record is not None and record["address"] == started["address"], "the runtime died with its kernel"
+    assert started["status"] == "running"
+    assert record["auth"] == "token" and Path(record["auth_token_path"]).stat().st_mode & 0o777 == 0o600
+    family = _family(record)
+
+    nxt = _json_line(_python(NEXT_KERNEL, started["job"], json.dumps(tiny)))
+    print(f"\nruntime: attach {nxt['attach_s']:.2f} s after the kernel's SIGKILL; second job load_s "
+          f"{nxt['second_load_s']}")
+    assert nxt["attach_s"] < 2.0
+    assert nxt["address"] == record["address"]
+    assert (nxt["first"], nxt["first_attempts"]) == ("done", 1)  # ran on, never re-queued
+    assert nxt["second_load_s"] == 0
+    info = probe(Path(nxt["path"]))
+    assert (info.frames, info.height, info.width) == (tiny["num_frames"], tiny["height"], tiny["width"])
+    # never swapped under other handles: the loaded model is named, and how to change it
+    assert "serves model 'tiny'" in nxt["mismatch"] and "mochi-lab down" in nxt["mismatch"]
+    assert "persistent=False" in nxt["mismatch"]
+
+    # the last handle is gone: after IDLE_S (not before) the runtime stops, its processes and port with it
+    gone_at = time.monotonic()
+    daemon = psutil.Process(record["pid"])
+    with pytest.raises(psutil.TimeoutExpired):
+        daemon.wait(IDLE_S - 2)
+    daemon.wait(IDLE_S + 30)
+    idle_stop_s = time.monotonic() - gone_at
+    print(f"runtime: stopped {idle_stop_s:.1f} s after its last handle left (idle timeout {IDLE_S:g} s)")
+    _assert_nothing_left(family, record["address"])
+    assert runtime.read_record(home) is None and not (home / runtime.TOKEN).exists()
+    assert "idle for" in (home / runtime.LOG).read_text()
+
+
+@pytest.mark.slow
+def test_two_first_handles_replace_a_stale_record_with_one_runtime_that_status_shows_and_down_stops(
+        home, capsys):
+    # a record whose daemon is dead and whose port another program now listens on
+    squatter = socket.socket()
+    squatter.bind(("127.0.0.1", 0))
+    squatter.listen()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = {"address": f"127.0.0.1:{squatter.getsockname()[1]}", "pid": dead.pid, "pid_started": 0.0,
+             "model": "tiny"}
+    (home / runtime.RECORD).write_text(json.dumps(stale))
+    try:
+        go = time.time() + 4  # after both have imported mochi_lab and Ray
+        handles = [_python(FIRST_HANDLE, str(go)) for _ in range(2)]
+        answers = [_json_line(h) for h in handles]
+    finally:
+        squatter.close()
+    record = runtime.live_record(home)
+    assert record is not None and record["address"] != stale["address"]
+    assert {a["address"] for a in answers} == {record["address"]}
+    # both asked before the runtime was up: the second one waited on the lock, it did not find a record
+    assert max(a["asked"] for a in answers) < record["started_at"]
+    daemons = [p for p in psutil.process_iter(["cmdline"])
+               if "mochi_lab.runtime" in (p.info["cmdline"] or []) and (p.info["cmdline"] or [])[-1] == str(home)]
+    assert [p.pid for p in daemons] == [record["pid"]]
+
+    assert main(["status", "--json"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert (shown["address"], shown["pid"], shown["model"]) == (record["address"], record["pid"], "tiny")
+    assert shown["rss_bytes"] > 0 and shown["idle_timeout_s"] == IDLE_S
+    assert [w["worker_id"] for w in shown["worker_rows"]] == ["mochi-worker-0"]
+
+    family = _family(record)
+    assert main(["down"]) == 0
+    assert f"stopped the local runtime at {record['address']}" in capsys.readouterr().out
+    _assert_nothing_left(family, record["address"])
+    assert main(["status"]) == 1
+
+
+def test_a_record_is_stale_unless_its_own_daemon_listens_on_its_port(tmp_path):
+    squatter = socket.socket()
+    squatter.bind(("127.0.0.1", 0))
+    squatter.listen()
+    address = f"127.0.0.1:{squatter.getsockname()[1]}"
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    # a process that looks like a daemon (its command line) but whose family holds no port
+    lookalike = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "mochi_lab.runtime"])
+    try:
+        me = psutil.Process(lookalike.pid)
+        assert "is gone" in runtime.stale_reason({"address": address, "pid": dead.pid, "pid_started": 0.0})
+        assert "is gone" in runtime.stale_reason({"address": address, "pid": os.getpid(),
+                                                  "pid_started": psutil.Process().create_time()})
+        assert "is gone" in runtime.stale_reason({"address": address, "pid": me.pid, "pid_started": 1.0})
+        assert "no process of its Ray session listens" in runtime.stale_reason(
+            {"address": address, "pid": me.pid, "pid_started": me.create_time()})
+        (tmp_path / runtime.RECORD).write_text(json.dumps({"address": address, "pid": dead.pid, "pid_started": 0}))
+        assert runtime.live_record(tmp_path) is None
+        assert runtime.stop(tmp_path) is None and not (tmp_path / runtime.RECORD).exists()
+    finally:
+        lookalike.kill()
+        lookalike.wait()
+        squatter.close()
+
+
+def test_a_runtime_is_joined_only_for_its_model_store_namespace_and_pipeline(tmp_path):
+    settings = Settings(data_dir=tmp_path)
+    record = {"address": "127.0.0.1:1234", "pid": 1, "model": "tiny", "workers": 1, "namespace": "mochi_lab",
+              "store": f"sqlite:///{tmp_path / 'store.sqlite3'}"}
+    runtime.check_compatible(record, settings, "tiny")
+    with pytest.raises(runtime.RuntimeMismatch, match=r"serves model 'tiny' \(1 worker\(s\)\), not 'mochi-1-preview'"):
+        runtime.check_compatible(record, settings, "mochi-1-preview")
+    with pytest.raises(runtime.RuntimeMismatch, match="uses the store sqlite:///elsewhere"):
+        runtime.check_compatible({**record, "store": "sqlite:///elsewhere"}, settings, "tiny")
+    with pytest.raises(runtime.RuntimeMismatch, match="namespace 'other'"):
+        runtime.check_compatible({**record, "namespace": "other"}, settings, "tiny")
+    record["pipeline"] = PipelineConfig().model_dump(mode="json")
+    runtime.check_compatible(record, settings, "tiny", PipelineConfig())
+    with pytest.raises(runtime.RuntimeMismatch, match="'cpu_offload': False.*not .*'cpu_offload': True"):
+        runtime.check_compatible(record, settings, "tiny", PipelineConfig(cpu_offload=True))
