@@ -14,6 +14,17 @@ from store_helpers import RedisServer, free_port  # noqa: E402,F401
 from mochi_lab import worker as worker_mod  # noqa: E402
 
 
+def alive(pid: int, created: float) -> bool:
+    """Whether that very process (pid and start time: a reused pid is another process) still runs."""
+    import psutil
+
+    try:
+        p = psutil.Process(pid)
+        return p.create_time() == created and p.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
 class SlowRunner:
     """Wraps a runner so each denoising step takes at least `step_s` (a stand-in for a real GPU step)."""
 

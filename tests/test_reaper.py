@@ -9,6 +9,7 @@ import time
 
 import psutil
 import pytest
+from faults_helpers import alive
 
 CHILD = """
 import os, sys, time
@@ -32,14 +33,6 @@ def _session(session_dir: str) -> dict[int, tuple[float, str]]:
     return found
 
 
-def _alive(pid: int, created: float) -> bool:
-    try:
-        p = psutil.Process(pid)
-        return p.create_time() == created and p.status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
-
-
 @pytest.mark.slow
 def test_a_sigkilled_owner_leaves_no_ray_process_behind(tmp_path, tiny_checkpoint):
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "REDIS_URL", "REDIS_HOST")}
@@ -56,8 +49,8 @@ def test_a_sigkilled_owner_leaves_no_ray_process_behind(tmp_path, tiny_checkpoin
         child.wait()
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
-            left = [pid for pid, (created, _) in before.items() if _alive(pid, created)]
-            left += [pid for pid, created in owned.items() if _alive(pid, created) and pid not in left]
+            left = [pid for pid, (created, _) in before.items() if alive(pid, created)]
+            left += [pid for pid, created in owned.items() if alive(pid, created) and pid not in left]
             if not left:
                 break
             time.sleep(0.5)

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from faults_helpers import alive
 
 from mochi_lab import runtime
 from mochi_lab.cli import main
@@ -109,14 +110,6 @@ def _family(record: dict) -> dict[int, float]:
     return {p.pid: p.create_time() for p in [top, *top.children(recursive=True)]}
 
 
-def _alive(pid: int, created: float) -> bool:
-    try:
-        p = psutil.Process(pid)
-        return p.create_time() == created and p.status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
-
-
 def _listening(address: str) -> bool:
     host, port = address.rsplit(":", 1)
     with socket.socket() as s:
@@ -127,7 +120,7 @@ def _listening(address: str) -> bool:
 def _assert_nothing_left(family: dict[int, float], address: str, timeout: float = 30) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        left = [pid for pid, created in family.items() if _alive(pid, created)]
+        left = [pid for pid, created in family.items() if alive(pid, created)]
         if not left and not _listening(address):
             return
         time.sleep(0.25)
