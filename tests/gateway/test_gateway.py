@@ -300,8 +300,10 @@ def test_progress_reaches_20_listeners_in_order_and_ends_terminal(gateway, token
 
     async def scenario():
         with gateway.client(tokens["erin"]) as erin:  # keep every worker busy so the watched job waits queued
-            blockers = [erin.post("/generate", json={"params": _tiny(num_inference_steps=60, seed=500 + i,
-                                                                      height=64, width=64), "reuse": False}).json()
+            # long enough to outlast the listeners' start on any machine; cancelled once they all listen
+            blockers = [erin.post("/generate", json={"params": _tiny(num_inference_steps=200, seed=500 + i,
+                                                                      num_frames=91, height=64, width=96),
+                                                     "reuse": False}).json()
                         for i in range(n_workers)]
             deadline = time.monotonic() + 60
             while sum(erin.get(f"/status/{b['id']}").json()["status"] != "queued" for b in blockers) < n_workers:
@@ -313,10 +315,13 @@ def test_progress_reaches_20_listeners_in_order_and_ends_terminal(gateway, token
         readies = [asyncio.Event() for _ in range(20)]
         listeners = [asyncio.ensure_future(_listen(gateway.url, tokens["alice"], job["id"], ready))
                      for ready in readies]
-        results = await asyncio.wait_for(asyncio.gather(*listeners), 300)
-        with gateway.client(tokens["erin"]) as erin:  # leave the pool as we found it
+        await asyncio.wait_for(asyncio.gather(*(ready.wait() for ready in readies)), 120)
+        with gateway.client(tokens["erin"]) as erin:  # every listener is attached: let the job run
             for b in blockers:
-                assert wait_done(erin, b["id"])["status"] == "done"
+                erin.post(f"/cancel/{b['id']}")
+            for b in blockers:
+                assert wait_done(erin, b["id"])["status"] in ("done", "cancelled")
+        results = await asyncio.wait_for(asyncio.gather(*listeners), 300)
         return job, results
 
     job, results = asyncio.run(scenario())

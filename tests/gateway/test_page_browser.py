@@ -26,6 +26,16 @@ FINISHED = ("done", "failed", "cancelled")
 IMG = "<img src=x onerror=alert(1)>"
 SCRIPT = '"><script>window.__pwned=1</script>'
 
+# Before any page script: every preview picture the page loaded, with its size, however briefly shown.
+RECORD_PREVIEWS = """
+window.__previews = [];
+document.addEventListener("load", (e) => {
+  const img = e.target;
+  if (img.tagName === "IMG" && img.classList.contains("preview"))
+    window.__previews.push({src: img.getAttribute("src"), width: img.naturalWidth, height: img.naturalHeight});
+}, true);
+"""
+
 # Before any page script: every change of a card's (status, steps) text, in the order the page showed it.
 RECORD_PROGRESS = """
 window.__shown = [];
@@ -153,28 +163,29 @@ def test_alice_queues_watches_plays_and_downloads_on_the_page(browser, gateway, 
 def test_a_running_job_shows_its_forming_video_and_an_eta(browser, gateway, tokens):
     pw, chromium = browser
     context = chromium.new_context(viewport={"width": 1100, "height": 700})
+    context.add_init_script(RECORD_PREVIEWS)
     page = context.new_page()
-    body = {"params": {"prompt": "a slow sunrise, previewed", "num_frames": 19, "height": 64, "width": 96,
+    # 16 latent frames x 200 steps: several seconds of denoising even on a fast CPU, so several previews
+    # (at most one a second) while the job runs
+    body = {"params": {"prompt": "a slow sunrise, previewed", "num_frames": 91, "height": 64, "width": 96,
                        "num_inference_steps": 200, "fps": 8}, "reuse": False}
     with gateway.client(tokens["alice"]) as alice:
         job_id = alice.post("/generate", json=body).json()["id"]
         try:
             sign_in(page, gateway.url, "alice", tokens["alice"])
             img = f"#job-{job_id} img.preview"
-            seen = []
-            deadline = time.monotonic() + 120
-            while len(set(seen)) < 2:  # the picture is replaced as the job goes on
-                assert time.monotonic() < deadline, (seen, alice.get(f"/status/{job_id}").json())
-                if page.locator(img).count():
-                    src = page.locator(img).get_attribute("src")
-                    if page.evaluate("(s) => { const i = document.querySelector(s); return i.complete && "
-                                     "i.naturalWidth > 0; }", img):
-                        seen.append(src)
-                time.sleep(0.2)
-            size = page.evaluate("(s) => [document.querySelector(s).naturalWidth, document.querySelector(s)."
-                                 "naturalHeight]", img)
-            assert size == [12, 8] and page.locator(img).bounding_box()["width"] > 100
-            assert page.locator(f"#job-{job_id} .eta").inner_text().endswith("s left")
+            # the picture is replaced as the job goes on: two different previews loaded and shown
+            page.wait_for_function("(id) => new Set(window.__previews.filter(p => p.src.includes(id))"
+                                   ".map(p => p.src)).size >= 2", arg=job_id, timeout=120_000, polling=100)
+            loaded = [p for p in page.evaluate("window.__previews") if job_id in p["src"]]
+            steps = [int(p["src"].rsplit("step=", 1)[1]) for p in loaded]
+            assert steps == sorted(steps) and all(0 < s <= 200 for s in steps), loaded
+            assert all((p["width"], p["height"]) == (12, 8) for p in loaded), loaded  # the latent grid
+            status = alice.get(f"/status/{job_id}").json()
+            assert status["status"] == "running", status
+            assert page.locator(img).bounding_box()["width"] > 100  # shown enlarged, not as 12 px
+            eta = page.locator(f"#job-{job_id} .eta").inner_text()
+            assert eta.endswith("s left"), (eta, page.locator(f"#job-{job_id}").inner_text())
             page.screenshot(path=str(ARTIFACTS / "gateway_page_preview.png"))
         finally:
             alice.post(f"/cancel/{job_id}")
