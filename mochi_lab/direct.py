@@ -18,7 +18,7 @@ from mochi_lab.backend import ARTIFACTS, Backend, queue_rows
 from mochi_lab.cache import cached_enqueue
 from mochi_lab.params import GenerationParams, SubmitOptions, check_admission, check_model, check_prompt_tokens
 from mochi_lab.pipelines.config import PipelineConfig
-from mochi_lab.settings import ScalingConfig, Settings, known_models, redact_url
+from mochi_lab.settings import ScalingConfig, Settings, check_account, known_models, redact_url
 from mochi_lab.store import DONE, QUEUED, JobRecord, Store, StoreError, StoreUnavailable, open_store
 from mochi_lab.store.base import artifact_path
 
@@ -52,7 +52,8 @@ class DirectBackend(Backend):
         self.ray_address = ray_address
         self.max_active_jobs = max_active_jobs
         self.admin = admin
-        self._workers_seen = (-1e9, False)  # (monotonic time, any live worker row then)
+        # [(monotonic time, any live worker row then)]: one slot, shared with for_account's backends
+        self._workers_seen: list[tuple[float, bool]] = [(-1e9, False)]
 
     @classmethod
     def start(cls, settings: Settings, model: str = "tiny", pipeline: PipelineConfig | None = None, *,
@@ -96,6 +97,17 @@ class DirectBackend(Backend):
             backend.metrics.serve(settings.metrics_port, settings.metrics_host)
         return backend
 
+    def for_account(self, account: str, *, admin: bool = False, max_active_jobs: int | None = None) -> "DirectBackend":
+        """This backend's store, pool and controller, bound to `account` (the gateway's per-request
+        backend); the workers' presence is read once a second for all of them, not per request."""
+        check_account(account)  # model_copy does not validate
+        other = DirectBackend(self.settings.model_copy(update={"account": account}), self.store, self.pool,
+                              model=self.model, ray_address=self.ray_address, max_active_jobs=max_active_jobs,
+                              admin=admin)
+        other.controller = self.controller  # an admin's scale sets its bounds
+        other._workers_seen = self._workers_seen
+        return other
+
     # -- jobs ------------------------------------------------------------------
     def submit(self, params: GenerationParams, options: SubmitOptions, *, reuse: bool = True) -> JobRecord:
         check_model(params.model, known_models())
@@ -118,9 +130,11 @@ class DirectBackend(Backend):
     def _any_worker(self) -> bool:
         """Whether any worker row is live, read at most once a second (watches poll a queued job often)."""
         now = time.monotonic()
-        if now - self._workers_seen[0] > 1.0:
-            self._workers_seen = (now, bool(self.store.workers()))
-        return self._workers_seen[1]
+        seen_at, any_worker = self._workers_seen[0]
+        if now - seen_at > 1.0:
+            any_worker = bool(self.store.workers())
+            self._workers_seen[0] = (now, any_worker)
+        return any_worker
 
     def list(self, *, status: str | None = None, experiment: str | None = None, tag: str | None = None,
              text: str | None = None, limit: int = 50, offset: int = 0) -> list[JobRecord]:

@@ -52,7 +52,7 @@ from mochi_lab.hubauth import (
     parse_authorization,
 )
 from mochi_lab.params import GenerationParams, ParamsError, SubmitOptions, validate_name
-from mochi_lab.settings import GatewayConfig, ScalingConfig, Settings, check_account
+from mochi_lab.settings import GatewayConfig, ScalingConfig, Settings
 from mochi_lab.store.base import (
     FINISHED,
     QUEUE_LIST_MAX,
@@ -386,13 +386,7 @@ def create_app(settings: Settings | None = None, *, backend_factory: Callable[[]
         return await auth.identify(token)
 
     def backend_for(account: str, *, admin: bool = False) -> DirectBackend:
-        base = shared()
-        check_account(account)  # model_copy does not validate
-        backend = DirectBackend(settings.model_copy(update={"account": account}), base.store, base.pool,
-                                model=base.model, ray_address=base.ray_address, max_active_jobs=config.max_active_jobs,
-                                admin=admin)
-        backend.controller = base.controller  # an admin's scale sets its bounds
-        return backend
+        return shared().for_account(account, admin=admin, max_active_jobs=config.max_active_jobs)
 
     # The cheap dependencies are async: a sync one costs a thread-pool hop per request.
     async def user_backend(identity: Identity = Depends(identify)) -> DirectBackend:

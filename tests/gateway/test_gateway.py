@@ -437,6 +437,50 @@ def test_static_tokens_cookies_and_an_unreachable_hub(tmp_path):
         store.close()
 
 
+def test_queued_jobs_of_every_account_share_one_read_of_the_workers_a_second(tmp_path):
+    """Per-request backends share the pool's presence: many /status polls of queued jobs, from two
+    accounts, read the worker rows once a second in all, and the stage follows the rows."""
+    from fastapi.testclient import TestClient
+
+    from mochi_lab.direct import WAITING_STAGE, DirectBackend
+    from mochi_lab.gateway import create_app
+    from mochi_lab.hubauth import hash_token
+    from mochi_lab.pool import Pool
+    from mochi_lab.settings import GatewayConfig, Settings
+    from mochi_lab.store import open_store
+
+    settings = Settings(data_dir=tmp_path, account="ops")
+    store = open_store(settings.store_url)
+    reads = []
+    workers = store.workers
+
+    def counted_workers():  # the real store, counting its reads
+        reads.append(time.monotonic())
+        return workers()
+
+    store.workers = counted_workers
+    shared = DirectBackend(settings, store, Pool(settings, store))  # a pool with no actors started
+    users = {"alice": "alice-secret", "bob": "bob-secret"}
+    config = GatewayConfig(static_tokens={hash_token(t): {"account": a} for a, t in users.items()})
+    app = create_app(settings, backend_factory=lambda: shared, config=config)
+    try:
+        with TestClient(app, base_url="http://127.0.0.1") as c:
+            jobs = {a: c.post("/generate", json={"params": {"prompt": "x", **TINY}},
+                              headers={"Authorization": f"token {t}"}).json()["id"] for a, t in users.items()}
+            reads.clear()
+            t0 = time.monotonic()
+            stages = [c.get(f"/status/{jobs[a]}", headers={"Authorization": f"token {users[a]}"}).json()["stage"]
+                      for _ in range(10) for a in users]
+            assert stages == [WAITING_STAGE] * 20
+            assert len(reads) <= 1 + (time.monotonic() - t0), reads
+            store.put_worker({"worker_id": "mochi-worker-x", "state": "idle"}, 60)
+            time.sleep(1.1)
+            r = c.get(f"/status/{jobs['bob']}", headers={"Authorization": "token bob-secret"}).json()
+            assert (r["status"], r["stage"]) == ("queued", "queued")
+    finally:
+        store.close()
+
+
 def test_a_whole_job_between_two_polls_still_reaches_every_listener_step_by_step(tmp_path):
     """The running states come from the store's progress log: a job that runs from its first to its last
     step between two polls of the hub still reaches each of 20 listeners one step at a time, in order."""
