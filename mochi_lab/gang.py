@@ -35,6 +35,8 @@ from mochi_lab.worker import Worker, WorkerUnhealthy
 log = logging.getLogger("mochi_lab.gang")
 
 PEER_PREFIX = "mochi-peer-"
+# After rank 0 failed outside a synced step: how long a peer that finished its half may take to return
+PEER_SETTLE_S = 5.0
 
 
 def group_name(namespace: str, index: int) -> str:
@@ -109,16 +111,20 @@ class GangWorker(Worker):
                 pass
             _exit_for_restart(f"peer lost mid-job: {exc}")
         except BaseException:
-            self._await_peer(running)  # a synced stop: the peer stopped at the same step
+            if self.parallel.synced_stop:  # the peer stopped at the same step
+                self._await_peer(running)
+            else:  # failed outside a step (an OOM in a forward, the preview fit): the peer may wait in
+                # a collective for rank 0 until it times out; the job fails now and the pair re-forms
+                self._await_peer(running, PEER_SETTLE_S)
             raise
         self._await_peer(running)
         return result
 
-    def _await_peer(self, running) -> None:
+    def _await_peer(self, running, timeout_s: float | None = None) -> None:
         import ray
 
         try:
-            ray.get(running, timeout=self.settings.gang_timeout_s)
+            ray.get(running, timeout=min(timeout_s or self.settings.gang_timeout_s, self.settings.gang_timeout_s))
         except ray.exceptions.RayTaskError:  # the peer's own error for this job; rank 0 reports its own
             log.warning("peer failed the job too", exc_info=True, extra={"worker_id": self.worker_id})
         except Exception as exc:  # died or stuck: this pair no longer works

@@ -45,6 +45,7 @@ class CfgParallel:
         self.device = device  # NCCL reduces CUDA tensors only: the stop flag lives here
         self.active = False  # per job: False for a job without CFG (batch 1), where rank 1 idles
         self.stats = {"calls": 0, "gather_s": 0.0, "sync_s": 0.0}
+        self.synced_stop = False  # per job: whether it ended in a stop both ranks took at the same step
 
     def wrap(self, transformer: torch.nn.Module) -> None:
         """Route `transformer`'s forward through the split. Idempotent."""
@@ -99,6 +100,7 @@ class CfgParallel:
     def synced_step(self, on_step: StepCallback | None) -> StepCallback:
         """A step callback that ends with an all-reduce of a stop flag: when `on_step` raises on
         either rank, that rank re-raises and the other raises StoppedByPeer, at the same step."""
+        self.synced_stop = False
 
         def step(i: int, total: int) -> None:
             error: BaseException | None = None
@@ -111,9 +113,10 @@ class CfgParallel:
             t0 = time.perf_counter()
             self._collective(dist.all_reduce, flag, op=dist.ReduceOp.MAX, group=self.group)
             self.stats["sync_s"] += time.perf_counter() - t0
+            self.synced_stop = error is not None or bool(flag.item())
             if error is not None:
                 raise error
-            if int(flag.item()):
+            if self.synced_stop:
                 raise StoppedByPeer(f"stopped by the other rank at step {i}/{total}")
 
         return step

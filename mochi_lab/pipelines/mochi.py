@@ -106,8 +106,6 @@ class MochiRunner:
             self.step_cache.update(calls=0, skips=0)
         if self.parallel is not None:
             self.parallel.active = cfg
-            if cfg:  # a stop on either rank stops both at the same step
-                on_step = self.parallel.synced_step(on_step)
         embeds, mask, neg_embeds, neg_mask = self.pipe.encode_prompt(
             prompt=params.prompt,
             negative_prompt=params.negative_prompt,
@@ -122,20 +120,28 @@ class MochiRunner:
         if preview is not None:
             self.preview_map  # fitted before the first step, not inside one
 
-        def callback(pipe, i, t, kwargs):
-            marks["last_step"] = time.perf_counter()
-            latents_now = kwargs["latents"]
+        def this_step(step: int, total: int) -> None:
+            latents_now = seen["now"]
             # bad weights or a bf16 overflow give NaN latents; fail now rather than decode garbage
             if not torch.isfinite(latents_now).all():
-                raise FloatingPointError(f"non-finite latents at step {i + 1}/{total}: check the weights and dtype")
-            if preview is not None and preview.due(i + 1, total):
-                sigmas = pipe.scheduler.sigmas
-                x0 = estimate_x0(seen["latents"], latents_now, float(sigmas[i]), float(sigmas[i + 1]),
+                raise FloatingPointError(f"non-finite latents at step {step}/{total}: check the weights and dtype")
+            if preview is not None and preview.due(step, total):
+                sigmas = self.pipe.scheduler.sigmas
+                x0 = estimate_x0(seen["latents"], latents_now, float(sigmas[step - 1]), float(sigmas[step]),
                                  float(sigmas[-1]))
-                preview.emit(i + 1, self.preview_map.frames(x0))
+                preview.emit(step, self.preview_map.frames(x0))
             seen["latents"] = latents_now  # the sampler makes a new tensor each step: a reference, no copy
             if on_step is not None:
-                on_step(i + 1, total)
+                on_step(step, total)
+
+        # With CFG parallelism the whole step's work is synced, the preview included (rank 0 only): an error
+        # anywhere in it stops both ranks at this step instead of leaving the other in the next all-gather.
+        step_fn = self.parallel.synced_step(this_step) if self.parallel is not None and cfg else this_step
+
+        def callback(pipe, i, t, kwargs):
+            marks["last_step"] = time.perf_counter()
+            seen["now"] = kwargs["latents"]
+            step_fn(i + 1, total)
             return kwargs
 
         # Latents are drawn on the CPU so a seed gives the same video on every device.

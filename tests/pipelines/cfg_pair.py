@@ -1,8 +1,9 @@
 """One rank of a CFG-parallel pair on the tiny Mochi (gloo, CPU), as its own process.
 
-    python cfg_pair.py RANK PORT CACHE_DIR OUT.pt [--steps N] [--cancel-at K]
+    python cfg_pair.py RANK PORT CACHE_DIR OUT.pt [--steps N] [--cancel-at K] [--preview-fails-at K]
 
-Both ranks run MochiRunner.generate on the same job; rank 0 decodes. Each writes its latents, frames,
+Both ranks run MochiRunner.generate on the same job; rank 0 decodes and previews every step (its preview
+raising at step K with --preview-fails-at: an error in rank 0's own work). Each writes its latents, frames,
 the steps its callback saw, how it ended and the split's stats to OUT.pt.
 """
 
@@ -18,6 +19,7 @@ sys.path.insert(0, os.environ.get("MOCHI_LAB_ROOT", "."))
 
 from mochi_lab.params import GenerationParams  # noqa: E402
 from mochi_lab.pipelines import JobCancelled, load_runner  # noqa: E402
+from mochi_lab.pipelines.preview import PreviewPlan  # noqa: E402
 from mochi_lab.pipelines.cfg_parallel import CfgParallel, StoppedByPeer, join_pair, rendezvous_store  # noqa: E402
 
 
@@ -29,6 +31,7 @@ def main() -> None:
     ap.add_argument("out")
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--cancel-at", type=int, default=0)
+    ap.add_argument("--preview-fails-at", type=int, default=0)
     a = ap.parse_args()
     torch.set_num_threads(1)
     runner = load_runner("tiny", a.cache_dir)
@@ -44,12 +47,21 @@ def main() -> None:
         if a.rank == 0 and i == a.cancel_at:
             raise JobCancelled("cancelled by the test")
 
-    out = {"steps": seen, "outcome": "done"}
+    def on_preview(i: int, frames) -> None:
+        previews.append(i)
+        if i == a.preview_fails_at:
+            raise OSError("the preview could not be written")
+
+    previews: list[int] = []
+    plan = PreviewPlan(on_preview, every=1, min_interval_s=0) if a.rank == 0 else None
+    out = {"steps": seen, "previews": previews, "outcome": "done"}
     try:
-        result = runner.generate(params, on_step, decode=a.rank == 0)
+        result = runner.generate(params, on_step, plan, decode=a.rank == 0)
         out.update(latents=result.latents, frames=torch.from_numpy(result.frames))
     except (JobCancelled, StoppedByPeer) as exc:
         out["outcome"] = f"cancelled: {exc}"
+    except OSError as exc:
+        out["outcome"] = f"failed: {exc}"
     out["stats"] = dict(runner.parallel.stats)
     torch.save(out, a.out)
 
