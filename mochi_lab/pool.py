@@ -178,7 +178,18 @@ def connect(settings: Settings) -> str:
 
 def _start(ray: Any, settings: Settings) -> None:
     if settings.ray_address:
-        ray.init(address=settings.ray_address, namespace=settings.namespace, log_to_driver=False)
+        kwargs = dict(address=settings.ray_address, namespace=settings.namespace, log_to_driver=False)
+        try:
+            ray.init(**kwargs)
+        except ConnectionAbortedError as exc:
+            # Ray Client starts a server process per client; on a loaded head that process can die
+            # while starting (seen on 2 cores: "Initialization failure from server"). A new one usually starts.
+            if not settings.ray_address.startswith("ray://"):
+                raise
+            log.warning("Ray Client's server for this session failed to start (%s); trying once more",
+                        str(exc).strip().splitlines()[-1][:200])
+            ray.shutdown()
+            ray.init(**kwargs)
     else:
         # "local" starts a new Ray even when another one runs on this machine; it picks free
         # ports for itself (never Redis' 6379) and stays on 127.0.0.1.

@@ -362,7 +362,8 @@ class Worker:
         self._facts.update(_gpu_facts())
         if self._nvml is None:
             self._nvml = NvmlSampler()
-        self.state, self.idle_since = "idle", time.time()
+        # a load for a claimed job (another model) goes straight on to that job
+        self.state, self.idle_since = ("busy", None) if self.current_job else ("idle", time.time())
         self.beat = time.monotonic()
         self.publish()
         log.info("loaded %s in %.2fs", model, self.runner.load_s, extra={"worker_id": self.worker_id})
@@ -461,7 +462,6 @@ class Worker:
             if params.model != self.model or self.runner is None:
                 self._progress(job.id, token, stage="loading", message=f"loading {params.model}")
                 self._load(params.model)
-                self.state = "busy"
             self._check_prompt_tokens(params)
             if self._load_unpaid:
                 load_s = max(0.0, min(self.runner.load_s, self.loaded_at - job.created_at))

@@ -53,7 +53,7 @@ def test_bad_params_name_the_field_and_exit_2(capsys):
 
 
 def test_a_timeout_is_one_line_and_exit_124(session_pool, tiny, capsys):
-    code = main(["generate", "a slow tide", "--frames", "7", "--height", "32", "--width", "32", "--steps", "150",
+    code = main(["generate", "a slow tide", "--frames", "91", "--height", "64", "--width", "96", "--steps", "200",
                  "--timeout", "0.5", "--force"])
     err = capsys.readouterr().err
     assert code == EXIT_TIMEOUT

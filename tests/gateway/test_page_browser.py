@@ -9,7 +9,6 @@ Screenshots go to artifacts/browser/ (ignored by git).
 from __future__ import annotations
 
 import io
-import time
 from pathlib import Path
 from urllib.parse import urljoin
 
