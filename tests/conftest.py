@@ -44,10 +44,10 @@ import pytest  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the helper modules beside this file
 from hub_fixtures import gateway, hub, storefront, tokens  # noqa: E402,F401  (one hub per session)
+from jobsizes import TINY  # noqa: E402
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 # The smallest valid video: 7 frames (6k+1), 32x32 (multiples of 16), 2 steps.
-TINY = {"num_frames": 7, "height": 32, "width": 32, "num_inference_steps": 2, "fps": 8}
 
 
 @pytest.fixture(scope="session")

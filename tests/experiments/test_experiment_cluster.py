@@ -11,6 +11,7 @@ from pathlib import Path
 import ipywidgets as w
 import numpy as np
 import pytest
+from jobsizes import SECONDS
 
 from mochi_lab import ExperimentNotFound, MochiCluster
 from mochi_lab.experiment import MISSING
@@ -79,13 +80,13 @@ def test_result_cache_reuses_done_and_inflight_jobs_unless_forced(mochi, tiny):
     assert mochi.generate("a cached lighthouse", seed=22, **tiny).id != first.id
 
 
-def test_cancelled_jobs_are_not_served_from_the_cache(mochi, tiny):
+def test_cancelled_jobs_are_not_served_from_the_cache(mochi):
     # a long job queued behind nothing may start at once: cancel works either way
-    job = mochi.generate("a cancelled comet", seed=3, **{**tiny, "num_inference_steps": 200})
+    job = mochi.generate("a cancelled comet", seed=3, **SECONDS)
     job.cancel()
     job.wait(timeout=120)
     assert job.status == "cancelled"
-    again = mochi.generate("a cancelled comet", seed=3, **{**tiny, "num_inference_steps": 200})
+    again = mochi.generate("a cancelled comet", seed=3, **SECONDS)
     assert again.id != job.id and again.status in ("queued", "running")
     again.cancel()
 

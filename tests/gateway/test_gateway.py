@@ -13,8 +13,8 @@ import time
 
 import httpx
 import pytest
+from jobsizes import SECONDS, TINY
 
-TINY = {"num_frames": 7, "height": 32, "width": 32, "num_inference_steps": 2, "fps": 8}  # as tests/conftest.py
 AUTH_CACHE_S = 1.0  # tests/hub_fixtures.py: the gateways' auth cache
 
 EVIL = "<img src=x onerror=alert(1)>"
@@ -301,8 +301,7 @@ def test_progress_reaches_20_listeners_in_order_and_ends_terminal(gateway, token
     async def scenario():
         with gateway.client(tokens["erin"]) as erin:  # keep every worker busy so the watched job waits queued
             # long enough to outlast the listeners' start on any machine; cancelled once they all listen
-            blockers = [erin.post("/generate", json={"params": _tiny(num_inference_steps=200, seed=500 + i,
-                                                                      num_frames=91, height=64, width=96),
+            blockers = [erin.post("/generate", json={"params": _tiny(seed=500 + i, **SECONDS),
                                                      "reuse": False}).json()
                         for i in range(n_workers)]
             deadline = time.monotonic() + 60
@@ -557,7 +556,7 @@ def test_a_running_jobs_preview_comes_through_the_gateway_and_stays_after_a_canc
 
     from PIL import Image
 
-    body = {"params": _tiny(prompt="a slow preview", num_frames=19, height=64, width=96, num_inference_steps=200),
+    body = {"params": _tiny(prompt="a slow preview", **SECONDS),
             "reuse": False}
     with gateway.client(tokens["alice"]) as alice, gateway.client(tokens["bob"]) as bob:
         job = alice.post("/generate", json=body).json()
@@ -568,7 +567,7 @@ def test_a_running_jobs_preview_comes_through_the_gateway_and_stays_after_a_canc
             time.sleep(0.2)
         assert r.status_code == 200 and r.headers["content-type"] == "image/webp", r.text
         strip = Image.open(io.BytesIO(r.content))
-        assert strip.size == (12, 8) and strip.n_frames == 4 and 0 < int(r.headers["x-preview-step"]) < 200
+        assert strip.size == (12, 8) and strip.n_frames == 16 and 0 < int(r.headers["x-preview-step"]) < 200
         assert bob.get(f"/preview/{job['id']}").status_code == 404
         status = alice.get(f"/status/{job['id']}").json()
         assert status["live"]["preview_step"] >= 1 and status["live"]["elapsed_s"] > 0

@@ -13,6 +13,7 @@ from pathlib import Path
 from urllib.parse import urljoin
 
 import pytest
+from jobsizes import SECONDS, TINY
 
 pytestmark = pytest.mark.browser
 
@@ -85,10 +86,9 @@ def sign_in(page, base: str, user: str, token: str) -> None:
     assert page.locator("header .account").inner_text() == user
 
 
-def fill_tiny(page, prompt: str, steps: int = 4) -> None:
+def fill_form(page, prompt: str, params: dict) -> None:
     page.fill("textarea[name=prompt]", prompt)
-    for name, value in (("num_frames", 7), ("height", 32), ("width", 32), ("num_inference_steps", steps),
-                        ("fps", 8)):
+    for name, value in params.items():  # the form's fields are named as the parameters
         page.fill(f"input[name={name}]", str(value))
 
 
@@ -112,7 +112,8 @@ def test_alice_queues_watches_plays_and_downloads_on_the_page(browser, gateway, 
     page.on("response", lambda r: media.append((r.url, r.status)))
     try:
         sign_in(page, gateway.url, "alice", tokens["alice"])
-        fill_tiny(page, "a paper boat on a pond, seen by the page", steps=4)
+        # long enough for the page's stream to see it run (a 32x32 job can end before the stream opens)
+        fill_form(page, "a paper boat on a pond, seen by the page", SECONDS)
         job_id = submit(page)
         page.wait_for_function(CARD_FINISHED, arg=job_id, timeout=180_000, polling=200)
         card = page.locator(f"#job-{job_id}")
@@ -123,9 +124,10 @@ def test_alice_queues_watches_plays_and_downloads_on_the_page(browser, gateway, 
         statuses = [s["status"] for s in shown]
         assert statuses[-1] == "done" and statuses.count("done") == 1, shown
         steps = [tuple(map(int, s["steps"].split("/"))) for s in shown if s["steps"]]
-        assert {total for _, total in steps} == {4}, shown
+        total = SECONDS["num_inference_steps"]
+        assert {t for _, t in steps} == {total}, shown
         assert [k for k, _ in steps] == sorted(k for k, _ in steps), shown  # never backwards
-        assert any(s["status"] == "running" and 0 < int(s["steps"].split("/")[0]) < 4
+        assert any(s["status"] == "running" and 0 < int(s["steps"].split("/")[0]) < total
                    for s in shown[:statuses.index("done")] if s["steps"]), shown
 
         # the new <video> plays from the gateway, streamed with Range requests (206)
@@ -141,8 +143,8 @@ def test_alice_queues_watches_plays_and_downloads_on_the_page(browser, gateway, 
             frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
         with gateway.client(tokens["alice"]) as alice:
             job = alice.get(f"/status/{job_id}").json()
-        assert len(frames) == job["params"]["num_frames"] == 7
-        assert frames[0].shape == (32, 32, 3)
+        assert len(frames) == job["params"]["num_frames"] == SECONDS["num_frames"]
+        assert frames[0].shape == (SECONDS["height"], SECONDS["width"], 3)
         anonymous = pw.request.new_context()
         try:
             assert anonymous.get(url).status == 401  # it was the session that opened it
@@ -164,10 +166,8 @@ def test_a_running_job_shows_its_forming_video_and_an_eta(browser, gateway, toke
     context = chromium.new_context(viewport={"width": 1100, "height": 700})
     context.add_init_script(RECORD_PREVIEWS)
     page = context.new_page()
-    # 16 latent frames x 200 steps: several seconds of denoising even on a fast CPU, so several previews
-    # (at most one a second) while the job runs
-    body = {"params": {"prompt": "a slow sunrise, previewed", "num_frames": 91, "height": 64, "width": 96,
-                       "num_inference_steps": 200, "fps": 8}, "reuse": False}
+    # several previews (at most one a second) while the job runs
+    body = {"params": {"prompt": "a slow sunrise, previewed", **SECONDS}, "reuse": False}
     with gateway.client(tokens["alice"]) as alice:
         job_id = alice.post("/generate", json=body).json()["id"]
         try:
@@ -215,7 +215,7 @@ def test_markup_stays_text_other_users_see_nothing_and_foreign_forms_cannot_writ
         assert r.status_code == 422 and "experiment" in r.json()["detail"]  # not a name: refused, not stored
 
         sign_in(page, storefront.url, "alice", tokens["alice"])
-        fill_tiny(page, prompt, steps=2)
+        fill_form(page, prompt, TINY)
         page.fill("input[name=negative_prompt]", SCRIPT)
         page.fill("input[name=tags]", ", ".join(tags))
         job_id = submit(page)  # the card the script builds from the job's JSON

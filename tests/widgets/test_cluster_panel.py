@@ -10,6 +10,7 @@ import time
 
 import pytest
 from fakes import PAYLOADS, FakeCluster, FakeJob, assert_safe, hostile_record, record
+from jobsizes import SECONDS
 from widget_helpers import unique
 
 from mochi_lab.backend import queue_rows
@@ -108,7 +109,7 @@ def test_scale_to_the_current_size_keeps_every_worker(mochi):
 def test_a_workers_current_job_shows_its_prompt_and_progress(mochi):
     """The account's own job by its prompt and step; on the other backend's panel it is another account's."""
     prompt = unique("panel long take")
-    job = mochi.generate(prompt, num_frames=19, height=64, width=96, num_inference_steps=200, fps=8)
+    job = mochi.generate(prompt, **SECONDS)
     try:
         deadline = time.monotonic() + 120
         while job.refresh().stage != "denoising" or (job.record.step or 0) < 1:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from fakes import PNG, FakeCluster, FakeJob, record
+from jobsizes import SECONDS
 from widget_helpers import drive, unique
 
 from mochi_lab import JobNotFound
@@ -213,7 +214,7 @@ def test_a_running_jobs_row_shows_the_video_as_it_forms(mochi):
     import time
 
     word = unique("forming")
-    job = mochi.generate(word, seed=4, num_frames=19, height=64, width=96, num_inference_steps=200, fps=8)
+    job = mochi.generate(word, seed=4, **SECONDS)
     try:
         deadline = time.monotonic() + 120
         while job.progress["preview_step"] is None:

@@ -10,13 +10,13 @@ from pathlib import Path
 
 import pytest
 from fakes import FakeCluster, FakeJob, Scan, record
+from jobsizes import SECONDS
 from widget_helpers import drive, unique
 
 from mochi_lab import Job, ParamsError
 from mochi_lab.widgets import JobCard, Studio
 
 # A job long enough to catch mid-denoising on 2 busy cores (tiny model: ~0.03 s a step at this size).
-LONG = {"num_frames": 19, "height": 64, "width": 96, "num_inference_steps": 200, "fps": 8}
 
 
 def tiny_studio(mochi, tmp_path, prompt: str, **overrides) -> Studio:
@@ -211,7 +211,7 @@ def test_same_params_and_seed_reuse_the_job_without_a_second_card(mochi, tmp_pat
 
 
 def test_cancel_button_stops_a_running_job(mochi, tmp_path):
-    studio = tiny_studio(mochi, tmp_path, unique("a slow river"), **LONG)
+    studio = tiny_studio(mochi, tmp_path, unique("a slow river"), **SECONDS)
     studio.generate_button.click()
     card = studio.cards[0]
     drive(studio.poll_once, lambda: card.record.stage == "denoising" and card.record.step >= 1 or card.finished)
@@ -306,7 +306,7 @@ async def _close_while_polling(studio: Studio, job) -> None:
 
 
 def test_closing_the_studio_stops_polling(mochi, tmp_path):
-    studio = tiny_studio(mochi, tmp_path, unique("a long road"), interval=0.2, **LONG)
+    studio = tiny_studio(mochi, tmp_path, unique("a long road"), interval=0.2, **SECONDS)
 
     async def main() -> Job:
         job = studio.submit()
