@@ -20,6 +20,25 @@ import psutil
 
 POLL_S = 0.5
 GRACE_S = 3.0  # SIGTERM first; what is left after this gets SIGKILL
+_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def started(pid: int) -> float | None:
+    """When process `pid` started (None: no such process), comparable across processes and hours.
+
+    On Linux it is the kernel's count since boot. psutil's create_time adds a boot time derived from the
+    wall clock, which clock adjustments move by whole seconds, so two processes could read one process's
+    start a second apart and take it for a reused pid."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            return int(fh.read().rsplit(b")", 1)[1].split()[19]) / _TICKS
+    except FileNotFoundError:
+        return None
+    except (OSError, IndexError, ValueError):  # no /proc here
+        try:
+            return psutil.Process(pid).create_time()
+        except psutil.Error:
+            return None
 
 
 def start(owner_pid: int, session_dir: str) -> subprocess.Popen:
@@ -34,29 +53,27 @@ def session_processes(session_dir: str, known: dict[int, float]) -> list[psutil.
     """Processes of the session: any whose command line names its folder, and every one seen below the
     owner while it lived (Ray's workers rename themselves), matched by start time against pid reuse."""
     found = []
-    for proc in psutil.process_iter(["pid", "cmdline", "create_time"]):
+    for proc in psutil.process_iter(["pid", "cmdline"]):
         if proc.pid == os.getpid():
             continue
         cmdline = " ".join(proc.info["cmdline"] or ())
-        if session_dir in cmdline or known.get(proc.pid) == proc.info["create_time"]:
+        if session_dir in cmdline or (proc.pid in known and known[proc.pid] == started(proc.pid)):
             found.append(proc)
     return found
 
 
 def watch(owner_pid: int, session_dir: str) -> int:
-    try:
-        owner = psutil.Process(owner_pid)
-        born = owner.create_time()
-    except psutil.NoSuchProcess:
-        owner, born = None, None
+    born = started(owner_pid)
     known: dict[int, float] = {}
-    while owner is not None:
+    while born is not None:
         try:
-            if owner.create_time() != born or owner.status() == psutil.STATUS_ZOMBIE:
+            owner = psutil.Process(owner_pid)
+            if started(owner_pid) != born or owner.status() == psutil.STATUS_ZOMBIE:
                 break
-            known.update({c.pid: c.create_time() for c in owner.children(recursive=True)})
+            children = owner.children(recursive=True)
         except psutil.NoSuchProcess:
             break
+        known.update({c.pid: t for c in children if (t := started(c.pid)) is not None})
         time.sleep(POLL_S)
     procs = session_processes(session_dir, known)
     for proc in procs:

@@ -39,6 +39,7 @@ import psutil
 
 from mochi_lab.pipelines.config import PipelineConfig
 from mochi_lab.pool import Pool, _import_ray, connect
+from mochi_lab.reaper import started
 from mochi_lab.settings import Settings, redact_url
 
 log = logging.getLogger(__name__)
@@ -74,7 +75,7 @@ def _daemon(record: dict[str, Any]) -> psutil.Process | None:
     """The record's daemon if that very process (pid and start time) still runs, else None."""
     try:
         proc = psutil.Process(int(record["pid"]))
-        if abs(proc.create_time() - float(record["pid_started"])) > 0.01 or proc.status() == psutil.STATUS_ZOMBIE:
+        if started(proc.pid) != float(record["pid_started"]) or proc.status() == psutil.STATUS_ZOMBIE:
             return None
         return proc if "mochi_lab.runtime" in " ".join(proc.cmdline()) else None
     except (psutil.Error, KeyError, TypeError, ValueError):
@@ -273,7 +274,7 @@ class _Daemon:
         workers = self.pool.ensure()
         me = psutil.Process()
         self.record = {
-            "address": address, "pid": me.pid, "pid_started": me.create_time(),
+            "address": address, "pid": me.pid, "pid_started": started(me.pid),
             "session_dir": ray._private.worker.global_worker.node.get_session_dir_path(),
             "model": self.model, "workers": len(workers), "namespace": self.settings.namespace,
             "store": redact_url(self.settings.store_url), "pipeline": self.pipeline.model_dump(mode="json"),

@@ -44,7 +44,7 @@ import pytest  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the helper modules beside this file
 from hub_fixtures import gateway, hub, storefront, tokens  # noqa: E402,F401  (one hub per session)
-from jobsizes import TINY  # noqa: E402
+from jobkit import TINY  # noqa: E402
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 # The smallest valid video: 7 frames (6k+1), 32x32 (multiples of 16), 2 steps.

@@ -18,9 +18,10 @@ def alive(pid: int, created: float) -> bool:
     """Whether that very process (pid and start time: a reused pid is another process) still runs."""
     import psutil
 
+    from mochi_lab.reaper import started
+
     try:
-        p = psutil.Process(pid)
-        return p.create_time() == created and p.status() != psutil.STATUS_ZOMBIE
+        return started(pid) == created and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
 

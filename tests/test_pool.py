@@ -7,7 +7,7 @@ import sys
 import time
 
 import pytest
-from jobsizes import SECONDS
+from jobkit import SECONDS
 
 from mochi_lab import JobFailed, MochiCluster
 

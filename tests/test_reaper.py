@@ -11,6 +11,8 @@ import psutil
 import pytest
 from faults_helpers import alive
 
+from mochi_lab.reaper import started
+
 CHILD = """
 import os, sys, time
 from mochi_lab import MochiCluster, Settings
@@ -26,10 +28,10 @@ time.sleep(600)
 
 def _session(session_dir: str) -> dict[int, tuple[float, str]]:
     found = {}
-    for p in psutil.process_iter(["pid", "cmdline", "create_time"]):
+    for p in psutil.process_iter(["pid", "cmdline"]):
         cmdline = " ".join(p.info["cmdline"] or ())
         if session_dir in cmdline:
-            found[p.pid] = (p.info["create_time"], cmdline)
+            found[p.pid] = (started(p.pid), cmdline)
     return found
 
 
@@ -44,7 +46,7 @@ def test_a_sigkilled_owner_leaves_no_ray_process_behind(tmp_path, tiny_checkpoin
         before = _session(session_dir)
         kinds = " ".join(cmd for _, cmd in before.values())
         assert "raylet" in kinds and "agent" in kinds, kinds  # the agents that used to leak are there
-        owned = {c.pid: c.create_time() for c in psutil.Process(child.pid).children(recursive=True)}
+        owned = {c.pid: started(c.pid) for c in psutil.Process(child.pid).children(recursive=True)}
         os.kill(child.pid, signal.SIGKILL)
         child.wait()
         deadline = time.monotonic() + 30

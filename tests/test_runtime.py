@@ -26,6 +26,7 @@ from faults_helpers import alive
 from mochi_lab import runtime
 from mochi_lab.cli import main
 from mochi_lab.pipelines.config import PipelineConfig
+from mochi_lab.reaper import started
 from mochi_lab.settings import Settings
 from mochi_lab.video import probe
 
@@ -107,7 +108,7 @@ def _json_line(proc: subprocess.Popen, timeout: float = 300) -> dict:
 def _family(record: dict) -> dict[int, float]:
     """The daemon and every process below it (Ray, its agents, the workers), by pid and start time."""
     top = psutil.Process(record["pid"])
-    return {p.pid: p.create_time() for p in [top, *top.children(recursive=True)]}
+    return {p.pid: started(p.pid) for p in [top, *top.children(recursive=True)]}
 
 
 def _listening(address: str) -> bool:
@@ -222,10 +223,10 @@ def test_a_record_is_stale_unless_its_own_daemon_listens_on_its_port(tmp_path):
         me = psutil.Process(lookalike.pid)
         assert "is gone" in runtime.stale_reason({"address": address, "pid": dead.pid, "pid_started": 0.0})
         assert "is gone" in runtime.stale_reason({"address": address, "pid": os.getpid(),
-                                                  "pid_started": psutil.Process().create_time()})
+                                                  "pid_started": started(os.getpid())})
         assert "is gone" in runtime.stale_reason({"address": address, "pid": me.pid, "pid_started": 1.0})
         assert "no process of its Ray session listens" in runtime.stale_reason(
-            {"address": address, "pid": me.pid, "pid_started": me.create_time()})
+            {"address": address, "pid": me.pid, "pid_started": started(me.pid)})
         (tmp_path / runtime.RECORD).write_text(json.dumps({"address": address, "pid": dead.pid, "pid_started": 0}))
         assert runtime.live_record(tmp_path) is None
         assert runtime.stop(tmp_path) is None and not (tmp_path / runtime.RECORD).exists()

@@ -11,7 +11,7 @@ from pathlib import Path
 import ipywidgets as w
 import numpy as np
 import pytest
-from jobsizes import SECONDS
+from jobkit import SECONDS
 
 from mochi_lab import ExperimentNotFound, MochiCluster
 from mochi_lab.experiment import MISSING

@@ -13,7 +13,7 @@ from pathlib import Path
 from urllib.parse import urljoin
 
 import pytest
-from jobsizes import SECONDS, TINY
+from jobkit import SECONDS, TINY
 
 pytestmark = pytest.mark.browser
 

@@ -10,7 +10,7 @@ import time
 
 import pytest
 from fakes import PAYLOADS, FakeCluster, FakeJob, assert_safe, hostile_record, record
-from jobsizes import SECONDS
+from jobkit import SECONDS
 from widget_helpers import unique
 
 from mochi_lab.backend import queue_rows

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from fakes import PNG, FakeCluster, FakeJob, record
-from jobsizes import SECONDS
+from jobkit import SECONDS
 from widget_helpers import drive, unique
 
 from mochi_lab import JobNotFound

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from fakes import FakeCluster, FakeJob, Scan, record
-from jobsizes import SECONDS
+from jobkit import SECONDS
 from widget_helpers import drive, unique
 
 from mochi_lab import Job, ParamsError
