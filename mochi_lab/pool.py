@@ -11,7 +11,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -178,36 +178,36 @@ def connect(settings: Settings) -> str:
 
 def _start(ray: Any, settings: Settings) -> None:
     if settings.ray_address:
-        kwargs = dict(address=settings.ray_address, namespace=settings.namespace, log_to_driver=False)
-        try:
-            ray.init(**kwargs)
-        except ConnectionAbortedError as exc:
-            # Ray Client starts a server process per client; on a loaded head that process can die
-            # while starting (seen on 2 cores: "Initialization failure from server"). A new one usually starts.
-            if not settings.ray_address.startswith("ray://"):
-                raise
-            log.warning("Ray Client's server for this session failed to start (%s); trying once more",
-                        str(exc).strip().splitlines()[-1][:200])
-            ray.shutdown()
-            ray.init(**kwargs)
+        # Ray Client starts a server process per client; on a loaded head that process can die while
+        # starting (seen on 2 cores: "Initialization failure from server"). A new one usually starts.
+        _init_with_one_retry(ray, dict(address=settings.ray_address, namespace=settings.namespace, log_to_driver=False),
+                             lambda exc: isinstance(exc, ConnectionAbortedError)
+                             and settings.ray_address.startswith("ray://"),
+                             "Ray Client's server for this session failed to start")
     else:
         # "local" starts a new Ray even when another one runs on this machine; it picks free
-        # ports for itself (never Redis' 6379) and stays on 127.0.0.1.
-        kwargs = dict(address="local", namespace=settings.namespace, include_dashboard=False,
-                      _node_ip_address="127.0.0.1", log_to_driver=False)
-        try:
-            ray.init(**kwargs)
-        except Exception as exc:
-            # Ray waits a fixed 30 s for its node agents; a loaded laptop can miss that once
-            if "timed out during startup" not in str(exc):
-                raise
-            log.warning("local Ray was slow to start; trying once more")
-            ray.shutdown()
-            ray.init(**kwargs)
+        # ports for itself (never Redis' 6379) and stays on 127.0.0.1. Ray waits a fixed 30 s for its
+        # node agents; a loaded laptop can miss that once.
+        _init_with_one_retry(ray, dict(address="local", namespace=settings.namespace, include_dashboard=False,
+                                       _node_ip_address="127.0.0.1", log_to_driver=False),
+                             lambda exc: "timed out during startup" in str(exc), "local Ray was slow to start")
         from mochi_lab import reaper
 
         # Ray's own processes would outlive a SIGKILLed owner: a watcher ends them then.
         reaper.start(os.getpid(), ray._private.worker.global_worker.node.get_session_dir_path())
+
+
+def _init_with_one_retry(ray: Any, kwargs: dict[str, Any], transient: Callable[[Exception], bool], what: str) -> None:
+    """ray.init(**kwargs), once more after a failure that `transient` says a second try may not repeat."""
+    try:
+        ray.init(**kwargs)
+    except Exception as exc:
+        if not transient(exc):
+            raise
+        last_line = (str(exc).strip().splitlines() or [type(exc).__name__])[-1]
+        log.warning("%s (%s); trying once more", what, last_line[:200])
+        ray.shutdown()
+        ray.init(**kwargs)
 
 
 class Pool:
