@@ -47,7 +47,6 @@ from hub_fixtures import gateway, hub, storefront, tokens  # noqa: E402,F401  (o
 from jobkit import TINY  # noqa: E402
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
-# The smallest valid video: 7 frames (6k+1), 32x32 (multiples of 16), 2 steps.
 
 
 @pytest.fixture(scope="session")

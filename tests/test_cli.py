@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+from jobkit import SECONDS
 
 from mochi_lab.cli import EXIT_FAILED, EXIT_TIMEOUT, EXIT_USAGE, main
 from mochi_lab.video import probe
@@ -53,8 +54,9 @@ def test_bad_params_name_the_field_and_exit_2(capsys):
 
 
 def test_a_timeout_is_one_line_and_exit_124(session_pool, tiny, capsys):
-    code = main(["generate", "a slow tide", "--frames", "91", "--height", "64", "--width", "96", "--steps", "200",
-                 "--timeout", "0.5", "--force"])
+    s = SECONDS  # a job of seconds: it is still running at the timeout
+    code = main(["generate", "a slow tide", "--frames", str(s["num_frames"]), "--height", str(s["height"]),
+                 "--width", str(s["width"]), "--steps", str(s["num_inference_steps"]), "--timeout", "0.5", "--force"])
     err = capsys.readouterr().err
     assert code == EXIT_TIMEOUT
     last = err.strip().splitlines()[-1]

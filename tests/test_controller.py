@@ -10,14 +10,13 @@ from __future__ import annotations
 import time
 
 import pytest
+from jobkit import LONG
 
 from mochi_lab.controller import PoolController, desired_workers
 from mochi_lab.params import GenerationParams
 from mochi_lab.settings import ScalingConfig, Settings
 from mochi_lab.store import open_store
 
-# a job that denoises for seconds (about 28 ms a step here), so the controller ticks while it runs
-SECONDS_LONG = {"num_frames": 31, "height": 128, "width": 224, "num_inference_steps": 200}
 NAME = "mochi-worker-0"
 
 
@@ -59,7 +58,7 @@ def _until(what, test, timeout=120.0):
 
 
 def _long_job(store, seed):
-    return store.enqueue("alice", GenerationParams.parse("a long river", seed=seed, **SECONDS_LONG).to_dict())
+    return store.enqueue("alice", GenerationParams.parse("a long river", seed=seed, **LONG).to_dict())
 
 
 def test_scale_down_due_while_a_job_runs_never_retires_the_busy_worker(own_pool):

@@ -16,13 +16,14 @@ import numpy as np
 import pytest
 
 from faults_helpers import wait_for
+from jobkit import LONG
 from mochi_lab.params import GenerationParams
 from mochi_lab.pipelines import load_runner
 from mochi_lab.video import write_mp4
 
 NAMESPACE = "mochi_gang_test"
 # a guided job of seconds on the tiny model, so that a test can act mid-denoise
-SLOW = {"num_frames": 31, "height": 128, "width": 224, "num_inference_steps": 200, "guidance_scale": 4.5}
+SLOW = {**LONG, "guidance_scale": 4.5}
 
 
 @pytest.fixture(scope="module")

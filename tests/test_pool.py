@@ -7,7 +7,7 @@ import sys
 import time
 
 import pytest
-from jobkit import SECONDS
+from jobkit import LONG, SECONDS
 
 from mochi_lab import JobFailed, MochiCluster
 
@@ -19,9 +19,6 @@ job = cluster.generate("a lighthouse", seed=9, num_frames=7, height=32, width=32
 print(job.id, flush=True)
 time.sleep(600)
 """
-
-# a job that denoises for seconds (about 28 ms a step here), so a fault can land mid-denoise
-SECONDS_LONG = {"num_frames": 31, "height": 128, "width": 224, "num_inference_steps": 200}
 
 
 def _max_overlap(records) -> int:
@@ -145,7 +142,7 @@ def test_node_lost_mid_job_reruns_elsewhere_with_one_artifact(mochi, ray_cluster
     faulty = MochiCluster(settings=settings)
     try:
         faulty.wait_ready(timeout=300)
-        job = faulty.generate("a storm", seed=4, **{**tiny, **SECONDS_LONG})
+        job = faulty.generate("a storm", seed=4, **{**tiny, **LONG})
         deadline = time.monotonic() + 120
         while (r := job.refresh()).step < 3:
             assert time.monotonic() < deadline, r
@@ -170,7 +167,7 @@ def test_node_lost_mid_job_reruns_elsewhere_with_one_artifact(mochi, ray_cluster
 def test_killed_worker_process_releases_its_job_at_once(mochi, test_settings, tiny):
     """SIGKILL the actor process running a job: Ray restarts the actor, whose worker takes back its old
     claims (release_worker), so the job runs again within seconds, not after its lease (issue 12 #9)."""
-    job = mochi.generate("a killed worker", seed=5, **{**tiny, **SECONDS_LONG})
+    job = mochi.generate("a killed worker", seed=5, **{**tiny, **LONG})
     deadline = time.monotonic() + 120
     while (r := job.refresh()).step < 3:
         assert time.monotonic() < deadline, r
