@@ -221,6 +221,10 @@ def test_a_record_is_stale_unless_its_own_daemon_listens_on_its_port(tmp_path):
     lookalike = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "mochi_lab.runtime"])
     try:
         me = psutil.Process(lookalike.pid)
+        deadline = time.monotonic() + 10
+        while "mochi_lab.runtime" not in me.cmdline():  # Popen can return before /proc shows the new command line
+            assert time.monotonic() < deadline, me.cmdline()
+            time.sleep(0.01)
         assert "is gone" in runtime.stale_reason({"address": address, "pid": dead.pid, "pid_started": 0.0})
         assert "is gone" in runtime.stale_reason({"address": address, "pid": os.getpid(),
                                                   "pid_started": started(os.getpid())})
