@@ -39,7 +39,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mochi_lab.direct import DirectBackend
-from mochi_lab.gateway_web import CSRF_HEADER, SESSION_COOKIE, Sessions, behind_proxies, check_cookie_write, web_router
+from mochi_lab.gateway_web import SESSION_COOKIE, Sessions, behind_proxies, check_cookie_write, web_router
 from mochi_lab.hubauth import (
     AuthError,
     AuthUnavailable,

@@ -20,8 +20,7 @@ import pytest
 from hub_fixtures import free_port
 from jobkit import TINY
 
-from mochi_lab.gateway import CSRF_HEADER
-from mochi_lab.gateway_web import SESSION_COOKIE, STATE_COOKIE
+from mochi_lab.gateway_web import CSRF_HEADER, SESSION_COOKIE, STATE_COOKIE
 from mochi_lab.hubauth import hash_token
 
 TOKENS = {hash_token("alice-secret"): {"account": "alice"}, hash_token("bob-secret"): {"account": "bob"}}

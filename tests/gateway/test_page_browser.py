@@ -235,7 +235,7 @@ def test_a_running_job_shows_its_forming_video_and_an_eta(browser, hub, gateway,
 
 
 def test_markup_stays_text_other_users_see_nothing_and_foreign_forms_cannot_write(browser, static_front):
-    from mochi_lab.gateway import CSRF_HEADER
+    from mochi_lab.gateway_web import CSRF_HEADER
 
     storefront = static_front
     _, chromium = browser
