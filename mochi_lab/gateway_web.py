@@ -233,11 +233,11 @@ def web_router(config: GatewayConfig, auth: Authenticator, sessions: Sessions,
     from mochi_lab.reprs import render
 
     router = APIRouter()
-    oauth = HubOAuth(config) if config.hub_api_url and config.hub_api_token is not None else None
+    with_hub = config.hub_api_url is not None  # else the token form (static tokens only)
+    oauth = HubOAuth(config) if with_hub and config.hub_api_token is not None else None
+    no_oauth = "signing in is unavailable: the gateway has no service token for the hub (JUPYTERHUB_API_TOKEN)"
     hub_origin = _origin(config.public_hub_url or "")
-    login_form_action = f"'self' {hub_origin}" if hub_origin else "'self'"
-    callback = urlsplit(config.callback_url).path
-    home = config.prefix
+    login_form_action = f"'self' {hub_origin}" if hub_origin else "'self'"  # the sign-in form goes on to the hub
 
     def cookie(resp: Response, request: Request, name: str, value: str, max_age: int) -> None:
         resp.set_cookie(name, value, max_age=max_age, path=config.prefix, httponly=True, samesite="lax",
@@ -246,13 +246,13 @@ def web_router(config: GatewayConfig, auth: Authenticator, sessions: Sessions,
     def login_page(status: int = 200, error: str | None = None, signed_out: bool = False) -> HTMLResponse:
         nonce = secrets.token_urlsafe(16)
         html = render("login.html", nonce=nonce, error=error, signed_out=signed_out,
-                      mode="token" if config.hub_api_url is None else "hub",
+                      mode="hub" if with_hub else "token",
                       hub_url=(config.public_hub_url or "/hub/").rstrip("/") + "/")
         return HTMLResponse(html, status_code=status, headers=page_headers(nonce, login_form_action))
 
     async def start_hub_login(request: Request) -> Response:
         if oauth is None:
-            return login_page(503, "signing in is unavailable: the gateway has no service token for the hub")
+            return login_page(503, no_oauth)
         state, verifier = await sessions.begin_login()
         resp = RedirectResponse(oauth.authorize_url(state, verifier), status_code=303)
         cookie(resp, request, STATE_COOKIE, state, LOGIN_S)
@@ -264,7 +264,7 @@ def web_router(config: GatewayConfig, auth: Authenticator, sessions: Sessions,
         if old:
             await sessions.end(old)
         sid = await sessions.create(token, ttl_s)
-        resp = RedirectResponse(home, status_code=303)
+        resp = RedirectResponse(config.prefix, status_code=303)
         cookie(resp, request, SESSION_COOKIE, sid, int(ttl_s))
         return resp
 
@@ -288,12 +288,12 @@ def web_router(config: GatewayConfig, auth: Authenticator, sessions: Sessions,
     @router.get("/login", response_class=HTMLResponse, tags=["web"])
     async def login_start(request: Request):
         """With a hub: off to the hub's sign-in. Without: the token form."""
-        return login_page() if config.hub_api_url is None else await start_hub_login(request)
+        return await start_hub_login(request) if with_hub else login_page()
 
     @router.post("/login", tags=["web"])
     async def login(request: Request):
         check_origin(request, config)
-        if config.hub_api_url is not None:
+        if with_hub:
             return await start_hub_login(request)
         raw = await request.body()
         token = (parse_qs(raw[:8192].decode("utf-8", "replace")).get("token") or [""])[0].strip()
@@ -305,10 +305,11 @@ def web_router(config: GatewayConfig, auth: Authenticator, sessions: Sessions,
             return login_page(exc.status, exc.detail)
         return await signed_in(request, token, config.session_s)
 
-    @router.get(callback[len(config.prefix) - 1:], include_in_schema=False)
+    # the callback's path, under the prefix the router is included with (GatewayConfig checks it is)
+    @router.get(urlsplit(config.callback_url).path[len(config.prefix) - 1:], include_in_schema=False)
     async def oauth_callback(request: Request, code: str = "", state: str = "", error: str = ""):
         if oauth is None:
-            return login_page(503, "signing in is unavailable: the gateway has no service token for the hub")
+            return login_page(503, no_oauth)
         if error:
             raise AuthError(403, f"the hub did not sign you in ({error:.100}): sign in again")
         mine = request.cookies.get(STATE_COOKIE, "")

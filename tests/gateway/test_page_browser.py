@@ -21,7 +21,7 @@ import pytest
 from hub_fixtures import Gateway, free_port
 from jobkit import SECONDS, TINY
 
-from mochi_lab.gateway_web import SESSION_COOKIE
+from mochi_lab.gateway_web import CSRF_HEADER, SESSION_COOKIE
 from mochi_lab.hubauth import hash_token
 
 pytestmark = pytest.mark.browser
@@ -235,9 +235,6 @@ def test_a_running_job_shows_its_forming_video_and_an_eta(browser, hub, gateway,
 
 
 def test_markup_stays_text_other_users_see_nothing_and_foreign_forms_cannot_write(browser, static_front):
-    from mochi_lab.gateway_web import CSRF_HEADER
-
-    storefront = static_front
     _, chromium = browser
     prompt = f"alice's secret cat {IMG} {SCRIPT}"
     tags = [IMG, SCRIPT, "plain"]
@@ -252,13 +249,13 @@ def test_markup_stays_text_other_users_see_nothing_and_foreign_forms_cannot_writ
 
     page.on("dialog", on_dialog)
     job_id = None
-    alice = storefront.client(STATIC_TOKENS["alice"])
+    alice = static_front.client(STATIC_TOKENS["alice"])
     try:
         r = alice.post("/generate", json={"params": {"prompt": "x", "num_frames": 7, "height": 32, "width": 32,
                                                      "num_inference_steps": 2}, "experiment": SCRIPT})
         assert r.status_code == 422 and "experiment" in r.json()["detail"]  # not a name: refused, not stored
 
-        sign_in_with_token(page, storefront.url, "alice", STATIC_TOKENS["alice"])
+        sign_in_with_token(page, static_front.url, "alice", STATIC_TOKENS["alice"])
         fill_form(page, prompt, TINY)
         page.fill("input[name=negative_prompt]", SCRIPT)
         page.fill("input[name=tags]", ", ".join(tags))
@@ -282,14 +279,14 @@ def test_markup_stays_text_other_users_see_nothing_and_foreign_forms_cannot_writ
         # a form on another site posting to the gateway: the browser's session does not make it a write
         evil = "http://evil.example/"
         page.route(evil, lambda route: route.fulfill(content_type="text/html", body=(
-            f'<form method="post" action="{storefront.url}/cancel/{job_id}"><input name="a" value="1"></form>'
+            f'<form method="post" action="{static_front.url}/cancel/{job_id}"><input name="a" value="1"></form>'
             "<script>document.forms[0].submit()</script>")))
-        with page.expect_response(f"{storefront.url}/cancel/{job_id}") as answer:
+        with page.expect_response(f"{static_front.url}/cancel/{job_id}") as answer:
             page.goto(evil)
         assert answer.value.status in (401, 403)
         # a form posted from the page's own origin without the CSRF header: refused too
-        page.goto(storefront.url + "/")
-        with page.expect_response(f"{storefront.url}/cancel/{job_id}") as answer:
+        page.goto(static_front.url + "/")
+        with page.expect_response(f"{static_front.url}/cancel/{job_id}") as answer:
             page.evaluate("""(id) => {
               const f = document.createElement('form');
               f.method = 'post'; f.action = 'cancel/' + id;
@@ -302,9 +299,9 @@ def test_markup_stays_text_other_users_see_nothing_and_foreign_forms_cannot_writ
         bob_context = chromium.new_context()
         try:
             bob_page = bob_context.new_page()
-            sign_in_with_token(bob_page, storefront.url, "bob", STATIC_TOKENS["bob"])
+            sign_in_with_token(bob_page, static_front.url, "bob", STATIC_TOKENS["bob"])
             on_page = set(bob_page.locator("#jobs article.job").evaluate_all("cs => cs.map(c => c.dataset.job)"))
-            with storefront.client(STATIC_TOKENS["bob"]) as bob:
+            with static_front.client(STATIC_TOKENS["bob"]) as bob:
                 assert on_page == {j["id"] for j in bob.get("/jobs/bob").json()}
             assert job_id not in bob_page.content() and "secret cat" not in bob_page.content()
         finally:
