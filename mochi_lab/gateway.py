@@ -22,7 +22,6 @@ import dataclasses
 import io
 import json
 import logging
-import secrets
 import tempfile
 import threading
 import time
@@ -30,17 +29,17 @@ import zipfile
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse, Response, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mochi_lab.direct import DirectBackend
+from mochi_lab.gateway_web import SESSION_COOKIE, Sessions, behind_proxies, check_cookie_write, web_router
 from mochi_lab.hubauth import (
     AuthError,
     AuthUnavailable,
@@ -68,8 +67,6 @@ from mochi_lab.store.base import (
 
 log = logging.getLogger("mochi_lab.gateway")
 
-COOKIE = "mochi-lab-token"
-CSRF_HEADER = "x-mochi-lab"  # cookie-authenticated writes must carry it (a cross-site form cannot)
 HIDDEN_FIELDS = ("fence", "lease_expires_at")
 ROUTES = {"video": "download", "thumbnail": "thumbnail"}
 MAX_BODY_BYTES = 1 << 20
@@ -313,7 +310,7 @@ def create_app(settings: Settings | None = None, *, backend_factory: Callable[[]
                 state["shared"].close()
 
     prefix = config.prefix.rstrip("/")
-    app = FastAPI(title="mochi_lab gateway", lifespan=lifespan, docs_url=f"{prefix}/docs",
+    app = FastAPI(title="mochi_lab gateway", lifespan=lifespan, docs_url=None,  # /docs: gateway_web
                   openapi_url=f"{prefix}/openapi.json", redoc_url=None,
                   description="Text-to-video with Mochi 1 on a shared Ray pool, per account. "
                               "Authenticate with `Authorization: token <JupyterHub token>`.")
@@ -372,17 +369,20 @@ def create_app(settings: Settings | None = None, *, backend_factory: Callable[[]
         return _error_response(500, "internal", "internal error")
 
     # -- identity -------------------------------------------------------------------------------
+    sessions = Sessions(lambda: shared().store)
+
     async def identify(request: Request) -> Identity:
         header = request.headers.get("authorization")
         token = parse_authorization(header)
-        from_cookie = False
-        if token is None and header is None:
-            token = request.cookies.get(COOKIE) or None
-            from_cookie = token is not None
+        sid = request.cookies.get(SESSION_COOKIE) if header is None else None
+        if sid:  # the page's session (mochi_lab.gateway_web): it stands for a token kept server-side
+            if request.method not in ("GET", "HEAD"):
+                check_cookie_write(request, config)
+            token = await sessions.token(sid)
+            if token is None:
+                raise ApiError(401, "unauthorized", "the session has ended (signed out or expired): sign in again")
         if token is None:
             raise ApiError(401, "unauthorized", "a token is required: Authorization: token <token>")
-        if from_cookie and request.method not in ("GET", "HEAD") and request.headers.get(CSRF_HEADER) != "1":
-            raise ApiError(403, "forbidden", f"a cookie-authenticated write needs the header {CSRF_HEADER}: 1")
         return await auth.identify(token)
 
     def backend_for(account: str, *, admin: bool = False) -> DirectBackend:
@@ -639,69 +639,8 @@ def create_app(settings: Settings | None = None, *, backend_factory: Callable[[]
         return Response(buf.getvalue(), media_type="application/zip",
                         headers={"Content-Disposition": f'attachment; filename="{name}.zip"'})
 
-    # -- the web page ---------------------------------------------------------------------------
-    def page_headers(nonce: str) -> dict[str, str]:
-        return {
-            "Content-Security-Policy": (f"default-src 'none'; script-src 'nonce-{nonce}'; style-src 'nonce-{nonce}'; "
-                                        "img-src 'self'; media-src 'self'; connect-src 'self'; form-action 'self'; "
-                                        "base-uri 'none'; frame-ancestors 'self'"),
-            "X-Content-Type-Options": "nosniff",
-            "Referrer-Policy": "same-origin",
-            "Cache-Control": "no-store",
-        }
-
-    @api.get("/", response_class=HTMLResponse, tags=["web"])
-    async def page(request: Request):
-        from mochi_lab.reprs import render
-
-        try:
-            identity = await identify(request)
-        except (ApiError, AuthError) as exc:
-            if "text/html" in request.headers.get("accept", "") and getattr(exc, "status", 401) == 401:
-                return RedirectResponse("login", status_code=303)
-            raise
-        backend = backend_for(identity.account)
-        records = await run_in_threadpool(backend.list, limit=50)
-        counts = await run_in_threadpool(backend.counts)
-        nonce = secrets.token_urlsafe(16)
-        html = render("page.html", account=identity.account, admin=identity.admin, jobs=[_page_job(r) for r in records],
-                      counts=counts, nonce=nonce, models=backend.models(), default_model=backend.model,
-                      max_active_jobs=config.max_active_jobs, csrf_header=CSRF_HEADER)
-        return HTMLResponse(html, headers=page_headers(nonce))
-
-    @api.get("/login", response_class=HTMLResponse, tags=["web"])
-    def login_form():
-        from mochi_lab.reprs import render
-
-        nonce = secrets.token_urlsafe(16)
-        return HTMLResponse(render("login.html", nonce=nonce, error=None), headers=page_headers(nonce))
-
-    @api.post("/login", tags=["web"])
-    async def login(request: Request):
-        from mochi_lab.reprs import render
-
-        raw = await request.body()
-        token = (parse_qs(raw[:8192].decode("utf-8", "replace")).get("token") or [""])[0].strip()
-        try:
-            if not token:
-                raise AuthError(401, "enter a token")
-            await auth.identify(token)
-        except AuthError as exc:
-            nonce = secrets.token_urlsafe(16)
-            return HTMLResponse(render("login.html", nonce=nonce, error=exc.detail), status_code=exc.status,
-                                headers=page_headers(nonce))
-        resp = RedirectResponse("./", status_code=303)
-        resp.set_cookie(COOKIE, token, httponly=True, samesite="strict", path=config.prefix,
-                        secure=request.url.scheme == "https", max_age=12 * 3600)
-        return resp
-
-    @api.post("/logout", tags=["web"])
-    def logout():
-        resp = RedirectResponse("login", status_code=303)
-        resp.delete_cookie(COOKIE, path=config.prefix)
-        return resp
-
     app.include_router(api, prefix=prefix)
+    app.include_router(web_router(config, auth, sessions, identify, backend_for), prefix=prefix)
     return app
 
 
@@ -725,19 +664,6 @@ class _RoutedBackend:
         return self._inner.save_artifact(job_id, name, dest)
 
 
-def _page_job(r: JobRecord) -> dict[str, Any]:
-    """A job as the page shows it: plain values, every one escaped by the template."""
-    p = r.params if isinstance(r.params, dict) else {}
-    return {
-        "id": r.id, "status": r.status, "stage": r.stage, "step": r.step, "total": r.total_steps,
-        "prompt": p.get("prompt"), "negative_prompt": p.get("negative_prompt"), "tags": list(r.tags or []),
-        "experiment": r.experiment, "seed": p.get("seed"), "model": p.get("model"),
-        "size": f"{p.get('width')}x{p.get('height')}, {p.get('num_frames')} frames, {p.get('num_inference_steps')} steps",
-        "error": r.error, "finished": r.status in FINISHED, "video": "video" in (r.artifacts or {}),
-        "created": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.created_at)) if r.created_at else "",
-    }
-
-
 def serve(host: str | None = None, port: int | None = None, settings: Settings | None = None) -> None:
     """Run the gateway with uvicorn (blocking): `mochi-lab gateway [--host --port]`."""
     import uvicorn
@@ -745,8 +671,8 @@ def serve(host: str | None = None, port: int | None = None, settings: Settings |
     settings = settings or Settings.from_env()
     config = GatewayConfig.from_env(host=host, port=port)
     app = create_app(settings, config=config)
-    uvicorn.run(app, host=config.host, port=config.port, proxy_headers=True, forwarded_allow_ips="127.0.0.1",
-                log_level="info")
+    uvicorn.run(behind_proxies(app, config.trusted_proxies), host=config.host, port=config.port,
+                proxy_headers=False, log_level="info")
 
 
 __all__ = ["ProgressHub", "create_app", "job_json", "serve"]

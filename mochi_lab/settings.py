@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 BUILTIN_MODELS: dict[str, str] = {
     "tiny": "tiny",  # built offline in code, see mochi_lab.pipelines.tiny
@@ -245,6 +245,12 @@ _GATEWAY_ENV = {
     "events_poll_s": "MOCHI_LAB_GATEWAY_EVENTS_POLL_S",
     "events_max_s": "MOCHI_LAB_GATEWAY_EVENTS_MAX_S",
     "autoscale": "MOCHI_LAB_AUTOSCALE",
+    "trusted_proxies": "MOCHI_LAB_GATEWAY_TRUSTED_PROXIES",
+    "public_hub_url": "JUPYTERHUB_PUBLIC_HUB_URL",
+    "oauth_client_id": "JUPYTERHUB_CLIENT_ID",
+    "oauth_callback_url": "JUPYTERHUB_OAUTH_CALLBACK_URL",
+    "oauth_scopes": "JUPYTERHUB_OAUTH_SCOPES",
+    "session_s": "MOCHI_LAB_GATEWAY_SESSION_S",
 }
 
 
@@ -271,11 +277,46 @@ class GatewayConfig(BaseModel):
     # The pool controller (mochi_lab.controller, ScalingConfig.from_env()) sizes the pool from the queue;
     # off: the pool is MOCHI_LAB_WORKERS actors, resized by an admin only.
     autoscale: bool = False
+    # Proxies whose X-Forwarded-Proto/-For are believed (IPs or CIDRs, comma separated in the environment)
+    trusted_proxies: list[str] = Field(default_factory=lambda: ["127.0.0.1"])
+    # The web page's sign-in: JupyterHub OAuth (the service's registration: oauth_client_id and
+    # oauth_redirect_uri). public_hub_url is where browsers reach the hub ("https://hub.example.org/hub/";
+    # None: "/hub/" on the page's own origin, as behind the hub's proxy); an https one makes every
+    # cookie Secure. A signed-in browser's session lasts session_s at most.
+    public_hub_url: str | None = None
+    oauth_client_id: str | None = None  # None: service-<service_name>
+    oauth_callback_url: str | None = None  # None: <prefix>oauth_callback
+    oauth_scopes: list[str] = Field(default_factory=list)  # empty: the hub's default (its own access scope)
+    session_s: float = Field(default=12 * 3600.0, gt=0)
 
-    @field_validator("admin_groups", mode="before")
+    @field_validator("admin_groups", "trusted_proxies", mode="before")
     @classmethod
     def _groups(cls, v: Any) -> Any:
         return [g.strip() for g in v.split(",") if g.strip()] if isinstance(v, str) else v
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _networks(cls, v: list[str]) -> list[str]:
+        import ipaddress
+
+        for item in v:
+            try:
+                ipaddress.ip_network(item, strict=False)
+            except ValueError:
+                raise ValueError(f"trusted_proxies: {item!r} is not an IP address or CIDR network") from None
+        return v
+
+    @field_validator("oauth_scopes", mode="before")
+    @classmethod
+    def _scopes(cls, v: Any) -> Any:
+        return json.loads(v) if isinstance(v, str) else v  # JupyterHub gives services a JSON list
+
+    @model_validator(mode="after")
+    def _callback_under_prefix(self) -> "GatewayConfig":
+        if not urlsplit(self.callback_url).path.startswith(self.prefix):
+            raise ValueError(f"oauth_callback_url ({self.callback_url!r:.100}) must be a URL or path under the "
+                             f"service prefix {self.prefix}: the sign-in's cookies live there")
+        return self
 
     @field_validator("static_tokens", mode="before")
     @classmethod
@@ -297,8 +338,20 @@ class GatewayConfig(BaseModel):
             raise ValueError("max_active_jobs must be at least 1")
         return v
 
+    @property
+    def client_id(self) -> str:
+        return self.oauth_client_id or f"service-{self.service_name}"
+
+    @property
+    def callback_url(self) -> str:
+        return self.oauth_callback_url or f"{self.prefix}oauth_callback"
+
     @classmethod
     def from_env(cls, **overrides: Any) -> "GatewayConfig":
         values: dict[str, Any] = {name: os.environ[var] for name, var in _GATEWAY_ENV.items() if os.environ.get(var)}
+        if "public_hub_url" not in values and os.environ.get("JUPYTERHUB_HOST"):
+            # as JupyterHub gives its services: the public host and the hub's base URL
+            base = (os.environ.get("JUPYTERHUB_BASE_URL") or "/").rstrip("/")
+            values["public_hub_url"] = f"{os.environ['JUPYTERHUB_HOST'].rstrip('/')}{base}/hub/"
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)

@@ -6,6 +6,10 @@ admin), dave and wendy (in the admin group `mochi-admins`) and erin, the gateway
 `mochi-lab`, and every user granted `access:services!service=mochi-lab`. It needs no proxy: the hub's API is
 called on the hub's own port, and an in-memory proxy class stands in for configurable-http-proxy.
 Tokens are minted through the hub's REST API by a `minter` service with the `tokens` scope.
+
+The service is registered for OAuth (its page's sign-in) with the `gateway` fixture's callback. Browsers
+reach the hub's pages (/hub/login, /hub/api/oauth2/authorize) on the same port as its API: `Hub.public_url`.
+Cookies are per host, not per port: the hub's, the gateways' and the browser's all share 127.0.0.1.
 """
 
 from __future__ import annotations
@@ -69,7 +73,9 @@ c.Authenticator.allowed_users = {users!r}
 c.Authenticator.admin_users = {{"carol"}}
 c.JupyterHub.load_groups = {{"mochi-admins": {{"users": ["dave", "wendy"]}}}}
 c.JupyterHub.services = [
-    {{"name": "{service}", "url": "http://127.0.0.1:{gateway_port}", "api_token": "{service_token}"}},
+    {{"name": "{service}", "url": "http://127.0.0.1:{gateway_port}", "api_token": "{service_token}",
+      "oauth_client_id": "service-{service}", "oauth_no_confirm": True,
+      "oauth_redirect_uri": "http://127.0.0.1:{gateway_port}/oauth_callback"}},
     {{"name": "minter", "api_token": "{minter_token}"}},
 ]
 c.JupyterHub.load_roles = [
@@ -83,6 +89,7 @@ c.JupyterHub.load_roles = [
 class Hub:
     def __init__(self, api_url: str, service_token: str, minter_token: str, gateway_port: int):
         self.api_url = api_url
+        self.public_url = api_url.removesuffix("api")  # http://127.0.0.1:<hub port>/hub/
         self.service_token = service_token
         self.gateway_port = gateway_port
         self._minter = httpx.Client(base_url=api_url, headers={"Authorization": f"token {minter_token}"},
@@ -172,6 +179,7 @@ class Gateway:
 
 
 def _config(hub: Hub, **overrides):
+    """A gateway's settings with this hub (its page signs in at the hub only on the registered port)."""
     from mochi_lab.settings import GatewayConfig
 
     return GatewayConfig(hub_api_url=hub.api_url, hub_api_token=hub.service_token, service_name=SERVICE,
@@ -185,7 +193,9 @@ def gateway(hub, mochi, test_settings):
     from mochi_lab.gateway import create_app
 
     shared = mochi.backend
-    app = create_app(test_settings, backend_factory=lambda: shared, config=_config(hub))
+    config = _config(hub, public_hub_url=hub.public_url,
+                     oauth_callback_url=f"http://127.0.0.1:{hub.gateway_port}/oauth_callback")
+    app = create_app(test_settings, backend_factory=lambda: shared, config=config)
     gw = Gateway(app, hub.gateway_port).start()
     yield gw
     gw.stop()

@@ -28,7 +28,7 @@ LAYERS: list[set[str]] = [
     {"job", "experiment", "experiment_views"},
     {"client"},
     {""},  # the package face, mochi_lab/__init__.py
-    {"gateway"},
+    {"gateway", "gateway_web"},
     {"cli", "widgets"},
 ]
 LAYER = {name: i for i, names in enumerate(LAYERS) for name in names}

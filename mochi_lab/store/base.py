@@ -357,6 +357,21 @@ class Store(abc.ABC):
         """Hold `role` for `ttl_s` more seconds: True when `holder` had it, nobody did, or the last
         holder's time ran out (or `take`: taken over whoever holds it). One holder at a time."""
 
+    # -- the gateway's web sign-in -----------------------------------------------
+    # Sessions and pending logins, shared by every gateway replica. The gateway keys them by a hash of
+    # the browser's secret, so the store never holds a usable cookie.
+    @abc.abstractmethod
+    def put_session(self, key: str, data: dict[str, Any], ttl_s: float) -> None:
+        """Keep `data` under `key` for `ttl_s` seconds (replacing what was there)."""
+
+    @abc.abstractmethod
+    def get_session(self, key: str) -> dict[str, Any] | None:
+        """The data under `key`; None when there is none or its time ran out."""
+
+    @abc.abstractmethod
+    def take_session(self, key: str) -> dict[str, Any] | None:
+        """Remove the data under `key` and return it (None as `get_session`); of concurrent takes, one gets it."""
+
     # -- experiments -----------------------------------------------------------
     @abc.abstractmethod
     def put_experiment(self, account: str, record: dict[str, Any]) -> None:

@@ -14,6 +14,7 @@ Keys, all under `{prefix}:` (default prefix `mochi`):
   worker:{id}         string JSON with a TTL; `workers` is the set of ids ever published
   e:{len(account)}:{account}:{experiment}   zset id -> seq, the experiment's jobs
   exp:{account}, expo:{account}   experiments (hash name -> JSON) and their order (zset)
+  sess:{key}          string JSON with a TTL: the gateway's web sessions and pending logins
 Times come from the Redis server's clock, so workers on different nodes agree on leases.
 """
 
@@ -382,6 +383,24 @@ class RedisStore(Store):
     @_guard
     def lead(self, role: str, holder: str, ttl_s: float, *, take: bool = False) -> bool:
         return self._lead(args=[self.prefix, role, holder, f"{ttl_s:.3f}", "1" if take else "0"]) == 1
+
+    # -- the gateway's web sign-in -------------------------------------------------------
+    @_guard
+    def put_session(self, key: str, data: dict[str, Any], ttl_s: float) -> None:
+        self.client.set(self._key("sess", key), _dumps(data), px=max(1, int(ttl_s * 1000)))
+
+    @_guard
+    def get_session(self, key: str) -> dict[str, Any] | None:
+        (raw,) = self.client.mget([self._key("sess", key)])  # MGET: the store users' ACL has no GET
+        return None if raw is None else json.loads(raw)
+
+    @_guard
+    def take_session(self, key: str) -> dict[str, Any] | None:
+        pipe = self.client.pipeline(transaction=True)
+        pipe.mget([self._key("sess", key)])
+        pipe.delete(self._key("sess", key))
+        (raw,), _ = pipe.execute()  # MULTI: of concurrent takes, one reads it before it goes
+        return None if raw is None else json.loads(raw)
 
     # -- experiments ---------------------------------------------------------------------
     @_guard

@@ -109,6 +109,13 @@ CREATE TABLE IF NOT EXISTS leaders (
     holder TEXT NOT NULL,
     until REAL NOT NULL
 );
+-- the gateway's web sessions and pending logins (Store.put_session)
+CREATE TABLE IF NOT EXISTS sessions (
+    key TEXT PRIMARY KEY,
+    data TEXT NOT NULL,
+    expires_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS sessions_expiry ON sessions(expires_at);
 CREATE TABLE IF NOT EXISTS experiments (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
     account TEXT NOT NULL,
@@ -556,6 +563,25 @@ class SQLiteStore(Store):
             conn.execute("INSERT INTO leaders(role, holder, until) VALUES (?, ?, ?) ON CONFLICT(role) "
                          "DO UPDATE SET holder = excluded.holder, until = excluded.until", (role, holder, now + ttl_s))
             return True
+
+    # -- the gateway's web sign-in ---------------------------------------------------------
+    def put_session(self, key: str, data: dict[str, Any], ttl_s: float) -> None:
+        with self._write() as conn:
+            now = time.time()
+            conn.execute("DELETE FROM sessions WHERE expires_at <= ?", (now,))  # the ended ones go here
+            conn.execute("INSERT OR REPLACE INTO sessions(key, data, expires_at) VALUES (?, ?, ?)",
+                         (key, _dumps(data), now + ttl_s))
+
+    def get_session(self, key: str) -> dict[str, Any] | None:
+        row = self._conn().execute("SELECT data FROM sessions WHERE key = ? AND expires_at > ?",
+                                   (key, time.time())).fetchone()
+        return None if row is None else json.loads(row[0])
+
+    def take_session(self, key: str) -> dict[str, Any] | None:
+        with self._write() as conn:
+            row = conn.execute("SELECT data, expires_at FROM sessions WHERE key = ?", (key,)).fetchone()
+            conn.execute("DELETE FROM sessions WHERE key = ?", (key,))
+        return None if row is None or row[1] <= time.time() else json.loads(row[0])
 
     # -- experiments -----------------------------------------------------------------------
     def put_experiment(self, account: str, record: dict[str, Any]) -> None:

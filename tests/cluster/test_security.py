@@ -281,6 +281,33 @@ def test_the_hub_registers_the_gateway_and_grants_its_scope(values, rendered):
     dep = cl.find(rendered["prod"], *GATEWAY)
     env = cl.env_list(dep["spec"]["template"]["spec"]["containers"][0])
     assert gw.path == env["JUPYTERHUB_SERVICE_PREFIX"]["value"]
+    # the page's sign-in: the OAuth client the hub registers is the one the gateway uses
+    service = hub["services"][name]
+    assert service["oauth_client_id"] == env["JUPYTERHUB_CLIENT_ID"]["value"] == f"service-{name}"
+    assert service["oauth_redirect_uri"] == env["JUPYTERHUB_OAUTH_CALLBACK_URL"]["value"]
+    assert service["oauth_redirect_uri"] == env["JUPYTERHUB_SERVICE_PREFIX"]["value"] + "oauth_callback"
+
+
+def test_the_gateway_settings_of_the_deployment_are_valid_and_trust_only_private_proxies(rendered, monkeypatch):
+    """The Deployment's gateway variables, read by GatewayConfig.from_env as the pod would: the sign-in's
+    callback is under the service prefix, and the proxies whose forwarded headers count are private
+    networks (the pod network), never any address."""
+    import ipaddress
+
+    from mochi_lab.settings import _GATEWAY_ENV, GatewayConfig
+
+    for docs in rendered.values():
+        (c,) = cl.find(docs, *GATEWAY)["spec"]["template"]["spec"]["containers"]
+        env = {n: e["value"] for n, e in cl.env_list(c).items() if "value" in e}
+        for var in set(_GATEWAY_ENV.values()) | {"JUPYTERHUB_HOST", "JUPYTERHUB_PUBLIC_HUB_URL"}:
+            monkeypatch.delenv(var, raising=False)
+        for var, value in env.items():
+            if var in _GATEWAY_ENV.values():
+                monkeypatch.setenv(var, value)
+        config = GatewayConfig.from_env()
+        assert config.callback_url == "/services/mochi-lab/oauth_callback" and config.client_id == "service-mochi-lab"
+        nets = [ipaddress.ip_network(n) for n in config.trusted_proxies]
+        assert nets and all(n.is_private and n.prefixlen >= 8 for n in nets), nets
 
 
 def test_ray_token_auth(rendered):

@@ -1,19 +1,28 @@
 """The gateway's web page (`GET /`) in Debian's headless Chromium through Playwright.
 
-Signed in through the login form (a hub token, then the cookie session), a user queues a video with the
-page's own form, watches its progress arrive, plays it through the gateway and downloads it; markup in
-every field stays text; another user sees none of it; a form from elsewhere cannot write.
-Screenshots go to artifacts/browser/ (ignored by git).
+Signed in at the real hub (OAuth: the hub's login form, then back with a server-side session), a user
+queues a video with the page's own form, watches its progress arrive, plays it through the gateway and
+downloads it; another user's session shows only theirs; a sign-in or sign-out from another site, or a
+sign-in code from another browser, is refused; signing out ends the session on the server, and so does
+signing out of the hub. On a gateway without a hub (static tokens, the token form): markup in every
+field stays text, another user sees none of it, a form from elsewhere cannot write. /docs renders with
+nothing from outside 127.0.0.1. Screenshots go to artifacts/browser/ (ignored by git).
 """
 
 from __future__ import annotations
 
 import io
+import time
 from pathlib import Path
-from urllib.parse import urljoin
+from urllib.parse import urljoin, urlsplit
 
+import httpx
 import pytest
+from hub_fixtures import Gateway, free_port
 from jobkit import SECONDS, TINY
+
+from mochi_lab.gateway_web import CSRF_HEADER, SESSION_COOKIE
+from mochi_lab.hubauth import hash_token
 
 pytestmark = pytest.mark.browser
 
@@ -76,8 +85,42 @@ def browser():
             chromium.close()
 
 
-def sign_in(page, base: str, user: str, token: str) -> None:
-    """Open the page with no session, get sent to the login form, and sign in there."""
+STATIC_TOKENS = {"alice": "alice-page-token", "bob": "bob-page-token"}
+
+
+@pytest.fixture(scope="module")
+def static_front(tmp_path_factory):
+    """A gateway without a hub (static tokens, the token form) over a store of its own with no pool: its
+    jobs stay queued."""
+    from mochi_lab.direct import DirectBackend
+    from mochi_lab.gateway import create_app
+    from mochi_lab.settings import GatewayConfig, Settings
+    from mochi_lab.store import open_store
+
+    settings = Settings(data_dir=tmp_path_factory.mktemp("static-front"), account="ops")
+    store = open_store(settings.store_url)
+    shared = DirectBackend(settings, store, None)
+    config = GatewayConfig(static_tokens={hash_token(t): {"account": u} for u, t in STATIC_TOKENS.items()},
+                           max_active_jobs=3)
+    gw = Gateway(create_app(settings, backend_factory=lambda: shared, config=config), free_port()).start()
+    yield gw
+    gw.stop()
+    store.close()
+
+
+def sign_in(page, base: str, hub, user: str) -> None:
+    """Open the page with no session: sent to the hub's login form, sign in there, and come back."""
+    page.goto(base + "/")
+    assert page.url.startswith(hub.public_url + "login?next="), page.url
+    page.fill("#username_input", user)
+    page.fill("#password_input", "any")  # DummyAuthenticator
+    page.click("#login_submit")
+    page.wait_for_url(base + "/")
+    assert page.locator("header .account").inner_text() == user
+
+
+def sign_in_with_token(page, base: str, user: str, token: str) -> None:
+    """A gateway without a hub: the page sends to its token form."""
     page.goto(base + "/")
     assert page.url == base + "/login"
     page.fill("input[name=token]", token)
@@ -101,7 +144,7 @@ def submit(page) -> str:
     return page.locator("#jobs article.job").first.get_attribute("data-job")
 
 
-def test_alice_queues_watches_plays_and_downloads_on_the_page(browser, gateway, tokens):
+def test_alice_queues_watches_plays_and_downloads_on_the_page(browser, hub, gateway, tokens):
     import av
 
     pw, chromium = browser
@@ -111,7 +154,7 @@ def test_alice_queues_watches_plays_and_downloads_on_the_page(browser, gateway, 
     media = []  # (url, status) of every response the page got
     page.on("response", lambda r: media.append((r.url, r.status)))
     try:
-        sign_in(page, gateway.url, "alice", tokens["alice"])
+        sign_in(page, gateway.url, hub, "alice")
         # long enough for the page's stream to see it run (a 32x32 job can end before the stream opens)
         fill_form(page, "a paper boat on a pond, seen by the page", SECONDS)
         job_id = submit(page)
@@ -161,7 +204,7 @@ def test_alice_queues_watches_plays_and_downloads_on_the_page(browser, gateway, 
         context.close()
 
 
-def test_a_running_job_shows_its_forming_video_and_an_eta(browser, gateway, tokens):
+def test_a_running_job_shows_its_forming_video_and_an_eta(browser, hub, gateway, tokens):
     pw, chromium = browser
     context = chromium.new_context(viewport={"width": 1100, "height": 700})
     context.add_init_script(RECORD_PREVIEWS)
@@ -171,7 +214,7 @@ def test_a_running_job_shows_its_forming_video_and_an_eta(browser, gateway, toke
     with gateway.client(tokens["alice"]) as alice:
         job_id = alice.post("/generate", json=body).json()["id"]
         try:
-            sign_in(page, gateway.url, "alice", tokens["alice"])
+            sign_in(page, gateway.url, hub, "alice")
             img = f"#job-{job_id} img.preview"
             # the picture is replaced as the job goes on: two different previews loaded and shown
             page.wait_for_function("(id) => new Set(window.__previews.filter(p => p.src.includes(id))"
@@ -191,9 +234,7 @@ def test_a_running_job_shows_its_forming_video_and_an_eta(browser, gateway, toke
             context.close()
 
 
-def test_markup_stays_text_other_users_see_nothing_and_foreign_forms_cannot_write(browser, storefront, tokens):
-    from mochi_lab.gateway import CSRF_HEADER
-
+def test_markup_stays_text_other_users_see_nothing_and_foreign_forms_cannot_write(browser, static_front):
     _, chromium = browser
     prompt = f"alice's secret cat {IMG} {SCRIPT}"
     tags = [IMG, SCRIPT, "plain"]
@@ -208,13 +249,13 @@ def test_markup_stays_text_other_users_see_nothing_and_foreign_forms_cannot_writ
 
     page.on("dialog", on_dialog)
     job_id = None
-    alice = storefront.client(tokens["alice"])
+    alice = static_front.client(STATIC_TOKENS["alice"])
     try:
         r = alice.post("/generate", json={"params": {"prompt": "x", "num_frames": 7, "height": 32, "width": 32,
                                                      "num_inference_steps": 2}, "experiment": SCRIPT})
         assert r.status_code == 422 and "experiment" in r.json()["detail"]  # not a name: refused, not stored
 
-        sign_in(page, storefront.url, "alice", tokens["alice"])
+        sign_in_with_token(page, static_front.url, "alice", STATIC_TOKENS["alice"])
         fill_form(page, prompt, TINY)
         page.fill("input[name=negative_prompt]", SCRIPT)
         page.fill("input[name=tags]", ", ".join(tags))
@@ -238,14 +279,14 @@ def test_markup_stays_text_other_users_see_nothing_and_foreign_forms_cannot_writ
         # a form on another site posting to the gateway: the browser's session does not make it a write
         evil = "http://evil.example/"
         page.route(evil, lambda route: route.fulfill(content_type="text/html", body=(
-            f'<form method="post" action="{storefront.url}/cancel/{job_id}"><input name="a" value="1"></form>'
+            f'<form method="post" action="{static_front.url}/cancel/{job_id}"><input name="a" value="1"></form>'
             "<script>document.forms[0].submit()</script>")))
-        with page.expect_response(f"{storefront.url}/cancel/{job_id}") as answer:
+        with page.expect_response(f"{static_front.url}/cancel/{job_id}") as answer:
             page.goto(evil)
         assert answer.value.status in (401, 403)
         # a form posted from the page's own origin without the CSRF header: refused too
-        page.goto(storefront.url + "/")
-        with page.expect_response(f"{storefront.url}/cancel/{job_id}") as answer:
+        page.goto(static_front.url + "/")
+        with page.expect_response(f"{static_front.url}/cancel/{job_id}") as answer:
             page.evaluate("""(id) => {
               const f = document.createElement('form');
               f.method = 'post'; f.action = 'cancel/' + id;
@@ -258,9 +299,9 @@ def test_markup_stays_text_other_users_see_nothing_and_foreign_forms_cannot_writ
         bob_context = chromium.new_context()
         try:
             bob_page = bob_context.new_page()
-            sign_in(bob_page, storefront.url, "bob", tokens["bob"])
+            sign_in_with_token(bob_page, static_front.url, "bob", STATIC_TOKENS["bob"])
             on_page = set(bob_page.locator("#jobs article.job").evaluate_all("cs => cs.map(c => c.dataset.job)"))
-            with storefront.client(tokens["bob"]) as bob:
+            with static_front.client(STATIC_TOKENS["bob"]) as bob:
                 assert on_page == {j["id"] for j in bob.get("/jobs/bob").json()}
             assert job_id not in bob_page.content() and "secret cat" not in bob_page.content()
         finally:
@@ -278,3 +319,146 @@ def test_markup_stays_text_other_users_see_nothing_and_foreign_forms_cannot_writ
         if job_id is not None:  # the storefront's quota is per account: leave alice's place free
             alice.post(f"/cancel/{job_id}")
         alice.close()
+
+
+def _session_cookie(context, base: str) -> dict:
+    (cookie,) = [c for c in context.cookies(base) if c["name"] == SESSION_COOKIE]
+    return cookie
+
+
+def _whoami(pw, base: str, sid: str) -> int:
+    """GET /whoami from a fresh client with only this session cookie: a replay."""
+    ctx = pw.request.new_context(extra_http_headers={"Cookie": f"{SESSION_COOKIE}={sid}"})
+    try:
+        return ctx.get(base + "/whoami").status
+    finally:
+        ctx.dispose()
+
+
+def _page_posting_to(action: str):
+    """A route handler: another site's page whose form posts itself to `action` at once."""
+    body = f'<form method="post" action="{action}"></form><script>document.forms[0].submit()</script>'
+    return lambda route: route.fulfill(content_type="text/html", body=body)
+
+
+def test_sign_in_at_the_hub_sessions_stay_per_user_and_end_on_the_server(browser, hub, gateway, tokens):
+    pw, chromium = browser
+    base = gateway.url
+    alice_ctx, bob_ctx = chromium.new_context(), chromium.new_context()
+    alice, bob = alice_ctx.new_page(), bob_ctx.new_page()
+    try:
+        # alice signs in at the hub and lands on the page as herself; her cookie is a random id, not a token
+        sign_in(alice, base, hub, "alice")
+        cookie = _session_cookie(alice_ctx, base)
+        sid = cookie["value"]
+        assert cookie["httpOnly"] and cookie["sameSite"] == "Lax" and not cookie["secure"]  # http hub
+        with httpx.Client(trust_env=False) as plain:
+            assert plain.get(hub.api_url + "/user", headers={"Authorization": f"token {sid}"}).status_code in (401, 403)
+            assert plain.get(base + "/whoami", headers={"Authorization": f"token {sid}"}).status_code == 401
+        assert _whoami(pw, base, sid) == 200
+
+        # bob, in his own browser, is bob: alice's job is not on his page and answers him 404
+        with gateway.client(tokens["alice"]) as api:
+            job_id = api.post("/generate", json={"params": {"prompt": "alice's lantern", **TINY}}).json()["id"]
+        sign_in(bob, base, hub, "bob")
+        bob.reload()
+        assert job_id not in bob.content() and "lantern" not in bob.content()
+        assert bob.request.get(f"{base}/status/{job_id}").status == 404
+        assert alice.request.get(f"{base}/status/{job_id}").status == 200
+        # a made-up session id signs nobody in
+        assert _whoami(pw, base, "A" * 43) == 401
+
+        # login CSRF: bob's sign-in code, unused, sent to alice's browser does not sign her in as bob.
+        # Bob's browser (its own cookies) starts a sign-in and stops before the callback.
+        r = bob_ctx.request.get(base + "/login", max_redirects=0)
+        assert r.status == 303
+        r = bob_ctx.request.get(r.headers["location"], max_redirects=0)  # the hub knows bob: straight back
+        assert r.status == 302
+        bobs_callback = urljoin(hub.public_url, r.headers["location"])
+        assert bobs_callback.startswith(base + "/oauth_callback?") and "code=" in bobs_callback
+        answer = alice.goto(bobs_callback)
+        assert answer.status == 403 and "not started by this browser" in answer.text()
+        alice.goto(base + "/")
+        assert alice.locator("header .account").inner_text() == "alice"
+
+        # another site's forms cannot sign alice in or out
+        evil = "http://evil.example/"
+        for action in ("login", "logout"):
+            alice.route(evil, _page_posting_to(f"{base}/{action}"))
+            with alice.expect_response(f"{base}/{action}") as answer:
+                alice.goto(evil)
+            assert answer.value.status == 403, action
+            assert "cross-site request refused" in answer.value.json()["detail"]
+            alice.unroute(evil)
+        assert _whoami(pw, base, sid) == 200
+
+        # signing out ends the session on the server: the old cookie, replayed, is refused
+        alice.goto(base + "/")
+        alice.click("form.logout button")
+        alice.wait_for_url(base + "/logout")
+        assert "signed out" in alice.content()
+        alice.screenshot(path=str(ARTIFACTS / "gateway_signed_out.png"))
+        assert _whoami(pw, base, sid) == 401
+        assert not [c for c in alice_ctx.cookies(base) if c["name"] == SESSION_COOKIE]
+
+        # signing in again needs no password while the hub session lasts; a new session, a new id
+        alice.click("button[type=submit]")
+        alice.wait_for_url(base + "/")
+        assert alice.locator("header .account").inner_text() == "alice"
+        again = _session_cookie(alice_ctx, base)["value"]
+        assert again != sid and _whoami(pw, base, again) == 200
+        # signing out of the hub revokes the token the session stands for: the session ends within the
+        # gateway's auth cache (tests/hub_fixtures.py: AUTH_CACHE_S)
+        alice.goto(hub.public_url + "logout")
+        deadline = time.monotonic() + 30
+        while _whoami(pw, base, again) == 200:
+            assert time.monotonic() < deadline, "the session outlived the hub's sign-out"
+            time.sleep(0.2)
+    except Exception:
+        alice.screenshot(path=str(ARTIFACTS / "gateway_sign_in-failure.png"), full_page=True)
+        raise
+    finally:
+        alice_ctx.close()
+        bob_ctx.close()
+
+
+RECORD_CSP = """
+window.__csp = [];
+document.addEventListener("securitypolicyviolation", (e) => window.__csp.push(e.violatedDirective + " " + e.blockedURI));
+"""
+
+
+def test_docs_render_with_nothing_from_outside(browser, static_front):
+    """Swagger UI at /docs, in Chromium, with every host but 127.0.0.1 blocked: it renders the API, asks no
+    other host for anything, and breaks none of its CSP."""
+    _, chromium = browser
+    context = chromium.new_context(viewport={"width": 1100, "height": 900})
+    context.add_init_script(RECORD_CSP)
+    outside, served = [], []
+
+    def gate(route):
+        if urlsplit(route.request.url).hostname == "127.0.0.1":
+            served.append(route.request.url)
+            route.continue_()
+        else:
+            outside.append(route.request.url)
+            route.abort()
+
+    context.route("**/*", gate)
+    page = context.new_page()
+    errors = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    try:
+        answer = page.goto(static_front.url + "/docs")
+        assert answer.status == 200 and "default-src 'none'" in answer.headers["content-security-policy"]
+        page.wait_for_selector(".swagger-ui .info .title", timeout=30_000)
+        assert page.locator(".swagger-ui .info .title").inner_text().startswith("mochi_lab gateway")
+        page.wait_for_function("document.querySelectorAll('.opblock').length >= 10")
+        page.locator(".opblock-summary-path", has_text="/generate").first.wait_for()
+        assert outside == [] and errors == [], (outside, errors)
+        assert page.evaluate("window.__csp") == []
+        assert any(u.endswith("/docs/assets/swagger-ui-bundle.js") for u in served) and \
+            any(u.endswith("/openapi.json") for u in served)
+        page.screenshot(path=str(ARTIFACTS / "gateway_docs.png"))
+    finally:
+        context.close()

@@ -615,3 +615,28 @@ def test_lead_has_one_holder_until_its_time_runs_out(store: Store) -> None:
     assert not store.lead("pool", "a", 10)
     assert store.lead("pool", "a", 10, take=True)
     assert not store.lead("pool", "b", 10)
+
+
+def test_sessions_expire_are_seen_by_every_opener_and_are_taken_once(make_store) -> None:
+    """The gateway's web sessions: what one replica puts another reads; a take is once, even when raced."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    a, b = make_store(), make_store()
+    a.put_session("session:k1", {"token": "t1"}, 30)
+    assert b.get_session("session:k1") == {"token": "t1"}
+    assert b.get_session("session:other") is None
+    a.put_session("session:k1", {"token": "t2"}, 30)  # replaced
+    assert b.get_session("session:k1") == {"token": "t2"}
+    assert b.take_session("session:k1") == {"token": "t2"}
+    assert a.get_session("session:k1") is None and a.take_session("session:k1") is None
+
+    a.put_session("login:race", {"verifier": "v"}, 30)
+    with ThreadPoolExecutor(8) as pool:
+        takes = list(pool.map(lambda s: s.take_session("login:race"), [make_store() for _ in range(8)]))
+    assert takes.count({"verifier": "v"}) == 1 and takes.count(None) == 7
+
+    a.put_session("session:short", {"token": "t"}, 0.3)
+    a.put_session("session:long", {"token": "t"}, 30)
+    time.sleep(0.4)  # past the short one's time (a lower bound: no machine is too fast for it)
+    assert b.get_session("session:short") is None and b.take_session("session:short") is None
+    assert b.get_session("session:long") == {"token": "t"}
