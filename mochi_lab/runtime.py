@@ -10,6 +10,9 @@ them if the daemon is SIGKILLed), creates the pool, and records itself in `<data
 is alive and attach as Ray drivers; the daemon stops itself (pool, Ray, record) after `runtime_idle_s`
 with no attached driver and no busy worker, or on SIGTERM (`mochi-lab down`).
 
+The daemon runs under a 077 umask (mochi_lab.private): what it, its Ray and its workers create is its
+user's alone, and so is what a handle creates in the data dir.
+
 Ray runs with token authentication, with a fresh token per runtime in `<data_dir>/ray_auth_token` (0600),
 never Ray's machine-wide `~/.ray/auth_token`, which any other local Ray start may create or rewrite under
 it; `RAY_AUTH_MODE=disabled` in the starter's environment opts out.
@@ -39,6 +42,7 @@ import psutil
 
 from mochi_lab.pipelines.config import PipelineConfig
 from mochi_lab.pool import Pool, _import_ray, connect
+from mochi_lab.private import PRIVATE_UMASK, open_private, private_dir
 from mochi_lab.reaper import started
 from mochi_lab.settings import Settings, redact_url
 
@@ -109,8 +113,7 @@ def live_record(data_dir: Path) -> dict[str, Any] | None:
 
 @contextmanager
 def _locked(data_dir: Path) -> Iterator[None]:
-    Path(data_dir).mkdir(parents=True, exist_ok=True)
-    with open(Path(data_dir) / LOCK, "a") as fh:
+    with open_private(private_dir(data_dir) / LOCK) as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)  # released by the kernel too if this process dies holding it
         try:
             yield
@@ -189,7 +192,7 @@ def _start_daemon(settings: Settings, model: str, pipeline: PipelineConfig) -> d
     data_dir = Path(settings.data_dir)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(PKG_ROOT), os.environ.get("PYTHONPATH")) if p))
     spec = {"settings": settings.model_dump(mode="json"), "model": model, "pipeline": pipeline.model_dump(mode="json")}
-    with open(data_dir / LOG, "ab") as logf:
+    with open_private(data_dir / LOG, "ab") as logf:
         proc = subprocess.Popen([sys.executable, "-m", "mochi_lab.runtime", "serve", str(data_dir)],
                                 stdin=subprocess.PIPE, stdout=logf, stderr=subprocess.STDOUT, cwd=data_dir,
                                 env=env, start_new_session=True)  # no kernel's signals reach it
@@ -361,6 +364,7 @@ class _Daemon:
 
 def serve(data_dir: Path) -> int:
     """The daemon's main: read the spec from stdin, run until idle or told to stop."""
+    os.umask(PRIVATE_UMASK)  # inherited by its Ray and workers
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     spec = json.loads(sys.stdin.read())
     settings = Settings(**{**spec["settings"], "ray_address": None})

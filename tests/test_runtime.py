@@ -1,6 +1,7 @@
 """The local runtime outlives its kernels: a killed kernel's job completes on the warm pool, a new process
 attaches in under 2 s and runs with load_s == 0, the runtime stops itself when idle leaving nothing behind,
-stale records are never joined, and two first handles start one runtime.
+stale records are never joined, and two first handles start one runtime. It listens on loopback only and
+keeps the data dir private.
 
 Kernels here are real processes (`python -c`), the runtime a real daemon with a real Ray head on 127.0.0.1;
 "nothing behind" is checked by pid and by port. Each test's data dir lies under `runtimes_root`, whose
@@ -21,7 +22,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from faults_helpers import alive
+from faults_helpers import alive, is_loopback, listening
 
 from mochi_lab import runtime
 from mochi_lab.cli import main
@@ -65,6 +66,16 @@ path = second.result(300)
 print(json.dumps({"attach_s": attach_s, "address": c.backend.ray_address, "first": first.status,
                   "first_attempts": first.record.attempts, "second_load_s": second.timings["load_s"],
                   "path": str(path), "mismatch": mismatch}), flush=True)
+"""
+
+# a kernel as a notebook has it: Ray imported before mochi_lab, and RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER unset
+JOB = """
+import json, sys
+import ray
+from mochi_lab import MochiCluster
+c = MochiCluster()
+job = c.generate(sys.argv[1], seed=3, force=True, **json.loads(sys.argv[2]))
+print(json.dumps({"address": c.backend.ray_address, "job": job.id, "path": str(job.result(300))}), flush=True)
 """
 
 FIRST_HANDLE = """
@@ -255,3 +266,37 @@ def test_a_runtime_is_joined_only_for_its_model_store_namespace_and_pipeline(tmp
     runtime.check_compatible(record, settings, "tiny", PipelineConfig())
     with pytest.raises(runtime.RuntimeMismatch, match="'cpu_offload': False.*not .*'cpu_offload': True"):
         runtime.check_compatible(record, settings, "tiny", PipelineConfig(cpu_offload=True))
+
+
+def _mode(path: Path) -> int:
+    return path.stat().st_mode & 0o777
+
+
+@pytest.mark.slow
+def test_a_runtime_on_a_new_data_dir_listens_on_loopback_only_and_keeps_its_files_private(
+        runtimes_root, tiny_checkpoint, tiny, monkeypatch):
+    data = runtimes_root / uuid.uuid4().hex[:8] / "data"  # not there yet: the first handle makes it
+    for var, value in {"MOCHI_LAB_DATA_DIR": str(data), "MOCHI_LAB_PERSISTENT": "1", "MOCHI_LAB_WORKERS": "1",
+                       "MOCHI_LAB_RUNTIME_IDLE_S": "600"}.items():
+        monkeypatch.setenv(var, value)
+    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
+    monkeypatch.delenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", raising=False)  # unset, as in a notebook's environment
+    try:
+        done = _json_line(_python(JOB, "a private video", json.dumps(tiny)))
+        record = runtime.live_record(data)
+        assert record is not None and record["address"] == done["address"]
+        family = _family(record)
+        sockets = listening([psutil.Process(pid) for pid in family])
+        gcs_port = int(record["address"].rsplit(":", 1)[1])
+        assert gcs_port in {port for _, _, port in sockets}  # the check sees Ray's servers
+        assert [s for s in sockets if not is_loopback(s[1])] == []
+
+        assert _mode(data) == 0o700
+        made = {p.relative_to(data).as_posix(): _mode(p) for p in data.rglob("*")}
+        video = Path(done["path"]).relative_to(data).as_posix()
+        assert {"store.sqlite3", "store.sqlite3-wal", "store.sqlite3-shm", runtime.RECORD, runtime.LOG, runtime.LOCK,
+                runtime.TOKEN, "artifacts", "artifacts/alice", video, video.replace(".mp4", ".png")} <= set(made)
+        assert {name: oct(mode) for name, mode in made.items()
+                if mode != (0o700 if (data / name).is_dir() else 0o600)} == {}
+    finally:
+        runtime.stop(data, timeout=60)
