@@ -344,14 +344,13 @@ class _Daemon:
                 return
             try:
                 drivers = self._drivers()
-            except Exception:  # Ray's GCS busy or restarting: no verdict on this tick
-                log_repeating(log, logging.ERROR, "could not list the attached handles", exc_info=True)
-                continue
-            try:
                 busy, done = self._workers()
-            except StoreError as exc:
+            except StoreError as exc:  # raised by the store only: `drivers` is known
                 if self._store_out(exc, drivers):
                     return
+                continue
+            except Exception:  # Ray's GCS restarting, an odd reply: no verdict on this tick
+                log_repeating(log, logging.ERROR, "could not read the runtime's activity", exc_info=True)
                 continue
             self._store_back()
             active = drivers or busy or (done_before is not None and done != done_before)
