@@ -30,7 +30,7 @@ class RepeatLimiter:
 
     def __init__(self, window_s: float = WINDOW_S, clock: Callable[[], float] = time.monotonic) -> None:
         self.window_s, self.clock = window_s, clock
-        self._runs: dict[tuple[str, str], tuple[float, int]] = {}  # key -> (last written, held since)
+        self._runs: dict[tuple[str, str], tuple[float, int]] = {}  # key -> (when last written, lines held since)
         self._lock = threading.Lock()
 
     def log(self, logger: logging.Logger, level: int, msg: str, *args: Any, **kwargs: Any) -> bool:
@@ -45,6 +45,7 @@ class RepeatLimiter:
             self._runs[key] = (now, 0)
         if held:
             msg = f"{msg} (... {held} more in the last {now - written:.0f} s)"
+        kwargs.setdefault("stacklevel", 2)  # the record names the caller's line, not this one
         logger.log(level, msg, *args, **kwargs)
         return True
 
@@ -55,7 +56,7 @@ _shared = RepeatLimiter()
 def log_repeating(logger: logging.Logger, level: int, msg: str, *args: Any, **kwargs: Any) -> bool:
     """Log a line that a loop may repeat every tick (a store outage, a failing poll): through this
     process's one `RepeatLimiter`, so each call site writes at most one line a minute."""
-    return _shared.log(logger, level, msg, *args, **kwargs)
+    return _shared.log(logger, level, msg, *args, **{"stacklevel": 3, **kwargs})
 
 
 class RotatingLog(logging.handlers.RotatingFileHandler):

@@ -61,6 +61,20 @@ def test_a_repeated_line_is_written_once_then_once_a_window_with_the_count_of_th
     assert len(lines) == 4
 
 
+def test_a_written_line_names_its_callers_line():
+    from mochi_lab.logs import log_repeating
+
+    logger = logging.getLogger("test_logs.caller")
+    logger.propagate = False
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger.handlers[:] = [handler]
+    log_repeating(logger, logging.WARNING, "a line of this test's own: %s", "x")
+    RepeatLimiter().log(logger, logging.WARNING, "another line of this test's own")
+    assert [(r.filename, r.funcName) for r in records] == [("test_logs.py", "test_a_written_line_names_its_callers_line")] * 2
+
+
 def test_call_sites_and_loggers_are_limited_apart():
     clock = _Clock()
     limiter = RepeatLimiter(window_s=60, clock=clock)
