@@ -220,7 +220,7 @@ def _status(args: argparse.Namespace) -> int:
     """Print the local runtime: address, pid, model, workers, idle time, memory. Exit 1 when none runs."""
     from mochi_lab import runtime
     from mochi_lab.settings import redact_url
-    from mochi_lab.store import open_store
+    from mochi_lab.store import StoreError, open_store
 
     settings = _local_settings()
     info = runtime.status(settings.data_dir)
@@ -228,12 +228,16 @@ def _status(args: argparse.Namespace) -> int:
         print("null" if args.json else f"no local runtime running (data dir {settings.data_dir})")
         return EXIT_FAILED
     workers = []
-    if info["store"] == redact_url(settings.store_url):  # the store its workers report to
-        store = open_store(settings.store_url)
+    down_since = info.get("store_down_since")
+    if info["store"] == redact_url(settings.store_url) and down_since is None:  # the store its workers report to
         try:
-            workers = [w for w in store.workers() if w.get("model") in (info["model"], None)]
-        finally:
-            store.close()
+            store = open_store(settings.store_url)
+            try:
+                workers = [w for w in store.workers() if w.get("model") in (info["model"], None)]
+            finally:
+                store.close()
+        except StoreError as exc:  # gone since the runtime last looked: its next tick records it
+            print(f"(cannot read the workers: {exc})", file=sys.stderr)
     info["worker_rows"] = [{k: w.get(k) for k in ("worker_id", "state", "current_job", "jobs_done", "rss_bytes")}
                            for w in workers]
     if args.json:
@@ -246,7 +250,13 @@ def _status(args: argparse.Namespace) -> int:
     print(f"  {idle} (stops after {info['idle_timeout_s']:g} s idle); {info['drivers']} handle(s) attached, "
           f"{info['busy_workers']} worker(s) busy")
     print(f"  memory {info['rss_bytes'] / 2**30:.2f} GiB RSS in {info['processes']} processes")
-    print(f"  store {info['store']}; log {info['log']}")
+    bound = f"stops after {info['store_gone_s']:g} s unreachable with no handle attached"
+    if down_since is None:
+        print(f"  store {info['store']} ({bound})")
+    else:
+        print(f"  store unreachable since {time.strftime('%H:%M:%S', time.localtime(down_since))}: "
+              f"{info['store']} ({bound})")
+    print(f"  log {info['log']}")
     return 0
 
 

@@ -23,6 +23,7 @@ import time
 import uuid
 from typing import Any
 
+from mochi_lab.logs import log_repeating
 from mochi_lab.pool import ACTOR_PREFIX, Pool
 from mochi_lab.settings import ScalingConfig
 from mochi_lab.store import Store, StoreError
@@ -82,10 +83,10 @@ class PoolController:
             try:
                 self.tick()
             except StoreError as exc:  # an outage: keep the pool as it is, try again next tick
-                log.warning("pool controller: store unavailable: %s", exc)
+                log_repeating(log, logging.WARNING, "pool controller: store unavailable: %s", exc)
                 self.snapshot = {**self.snapshot, "leader": False}
             except Exception:
-                log.exception("pool controller tick failed")
+                log_repeating(log, logging.ERROR, "pool controller tick failed", exc_info=True)
             self._stop.wait(self.config.interval_s)
 
     def tick(self) -> dict[str, Any]:

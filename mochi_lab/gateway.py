@@ -50,6 +50,7 @@ from mochi_lab.hubauth import (
     StaticTokens,
     parse_authorization,
 )
+from mochi_lab.logs import log_repeating
 from mochi_lab.params import GenerationParams, ParamsError, SubmitOptions, validate_name
 from mochi_lab.settings import GatewayConfig, ScalingConfig, Settings
 from mochi_lab.store.base import (
@@ -200,7 +201,8 @@ class ProgressHub:
                     return
                 except StoreError as exc:
                     failures += 1
-                    log.warning("progress poll of %s failed (%d): %s", job_id, failures, type(exc).__name__)
+                    log_repeating(log, logging.WARNING, "progress poll of %s failed (%d): %s", job_id, failures,
+                                  type(exc).__name__)
                     await asyncio.sleep(min(2.0, self.poll_s * 2 ** failures))
                     continue
                 view = job_json(record)

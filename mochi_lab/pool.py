@@ -7,6 +7,7 @@ lost node costs its jobs one attempt, not the pool.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import threading
@@ -17,6 +18,7 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from mochi_lab.pipelines.config import PipelineConfig
+from mochi_lab.private import PRIVATE_UMASK
 from mochi_lab.settings import Settings
 from mochi_lab.store import Store
 
@@ -59,6 +61,7 @@ class WorkerActor:
     def __init__(self, worker_id: str, settings: dict, model: str, config: dict, gang: dict | None = None):
         from mochi_lab.worker import JsonFormatter, Worker
 
+        os.umask(PRIVATE_UMASK)  # its videos are its user's alone (this process is the actor's own)
         handler = logging.StreamHandler()
         handler.setFormatter(JsonFormatter())
         root = logging.getLogger("mochi_lab")
@@ -177,6 +180,8 @@ def connect(settings: Settings) -> str:
 
 
 def _start(ray: Any, settings: Settings) -> None:
+    if _on_loopback(settings.ray_address):
+        _loopback_only(ray)
     if settings.ray_address:
         # Ray Client starts a server process per client; on a loaded head that process can die while
         # starting (seen on 2 cores: "Initialization failure from server"). A new one usually starts.
@@ -191,10 +196,36 @@ def _start(ray: Any, settings: Settings) -> None:
         _init_with_one_retry(ray, dict(address="local", namespace=settings.namespace, include_dashboard=False,
                                        _node_ip_address="127.0.0.1", log_to_driver=False),
                              lambda exc: "timed out during startup" in str(exc), "local Ray was slow to start")
+        node_ip = ray._private.worker.global_worker.node.node_ip_address
+        if not ipaddress.ip_address(node_ip).is_loopback:
+            ray.shutdown()
+            raise RuntimeError(f"the local Ray started on {node_ip}, not on loopback; refusing to run it there")
         from mochi_lab import reaper
 
         # Ray's own processes would outlive a SIGKILLed owner: a watcher ends them then.
         reaper.start(os.getpid(), ray._private.worker.global_worker.node.get_session_dir_path())
+
+
+def _on_loopback(address: str | None) -> bool:
+    """Whether `address` (None: a Ray to start here) is a Ray on this machine's loopback."""
+    if not address:
+        return True
+    host = urlsplit(address if "://" in address else f"//{address}").hostname or ""
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def _loopback_only(ray: Any) -> None:
+    """Keep this process's Ray on loopback: a local Ray it starts listens there only, and one it joins
+    there is reached there. Ray replaces 127.0.0.1, as a node's address or a GCS address to join, by the
+    machine's own address (and a Ray it starts then listens on every interface), unless
+    RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER was 0 when Ray was first imported. A process that imported Ray
+    before mochi_lab (a notebook's `import ray`) read it too early: the value Ray read is set as well.
+    Ray's own processes import Ray afresh and read the variable."""
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    ray._private.ray_constants.ENABLE_RAY_CLUSTER = False
 
 
 def _init_with_one_retry(ray: Any, kwargs: dict[str, Any], transient: Callable[[Exception], bool], what: str) -> None:

@@ -8,7 +8,12 @@ It starts Ray on 127.0.0.1 as its own driver (so Ray's processes are its childre
 them if the daemon is SIGKILLed), creates the pool, and records itself in `<data_dir>/runtime.json`
 (address, pid, session dir, model, store). Later handles in any process read the record, check that it
 is alive and attach as Ray drivers; the daemon stops itself (pool, Ray, record) after `runtime_idle_s`
-with no attached driver and no busy worker, or on SIGTERM (`mochi-lab down`).
+with no attached driver and no busy worker; with no attached driver, once its store has been unreachable
+for `runtime_store_gone_s` (or `runtime_idle_s` if shorter); when its data dir is deleted under it; or on
+SIGTERM (`mochi-lab down`). Its log, `<data_dir>/runtime.log`, rotates (mochi_lab.logs).
+
+The daemon runs under a 077 umask (mochi_lab.private): what it, its Ray and its workers create is its
+user's alone, and so is what a handle creates in the data dir.
 
 Ray runs with token authentication, with a fresh token per runtime in `<data_dir>/ray_auth_token` (0600),
 never Ray's machine-wide `~/.ray/auth_token`, which any other local Ray start may create or rewrite under
@@ -33,14 +38,17 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import psutil
 
+from mochi_lab.logs import LOG_BACKUPS, LOG_MAX_BYTES, RotatingLog, log_repeating
 from mochi_lab.pipelines.config import PipelineConfig
 from mochi_lab.pool import Pool, _import_ray, connect
+from mochi_lab.private import PRIVATE_UMASK, open_private, private_dir
 from mochi_lab.reaper import started
 from mochi_lab.settings import Settings, redact_url
+from mochi_lab.store import StoreError, open_store
 
 log = logging.getLogger(__name__)
 
@@ -108,14 +116,18 @@ def live_record(data_dir: Path) -> dict[str, Any] | None:
 
 
 @contextmanager
+def _flocked(fh: IO) -> Iterator[None]:
+    fcntl.flock(fh, fcntl.LOCK_EX)  # released by the kernel too if this process dies holding it
+    try:
+        yield
+    finally:
+        fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+@contextmanager
 def _locked(data_dir: Path) -> Iterator[None]:
-    Path(data_dir).mkdir(parents=True, exist_ok=True)
-    with open(Path(data_dir) / LOCK, "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)  # released by the kernel too if this process dies holding it
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+    with open_private(private_dir(data_dir) / LOCK) as fh, _flocked(fh):
+        yield
 
 
 # -- the handle's side -------------------------------------------------------------------------------
@@ -189,7 +201,7 @@ def _start_daemon(settings: Settings, model: str, pipeline: PipelineConfig) -> d
     data_dir = Path(settings.data_dir)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(PKG_ROOT), os.environ.get("PYTHONPATH")) if p))
     spec = {"settings": settings.model_dump(mode="json"), "model": model, "pipeline": pipeline.model_dump(mode="json")}
-    with open(data_dir / LOG, "ab") as logf:
+    with open_private(data_dir / LOG, "ab") as logf:
         proc = subprocess.Popen([sys.executable, "-m", "mochi_lab.runtime", "serve", str(data_dir)],
                                 stdin=subprocess.PIPE, stdout=logf, stderr=subprocess.STDOUT, cwd=data_dir,
                                 env=env, start_new_session=True)  # no kernel's signals reach it
@@ -217,8 +229,9 @@ def _tail(path: Path, lines: int = 15) -> str:
 
 
 def status(data_dir: Path) -> dict[str, Any] | None:
-    """What `mochi-lab status` shows: the live runtime's record plus its workers, idle time and memory
-    (the daemon and every process below it: Ray and the workers). None when no runtime is live."""
+    """What `mochi-lab status` shows: the live runtime's record (with `store_down_since` while its store
+    is unreachable) plus its workers, idle time and memory (the daemon and every process below it: Ray
+    and the workers). None when no runtime is live."""
     record = live_record(data_dir)
     if record is None:
         return None
@@ -259,12 +272,15 @@ class _Daemon:
     def __init__(self, data_dir: Path, settings: Settings, model: str, pipeline: PipelineConfig):
         self.data_dir, self.settings, self.model, self.pipeline = data_dir, settings, model, pipeline
         self.stopping = threading.Event()
+        self.down_at: float | None = None  # monotonic start of the store outage under way
 
     def run(self) -> int:
-        from mochi_lab.store import open_store
-
         import ray
 
+        folder = os.stat(self.data_dir)
+        self.dir_id = (folder.st_dev, folder.st_ino)  # a folder made anew at this path is not ours
+        # opened once: stopping takes the lock even after the data dir was deleted, never making it again
+        self.lock = open_private(self.data_dir / LOCK)
         self.store = open_store(self.settings.store_url, max_attempts=self.settings.max_attempts)
         auth = self._auth()
         address = connect(self.settings)  # a local Ray on 127.0.0.1, reaped if this process is killed
@@ -279,11 +295,13 @@ class _Daemon:
             "model": self.model, "workers": len(workers), "namespace": self.settings.namespace,
             "store": redact_url(self.settings.store_url), "pipeline": self.pipeline.model_dump(mode="json"),
             "idle_timeout_s": self.settings.runtime_idle_s, "started_at": time.time(),
-            "idle_since": time.time(), "drivers": 0, "busy_workers": 0, "log": str(self.data_dir / LOG), **auth,
+            "idle_since": time.time(), "drivers": 0, "busy_workers": 0, "log": str(self.data_dir / LOG),
+            "store_gone_s": min(self.settings.runtime_store_gone_s, self.settings.runtime_idle_s),
+            "store_down_since": None, **auth,
         }
         _write_json(self.data_dir / RECORD, self.record)
-        log.info("local runtime up at %s: %d %s worker(s), idle timeout %g s", address, len(workers), self.model,
-                 self.settings.runtime_idle_s)
+        log.info("local runtime up at %s: %d %s worker(s), idle timeout %g s, store gone after %g s", address,
+                 len(workers), self.model, self.settings.runtime_idle_s, self.record["store_gone_s"])
         self._watch()
         return 0
 
@@ -302,66 +320,122 @@ class _Daemon:
         _reload_ray_auth()
         return {"auth": "token", "auth_token_path": str(path)}
 
-    def _activity(self) -> tuple[int, int, int]:
-        """(attached drivers other than this one, busy workers, jobs done so far by all workers)."""
+    def _drivers(self) -> int:
+        """Attached drivers other than this one (Ray knows them; the store plays no part)."""
         import ray
 
-        jobs = ray._private.state.state.job_table()
-        drivers = sum(1 for j in jobs if not j["IsDead"] and j["DriverPid"] != os.getpid())
+        return sum(1 for j in ray._private.state.state.job_table() if not j["IsDead"] and j["DriverPid"] != os.getpid())
+
+    def _workers(self) -> tuple[int, int]:
+        """(busy workers, jobs done so far by all workers), from the store."""
         rows = self.store.workers()
         busy = sum(1 for r in rows if r.get("state") in ("busy", "loading"))
-        return drivers, busy, sum(int(r.get("jobs_done") or 0) for r in rows)
+        return busy, sum(int(r.get("jobs_done") or 0) for r in rows)
 
     def _watch(self) -> None:
-        """Until SIGTERM, or idle for runtime_idle_s: no driver attached, no worker busy, no job finished."""
+        """Until SIGTERM; or idle for runtime_idle_s (no driver attached, no worker busy, no job finished);
+        or, with no driver attached, the store unreachable for store_gone_s; or the data dir gone."""
         idle_s = self.settings.runtime_idle_s
-        tick = min(1.0, max(0.1, idle_s / 10))
+        tick = min(1.0, max(0.1, self.record["store_gone_s"] / 10))  # store_gone_s <= idle_s
         done_before = None
         while not self.stopping.wait(tick):
+            if not self._dir_is_ours():
+                self._stop(f"the data dir {self.data_dir} is gone")
+                return
             try:
-                drivers, busy, done = self._activity()
-            except Exception:  # a store hiccup is not idleness
-                log.exception("could not read the runtime's activity")
+                drivers = self._drivers()
+                busy, done = self._workers()
+            except StoreError as exc:  # raised by the store only: `drivers` is known
+                if self._store_out(exc, drivers):
+                    return
                 continue
+            except Exception:  # Ray's GCS restarting, an odd reply: no verdict on this tick
+                log_repeating(log, logging.ERROR, "could not read the runtime's activity", exc_info=True)
+                continue
+            self._store_back()
             active = drivers or busy or (done_before is not None and done != done_before)
             done_before = done
             now = time.time()
             idle_since = None if active else (self.record["idle_since"] or now)
-            if (idle_since, drivers, busy) != (self.record["idle_since"], self.record["drivers"],
-                                               self.record["busy_workers"]):
-                self.record.update(idle_since=idle_since, drivers=drivers, busy_workers=busy)
-                _write_json(self.data_dir / RECORD, self.record)
+            self._update(idle_since=idle_since, drivers=drivers, busy_workers=busy)
             if idle_since is not None and now - idle_since >= idle_s:
-                # under the lock: no handle is between reading the record and joining, and none joins
-                # until this runtime is gone
-                with _locked(self.data_dir):
-                    if self._activity()[0] == 0:
-                        log.info("idle for %.0f s with no handle attached: stopping", now - idle_since)
-                        self._shutdown()
-                        return
-                self.record["idle_since"] = None
-                _write_json(self.data_dir / RECORD, self.record)
-        with _locked(self.data_dir):
-            log.info("told to stop")
+                if self._stop(f"idle for {now - idle_since:.0f} s with no handle attached", unless_attached=True):
+                    return
+                self._update(idle_since=None)
+        self._stop("told to stop")
+
+    def _store_out(self, exc: StoreError, drivers: int) -> bool:
+        """Note the outage in the record; stop (True) once it has lasted store_gone_s with no handle
+        attached. An outage that ends sooner changes nothing: the idle clock stays where it was."""
+        if self.down_at is None:
+            self.down_at = time.monotonic()
+            self._update(store_down_since=time.time())
+        log_repeating(log, logging.WARNING, "store unreachable: %s", exc)
+        down_s = time.monotonic() - self.down_at
+        if drivers or down_s < self.record["store_gone_s"]:
+            return False
+        return self._stop(f"store unreachable for {down_s:.0f} s with no handle attached", unless_attached=True)
+
+    def _store_back(self) -> None:
+        if self.down_at is not None:
+            log_repeating(log, logging.INFO, "store reachable again after %.1f s", time.monotonic() - self.down_at)
+            self.down_at = None
+            self._update(store_down_since=None)
+
+    def _update(self, **fields: Any) -> None:
+        """Rewrite the record if `fields` change it (not at all once the data dir is gone)."""
+        if all(self.record.get(k) == v for k, v in fields.items()):
+            return
+        self.record.update(fields)
+        try:
+            _write_json(self.data_dir / RECORD, self.record)
+        except OSError:
+            if self._dir_is_ours():
+                raise  # else: deleted under us; the next tick stops
+
+    def _dir_is_ours(self) -> bool:
+        try:
+            folder = os.stat(self.data_dir)
+        except OSError:
+            return False
+        return (folder.st_dev, folder.st_ino) == self.dir_id
+
+    def _stop(self, why: str, unless_attached: bool = False) -> bool:
+        """Stop (True), or not if `unless_attached` and a handle is attached. Under the lock: no handle is
+        between reading the record and joining, and none joins until this runtime is gone."""
+        with _flocked(self.lock):
+            if unless_attached and self._drivers():
+                return False
+            log.info("%s: stopping", why)
             self._shutdown()
+            return True
 
     def _shutdown(self) -> None:
         import ray
 
-        (self.data_dir / RECORD).unlink(missing_ok=True)
+        self._remove_own(RECORD)
         try:
             self.pool.shutdown()
         except Exception:
             log.exception("could not stop the pool cleanly")
         ray.shutdown()  # ends the Ray processes this driver started
-        (self.data_dir / TOKEN).unlink(missing_ok=True)
+        self._remove_own(TOKEN)
         self.store.close()
         log.info("local runtime stopped")
+
+    def _remove_own(self, name: str) -> None:
+        if self._dir_is_ours():  # a data dir made anew at this path holds another runtime's files
+            (self.data_dir / name).unlink(missing_ok=True)
 
 
 def serve(data_dir: Path) -> int:
     """The daemon's main: read the spec from stdin, run until idle or told to stop."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    os.umask(PRIVATE_UMASK)  # inherited by its Ray and workers
+    # Ray's own logs and the workers' output (the session dir) rotate at the cap of the runtime's log
+    os.environ.setdefault("RAY_ROTATION_MAX_BYTES", str(LOG_MAX_BYTES))
+    os.environ.setdefault("RAY_ROTATION_BACKUP_COUNT", str(LOG_BACKUPS))
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        handlers=[RotatingLog(Path(data_dir) / LOG, capture_std=True)])
     spec = json.loads(sys.stdin.read())
     settings = Settings(**{**spec["settings"], "ray_address": None})
     return _Daemon(Path(data_dir), settings, spec["model"], PipelineConfig(**spec["pipeline"])).run()

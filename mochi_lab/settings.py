@@ -115,8 +115,10 @@ class Settings(BaseModel):
     # With no ray_address: True attaches to (or starts) the local runtime that outlives kernels
     # (mochi_lab.runtime); False starts a Ray inside this process that dies with it.
     persistent: bool = True
-    # The local runtime stops itself after this long with no attached handle and no busy worker.
+    # The local runtime stops itself after this long with no attached handle and no busy worker; and,
+    # with no attached handle, after its store has been unreachable this long (or runtime_idle_s if shorter).
     runtime_idle_s: float = 1800.0
+    runtime_store_gone_s: float = Field(default=300.0, gt=0)
     # Live previews: every preview_every denoising steps (0: about every 10 % of them; -1: none), at most
     # one per preview_min_interval_s.
     preview_every: int = 0
@@ -166,6 +168,7 @@ class Settings(BaseModel):
             "offload": "MOCHI_LAB_OFFLOAD",
             "persistent": "MOCHI_LAB_PERSISTENT",
             "runtime_idle_s": "MOCHI_LAB_RUNTIME_IDLE_S",
+            "runtime_store_gone_s": "MOCHI_LAB_RUNTIME_STORE_GONE_S",
             "preview_every": "MOCHI_LAB_PREVIEW_EVERY",
             "preview_min_interval_s": "MOCHI_LAB_PREVIEW_MIN_INTERVAL_S",
             "max_token_steps": "MOCHI_LAB_MAX_TOKEN_STEPS",  # JSON, e.g. {"mochi-1-preview": 6000000}

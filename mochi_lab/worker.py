@@ -21,6 +21,7 @@ from typing import Any
 
 import psutil
 
+from mochi_lab.logs import log_repeating
 from mochi_lab.params import GenerationParams, ParamsError, check_prompt_tokens
 from mochi_lab.pipelines import JobCancelled, PipelineConfig, load_runner
 from mochi_lab.pipelines.preview import PreviewPlan, encode_strip
@@ -383,14 +384,16 @@ class Worker:
         if self._store_down_since is None:
             self._store_down_since = now
             if isinstance(exc, StoreError):
-                log.warning("store unavailable (%s): %s; backing off", what, exc, extra={"worker_id": self.worker_id})
+                log_repeating(log, logging.WARNING, "store unavailable (%s): %s; backing off", what, exc,
+                              extra={"worker_id": self.worker_id})
             else:
-                log.error("%s failed: %r; backing off", what, exc, exc_info=exc, extra={"worker_id": self.worker_id})
+                log_repeating(log, logging.ERROR, "%s failed: %r; backing off", what, exc, exc_info=exc,
+                              extra={"worker_id": self.worker_id})
 
     def _store_back(self) -> None:
         if self._store_down_since is not None:
-            log.info("store back after %.1fs", time.monotonic() - self._store_down_since,
-                     extra={"worker_id": self.worker_id})
+            log_repeating(log, logging.INFO, "store back after %.1fs", time.monotonic() - self._store_down_since,
+                          extra={"worker_id": self.worker_id})
             self._store_down_since = None
 
     def _with_store(self, write: Callable[[], Any], *, what: str, give_up: Callable[[], bool]) -> bool:
@@ -437,7 +440,7 @@ class Worker:
         except LeaseLost:
             raise
         except (StoreError, ValueError) as exc:
-            log.warning("preview at step %d not stored: %s", step, exc, extra={"job_id": job_id})
+            log_repeating(log, logging.WARNING, "preview at step %d not stored: %s", step, exc, extra={"job_id": job_id})
             return False
 
     # -- one job ---------------------------------------------------------------
@@ -607,10 +610,12 @@ class Worker:
             except LeaseLost:
                 running.lost.set()
                 return
-            except StoreError:
-                log.warning("heartbeat failed", extra={"job_id": running.job_id, "worker_id": self.worker_id})
+            except StoreError as exc:
+                log_repeating(log, logging.WARNING, "heartbeat failed: %s", exc,
+                              extra={"job_id": running.job_id, "worker_id": self.worker_id})
             except Exception:  # never let the heartbeat die silently while the job runs
-                log.exception("heartbeat error", extra={"job_id": running.job_id, "worker_id": self.worker_id})
+                log_repeating(log, logging.ERROR, "heartbeat error", exc_info=True,
+                              extra={"job_id": running.job_id, "worker_id": self.worker_id})
 
     # -- health ------------------------------------------------------------------
     def check_health(self) -> dict[str, Any]:
@@ -693,8 +698,9 @@ class Worker:
     def publish(self) -> None:
         try:
             self.store.put_worker(self.row(), self.settings.worker_ttl_s)
-        except StoreError:
-            log.warning("could not publish worker row", extra={"worker_id": self.worker_id})
+        except StoreError as exc:
+            log_repeating(log, logging.WARNING, "could not publish the worker row: %s", exc,
+                          extra={"worker_id": self.worker_id})
 
 
 class _RunningJob:

@@ -1,4 +1,5 @@
-"""Helpers for the fault tests: a worker in a thread of the test process, with optionally slow steps."""
+"""Helpers for the fault tests: a worker in a thread of the test process, with optionally slow steps; a process
+tree's life and listening sockets."""
 
 from __future__ import annotations
 
@@ -24,6 +25,28 @@ def alive(pid: int, created: float) -> bool:
         return started(pid) == created and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
+
+
+def listening(procs: list[Any]) -> list[tuple[int, str, int]]:
+    """(pid, ip, port) of every listening TCP socket of these psutil processes (those gone meanwhile skipped)."""
+    import psutil
+
+    found = []
+    for proc in procs:
+        try:
+            found += [(proc.pid, c.laddr.ip, c.laddr.port) for c in proc.net_connections("inet")
+                      if c.status == psutil.CONN_LISTEN]
+        except psutil.NoSuchProcess:
+            pass
+    return found
+
+
+def is_loopback(ip: str) -> bool:
+    """127.0.0.0/8 or ::1, also as an IPv4-mapped IPv6 address (::ffff:127.0.0.1: a dual-stack socket)."""
+    import ipaddress
+
+    addr = ipaddress.ip_address(ip.split("%")[0])
+    return (getattr(addr, "ipv4_mapped", None) or addr).is_loopback
 
 
 class SlowRunner:

@@ -6,10 +6,12 @@ port and dir; the worker runs in a thread of the test process (it knows nothing 
 
 from __future__ import annotations
 
+import logging
 import sys
 import threading
 import time
 import uuid
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -48,6 +50,8 @@ def test_worker_rides_out_a_redis_outage(tmp_path, tiny_checkpoint, tiny, monkey
     long_job = store.enqueue("alice", GenerationParams.parse("a long river", seed=1, **{**tiny, "num_inference_steps": 100}).to_dict())
     short = [store.enqueue("alice", GenerationParams.parse("a cat", seed=i, **tiny).to_dict()).id for i in range(3)]
     ids = [long_job.id, *short]
+    warnings = _Records(logging.WARNING)
+    logging.getLogger("mochi_lab.worker").addHandler(warnings)
     worker = Worker("w-fault", settings)
     worker.start()
     try:
@@ -73,13 +77,26 @@ def test_worker_rides_out_a_redis_outage(tmp_path, tiny_checkpoint, tiny, monkey
         wait_for(lambda: any(w["worker_id"] == "w-fault" for w in store.workers()), 30, "the worker's row")
         assert worker._thread.is_alive()
         worker.check_health()
+        # each failing call site (claim, publish, heartbeat, progress) wrote one line at most, not one a try
+        by_site = Counter(r.msg for r in warnings.records)
+        assert max(by_site.values(), default=0) <= 1, by_site
         print(f"\n[faults] redis outage {outage_s} s (lease {lease_s:g} s): first progress/complete "
               f"{recovery_s:.2f} s after the restart, all {len(ids)} jobs done {done_s:.2f} s after it "
               f"({time.monotonic() - killed:.1f} s after the kill)")
     finally:
+        logging.getLogger("mochi_lab.worker").removeHandler(warnings)
         worker.stop(timeout=60)
         store.close()
         server.kill()
+
+
+class _Records(logging.Handler):
+    def __init__(self, level: int) -> None:
+        super().__init__(level)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
 
 
 def test_worker_idle_through_an_outage_serves_the_next_job(tmp_path, tiny_checkpoint, tiny):

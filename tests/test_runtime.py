@@ -1,6 +1,8 @@
 """The local runtime outlives its kernels: a killed kernel's job completes on the warm pool, a new process
 attaches in under 2 s and runs with load_s == 0, the runtime stops itself when idle leaving nothing behind,
-stale records are never joined, and two first handles start one runtime.
+stale records are never joined, and two first handles start one runtime. It rides out a short store outage,
+stops when its store is gone for good or its data dir is deleted, listens on loopback only and keeps the
+data dir private.
 
 Kernels here are real processes (`python -c`), the runtime a real daemon with a real Ray head on 127.0.0.1;
 "nothing behind" is checked by pid and by port. Each test's data dir lies under `runtimes_root`, whose
@@ -11,6 +13,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -21,7 +25,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from faults_helpers import alive
+from faults_helpers import RedisServer, alive, is_loopback, listening, wait_for
 
 from mochi_lab import runtime
 from mochi_lab.cli import main
@@ -31,6 +35,10 @@ from mochi_lab.settings import Settings
 from mochi_lab.video import probe
 
 IDLE_S = 8.0
+GONE_S = 12.0  # the store-gone bound of the outage test: well above its 3 s outage
+# what the runtime's log may grow by while its store is gone for GONE_S and it stops (it used to write a
+# ~3.7 KB traceback every second)
+OUTAGE_LOG_BYTES = 4096
 # a job of a few seconds on the tiny model: the kernel dies while it runs
 SECONDS = {"num_frames": 19, "height": 64, "width": 96, "num_inference_steps": 64}
 
@@ -65,6 +73,16 @@ path = second.result(300)
 print(json.dumps({"attach_s": attach_s, "address": c.backend.ray_address, "first": first.status,
                   "first_attempts": first.record.attempts, "second_load_s": second.timings["load_s"],
                   "path": str(path), "mismatch": mismatch}), flush=True)
+"""
+
+# a kernel as a notebook has it: Ray imported before mochi_lab, and RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER unset
+JOB = """
+import json, sys
+import ray
+from mochi_lab import MochiCluster
+c = MochiCluster()
+job = c.generate(sys.argv[1], seed=3, force=True, **json.loads(sys.argv[2]))
+print(json.dumps({"address": c.backend.ray_address, "job": job.id, "path": str(job.result(300))}), flush=True)
 """
 
 FIRST_HANDLE = """
@@ -255,3 +273,123 @@ def test_a_runtime_is_joined_only_for_its_model_store_namespace_and_pipeline(tmp
     runtime.check_compatible(record, settings, "tiny", PipelineConfig())
     with pytest.raises(runtime.RuntimeMismatch, match="'cpu_offload': False.*not .*'cpu_offload': True"):
         runtime.check_compatible(record, settings, "tiny", PipelineConfig(cpu_offload=True))
+
+
+def _record(data_dir: Path) -> dict:
+    return runtime.read_record(data_dir) or {}
+
+
+@pytest.mark.slow
+def test_a_runtime_rides_out_a_short_store_outage_and_stops_when_its_store_is_gone_for_good(
+        home, tiny, tmp_path, monkeypatch, capsys):
+    server = RedisServer(tmp_path / "redis").start()
+    try:
+        monkeypatch.setenv("REDIS_URL", server.url)
+        monkeypatch.setenv("MOCHI_LAB_RUNTIME_IDLE_S", "600")  # here only the store may stop it
+        monkeypatch.setenv("MOCHI_LAB_RUNTIME_STORE_GONE_S", str(GONE_S))
+        home.chmod(0o755)  # a data dir the user made, open to others on purpose: it keeps its mode
+        first = _json_line(_python(JOB, "before the outage", json.dumps(tiny)))
+        record = runtime.live_record(home)
+        assert record is not None and record["address"] == first["address"] and record["store_gone_s"] == GONE_S
+        assert home.stat().st_mode & 0o777 == 0o755
+        for name in (runtime.RECORD, runtime.LOG, runtime.LOCK, runtime.TOKEN):
+            assert (home / name).stat().st_mode & 0o777 == 0o600, name
+        family = _family(record)
+        ports = {port for _, _, port in listening([psutil.Process(pid) for pid in family])}
+        workers = _worker_pids(server.url)
+        # the first handle has left: the idle clock runs
+        idle_since = wait_for(lambda: _record(home)["drivers"] == 0 and _record(home)["idle_since"], 60, "idleness")
+
+        # a 3 s outage changes nothing: the same daemon, worker and idle clock, and the next job runs
+        killed = time.monotonic()
+        server.kill()
+        down_since = wait_for(lambda: _record(home)["store_down_since"], 30, "the runtime to see the outage")
+        assert main(["status"]) == 0
+        shown = capsys.readouterr().out
+        assert f"store unreachable since {time.strftime('%H:%M:%S', time.localtime(down_since))}" in shown, shown
+        assert f"stops after {GONE_S:g} s unreachable" in shown
+        time.sleep(max(0.0, killed + 3 - time.monotonic()))  # the outage's length, not a wait on the machine
+        server.start()
+        wait_for(lambda: _record(home)["store_down_since"] is None, 60, "the runtime to see the store back")
+        after = runtime.live_record(home)
+        assert (after["pid"], after["address"], after["idle_since"]) == (record["pid"], record["address"], idle_since)
+        assert _worker_pids(server.url) == workers  # not restarted
+        nxt = _json_line(_python(JOB, "after the outage", json.dumps(tiny)))
+        assert nxt["address"] == record["address"]
+        info = probe(Path(nxt["path"]))
+        assert (info.frames, info.height, info.width) == (tiny["num_frames"], tiny["height"], tiny["width"])
+        assert main(["status"]) == 0 and "store unreachable" not in capsys.readouterr().out
+
+        # gone for good: with no handle attached the runtime stops after GONE_S (not before), leaving nothing
+        wait_for(lambda: _record(home)["drivers"] == 0, 60, "the job's handle to detach")
+        log_before = (home / runtime.LOG).stat().st_size
+        daemon = psutil.Process(record["pid"])
+        server.kill()
+        killed = time.monotonic()
+        with pytest.raises(psutil.TimeoutExpired):
+            daemon.wait(GONE_S - 1)
+        daemon.wait(GONE_S + 90)  # the bound, then the pool's drain (2 leases at most) and Ray's stop
+        print(f"\nruntime: stopped {time.monotonic() - killed:.1f} s after its store went away (bound {GONE_S:g} s)")
+        _assert_nothing_left(family, record["address"])
+        assert not [port for port in ports if _listening(f"127.0.0.1:{port}")]
+        assert runtime.read_record(home) is None and not (home / runtime.TOKEN).exists()
+        log = (home / runtime.LOG).read_text()
+        grown = len(log.encode()) - log_before
+        print(f"runtime: its log grew by {grown} bytes over the {GONE_S:g} s outage and the stop")
+        assert grown < OUTAGE_LOG_BYTES, log[-6000:]
+        assert re.search(r"store unreachable for \d+ s with no handle attached: stopping", log), log[-6000:]
+    finally:
+        server.kill()
+
+
+def _worker_pids(url: str) -> dict[str, int]:
+    from mochi_lab.store import open_store
+
+    store = open_store(url)
+    try:
+        return {w["worker_id"]: w["pid"] for w in store.workers()}
+    finally:
+        store.close()
+
+
+def _mode(path: Path) -> int:
+    return path.stat().st_mode & 0o777
+
+
+@pytest.mark.slow
+def test_a_runtime_on_a_new_data_dir_listens_on_loopback_keeps_its_files_private_and_stops_when_the_dir_is_deleted(
+        runtimes_root, tiny_checkpoint, tiny, monkeypatch):
+    data = runtimes_root / uuid.uuid4().hex[:8] / "data"  # not there yet: the first handle makes it
+    for var, value in {"MOCHI_LAB_DATA_DIR": str(data), "MOCHI_LAB_PERSISTENT": "1", "MOCHI_LAB_WORKERS": "1",
+                       "MOCHI_LAB_RUNTIME_IDLE_S": "600"}.items():
+        monkeypatch.setenv(var, value)
+    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
+    monkeypatch.delenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", raising=False)  # unset, as in a notebook's environment
+    try:
+        done = _json_line(_python(JOB, "a private video", json.dumps(tiny)))
+        record = runtime.live_record(data)
+        assert record is not None and record["address"] == done["address"]
+        family = _family(record)
+        sockets = listening([psutil.Process(pid) for pid in family])
+        gcs_port = int(record["address"].rsplit(":", 1)[1])
+        assert gcs_port in {port for _, _, port in sockets}  # the check sees Ray's servers
+        assert [s for s in sockets if not is_loopback(s[1])] == []
+
+        assert _mode(data) == 0o700
+        made = {p.relative_to(data).as_posix(): _mode(p) for p in data.rglob("*")}
+        video = Path(done["path"]).relative_to(data).as_posix()
+        assert {"store.sqlite3", "store.sqlite3-wal", "store.sqlite3-shm", runtime.RECORD, runtime.LOG, runtime.LOCK,
+                runtime.TOKEN, "artifacts", "artifacts/alice", video, video.replace(".mp4", ".png")} <= set(made)
+        assert {name: oct(mode) for name, mode in made.items()
+                if mode != (0o700 if (data / name).is_dir() else 0o600)} == {}
+
+        # deleted under it: the runtime stops, leaving no process, port or folder
+        wait_for(lambda: _record(data)["drivers"] == 0 and _record(data)["idle_since"], 60, "the handle to detach")
+        daemon = psutil.Process(record["pid"])
+        shutil.rmtree(data)
+        daemon.wait(90)
+        _assert_nothing_left(family, record["address"])
+        assert not [port for _, _, port in sockets if _listening(f"127.0.0.1:{port}")]
+        assert not data.exists()
+    finally:
+        runtime.stop(data, timeout=60)

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl
 
+from mochi_lab.private import create_private, private_dir
 from mochi_lab.store.base import (
     CANCELLED,
     DONE,
@@ -161,7 +162,7 @@ def _dumps(value: Any) -> str:
 
 
 class SQLiteStore(Store):
-    """`SQLiteStore("sqlite:///abs/path.sqlite3")`; the file and its parent dirs are created."""
+    """`SQLiteStore("sqlite:///abs/path.sqlite3")`; the file (0600) and its parent dirs (0700) are created."""
 
     def __init__(self, url: str, max_attempts: int = 3, *, busy_timeout_s: float = 30.0) -> None:
         if not url.startswith("sqlite:///"):
@@ -179,7 +180,8 @@ class SQLiteStore(Store):
         self._all: list[sqlite3.Connection] = []
         self._lock = threading.Lock()
         self._schema_ready = False
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        private_dir(self.path.parent)
+        create_private(self.path)  # prompts: the user's alone (its -wal and -shm take its mode)
         self._conn()  # create the file and schema now, so a bad path fails here
 
     # picklable by url: a worker opens its own connections

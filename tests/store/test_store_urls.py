@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sqlite3
 from pathlib import Path
 
@@ -24,6 +25,27 @@ def test_sqlite_url_forms_create_one_wal_file(tmp_path: Path) -> None:
         assert raw.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     for store in (three, four):
         store.close()
+
+
+def test_a_new_sqlite_store_is_its_users_alone_and_an_existing_one_keeps_its_modes(tmp_path: Path) -> None:
+    old_umask = os.umask(0o022)  # a kernel's usual umask: world-readable unless created otherwise
+    try:
+        fresh = tmp_path / "new" / "data"
+        store = open_store(f"sqlite://{fresh}/store.sqlite3")
+        store.enqueue("alice", {"prompt": "a private prompt"})
+        modes = {p.name: p.stat().st_mode & 0o777 for p in [fresh, *fresh.iterdir()]}
+        assert modes == {"data": 0o700, "store.sqlite3": 0o600, "store.sqlite3-wal": 0o600, "store.sqlite3-shm": 0o600}
+        store.close()
+
+        shared = tmp_path / "shared"  # a folder and a store file its owner opened to others on purpose
+        shared.mkdir(mode=0o755)
+        (shared / "store.sqlite3").touch(mode=0o644)
+        store = open_store(f"sqlite://{shared}/store.sqlite3")
+        store.enqueue("alice", {"prompt": "a shared prompt"})
+        assert (shared.stat().st_mode & 0o777, (shared / "store.sqlite3").stat().st_mode & 0o777) == (0o755, 0o644)
+        store.close()
+    finally:
+        os.umask(old_umask)
 
 
 def test_sqlite_synchronous_option(tmp_path: Path) -> None:
