@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 from mochi_lab.pipelines.config import PipelineConfig
@@ -23,6 +25,7 @@ from mochi_lab.store import Store
 log = logging.getLogger(__name__)
 
 ACTOR_PREFIX = "mochi-worker-"
+T = TypeVar("T")
 
 
 def _import_ray():
@@ -170,10 +173,49 @@ def connect(settings: Settings) -> str:
             raise RuntimeError(f"this process is already connected to Ray at {current}, not {wanted}")
     else:
         with quiet_ray_start():
-            _start(ray, settings)
+            _on_lasting_thread(lambda: _start(ray, settings))
     if settings.ray_address and settings.ray_address.startswith("ray://"):
         return settings.ray_address  # a Ray Client session has no GCS address of its own
     return ray.get_runtime_context().gcs_address
+
+
+class _LastingThread:
+    """One daemon thread, alive as long as the process, that runs the calls it is given, one at a time."""
+
+    def __init__(self) -> None:
+        self._calls: queue.SimpleQueue = queue.SimpleQueue()
+        threading.Thread(target=self._serve, name="mochi-ray-owner", daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            fn, done = self._calls.get()
+            try:
+                done.set_result(fn())
+            except BaseException as exc:
+                done.set_exception(exc)
+
+    def call(self, fn: Callable[[], T]) -> T:
+        done: Future = Future()
+        self._calls.put((fn, done))
+        return done.result()
+
+
+_owner: _LastingThread | None = None
+_owner_lock = threading.Lock()
+
+
+def _on_lasting_thread(fn: Callable[[], T]) -> T:
+    """`fn()` on a thread that lives as long as the process: this one if it is the main thread, else a
+    dedicated one. Ray ties the processes a local start forks (GCS, raylet, ...) to the *thread* that forked
+    them (PR_SET_PDEATHSIG): they are SIGKILLed when it exits. A pool's worker thread exits when idle
+    (anyio's after 10 s: the gateway's lifespan, a sync route), and so may a widget's or an executor's."""
+    global _owner
+    if threading.current_thread() is threading.main_thread():
+        return fn()
+    with _owner_lock:
+        if _owner is None:
+            _owner = _LastingThread()
+    return _owner.call(fn)
 
 
 def _start(ray: Any, settings: Settings) -> None:
