@@ -106,6 +106,12 @@ class WorkerActor:
         self._stopping = True
         self.worker.stop(timeout)
 
+    def tokenizer_files(self, model: str) -> dict[str, bytes] | None:
+        """`model`'s tokenizer files from this worker's machine (for a gateway, which has no model files)."""
+        from mochi_lab.pipelines.tokens import tokenizer_files
+
+        return tokenizer_files(model, self.worker.settings.cache_dir)
+
     def retire(self) -> None:
         """Stop claiming, finish the job in hand however long it takes, then end this actor for good
         (no restart): its GPU, and then its node, are free. Never interrupts a job."""
@@ -372,6 +378,19 @@ class Pool:
             log.warning("some workers did not drain in time")
         for h in handles:
             self.ray.kill(h, no_restart=True)
+
+    def tokenizer_files(self, model: str, timeout: float = 5.0) -> dict[str, bytes] | None:
+        """`model`'s tokenizer files from a live worker (at most two asked, `timeout` s each); None if none
+        answers with them (none started yet, or none has that model's files)."""
+        for handle in list(self.handles().values())[:2]:
+            try:
+                files = self.ray.get(handle.tokenizer_files.remote(model), timeout=timeout)
+            except Exception as exc:  # a worker restarting or busy starting: the next, or none
+                log.info("no tokenizer from a worker: %s", type(exc).__name__)
+                continue
+            if files:
+                return files
+        return None
 
     def wait_ready(self, timeout: float = 300.0) -> None:
         """Block until every pool worker has loaded its model (its row in the store says idle or busy)."""
