@@ -12,10 +12,10 @@ import warnings
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from mochi_lab.backend import Backend
-from mochi_lab.job import Job
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from mochi_lab.backend import Backend
+from mochi_lab.job import Job
 from mochi_lab.params import MAX_PROMPT_CHARS, GenerationParams, SubmitOptions, check_model, check_tags, validate_name
 from mochi_lab.store.base import CANCELLED, FAILED, STATUSES, JobNotFound, JobRecord, check_job_id
 from mochi_lab.sweep import Run, expand_grid, plan_runs

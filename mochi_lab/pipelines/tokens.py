@@ -27,20 +27,17 @@ def local_tokenizer(model: str, cache_dir: Path) -> Any | None:
     source = known_models().get(model)
     if source is None:
         return None
-    from transformers import AutoTokenizer
-
-    kept = _kept_dir(model, cache_dir)
-    if kept.is_dir():
-        try:
-            return AutoTokenizer.from_pretrained(str(kept), local_files_only=True)
-        except (OSError, ValueError):
-            pass
-    if model == "tiny":
+    subfolder = "tokenizer"
+    if _kept_dir(model, cache_dir).is_dir():  # sent by a worker
+        source, subfolder = str(_kept_dir(model, cache_dir)), ""
+    elif model == "tiny":
         source = str(tiny_checkpoint_dir(cache_dir))
         if not Path(source, "tokenizer").is_dir():  # not built yet: building it needs torch
             return None
+    from transformers import AutoTokenizer
+
     try:
-        return AutoTokenizer.from_pretrained(source, subfolder="tokenizer", local_files_only=True)
+        return AutoTokenizer.from_pretrained(source, subfolder=subfolder, local_files_only=True)
     except (OSError, ValueError):
         return None
 
