@@ -117,18 +117,6 @@ def _error_response(status: int, kind: str, detail: str, headers: dict[str, str]
     return JSONResponse({"error": kind, "detail": detail}, status_code=status, headers=headers)
 
 
-def _refusal(exc: Exception) -> JSONResponse | None:
-    """The answer to a refused caller or request (ApiError, AuthError, AuthUnavailable); None for anything else."""
-    if isinstance(exc, TooManyFailures):
-        return _error_response(429, exc.kind, exc.detail, {"Retry-After": str(max(1, math.ceil(exc.retry_after)))})
-    if isinstance(exc, (ApiError, AuthError)):
-        return _error_response(exc.status, exc.kind, exc.detail,
-                               {"WWW-Authenticate": "token"} if exc.status == 401 else None)
-    if isinstance(exc, AuthUnavailable):
-        return _error_response(503, "unavailable", str(exc))
-    return None
-
-
 # -- the door: the caller identified before any body is read, and every body bounded ------------------
 def body_limit(n: int) -> dict[str, Any]:
     """A route's `openapi_extra`: the most bytes its body may have (413 above; shown in /docs)."""
@@ -143,10 +131,12 @@ def door_route(identify: Callable[[Request], Awaitable[Identity]]) -> type[APIRo
     """The class of the gateway's routes: a door in front of each one. FastAPI reads and parses a JSON body
     before any dependency runs, so a dependency is too late to refuse one; the door, before the route:
 
-    * identifies the caller of a route that depends on `identify`, from the headers alone, and answers a
-      refusal before any body byte is read; the route's `identify` then returns the identity it found;
+    * identifies the caller of a route that depends on `identify`, from the headers alone, so that a
+      refusal is answered before any body byte is read; the route's `identify` then returns that identity;
     * refuses a body over the route's limit (`body_limit`, else DEFAULT_BODY_LIMIT) with 413, by its
       Content-Length before reading, or once the bytes read of a chunked one pass the limit.
+
+    What the door raises is answered by the app's exception handlers, as the route's own errors are.
     """
 
     class DoorRoute(APIRoute):
@@ -157,13 +147,7 @@ def door_route(identify: Callable[[Request], Awaitable[Identity]]) -> type[APIRo
 
             async def door(request: Request) -> Response:
                 if needs_caller:
-                    try:
-                        setattr(request.state, _IDENTITY, await identify(request))
-                    except Exception as exc:
-                        refused = _refusal(exc)
-                        if refused is None:
-                            raise
-                        return refused
+                    setattr(request.state, _IDENTITY, await identify(request))
                 what = f"the body of {request.method} {request.url.path} is at most {limit} bytes"
                 declared = request.headers.get("content-length")
                 if declared is not None:
@@ -172,7 +156,7 @@ def door_route(identify: Callable[[Request], Awaitable[Identity]]) -> type[APIRo
                     except ValueError:
                         size = -1
                     if not 0 <= size <= limit:
-                        return _error_response(413, "too_large", what)
+                        raise HTTPException(413, what)
                 read = 0
 
                 async def counted() -> dict[str, Any]:
@@ -424,11 +408,21 @@ def create_app(settings: Settings | None = None, *, backend_factory: Callable[[]
     app.state.config = config
 
     # -- errors ---------------------------------------------------------------------------------
-    async def _refused(request: Request, exc: Exception):
-        return _refusal(exc)
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, exc: ApiError):
+        return _error_response(exc.status, exc.kind, exc.detail,
+                               {"WWW-Authenticate": "token"} if exc.status == 401 else None)
 
-    for refused in (ApiError, AuthError, AuthUnavailable):
-        app.add_exception_handler(refused, _refused)
+    @app.exception_handler(AuthError)
+    async def _auth_error(request: Request, exc: AuthError):
+        headers = {"WWW-Authenticate": "token"} if exc.status == 401 else None
+        if isinstance(exc, TooManyFailures):
+            headers = {"Retry-After": str(max(1, math.ceil(exc.retry_after)))}
+        return _error_response(exc.status, exc.kind, exc.detail, headers)
+
+    @app.exception_handler(AuthUnavailable)
+    async def _auth_unavailable(request: Request, exc: AuthUnavailable):
+        return _error_response(503, "unavailable", str(exc))
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError):
