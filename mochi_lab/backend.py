@@ -132,16 +132,22 @@ class Backend(abc.ABC):
         pass
 
 
+def sees_job(owner: str | None, account: str, *, admin: bool) -> bool:
+    """Whether `account` may see the id and owner of a job of `owner`: its own, or any for an admin. The one
+    rule of the queue's rows and the workers' rows (another account's job is a place or a busy worker)."""
+    return owner == account or admin
+
+
 def queue_rows(records: Iterable[JobRecord], account: str, *, admin: bool) -> list[dict[str, Any]]:
     """The queue as `account` may see it: its own jobs whole (id, prompt), other accounts' jobs by place,
-    model and size only, and their account's name only for an admin."""
+    model and size only, and their id and account's name only for an admin."""
     rows = []
     for position, r in enumerate(records, start=1):
         p = r.params if isinstance(r.params, dict) else {}
-        mine = r.account == account
+        mine, seen = r.account == account, sees_job(r.account, account, admin=admin)
         rows.append({
-            "position": position, "mine": mine, "account": r.account if mine or admin else None,
-            "id": r.id if mine or admin else None, "prompt": p.get("prompt") if mine else None,
+            "position": position, "mine": mine, "account": r.account if seen else None,
+            "id": r.id if seen else None, "prompt": p.get("prompt") if mine else None,
             "model": p.get("model"), "width": p.get("width"), "height": p.get("height"),
             "num_frames": p.get("num_frames"), "steps": p.get("num_inference_steps"),
             "priority": r.priority, "created_at": r.created_at,
@@ -149,4 +155,22 @@ def queue_rows(records: Iterable[JobRecord], account: str, *, admin: bool) -> li
     return rows
 
 
-__all__ = ["ARTIFACTS", "Backend", "queue_rows"]
+# What any account sees of a worker; the rest (node, pid, memory, errors, stats) is an admin's.
+WORKER_FIELDS = ("worker_id", "device", "gpu_name", "model", "state", "jobs_done", "started_at", "idle_since",
+                 "gpu_utilization", "gpu_power_w")
+
+
+def worker_rows(rows: Iterable[dict[str, Any]], account: str, *, admin: bool) -> list[dict[str, Any]]:
+    """The workers as `account` may see them: each one's state, and its current job's id only where
+    `sees_job` allows (another account's job shows as busy with no id); whole rows for an admin."""
+    out = []
+    for row in rows:
+        seen = sees_job(row.get("current_account"), account, admin=admin)
+        shown = dict(row) if admin else {k: row.get(k) for k in WORKER_FIELDS}
+        shown.update(current_job=row.get("current_job") if seen else None,
+                     mine=row.get("current_job") is not None and row.get("current_account") == account)
+        out.append(shown)
+    return out
+
+
+__all__ = ["ARTIFACTS", "WORKER_FIELDS", "Backend", "queue_rows", "sees_job", "worker_rows"]

@@ -8,19 +8,21 @@ in its settings; on a shared cluster only the gateway holds one.
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 import httpx
 
-from mochi_lab.backend import ARTIFACTS, Backend, queue_rows
+from mochi_lab.backend import ARTIFACTS, Backend, queue_rows, worker_rows
 from mochi_lab.cache import cached_enqueue
-from mochi_lab.params import GenerationParams, SubmitOptions, check_admission, check_model, check_prompt_tokens
+from mochi_lab.params import (MAX_PROMPT_TOKENS, GenerationParams, SubmitOptions, check_admission, check_model,
+                              check_prompt_tokens)
 from mochi_lab.pipelines.config import PipelineConfig
 from mochi_lab.settings import ScalingConfig, Settings, check_account, known_models, redact_url
 from mochi_lab.store import DONE, QUEUED, JobRecord, Store, StoreError, StoreUnavailable, open_store
-from mochi_lab.store.base import artifact_path
+from mochi_lab.store.base import RecordTooLarge, artifact_path
 
 if TYPE_CHECKING:
     from mochi_lab.controller import PoolController
@@ -34,16 +36,19 @@ WAITING_STAGE = "waiting for a worker"
 class DirectBackend(Backend):
     """One account's view of a store, and (optionally) the pool that serves it.
 
-    `max_active_jobs`: the account's quota of queued + running jobs (None: none), enforced by the store.
-    `admin`: whether the queue shows other accounts' names and job ids (whoever holds the store's
-    credentials can read them anyway; the gateway passes its caller's role).
+    `max_active_jobs`: the account's quota of queued + running jobs (None: none), enforced by the store;
+    `max_experiments` and `max_experiment_bytes` bound its experiment records (None: no bound).
+    `admin`: whether the queue and the workers show other accounts' job ids and names, and the workers
+    their nodes, pids and memory (whoever holds the store's credentials can read them anyway; the gateway
+    passes its caller's role).
     The pool's owner may hold a `controller` (autoscaling) and `metrics` (a Prometheus endpoint)."""
 
     controller: "PoolController | None" = None
     metrics: "Metrics | None" = None
 
     def __init__(self, settings: Settings, store: Store, pool: "Pool | None" = None, *, model: str = "tiny",
-                 ray_address: str | None = None, max_active_jobs: int | None = None, admin: bool = True):
+                 ray_address: str | None = None, max_active_jobs: int | None = None, admin: bool = True,
+                 max_experiments: int | None = None, max_experiment_bytes: int | None = None):
         self.settings = settings
         self.account = settings.account
         self.store = store
@@ -51,6 +56,7 @@ class DirectBackend(Backend):
         self.model = model
         self.ray_address = ray_address
         self.max_active_jobs = max_active_jobs
+        self.max_experiments, self.max_experiment_bytes = max_experiments, max_experiment_bytes
         self.admin = admin
         # [(monotonic time, any live worker row then)]: one slot, shared with for_account's backends
         self._workers_seen: list[tuple[float, bool]] = [(-1e9, False)]
@@ -97,22 +103,37 @@ class DirectBackend(Backend):
             backend.metrics.serve(settings.metrics_port, settings.metrics_host)
         return backend
 
-    def for_account(self, account: str, *, admin: bool = False, max_active_jobs: int | None = None) -> "DirectBackend":
+    def for_account(self, account: str, *, admin: bool = False, max_active_jobs: int | None = None,
+                    max_experiments: int | None = None, max_experiment_bytes: int | None = None) -> "DirectBackend":
         """This backend's store, pool and controller, bound to `account` (the gateway's per-request
         backend); the workers' presence is read once a second for all of them, not per request."""
         check_account(account)  # model_copy does not validate
         other = DirectBackend(self.settings.model_copy(update={"account": account}), self.store, self.pool,
                               model=self.model, ray_address=self.ray_address, max_active_jobs=max_active_jobs,
-                              admin=admin)
+                              admin=admin, max_experiments=max_experiments, max_experiment_bytes=max_experiment_bytes)
         other.controller = self.controller  # an admin's scale sets its bounds
         other._workers_seen = self._workers_seen
         return other
 
     # -- jobs ------------------------------------------------------------------
+    def _token_counter(self, params: GenerationParams) -> Callable[[str], int] | None:
+        """Counts `params.model`'s tokens here: with its tokenizer on this machine, else with the one a worker
+        sent once (a gateway has no model files); None when neither is at hand (the worker checks at claim)."""
+        if max(len(params.prompt), len(params.negative_prompt)) < MAX_PROMPT_TOKENS:  # a token is >= 1 character
+            return None
+        from mochi_lab.pipelines.tokens import keep_tokenizer_files, local_tokenizer
+
+        tokenizer = local_tokenizer(params.model, self.settings.cache_dir)
+        if tokenizer is None and self.pool is not None:
+            files = self.pool.tokenizer_files(params.model)
+            if files:
+                tokenizer = keep_tokenizer_files(params.model, self.settings.cache_dir, files)
+        return None if tokenizer is None else (lambda text: len(tokenizer(text).input_ids))
+
     def submit(self, params: GenerationParams, options: SubmitOptions, *, reuse: bool = True) -> JobRecord:
         check_model(params.model, known_models())
         check_admission(params, self.settings.max_token_steps.get(params.model))
-        counter = _local_token_counter(params, self.settings.cache_dir)
+        counter = self._token_counter(params)
         if counter is not None:
             check_prompt_tokens(params, counter)
         opts = {"priority": options.priority, "experiment": options.experiment, "tags": list(options.tags),
@@ -174,7 +195,7 @@ class DirectBackend(Backend):
         return sorted(known_models())
 
     def workers(self) -> list[dict[str, Any]]:
-        return self.store.workers()
+        return worker_rows(self.store.workers(), self.account, admin=self.admin)
 
     def _pool(self) -> "Pool":
         if self.pool is None:
@@ -220,7 +241,12 @@ class DirectBackend(Backend):
         return self.store.get_experiment(self.account, name)
 
     def put_experiment(self, record: dict[str, Any]) -> None:
-        self.store.put_experiment(self.account, record)
+        if self.max_experiment_bytes is not None:
+            size = len(json.dumps(record, separators=(",", ":")))
+            if size > self.max_experiment_bytes:
+                raise RecordTooLarge(f"experiment {record.get('name')!r} would be {size} bytes as JSON; the limit is "
+                                     f"max_experiment_bytes={self.max_experiment_bytes}; nothing was changed")
+        self.store.put_experiment(self.account, record, max_count=self.max_experiments)
 
     def list_experiments(self) -> list[dict[str, Any]]:
         return self.store.list_experiments(self.account)
@@ -243,16 +269,6 @@ class DirectBackend(Backend):
         if self.metrics is not None:
             self.metrics.close()
         self.store.close()
-
-
-def _local_token_counter(params: GenerationParams, cache_dir: Path) -> Callable[[str], int] | None:
-    """Count tokens here only when the tokenizer is on this machine; else the worker checks at claim."""
-    if max(len(params.prompt), len(params.negative_prompt)) < 256:
-        return None
-    from mochi_lab.pipelines.tokens import local_tokenizer
-
-    tokenizer = local_tokenizer(params.model, cache_dir)
-    return None if tokenizer is None else (lambda text: len(tokenizer(text).input_ids))
 
 
 __all__ = ["DirectBackend"]

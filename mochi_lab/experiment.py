@@ -12,14 +12,64 @@ import warnings
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
 from mochi_lab.backend import Backend
 from mochi_lab.job import Job
-from mochi_lab.params import GenerationParams, SubmitOptions, check_model, validate_name
-from mochi_lab.store.base import CANCELLED, FAILED, STATUSES, JobNotFound, JobRecord
+from mochi_lab.params import MAX_PROMPT_CHARS, GenerationParams, SubmitOptions, check_model, check_tags, validate_name
+from mochi_lab.store.base import CANCELLED, FAILED, STATUSES, JobNotFound, JobRecord, check_job_id
 from mochi_lab.sweep import Run, expand_grid, plan_runs
 
 MISSING = "missing"  # a planned run with no job (its client died before queueing it)
 _LIST_LIMIT = 100_000  # one experiment's jobs, attempts included
+RUN_KEY_RE = r"^[0-9A-Za-z_-]{1,64}$"  # run keys name files (exports) and travel in idempotency keys
+
+
+class RunRecord(BaseModel):
+    """One planned run as the record keeps it (`sweep.Run.to_dict`)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    key: str = Field(pattern=RUN_KEY_RE)
+    params: dict[str, Any]
+    attempt: int = Field(default=0, ge=0, le=1_000_000)
+    job_id: str | None = None
+
+    @field_validator("params")
+    @classmethod
+    def _params(cls, v: dict[str, Any]) -> dict[str, Any]:
+        GenerationParams.parse(**v)  # what resume queues and export lists: valid params (kept as given)
+        return v
+
+    @field_validator("job_id")
+    @classmethod
+    def _job_id(cls, v: str | None) -> str | None:
+        return None if v is None else check_job_id(v)
+
+
+class ExperimentRecord(BaseModel):
+    """An experiment's record as `Experiment` writes it and reads it back: what a record from outside (the
+    gateway's PUT) must be, so that reading it (runs, resume, export) cannot fail later."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    account: str | None = None  # the store's: whoever writes it sets it
+    description: str = Field(default="", max_length=MAX_PROMPT_CHARS)
+    tags: list[str] = Field(default_factory=list)
+    created_at: float = Field(default=0.0, allow_inf_nan=False)
+    updated_at: float = Field(default=0.0, allow_inf_nan=False)
+    runs: list[RunRecord] = Field(default_factory=list)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        return validate_name(v)
+
+    @field_validator("tags", mode="before")
+    @classmethod
+    def _tags(cls, v: Any) -> Any:
+        return list(check_tags(v))  # its runs' jobs carry them
 
 
 class ExperimentNotFound(KeyError):
@@ -341,4 +391,4 @@ def _summary(jobs: Mapping[str, JobRecord | None]) -> str:
     return " ".join(f"{k}={v}" for k, v in sorted(counts.items()))
 
 
-__all__ = ["MISSING", "Experiment", "ExperimentNotFound", "RunJobs"]
+__all__ = ["MISSING", "Experiment", "ExperimentNotFound", "ExperimentRecord", "RunJobs", "RunRecord"]

@@ -6,9 +6,13 @@ hashed token); the account is the one the server resolved, never anything the cl
 request is served by a `DirectBackend` bound to that account over the shared store and pool. So
 another account's job answers exactly like an unknown id (404).
 
-Door hardening: a quota of queued + running jobs per account (429, nothing queued), the pool's
-admission (422, `DirectBackend.submit`), JSON errors that never carry a token, a store URL or a server
-path, and a web page rendered with Jinja2 autoescaping under a strict Content-Security-Policy.
+Door hardening: every route that needs a caller is authenticated from the headers before any body
+byte is read, and every body is bounded by its route's limit (413; `door_route`); failed token checks are
+limited per client (429, `hubauth.FailureLimit`); a quota of queued + running jobs per account (429,
+nothing queued), of open event streams and of experiment records; the pool's admission (422,
+`DirectBackend.submit`, prompts counted in tokens); JSON errors that never carry a token, a store URL or
+a server path; access logs without query strings; and a web page rendered with Jinja2 autoescaping
+under a strict Content-Security-Policy.
 
 `create_app(settings)` builds the ASGI app; `serve(host, port, settings)` runs it with uvicorn.
 Progress streams (`/events/{job_id}`) share one store poller per job, fanned out to every listener.
@@ -18,22 +22,25 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import dataclasses
 import io
 import json
 import logging
+import math
 import tempfile
 import threading
 import time
 import zipfile
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.routing import APIRoute
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -45,9 +52,11 @@ from mochi_lab.hubauth import (
     AuthUnavailable,
     Authenticator,
     ChainAuth,
+    FailureLimit,
     HubAuth,
     Identity,
     StaticTokens,
+    TooManyFailures,
     parse_authorization,
 )
 from mochi_lab.logs import log_repeating
@@ -61,6 +70,7 @@ from mochi_lab.store.base import (
     JobNotFound,
     JobRecord,
     QuotaExceeded,
+    RecordTooLarge,
     StoreError,
     active_limit_error,
     check_job_id,
@@ -70,7 +80,10 @@ log = logging.getLogger("mochi_lab.gateway")
 
 HIDDEN_FIELDS = ("fence", "lease_expires_at")
 ROUTES = {"video": "download", "thumbnail": "thumbnail"}
-MAX_BODY_BYTES = 1 << 20
+KIB = 1024
+# A route that declares no body limit (`body_limit`) takes none, or a small form (a login).
+DEFAULT_BODY_LIMIT = KIB
+_IDENTITY = "mochi_lab_identity"  # the request's state attribute: the caller its door identified
 
 
 def authenticator(config: GatewayConfig) -> Authenticator:
@@ -80,7 +93,8 @@ def authenticator(config: GatewayConfig) -> Authenticator:
     if config.hub_api_url:
         hub = HubAuth(config.hub_api_url, service_name=config.service_name,
                       api_token=config.hub_api_token.get_secret_value() if config.hub_api_token else None,
-                      admin_groups=config.admin_groups, cache_s=config.auth_cache_s)
+                      admin_groups=config.admin_groups, cache_s=config.auth_cache_s, max_lookups=config.hub_lookups,
+                      failures=FailureLimit(config.auth_failures, config.auth_failures_window_s))
     if static is None and hub is None:
         raise ValueError("the gateway needs a hub (JUPYTERHUB_API_URL) or static tokens (MOCHI_LAB_GATEWAY_TOKENS)")
     return ChainAuth(static, hub)
@@ -99,6 +113,77 @@ def _not_found(what: str = "job not found") -> ApiError:
 
 def _error_response(status: int, kind: str, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse({"error": kind, "detail": detail}, status_code=status, headers=headers)
+
+
+# -- the door: the caller identified before any body is read, and every body bounded ------------------
+def body_limit(n: int) -> dict[str, Any]:
+    """A route's `openapi_extra`: the most bytes its body may have (413 above; shown in /docs)."""
+    return {"x-body-limit": n}
+
+
+def _depends_on(dependant: Any, call: Callable) -> bool:
+    return any(d.call is call or _depends_on(d, call) for d in dependant.dependencies)
+
+
+def door_route(identify: Callable[[Request], Awaitable[Identity]]) -> type[APIRoute]:
+    """The class of the gateway's routes: a door in front of each one. FastAPI reads and parses a JSON body
+    before any dependency runs, so a dependency is too late to refuse one; the door, before the route:
+
+    * identifies the caller of a route that depends on `identify`, from the headers alone, so that a
+      refusal is answered before any body byte is read; the route's `identify` then returns that identity;
+    * refuses a body over the route's limit (`body_limit`, else DEFAULT_BODY_LIMIT) with 413, by its
+      Content-Length before reading, or once the bytes read of a chunked one pass the limit.
+
+    What the door raises is answered by the app's exception handlers, as the route's own errors are.
+    """
+
+    class DoorRoute(APIRoute):
+        def get_route_handler(self) -> Callable[[Request], Awaitable[Response]]:
+            handler = super().get_route_handler()
+            limit = (self.openapi_extra or {}).get("x-body-limit", DEFAULT_BODY_LIMIT)
+            needs_caller = _depends_on(self.dependant, identify)
+
+            async def door(request: Request) -> Response:
+                if needs_caller:
+                    setattr(request.state, _IDENTITY, await identify(request))
+                what = f"the body of {request.method} {request.url.path} is at most {limit} bytes"
+                declared = request.headers.get("content-length")
+                if declared is not None:
+                    try:
+                        size = int(declared)
+                    except ValueError:
+                        size = -1
+                    if not 0 <= size <= limit:
+                        raise HTTPException(413, what)
+                read = 0
+
+                async def counted() -> dict[str, Any]:
+                    nonlocal read
+                    message = await request.receive()
+                    read += len(message.get("body", b""))
+                    if read > limit:  # FastAPI passes an HTTPException from reading the body on as it is
+                        raise HTTPException(413, what)
+                    return message
+
+                return await handler(Request(request.scope, counted))
+
+            return door
+
+    return DoorRoute
+
+
+class _CountedStream(StreamingResponse):
+    """A stream that gives its slot back when it ends, however it ends."""
+
+    def __init__(self, *args: Any, release: Callable[[], None], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._release = release
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._release()
 
 
 # -- job JSON ----------------------------------------------------------------------------------------
@@ -266,8 +351,10 @@ def _validation_text(exc: Any) -> str:
     for err in exc.errors():
         loc = [str(p) for p in err.get("loc", ()) if p not in ("body",)]
         field = ".".join(loc) or "body"
-        msg = "unknown field; the account is decided by the server from the token" if err.get("type") == \
-            "extra_forbidden" else err.get("msg", "invalid")
+        msg = err.get("msg", "invalid")
+        if err.get("type") == "extra_forbidden":
+            msg = "unknown field" + ("; the account is decided by the server from the token" if loc[-1:] == ["account"]
+                                     else "")
         parts.append(f"{field}: {msg}")
     return "invalid request:\n  " + "\n  ".join(parts)
 
@@ -318,7 +405,6 @@ def create_app(settings: Settings | None = None, *, backend_factory: Callable[[]
                               "Authenticate with `Authorization: token <JupyterHub token>`.")
     app.state.progress = progress
     app.state.config = config
-    api = APIRouter()
 
     # -- errors ---------------------------------------------------------------------------------
     @app.exception_handler(ApiError)
@@ -328,8 +414,10 @@ def create_app(settings: Settings | None = None, *, backend_factory: Callable[[]
 
     @app.exception_handler(AuthError)
     async def _auth_error(request: Request, exc: AuthError):
-        return _error_response(exc.status, exc.kind, exc.detail,
-                               {"WWW-Authenticate": "token"} if exc.status == 401 else None)
+        headers = {"WWW-Authenticate": "token"} if exc.status == 401 else None
+        if isinstance(exc, TooManyFailures):
+            headers = {"Retry-After": str(max(1, math.ceil(exc.retry_after)))}
+        return _error_response(exc.status, exc.kind, exc.detail, headers)
 
     @app.exception_handler(AuthUnavailable)
     async def _auth_unavailable(request: Request, exc: AuthUnavailable):
@@ -346,6 +434,10 @@ def create_app(settings: Settings | None = None, *, backend_factory: Callable[[]
     @app.exception_handler(QuotaExceeded)
     async def _quota(request: Request, exc: QuotaExceeded):
         return _error_response(429, "quota", str(exc))
+
+    @app.exception_handler(RecordTooLarge)
+    async def _too_large(request: Request, exc: RecordTooLarge):
+        return _error_response(413, "too_large", str(exc))
 
     @app.exception_handler(JobNotFound)
     async def _missing(request: Request, exc: JobNotFound):
@@ -374,6 +466,9 @@ def create_app(settings: Settings | None = None, *, backend_factory: Callable[[]
     sessions = Sessions(lambda: shared().store)
 
     async def identify(request: Request) -> Identity:
+        known = getattr(request.state, _IDENTITY, None)  # the door identified this request already
+        if known is not None:
+            return known
         header = request.headers.get("authorization")
         token = parse_authorization(header)
         sid = request.cookies.get(SESSION_COOKIE) if header is None else None
@@ -385,10 +480,12 @@ def create_app(settings: Settings | None = None, *, backend_factory: Callable[[]
                 raise ApiError(401, "unauthorized", "the session has ended (signed out or expired): sign in again")
         if token is None:
             raise ApiError(401, "unauthorized", "a token is required: Authorization: token <token>")
-        return await auth.identify(token)
+        return await auth.identify(token, request.client.host if request.client else None)
 
     def backend_for(account: str, *, admin: bool = False) -> DirectBackend:
-        return shared().for_account(account, admin=admin, max_active_jobs=config.max_active_jobs)
+        return shared().for_account(account, admin=admin, max_active_jobs=config.max_active_jobs,
+                                    max_experiments=config.max_experiments,
+                                    max_experiment_bytes=config.max_experiment_bytes)
 
     # The cheap dependencies are async: a sync one costs a thread-pool hop per request.
     async def user_backend(identity: Identity = Depends(identify)) -> DirectBackend:
@@ -413,6 +510,8 @@ def create_app(settings: Settings | None = None, *, backend_factory: Callable[[]
             raise active_limit_error(backend.account, active, config.max_active_jobs)
 
     # -- routes ---------------------------------------------------------------------------------
+    api = APIRouter(route_class=door_route(identify))
+
     @api.get("/healthz", tags=["service"])
     def healthz():
         try:
@@ -429,7 +528,8 @@ def create_app(settings: Settings | None = None, *, backend_factory: Callable[[]
     def models(backend: DirectBackend = Depends(user_backend)):
         return backend.models()
 
-    @api.post("/generate", status_code=201, tags=["jobs"])
+    # two prompts of MAX_PROMPT_CHARS, even as JSON's \uXXXX escapes, and the rest
+    @api.post("/generate", status_code=201, tags=["jobs"], openapi_extra=body_limit(64 * KIB))
     def generate(body: GenerateBody, backend: DirectBackend = Depends(user_backend)):
         params = GenerationParams.parse(**{"model": backend.model, **body.params})
         options = SubmitOptions.parse(priority=body.priority, tags=body.tags, experiment=body.experiment,
@@ -508,10 +608,22 @@ def create_app(settings: Settings | None = None, *, backend_factory: Callable[[]
         step, data = found
         return Response(data, media_type="image/webp", headers={"X-Preview-Step": str(step), "Cache-Control": "no-store"})
 
+    streams: dict[str, int] = {}  # open event streams per account, in this process
+
+    def stream_closed(account: str) -> None:
+        streams[account] -= 1
+        if not streams[account]:
+            del streams[account]
+
     @api.get("/events/{job_id}", tags=["jobs"], response_class=StreamingResponse)
     async def events(job_id: str, backend: DirectBackend = Depends(user_backend)):
         job_id = job_id_of(job_id)
         await run_in_threadpool(backend.get, job_id)  # 404 before the stream starts
+        account, limit = backend.account, config.max_event_streams
+        if streams.get(account, 0) >= limit:
+            raise ApiError(429, "quota", f"account {account} has {streams[account]} event streams open; the limit is "
+                                         f"max_event_streams={limit} (close one first)")
+        streams[account] = streams.get(account, 0) + 1
 
         async def stream():
             async for item in progress.listen(backend, job_id):
@@ -520,8 +632,8 @@ def create_app(settings: Settings | None = None, *, backend_factory: Callable[[]
                 else:
                     yield f"event: progress\ndata: {json.dumps(item)}\n\n"
 
-        return StreamingResponse(stream(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return _CountedStream(stream(), release=lambda: stream_closed(account), media_type="text/event-stream",
+                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     @api.get("/queue", tags=["pool"])
     def queue(limit: int = 50, identity: Identity = Depends(identify)):
@@ -532,10 +644,12 @@ def create_app(settings: Settings | None = None, *, backend_factory: Callable[[]
         return backend_for(identity.account, admin=identity.admin).queue(limit)
 
     @api.get("/workers/status", tags=["pool"])
-    def workers(backend: DirectBackend = Depends(user_backend)):
-        return backend.workers()
+    def workers(identity: Identity = Depends(identify)):
+        """Every worker's state; its current job's id where the job is the caller's (any, for admins); nodes,
+        pids and memory for admins only (`backend.worker_rows`)."""
+        return backend_for(identity.account, admin=identity.admin).workers()
 
-    @api.post("/workers/scale", tags=["pool"])
+    @api.post("/workers/scale", tags=["pool"], openapi_extra=body_limit(KIB))
     def scale(body: ScaleBody, identity: Identity = Depends(admin_only)):
         n = body.n
         if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= 1024:
@@ -579,37 +693,38 @@ def create_app(settings: Settings | None = None, *, backend_factory: Callable[[]
         except KeyError:
             raise _not_found("experiment not found") from None
 
-    @api.put("/experiments/{name}", status_code=204, tags=["experiments"])
+    @api.put("/experiments/{name}", status_code=204, tags=["experiments"],
+             openapi_extra=body_limit(config.max_experiment_bytes))
     async def put_experiment(name: str, request: Request, backend: DirectBackend = Depends(user_backend)):
-        raw = await request.body()
-        if len(raw) > MAX_BODY_BYTES:
-            raise ApiError(413, "too_large", f"an experiment record is at most {MAX_BODY_BYTES} bytes")
-        try:
-            record = json.loads(raw)
-        except ValueError:
-            raise ApiError(422, "invalid", "the body must be a JSON object") from None
-        if not isinstance(record, dict):
-            raise ApiError(422, "invalid", "the body must be a JSON object")
+        """Create or replace the record (`experiment.ExperimentRecord`: 422 naming the field otherwise)."""
+        from mochi_lab.experiment import ExperimentRecord
+
         try:
             validate_name(name)
         except ValueError as exc:
             raise ApiError(422, "invalid", str(exc)) from None
-        if record.get("name") != name:
+        try:
+            raw = json.loads(await request.body())
+        except (ValueError, RecursionError):  # RecursionError: nesting deeper than the parser goes
+            raise ApiError(422, "invalid", "the body must be a JSON object (an experiment record)") from None
+        try:
+            record = ExperimentRecord.model_validate(raw).model_dump()
+        except ValidationError as exc:
+            raise ApiError(422, "invalid", _validation_text(exc)) from None
+        if record["name"] != name:
             raise ApiError(422, "invalid", "name: the record's name must equal the path's")
-        if not isinstance(record.get("runs", []), list):
-            raise ApiError(422, "invalid", "runs: must be a list")
         record["account"] = backend.account  # forced: never the client's
-        record.setdefault("runs", [])
         await run_in_threadpool(backend.put_experiment, record)
         return Response(status_code=204)
 
-    @api.post("/experiments/{name}/sweep", tags=["experiments"])
+    # a sweep's prompts are at most max_active_jobs (its quota), each at most MAX_PROMPT_CHARS
+    @api.post("/experiments/{name}/sweep", tags=["experiments"], openapi_extra=body_limit(256 * KIB))
     def sweep(name: str, body: SweepBody, backend: DirectBackend = Depends(user_backend)):
-        from mochi_lab.sweep import expand_grid
+        from mochi_lab.sweep import grid_size
 
         try:
             validate_name(name)
-            planned = len(expand_grid(body.prompts, body.seeds, body.params))
+            planned = grid_size(body.prompts, body.seeds, body.params)
         except (ValueError, TypeError) as exc:
             raise ApiError(422, "invalid", str(exc)) from None
         priority = SubmitOptions.parse(priority=body.priority).priority
@@ -642,7 +757,8 @@ def create_app(settings: Settings | None = None, *, backend_factory: Callable[[]
                         headers={"Content-Disposition": f'attachment; filename="{name}.zip"'})
 
     app.include_router(api, prefix=prefix)
-    app.include_router(web_router(config, auth, sessions, identify, backend_for), prefix=prefix)
+    app.include_router(web_router(config, auth, sessions, identify, backend_for, route_class=door_route(identify)),
+                       prefix=prefix)
     return app
 
 
@@ -666,15 +782,37 @@ class _RoutedBackend:
         return self._inner.save_artifact(job_id, name, dest)
 
 
+class _NoQueryStrings(logging.Filter):
+    """Drops the query string from uvicorn's access log lines: it may carry a secret (`?token=`, OAuth's
+    `?code=&state=`), and a log is read by more people than the token's owner."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        if isinstance(args, tuple) and len(args) >= 3 and isinstance(args[2], str):  # (client, method, path, ...)
+            record.args = (*args[:2], args[2].split("?", 1)[0], *args[3:])
+        return True
+
+
+def log_config() -> dict[str, Any]:
+    """uvicorn's logging configuration, its access log without query strings."""
+    from uvicorn.config import LOGGING_CONFIG
+
+    config = copy.deepcopy(LOGGING_CONFIG)
+    config.setdefault("filters", {})["no_query_strings"] = {"()": _NoQueryStrings}
+    config["handlers"]["access"]["filters"] = ["no_query_strings"]
+    return config
+
+
 def serve(host: str | None = None, port: int | None = None, settings: Settings | None = None) -> None:
-    """Run the gateway with uvicorn (blocking): `mochi-lab gateway [--host --port]`."""
+    """Run the gateway with uvicorn (blocking): `mochi-lab gateway [--host --port]`. The client address of a
+    request through `config.trusted_proxies` is the nearest one in X-Forwarded-For that is not one of them."""
     import uvicorn
 
     settings = settings or Settings.from_env()
     config = GatewayConfig.from_env(host=host, port=port)
     app = create_app(settings, config=config)
     uvicorn.run(behind_proxies(app, config.trusted_proxies), host=config.host, port=config.port,
-                proxy_headers=False, log_level="info")
+                proxy_headers=False, log_level="info", log_config=log_config())
 
 
 __all__ = ["ProgressHub", "create_app", "job_json", "serve"]

@@ -38,6 +38,7 @@ from typing import Any
 from urllib.parse import parse_qs, urlencode, urlsplit
 
 from fastapi import APIRouter, Request
+from fastapi.routing import APIRoute
 from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, Response
 from starlette.concurrency import run_in_threadpool
 
@@ -228,11 +229,12 @@ def _page_job(r: JobRecord) -> dict[str, Any]:
 
 
 def web_router(config: GatewayConfig, auth: Authenticator, sessions: Sessions,
-               identify: Callable[[Request], Awaitable[Identity]], backend_for: Callable[..., Any]) -> APIRouter:
+               identify: Callable[[Request], Awaitable[Identity]], backend_for: Callable[..., Any],
+               route_class: type[APIRoute] = APIRoute) -> APIRouter:
     """The page (GET /), its sign-in and sign-out, and /docs, for `create_app` to include under the prefix."""
     from mochi_lab.reprs import render
 
-    router = APIRouter()
+    router = APIRouter(route_class=route_class)  # the gateway's door: bounded bodies
     with_hub = config.hub_api_url is not None  # else the token form (static tokens only)
     oauth = HubOAuth(config) if with_hub and config.hub_api_token is not None else None
     no_oauth = "signing in is unavailable: the gateway has no service token for the hub (JUPYTERHUB_API_TOKEN)"

@@ -3,9 +3,10 @@
 * `HubAuth`: a JupyterHub token. The hub answers `GET {api_url}/user` called WITH THE USER'S token
   with the token owner's model and the token's scopes; the token must carry
   `access:services!service=<name>` (or `access:services`). The account is the hub user's name; an
-  admin is a hub admin or a member of one of `admin_groups`. Answers are cached for `cache_s`
-  seconds keyed by sha256(token) (a revoked token works at most that long), and concurrent
-  first uses of one token make one hub call.
+  admin is a hub admin or a member of one of `admin_groups`. Answers, yes and no, are cached for
+  `cache_s` seconds keyed by sha256(token) (a revoked token works at most that long), concurrent
+  first uses of one token make one hub call, and at most `max_lookups` hub calls are in flight.
+  A client (`FailureLimit`) with too many failed lookups gets 429 instead of a new lookup.
 * `StaticTokens`: for deployments without a hub, `{sha256(token): {"account": ..., "admin": bool}}`;
   only hashes are kept, so the settings never hold a usable token.
 * `ChainAuth`: static tokens first, then the hub.
@@ -17,9 +18,11 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import ipaddress
 import logging
+import math
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -50,7 +53,15 @@ class AuthError(Exception):
 
     @property
     def kind(self) -> str:
-        return "unauthorized" if self.status == 401 else "forbidden"
+        return {401: "unauthorized", 429: "rate_limited"}.get(self.status, "forbidden")
+
+
+class TooManyFailures(AuthError):
+    """429: this client failed too many token checks lately; `retry_after` seconds until it may try again."""
+
+    def __init__(self, detail: str, retry_after: float):
+        super().__init__(429, detail)
+        self.retry_after = retry_after
 
 
 class AuthUnavailable(Exception):
@@ -58,7 +69,8 @@ class AuthUnavailable(Exception):
 
 
 class Authenticator(Protocol):
-    async def identify(self, token: str) -> Identity: ...
+    async def identify(self, token: str, client: str | None = None) -> Identity:
+        """The token's owner; `client` (the caller's address) is what failed checks are counted against."""
 
 
 def hash_token(token: str) -> str:
@@ -106,18 +118,62 @@ class StaticTokens:
     def lookup(self, token: str) -> Identity | None:
         return self._tokens.get(hash_token(token))
 
-    async def identify(self, token: str) -> Identity:
+    async def identify(self, token: str, client: str | None = None) -> Identity:
         found = self.lookup(token)
         if found is None:
             raise _unauthorized()
         return found
 
 
+class FailureLimit:
+    """At most `max_failures` failed (or still unanswered) hub lookups per client in any `window_s` seconds.
+
+    A client is an address; IPv6 addresses count by their /64, which one host may hold whole. Tokens
+    answered from the cache cost the hub nothing and are never counted or refused."""
+
+    def __init__(self, max_failures: int, window_s: float, max_clients: int = _MAX_CACHE):
+        self.max_failures, self.window_s, self.max_clients = max_failures, window_s, max_clients
+        self._failed: OrderedDict[str, deque[float]] = OrderedDict()
+        self._pending: dict[str, int] = {}
+
+    @staticmethod
+    def key(client: str) -> str:
+        try:
+            ip = ipaddress.ip_address(client)
+        except ValueError:
+            return client
+        return str(ipaddress.ip_network(f"{ip}/64", strict=False)) if ip.version == 6 else str(ip)
+
+    def begin(self, client: str) -> str:
+        """Admit one lookup for `client` (its key, for `end`), or raise TooManyFailures."""
+        key, now = self.key(client), time.monotonic()
+        failed = self._failed.get(key)
+        while failed and failed[0] <= now - self.window_s:
+            failed.popleft()
+        if len(failed or ()) + self._pending.get(key, 0) >= self.max_failures:
+            wait = failed[0] + self.window_s - now if failed else self.window_s
+            raise TooManyFailures(f"too many failed token checks from this address: at most {self.max_failures} "
+                                  f"per {self.window_s:g} s; try again in {math.ceil(wait)} s", wait)
+        self._pending[key] = self._pending.get(key, 0) + 1
+        return key
+
+    def end(self, key: str, failed: bool) -> None:
+        left = self._pending.pop(key, 1) - 1
+        if left:
+            self._pending[key] = left
+        if failed:
+            self._failed.setdefault(key, deque()).append(time.monotonic())
+            self._failed.move_to_end(key)
+            while len(self._failed) > self.max_clients:
+                self._failed.popitem(last=False)
+
+
 class HubAuth:
     """JupyterHub tokens, checked with the hub (see the module doc)."""
 
     def __init__(self, api_url: str, *, service_name: str, api_token: str | None = None,
-                 admin_groups: Iterable[str] = (), cache_s: float = 30.0, timeout_s: float = 5.0):
+                 admin_groups: Iterable[str] = (), cache_s: float = 30.0, timeout_s: float = 5.0,
+                 max_lookups: int = 8, failures: FailureLimit | None = None):
         self.api_url = api_url.rstrip("/")
         self.service_name = service_name
         self._api_token = api_token  # the service's own token: only to read a user's admin flag
@@ -127,8 +183,11 @@ class HubAuth:
         self.required_scopes = frozenset({f"access:services!service={service_name}", "access:services"})
         self._cache: OrderedDict[str, tuple[float, Identity | AuthError]] = OrderedDict()
         self._inflight: dict[str, asyncio.Future] = {}
+        self.max_lookups = max_lookups
+        self.failures = failures
         self._client = None
         self._client_loop = None
+        self._lookups: asyncio.Semaphore | None = None
 
     def __repr__(self) -> str:  # never the service token
         return f"<HubAuth {self.api_url} service={self.service_name!r} cache_s={self.cache_s}>"
@@ -139,6 +198,7 @@ class HubAuth:
         loop = asyncio.get_running_loop()
         if self._client is None or self._client_loop is not loop:
             self._client = httpx.AsyncClient(timeout=self.timeout_s, follow_redirects=False, trust_env=False)
+            self._lookups = asyncio.Semaphore(self.max_lookups)  # a semaphore, like the client, is one loop's
             self._client_loop = loop
         return self._client
 
@@ -157,7 +217,7 @@ class HubAuth:
         else:
             self._cache.pop(hash_token(token), None)
 
-    async def identify(self, token: str) -> Identity:
+    async def identify(self, token: str, client: str | None = None) -> Identity:
         key = hash_token(token)
         hit = self._cache.get(key)
         now = time.monotonic()
@@ -165,18 +225,32 @@ class HubAuth:
             return _unwrap(hit[1])
         pending = self._inflight.get(key)
         if pending is None:
+            counted = self.failures.begin(client) if self.failures is not None and client else None
             pending = asyncio.ensure_future(self._resolve(token))
             self._inflight[key] = pending
-            pending.add_done_callback(lambda _f, key=key: self._inflight.pop(key, None))
+            pending.add_done_callback(lambda f, key=key, counted=counted: self._done(key, counted, f))
         result = await asyncio.shield(pending)
         return _unwrap(result)
 
+    def _done(self, key: str, counted: str | None, future: asyncio.Future) -> None:
+        self._inflight.pop(key, None)
+        if counted is not None:  # an unreachable hub (an exception) is not the client's failure
+            failed = not future.cancelled() and future.exception() is None and isinstance(future.result(), AuthError)
+            self.failures.end(counted, failed)
+
     async def _resolve(self, token: str) -> Identity | AuthError:
         key = hash_token(token)
+        self._http()  # the semaphore of this loop
+        try:
+            await asyncio.wait_for(self._lookups.acquire(), self.timeout_s)
+        except asyncio.TimeoutError:
+            raise AuthUnavailable("the hub is busy checking other tokens; try again shortly") from None
         try:
             result: Identity | AuthError = await self._ask_hub(token)
         except AuthError as exc:
             result = exc
+        finally:
+            self._lookups.release()
         # both answers are cached (a random token that is bad now stays bad); an unreachable hub is not
         self._cache[key] = (time.monotonic() + self.cache_s, result)
         self._cache.move_to_end(key)
@@ -242,13 +316,13 @@ class ChainAuth:
     def __init__(self, static: StaticTokens | None, hub: HubAuth | None):
         self.static, self.hub = static, hub
 
-    async def identify(self, token: str) -> Identity:
+    async def identify(self, token: str, client: str | None = None) -> Identity:
         if self.static is not None:
             found = self.static.lookup(token)
             if found is not None:
                 return found
         if self.hub is not None:
-            return await self.hub.identify(token)
+            return await self.hub.identify(token, client)
         raise _unauthorized()
 
     async def aclose(self) -> None:
@@ -262,5 +336,5 @@ def _unwrap(result: Identity | AuthError) -> Identity:
     return result
 
 
-__all__ = ["AuthError", "AuthUnavailable", "Authenticator", "ChainAuth", "HubAuth", "Identity", "StaticTokens",
-           "hash_token", "parse_authorization"]
+__all__ = ["AuthError", "AuthUnavailable", "Authenticator", "ChainAuth", "FailureLimit", "HubAuth", "Identity",
+           "StaticTokens", "TooManyFailures", "hash_token", "parse_authorization"]

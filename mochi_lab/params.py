@@ -253,6 +253,20 @@ def check_admission(params: GenerationParams, limit: int | None) -> None:
     )
 
 
+def check_tags(v: Any) -> tuple[str, ...]:
+    """Tags (of a job, of an experiment): at most MAX_TAGS strings of 1-MAX_TAG_CHARS characters; ValueError if not."""
+    if isinstance(v, (str, bytes)) or not isinstance(v, Iterable):
+        raise ValueError(f"tags must be a list of strings, got {type(v).__name__} {v!r:.60}")
+    v = tuple(v)
+    if len(v) > MAX_TAGS:
+        raise ValueError(f"tags: at most {MAX_TAGS}, got {len(v)}")
+    for tag in v:
+        if not isinstance(tag, str) or not 0 < len(tag) <= MAX_TAG_CHARS:
+            raise ValueError(f"tags must be strings of 1-{MAX_TAG_CHARS} characters, got {tag!r:.80}")
+        _check_text("tags", tag)
+    return v
+
+
 class SubmitOptions(BaseModel):
     """What `generate` takes besides the video's params: checked with the same care, on every store."""
 
@@ -273,16 +287,7 @@ class SubmitOptions(BaseModel):
     @field_validator("tags", mode="before")
     @classmethod
     def _tags(cls, v: Any) -> Any:
-        if isinstance(v, (str, bytes)) or not isinstance(v, Iterable):
-            raise ValueError(f"tags must be a list of strings, got {type(v).__name__} {v!r:.60}")
-        v = tuple(v)
-        if len(v) > MAX_TAGS:
-            raise ValueError(f"tags: at most {MAX_TAGS}, got {len(v)}")
-        for tag in v:
-            if not isinstance(tag, str) or not 0 < len(tag) <= MAX_TAG_CHARS:
-                raise ValueError(f"tags must be strings of 1-{MAX_TAG_CHARS} characters, got {tag!r:.80}")
-            _check_text("tags", tag)
-        return v
+        return check_tags(v)
 
     @field_validator("experiment")
     @classmethod

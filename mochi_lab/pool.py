@@ -10,11 +10,13 @@ from __future__ import annotations
 import ipaddress
 import logging
 import os
+import queue
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 from mochi_lab.pipelines.config import PipelineConfig
@@ -25,6 +27,7 @@ from mochi_lab.store import Store
 log = logging.getLogger(__name__)
 
 ACTOR_PREFIX = "mochi-worker-"
+T = TypeVar("T")
 
 
 def _import_ray():
@@ -106,6 +109,12 @@ class WorkerActor:
         self._stopping = True
         self.worker.stop(timeout)
 
+    def tokenizer_files(self, model: str) -> dict[str, bytes] | None:
+        """`model`'s tokenizer files from this worker's machine (for a gateway, which has no model files)."""
+        from mochi_lab.pipelines.tokens import tokenizer_files
+
+        return tokenizer_files(model, self.worker.settings.cache_dir)
+
     def retire(self) -> None:
         """Stop claiming, finish the job in hand however long it takes, then end this actor for good
         (no restart): its GPU, and then its node, are free. Never interrupts a job."""
@@ -173,10 +182,49 @@ def connect(settings: Settings) -> str:
             raise RuntimeError(f"this process is already connected to Ray at {current}, not {wanted}")
     else:
         with quiet_ray_start():
-            _start(ray, settings)
+            _on_lasting_thread(lambda: _start(ray, settings))
     if settings.ray_address and settings.ray_address.startswith("ray://"):
         return settings.ray_address  # a Ray Client session has no GCS address of its own
     return ray.get_runtime_context().gcs_address
+
+
+class _LastingThread:
+    """One daemon thread, alive as long as the process, that runs the calls it is given, one at a time."""
+
+    def __init__(self) -> None:
+        self._calls: queue.SimpleQueue = queue.SimpleQueue()
+        threading.Thread(target=self._serve, name="mochi-ray-owner", daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            fn, done = self._calls.get()
+            try:
+                done.set_result(fn())
+            except BaseException as exc:
+                done.set_exception(exc)
+
+    def call(self, fn: Callable[[], T]) -> T:
+        done: Future = Future()
+        self._calls.put((fn, done))
+        return done.result()
+
+
+_owner: _LastingThread | None = None
+_owner_lock = threading.Lock()
+
+
+def _on_lasting_thread(fn: Callable[[], T]) -> T:
+    """`fn()` on a thread that lives as long as the process: this one if it is the main thread, else a
+    dedicated one. Ray ties the processes a local start forks (GCS, raylet, ...) to the *thread* that forked
+    them (PR_SET_PDEATHSIG): they are SIGKILLed when it exits. A pool's worker thread exits when idle
+    (anyio's after 10 s: the gateway's lifespan, a sync route), and so may a widget's or an executor's."""
+    global _owner
+    if threading.current_thread() is threading.main_thread():
+        return fn()
+    with _owner_lock:
+        if _owner is None:
+            _owner = _LastingThread()
+    return _owner.call(fn)
 
 
 def _start(ray: Any, settings: Settings) -> None:
@@ -361,6 +409,19 @@ class Pool:
             log.warning("some workers did not drain in time")
         for h in handles:
             self.ray.kill(h, no_restart=True)
+
+    def tokenizer_files(self, model: str, timeout: float = 5.0) -> dict[str, bytes] | None:
+        """`model`'s tokenizer files from a live worker (at most two asked, `timeout` s each); None if none
+        answers with them (none started yet, or none has that model's files)."""
+        for handle in list(self.handles().values())[:2]:
+            try:
+                files = self.ray.get(handle.tokenizer_files.remote(model), timeout=timeout)
+            except Exception as exc:  # a worker restarting or busy starting: the next, or none
+                log.info("no tokenizer from a worker: %s", type(exc).__name__)
+                continue
+            if files:
+                return files
+        return None
 
     def wait_ready(self, timeout: float = 300.0) -> None:
         """Block until every pool worker has loaded its model (its row in the store says idle or busy)."""

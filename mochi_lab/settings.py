@@ -249,6 +249,12 @@ _GATEWAY_ENV = {
     "events_max_s": "MOCHI_LAB_GATEWAY_EVENTS_MAX_S",
     "autoscale": "MOCHI_LAB_AUTOSCALE",
     "trusted_proxies": "MOCHI_LAB_GATEWAY_TRUSTED_PROXIES",
+    "hub_lookups": "MOCHI_LAB_GATEWAY_HUB_LOOKUPS",
+    "auth_failures": "MOCHI_LAB_GATEWAY_AUTH_FAILURES",
+    "auth_failures_window_s": "MOCHI_LAB_GATEWAY_AUTH_FAILURES_WINDOW_S",
+    "max_event_streams": "MOCHI_LAB_GATEWAY_MAX_EVENT_STREAMS",
+    "max_experiments": "MOCHI_LAB_GATEWAY_MAX_EXPERIMENTS",
+    "max_experiment_bytes": "MOCHI_LAB_GATEWAY_MAX_EXPERIMENT_BYTES",
     "public_hub_url": "JUPYTERHUB_PUBLIC_HUB_URL",
     "oauth_client_id": "JUPYTERHUB_CLIENT_ID",
     "oauth_callback_url": "JUPYTERHUB_OAUTH_CALLBACK_URL",
@@ -273,8 +279,15 @@ class GatewayConfig(BaseModel):
     admin_groups: list[str] = Field(default_factory=list)
     # sha256(token) hex -> {"account": ..., "admin": bool}; JSON, or "@/path/to/file.json"
     static_tokens: dict[str, Any] = Field(default_factory=dict)
-    auth_cache_s: float = 30.0
+    auth_cache_s: float = 30.0  # how long a hub answer (yes or no) is kept: a revoked token works this long
+    hub_lookups: int = Field(default=8, ge=1, le=1024)  # hub token checks in flight at once
+    # a client with this many failed hub lookups within the window gets 429 until the oldest ages out
+    auth_failures: int = Field(default=20, ge=1)
+    auth_failures_window_s: float = Field(default=60.0, gt=0)
     max_active_jobs: int = 20  # queued + running jobs per account
+    max_event_streams: int = Field(default=32, ge=1)  # open GET /events streams per account (per gateway process)
+    max_experiments: int = Field(default=100, ge=1)  # experiment records per account
+    max_experiment_bytes: int = Field(default=1 << 20, ge=1024)  # one experiment record, as JSON
     events_poll_s: float = 0.05
     events_max_s: float = 6 * 3600.0
     # The pool controller (mochi_lab.controller, ScalingConfig.from_env()) sizes the pool from the queue;
@@ -294,7 +307,7 @@ class GatewayConfig(BaseModel):
 
     @field_validator("admin_groups", "trusted_proxies", mode="before")
     @classmethod
-    def _groups(cls, v: Any) -> Any:
+    def _comma_list(cls, v: Any) -> Any:
         return [g.strip() for g in v.split(",") if g.strip()] if isinstance(v, str) else v
 
     @field_validator("trusted_proxies")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -47,16 +48,29 @@ def _axis(name: str, values: Any) -> list[Any]:
     return values
 
 
-def expand_grid(
-    prompts: str | Iterable[str], seeds: Any = None, params: Mapping[str, Any] | None = None
-) -> list[dict[str, Any]]:
-    """The cartesian product, in order: prompts outermost, then each param as given, seeds innermost."""
+def _axes(prompts: Any, seeds: Any, params: Mapping[str, Any] | None) -> dict[str, list[Any]]:
     axes: dict[str, list[Any]] = {"prompt": _axis("prompts", prompts)}
     for name, values in (params or {}).items():
         if name in ("prompt", "seed"):
             raise ValueError(f"pass {name}s through the {name}s= argument, not as a param list")
+        if name not in GenerationParams.model_fields:
+            raise ValueError(f"{name!r:.80} is not a generation parameter; the swept ones can be "
+                             f"{', '.join(f for f in GenerationParams.model_fields if f not in ('prompt', 'seed'))}")
         axes[name] = _axis(name, values)
     axes["seed"] = _axis("seeds", seeds)
+    return axes
+
+
+def grid_size(prompts: str | Iterable[str], seeds: Any = None, params: Mapping[str, Any] | None = None) -> int:
+    """How many runs `expand_grid` gives, without making them (a huge grid is refused before it exists)."""
+    return math.prod(len(axis) for axis in _axes(prompts, seeds, params).values())
+
+
+def expand_grid(
+    prompts: str | Iterable[str], seeds: Any = None, params: Mapping[str, Any] | None = None
+) -> list[dict[str, Any]]:
+    """The cartesian product, in order: prompts outermost, then each param as given, seeds innermost."""
+    axes = _axes(prompts, seeds, params)
     return [dict(zip(axes, combo, strict=True)) for combo in itertools.product(*axes.values())]
 
 
@@ -96,4 +110,5 @@ def varying_params(runs: Iterable[Run]) -> list[str]:
     return [f for f in GenerationParams.model_fields if len({canonical_json({"v": r.params.get(f)}) for r in runs}) > 1]
 
 
-__all__ = ["Run", "derived_seed", "expand_grid", "plan_run", "plan_runs", "validate_name", "varying_params"]
+__all__ = ["Run", "derived_seed", "expand_grid", "grid_size", "plan_run", "plan_runs", "validate_name",
+           "varying_params"]

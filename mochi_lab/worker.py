@@ -242,6 +242,7 @@ class Worker:
         self.stats = WorkerStats()
         self._nvml: NvmlSampler | None = None
         self.current_job: str | None = None
+        self.current_account: str | None = None  # whose job it is: who may see its id (backend.worker_rows)
         self.jobs_done = 0
         self.error: str | None = None
         self.runner = None
@@ -448,7 +449,7 @@ class Worker:
         job, token = claim.job, claim.token
         extra = {"job_id": job.id, "worker_id": self.worker_id, "attempt": job.attempts}
         claimed_at, claimed_mono = time.time(), time.monotonic()
-        self.state, self.current_job = "busy", job.id
+        self.state, self.current_job, self.current_account = "busy", job.id, job.account
         running = self._job = _RunningJob(job.id, token, time.monotonic() + self.settings.lease_s)
         self.publish()
         log.info("claimed", extra=extra)
@@ -531,7 +532,7 @@ class Worker:
             finished.set()
             beat.join()
             self._job = None
-            self.state, self.current_job, self.idle_since = "idle", None, time.time()
+            self.state, self.current_job, self.current_account, self.idle_since = "idle", None, None, time.time()
             self.publish()
 
     def _admit(self, job) -> GenerationParams:
@@ -686,6 +687,7 @@ class Worker:
             "model": self.model if self.runner is not None else None,
             "state": self.state,
             "current_job": self.current_job,
+            "current_account": self.current_account,
             "jobs_done": self.jobs_done,
             "started_at": self.started_at,
             "error": self.error,

@@ -33,7 +33,7 @@ def worker_view(row: Any, job: dict[str, Any] | None = None) -> dict[str, Any]:
     """One worker row's display facts, as plain values the template escapes (no type assumed).
 
     `job` is its current job's view when that job is this account's; another account's job is shown
-    by id only."""
+    by id only, or, where the server hides its id (a gateway, to all but admins), as a busy worker's."""
     r = mapping(row)
     return {
         "worker_id": r.get("worker_id"), "node": r.get("node") or "-",

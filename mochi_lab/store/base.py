@@ -52,6 +52,15 @@ class QuotaExceeded(RuntimeError):
     """This account is at one of its limits (a gateway answers 429); the message names which. Nothing was queued."""
 
 
+class RecordTooLarge(ValueError):
+    """A record over its size limit (a gateway answers 413); the message names the limit. Nothing was written."""
+
+
+def experiments_limit_error(account: str, count: int, limit: int) -> QuotaExceeded:
+    return QuotaExceeded(f"account {account} has {count} experiments; the limit is max_experiments={limit} "
+                         "(a new experiment needs a name already in use); nothing was written")
+
+
 def active_limit_error(account: str, active: int, limit: int) -> QuotaExceeded:
     return QuotaExceeded(f"account {account} has {active} queued or running jobs; the limit is "
                          f"max_active_jobs={limit} (wait for some to finish or cancel some); nothing was queued")
@@ -374,8 +383,9 @@ class Store(abc.ABC):
 
     # -- experiments -----------------------------------------------------------
     @abc.abstractmethod
-    def put_experiment(self, account: str, record: dict[str, Any]) -> None:
-        """Create or update an experiment (keyed by record['name'])."""
+    def put_experiment(self, account: str, record: dict[str, Any], *, max_count: int | None = None) -> None:
+        """Create or update an experiment (keyed by record['name']). `max_count`: refuse (QuotaExceeded) a
+        new one while the account has that many, checked and written in one atomic step."""
 
     @abc.abstractmethod
     def get_experiment(self, account: str, name: str) -> dict[str, Any]:

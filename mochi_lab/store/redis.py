@@ -47,6 +47,7 @@ from mochi_lab.store.base import (
     Store,
     StoreUnavailable,
     active_limit_error,
+    experiments_limit_error,
     check_preview,
     check_status,
     claim_order,
@@ -404,8 +405,11 @@ class RedisStore(Store):
 
     # -- experiments ---------------------------------------------------------------------
     @_guard
-    def put_experiment(self, account: str, record: dict[str, Any]) -> None:
-        self._put_experiment(args=[self.prefix, account, str(record["name"]), _dumps(record)])
+    def put_experiment(self, account: str, record: dict[str, Any], *, max_count: int | None = None) -> None:
+        count = self._put_experiment(args=[self.prefix, account, str(record["name"]), _dumps(record),
+                                           "" if max_count is None else int(max_count)])
+        if count is not None:
+            raise experiments_limit_error(account, int(count), int(max_count))
 
     @_guard
     def get_experiment(self, account: str, name: str) -> dict[str, Any]:

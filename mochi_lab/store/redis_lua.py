@@ -305,8 +305,14 @@ if redis.call('HGET', k, 'account') ~= ARGV[2] then return false end
 return doc(k)
 """
 
+# ARGV: P, account, name, the record's JSON, the account's most experiments ('' none): nothing, or the count
+# of its experiments when a new name would go past that
 PUT_EXPERIMENT = LIB + r"""
 local acc, name = ARGV[2], ARGV[3]
+if ARGV[5] ~= '' and not redis.call('ZSCORE', P .. ':expo:' .. acc, name) then
+  local count = redis.call('ZCARD', P .. ':expo:' .. acc)
+  if count >= tonumber(ARGV[5]) then return count end
+end
 redis.call('HSET', P .. ':exp:' .. acc, name, ARGV[4])
 redis.call('ZADD', P .. ':expo:' .. acc, 'NX', redis.call('INCR', P .. ':seq'), name)
 """

@@ -39,6 +39,7 @@ from mochi_lab.store.base import (
     Store,
     StoreUnavailable,
     active_limit_error,
+    experiments_limit_error,
     check_preview,
     check_status,
     claim_order,
@@ -586,12 +587,18 @@ class SQLiteStore(Store):
         return None if row is None or row[1] <= time.time() else json.loads(row[0])
 
     # -- experiments -----------------------------------------------------------------------
-    def put_experiment(self, account: str, record: dict[str, Any]) -> None:
-        self._conn().execute(
-            "INSERT INTO experiments(account, name, record) VALUES (?, ?, ?) "
-            "ON CONFLICT(account, name) DO UPDATE SET record = excluded.record",
-            (account, record["name"], _dumps(record)),
-        )
+    def put_experiment(self, account: str, record: dict[str, Any], *, max_count: int | None = None) -> None:
+        with self._write() as conn:
+            if max_count is not None and conn.execute(
+                    "SELECT 1 FROM experiments WHERE account = ? AND name = ?", (account, record["name"])).fetchone() is None:
+                count = conn.execute("SELECT COUNT(*) FROM experiments WHERE account = ?", (account,)).fetchone()[0]
+                if count >= max_count:
+                    raise experiments_limit_error(account, count, max_count)
+            conn.execute(
+                "INSERT INTO experiments(account, name, record) VALUES (?, ?, ?) "
+                "ON CONFLICT(account, name) DO UPDATE SET record = excluded.record",
+                (account, record["name"], _dumps(record)),
+            )
 
     def get_experiment(self, account: str, name: str) -> dict[str, Any]:
         row = self._conn().execute(
