@@ -39,6 +39,8 @@ def test_every_option_ran_through_the_runner(smoke_run: tuple[dict, str]) -> Non
     assert {("baseline", 7), ("vae_untiled", 7), ("first_block_cache", 7), ("first_block_cache_all_hits", 7),
             ("cfg_parallel", 7), ("compile", 7)} <= set(rows)
     for r in rows.values():
+        if "skipped" in r:  # the attention kernels a CPU refuses (test_every_gang_section_ran_on_gloo)
+            continue
         for key in ("step_s", "step_tflop", "mfu", "text_s", "wall_s"):
             assert r[key] > 0, (key, r)
         assert r["tokens"] == r["visual_tokens"] + res["meta"]["text_tokens"]
@@ -50,6 +52,31 @@ def test_every_option_ran_through_the_runner(smoke_run: tuple[dict, str]) -> Non
     cfg = rows[("cfg_parallel", 7)]
     assert cfg["gpus"] == 2 and cfg["gather_s_per_step"] > 0 and cfg["sync_s_per_step"] > 0
     assert res["cfg_parallel_text"]["broadcast_s"] > 0 and res["cfg_parallel_text"]["encode_s"] > 0
+
+
+def test_every_gang_section_ran_on_gloo(smoke_run: tuple[dict, str]) -> None:
+    """SP 2/4/8 and CFG x SP 2x2/2x4 through `Parallel` gangs of processes, the split decode on each gang, and
+    the attention section (on a CPU: SDPA only, the other kernels refused with the configuration's reason)."""
+    res, stdout = smoke_run
+    rows = {(r["option"], r["frames"]): r for r in res["runs"]}
+    for option, layout, gpus in (("sp2", "cfg1xsp2", 2), ("sp4", "cfg1xsp4", 4), ("sp8", "cfg1xsp8", 8),
+                                 ("cfg2xsp2", "cfg2xsp2", 4), ("cfg2xsp4", "cfg2xsp4", 8)):
+        r = rows[(option, 7)]
+        assert r["gpus"] == gpus and r["layout"] == layout and r["step_s"] > 0, r
+        assert r["a2a_s"] > 0  # the tokens really moved between the ranks
+        assert f"{option} step / baseline step at 7 frames on {gpus} ranks" in stdout
+    decodes = {d["option"]: d for d in res["decode"]}
+    for world in (2, 4, 8):  # 31 frames = 6 latent frames: split over at most 3 ranks (2 latent frames each)
+        d = decodes[f"decode_split{world}"]
+        assert d["gpus"] == world and d["decode_ranks"] == min(world, 3) and d["halo_s"] > 0, d
+    assert decodes["decode_one"]["gpus"] == 1 and decodes["decode_one"]["frames"] == 31
+    for kernel in ("flash", "sage"):
+        assert "none is installed here" in rows[(f"attention_{kernel}", 7)]["skipped"]
+    gangs = res["gang_projection"]
+    assert {p["gpus"] for p in gangs.values()} == {2, 4, 8}
+    assert gangs["cfg2xsp4@7f"]["note"].startswith("step measured")  # smoke measures every gang
+    assert gangs["cfg2xsp4@13f"]["note"].startswith("step modelled")  # the long length is not run on gangs
+    assert res["goals"]["gang8_163f_ok"] is None  # no verdict from a CPU
 
 
 def test_projection_goals_and_table(smoke_run: tuple[dict, str]) -> None:
