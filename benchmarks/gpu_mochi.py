@@ -58,6 +58,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from mochi_lab.params import GenerationParams  # noqa: E402
+from mochi_lab.pipelines.cfg_parallel import Layout  # noqa: E402
 from mochi_lab.pipelines.config import PipelineConfig  # noqa: E402
 
 PEAK_TFLOPS = 989.0
@@ -171,17 +172,13 @@ def params(b: Bench, frames: int, steps: int) -> GenerationParams:
 
 
 def timed_job(b: Bench, runner, frames: int, steps: int, option: str, gpus: int = 1, decode: bool = True,
-              layout: tuple[int, int] | None = None) -> dict[str, Any]:
+              layout: Layout | None = None) -> dict[str, Any]:
     """One real `runner.generate` call; step times come from the step callback (the runner's finiteness
     check reads the latents each step, so on CUDA each mark follows a synchronisation)."""
     marks: list[float] = []
     if b.cuda:
         torch.cuda.reset_peak_memory_stats()
     t = time.perf_counter()
-    if layout is not None:
-        from mochi_lab.pipelines.cfg_parallel import Layout
-
-        layout = Layout(*layout)
     result = runner.generate(params(b, frames, steps), lambda i, n: marks.append(time.perf_counter()), decode=decode,
                              layout=layout)
     wall = time.perf_counter() - t
@@ -368,7 +365,7 @@ def bench_gang(b: Bench, pipe, world: int) -> None:
                                         "halo_s": gang.stats["halo_s"], "gather_s": gang.stats["decode_gather_s"]})
                 continue
             row = timed_job(b, runner, job["frames"], job["steps"], job["option"] or "warmup", gpus=world,
-                            decode=False, layout=tuple(job["layout"]))
+                            decode=False, layout=Layout(*job["layout"]))
             if job["option"] is None:
                 b.res["runs"].pop()
                 continue
@@ -383,15 +380,14 @@ def bench_gang(b: Bench, pipe, world: int) -> None:
 
 def bench_decode_one(b: Bench, pipe) -> None:
     """The decode on this one device at the split decode's length, for comparison (per-rank peaks), unless a
-    baseline run already decoded that length (its row has the decode's time and peak)."""
+    baseline run already decoded that length (its row has the decode's time and peak: decode_peak_bytes)."""
+    if any(r["frames"] == b.decode_frames and r.get("decode_s") for r in b.res["runs"]):
+        return
     runner = make_runner(pipe, PipelineConfig(), b.dev)
-    for frames in [f for f in (b.decode_frames,) if not any(r["frames"] == f and r.get("decode_s")
-                                                            for r in b.res["runs"])]:
-        t = time.perf_counter()
-        _, memory = runner.decode(decode_latents_for(b, frames))
-        b.res["decode"].append({"option": "decode_one", "gpus": 1, "frames": frames,
-                                "decode_s": time.perf_counter() - t, **memory})
-        b.save()
+    t = time.perf_counter()
+    _, memory = runner.decode(decode_latents_for(b, b.decode_frames))
+    b.res["decode"].append({"option": "decode_one", "gpus": 1, "frames": b.decode_frames,
+                            "decode_s": time.perf_counter() - t, **memory})
 
 
 def bench_attention(b: Bench, pipe) -> None:
@@ -451,20 +447,16 @@ def rank_main(a: argparse.Namespace) -> int:
     b.h, b.w = map(int, a.hw.split("x"))
     if smoke:
         torch.set_num_threads(1)
-    pipe = build_pipe(smoke, b.dev, b.dtype)
-    runner = make_runner(pipe, PipelineConfig(), b.dev)
     from mochi_lab.pipelines.cfg_parallel import rendezvous_store
 
+    pipe = build_pipe(smoke, b.dev, b.dtype)
+    runner = make_runner(pipe, PipelineConfig(), b.dev)
     join(b, rendezvous_store(a.rank, a.port, timeout_s=300, world=a.world), a.rank, a.world, a.kind, runner)
     for job in json.loads(a.plan):
         if "decode_frames" in job:
             runner.decode(decode_latents_for(b, job["decode_frames"]), split=True)
         else:
-            layout = None
-            if job.get("layout"):
-                from mochi_lab.pipelines.cfg_parallel import Layout
-
-                layout = Layout(*job["layout"])
+            layout = Layout(*job["layout"]) if job.get("layout") else None
             runner.generate(params(b, job["frames"], job["steps"]), decode=job["decode"], layout=layout)
     if a.kind == "cfg":
         text_broadcast(b, runner)
