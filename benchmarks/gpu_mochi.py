@@ -194,7 +194,7 @@ def timed_job(b: Bench, runner, frames: int, steps: int, option: str, gpus: int 
            "text_s": result.timings["text_s"], "decode_s": result.timings.get("decode_s") if decode else None,
            "wall_s": wall, "achieved_tflops": fl["step_tflop"] / step,
            "mfu": fl["step_tflop"] / step / (PEAK_TFLOPS * gpus),
-           "peak_bytes": torch.cuda.max_memory_allocated() if b.cuda else None, **result.info}
+           "peak_bytes": result.info.get("gpu_peak_bytes"), **result.info}  # the job's peak, decode included
     b.res["runs"].append(row)
     b.save()
     return row
