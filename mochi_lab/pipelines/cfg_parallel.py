@@ -1,105 +1,421 @@
-"""Classifier-free guidance on two ranks: one video, two devices.
+"""One video on several ranks: classifier-free guidance (CFG) and sequence parallelism (SP) in a layout, the
+attention processor they need, a First Block Cache decision every rank agrees on, and a VAE decode split by
+frames.
 
-MochiPipeline runs the transformer on a batch of 2 when it guides (unconditional, conditional). Both
-ranks run the same pipeline call; the transformer's forward is wrapped so that rank r computes only
-sample r of that batch and an all-gather puts the full noise prediction back together. The sampling
-loop, scheduler and callbacks stay diffusers' own.
+A gang of W ranks runs each job in a `Layout(cfg, sp)` with cfg x sp = W. cfg=2 splits the guided batch
+(unconditional, conditional) over two groups of ranks; sp splits the video's tokens over the ranks of a group
+(Ulysses: an all-to-all turns "my tokens, every head" into "every token, my heads", so each rank attends over
+the whole sequence for heads/sp heads). Rank r is CFG index r // sp and SP index r % sp. By default
+(`default_layout`) a guided job runs CFG 2 x SP W/2 and a job without CFG runs SP over all W ranks.
 
-A stop on rank 0 (a cancel, a lost lease, a step's error) must stop rank 1 at the same step, or rank 1
-waits in the next all-gather: `synced_step` makes every step end with one small all-reduce of a stop
-flag. A failing collective means the other rank is gone: it raises `PeerLost`, and the caller restarts
-the pair.
+The transformer is split without forking diffusers' code:
+- its forward is wrapped: each CFG group takes its sample of the batch, and an all-gather over the CFG group
+  puts the noise prediction back together (the sampler, scheduler and callbacks stay diffusers' own);
+- a forward hook on `patch_embed` keeps this rank's tokens, padded at the end to a multiple of sp (85 frames at
+  848x480 give 23,850 tokens, which 4 and 8 do not divide); one on `proj_out` all-gathers them over the SP group
+  and drops the padding;
+- every block's attention processor (`GangAttention`) moves q, k, v from tokens to heads and the output back.
+  Padding is cut off before attention, so it is never a key or a query: exact, for every kernel. The text tokens
+  stay on every rank; a rank projects only its own heads' text q, k, v, and the text output's heads are
+  all-gathered over the SP group (Genmo's scheme).
 
-The seam for sequence parallelism is `_shard`/`_unshard`: a plan that splits tokens instead of the
-batch (and gathers inside attention) fits the same wrapped forward. Nothing here knows of Ray or Redis.
+A stop must stop every rank at the same step, or the others wait in the next collective: `synced_step` ends
+every step with an all-reduce of a stop flag over the gang. A failing collective means a rank is gone: it
+raises `PeerLost`, and the caller restarts the gang. Nothing here knows of Ray or Redis.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
-from typing import Any, Callable
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 StepCallback = Callable[[int, int], None]
+# q, k, v (batch, heads, tokens, head_dim) -> output of the same shape
+AttentionKernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 class PeerLost(RuntimeError):
-    """A collective failed or timed out: the other rank died or is stuck. Restart both ranks."""
+    """A collective failed or timed out: another rank died or is stuck. Restart the gang."""
 
 
 class StoppedByPeer(Exception):
-    """The other rank stopped the job (a cancel, a lost lease, an error) at this step."""
+    """Another rank stopped the job (a cancel, a lost lease, an error) at this step."""
 
 
-class CfgParallel:
-    """Splits the CFG batch over the two ranks of `group` (the default group when None)."""
+class LayoutError(ValueError):
+    """A layout this model or this job cannot run in; the message names the limit."""
 
-    def __init__(self, device: torch.device, group: dist.ProcessGroup | None = None):
-        self.group = group
-        self.rank = dist.get_rank(group)
-        self.world = dist.get_world_size(group)
-        if self.world != 2:
-            raise ValueError(f"CFG parallelism needs a group of 2 ranks, got {self.world}")
-        self.device = device  # NCCL reduces CUDA tensors only: the stop flag lives here
-        self.active = False  # per job: False for a job without CFG (batch 1), where rank 1 idles
-        self.stats = {"calls": 0, "gather_s": 0.0, "sync_s": 0.0}
-        self.synced_stop = False  # per job: whether it ended in a stop both ranks took at the same step
 
-    def wrap(self, transformer: torch.nn.Module) -> None:
-        """Route `transformer`'s forward through the split. Idempotent."""
-        if getattr(transformer, "_cfg_parallel", None) is not None:
-            transformer._cfg_parallel = self
+@dataclass(frozen=True)
+class Layout:
+    """How one job's work is split: `cfg` groups (1, or 2 for a guided job's two samples) of `sp` ranks."""
+
+    cfg: int = 1
+    sp: int = 1
+
+    @property
+    def world(self) -> int:
+        return self.cfg * self.sp
+
+    @property
+    def name(self) -> str:
+        return f"cfg{self.cfg}xsp{self.sp}"
+
+    def check(self, heads: int, tokens: int | None = None) -> None:
+        """Raise LayoutError unless a transformer of `heads` attention heads (and a job of `tokens` visual
+        tokens) can run in this layout."""
+        if self.cfg not in (1, 2):
+            raise LayoutError(f"layout {self.name}: the CFG degree must be 1 or 2 (a guided batch has 2 samples)")
+        if self.sp < 1 or heads % self.sp:
+            allowed = [d for d in range(1, heads + 1) if heads % d == 0]
+            raise LayoutError(f"layout {self.name}: the SP degree must divide the transformer's {heads} attention "
+                              f"heads (allowed: {allowed})")
+        if tokens is not None and tokens < self.sp:
+            raise LayoutError(f"layout {self.name}: the video has {tokens} visual tokens, fewer than its {self.sp} "
+                              f"SP ranks (more ranks than tokens); make the video larger or the gang smaller")
+
+
+def default_layout(world: int, guided: bool) -> Layout:
+    """A guided job on an even gang: CFG 2 x SP world/2; anything else: SP over every rank."""
+    return Layout(cfg=2, sp=world // 2) if guided and world % 2 == 0 else Layout(cfg=1, sp=world)
+
+
+def visual_tokens(transformer_config: Any, num_frames: int, height: int, width: int) -> int:
+    """The transformer's visual tokens for a video: latent frames x (height/16) x (width/16) for Mochi."""
+    p = transformer_config.patch_size
+    return ((num_frames - 1) // 6 + 1) * (height // 8 // p) * (width // 8 // p)
+
+
+def attention_kernel(name: str) -> AttentionKernel:
+    """The kernel `PipelineConfig.attention` names, imported now (a missing library fails the load)."""
+    from mochi_lab.pipelines.config import attention_module
+
+    module = attention_module(name)
+    if module is None:
+        return lambda q, k, v: F.scaled_dot_product_attention(q, k, v)
+    if name == "sage":
+        from sageattention import sageattn
+
+        return lambda q, k, v: sageattn(q, k, v, tensor_layout="HND", is_causal=False)
+    if module == "flash_attn_interface":
+        from flash_attn_interface import flash_attn_func
+    else:
+        from flash_attn import flash_attn_func
+
+    def flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        out = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))  # it takes (B, S, H, D)
+        out = out[0] if isinstance(out, tuple) else out  # some FA3 builds also return the softmax LSE
+        return out.transpose(1, 2)
+
+    return flash
+
+
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate each (even, odd) channel pair of `x` (B, S, H, D) by the angles of `cos`/`sin` (S, H, D/2), in
+    float32, as Mochi's RoPE is defined."""
+    even, odd = x[..., 0::2].float(), x[..., 1::2].float()
+    return torch.stack([even * cos - odd * sin, even * sin + odd * cos], dim=-1).flatten(-2).to(x.dtype)
+
+
+def _head_rows(linear: torch.nn.Linear, x: torch.Tensor, heads: slice, head_dim: int) -> torch.Tensor:
+    """`linear(x)` for a slice of heads only: the rows of the weight (and bias) that make them."""
+    rows = slice(heads.start * head_dim, heads.stop * head_dim)
+    bias = None if linear.bias is None else linear.bias[rows]
+    return F.linear(x, linear.weight[rows], bias).unflatten(-1, (-1, head_dim))
+
+
+class GangAttention:
+    """Mochi's joint attention (visual tokens + the prompt's valid tokens) with a chosen kernel, split over the
+    SP group when the plan runs one for this call; otherwise the same attention in one process."""
+
+    def __init__(self, kernel: AttentionKernel, plan: "Parallel | None" = None):
+        self.kernel, self.plan = kernel, plan
+
+    def __call__(self, attn: Any, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                 attention_mask: torch.Tensor, image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        call = self.plan.call if self.plan is not None else None
+        heads_all = attn.heads
+        size, index = (call.size, call.index) if call is not None else (1, 0)
+        local = heads_all // size
+        mine = slice(index * local, (index + 1) * local)
+        head_dim = attn.to_q.out_features // heads_all
+        qkv = torch.stack([attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)])
+        qkv = qkv.unflatten(-1, (heads_all, head_dim))  # (3, B, my tokens, H, D)
+        if call is not None:
+            qkv = call.tokens_to_heads(qkv)  # (3, B, all tokens, my heads, D)
+        query, key, value = qkv.unbind(0)
+        query, key = attn.norm_q(query), attn.norm_k(key)
+        if image_rotary_emb is not None:
+            cos, sin = (t[:, mine] for t in image_rotary_emb)
+            query, key = _rope(query, cos, sin), _rope(key, cos, sin)
+        text_q = attn.norm_added_q(_head_rows(attn.add_q_proj, encoder_hidden_states, mine, head_dim))
+        text_k = attn.norm_added_k(_head_rows(attn.add_k_proj, encoder_hidden_states, mine, head_dim))
+        text_v = _head_rows(attn.add_v_proj, encoder_hidden_states, mine, head_dim)
+
+        tokens, text_len = query.shape[1], text_q.shape[1]
+        visual_out, text_out = [], []
+        for i in range(query.shape[0]):  # each sample attends to its own prompt's valid tokens only
+            valid = torch.nonzero(attention_mask[i].flatten(), as_tuple=False).flatten()
+            q = torch.cat([query[i:i + 1], text_q[i:i + 1, valid]], dim=1).transpose(1, 2)
+            k = torch.cat([key[i:i + 1], text_k[i:i + 1, valid]], dim=1).transpose(1, 2)
+            v = torch.cat([value[i:i + 1], text_v[i:i + 1, valid]], dim=1).transpose(1, 2)
+            out = self.kernel(q, k, v).transpose(1, 2)  # (1, tokens + valid, my heads, D)
+            visual_out.append(out[:, :tokens])
+            # the valid tokens' outputs first, zeros after: the layout diffusers' Mochi processor gives
+            text_out.append(F.pad(out[:, tokens:], (0, 0, 0, 0, 0, text_len - out.shape[1] + tokens)))
+        visual, text = torch.cat(visual_out), torch.cat(text_out)
+        if call is not None:
+            visual = call.heads_to_tokens(visual)
+        visual = attn.to_out[1](attn.to_out[0](visual.flatten(2)))
+        if not hasattr(attn, "to_add_out"):  # the last block: its text output is never used, so not gathered
+            return visual, text.flatten(2)
+        if call is not None:
+            text = call.gather_heads(text)
+        return visual, attn.to_add_out(text.flatten(2))
+
+
+@dataclass
+class _Job:
+    """One job's layout on this rank, and its groups."""
+
+    layout: Layout
+    cfg_index: int
+    sp_index: int
+    cfg_group: Any  # None when cfg == 1
+    sp_group: Any  # None when sp == 1
+
+
+@dataclass
+class _SpCall:
+    """One transformer call split over an SP group: this rank's slice [index * chunk, (index + 1) * chunk) of
+    `tokens` visual tokens padded to `chunk * size`."""
+
+    plan: "Parallel"
+    group: Any
+    size: int
+    index: int
+    batch: int
+    tokens: int
+
+    @property
+    def chunk(self) -> int:
+        return -(-self.tokens // self.size)
+
+    @property
+    def valid(self) -> int:
+        """This rank's tokens that are not padding."""
+        return max(0, min(self.chunk, self.tokens - self.index * self.chunk))
+
+    def shard(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, tokens, C) -> this rank's (B, chunk, C), padding with zeros."""
+        x = F.pad(x, (0, 0, 0, self.chunk * self.size - self.tokens))
+        return x[:, self.index * self.chunk:(self.index + 1) * self.chunk]
+
+    @torch.compiler.disable  # collectives stay eager inside a compiled block
+    def gather(self, x: torch.Tensor) -> torch.Tensor:
+        """This rank's (B, chunk, C) -> everyone's (B, tokens, C)."""
+        parts = [torch.empty_like(x) for _ in range(self.size)]
+        self.plan._collective("sp_gather_s", dist.all_gather, parts, x.contiguous(), group=self.group)
+        return torch.cat(parts, dim=1)[:, :self.tokens]
+
+    @torch.compiler.disable
+    def tokens_to_heads(self, qkv: torch.Tensor) -> torch.Tensor:
+        """(3, B, chunk, H, D) -> (3, B, tokens, H/size, D): every rank's tokens for this rank's heads."""
+        three, batch, chunk, heads, dim = qkv.shape
+        send = qkv.reshape(three, batch, chunk, self.size, heads // self.size, dim).permute(3, 0, 1, 2, 4, 5)
+        send = send.contiguous()  # send[r]: this rank's tokens, rank r's heads
+        recv = torch.empty_like(send)
+        self.plan._collective("a2a_s", dist.all_to_all_single, recv, send, group=self.group)
+        # recv[r] holds rank r's tokens: in rank order they are the sequence
+        out = recv.permute(1, 2, 0, 3, 4, 5).reshape(three, batch, self.size * chunk, heads // self.size, dim)
+        return out[:, :, :self.tokens]
+
+    @torch.compiler.disable
+    def heads_to_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, tokens, H/size, D) -> (B, chunk, H, D): this rank's tokens, every rank's heads."""
+        x = F.pad(x, (0, 0, 0, 0, 0, self.chunk * self.size - self.tokens))
+        batch, _, heads, dim = x.shape
+        send = x.reshape(batch, self.size, self.chunk, heads, dim).transpose(0, 1).contiguous()
+        recv = torch.empty_like(send)
+        self.plan._collective("a2a_s", dist.all_to_all_single, recv, send, group=self.group)
+        # recv[r] holds rank r's heads of this rank's tokens: in rank order they are the heads
+        return recv.permute(1, 2, 0, 3, 4).reshape(batch, self.chunk, self.size * heads, dim)
+
+    @torch.compiler.disable
+    def gather_heads(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, L, H/size, D) text output -> (B, L, H, D)."""
+        parts = [torch.empty_like(x) for _ in range(self.size)]
+        self.plan._collective("sp_gather_s", dist.all_gather, parts, x.contiguous(), group=self.group)
+        return torch.cat(parts, dim=2)
+
+
+class Parallel:
+    """A gang's plan: its group of ranks, and per job the layout that job runs in. How a gang uses it, on every
+    rank r of W (one process per GPU):
+
+        join_pair(rendezvous_store(r, port, timeout_s, world=W), r, backend_for(device), timeout_s, world=W)
+        plan = Parallel(runner.device, timeout_s=timeout_s)  # collective: forms the layouts' subgroups
+        runner.enable_parallel(plan)  # LayoutError if an SP degree does not divide the heads
+        result = runner.generate(params, on_step, preview if r == 0 else None, layout=layout)  # per job
+
+    with the same params and layout on every rank (layout None: `policy`, by default `default_layout`).
+    Rank 0 gets the frames and `result.info["layout"]`; the others empty frames. LayoutError comes before any
+    work and alike on every rank (the job fails; a retry would fail too); `StoppedByPeer` on every rank but
+    the one whose `on_step` raised, at the same step; `PeerLost` when a collective fails (restart the gang).
+    A runner loaded for another model takes the same plan (`enable_parallel` again)."""
+
+    # whether each job's VAE decode is split over the ranks (PipelineConfig.parallel_decode can turn it off)
+    split_decode = True
+
+    def __init__(self, device: torch.device, group: dist.ProcessGroup | None = None, *,
+                 layouts: tuple[Layout, ...] | None = None,
+                 policy: Callable[[int, bool], Layout | None] = default_layout,
+                 timeout_s: float | None = None):
+        self.group = group if group is not None else dist.group.WORLD
+        self.rank = dist.get_rank(self.group)
+        self.world = dist.get_world_size(self.group)
+        self.device = device  # NCCL reduces CUDA tensors only: the stop flag and cache votes live here
+        self.policy = policy
+        if layouts is None:
+            layouts = (default_layout(self.world, False),) + ((default_layout(self.world, True),)
+                                                              if self.world % 2 == 0 else ())
+        bad = [layout.name for layout in layouts if layout.world != self.world]
+        if bad:
+            raise LayoutError(f"layouts {bad} do not use this gang's {self.world} ranks")
+        self.layouts = tuple(dict.fromkeys(layouts))
+        timeout = None if timeout_s is None else timedelta(seconds=timeout_s)
+        self._groups = {layout: self._form(layout, timeout) for layout in self.layouts}
+        self.job: _Job | None = None
+        self.call: _SpCall | None = None  # the transformer call under way, when it is split over an SP group
+        self.decode_ranks = 0  # the ranks the last decode was split over
+        self.stats: dict[str, float] = {}
+        self.reset_stats()
+        self.synced_stop = False  # per job: whether it ended in a stop every rank took at the same step
+
+    def _form(self, layout: Layout, timeout: timedelta | None) -> tuple[list, list]:
+        """The CFG groups (one per SP index) and SP groups (one per CFG index) of `layout`; the gang's own
+        group where one spans every rank. Every rank forms every group, in the same order."""
+        ranks = [dist.get_global_rank(self.group, r) for r in range(self.world)]
+
+        def groups(members: list[list[int]]) -> list:
+            if len(members[0]) == 1:
+                return [None] * len(members)
+            if len(members[0]) == self.world:
+                return [self.group]
+            return [dist.new_group([ranks[r] for r in m], timeout=timeout) for m in members]
+
+        cfg_groups = groups([[c * layout.sp + s for c in range(layout.cfg)] for s in range(layout.sp)])
+        sp_groups = groups([[c * layout.sp + s for s in range(layout.sp)] for c in range(layout.cfg)])
+        return cfg_groups, sp_groups
+
+    # -- the transformer -----------------------------------------------------------
+    def wrap(self, transformer: torch.nn.Module, attention: str = "sdpa") -> None:
+        """Route `transformer`'s forward, token split and attention (kernel `attention`) through this plan.
+        Idempotent. Refuses (LayoutError) a layout whose SP degree does not divide the heads."""
+        heads = transformer.config.num_attention_heads
+        for layout in self.layouts:
+            layout.check(heads)
+        set_attention(transformer, attention, self if any(layout.sp > 1 for layout in self.layouts) else None)
+        if getattr(transformer, "_gang", None) is not None:
+            transformer._gang = self
             return
         inner = transformer.forward
-        transformer._cfg_parallel = self
+        transformer._gang = self
+
+        def shard_tokens(module: torch.nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor | None:
+            # (B * frames, tokens per frame, C) -> this rank's (B, chunk, C); the transformer's next line,
+            # unflatten(0, (B, -1)).flatten(1, 2), leaves that shape as it is
+            call = transformer._gang.call
+            return None if call is None else call.shard(output.reshape(call.batch, -1, output.shape[-1]))
+
+        def gather_tokens(module: torch.nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor | None:
+            call = transformer._gang.call  # this rank's (B, chunk, C) -> (B, tokens, C), padding dropped
+            return None if call is None else call.gather(output)
+
+        transformer._gang_hooks = [transformer.patch_embed.register_forward_hook(shard_tokens),
+                                   transformer.proj_out.register_forward_hook(gather_tokens)]
 
         def forward(hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor, timestep: torch.Tensor,
                     encoder_attention_mask: torch.Tensor, attention_kwargs: dict | None = None,
                     return_dict: bool = True) -> Any:
-            plan = transformer._cfg_parallel
-            if not plan.active or hidden_states.shape[0] != plan.world:
+            plan = transformer._gang
+            job = plan.job
+            if job is None:
                 return inner(hidden_states, encoder_hidden_states, timestep, encoder_attention_mask,
                              attention_kwargs=attention_kwargs, return_dict=return_dict)
-            mine = plan._shard(hidden_states, encoder_hidden_states, timestep, encoder_attention_mask)
-            out = inner(*mine, attention_kwargs=attention_kwargs, return_dict=False)[0]
-            sample = plan._unshard(out)
+            batch = [hidden_states, encoder_hidden_states, timestep, encoder_attention_mask]
+            split_cfg = job.layout.cfg == 2
+            if split_cfg:
+                if hidden_states.shape[0] != 2:
+                    raise LayoutError(f"layout {job.layout.name} splits a guided batch of 2; this call has "
+                                      f"{hidden_states.shape[0]}")
+                batch = [t[job.cfg_index:job.cfg_index + 1] for t in batch]
+            if job.sp_group is not None:
+                _, _, frames, height, width = hidden_states.shape
+                p = transformer.config.patch_size
+                plan.call = _SpCall(plan, job.sp_group, job.layout.sp, job.sp_index, batch[0].shape[0],
+                                    frames * (height // p) * (width // p))
+            try:
+                out = inner(*batch, attention_kwargs=attention_kwargs, return_dict=False)[0]
+            finally:
+                plan.call = None
+            plan.stats["calls"] += 1
+            if split_cfg:
+                parts = [torch.empty_like(out) for _ in range(2)]
+                plan._collective("gather_s", dist.all_gather, parts, out.contiguous(), group=job.cfg_group)
+                out = torch.cat(parts)
             if return_dict:
                 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
-                return Transformer2DModelOutput(sample=sample)
-            return (sample,)
+                return Transformer2DModelOutput(sample=out)
+            return (out,)
 
         transformer.forward = forward
 
     @staticmethod
     def unwrap(transformer: torch.nn.Module) -> None:
-        """Back to the transformer's own forward."""
+        """Back to the transformer's own forward and diffusers' attention processor."""
+        for hook in transformer.__dict__.pop("_gang_hooks", []):
+            hook.remove()
         transformer.__dict__.pop("forward", None)
-        transformer.__dict__.pop("_cfg_parallel", None)
+        transformer.__dict__.pop("_gang", None)
+        set_attention(transformer, "sdpa", None)
 
-    def _shard(self, *batch: torch.Tensor) -> list[torch.Tensor]:
-        """This rank's sample of each batched input (rank 0: unconditional, rank 1: conditional)."""
-        return [t[self.rank:self.rank + 1] for t in batch]
+    # -- one job -------------------------------------------------------------------
+    def begin(self, guided: bool, tokens: int, heads: int, layout: Layout | None = None) -> Layout | None:
+        """Set up one job of `tokens` visual tokens: `layout`, or the policy's for a guided (or unguided) job.
+        Returns the layout, or None when the job runs on rank 0 alone. LayoutError before any work when the
+        job cannot run in it, on every rank alike."""
+        layout = layout if layout is not None else self.policy(self.world, guided)
+        self.job = None
+        if layout is None:
+            return None
+        if layout not in self._groups:
+            raise LayoutError(f"layout {layout.name} was not formed for this gang (formed: "
+                              f"{', '.join(lay.name for lay in self.layouts)})")
+        if layout.cfg == 2 and not guided:
+            raise LayoutError(f"layout {layout.name} splits the CFG batch, and this job has no CFG "
+                              f"(guidance_scale <= 1)")
+        layout.check(heads, tokens)
+        cfg_index, sp_index = divmod(self.rank, layout.sp)
+        cfg_groups, sp_groups = self._groups[layout]
+        self.job = _Job(layout, cfg_index, sp_index, cfg_groups[sp_index], sp_groups[cfg_index])
+        return layout
 
-    def _unshard(self, out: torch.Tensor) -> torch.Tensor:
-        parts = [torch.empty_like(out) for _ in range(self.world)]
-        t0 = time.perf_counter()
-        self._collective(dist.all_gather, parts, out.contiguous(), group=self.group)
-        self.stats["gather_s"] += time.perf_counter() - t0
-        self.stats["calls"] += 1
-        return torch.cat(parts)
-
-    def _collective(self, collective: Callable, *args: Any, **kwargs: Any) -> None:
-        try:
-            collective(*args, **kwargs)
-        except (RuntimeError, dist.DistError) as exc:  # gloo: "Connection closed by peer", timeouts
-            raise PeerLost(f"rank {self.rank}: {collective.__name__} failed: {exc}") from exc
+    def end(self) -> None:
+        self.job = None
 
     def synced_step(self, on_step: StepCallback | None) -> StepCallback:
-        """A step callback that ends with an all-reduce of a stop flag: when `on_step` raises on
-        either rank, that rank re-raises and the other raises StoppedByPeer, at the same step."""
+        """A step callback that ends with an all-reduce of a stop flag over the gang: when `on_step` raises on
+        any rank, that rank re-raises and the others raise StoppedByPeer, at the same step."""
         self.synced_stop = False
 
         def step(i: int, total: int) -> None:
@@ -110,36 +426,184 @@ class CfgParallel:
                 except Exception as exc:
                     error = exc
             flag = torch.tensor([0 if error is None else 1], dtype=torch.int32, device=self.device)
-            t0 = time.perf_counter()
-            self._collective(dist.all_reduce, flag, op=dist.ReduceOp.MAX, group=self.group)
-            self.stats["sync_s"] += time.perf_counter() - t0
+            self._collective("sync_s", dist.all_reduce, flag, op=dist.ReduceOp.MAX, group=self.group)
             self.synced_stop = error is not None or bool(flag.item())
             if error is not None:
                 raise error
             if self.synced_stop:
-                raise StoppedByPeer(f"stopped by the other rank at step {i}/{total}")
+                raise StoppedByPeer(f"stopped by another rank at step {i}/{total}")
 
         return step
 
+    @torch.compiler.disable
+    def agree_to_compute(self, residual: torch.Tensor, previous: torch.Tensor | None, threshold: float) -> bool:
+        """First Block Cache's decision, the same on every rank: whether the first block's residual changed by
+        more than `threshold` (relative mean) since the last full call, over the whole batch and sequence.
+        Every rank's sums (padding left out) are gathered, so each decides on identical numbers; with different
+        thresholds the smallest wins (a rank never skips where another computes)."""
+        if self.call is not None:
+            residual = residual[:, :self.call.valid]
+            previous = previous[:, :self.call.valid] if previous is not None else None
+        mine = torch.zeros(4, dtype=torch.float64, device=self.device)
+        mine[3] = threshold
+        if previous is None:
+            mine[2] = 1
+        else:
+            mine[0] = (residual.float() - previous.float()).abs().sum()
+            mine[1] = previous.float().abs().sum()
+        every = [torch.empty_like(mine) for _ in range(self.world)]
+        self._collective("sync_s", dist.all_gather, every, mine, group=self.group)
+        total = torch.stack(every).cpu()
+        if total[:, 2].any() or total[:, 1].sum() == 0:
+            return True
+        return bool(total[:, 0].sum() / total[:, 1].sum() > total[:, 3].min())
+
+    # -- the decode ----------------------------------------------------------------
+    def decode(self, pipe: Any, latents: torch.Tensor) -> torch.Tensor | None:
+        """The pipeline's VAE decode of `latents` (the same on every rank), split by latent frames over as
+        many ranks as have at least the decoder's causal context each: rank 0 returns the video, (1, 3,
+        frames, H, W) in [0, 1]; the others None. See `split_decoder`."""
+        from mochi_lab.pipelines.preview import decode_latents
+
+        with split_decoder(pipe.vae, self, latents.shape[2]) as ranks:
+            self.decode_ranks = ranks
+            if self.rank >= ranks:  # no part in this decode
+                return None
+            video = decode_latents(pipe, latents)
+        return video if self.rank == 0 else None
+
+    # -- collectives -----------------------------------------------------------------
+    def _collective(self, stat: str, collective: Callable, *args: Any, **kwargs: Any) -> Any:
+        t0 = time.perf_counter()
+        try:
+            return collective(*args, **kwargs)
+        except (RuntimeError, dist.DistError) as exc:  # gloo: "Connection closed by peer", timeouts
+            raise PeerLost(f"rank {self.rank}: {collective.__name__} failed: {exc}") from exc
+        finally:
+            self.stats[stat] += time.perf_counter() - t0
+
+    def _exchange(self, stat: str, ops: list) -> None:
+        """Point-to-point sends and receives, all started at once, then waited for."""
+        def batch_isend_irecv() -> None:
+            for request in dist.batch_isend_irecv(ops):
+                request.wait()
+
+        self._collective(stat, batch_isend_irecv)
+
     def reset_stats(self) -> None:
-        self.stats.update(calls=0, gather_s=0.0, sync_s=0.0)
+        self.stats.update(calls=0, gather_s=0.0, sync_s=0.0, a2a_s=0.0, sp_gather_s=0.0, halo_s=0.0,
+                          decode_gather_s=0.0)
 
 
-def rendezvous_store(rank: int, port: int, timeout_s: float, host: str = "127.0.0.1") -> dist.TCPStore:
-    """The pair's rendezvous store: rank 0 hosts it (port 0: any free port, read back from `.port`
-    and told to rank 1), rank 1 connects to it."""
-    from datetime import timedelta
+class CfgParallel(Parallel):
+    """Two ranks, the guided batch split over them (`Layout(cfg=2)`); a job without CFG runs on rank 0 alone
+    and rank 0 decodes alone. The shape of `gpus_per_worker=2` (mochi_lab.gang) today."""
 
-    return dist.TCPStore(host, port, world_size=2, is_master=rank == 0, timeout=timedelta(seconds=timeout_s),
+    split_decode = False
+
+    def __init__(self, device: torch.device, group: dist.ProcessGroup | None = None):
+        if dist.get_world_size(group) != 2:
+            raise ValueError(f"CFG parallelism needs a group of 2 ranks, got {dist.get_world_size(group)}")
+        super().__init__(device, group, layouts=(Layout(cfg=2),),
+                         policy=lambda world, guided: Layout(cfg=2) if guided else None)
+
+
+def set_attention(transformer: torch.nn.Module, attention: str, plan: Parallel | None) -> None:
+    """Every block's attention processor: diffusers' own for plain SDPA in one process, else `GangAttention`
+    with kernel `attention`, split over `plan`'s SP groups. (diffusers' MochiTransformer3DModel has no
+    `set_attn_processor`: each block's `attn1.processor` is set, which is what that method would do.)"""
+    from diffusers.models.attention_processor import MochiAttnProcessor2_0
+
+    kernel = attention_kernel(attention) if attention != "sdpa" or plan is not None else None
+    for block in transformer.transformer_blocks:
+        block.attn1.processor = MochiAttnProcessor2_0() if kernel is None else GangAttention(kernel, plan)
+
+
+@contextlib.contextmanager
+def split_decoder(vae: Any, plan: Parallel, latent_frames: int) -> Iterator[int]:
+    """Within it, each call of `vae.decoder` (one per spatial tile with tiling) is split by latent frames
+    over the first `ranks` ranks of `plan` (yielded): rank k decodes its contiguous frames, every causal
+    convolution taking its missing past frames (the kernel's time context) from rank k - 1 instead of
+    replicating its first frame, and rank 0 gathers the outputs. The decoder's other layers work frame by
+    frame (its group norms normalise each frame), so the split is exact. Ranks from `ranks` up take no part."""
+    from diffusers.models.autoencoders.autoencoder_kl_cogvideox import CogVideoXCausalConv3d
+
+    convs = [m for m in vae.decoder.modules() if isinstance(m, CogVideoXCausalConv3d)]
+    context = max((m.time_kernel_size - 1 for m in convs), default=1)
+    if any(m.pad_mode != "replicate" for m in convs):
+        raise ValueError("the split decode needs the VAE's one-shot decode (replicate padding), not framewise decoding")
+    ranks = max(1, min(plan.world, latent_frames // max(context, 1)))
+    if ranks == 1 or plan.rank >= ranks:
+        yield ranks
+        return
+    me = plan.rank
+    base, extra = divmod(latent_frames, ranks)
+    sizes = [base + (r < extra) for r in range(ranks)]
+    start = sum(sizes[:me])
+    group_device = plan.device
+
+    def peer(r: int) -> int:
+        return dist.get_global_rank(plan.group, r)
+
+    def halo_conv(conv: Any) -> Callable:
+        def forward(inputs: torch.Tensor, conv_cache: torch.Tensor | None = None) -> tuple[torch.Tensor, None]:
+            pad = conv.time_kernel_size - 1
+            ops, halo = [], None
+            if me + 1 < ranks and pad:  # this rank's last frames are the next rank's missing past
+                ops.append(dist.P2POp(dist.isend, inputs[:, :, -pad:].contiguous().to(group_device), peer(me + 1)))
+            if me > 0 and pad:
+                halo = torch.empty((*inputs.shape[:2], pad, *inputs.shape[3:]), dtype=inputs.dtype, device=group_device)
+                ops.append(dist.P2POp(dist.irecv, halo, peer(me - 1)))
+            if ops:
+                plan._exchange("halo_s", ops)
+            if halo is not None:
+                x = torch.cat([halo.to(inputs.device), inputs], dim=2)
+                x = F.pad(x, (conv.width_pad, conv.width_pad, conv.height_pad, conv.height_pad, 0, 0), mode="replicate")
+            else:
+                x = F.pad(inputs, conv.time_causal_padding, mode="replicate")
+            return conv.conv(x), None
+
+        return forward
+
+    decoder = vae.decoder
+    inner = decoder.forward
+
+    def split_forward(hidden_states: torch.Tensor, conv_cache: dict | None = None) -> tuple[torch.Tensor, dict]:
+        out, _ = inner(hidden_states[:, :, start:start + sizes[me]])
+        per_frame = out.shape[2] // sizes[me]  # the decoder's temporal expansion
+        if me == 0:
+            parts = [torch.empty((*out.shape[:2], sizes[r] * per_frame, *out.shape[3:]), dtype=out.dtype,
+                                 device=group_device) for r in range(1, ranks)]
+            plan._exchange("decode_gather_s", [dist.P2POp(dist.irecv, part, peer(r))
+                                               for r, part in enumerate(parts, start=1)])
+            return torch.cat([out, *(part.to(out.device) for part in parts)], dim=2), {}
+        plan._exchange("decode_gather_s", [dist.P2POp(dist.isend, out.contiguous().to(group_device), peer(0))])
+        # the tiles' blending on this rank needs the full shape; its result is dropped
+        return torch.empty((*out.shape[:2], latent_frames * per_frame, *out.shape[3:]), dtype=out.dtype,
+                           device=out.device), {}
+
+    for conv in convs:
+        conv.forward = halo_conv(conv)
+    decoder.forward = split_forward
+    try:
+        yield ranks
+    finally:
+        for conv in convs:
+            conv.__dict__.pop("forward", None)
+        decoder.__dict__.pop("forward", None)
+
+
+def rendezvous_store(rank: int, port: int, timeout_s: float, host: str = "127.0.0.1", world: int = 2) -> dist.TCPStore:
+    """The gang's rendezvous store: rank 0 hosts it (port 0: any free port, read back from `.port` and told
+    to the others), the other ranks connect to it."""
+    return dist.TCPStore(host, port, world_size=world, is_master=rank == 0, timeout=timedelta(seconds=timeout_s),
                          wait_for_workers=False)
 
 
-def join_pair(store: dist.TCPStore, rank: int, backend: str, timeout_s: float) -> None:
-    """Form the two-rank default process group (blocks until both ranks join); collectives time out
+def join_pair(store: dist.TCPStore, rank: int, backend: str, timeout_s: float, world: int = 2) -> None:
+    """Form the gang's default process group of `world` ranks (blocks until all join); collectives time out
     after `timeout_s`."""
-    from datetime import timedelta
-
-    dist.init_process_group(backend, store=store, rank=rank, world_size=2, timeout=timedelta(seconds=timeout_s))
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timedelta(seconds=timeout_s))
 
 
 def backend_for(device: torch.device) -> str:

@@ -54,7 +54,7 @@ def test_two_ranks_give_the_single_process_video(tiny_checkpoint, tmp_path):
 def test_a_stop_on_rank_0_stops_rank_1_at_the_same_step(tiny_checkpoint, tmp_path):
     rank0, rank1 = _run_pair(tmp_path, tiny_checkpoint.parent, "--steps", "6", "--cancel-at", "2")
     assert rank0["outcome"] == "cancelled: cancelled by the test"
-    assert rank1["outcome"].startswith("cancelled: stopped by the other rank at step 2/6")
+    assert rank1["outcome"].startswith("cancelled: stopped by another rank at step 2/6")
     assert rank0["steps"] == rank1["steps"] == [1, 2]
     assert rank0["stats"]["calls"] == rank1["stats"]["calls"] == 2
 
@@ -64,7 +64,7 @@ def test_an_error_in_rank_0s_own_step_work_stops_rank_1_at_the_same_step(tiny_ch
     than waiting in step 4's all-gather until the collective times out."""
     rank0, rank1 = _run_pair(tmp_path, tiny_checkpoint.parent, "--steps", "6", "--preview-fails-at", "3")
     assert rank0["outcome"] == "failed: the preview could not be written"
-    assert rank1["outcome"].startswith("cancelled: stopped by the other rank at step 3/6")
+    assert rank1["outcome"].startswith("cancelled: stopped by another rank at step 3/6")
     assert rank0["previews"] == [1, 2, 3] and rank1["previews"] == []
     # rank 0 failed before its progress report of step 3; rank 1 made its own, then stopped
     assert (rank0["steps"], rank1["steps"]) == ([1, 2], [1, 2, 3])
