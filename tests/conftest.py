@@ -8,15 +8,20 @@ import sys
 import tempfile
 from pathlib import Path
 
-# A user's clone has nothing beside it: any test that opens a file in ../shared fails, wherever it runs.
-_OUTSIDE = str(Path(__file__).resolve().parents[2] / "shared")
+# A user's clone has nothing beside it: a test that opens a file next to the repository fails here as it
+# would for them. Dot folders there (a home's settings) and a parent that is /, /tmp or /home stay readable.
+_REPO = Path(__file__).resolve().parents[1]
+_BESIDE = str(_REPO.parent) + os.sep
+_GUARDED = _REPO.parent not in {Path("/"), Path(tempfile.gettempdir()).resolve(), Path.home().parent}
 
 
 def _no_reads_outside_the_repo(event: str, args: tuple) -> None:
-    if event == "open" and isinstance(args[0], (str, os.PathLike)):
+    if event == "open" and _GUARDED and isinstance(args[0], (str, os.PathLike)):
         path = os.path.abspath(os.fspath(args[0]))
-        if path == _OUTSIDE or path.startswith(_OUTSIDE + os.sep):
-            raise PermissionError(f"tests must not read outside the repository: {path}")
+        if path.startswith(_BESIDE):
+            beside = path[len(_BESIDE):].split(os.sep, 1)[0]
+            if beside != _REPO.name and not beside.startswith("."):
+                raise PermissionError(f"tests must not read outside the repository: {path}")
 
 
 sys.addaudithook(_no_reads_outside_the_repo)
@@ -42,9 +47,8 @@ RUNTIMES = _SESSION_HOME / "runtimes"  # data dirs of the persistent runtimes th
 
 import pytest  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # the helper modules beside this file
-from hub_fixtures import gateway, hub, storefront, tokens  # noqa: E402,F401  (one hub per session)
-from jobkit import TINY  # noqa: E402
+from tests.support.hub_fixtures import gateway, hub, storefront, tokens  # noqa: E402,F401  (one hub per session)
+from tests.support.jobkit import TINY  # noqa: E402
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 

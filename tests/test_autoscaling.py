@@ -1,5 +1,5 @@
 """The pool controller on Ray's real autoscaler (fake multi-node provider): up from the queue, down to zero
-nodes when idle, and back from zero. The scenario runs in its own process (tests/autoscale_scenario.py)
+nodes when idle, and back from zero. The scenario runs in its own process (tests/support/autoscale_scenario.py)
 because this one is joined to the session's Ray; it writes artifacts/autoscaling_timeline.png and .json."""
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ ARTIFACTS = ROOT / "artifacts"
 @pytest.mark.slow
 def test_queue_brings_up_three_workers_idle_removes_their_nodes_and_a_job_brings_one_back(tiny_checkpoint):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "autoscale_scenario.py"), str(ARTIFACTS)],
+    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "support" / "autoscale_scenario.py"), str(ARTIFACTS)],
                           env=env, capture_output=True, text=True, timeout=540)
     assert proc.returncode == 0, proc.stderr[-4000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])

@@ -7,10 +7,10 @@ import subprocess
 import sys
 
 import pytest
-from jobkit import SECONDS
 
 from mochi_lab.cli import EXIT_FAILED, EXIT_TIMEOUT, EXIT_USAGE, main
 from mochi_lab.video import probe
+from tests.support.jobkit import SECONDS
 
 
 @pytest.fixture

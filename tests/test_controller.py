@@ -10,12 +10,12 @@ from __future__ import annotations
 import time
 
 import pytest
-from jobkit import LONG
 
 from mochi_lab.controller import PoolController, desired_workers
 from mochi_lab.params import GenerationParams
 from mochi_lab.settings import ScalingConfig, Settings
 from mochi_lab.store import open_store
+from tests.support.jobkit import LONG
 
 NAME = "mochi-worker-0"
 

@@ -13,9 +13,9 @@ import sys
 
 import psutil
 import pytest
-from faults_helpers import is_loopback, listening
 
 from mochi_lab.video import probe
+from tests.support.faults_helpers import is_loopback, listening
 
 KERNEL = """
 import json, sys

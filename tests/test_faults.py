@@ -7,7 +7,6 @@ port and dir; the worker runs in a thread of the test process (it knows nothing 
 from __future__ import annotations
 
 import logging
-import sys
 import threading
 import time
 import uuid
@@ -16,13 +15,11 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from faults_helpers import RedisServer, slow_steps, wait_for  # noqa: E402
-
 from mochi_lab.params import GenerationParams  # noqa: E402
 from mochi_lab.settings import Settings  # noqa: E402
 from mochi_lab.store import DONE, StoreError, open_store  # noqa: E402
 from mochi_lab.worker import Worker, WorkerUnhealthy  # noqa: E402
+from tests.support.faults_helpers import RedisServer, slow_steps, wait_for  # noqa: E402
 
 pytestmark = pytest.mark.slow
 

@@ -15,11 +15,11 @@ import av
 import numpy as np
 import pytest
 
-from faults_helpers import wait_for
-from jobkit import LONG
 from mochi_lab.params import GenerationParams
 from mochi_lab.pipelines import load_runner
 from mochi_lab.video import write_mp4
+from tests.support.faults_helpers import wait_for
+from tests.support.jobkit import LONG
 
 NAMESPACE = "mochi_gang_test"
 # a guided job of seconds on the tiny model, so that a test can act mid-denoise

@@ -1,11 +1,16 @@
 """GenerationParams: every bad field is named with what is allowed; seeds are drawn and recorded."""
 
+import numpy as np
 import pytest
 
-import numpy as np
-
 from mochi_lab.params import (
-    MAX_PROMPT_TOKENS, PRIORITY_MAX, GenerationParams, ParamsError, SubmitOptions, check_model, check_prompt_tokens,
+    MAX_PROMPT_TOKENS,
+    PRIORITY_MAX,
+    GenerationParams,
+    ParamsError,
+    SubmitOptions,
+    check_model,
+    check_prompt_tokens,
 )
 from mochi_lab.settings import known_models
 

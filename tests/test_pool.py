@@ -7,9 +7,9 @@ import sys
 import time
 
 import pytest
-from jobkit import LONG, SECONDS
 
 from mochi_lab import JobFailed, MochiCluster
+from tests.support.jobkit import LONG, SECONDS
 
 CHILD = """
 import sys, time

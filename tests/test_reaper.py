@@ -9,9 +9,9 @@ import time
 
 import psutil
 import pytest
-from faults_helpers import alive
 
 from mochi_lab.reaper import started
+from tests.support.faults_helpers import alive
 
 CHILD = """
 import os, sys, time

@@ -10,17 +10,13 @@ from __future__ import annotations
 import logging
 import socket
 import time
-import sys
-from pathlib import Path
 
 import httpx
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from remote_stub import ALICE, BOB, NOSCOPE, PNG, VIDEO, GatewayStub  # noqa: E402
-
 from mochi_lab import Experiment, JobNotFound, MochiCluster, ParamsError, StoreUnavailable  # noqa: E402
 from mochi_lab.remote import GatewayAuthError, GatewayBackend, GatewayError, QuotaExceeded  # noqa: E402
+from tests.support.remote_stub import ALICE, BOB, NOSCOPE, PNG, VIDEO, GatewayStub  # noqa: E402
 
 URL = "http://gateway.test/services/mochi-lab/"
 TINY = {"num_frames": 7, "height": 32, "width": 32, "num_inference_steps": 2, "fps": 8}
@@ -463,6 +459,6 @@ def bob_token(tokens_for_the_pool):
 
 def test_the_handle_flow_on_the_gateway(gateway_url, alice_token, bob_token, tmp_path, monkeypatch):
     """Bob's notebook: only JUPYTERHUB_API_TOKEN; claiming to be alice (env or account=) changes nothing."""
-    from remote_flow import handle_flow
+    from tests.support.remote_flow import handle_flow
 
     handle_flow(gateway_url, alice_token, bob_token, tmp_path, monkeypatch)

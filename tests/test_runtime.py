@@ -25,7 +25,6 @@ from pathlib import Path
 
 import psutil
 import pytest
-from faults_helpers import RedisServer, alive, is_loopback, listening, wait_for
 
 from mochi_lab import runtime
 from mochi_lab.cli import main
@@ -33,6 +32,7 @@ from mochi_lab.pipelines.config import PipelineConfig
 from mochi_lab.reaper import started
 from mochi_lab.settings import Settings
 from mochi_lab.video import probe
+from tests.support.faults_helpers import RedisServer, alive, is_loopback, listening, wait_for
 
 IDLE_S = 8.0
 GONE_S = 12.0  # the store-gone bound of the outage test: well above its 3 s outage

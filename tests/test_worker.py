@@ -5,12 +5,11 @@ import json
 import logging
 import time
 
-from jobkit import strip_pictures
-
 from mochi_lab.params import GenerationParams
 from mochi_lab.settings import Settings
 from mochi_lab.store import open_store
 from mochi_lab.worker import JsonFormatter, Worker
+from tests.support.jobkit import strip_pictures
 
 MiB = 2**20
 

@@ -21,7 +21,8 @@ import time
 from pathlib import Path
 
 import pytest
-from labkit import CHROMIUM, CHROMIUM_ARGS, notebook, run_all, running_lab, stop_sessions
+
+from tests.support.labkit import CHROMIUM, CHROMIUM_ARGS, notebook, run_all, running_lab, stop_sessions
 
 pytestmark = pytest.mark.browser
 

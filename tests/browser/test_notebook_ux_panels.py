@@ -25,7 +25,8 @@ import re
 from pathlib import Path
 
 import pytest
-from labkit import CHROMIUM, CHROMIUM_ARGS, notebook, run_all, running_lab
+
+from tests.support.labkit import CHROMIUM, CHROMIUM_ARGS, notebook, run_all, running_lab
 
 REPO = Path(__file__).resolve().parents[2]
 ARTIFACTS = REPO / "artifacts" / "browser"

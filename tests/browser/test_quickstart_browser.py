@@ -10,7 +10,8 @@ import shutil
 from pathlib import Path
 
 import pytest
-from labkit import CHROMIUM, CHROMIUM_ARGS, run_all, running_lab
+
+from tests.support.labkit import CHROMIUM, CHROMIUM_ARGS, run_all, running_lab
 
 pytestmark = pytest.mark.browser
 

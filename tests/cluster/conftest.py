@@ -2,15 +2,10 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import clusterlib as cl  # noqa: E402
+from tests.support import clusterlib as cl  # noqa: E402
 
 
 @pytest.fixture(scope="session")

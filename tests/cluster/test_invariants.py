@@ -11,7 +11,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
-import clusterlib as cl
+from tests.support import clusterlib as cl
 
 try:
     import tomllib

@@ -9,7 +9,6 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
-import shlex
 import shutil
 import socket
 import subprocess
@@ -23,11 +22,11 @@ import psutil
 import pytest
 import redis
 
-import clusterlib as cl
+from tests.support import clusterlib as cl
+from tests.support.local_cluster import WORKERS, alive, group_pids, logs, marked_pids, pick_ports, read_env
 
 UP = cl.CLUSTER / "local" / "up.sh"
 DOWN = cl.CLUSTER / "local" / "down.sh"
-WORKERS = 2
 GPUS_PER_WORKER = 2
 
 DRIVER = textwrap.dedent(
@@ -68,64 +67,6 @@ REATTACH = textwrap.dedent(
 )
 
 
-def _pick_ports() -> tuple[int, int]:
-    """A Ray port and a Redis port (not 6379/6390) whose whole port block is free: other tests
-    and other clusters may run on this machine."""
-    for ray_port in range(6410, 6500, 2):
-        base = ray_port + 20000
-        block = [ray_port, ray_port + 1, *range(base, base + 100 * (WORKERS + 2))]
-        if all(cl.port_free(p) for p in block):
-            return ray_port, ray_port + 1
-    raise RuntimeError("no free port block between 6410 and 6500")
-
-
-def _read_env(path: Path) -> dict[str, str]:
-    out = {}
-    for line in path.read_text().splitlines():
-        if line.startswith("export "):
-            key, _, value = line[len("export "):].partition("=")
-            out[key] = shlex.split(value)[0]
-    return out
-
-
-def _group_pids(pgid: int) -> set[int]:
-    return {p.pid for p in psutil.process_iter(["pid"]) if _pgid(p.pid) == pgid}
-
-
-def _marked_pids(state: Path) -> set[int]:
-    """Processes up.sh marked as this cluster's (Ray worker processes have process groups of
-    their own, so the recorded groups alone would miss the actors)."""
-    found = set()
-    for p in psutil.process_iter(["pid"]):
-        try:
-            if p.environ().get("MOCHI_LOCAL_CLUSTER") == str(state):
-                found.add(p.pid)
-        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-            pass
-    return found
-
-
-def _pgid(pid: int) -> int | None:
-    try:
-        return os.getpgid(pid)
-    except ProcessLookupError:
-        return None
-
-
-def _alive(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
-
-
-def _logs(state: Path) -> str:
-    parts = []
-    for log in sorted((state / "logs").glob("*.log")):
-        parts.append(f"--- {log.name}\n" + "\n".join(log.read_text(errors="replace").splitlines()[-15:]))
-    return "\n".join(parts)
-
-
 # The Ray Client server on the head (a proxy) starts a "specific server" process per client
 # connection: `python setup_worker.py` -> bash -> `python -m ray.util.client.server`, which
 # imports Ray twice before it listens. On two cores with the cluster and other tests running
@@ -153,7 +94,7 @@ def _reattach(info: dict, job_id: str, env: dict) -> subprocess.CompletedProcess
 
 @pytest.mark.timeout(1500)
 def test_local_cluster_runs_a_job_end_to_end_and_stops_cleanly():
-    ray_port, redis_port = _pick_ports()
+    ray_port, redis_port = pick_ports()
     state = Path(tempfile.mkdtemp(prefix="mochi-lc-", dir="/tmp"))  # short: Ray's socket paths
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "REDIS_", "MOCHI_"))}
     env["PYTHON"] = sys.executable
@@ -167,12 +108,12 @@ def test_local_cluster_runs_a_job_end_to_end_and_stops_cleanly():
                  "--workers", str(WORKERS), "--gpus-per-worker", str(GPUS_PER_WORKER), "--cpus-per-worker", "2"],
                 capture_output=True, text=True, timeout=600, env=env,
             )
-            assert up.returncode == 0, up.stdout + up.stderr + _logs(state)
+            assert up.returncode == 0, up.stdout + up.stderr + logs(state)
             info = json.loads((state / "cluster.json").read_text())
             pgids = list(info["process_groups"].values())
             redis_pid = info["redis_pid"]
             for g in pgids:
-                pids |= _group_pids(g)
+                pids |= group_pids(g)
             pids.add(redis_pid)
 
             # --- what up.sh promised -----------------------------------------------------------------
@@ -185,7 +126,7 @@ def test_local_cluster_runs_a_job_end_to_end_and_stops_cleanly():
             assert sorted(n["GPU"] for n in nodes) == [0] + [GPUS_PER_WORKER] * WORKERS
             assert [n["CPU"] for n in nodes if n["head"]] == [0]
 
-            cluster_env = _read_env(state / "env")
+            cluster_env = read_env(state / "env")
             assert cluster_env["RAY_ADDRESS"] == info["ray_address"] == f"127.0.0.2:{ray_port}"
             assert cluster_env["MOCHI_LAB_WORKERS"] == str(WORKERS * GPUS_PER_WORKER)
             r = redis.Redis.from_url(cluster_env["REDIS_URL"])
@@ -206,7 +147,7 @@ def test_local_cluster_runs_a_job_end_to_end_and_stops_cleanly():
                 capture_output=True, text=True, timeout=540, env=driver_env, cwd=cl.REPO,
             )
             result_lines = [line for line in run.stdout.splitlines() if line.startswith("RESULT ")]
-            assert run.returncode == 0 and result_lines, run.stdout[-3000:] + run.stderr[-5000:] + _logs(state)
+            assert run.returncode == 0 and result_lines, run.stdout[-3000:] + run.stderr[-5000:] + logs(state)
             result = json.loads(result_lines[-1][len("RESULT "):])
             video = Path(result["path"])
             assert video.is_file() and video.suffix == ".mp4"
@@ -231,8 +172,8 @@ def test_local_cluster_runs_a_job_end_to_end_and_stops_cleanly():
 
             # --- traffic stayed on loopback ----------------------------------------------------------
             for g in pgids:
-                pids |= _group_pids(g)
-            actors = _marked_pids(state) - pids
+                pids |= group_pids(g)
+            actors = marked_pids(state) - pids
             assert actors, "worker actor processes (own process groups, marked by up.sh)"
             pids |= actors
             for pid in pids:
@@ -251,12 +192,12 @@ def test_local_cluster_runs_a_job_end_to_end_and_stops_cleanly():
                                   capture_output=True, text=True, timeout=300, env=env)
         assert down.returncode == 0, down.stdout + down.stderr
         # everything it started is gone: each process group is empty, Redis is down
-        left = {pid for pid in pids if _alive(pid)}
+        left = {pid for pid in pids if alive(pid)}
         for g in pgids:
-            left |= {pid for pid in _group_pids(g) if _alive(pid)}
-        left |= {pid for pid in _marked_pids(state) if _alive(pid)}
+            left |= {pid for pid in group_pids(g) if alive(pid)}
+        left |= {pid for pid in marked_pids(state) if alive(pid)}
         assert not left, [psutil.Process(p).cmdline() for p in left if psutil.pid_exists(p)]
-        assert redis_pid is None or not _alive(redis_pid)
+        assert redis_pid is None or not alive(redis_pid)
         with socket.socket() as s:
             assert s.connect_ex(("127.0.0.1", redis_port)) != 0
         with socket.socket() as s:

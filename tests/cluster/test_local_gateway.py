@@ -20,9 +20,9 @@ from pathlib import Path
 
 import pytest
 
-import clusterlib as cl
-from test_local_cluster import _alive, _logs, _marked_pids, _pick_ports, _read_env
-from test_operator_scripts import FAKE_KUBECTL
+from tests.support import clusterlib as cl
+from tests.support.fake_kubectl import FAKE_KUBECTL
+from tests.support.local_cluster import alive, logs, marked_pids, pick_ports, read_env
 
 UP = cl.CLUSTER / "local" / "up.sh"
 DOWN = cl.CLUSTER / "local" / "down.sh"
@@ -57,7 +57,7 @@ def _get(url: str, token: str | None) -> tuple[int, bytes]:
 @pytest.mark.slow
 @pytest.mark.timeout(1500)
 def test_a_hub_token_gets_a_video_through_the_gateway(tmp_path):
-    ray_port, redis_port = _pick_ports()
+    ray_port, redis_port = pick_ports()
     state = Path(tempfile.mkdtemp(prefix="mochi-lg-", dir="/tmp"))  # short: Ray's socket paths
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "REDIS_", "MOCHI_", "JUPYTERHUB_"))}
     env["PYTHON"] = sys.executable
@@ -69,10 +69,10 @@ def test_a_hub_token_gets_a_video_through_the_gateway(tmp_path):
                  "--redis-port", str(redis_port), "--workers", "1", "--gpus-per-worker", "1", "--cpus-per-worker", "2"],
                 capture_output=True, text=True, timeout=900, env={**env, "MOCHI_LAB_CACHE_DIR": cache},
             )
-            assert up.returncode == 0, up.stdout + up.stderr + _logs(state)
+            assert up.returncode == 0, up.stdout + up.stderr + logs(state)
             info = json.loads((state / "cluster.json").read_text())
             assert {"hub", "gateway"} <= set(info["process_groups"])
-            notebook_env = _read_env(state / "notebook.env")
+            notebook_env = read_env(state / "notebook.env")
             assert set(notebook_env) == {"MOCHI_LAB_GATEWAY", "JUPYTERHUB_API_TOKEN"}
             gateway = notebook_env["MOCHI_LAB_GATEWAY"]
             assert gateway == info["gateway_url"]
@@ -83,7 +83,7 @@ def test_a_hub_token_gets_a_video_through_the_gateway(tmp_path):
             run = subprocess.run([sys.executable, "-c", NOTEBOOK], capture_output=True, text=True, timeout=600,
                                  env=nb_env, cwd=cl.REPO)
             lines = [line for line in run.stdout.splitlines() if line.startswith("RESULT ")]
-            assert run.returncode == 0 and lines, run.stdout[-3000:] + run.stderr[-5000:] + _logs(state)
+            assert run.returncode == 0 and lines, run.stdout[-3000:] + run.stderr[-5000:] + logs(state)
             result = json.loads(lines[-1][len("RESULT "):])
             assert result["backend"] == "GatewayBackend" and result["leaked"] == []
             assert result["frames"] == 7
@@ -112,7 +112,7 @@ def test_a_hub_token_gets_a_video_through_the_gateway(tmp_path):
             down = subprocess.run(["bash", str(DOWN), "--state-dir", str(state), "--grace", "5"],
                                   capture_output=True, text=True, timeout=300, env=env)
         assert down.returncode == 0, down.stdout + down.stderr
-        left = {pid for pid in _marked_pids(state) if _alive(pid)}
+        left = {pid for pid in marked_pids(state) if alive(pid)}
         assert not left, left
         assert not (state / "notebook.env").exists() and not (state / "admin_token").exists()
     finally:

@@ -11,7 +11,7 @@ import shutil
 import pytest
 import yaml
 
-import clusterlib as cl
+from tests.support import clusterlib as cl
 
 EXPECTED_KINDS = {
     "Namespace", "ConfigMap", "ServiceAccount", "Role", "RoleBinding", "PersistentVolumeClaim",

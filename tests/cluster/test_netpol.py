@@ -13,8 +13,8 @@ import copy
 
 import pytest
 
-import clusterlib as cl
-from netpol import Cluster, External, Pod
+from tests.support import clusterlib as cl
+from tests.support.netpol import Cluster, External, Pod
 
 NS = "mochi-lab"
 INTERNET = External("151.101.1.1", "internet")

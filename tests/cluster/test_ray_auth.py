@@ -31,8 +31,8 @@ import psutil
 import pytest
 import redis
 
-import clusterlib as cl
-from redisacl import RedisServer
+from tests.support import clusterlib as cl
+from tests.support.redisacl import RedisServer
 
 MARKER = "MOCHI_TEST_RAY_AUTH"
 RAY_DEFAULT_PORTS = {6379, 8265, 10001, 52365, 44217, 44227, 8076, 8077}

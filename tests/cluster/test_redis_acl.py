@@ -9,8 +9,8 @@ import subprocess
 import pytest
 import redis
 
-import clusterlib as cl
-from redisacl import RedisServer
+from tests.support import clusterlib as cl
+from tests.support.redisacl import RedisServer
 
 K = "mochi:acl-test"
 GCS_KEY = "RAYmochi-ray@KV"

@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 
-import clusterlib as cl
+from tests.support import clusterlib as cl
 
 SHELLCHECK = shutil.which("shellcheck") or "/usr/bin/shellcheck"
 NAMES = [str(p.relative_to(cl.CLUSTER)) for p in cl.SCRIPTS]

@@ -10,7 +10,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
-import clusterlib as cl
+from tests.support import clusterlib as cl
 
 GATEWAY = ("Deployment", "mochi-lab-gateway")
 SERVICE = "mochi-lab"

@@ -6,7 +6,7 @@ import copy
 
 import pytest
 
-import clusterlib as cl
+from tests.support import clusterlib as cl
 
 
 def test_values_validate_against_the_z2jh_schema(values):

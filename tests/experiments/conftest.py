@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,9 +10,6 @@ import numpy as np
 import pytest
 
 from mochi_lab.store import Store, open_store
-
-# --import-mode=importlib puts no test dir on sys.path; the tests and the killed client import helpers by name
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 

@@ -11,11 +11,11 @@ from pathlib import Path
 import ipywidgets as w
 import numpy as np
 import pytest
-from jobkit import SECONDS
 
 from mochi_lab import ExperimentNotFound, MochiCluster
 from mochi_lab.experiment import MISSING
 from mochi_lab.video import probe, read_frames
+from tests.support.jobkit import SECONDS
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
@@ -113,7 +113,7 @@ def test_reproduce_gives_identical_frames_and_provenance(mochi, tiny):
 def test_sweep_resumed_after_its_client_was_killed(mochi, test_settings):
     name = "killed-sweep"
     proc = subprocess.Popen(
-        [sys.executable, str(HERE / "sweep_client.py"), test_settings.model_dump_json(), name, "3"],
+        [sys.executable, str(HERE.parent / "support" / "sweep_client.py"), test_settings.model_dump_json(), name, "3"],
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=os.environ.copy(),
     )
     try:

@@ -13,7 +13,8 @@ import time
 
 import httpx
 import pytest
-from jobkit import SECONDS, TINY, strip_pictures
+
+from tests.support.jobkit import SECONDS, TINY, strip_pictures
 
 AUTH_CACHE_S = 1.0  # tests/hub_fixtures.py: the gateways' auth cache
 
@@ -394,9 +395,8 @@ def test_static_tokens_and_an_unreachable_hub(tmp_path):
 
     from mochi_lab.direct import DirectBackend
     from mochi_lab.gateway import create_app
-    from mochi_lab.settings import GatewayConfig
     from mochi_lab.hubauth import StaticTokens, hash_token
-    from mochi_lab.settings import Settings
+    from mochi_lab.settings import GatewayConfig, Settings
     from mochi_lab.store import open_store
 
     with pytest.raises(ValueError, match="sha256"):
@@ -528,11 +528,7 @@ def test_a_whole_job_between_two_polls_still_reaches_every_listener_step_by_step
 
 def test_the_notebook_handle_works_unchanged_through_the_hub_gateway(gateway, tokens, tmp_path, monkeypatch):
     """MochiCluster(url) with only the hub token: the same flow as on the direct backend, hub identities."""
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: remote_flow sits there
-    from remote_flow import handle_flow
+    from tests.support.remote_flow import handle_flow
 
     handle_flow(gateway.url, tokens["alice"], tokens["bob"], tmp_path, monkeypatch)
 

@@ -23,10 +23,10 @@ from pathlib import Path
 import httpx
 import psutil
 import pytest
-from hub_fixtures import free_port
-from jobkit import TINY
 
 from mochi_lab.video import probe
+from tests.support.hub_fixtures import free_port
+from tests.support.jobkit import TINY
 
 MIB = 1 << 20
 BURST = 120

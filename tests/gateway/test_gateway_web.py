@@ -17,11 +17,11 @@ from urllib.parse import parse_qs, urljoin, urlsplit
 
 import httpx
 import pytest
-from hub_fixtures import free_port
-from jobkit import TINY
 
 from mochi_lab.gateway_web import CSRF_HEADER, SESSION_COOKIE, STATE_COOKIE
 from mochi_lab.hubauth import hash_token
+from tests.support.hub_fixtures import free_port
+from tests.support.jobkit import TINY
 
 TOKENS = {hash_token("alice-secret"): {"account": "alice"}, hash_token("bob-secret"): {"account": "bob"}}
 SITE = "http://127.0.0.1"  # the TestClient's base URL: the page's own origin

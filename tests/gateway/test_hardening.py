@@ -13,14 +13,14 @@ import itertools
 import json
 import secrets
 import socket
-import threading
 import time
 import uuid
 
 import httpx
 import pytest
-from hub_fixtures import SERVICE, Gateway, free_port
-from jobkit import SECONDS, TINY
+
+from tests.support.hub_fixtures import SERVICE, Gateway, free_port
+from tests.support.jobkit import SECONDS, TINY
 
 MAX_STREAMS, MAX_EXPERIMENTS, MAX_EXPERIMENT_BYTES = 2, 3, 8192
 AUTH_FAILURES, HUB_LOOKUPS = 6, 3
@@ -449,12 +449,11 @@ def test_workers_status_shows_another_accounts_job_only_as_busy(gateway, tokens)
 def test_a_prompt_over_the_token_limit_is_422_at_submit_on_a_gateway_without_the_tokenizer(
         hub, mochi, test_settings, tokens, tmp_path, tiny_checkpoint):
     """The gateway's machine has no model files; it asks a worker for the tokenizer once and counts."""
-    from hub_fixtures import _config
-
     from mochi_lab.direct import DirectBackend
     from mochi_lab.gateway import create_app
     from mochi_lab.params import MAX_PROMPT_CHARS, MAX_PROMPT_TOKENS
     from mochi_lab.pipelines.tokens import local_tokenizer
+    from tests.support.hub_fixtures import _config
 
     here = test_settings.model_copy(update={"cache_dir": tmp_path / "gateway-cache"})
     assert local_tokenizer("tiny", here.cache_dir) is None  # nothing of the model on the gateway's machine

@@ -18,11 +18,11 @@ from urllib.parse import urljoin, urlsplit
 
 import httpx
 import pytest
-from hub_fixtures import Gateway, free_port
-from jobkit import SECONDS, TINY
 
 from mochi_lab.gateway_web import CSRF_HEADER, SESSION_COOKIE
 from mochi_lab.hubauth import hash_token
+from tests.support.hub_fixtures import Gateway, free_port
+from tests.support.jobkit import SECONDS, TINY
 
 pytestmark = pytest.mark.browser
 

@@ -15,7 +15,7 @@ import torch
 from mochi_lab.params import GenerationParams
 from mochi_lab.pipelines import load_runner
 
-PAIR = Path(__file__).with_name("cfg_pair.py")
+PAIR = Path(__file__).parents[1] / "support" / "cfg_pair.py"
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -27,7 +27,7 @@ def _free_port() -> int:
 
 def _run_pair(tmp_path: Path, cache_dir: Path, *extra: str) -> list[dict]:
     port = _free_port()
-    env = {**os.environ, "MOCHI_LAB_ROOT": str(ROOT), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     outs = [tmp_path / f"rank{r}.pt" for r in (0, 1)]
     procs = [subprocess.Popen([sys.executable, str(PAIR), str(r), str(port), str(cache_dir), str(outs[r]), *extra],
                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in (0, 1)]

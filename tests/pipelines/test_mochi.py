@@ -5,11 +5,11 @@ import json
 import numpy as np
 import pytest
 import torch
-from jobkit import strip_pictures
 
 from mochi_lab.params import GenerationParams
 from mochi_lab.pipelines import JobCancelled, PipelineConfig, load_runner, resolve_source
 from mochi_lab.pipelines.mochi import MochiRunner
+from tests.support.jobkit import strip_pictures
 
 TINY = {"num_frames": 7, "height": 32, "width": 48, "num_inference_steps": 3}
 

@@ -27,7 +27,7 @@ from mochi_lab.params import GenerationParams
 from mochi_lab.pipelines import PipelineConfig, load_runner
 from mochi_lab.pipelines.cfg_parallel import Layout, LayoutError, default_layout
 
-RANK = Path(__file__).with_name("gang_rank.py")
+RANK = Path(__file__).parents[1] / "support" / "gang_rank.py"
 ROOT = Path(__file__).resolve().parents[2]
 PADDED = {"num_frames": 85, "height": 48, "width": 48}  # 135 tokens
 EVEN = {"num_frames": 7, "height": 32, "width": 48}  # 12 tokens
@@ -45,7 +45,7 @@ def run_gang(tmp_path: Path, cache_dir: Path, world: int, spec: dict) -> list:
     spec_path = tmp_path / f"spec-{world}.json"
     spec_path.write_text(json.dumps(spec))
     port = _free_port()
-    env = {**os.environ, "MOCHI_LAB_ROOT": str(ROOT), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     outs = [tmp_path / f"w{world}-rank{r}.pt" for r in range(world)]
     procs = [subprocess.Popen([sys.executable, str(RANK), str(r), str(world), str(port), str(cache_dir), str(outs[r]),
                                str(spec_path)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

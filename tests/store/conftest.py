@@ -6,7 +6,6 @@ each test under its own key prefix, whose keys are deleted afterwards.
 
 from __future__ import annotations
 
-import sys
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -16,11 +15,7 @@ import redis
 
 from mochi_lab.store import Store, open_store
 from mochi_lab.store.redis import RedisStore
-
-# --import-mode=importlib puts no test dir on sys.path; spawned worker processes must import
-# the helpers by a plain module name (they inherit sys.path), so put this dir there
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from store_helpers import RedisServer
+from tests.support.store_helpers import RedisServer
 
 SHARED_REDIS = "redis://127.0.0.1:6379/0"
 

@@ -9,10 +9,9 @@ from collections import Counter
 
 import pytest
 
-from store_helpers import claim_all, enqueue_under_quota
-
 from mochi_lab.store import DONE, Store
 from mochi_lab.store.redis import RedisStore
+from tests.support.store_helpers import claim_all, enqueue_under_quota
 
 PROCESSES = 8
 JOBS = 500

@@ -12,10 +12,10 @@ import time
 from pathlib import Path
 
 import pytest
-from store_helpers import RedisServer
 
 from mochi_lab.store import DONE, QUEUED, RUNNING, STATUSES, StoreUnavailable, open_store
 from mochi_lab.store.redis import RedisStore
+from tests.support.store_helpers import RedisServer
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -113,7 +113,7 @@ def test_sqlite_survives_a_sigkilled_writer(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'crash' / 'store.sqlite3'}"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     writer = subprocess.Popen(
-        [sys.executable, str(Path(__file__).with_name("store_helpers.py")), "sqlite_writer", url],
+        [sys.executable, str(Path(__file__).parents[1] / "support" / "store_helpers.py"), "sqlite_writer", url],
         stdout=subprocess.PIPE, env=env, text=True,
     )
     acknowledged: dict[str, int] = {}

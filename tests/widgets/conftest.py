@@ -2,13 +2,9 @@
 direct handle, then a handle on the hub-authenticated gateway (a hub token and the URL, nothing else).
 widget_helpers steps their polling."""
 
-import sys
 from pathlib import Path
 
 import pytest
-
-# --import-mode=importlib puts no test dir on sys.path; widget_helpers sits next to these tests
-sys.path.insert(0, str(Path(__file__).parent))
 
 
 @pytest.fixture(scope="session", params=["direct", "gateway"])

@@ -4,18 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import re
+import time
 from collections import Counter
 
-import time
-
 import pytest
-from fakes import PAYLOADS, FakeCluster, FakeJob, assert_safe, hostile_record, record
-from jobkit import SECONDS
-from widget_helpers import unique
 
 from mochi_lab.backend import queue_rows
 from mochi_lab.widgets import ClusterPanel
 from mochi_lab.widgets.cluster_panel import queue_view, scaled_message
+from tests.support.fakes import PAYLOADS, FakeCluster, FakeJob, assert_safe, hostile_record, record
+from tests.support.jobkit import SECONDS
+from tests.support.widget_helpers import unique
 
 
 def test_table_lists_every_live_worker(mochi):

@@ -16,10 +16,21 @@ from pathlib import Path
 
 import ipywidgets as W
 import pytest
-from fakes import ALL, DOUBLE, MARKUP, PAYLOADS, SINGLE, FakeCluster, FakeJob, assert_safe, hostile_record, record
 
 from mochi_lab import ParamsError, reprs
 from mochi_lab.widgets import ClusterPanel, History, HistoryRow, JobCard, Studio, workers_html
+from tests.support.fakes import (
+    ALL,
+    DOUBLE,
+    MARKUP,
+    PAYLOADS,
+    SINGLE,
+    FakeCluster,
+    FakeJob,
+    assert_safe,
+    hostile_record,
+    record,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 NOOP = {"play": lambda j: None, "rerun": lambda j: None, "delete": lambda j: None}

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
-from fakes import PNG, FakeCluster, FakeJob, record
-from jobkit import SECONDS
-from widget_helpers import drive, unique
 
 from mochi_lab import JobNotFound
 from mochi_lab.video import read_frames
 from mochi_lab.widgets import History, HistoryRow, jobs_frame
+from tests.support.fakes import PNG, FakeCluster, FakeJob, record
+from tests.support.jobkit import SECONDS
+from tests.support.widget_helpers import drive, unique
 
 
 @pytest.fixture(scope="module")

@@ -10,13 +10,13 @@ import time
 from pathlib import Path
 
 import pytest
-from fakes import record
-from widget_helpers import drive, unique
 
 from mochi_lab import Job, JobRecord
 from mochi_lab.backend import queue_rows
 from mochi_lab.job import LiveView, TextProgress
 from mochi_lab.reprs import WIDGET_MIME, RetryTracker
+from tests.support.fakes import record
+from tests.support.widget_helpers import drive, unique
 
 TINY = {"num_frames": 7, "height": 32, "width": 32, "num_inference_steps": 2, "fps": 8}
 

@@ -9,12 +9,12 @@ import threading
 from pathlib import Path
 
 import pytest
-from fakes import FakeCluster, FakeJob, Scan, record
-from jobkit import SECONDS
-from widget_helpers import drive, unique
 
 from mochi_lab import Job, ParamsError
 from mochi_lab.widgets import JobCard, Studio
+from tests.support.fakes import FakeCluster, FakeJob, Scan, record
+from tests.support.jobkit import SECONDS
+from tests.support.widget_helpers import drive, unique
 
 # A job long enough to catch mid-denoising on 2 busy cores (tiny model: ~0.03 s a step at this size).
 

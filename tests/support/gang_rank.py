@@ -14,17 +14,13 @@ Each job's latents, frames, the steps its callback saw, how it ended, its info a
 from __future__ import annotations
 
 import json
-import os
 import sys
 
 import torch
 
-sys.path.insert(0, os.environ.get("MOCHI_LAB_ROOT", "."))
-
 from mochi_lab.params import GenerationParams  # noqa: E402
 from mochi_lab.pipelines import JobCancelled, PipelineConfig, load_runner  # noqa: E402
-from mochi_lab.pipelines.cfg_parallel import (Layout, LayoutError, Parallel, StoppedByPeer, join_pair,  # noqa: E402
-                                              rendezvous_store)
+from mochi_lab.pipelines.cfg_parallel import Layout, LayoutError, Parallel, StoppedByPeer, join_pair, rendezvous_store  # noqa: E402
 
 
 def main() -> None:

@@ -6,7 +6,7 @@ processes on this machine. `AutoscalingCluster.start()` itself runs `ray stop --
 every Ray on the machine, and its GCS port is Redis' 6379; so the head is started here the same way, on
 a free port, in a temp dir of its own, and only that session's processes are ended afterwards.
 
-    python tests/autoscale_scenario.py OUT_DIR   # prints one JSON line: the timeline and its figures
+    python tests/support/autoscale_scenario.py OUT_DIR   # prints one JSON line: the timeline and its figures
 
 The sequence: 6 queued jobs with max_workers=3 bring up 3 GPU nodes and 3 workers; the jobs run; the
 idle workers retire after the idle timeout and their nodes are removed; one more job brings a node and a
@@ -32,7 +32,7 @@ os.environ["RAY_AUTH_MODE"] = "disabled"
 
 import psutil  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 MAX_WORKERS = 3
 JOB = {"num_frames": 13, "height": 64, "width": 64, "num_inference_steps": 12, "fps": 8}
 NODE_IDLE_MINUTES = 0.1  # the autoscaler removes a node idle this long (6 s)

@@ -18,7 +18,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-import clusterlib as cl
+from tests.support import clusterlib as cl
 
 ADMIN = "testadmin"  # exists only in the tests
 

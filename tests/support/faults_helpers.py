@@ -3,16 +3,12 @@ tree's life and listening sockets."""
 
 from __future__ import annotations
 
-import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent / "store"))
-from store_helpers import RedisServer, free_port  # noqa: E402,F401
-
 from mochi_lab import worker as worker_mod  # noqa: E402
+from tests.support.store_helpers import RedisServer, free_port  # noqa: E402,F401
 
 
 def alive(pid: int, created: float) -> bool:

@@ -4,7 +4,7 @@ tests/test_remote.py runs it on a gateway with static tokens over the session's 
 (tests/hub_fixtures.py: `gateway`, `tokens`) runs it the same way:
 
     def test_the_client_on_the_hub_gateway(gateway, tokens, tmp_path, monkeypatch):
-        from remote_flow import handle_flow  # with tests/ on sys.path
+        from tests.support.remote_flow import handle_flow
         handle_flow(gateway.url, tokens["alice"], tokens["bob"], tmp_path, monkeypatch)
 """
 
@@ -22,8 +22,9 @@ TINY = {"num_frames": 7, "height": 32, "width": 32, "num_inference_steps": 2, "f
 
 def handle_flow(gateway_url: str, alice_token: str, bob_token: str, tmp_path: Path, monkeypatch) -> None:
     """Bob's notebook: only JUPYTERHUB_API_TOKEN; claiming to be alice (env or account=) changes nothing."""
-    import ipywidgets
     import uuid
+
+    import ipywidgets
 
     from mochi_lab.video import read_frames
 

@@ -10,17 +10,13 @@ the steps its callback saw, how it ended and the split's stats to OUT.pt.
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 
 import torch
 
-sys.path.insert(0, os.environ.get("MOCHI_LAB_ROOT", "."))
-
 from mochi_lab.params import GenerationParams  # noqa: E402
 from mochi_lab.pipelines import JobCancelled, load_runner  # noqa: E402
-from mochi_lab.pipelines.preview import PreviewPlan  # noqa: E402
 from mochi_lab.pipelines.cfg_parallel import CfgParallel, StoppedByPeer, join_pair, rendezvous_store  # noqa: E402
+from mochi_lab.pipelines.preview import PreviewPlan  # noqa: E402
 
 
 def main() -> None:
