@@ -136,6 +136,8 @@ class Settings(BaseModel):
     metrics_accounts: bool = False
     # the Ray dashboard the ClusterPanel links to; None: the one Ray reports, when it answers
     ray_dashboard_url: str | None = None
+    # Tests only (mochi_lab.gate): a folder of hold files that stop jobs at a chosen stage or step.
+    test_gates: Path | None = None
 
     @field_validator("account")
     @classmethod
@@ -176,6 +178,7 @@ class Settings(BaseModel):
             "metrics_host": "MOCHI_LAB_METRICS_HOST",
             "metrics_accounts": "MOCHI_LAB_METRICS_ACCOUNTS",
             "ray_dashboard_url": "MOCHI_LAB_RAY_DASHBOARD_URL",
+            "test_gates": "MOCHI_LAB_TEST_GATES",
         }.items():
             if os.environ.get(var):
                 env[name] = os.environ[var]

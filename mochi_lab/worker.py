@@ -21,6 +21,7 @@ from typing import Any
 
 import psutil
 
+from mochi_lab.gate import Gates
 from mochi_lab.logs import log_repeating
 from mochi_lab.params import GenerationParams, ParamsError, check_prompt_tokens
 from mochi_lab.pipelines import JobCancelled, PipelineConfig, load_runner
@@ -260,6 +261,7 @@ class Worker:
         self._backoff_cap = settings.store_backoff_max_s
         # this worker's decode + encode seconds per output pixel (frames x height x width), for ETAs
         self._post_s_per_px: float | None = None
+        self._gates = Gates(settings.test_gates)
 
     # -- lifecycle -------------------------------------------------------------
     def start(self) -> None:
@@ -433,6 +435,9 @@ class Worker:
         self._store_back()
         return out
 
+    def _held(self) -> None:
+        self.beat = time.monotonic()  # a job a test holds is alive, not wedged
+
     def _put_preview(self, job_id: str, token: int, step: int, data: bytes) -> bool:
         """Like a progress write: a store outage skips the preview, never the job."""
         try:
@@ -459,12 +464,22 @@ class Worker:
         timings: dict[str, float] = {}
         meta: dict[str, Any] = {"worker_id": self.worker_id, **self._facts}
         max_run_s = self.settings.max_run_s
+        prompt = str(job.params.get("prompt", "")) if isinstance(job.params, dict) else ""
+
+        def progress(**fields: Any) -> bool:
+            """Write progress (True: a cancel was asked for); a test's gate may hold the job here."""
+            cancelled = self._progress(job.id, token, **fields)
+            self._gates.at(job.id, prompt, fields["stage"], fields.get("step"),
+                           released=lambda: cancel.is_set() or lost.is_set() or self._stop.is_set(),
+                           waiting=self._held)
+            return cancelled or cancel.is_set()
+
         try:
             params = self._admit(job)
             # The first job after a load pays for the time it waited on it; later jobs pay 0 (warm).
             load_s = 0.0
             if params.model != self.model or self.runner is None:
-                self._progress(job.id, token, stage="loading", message=f"loading {params.model}")
+                progress(stage="loading", message=f"loading {params.model}")
                 self._load(params.model)
             self._check_prompt_tokens(params)
             if self._load_unpaid:
@@ -473,8 +488,7 @@ class Worker:
             timings["queue_s"] = max(0.0, claimed_at - job.created_at - load_s)
             timings["load_s"] = load_s
             clock = _JobClock(params, self._post_s_per_px, claimed_mono)
-            self._progress(job.id, token, stage="denoising", step=0, total=params.num_inference_steps,
-                           live=clock.live(0))
+            progress(stage="denoising", step=0, total=params.num_inference_steps, live=clock.live(0))
             self.runner.reset_peak()
             rss_before = self._proc.memory_info().rss
             gpu_before = self.runner.memory_info().get("gpu_allocated_bytes")
@@ -488,8 +502,7 @@ class Worker:
                     raise JobRejected(f"exceeded max run time ({max_run_s:g} s)")
                 # after the last step the pipeline decodes the latents with the VAE
                 stage = "decoding" if step == total else "denoising"
-                if cancel.is_set() or self._progress(job.id, token, stage=stage, step=step, total=total,
-                                                     live=clock.live(step)):
+                if cancel.is_set() or progress(stage=stage, step=step, total=total, live=clock.live(step)):
                     raise JobCancelled(job.id)
 
             def on_preview(step: int, frames) -> None:
@@ -500,7 +513,7 @@ class Worker:
             plan = None if every < 0 else PreviewPlan(on_preview, every, self.settings.preview_min_interval_s)
             result = self._generate(params, on_step, plan)
             timings.update(result.timings)
-            self._progress(job.id, token, stage="encoding", message="writing MP4", live=clock.live(params.num_inference_steps))
+            progress(stage="encoding", message="writing MP4", live=clock.live(params.num_inference_steps))
             t0 = time.perf_counter()
             # named by job id, so a retried job overwrites rather than adds files
             paths = self._artifact_paths(job)

@@ -43,12 +43,17 @@ for var in ("RAY_ADDRESS", "REDIS_URL", "REDIS_HOST", "MOCHI_LAB_GATEWAY", "JUPY
 # The embedded default in kernels and CLI runs of the tests keeps a Ray of its own that dies with it (every
 # notebook its own cluster, reaped); tests/test_runtime.py turns the persistent local runtime on where it tests it.
 os.environ["MOCHI_LAB_PERSISTENT"] = "0"
+# Jobs held at a stage or step for the tests that act while one runs (tests/support/gate.py); set before
+# any worker starts, so Ray's workers and the runtime daemons inherit it.
+os.environ["MOCHI_LAB_TEST_GATES"] = str(_SESSION_HOME / "gates")
+(_SESSION_HOME / "gates").mkdir()
 RUNTIMES = _SESSION_HOME / "runtimes"  # data dirs of the persistent runtimes the tests start
 
 import pytest  # noqa: E402
 
 from tests.support.hub_fixtures import gateway, hub, storefront, tokens  # noqa: E402,F401  (one hub per session)
 from tests.support.jobkit import TINY  # noqa: E402
+from tests.support.tools import need_redis, need_tool  # noqa: E402
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 
@@ -73,6 +78,100 @@ def broken_checkpoint(tiny_checkpoint) -> Path:
     return BROKEN_CHECKPOINT
 
 
+# -- tiers ------------------------------------------------------------------------------------------------
+# A test's tier follows from the fixtures it uses (so it cannot drift): README's command runs the rest, the
+# fast tier; CI also runs `-m integration` and `-m e2e`. Notebooks (nbval) are e2e.
+TIER_OF_FIXTURE = {
+    "ray_cluster": "integration",  # a multi-node Ray: the pool, the gang, the controller, metrics on Ray
+    "ray_local": "integration",  # a Ray of the test's own (the embedded default, the runtime daemon)
+    "chromium": "e2e",  # JupyterLab or the gateway's page in a real browser
+    "shellcheck": "e2e",  # the deployment scripts
+    "cluster_scripts": "e2e",  # cluster/local/up.sh and friends: a Ray cluster and Redis of their own
+    "autoscaler": "e2e",  # Ray's autoscaler with its fake multi-node provider
+    "fault_injection": "e2e",  # processes and servers killed on purpose
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        tiers = {TIER_OF_FIXTURE[f] for f in getattr(item, "fixturenames", ()) if f in TIER_OF_FIXTURE}
+        if item.path.suffix == ".ipynb":
+            tiers.add("e2e")
+        for tier in ("e2e",) if "e2e" in tiers else tiers:
+            item.add_marker(getattr(pytest.mark, tier))
+
+
+# -- system tools (tests/support/tools.py): skipped with the line that installs them, failed when strict ----
+@pytest.fixture(scope="session")
+def chromium() -> str:
+    return need_tool("chromium")
+
+
+@pytest.fixture(scope="session")
+def shellcheck() -> str:
+    return need_tool("shellcheck")
+
+
+@pytest.fixture(scope="session")
+def kubectl() -> str:
+    return need_tool("kubectl")
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    """The shared Redis on 127.0.0.1:6379 (skipped, or failed when strict, where none answers)."""
+    return need_redis()
+
+
+@pytest.fixture()
+def fault_injection() -> None:
+    """Marks a test that kills processes or servers on purpose (the e2e tier)."""
+
+
+@pytest.fixture()
+def autoscaler() -> None:
+    """Marks a test that runs Ray's autoscaler (the e2e tier)."""
+
+
+@pytest.fixture()
+def ray_local() -> None:
+    """Marks a test that starts a Ray of its own (the integration tier)."""
+
+
+@pytest.fixture()
+def cluster_scripts() -> None:
+    """Marks a test that runs cluster/local's scripts (the e2e tier)."""
+
+
+# -- the fast tier's pool: real Worker threads over the real store, no Ray ----------------------------------
+@pytest.fixture(scope="session")
+def test_settings(tiny_checkpoint):
+    """The fast tier's settings: the session's SQLite store, no Ray."""
+    from mochi_lab.settings import Settings
+
+    return Settings.from_env(namespace="mochi_test", lease_s=4.0, worker_ttl_s=6.0, persistent=False)
+
+
+@pytest.fixture(scope="session")
+def mochi(test_settings):
+    """The session's MochiCluster for everything above the pool: a DirectBackend over SQLite whose pool is
+    two real Worker loops in threads (tests/support/burst.py)."""
+    from mochi_lab import MochiCluster
+    from mochi_lab.direct import DirectBackend
+    from mochi_lab.store import open_store
+    from tests.support.burst import ThreadPool
+
+    pool = ThreadPool(test_settings, n=2)
+    backend = DirectBackend(test_settings, open_store(test_settings.store_url), pool)
+    pool.ensure()
+    cluster = MochiCluster(backend=backend)
+    cluster.wait_ready(timeout=600)
+    yield cluster
+    cluster.shutdown_pool()
+    cluster.close()
+
+
+# -- the integration tier's pool: a multi-node Ray on one machine ------------------------------------------
 @pytest.fixture(scope="session")
 def ray_cluster(tiny_checkpoint):
     """A real multi-node Ray on one machine: a CPU head and two nodes with 2 logical GPUs each."""
@@ -101,18 +200,19 @@ def ray_cluster(tiny_checkpoint):
 
 
 @pytest.fixture(scope="session")
-def test_settings(ray_cluster):
+def ray_settings(ray_cluster):
     from mochi_lab.settings import Settings
 
-    return Settings.from_env(ray_address=ray_cluster.address, namespace="mochi_test", lease_s=4.0, worker_ttl_s=6.0)
+    return Settings.from_env(ray_address=ray_cluster.address, namespace="mochi_ray_test", lease_s=4.0,
+                             worker_ttl_s=6.0)
 
 
 @pytest.fixture(scope="session")
-def mochi(test_settings):
-    """The session's MochiCluster: SQLite store, one warm worker per logical GPU (4)."""
+def ray_mochi(ray_settings):
+    """A MochiCluster on the multi-node Ray: SQLite store, one warm Ray actor per logical GPU (4)."""
     from mochi_lab import MochiCluster
 
-    cluster = MochiCluster(settings=test_settings)
+    cluster = MochiCluster(settings=ray_settings)
     cluster.wait_ready(timeout=600)
     yield cluster
     cluster.shutdown_pool()
@@ -122,6 +222,23 @@ def mochi(test_settings):
 @pytest.fixture()
 def tiny() -> dict:
     return dict(TINY)
+
+
+@pytest.fixture()
+def hold():
+    """hold(prompt, stage="denoising", step=1) -> Gate: jobs with that prompt wait there; all released
+    when the test ends (a failed test leaves no worker stuck)."""
+    from tests.support.gate import Gate
+
+    gates: list[Gate] = []
+
+    def make(prompt: str, stage: str = "denoising", step: int | None = 1) -> Gate:
+        gates.append(Gate(prompt, stage, step))
+        return gates[-1]
+
+    yield make
+    for gate in gates:
+        gate.release()
 
 
 def _stop_runtimes() -> list[int]:

@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = ROOT / "artifacts"
 
 
-@pytest.mark.slow
+@pytest.mark.usefixtures("autoscaler")
 def test_queue_brings_up_three_workers_idle_removes_their_nodes_and_a_job_brings_one_back(tiny_checkpoint):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     proc = subprocess.run([sys.executable, str(ROOT / "tests" / "support" / "autoscale_scenario.py"), str(ARTIFACTS)],

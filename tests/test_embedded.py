@@ -28,7 +28,7 @@ sys.stdin.readline()  # the test looks at this process and its Ray meanwhile
 """
 
 
-@pytest.mark.slow
+@pytest.mark.usefixtures("ray_local")
 def test_the_embedded_default_listens_on_loopback_only_and_keeps_its_files_private(tmp_path, tiny_checkpoint, tiny):
     data = tmp_path / "data"
     env = {k: v for k, v in os.environ.items()

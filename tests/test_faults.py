@@ -21,7 +21,7 @@ from mochi_lab.store import DONE, StoreError, open_store  # noqa: E402
 from mochi_lab.worker import Worker, WorkerUnhealthy  # noqa: E402
 from tests.support.faults_helpers import RedisServer, slow_steps, wait_for  # noqa: E402
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.usefixtures("fault_injection")
 
 
 def _settings(tmp_path: Path, store_url: str, tiny_checkpoint: Path, **over) -> Settings:

@@ -129,7 +129,7 @@ def test_job_survives_its_client_being_killed(mochi, test_settings):
     assert path.exists() and again.job(job_id).record.attempts == 1
 
 
-@pytest.mark.slow
+@pytest.mark.usefixtures("fault_injection")
 def test_node_lost_mid_job_reruns_elsewhere_with_one_artifact(mochi, ray_cluster, test_settings, tmp_path, tiny):
     """Two extra nodes host a separate pool; the node running the job is removed mid-denoise."""
     import ray

@@ -35,7 +35,7 @@ def _session(session_dir: str) -> dict[int, tuple[float, str]]:
     return found
 
 
-@pytest.mark.slow
+@pytest.mark.usefixtures("fault_injection")
 def test_a_sigkilled_owner_leaves_no_ray_process_behind(tmp_path, tiny_checkpoint):
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "REDIS_URL", "REDIS_HOST")}
     child = subprocess.Popen([sys.executable, "-c", CHILD, str(tmp_path / "data"), str(tiny_checkpoint.parent)],

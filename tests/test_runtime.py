@@ -146,7 +146,7 @@ def _assert_nothing_left(family: dict[int, float], address: str, timeout: float 
     raise AssertionError(f"left behind: pids {left}, {address} listening: {_listening(address)}")
 
 
-@pytest.mark.slow
+@pytest.mark.usefixtures("fault_injection")
 def test_a_killed_kernels_job_completes_warm_and_the_idle_runtime_stops_leaving_nothing(home, tiny):
     kernel = _python(KERNEL, json.dumps({**tiny, **SECONDS}))
     try:
@@ -188,7 +188,7 @@ def test_a_killed_kernels_job_completes_warm_and_the_idle_runtime_stops_leaving_
     assert "idle for" in (home / runtime.LOG).read_text()
 
 
-@pytest.mark.slow
+@pytest.mark.usefixtures("fault_injection")
 def test_two_first_handles_replace_a_stale_record_with_one_runtime_that_status_shows_and_down_stops(
         home, capsys):
     # a record whose daemon is dead and whose port another program now listens on
@@ -279,7 +279,7 @@ def _record(data_dir: Path) -> dict:
     return runtime.read_record(data_dir) or {}
 
 
-@pytest.mark.slow
+@pytest.mark.usefixtures("fault_injection")
 def test_a_runtime_rides_out_a_short_store_outage_and_stops_when_its_store_is_gone_for_good(
         home, tiny, tmp_path, monkeypatch, capsys):
     server = RedisServer(tmp_path / "redis").start()
@@ -356,7 +356,7 @@ def _mode(path: Path) -> int:
     return path.stat().st_mode & 0o777
 
 
-@pytest.mark.slow
+@pytest.mark.usefixtures("fault_injection")
 def test_a_runtime_on_a_new_data_dir_listens_on_loopback_keeps_its_files_private_and_stops_when_the_dir_is_deleted(
         runtimes_root, tiny_checkpoint, tiny, monkeypatch):
     data = runtimes_root / uuid.uuid4().hex[:8] / "data"  # not there yet: the first handle makes it

@@ -157,7 +157,7 @@ def shot(locator, name: str) -> None:
     locator.screenshot(path=str(ARTIFACTS / name))
 
 
-@pytest.mark.browser
+@pytest.mark.usefixtures("chromium")
 def test_history_experiments_and_cluster_panel_in_jupyterlab(lab):
     from playwright.sync_api import sync_playwright
 

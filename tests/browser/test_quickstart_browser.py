@@ -13,7 +13,7 @@ import pytest
 
 from tests.support.labkit import CHROMIUM, CHROMIUM_ARGS, run_all, running_lab
 
-pytestmark = pytest.mark.browser
+pytestmark = pytest.mark.usefixtures("chromium")
 
 REPO = Path(__file__).resolve().parents[2]
 NOTEBOOK = REPO / "notebooks" / "01_quickstart.ipynb"

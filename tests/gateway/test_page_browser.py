@@ -24,7 +24,7 @@ from mochi_lab.hubauth import hash_token
 from tests.support.hub_fixtures import Gateway, free_port
 from tests.support.jobkit import SECONDS, TINY
 
-pytestmark = pytest.mark.browser
+pytestmark = pytest.mark.usefixtures("chromium")
 
 REPO = Path(__file__).resolve().parents[2]
 ARTIFACTS = REPO / "artifacts" / "browser"
