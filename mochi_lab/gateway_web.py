@@ -2,8 +2,9 @@
 
 Sign-in. With a hub, the page signs in as JupyterHub services do (the OAuth code flow of
 `jupyterhub.services.auth.HubOAuth`): GET /login sends the browser to the hub's
-/hub/api/oauth2/authorize with a random `state` that is also put in a cookie of this browser, and a
-PKCE challenge; the hub sends it back to the callback (`GatewayConfig.callback_url`) with a code,
+/hub/api/oauth2/authorize with a `state` that is also put in a cookie of this browser, and a
+PKCE challenge (state and verifier are MACs under the service's secret: nothing is stored before the
+callback, so unauthenticated sign-in starts cost the store nothing); the hub sends it back to the callback (`GatewayConfig.callback_url`) with a code,
 which is taken only with the same browser's state cookie and exchanged at the hub's token endpoint
 (the service's token is the client secret). The access token's owner, read from the hub's /user as
 for any API token (`mochi_lab.hubauth`), is the account. Without a hub (static tokens only), a form
@@ -56,7 +57,7 @@ DOCS_ASSETS = {"swagger-ui-bundle.js": "text/javascript", "swagger-ui.css": "tex
 
 # -- sessions --------------------------------------------------------------------------------------
 class Sessions:
-    """Sign-in sessions and pending sign-ins in the shared store, keyed by sha256 of the browser's secret."""
+    """Sign-in sessions in the shared store, keyed by sha256 of the browser's secret."""
 
     def __init__(self, store: Callable[[], Store]):
         self._store = store
@@ -77,16 +78,6 @@ class Sessions:
     async def end(self, sid: str) -> None:
         await self._call("take_session", "session:" + hash_token(sid))
 
-    async def begin_login(self) -> tuple[str, str]:
-        """(state, PKCE verifier) of a new sign-in at the hub."""
-        state, verifier = secrets.token_urlsafe(32), secrets.token_urlsafe(48)
-        await self._call("put_session", "login:" + hash_token(state), {"verifier": verifier}, LOGIN_S)
-        return state, verifier
-
-    async def finish_login(self, state: str) -> str | None:
-        """The verifier of the sign-in `state` began, once: None when unknown, used or expired."""
-        data = await self._call("take_session", "login:" + hash_token(state))
-        return data.get("verifier") if data else None
 
 
 # -- where a request comes from ----------------------------------------------------------------------
@@ -154,10 +145,33 @@ class HubOAuth:
         self.authorize = (config.public_hub_url or "/hub/").rstrip("/") + "/api/oauth2/authorize"
         self.token_url = config.hub_api_url.rstrip("/") + "/oauth2/token"
         self._secret = config.hub_api_token.get_secret_value()
+        self._key = hashlib.sha256(b"mochi-lab sign-in\0" + self._secret.encode()).digest()
         self.timeout_s = timeout_s
 
     def __repr__(self) -> str:  # never the secret
         return f"<HubOAuth {self.client_id} -> {self.authorize}>"
+
+    def _mac(self, purpose: str, text: str) -> str:
+        digest = hmac.new(self._key, f"{purpose}:{text}".encode(), hashlib.sha256).digest()
+        return base64.urlsafe_b64encode(digest).decode().rstrip("=")
+
+    def begin(self) -> tuple[str, str]:
+        """A new sign-in's (state, PKCE verifier). Both derive from the service's secret (every replica has
+        it), so starting a sign-in writes nothing: a flood of unauthenticated /login costs no store space."""
+        body = f"{int(time.time())}.{secrets.token_urlsafe(24)}"
+        state = f"{body}.{self._mac('state', body)}"
+        return state, self._mac("pkce", state)
+
+    def verifier(self, state: str) -> str | None:
+        """The PKCE verifier of a sign-in this service began less than LOGIN_S ago; None for any other state.
+        A code is taken once by the hub, so a replayed callback fails there."""
+        body, _, mac = state.rpartition(".")
+        issued = body.partition(".")[0]
+        if not (body and issued.isdigit() and hmac.compare_digest(mac.encode(), self._mac("state", body).encode())):
+            return None
+        if not 0 <= time.time() - int(issued) <= LOGIN_S:
+            return None
+        return self._mac("pkce", state)
 
     def authorize_url(self, state: str, verifier: str) -> str:
         challenge = base64.urlsafe_b64encode(hashlib.sha256(verifier.encode()).digest()).decode().rstrip("=")
@@ -255,7 +269,7 @@ def web_router(config: GatewayConfig, auth: Authenticator, sessions: Sessions,
     async def start_hub_login(request: Request) -> Response:
         if oauth is None:
             return login_page(503, no_oauth)
-        state, verifier = await sessions.begin_login()
+        state, verifier = oauth.begin()
         resp = RedirectResponse(oauth.authorize_url(state, verifier), status_code=303)
         cookie(resp, request, STATE_COOKIE, state, LOGIN_S)
         return resp
@@ -317,7 +331,7 @@ def web_router(config: GatewayConfig, auth: Authenticator, sessions: Sessions,
         mine = request.cookies.get(STATE_COOKIE, "")
         if not (code and state and mine and hmac.compare_digest(state.encode(), mine.encode())):
             raise AuthError(403, "this sign-in was not started by this browser (its state does not match): sign in again")
-        verifier = await sessions.finish_login(state)
+        verifier = oauth.verifier(state)
         if verifier is None:
             raise AuthError(403, "this sign-in expired or was used already: sign in again")
         token, expires_s = await oauth.exchange(code, verifier)

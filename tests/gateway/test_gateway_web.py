@@ -352,3 +352,43 @@ def test_the_public_hub_url_comes_from_jupyterhub_host_when_not_given(monkeypatc
     assert GatewayConfig.from_env().public_hub_url == "https://hub.example.org/lab-hub/hub/"
     monkeypatch.setenv("JUPYTERHUB_PUBLIC_HUB_URL", "https://other.example.org/hub/")
     assert GatewayConfig.from_env().public_hub_url == "https://other.example.org/hub/"
+
+
+def test_starting_sign_ins_without_a_token_writes_nothing_and_forged_states_are_refused(tmp_path):
+    """GET /login needs no token, so it must cost the store nothing: its state and PKCE verifier are MACs
+    under the service's secret. A state this gateway did not make, or one older than 10 minutes, is refused
+    before the hub is asked."""
+    from mochi_lab.gateway_web import LOGIN_S, HubOAuth
+    from mochi_lab.settings import GatewayConfig
+
+    config = dict(static_tokens={}, hub_api_url="http://127.0.0.1:9/hub/api", hub_api_token="service-secret",
+                  public_hub_url="http://127.0.0.1/hub/", prefix="/services/mochi-lab/")
+    db = tmp_path / "store.sqlite3"
+    with gateway_over(f"sqlite:///{db}", tmp_path, **config) as c:
+        states = set()
+        for _ in range(200):
+            r = c.get("/services/mochi-lab/login", follow_redirects=False)
+            assert r.status_code == 303
+            states.add(parse_qs(urlsplit(r.headers["location"]).query)["state"][0])
+        assert len(states) == 200
+        with sqlite3.connect(db) as conn:
+            assert conn.execute("select count(*) from sessions").fetchone()[0] == 0
+
+        callback = "/services/mochi-lab/oauth_callback"
+        state = states.pop()
+        issued, nonce, mac = state.split(".")
+        old = f"{int(issued) - LOGIN_S - 5}.{nonce}.{mac}"  # an old time under a MAC that no longer matches
+        for forged in (f"{issued}.{nonce}.{'A' * len(mac)}", old, f"{issued}.{nonce}", "made-up"):
+            c.cookies.clear()
+            c.cookies.set(STATE_COOKIE, forged, path="/services/mochi-lab/")
+            r = c.get(callback, params={"code": "x", "state": forged})
+            assert r.status_code == 403 and "expired or was used" in r.json()["detail"], forged
+
+    oauth = HubOAuth(GatewayConfig(**config))
+    state, verifier = oauth.begin()
+    assert oauth.verifier(state) == verifier and len(verifier) == 43  # PKCE: 43 to 128 characters
+    assert HubOAuth(GatewayConfig(**{**config, "hub_api_token": "another-secret"})).verifier(state) is None
+    issued, rest = state.split(".", 1)
+    body = f"{int(issued) - LOGIN_S - 5}.{rest.rsplit('.', 1)[0]}"
+    expired = f"{body}.{oauth._mac('state', body)}"  # a genuine state, made 10 minutes and 5 s ago
+    assert oauth.verifier(expired) is None
