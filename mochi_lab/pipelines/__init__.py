@@ -6,6 +6,7 @@ Import cost matters (torch + diffusers take seconds): submodules are imported on
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -32,6 +33,12 @@ def resolve_source(model: str, cache_dir: str | os.PathLike) -> str:
     return models[model]
 
 
+# Loading a model sets process-wide state for its duration (torch's default device while weights are created
+# empty on "meta"), so two loads in one process at once break each other: workers that share a process
+# (threads, as in the tests' cheap pool) load one at a time.
+_ONE_LOAD = threading.Lock()
+
+
 def load_runner(model: str, cache_dir: str | os.PathLike, config: PipelineConfig | None = None) -> "MochiRunner":
     """Load `model` once; the returned runner generates many videos."""
     from mochi_lab.pipelines.mochi import MochiRunner
@@ -40,7 +47,8 @@ def load_runner(model: str, cache_dir: str | os.PathLike, config: PipelineConfig
     # genmo/mochi-1-preview ships bf16 copies of its weights: half the download, same values
     if model == "mochi-1-preview" and config.variant is None and config.bf16:
         config = config.model_copy(update={"variant": "bf16"})
-    return MochiRunner(resolve_source(model, cache_dir), config, name=model)
+    with _ONE_LOAD:
+        return MochiRunner(resolve_source(model, cache_dir), config, name=model)
 
 
 __all__ = ["JobCancelled", "PipelineConfig", "load_runner", "resolve_source"]
