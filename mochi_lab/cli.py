@@ -213,6 +213,12 @@ def _up(args: argparse.Namespace) -> int:
     settings = _local_settings(workers=args.workers, runtime_idle_s=args.idle_timeout, persistent=True)
     with MochiCluster(model=args.model, settings=settings) as cluster:
         cluster.wait_ready(args.timeout)
+    from mochi_lab import runtime
+
+    record = runtime.read_record(settings.data_dir)
+    if record is not None and record["model"] != args.model:  # it was up already, for another model
+        print(f"the local runtime keeps {record['model']} warm; {args.model} loads with its first job",
+              file=sys.stderr)
     return _status(args)
 
 
@@ -233,7 +239,9 @@ def _status(args: argparse.Namespace) -> int:
         try:
             store = open_store(settings.store_url)
             try:
-                workers = [w for w in store.workers() if w.get("model") in (info["model"], None)]
+                # the runtime's own workers, whichever model each has loaded; not another pool's on this store
+                own = {p.pid for p in runtime.processes(info)}
+                workers = [w for w in store.workers() if w.get("pid") in own]
             finally:
                 store.close()
         except StoreError as exc:  # gone since the runtime last looked: its next tick records it
@@ -315,7 +323,8 @@ def parser() -> argparse.ArgumentParser:
     _connection_args(gw)
     gw.set_defaults(func=_gateway)
     up = sub.add_parser("up", help="start the local runtime (Ray on 127.0.0.1 + warm pool) that outlives kernels")
-    up.add_argument("--model", default="tiny", help="the model its pool serves (default tiny)")
+    up.add_argument("--model", default="tiny", help="the model its pool keeps warm (default tiny); "
+                    "with a runtime up already, it loads with its first job")
     up.add_argument("--workers", type=int, help="pool size (default: one per GPU, or one on a CPU-only machine)")
     up.add_argument("--idle-timeout", type=float, help="stop after this many idle seconds (default: "
                     "MOCHI_LAB_RUNTIME_IDLE_S, else 1800); applies when this command starts it")

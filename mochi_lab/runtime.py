@@ -6,11 +6,13 @@ With no `RAY_ADDRESS` (and `persistent` on), the first handle starts a daemon ow
 
 It starts Ray on 127.0.0.1 as its own driver (so Ray's processes are its children and the reaper ends
 them if the daemon is SIGKILLed), creates the pool, and records itself in `<data_dir>/runtime.json`
-(address, pid, session dir, model, store). Later handles in any process read the record, check that it
-is alive and attach as Ray drivers; the daemon stops itself (pool, Ray, record) after `runtime_idle_s`
-with no attached driver and no busy worker; with no attached driver, once its store has been unreachable
-for `runtime_store_gone_s` (or `runtime_idle_s` if shorter); when its data dir is deleted under it; or on
-SIGTERM (`mochi-lab down`). Its log, `<data_dir>/runtime.log`, rotates (mochi_lab.logs).
+(address, pid, session dir, model, the models it knows, store). Later handles in any process read the
+record, check that it is alive and attach as Ray drivers, whatever known model they ask for: its workers
+load a job's model on demand and go back to the runtime's own while idle, as the cluster pool's do. The
+daemon stops itself (pool, Ray, record) after `runtime_idle_s` with no attached driver and no busy worker;
+with no attached driver, once its store has been unreachable for `runtime_store_gone_s` (or `runtime_idle_s`
+if shorter); when its data dir is deleted under it; or on SIGTERM (`mochi-lab down`). Its log,
+`<data_dir>/runtime.log`, rotates (mochi_lab.logs).
 
 The daemon runs under a 077 umask (mochi_lab.private): what it, its Ray and its workers create is its
 user's alone, and so is what a handle creates in the data dir.
@@ -47,7 +49,7 @@ from mochi_lab.pipelines.config import PipelineConfig
 from mochi_lab.pool import Pool, _import_ray, connect
 from mochi_lab.private import PRIVATE_UMASK, open_private, private_dir
 from mochi_lab.reaper import started
-from mochi_lab.settings import Settings, redact_url
+from mochi_lab.settings import Settings, known_models, redact_url
 from mochi_lab.store import StoreError, open_store
 
 log = logging.getLogger(__name__)
@@ -61,7 +63,8 @@ _attached: str | None = None  # the runtime address this process joined last
 
 
 class RuntimeMismatch(RuntimeError):
-    """The running local runtime serves another model, store, namespace or pipeline than this handle asks for."""
+    """The running local runtime uses another store, namespace or pipeline than this handle asks for, or does
+    not know its model (or knows that name as another checkpoint)."""
 
 
 # -- the record --------------------------------------------------------------------------------------
@@ -133,13 +136,16 @@ def _locked(data_dir: Path) -> Iterator[None]:
 # -- the handle's side -------------------------------------------------------------------------------
 def check_compatible(record: dict[str, Any], settings: Settings, model: str,
                      pipeline: PipelineConfig | None = None) -> None:
-    """Refuse to attach where the runtime would serve this handle wrongly; never swap its model."""
+    """Refuse to attach where the runtime would serve this handle wrongly.
+
+    Any model the runtime knows is served: a worker loads a job's model when it claims the job and goes back
+    to the runtime's model while idle (mochi_lab.worker), so no handle loses its warm model for long. The
+    store, the namespace and the pipeline belong to the workers themselves: changing them would restart the
+    workers under the other handles, and the pipeline is not part of a job's params, so neither a worker nor
+    the result cache could tell a job made with another one."""
     how = ("stop it with `mochi-lab down` (queued jobs stay queued) and start again, or use "
            "MochiCluster(persistent=False) (or MOCHI_LAB_PERSISTENT=0) for a runtime of this process alone")
     runtime = f"the local runtime at {record['address']} (pid {record['pid']})"
-    if record["model"] != model:
-        raise RuntimeMismatch(f"{runtime} serves model {record['model']!r} ({record['workers']} worker(s)), "
-                              f"not {model!r}: {how}")
     if record["store"] != redact_url(settings.store_url):
         raise RuntimeMismatch(f"{runtime} uses the store {record['store']}, "
                               f"not {redact_url(settings.store_url)}: {how}")
@@ -149,6 +155,16 @@ def check_compatible(record: dict[str, Any], settings: Settings, model: str,
     if pipeline is not None and record.get("pipeline") != pipeline.model_dump(mode="json"):
         raise RuntimeMismatch(f"{runtime} runs its pipeline with {record.get('pipeline')}, not "
                               f"{pipeline.model_dump(mode='json')}: {how}")
+    # a record without "models" was written by a runtime that served its own model only
+    served: dict[str, str] = record.get("models") or {record["model"]: known_models().get(record["model"], "")}
+    if model not in served:
+        raise RuntimeMismatch(f"{runtime} serves model {record['model']!r} ({record['workers']} worker(s)), "
+                              f"not {model!r}: it loads on demand only the models it was started with "
+                              f"({', '.join(sorted(served))}; MOCHI_LAB_MODELS adds more): {how}")
+    mine = known_models().get(model)
+    if mine is not None and served[model] != mine:
+        raise RuntimeMismatch(f"{runtime} knows model {model!r} as {served[model]}, not {mine} "
+                              f"(MOCHI_LAB_MODELS differs): {how}")
 
 
 def attach(settings: Settings, model: str, pipeline: PipelineConfig) -> Settings:
@@ -228,6 +244,17 @@ def _tail(path: Path, lines: int = 15) -> str:
         return ""
 
 
+def processes(record: dict[str, Any]) -> list[psutil.Process]:
+    """The record's daemon and every process below it: its Ray and the workers (none if it is gone)."""
+    proc = _daemon(record)
+    if proc is None:
+        return []
+    try:
+        return [proc, *proc.children(recursive=True)]
+    except psutil.Error:
+        return [proc]
+
+
 def status(data_dir: Path) -> dict[str, Any] | None:
     """What `mochi-lab status` shows: the live runtime's record (with `store_down_since` while its store
     is unreachable) plus its workers, idle time and memory (the daemon and every process below it: Ray
@@ -235,8 +262,7 @@ def status(data_dir: Path) -> dict[str, Any] | None:
     record = live_record(data_dir)
     if record is None:
         return None
-    proc = _daemon(record)
-    procs = [proc, *proc.children(recursive=True)] if proc else []
+    procs = processes(record)
     rss = 0
     for p in procs:
         try:
@@ -292,7 +318,8 @@ class _Daemon:
         self.record = {
             "address": address, "pid": me.pid, "pid_started": started(me.pid),
             "session_dir": ray._private.worker.global_worker.node.get_session_dir_path(),
-            "model": self.model, "workers": len(workers), "namespace": self.settings.namespace,
+            "model": self.model, "models": known_models(), "workers": len(workers),
+            "namespace": self.settings.namespace,
             "store": redact_url(self.settings.store_url), "pipeline": self.pipeline.model_dump(mode="json"),
             "idle_timeout_s": self.settings.runtime_idle_s, "started_at": time.time(),
             "idle_since": time.time(), "drivers": 0, "busy_workers": 0, "log": str(self.data_dir / LOG),

@@ -10,9 +10,10 @@ When the notebook is saved, this hook leaves the marked widget outputs out of th
 stand-ins into text/html. The browser's copy of the notebook is not touched: the live widgets stay
 on screen. Job outputs (`job` in a cell) are HTML already and need no hook.
 
-Enable it in the Jupyter server (JupyterHub's single-user image, or a laptop):
-`jupyter server extension enable mochi_lab.widgets.save_hook`, or in jupyter_server_config.py
-`c.ServerApp.jpserver_extensions = {"mochi_lab.widgets.save_hook": True}`.
+Installing mochi_lab enables it in its environment's Jupyter server (pyproject's data files put
+`etc/jupyter/jupyter_server_config.d/mochi_lab.json` under the prefix; setup.py makes editable installs do it
+too). A server in another environment: `jupyter server extension enable mochi_lab.widgets.save_hook`, or in
+jupyter_server_config.py `c.ServerApp.jpserver_extensions = {"mochi_lab.widgets.save_hook": True}`.
 """
 
 from __future__ import annotations
