@@ -89,6 +89,7 @@ TIER_OF_FIXTURE = {
     "cluster_scripts": "e2e",  # cluster/local/up.sh and friends: a Ray cluster and Redis of their own
     "autoscaler": "e2e",  # Ray's autoscaler with its fake multi-node provider
     "fault_injection": "e2e",  # processes and servers killed on purpose
+    "package_install": "e2e",  # pip installs of the repository into fresh venvs
 }
 
 
@@ -126,6 +127,11 @@ def redis_url() -> str:
 @pytest.fixture()
 def fault_injection() -> None:
     """Marks a test that kills processes or servers on purpose (the e2e tier)."""
+
+
+@pytest.fixture()
+def package_install() -> None:
+    """Marks a test that installs the repository into a fresh venv (the e2e tier)."""
 
 
 @pytest.fixture()

@@ -68,6 +68,7 @@ def _run(args: list, env: dict, timeout: float = 300) -> str:
 
 
 @pytest.mark.parametrize("editable", [True, False], ids=["pip-install-e", "pip-install"])
+@pytest.mark.usefixtures("package_install")
 def test_an_install_enables_the_save_hook_in_its_jupyter_server(editable, tmp_path):
     src = tmp_path / "clone"
     shutil.copytree(REPO, src, ignore=shutil.ignore_patterns(
