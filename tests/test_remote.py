@@ -1,69 +1,146 @@
-"""The gateway backend (`mochi_lab.remote`): the handle flow over the gateway's HTTP contract.
+"""The gateway client (`mochi_lab.remote.GatewayBackend`) where it differs from the direct backend: choosing
+it, its token, its artifact cache, its paging, the pushed event stream and reconnects, and how it maps the
+server's answers to exceptions. Always against the real gateway app and the real JupyterHub (what both
+backends share is tests/backend's contract suite).
 
-Unit tests run the client against `remote_stub.GatewayStub`, an in-memory stand-in answering the
-contract's shapes through httpx's MockTransport: they check the client's mapping (routes, the auth header,
-errors to the direct backend's exceptions, token redaction, the artifact cache), not the product. No Ray.
+`gateway` is the session's gateway over the session's pool; `idle` is one over a store of its own with no
+pool (its jobs stay queued), mounted under the hub's service prefix as a hub proxies it. `Wire` is the
+client's real transport, recording what it sends; it can also break a connection as a network would.
 """
 
 from __future__ import annotations
 
+import json
 import logging
-import socket
 import time
+from collections.abc import Callable
 
 import httpx
 import pytest
 
-from mochi_lab import Experiment, JobNotFound, MochiCluster, ParamsError, StoreUnavailable  # noqa: E402
-from mochi_lab.remote import GatewayAuthError, GatewayBackend, GatewayError, QuotaExceeded  # noqa: E402
-from tests.support.remote_stub import ALICE, BOB, NOSCOPE, PNG, VIDEO, GatewayStub  # noqa: E402
+from mochi_lab import JobNotFound, MochiCluster, ParamsError, StoreUnavailable
+from mochi_lab.remote import GatewayAuthError, GatewayBackend, GatewayError
+from tests.support.backends import finish, held, unique
+from tests.support.hub_fixtures import USERS, free_port, start_gateway
+from tests.support.jobkit import TINY
 
-URL = "http://gateway.test/services/mochi-lab/"
-TINY = {"num_frames": 7, "height": 32, "width": 32, "num_inference_steps": 2, "fps": 8}
-
-
-@pytest.fixture()
-def stub() -> GatewayStub:
-    return GatewayStub()
+PREFIX = "/services/mochi-lab/"
 
 
-@pytest.fixture()
-def connect(stub, tmp_path):
+class Wire(httpx.BaseTransport):
+    """httpx's own transport, noting each request ("METHOD /path"); `short_downloads` downloads end after
+    100 bytes of a longer body, and `cut_streams` event streams break after their first event, as a broken
+    connection would. `on_stream(n)` runs as the n-th event stream opens."""
+
+    def __init__(self) -> None:
+        self.inner = httpx.HTTPTransport(retries=1)
+        self.sent: list[str] = []
+        self.urls: list[httpx.URL] = []
+        self.bodies: list[bytes] = []
+        self.short_downloads = self.cut_streams = self.streams = 0
+        self.on_stream: Callable[[int], None] = lambda n: None
+
+    def count(self, what: str) -> int:
+        return self.sent.count(what)
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        self.sent.append(f"{request.method} {request.url.path}")
+        self.urls.append(request.url)
+        self.bodies.append(request.read())
+        if "/events/" in request.url.path:
+            self.streams += 1
+            self.on_stream(self.streams)
+        response = self.inner.handle_request(request)
+        if "/download/" in request.url.path and response.status_code == 200 and self.short_downloads:
+            self.short_downloads -= 1
+            body = response.read()
+            response.close()
+            return httpx.Response(200, headers=response.headers, content=body[:100])  # its Content-Length stays
+        if "/events/" in request.url.path and response.status_code == 200 and self.cut_streams:
+            self.cut_streams -= 1
+            return httpx.Response(200, headers=response.headers, stream=_FirstEventOnly(response))
+        return response
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+class _FirstEventOnly(httpx.SyncByteStream):
+    def __init__(self, response: httpx.Response) -> None:
+        self.response = response
+
+    def __iter__(self):
+        seen = b""
+        for chunk in self.response.stream:
+            yield chunk
+            seen += chunk
+            if b"\n\n" in seen:
+                raise httpx.ReadError("connection reset by peer")
+
+    def close(self) -> None:
+        self.response.close()
+
+
+@pytest.fixture(scope="module")
+def idle(hub, tmp_path_factory):
+    """The real gateway under the hub's service prefix, over a store of its own and no pool."""
+    from mochi_lab.direct import DirectBackend
+    from mochi_lab.settings import Settings
+    from mochi_lab.store import open_store
+
+    settings = Settings(data_dir=tmp_path_factory.mktemp("idle-gateway"), account="alice")
+    store = open_store(settings.store_url)
+    gw = start_gateway(hub, DirectBackend(settings, store, None), prefix=PREFIX)
+    gw.url += PREFIX
+    gw.store = store
+    yield gw
+    gw.stop()
+    store.close()
+
+
+@pytest.fixture
+def idle_store(idle):
+    """The idle gateway's store, with no job or worker left from this test."""
+    yield idle.store
+    for account in USERS:
+        for record in idle.store.list(account, limit=10_000):
+            idle.store.delete(account, record.id)
+    for row in idle.store.workers():
+        idle.store.remove_worker(row["worker_id"])
+
+
+@pytest.fixture
+def connect(tmp_path):
+    """connect(url, token, wire=None, **kw) -> GatewayBackend, closed at the end; artifacts cached in tmp_path."""
     opened = []
 
-    def connect(token: str = BOB, **kw) -> GatewayBackend:
+    def connect(url: str, token: str, wire: Wire | None = None, **kw) -> GatewayBackend:
         kw.setdefault("cache_dir", tmp_path / "cache")
-        backend = GatewayBackend(URL, token, transport=stub.transport(), **kw)
+        backend = GatewayBackend(url, token, transport=wire, **kw)
         opened.append(backend)
         return backend
 
     yield connect
-    for b in opened:
-        b.close()
+    for backend in opened:
+        backend.close()
 
 
-@pytest.fixture()
-def bob(connect) -> MochiCluster:
-    return MochiCluster(backend=connect(BOB))
-
-
-def _paths(stub: GatewayStub) -> list[str]:
-    return [f"{r.method} {r.url.path}" for r in stub.requests]
-
-
-# -- choosing the backend --------------------------------------------------------
-def test_an_http_address_or_MOCHI_LAB_GATEWAY_chooses_the_gateway(stub, monkeypatch, tmp_path):
-    monkeypatch.setattr(httpx, "HTTPTransport", lambda **kw: stub.transport())
+# -- choosing the backend --------------------------------------------------------------------------------
+def test_an_http_address_or_MOCHI_LAB_GATEWAY_chooses_the_gateway_and_the_hub_names_the_account(
+        idle, tokens, monkeypatch, tmp_path):
     monkeypatch.setenv("MOCHI_LAB_CACHE_DIR", str(tmp_path))
-    monkeypatch.setenv("JUPYTERHUB_API_TOKEN", BOB)
+    monkeypatch.setenv("JUPYTERHUB_API_TOKEN", tokens["bob"])
     monkeypatch.setenv("JUPYTERHUB_USER", "alice")  # what the process claims changes nothing
-    with MochiCluster(URL, account="alice") as c:
+    port = idle.url.split(":")[2].split("/")[0]
+    with MochiCluster(idle.url, account="alice") as c:
         assert c.account == "bob" and c.backend.info()["backend"] == "gateway"
-        assert c.backend.cache_dir == tmp_path / "gateway" / "gateway.test_services_mochi-lab" / "bob"
-    monkeypatch.setenv("MOCHI_LAB_GATEWAY", URL)
+        assert c.backend.cache_dir == tmp_path / "gateway" / f"127.0.0.1_{port}_services_mochi-lab" / "bob"
+    monkeypatch.setenv("MOCHI_LAB_GATEWAY", idle.url)
     with MochiCluster() as c:
         assert isinstance(c.backend, GatewayBackend) and c.account == "bob"
-    assert {r.headers["authorization"] for r in stub.requests} == {f"token {BOB}"}
+    monkeypatch.setenv("JUPYTERHUB_API_TOKEN", tokens["alice"])
+    with MochiCluster() as c:
+        assert c.account == "alice"
 
 
 def test_the_embedded_default_stays_direct(monkeypatch):
@@ -79,7 +156,7 @@ def test_the_embedded_default_stays_direct(monkeypatch):
     monkeypatch.delenv("MOCHI_LAB_GATEWAY", raising=False)
     with pytest.raises(RuntimeError, match="direct"):
         MochiCluster()
-    monkeypatch.setenv("MOCHI_LAB_GATEWAY", URL)  # an operator's explicit store keeps the direct backend
+    monkeypatch.setenv("MOCHI_LAB_GATEWAY", "http://127.0.0.1:9/")  # an operator's explicit store keeps the direct backend
     with pytest.raises(RuntimeError, match="direct"):
         MochiCluster(redis_url="redis://127.0.0.1:6379/0")
     with pytest.raises(RuntimeError, match="direct"):
@@ -90,375 +167,219 @@ def test_the_embedded_default_stays_direct(monkeypatch):
 def test_no_token_is_a_clear_permission_error(monkeypatch):
     monkeypatch.delenv("JUPYTERHUB_API_TOKEN", raising=False)
     with pytest.raises(PermissionError, match="JUPYTERHUB_API_TOKEN"):
-        MochiCluster(URL)
+        MochiCluster("http://127.0.0.1:9/")
 
 
-# -- the handle flow -------------------------------------------------------------
-def test_the_account_is_the_servers_word(connect, stub):
-    assert connect(BOB).account == "bob"
-    assert connect(ALICE).account == "alice"
-    assert stub.requests[0].url.path == "/services/mochi-lab/whoami"
-    assert stub.requests[0].headers["authorization"] == f"token {BOB}"
-
-
-def test_generate_wait_result_video_thumbnail(bob, stub, tmp_path):
-    job = bob.generate("a red fox", seed=1, tags=["t"], priority=3, **TINY)
-    sent = next(r for r in stub.requests if r.url.path.endswith("/generate"))
-    import json
-
-    body = json.loads(sent.content)
-    assert body["params"]["prompt"] == "a red fox" and body["params"]["seed"] == 1
+# -- requests, the artifact cache and paging --------------------------------------------------------------
+def test_submit_sends_every_option_and_the_video_is_downloaded_once(gateway, tokens, connect, tmp_path):
+    wire = Wire()
+    bob = MochiCluster(backend=connect(gateway.url, tokens["bob"], wire))
+    assert wire.sent[:2] == ["GET /whoami", "GET /models"]
+    prompt = unique("a red fox")
+    job = bob.generate(prompt, seed=1, tags=["t"], priority=3, **TINY)
+    body = json.loads(wire.bodies[wire.sent.index("POST /generate")])
+    assert body["params"]["prompt"] == prompt and body["params"]["seed"] == 1
     assert (body["priority"], body["tags"], body["experiment"], body["idempotency_key"], body["reuse"]) == \
         (3, ["t"], None, None, True)
-    assert job.record.account == "bob" and job.status in ("queued", "running")
-
-    path = job.result(timeout=10)
-    assert path.read_bytes() == VIDEO and path.parent == tmp_path / "cache" / "gateway.test_services_mochi-lab" / "bob"
-    downloads = _paths(stub).count(f"GET /services/mochi-lab/download/{job.id}")
-    assert job.result() == path and job.video.value == VIDEO  # cached: no second download
-    assert _paths(stub).count(f"GET /services/mochi-lab/download/{job.id}") == downloads == 1
-    assert job.thumbnail == PNG
-    assert job.video.format == "mp4"
-    saved = job.save(tmp_path / "out")
-    assert saved.read_bytes() == VIDEO
-    assert [j.id for j in bob.jobs()] == [job.id]
-    assert bob.jobs(status="done")[0].id == job.id and bob.jobs(text="nothing") == []
-    assert bob.counts()["done"] == 1
-    assert bob.generate("a red fox", seed=1, **TINY).id == job.id  # the result cache is the server's
-    assert bob.generate("a red fox", seed=1, force=True, **TINY).id != job.id
+    path = job.result(timeout=120)
+    assert path.parent == tmp_path / "cache" / f"127.0.0.1_{gateway.url.rsplit(':', 1)[1]}" / "bob"
+    assert job.result() == path and job.video.value == path.read_bytes()  # the cache: no second download
+    assert wire.count(f"GET /download/{job.id}") == 1
+    assert job.video.format == "mp4" and job.thumbnail[:8] == b"\x89PNG\r\n\x1a\n"
+    assert job.save(tmp_path / "out").read_bytes() == path.read_bytes()
+    assert bob.generate(prompt, seed=1, force=True, **TINY).id != job.id
+    assert json.loads(wire.bodies[-1])["reuse"] is False
 
 
-def test_list_pages_past_the_servers_cap(bob, stub, monkeypatch):
+def test_list_pages_past_the_servers_cap(idle, idle_store, tokens, connect, monkeypatch):
     import mochi_lab.remote
 
-    stub.page_max = 2
-    monkeypatch.setattr(mochi_lab.remote, "_PAGE", 2)
-    ids = [bob.generate(f"page {i}", seed=i, **TINY).id for i in range(5)]
+    monkeypatch.setattr(mochi_lab.remote, "_PAGE", 2)  # the server's cap, as the client knows it
+    wire = Wire()
+    bob = MochiCluster(backend=connect(idle.url, tokens["bob"], wire))
+    ids = [bob.generate(unique(f"page {i}"), **TINY).id for i in range(5)]
     assert [j.id for j in bob.jobs(limit=100)] == ids[::-1]
+    pages = [(u.params["limit"], u.params["offset"]) for u in wire.urls if u.path.endswith("/jobs/bob")]
+    assert pages == [("2", "0"), ("2", "2"), ("2", "4")]
     assert [j.id for j in bob.jobs(limit=3, offset=1)] == ids[::-1][1:4]
-    assert [r.url.params["limit"] for r in stub.requests if "/jobs/" in r.url.path][:3] == ["2", "2", "2"]
 
 
-def test_save_artifact_streams_to_the_destination_without_the_cache(bob, stub, tmp_path):
-    job = bob.generate("a cat", seed=2, **TINY)
-    job.wait(10)
+def test_save_artifact_streams_to_the_destination_without_the_cache(gateway, tokens, connect, tmp_path):
+    bob = MochiCluster(backend=connect(gateway.url, tokens["bob"]))
+    job = bob.generate(unique("a cat"), **TINY)
+    assert job.wait(120).status == "done"
     dest = bob.backend.save_artifact(job.id, "video", tmp_path / "one.mp4")
-    assert dest.read_bytes() == VIDEO
+    assert dest.read_bytes()[4:8] == b"ftyp"
     assert not (tmp_path / "cache").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["one.mp4"]  # no .part file left
-    assert job.save(tmp_path / "two.mp4").read_bytes() == VIDEO  # result() first: through the cache
+    assert job.save(tmp_path / "two.mp4").read_bytes() == dest.read_bytes()  # result() first: through the cache
+    assert (tmp_path / "cache").exists()
 
 
-def test_cancel_delete_and_the_cached_files(bob, stub):
-    queued = bob.generate("cancel me", seed=3, **TINY)
-    assert queued.cancel(timeout=0) == "cancelled"
-    done = bob.generate("keep me", seed=4, **TINY)
-    path = done.result(10)
-    bob.delete(done.id)
+def test_delete_removes_the_cached_files(gateway, tokens, connect):
+    bob = MochiCluster(backend=connect(gateway.url, tokens["bob"]))
+    job = bob.generate(unique("keep me"), **TINY)
+    path = job.result(120)
+    bob.delete(job.id)
     assert not path.exists()
     with pytest.raises(JobNotFound):
-        bob.job(done.id)
+        bob.job(job.id)
 
 
-def test_another_accounts_job_is_not_found(bob, connect, stub):
-    theirs = MochiCluster(backend=connect(ALICE)).generate("alice's", seed=5, **TINY)
-    for call in (lambda: bob.job(theirs.id), lambda: bob.backend.cancel(theirs.id),
-                 lambda: bob.delete(theirs.id), lambda: bob.backend.artifact_path(theirs.id, "video"),
-                 lambda: bob.backend.artifact(theirs.id, "thumbnail")):
-        with pytest.raises(JobNotFound, match=theirs.id):
-            call()
-    before = len(stub.requests)
-    with pytest.raises(JobNotFound):
-        bob.job("../workers/shutdown")  # not an id: refused here, nothing is sent
-    assert len(stub.requests) == before
+def test_a_malformed_id_is_not_found_and_nothing_is_sent(idle, tokens, connect):
+    wire = Wire()
+    bob = MochiCluster(backend=connect(idle.url, tokens["bob"], wire))
+    before = len(wire.sent)
+    for bad in ("../workers/shutdown", "18c0c0c0c0c-0123456789ab/../../counts", ""):
+        with pytest.raises(JobNotFound):
+            bob.job(bad)
+        with pytest.raises(JobNotFound):
+            bob.backend.artifact_path(bad, "video")
+    assert len(wire.sent) == before
 
 
-def test_an_unfinished_jobs_artifact_is_FileNotFoundError(bob):
-    job = bob.generate("slow", seed=6, **TINY)
-    with pytest.raises(FileNotFoundError, match="has no video"):
-        bob.backend.artifact_path(job.id, "video")
-    with pytest.raises(ValueError, match="artifact must be one of"):
-        bob.backend.artifact_path(job.id, "weights")
-    assert job.thumbnail is None  # not done: no request for bytes
-
-
-def test_a_cut_short_download_leaves_nothing_behind(bob, stub, tmp_path):
-    job = bob.generate("short", seed=7, **TINY)
-    job.wait(10)
-    stub.inject("download/", 200, VIDEO[:100], {"content-length": str(len(VIDEO))})
-    with pytest.raises(StoreUnavailable, match="cut short"):
+def test_a_cut_short_download_leaves_nothing_behind(gateway, tokens, connect, tmp_path):
+    wire = Wire()
+    bob = MochiCluster(backend=connect(gateway.url, tokens["bob"], wire))
+    job = bob.generate(unique("short"), **TINY)
+    assert job.wait(120).status == "done"
+    wire.short_downloads = 1
+    with pytest.raises(StoreUnavailable, match="cut short .100 of"):
         job.result()
     assert not [p for p in (tmp_path / "cache").rglob("*") if p.is_file()]
-    assert job.result().read_bytes() == VIDEO
+    assert job.result().read_bytes()[4:8] == b"ftyp"
 
 
-def test_events_stream_progress_to_the_end(bob):
-    job = bob.generate("events", seed=8, **TINY)
-    seen = [(r.status, r.step) for r in bob.backend.events(job.id)]
-    assert seen[-1][0] == "done" and ("running", 1) in seen
+# -- the pushed event stream ----------------------------------------------------------------------------
+def test_events_of_a_finished_job_are_one(gateway, tokens, connect):
+    bob = connect(gateway.url, tokens["bob"])
+    job = MochiCluster(backend=bob).generate(unique("events"), **TINY)
+    assert finish(bob, job.id).status == "done"
+    assert [(r.id, r.status) for r in bob.events(job.id)] == [(job.id, "done")]
 
 
-def test_wait_follows_the_pushed_stream_across_cuts(bob, stub):
-    stub.steps = 6
-    job = bob.generate("cut", seed=9, **TINY)
-    stub.cut_events = 2
-    assert job.wait(timeout=30).status == "done" and job.record.step == 6
-    paths = _paths(stub)
-    assert stub.cut_events == 0 and paths.count(f"GET {stub.prefix}/events/{job.id}") == 3, paths
-    assert paths.count(f"GET {stub.prefix}/status/{job.id}") == 2, "one state read per cut, no polling"
+def test_wait_follows_the_pushed_stream_across_cuts(gateway, tokens, connect, hold):
+    wire = Wire()
+    bob = connect(gateway.url, tokens["bob"], wire)
+    gate, (record,) = held(bob, hold, unique("a cut stream"))
+    wire.cut_streams = 2  # the first two streams break after their first event (the job, held at step 1)
+    wire.on_stream = lambda n: gate.release() if n == 3 else None  # the third one sees it run to the end
+    job = MochiCluster(backend=bob).job(record.id)
+    assert job.wait(timeout=120).status == "done" and job.record.step == 2
+    assert wire.cut_streams == 0 and wire.count(f"GET /events/{job.id}") == 3, wire.sent
+    assert wire.count(f"GET /status/{job.id}") == 1 + 2, "the handle's read, then one state read per cut: no polling"
 
 
-# -- errors ----------------------------------------------------------------------
-def test_422_is_ParamsError_with_the_servers_words(bob, stub):
-    stub.inject("generate", 422,
-                {"error": "invalid", "detail": "invalid generation parameters:\n  model: must be one of tiny"})
-    with pytest.raises(ParamsError, match="model: must be one of tiny"):
-        bob.generate("x", **TINY)
+def test_wait_times_out_on_the_stream_within_its_time(idle, idle_store, tokens, connect):
+    bob = MochiCluster(backend=connect(idle.url, tokens["bob"]))
+    job = bob.generate(unique("queued forever"), **TINY)
+    t0 = time.monotonic()
+    with pytest.raises(TimeoutError, match="still queued"):  # waits on the pushed stream, not past its time
+        job.wait(timeout=0.5)
+    assert 0.5 <= time.monotonic() - t0 < 3
 
 
-def test_401_and_403_are_PermissionErrors_without_the_token(connect, stub):
-    with pytest.raises(GatewayAuthError, match="refused the token") as exc:
-        connect("tok-wrong-0000000000000000")
+# -- errors ----------------------------------------------------------------------------------------------
+def test_what_the_server_refuses_is_ParamsError_in_its_words(idle, idle_store, tokens, connect):
+    from mochi_lab import GenerationParams
+    from mochi_lab.params import SubmitOptions
+
+    bob = connect(idle.url, tokens["bob"])
+    stored = GenerationParams.stored({"prompt": "x", "seed": 1, **TINY, "num_frames": 8})  # skips the client's checks
+    with pytest.raises(ParamsError, match="num_frames: .*6k.1 .*got 8; nearest valid values are 7 or 13"):
+        bob.submit(stored, SubmitOptions.parse())
+    assert bob.counts()["queued"] == 0
+
+
+def test_401_and_403_are_PermissionErrors_without_the_token(idle, hub, tokens, connect, mochi, gateway):
+    with pytest.raises(GatewayAuthError, match="refused the token .401") as exc:
+        connect(idle.url, "tok-wrong-0000000000000000")
     assert isinstance(exc.value, PermissionError) and exc.value.status == 401
     assert "tok-wrong" not in str(exc.value) and "tok-wrong" not in repr(exc.value)
-    with pytest.raises(GatewayAuthError, match="403.*scope") as exc:
-        connect(NOSCOPE)
-    assert NOSCOPE not in str(exc.value)
-    bob = MochiCluster(backend=connect(BOB))
-    with pytest.raises(PermissionError, match="403.*admins"):
+    unscoped = hub.token("alice", scopes=["read:users:name!user"])
+    with pytest.raises(GatewayAuthError, match="403: .*access:services!service=mochi-lab") as exc:
+        connect(idle.url, unscoped)
+    assert exc.value.status == 403 and unscoped not in str(exc.value)
+    bob = MochiCluster(backend=connect(idle.url, tokens["bob"]))
+    with pytest.raises(PermissionError, match="403: this action needs an admin"):
         bob.scale(2)
-    with pytest.raises(PermissionError):
+    with pytest.raises(PermissionError, match="403"):
         bob.shutdown_pool()
-    MochiCluster(backend=connect(ALICE)).scale(2)
-    assert stub.scaled == [2]
+    before = {w["worker_id"]: w["started_at"] for w in mochi.workers()}
+    MochiCluster(backend=connect(gateway.url, tokens["carol"])).scale(len(before))  # an admin may: same size here
+    assert {w["worker_id"]: w["started_at"] for w in mochi.workers()} == before
 
 
-def test_429_is_QuotaExceeded_naming_the_limit(bob, stub):
-    stub.inject("generate", 429, {"error": "quota", "detail": "at most 4 queued jobs per account"})
-    with pytest.raises(QuotaExceeded, match="at most 4 queued jobs"):
-        bob.generate("one too many", **TINY)
+def test_503_and_a_dead_server_are_StoreUnavailable_naming_the_url(hub, tokens, connect, tmp_path):
+    from mochi_lab.direct import DirectBackend
+    from mochi_lab.settings import Settings
+    from mochi_lab.store import open_store
+
+    down = open_store(f"redis://127.0.0.1:{free_port()}/0")  # a store where nothing listens
+    gw = start_gateway(hub, DirectBackend(Settings(data_dir=tmp_path / "data"), down, None))
+    try:
+        bob = connect(gw.url, tokens["bob"])
+        with pytest.raises(StoreUnavailable, match=f"gateway at {gw.url}/ is unavailable .503: the job store"):
+            bob.counts()
+    finally:
+        gw.stop()
+        down.close()
+    port = free_port()  # nobody listens there
+    with pytest.raises(StoreUnavailable, match=f"cannot reach the mochi_lab gateway at http://127.0.0.1:{port}/"):
+        connect(f"http://127.0.0.1:{port}/", tokens["bob"], timeout=2)
 
 
-def test_503_and_a_dead_server_are_StoreUnavailable_naming_the_url(bob, stub, tmp_path):
-    stub.inject("counts", 503, {"error": "unavailable", "detail": "store down"})
-    with pytest.raises(StoreUnavailable, match="gateway.test.*503: store down"):
-        bob.counts()
-    with socket.socket() as s:  # a port nobody listens on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    with pytest.raises(StoreUnavailable, match=f"127.0.0.1:{port}"):
-        GatewayBackend(f"http://127.0.0.1:{port}/", BOB, timeout=2, cache_dir=tmp_path)
+def test_other_answers_are_GatewayError(idle, hub, tokens, connect):
+    carol = MochiCluster(backend=connect(idle.url, tokens["carol"]))  # an admin, on a gateway with no pool
+    with pytest.raises(GatewayError, match="not JSON .is the URL the gateway's"):
+        carol.backend._json("GET", "docs")  # a page of the gateway's, not its API
+    with pytest.raises(GatewayError, match="500 internal: internal error") as exc:
+        carol.scale(1)  # its pool is missing: the server's own error (uvicorn then drops the connection)
+    assert exc.value.status == 500
+    hub_root = hub.public_url.removesuffix("hub/")
+    with pytest.raises(GatewayError, match=r"redirected GET /whoami to /hub/whoami .is the URL the gateway's") as exc:
+        connect(hub_root, tokens["bob"])  # the hub, not its service
+    assert 300 <= exc.value.status < 400
 
 
-def test_other_errors_are_GatewayError(bob, stub):
-    stub.inject("counts", 500, {"error": "internal", "detail": "boom"})
-    with pytest.raises(GatewayError, match="500 internal: boom"):
-        bob.counts()
-    stub.inject("models", 200, b"<html>hub login</html>", {"content-type": "text/html"})
-    with pytest.raises(GatewayError, match="not JSON"):
-        bob.models()
-    stub.inject("counts", 302, b"", {"location": "/hub/login?next=x"})
-    with pytest.raises(GatewayError, match="redirected GET .*/counts to /hub/login "):
-        bob.counts()
+def test_the_token_never_shows(idle, idle_store, tokens, connect, caplog, tmp_path):
+    from mochi_lab import GenerationParams
+    from mochi_lab.params import SubmitOptions
 
-
-def test_the_token_never_shows(connect, stub, caplog, tmp_path):
     caplog.set_level(logging.DEBUG)
-    backend = connect(BOB)
+    token = tokens["bob"]
+    backend = connect(idle.url, token)
     c = MochiCluster(backend=backend)
-    stub.inject("counts", 500, {"error": "internal", "detail": f"bad token {BOB}"})
-    with pytest.raises(GatewayError) as exc:
-        c.counts()
-    userinfo = GatewayBackend("http://me:secret-pass@gateway.test/", BOB, transport=stub.transport(),
-                              cache_dir=tmp_path)
+    echoed = GenerationParams.stored({"prompt": "x", "seed": 1, **TINY, "model": token})  # the server says what it got
+    with pytest.raises(ParamsError) as exc:
+        backend.submit(echoed, SubmitOptions.parse())
+    assert "got '***'" in str(exc.value)
+    host = idle.url.removeprefix("http://")
+    userinfo = connect(f"http://me:secret-pass@{host}", token)
     texts = [repr(backend), repr(c), c._repr_html_(), str(backend.info()), str(exc.value), repr(exc.value),
              repr(backend._client.auth), caplog.text, repr(userinfo), str(userinfo.info())]
     for text in texts:
-        assert BOB not in text and "secret-pass" not in text
-    assert "***" in str(exc.value)
-    assert backend.info() == {"backend": "gateway", "address": URL, "account": "bob", "model": "tiny"}
+        assert token not in text and "secret-pass" not in text
+    assert backend.info() == {"backend": "gateway", "address": idle.url, "account": "bob", "model": "tiny"}
 
 
-def test_an_unknown_model_fails_at_connect(connect):
-    with pytest.raises(ParamsError, match="model: must be one of mochi-1-preview, tiny"):
-        connect(BOB, model="mochi-2")
+def test_an_unknown_model_fails_at_connect(idle, tokens, connect):
+    with pytest.raises(ParamsError, match="model: must be one of .*tiny"):
+        connect(idle.url, tokens["bob"], model="mochi-2")
 
 
-# -- the pool and experiments ---------------------------------------------------
-def test_workers_and_wait_ready(bob, stub):
-    stub.workers = [{"worker_id": "w0", "state": "loading", "started_at": 0.0}]
-    bob.wait_ready(5)
-    assert stub.workers[0]["state"] == "idle" and bob.workers()[0]["uptime_s"] > 0
-    stub.workers = [{"worker_id": "w0", "state": "error", "error": "CUDA OOM", "started_at": 0.0}]
-    with pytest.raises(RuntimeError, match="CUDA OOM"):
-        bob.wait_ready(5)
-    stub.workers = []
-    with pytest.raises(TimeoutError):
-        bob.wait_ready(0.3)
+# -- the pool --------------------------------------------------------------------------------------------
+def test_wait_ready_and_the_workers_rows(gateway, idle, idle_store, tokens, connect):
+    bob = MochiCluster(backend=connect(gateway.url, tokens["bob"]))
+    bob.wait_ready(60)
+    assert bob.workers() and all(r["uptime_s"] >= 0 for r in bob.workers())
+    on_idle = MochiCluster(backend=connect(idle.url, tokens["bob"]))
+    with pytest.raises(TimeoutError, match="workers not ready"):  # no worker at all
+        on_idle.wait_ready(0.3)
+    idle_store.put_worker({"worker_id": "w-oom", "state": "error", "error": "CUDA OOM", "started_at": time.time()}, 60)
+    with pytest.raises(RuntimeError, match="worker w-oom failed to load"):
+        on_idle.wait_ready(5)
+    admin = MochiCluster(backend=connect(idle.url, tokens["carol"]))  # a worker's error is an admin's to read
+    with pytest.raises(RuntimeError, match="worker w-oom failed to load: CUDA OOM"):
+        admin.wait_ready(5)
 
-
-def test_an_experiment_sweep_on_the_gateway(bob, connect):
-    with pytest.raises(KeyError):
-        bob.backend.get_experiment("nope")
-    exp = bob.experiment("fox", description="two seeds", tags=["demo"])
-    jobs = exp.sweep(["a fox", "a dog"], seeds=[1], **TINY)
-    assert len(jobs) == 2 and {j.record.experiment for j in jobs} == {"fox"}
-    assert exp.sweep(["a fox", "a dog"], seeds=[1], **TINY)[0].id == jobs[0].id  # idempotent
-    assert exp.wait(10, progress=False)["done"] == 2
-    df = exp.to_dataframe()
-    assert len(df) == 2 and set(df["status"]) == {"done"}
-    assert [e.name for e in bob.experiments()] == ["fox"]
-    alice = MochiCluster(backend=connect(ALICE))
-    with pytest.raises(KeyError):
-        alice.experiment("fox", create=False)
-    assert isinstance(Experiment.open(bob.backend, "fox", create=False), Experiment)
-
-
-# -- against the real server (mochi_lab.gateway on uvicorn, 127.0.0.1) ---------------------------------
-# Tokens here are static (hashed in the gateway's config), so these tests need no JupyterHub; the hub
-# path of the server is tests/gateway's. `gateway_url` + `alice_token` + `bob_token` are all the handle
-# flow needs: the same test runs against a hub-backed gateway given fixtures of those names.
-class _Uvicorn:
-    def __init__(self, app):
-        import threading
-
-        import uvicorn
-
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        self.url = f"http://127.0.0.1:{port}/"
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
-                                                    lifespan="on"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self) -> str:
-        import time
-
-        self.thread.start()
-        deadline = time.monotonic() + 60
-        while not self.server.started:
-            assert self.thread.is_alive() and time.monotonic() < deadline, "the gateway did not start"
-            time.sleep(0.05)
-        return self.url
-
-    def __exit__(self, *exc) -> None:
-        self.server.should_exit = True
-        self.thread.join(30)
-
-
-def _static_tokens(**accounts: str) -> dict:
-    import hashlib
-
-    return {hashlib.sha256(tok.encode()).hexdigest(): {"account": acct, "admin": acct == "alice"}
-            for acct, tok in accounts.items()}
-
-
-@pytest.fixture(scope="module")
-def storefront_url(tmp_path_factory):
-    """The real gateway over a store of its own and no pool (jobs stay queued). No Ray."""
-    pytest.importorskip("mochi_lab.gateway")
-    from mochi_lab.direct import DirectBackend
-    from mochi_lab.gateway import create_app
-    from mochi_lab.settings import GatewayConfig, Settings
-    from mochi_lab.store import open_store
-
-    settings = Settings(data_dir=tmp_path_factory.mktemp("storefront"), account="alice")
-    store = open_store(settings.store_url)
-    shared = DirectBackend(settings, store, None)
-    config = GatewayConfig(static_tokens=_static_tokens(alice=ALICE, bob=BOB), max_active_jobs=2)
-    with _Uvicorn(create_app(settings, backend_factory=lambda: shared, config=config)) as url:
-        yield url
-    store.close()
-
-
-def test_the_real_server_maps_like_the_stub(storefront_url, tmp_path, monkeypatch):
-    monkeypatch.setenv("MOCHI_LAB_CACHE_DIR", str(tmp_path))
-    monkeypatch.setenv("JUPYTERHUB_API_TOKEN", BOB)
-    with MochiCluster(storefront_url, account="alice") as bob, \
-            MochiCluster(backend=GatewayBackend(storefront_url, ALICE, cache_dir=tmp_path)) as alice:
-        assert (bob.account, alice.account) == ("bob", "alice")
-        assert "tiny" in bob.models()
-        job = bob.generate("queued forever", seed=1, **TINY)
-        assert bob.job(job.id).status == "queued" and [j.id for j in bob.jobs()] == [job.id]
-        assert bob.generate("queued forever", seed=1, **TINY).id == job.id  # the server's result cache
-        t0 = time.monotonic()
-        with pytest.raises(TimeoutError, match="still queued"):  # waits on the pushed stream, within its time
-            job.wait(timeout=0.5)
-        assert 0.5 <= time.monotonic() - t0 < 3
-        with pytest.raises(FileNotFoundError, match="has no video .status queued"):
-            bob.backend.artifact_path(job.id, "video")
-        with pytest.raises(JobNotFound):
-            alice.job(job.id)
-        with pytest.raises(JobNotFound):
-            alice.backend.artifact(job.id, "thumbnail")
-        with pytest.raises(ParamsError, match="num_frames"):
-            bob.backend.submit(_stored(num_frames=8), _options())
-        with pytest.raises(ParamsError, match="model: must be one of"):
-            bob.generate("x", model="nope", **TINY)
-        bob.generate("second", seed=2, **TINY)
-        with pytest.raises(QuotaExceeded, match="max_active_jobs=2"):
-            bob.generate("third", seed=3, **TINY)
-        assert bob.counts()["queued"] == 2
-        with pytest.raises(PermissionError, match="403"):
-            bob.scale(1)
-        with pytest.raises(KeyError):
-            bob.backend.get_experiment("nope")
-        exp = bob.experiment("e1", description="d")
-        assert [e.name for e in bob.experiments()] == ["e1"] and exp.description == "d"
-        with pytest.raises(KeyError):
-            alice.experiment("e1", create=False)
-        assert job.cancel(timeout=0) == "cancelled"
-        bob.delete(job.id)
-        with pytest.raises(JobNotFound):
-            bob.job(job.id)
-    with pytest.raises(GatewayAuthError, match="401") as exc:
-        GatewayBackend(storefront_url, "not-a-token-0000000000", cache_dir=tmp_path)
-    assert "not-a-token" not in str(exc.value)
-
-
-def _stored(**over):
-    from mochi_lab import GenerationParams
-
-    return GenerationParams.stored({"prompt": "x", "seed": 1, **TINY, **over})
-
-
-def _options():
-    from mochi_lab.params import SubmitOptions
-
-    return SubmitOptions.parse()
-
-
-@pytest.fixture(scope="module")
-def tokens_for_the_pool():
-    return {"alice": "tok-e2e-alice-" + "a1" * 16, "bob": "tok-e2e-bob-" + "b2" * 16}
-
-
-@pytest.fixture(scope="module")
-def gateway_url(mochi, test_settings, tokens_for_the_pool):
-    """The real gateway over the session's store and Ray pool (tests/conftest.py's `mochi`)."""
-    pytest.importorskip("mochi_lab.gateway")
-    from mochi_lab.gateway import create_app
-    from mochi_lab.settings import GatewayConfig
-
-    shared = mochi.backend
-    config = GatewayConfig(static_tokens=_static_tokens(**tokens_for_the_pool), events_poll_s=0.02)
-    with _Uvicorn(create_app(test_settings, backend_factory=lambda: shared, config=config)) as url:
-        yield url
-
-
-@pytest.fixture(scope="module")
-def alice_token(tokens_for_the_pool):
-    return tokens_for_the_pool["alice"]
-
-
-@pytest.fixture(scope="module")
-def bob_token(tokens_for_the_pool):
-    return tokens_for_the_pool["bob"]
-
-
-def test_the_handle_flow_on_the_gateway(gateway_url, alice_token, bob_token, tmp_path, monkeypatch):
-    """Bob's notebook: only JUPYTERHUB_API_TOKEN; claiming to be alice (env or account=) changes nothing."""
-    from tests.support.remote_flow import handle_flow
-
-    handle_flow(gateway_url, alice_token, bob_token, tmp_path, monkeypatch)

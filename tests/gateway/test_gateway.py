@@ -1,7 +1,10 @@
-"""The gateway against a real JupyterHub, real uvicorn servers, the session's store and its 4-worker Ray pool.
+"""The gateway's HTTP API against a real JupyterHub, real uvicorn servers, the session's store and its pool
+(two thread workers). What both backends share is tests/backend's contract suite; the gateway client's own
+ways are tests/test_remote.py.
 
 `storefront` is a gateway over a store of its own with no pool (its jobs stay queued: quotas, the page,
 refusals); `gateway` is the one over the session's store and pool (generation, downloads, isolation, progress).
+Jobs that must be running while the test acts are held at the test gate (`hold`).
 """
 
 from __future__ import annotations
@@ -14,9 +17,9 @@ import time
 import httpx
 import pytest
 
-from tests.support.jobkit import SECONDS, TINY, strip_pictures
-
-AUTH_CACHE_S = 1.0  # tests/hub_fixtures.py: the gateways' auth cache
+from tests.support.backends import unique
+from tests.support.hub_fixtures import AUTH_CACHE_S
+from tests.support.jobkit import TINY, strip_pictures
 
 EVIL = "<img src=x onerror=alert(1)>"
 EVIL_ESCAPED = "&lt;img src=x onerror=alert(1)&gt;"
@@ -294,24 +297,21 @@ async def _listen(url: str, token: str, job_id: str, ready: asyncio.Event | None
     return out
 
 
-def test_progress_reaches_20_listeners_in_order_and_ends_terminal(gateway, tokens, mochi):
+def test_progress_reaches_20_listeners_in_order_and_ends_terminal(gateway, tokens, mochi, hold):
     """20 concurrent listeners on one job: each sees the same changes, in order, from queued to done."""
-    n_workers = len(mochi.workers())
+    n_workers = len(mochi.backend.pool.workers)
     steps = 20
+    with gateway.client(tokens["erin"]) as erin:  # every worker held with erin's jobs: the watched job waits queued
+        busy = unique("erin keeps the pool busy")
+        gate = hold(busy, "denoising", 1)
+        blockers = [erin.post("/generate", json={"params": _tiny(prompt=busy, seed=500 + i), "reuse": False}).json()
+                    for i in range(n_workers)]
+        gate.wait_reached(n_workers)
+    with gateway.client(tokens["alice"]) as alice:
+        job = alice.post("/generate", json={"params": _tiny(num_inference_steps=steps, seed=777),
+                                            "reuse": False}).json()
 
     async def scenario():
-        with gateway.client(tokens["erin"]) as erin:  # keep every worker busy so the watched job waits queued
-            # long enough to outlast the listeners' start on any machine; cancelled once they all listen
-            blockers = [erin.post("/generate", json={"params": _tiny(seed=500 + i, **SECONDS),
-                                                     "reuse": False}).json()
-                        for i in range(n_workers)]
-            deadline = time.monotonic() + 60
-            while sum(erin.get(f"/status/{b['id']}").json()["status"] != "queued" for b in blockers) < n_workers:
-                assert time.monotonic() < deadline
-                await asyncio.sleep(0.05)
-        with gateway.client(tokens["alice"]) as alice:
-            job = alice.post("/generate", json={"params": _tiny(num_inference_steps=steps, seed=777),
-                                                "reuse": False}).json()
         readies = [asyncio.Event() for _ in range(20)]
         listeners = [asyncio.ensure_future(_listen(gateway.url, tokens["alice"], job["id"], ready))
                      for ready in readies]
@@ -320,11 +320,10 @@ def test_progress_reaches_20_listeners_in_order_and_ends_terminal(gateway, token
             for b in blockers:
                 erin.post(f"/cancel/{b['id']}")
             for b in blockers:
-                assert wait_done(erin, b["id"])["status"] in ("done", "cancelled")
-        results = await asyncio.wait_for(asyncio.gather(*listeners), 300)
-        return job, results
+                assert wait_done(erin, b["id"])["status"] == "cancelled"
+        return await asyncio.wait_for(asyncio.gather(*listeners), 300)
 
-    job, results = asyncio.run(scenario())
+    results = asyncio.run(scenario())
     with gateway.client(tokens["alice"]) as alice:
         final = alice.get(f"/status/{job['id']}").json()
     assert final["status"] == "done" and final["step"] == final["total_steps"] == steps
@@ -466,7 +465,7 @@ def test_queued_jobs_of_every_account_share_one_read_of_the_workers_a_second(tmp
         store.close()
 
 
-def test_a_whole_job_between_two_polls_still_reaches_every_listener_step_by_step(tmp_path):
+def test_a_whole_job_between_two_polls_still_reaches_every_listener_step_by_step(tmp_path, redis_url):
     """The running states come from the store's progress log: a job that runs from its first to its last
     step between two polls of the hub still reaches each of 20 listeners one step at a time, in order."""
     import threading
@@ -479,7 +478,7 @@ def test_a_whole_job_between_two_polls_still_reaches_every_listener_step_by_step
 
     total = 25
     settings = Settings(data_dir=tmp_path, account="alice")
-    store = open_store(f"redis://127.0.0.1:6379/0?prefix=mochi-plog-{uuid.uuid4().hex[:8]}")
+    store = open_store(f"{redis_url}?prefix=mochi-plog-{uuid.uuid4().hex[:8]}")
     backend = DirectBackend(settings, store, None)
     job = store.enqueue("alice", {"prompt": "p"})
     polled = threading.Event()
@@ -527,33 +526,73 @@ def test_a_whole_job_between_two_polls_still_reaches_every_listener_step_by_step
 
 
 def test_the_notebook_handle_works_unchanged_through_the_hub_gateway(gateway, tokens, tmp_path, monkeypatch):
-    """MochiCluster(url) with only the hub token: the same flow as on the direct backend, hub identities."""
-    from tests.support.remote_flow import handle_flow
+    """End to end through the real hub and gateway, as a notebook on the hub runs it: bob's kernel has only
+    JUPYTERHUB_API_TOKEN; claiming to be alice (env or account=) changes nothing. (The example notebooks
+    themselves run through this gateway in test_notebooks.py.)"""
+    import ipywidgets
 
-    handle_flow(gateway.url, tokens["alice"], tokens["bob"], tmp_path, monkeypatch)
+    from mochi_lab import JobNotFound, MochiCluster
+    from mochi_lab.remote import GatewayBackend
+    from mochi_lab.video import read_frames
+
+    monkeypatch.delenv("MOCHI_LAB_GATEWAY", raising=False)
+    monkeypatch.setenv("MOCHI_LAB_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("JUPYTERHUB_API_TOKEN", tokens["bob"])
+    monkeypatch.setenv("JUPYTERHUB_USER", "alice")
+    theirs = MochiCluster(backend=GatewayBackend(gateway.url, tokens["alice"], cache_dir=tmp_path / "alice"))
+    alices = theirs.generate(unique("alice's fox"), seed=11, **TINY)
+    with MochiCluster(gateway.url, account="alice") as cluster:
+        assert cluster.account == "bob" and "gateway" in repr(cluster) and tokens["bob"] not in repr(cluster)
+        job = cluster.generate(unique("a red fox in the snow"), seed=7, **TINY)
+        path = job.result(timeout=300)
+        assert path.is_file() and path.is_relative_to(tmp_path / "cache")
+        assert read_frames(path).shape[:3] == (7, 32, 32)
+        video = job.video
+        assert isinstance(video, ipywidgets.Video) and video.value == path.read_bytes()
+        assert job.thumbnail[:8] == b"\x89PNG\r\n\x1a\n"
+        assert job.id in [j.id for j in cluster.jobs()]
+        assert all(j.record.account == "bob" for j in cluster.jobs())
+        with pytest.raises(JobNotFound):
+            cluster.job(alices.id)
+        with pytest.raises(JobNotFound):
+            cluster.backend.artifact(alices.id, "video")
+        exp = cluster.experiment(unique("sweep").replace(" ", "-"))
+        runs = exp.sweep([unique("a fox"), unique("a dog")], seeds=[3], **TINY)
+        assert len(runs) == 2
+        assert exp.wait(300, progress=False)["done"] == 2
+        df = exp.to_dataframe()
+        assert len(df) == 2 and list(df["status"]) == ["done", "done"]
+    monkeypatch.setenv("MOCHI_LAB_GATEWAY", gateway.url)
+    with MochiCluster() as again:
+        assert again.account == "bob" and again.job(job.id).status == "done"
+        assert again.job(job.id).result() == path  # the cache: same file, no second download
+    assert theirs.job(alices.id).wait(300).status == "done"
+    theirs.close()
 
 
-def test_a_running_jobs_preview_comes_through_the_gateway_and_stays_after_a_cancel(gateway, tokens):
+def test_a_running_jobs_preview_comes_through_the_gateway_and_stays_after_a_cancel(gateway, tokens, hold):
+    """A job held at denoising step 2 of 20, its first preview step (about every 10 % of the steps): 6 latent
+    frames of 64x96, so 6 pictures of 12x8. (Before any preview step there is none: tests/backend.)"""
     import io
 
     from PIL import Image
 
-    body = {"params": _tiny(prompt="a slow preview", **SECONDS),
+    prompt = unique("a slow preview")
+    gate = hold(prompt, "denoising", 2)
+    body = {"params": _tiny(prompt=prompt, num_frames=31, height=64, width=96, num_inference_steps=20),
             "reuse": False}
     with gateway.client(tokens["alice"]) as alice, gateway.client(tokens["bob"]) as bob:
         job = alice.post("/generate", json=body).json()
-        assert alice.get(f"/preview/{job['id']}").status_code == 204  # queued: nothing to show yet
-        deadline = time.monotonic() + 120
-        while (r := alice.get(f"/preview/{job['id']}")).status_code == 204:
-            assert time.monotonic() < deadline, alice.get(f"/status/{job['id']}").json()
-            time.sleep(0.2)
+        gate.wait_reached()
+        r = alice.get(f"/preview/{job['id']}")
         assert r.status_code == 200 and r.headers["content-type"] == "image/webp", r.text
+        assert r.headers["cache-control"] == "no-store"
         strip = Image.open(io.BytesIO(r.content))
-        assert strip.size == (12, 8) and strip_pictures(strip) == 16 and 0 < int(r.headers["x-preview-step"]) < 200
+        assert strip.size == (12, 8) and strip_pictures(strip) == 6 and r.headers["x-preview-step"] == "2"
         assert bob.get(f"/preview/{job['id']}").status_code == 404
         status = alice.get(f"/status/{job['id']}").json()
-        assert status["live"]["preview_step"] >= 1 and status["live"]["elapsed_s"] > 0
+        assert status["live"]["preview_step"] == 2 and status["live"]["elapsed_s"] > 0
         alice.post(f"/cancel/{job['id']}")
         assert wait_done(alice, job["id"])["status"] == "cancelled"
         kept = alice.get(f"/preview/{job['id']}")
-        assert kept.status_code == 200 and kept.content[:4] == b"RIFF"  # its last look stays
+        assert kept.status_code == 200 and kept.content == r.content  # its last look stays

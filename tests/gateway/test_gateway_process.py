@@ -28,6 +28,9 @@ from mochi_lab.video import probe
 from tests.support.hub_fixtures import free_port
 from tests.support.jobkit import TINY
 
+# the gateway process starts an embedded Ray of its own: the integration tier
+pytestmark = pytest.mark.usefixtures("ray_local")
+
 MIB = 1 << 20
 BURST = 120
 ANYIO_THREADS = 40  # anyio's default thread limiter: the most worker threads a burst can grow

@@ -19,8 +19,9 @@ import uuid
 import httpx
 import pytest
 
-from tests.support.hub_fixtures import SERVICE, Gateway, free_port
-from tests.support.jobkit import SECONDS, TINY
+from tests.support.backends import unique
+from tests.support.hub_fixtures import SERVICE, Gateway, free_port, start_gateway
+from tests.support.jobkit import TINY
 
 MAX_STREAMS, MAX_EXPERIMENTS, MAX_EXPERIMENT_BYTES = 2, 3, 8192
 AUTH_FAILURES, HUB_LOOKUPS = 6, 3
@@ -406,19 +407,18 @@ def test_no_route_answers_500_to_a_malformed_body(hardened, tokens):
 
 
 # -- 4: the workers' rows --------------------------------------------------------------------------
-def test_workers_status_shows_another_accounts_job_only_as_busy(gateway, tokens):
+def test_workers_status_shows_another_accounts_job_only_as_busy(gateway, tokens, hold):
     from mochi_lab import MochiCluster
     from mochi_lab.backend import WORKER_FIELDS
     from mochi_lab.remote import GatewayBackend
     from widgets.cluster_panel import ClusterPanel
 
+    prompt = unique("alice's job on a worker")
+    gate = hold(prompt, "denoising", 1)
     with gateway.client(tokens["alice"]) as alice:
-        job = alice.post("/generate", json={"params": _tiny(seed=2401, **SECONDS), "reuse": False}).json()
+        job = alice.post("/generate", json={"params": _tiny(prompt=prompt, seed=2401), "reuse": False}).json()
         try:
-            deadline = time.monotonic() + 180
-            while alice.get(f"/status/{job['id']}").json()["status"] != "running":
-                assert time.monotonic() < deadline, "the job never ran"
-                time.sleep(0.05)
+            gate.wait_reached()  # running, and it stays so while the rows are read
             with gateway.client(tokens["bob"]) as bob, gateway.client(tokens["carol"]) as carol:
                 seen = {"alice": alice.get("/workers/status").json(), "bob": bob.get("/workers/status").json(),
                         "carol": carol.get("/workers/status").json()}
@@ -450,10 +450,8 @@ def test_a_prompt_over_the_token_limit_is_422_at_submit_on_a_gateway_without_the
         hub, mochi, test_settings, tokens, tmp_path, tiny_checkpoint):
     """The gateway's machine has no model files; it asks a worker for the tokenizer once and counts."""
     from mochi_lab.direct import DirectBackend
-    from mochi_lab.gateway import create_app
     from mochi_lab.params import MAX_PROMPT_CHARS, MAX_PROMPT_TOKENS
     from mochi_lab.pipelines.tokens import local_tokenizer
-    from tests.support.hub_fixtures import _config
 
     here = test_settings.model_copy(update={"cache_dir": tmp_path / "gateway-cache"})
     assert local_tokenizer("tiny", here.cache_dir) is None  # nothing of the model on the gateway's machine
@@ -461,7 +459,7 @@ def test_a_prompt_over_the_token_limit_is_422_at_submit_on_a_gateway_without_the
     counted = len(local_tokenizer("tiny", test_settings.cache_dir)(prompt).input_ids)  # the workers' count
     assert counted > MAX_PROMPT_TOKENS and len(prompt) <= MAX_PROMPT_CHARS
     shared = DirectBackend(here, mochi.backend.store, mochi.backend.pool, model="tiny")
-    gw = Gateway(create_app(here, backend_factory=lambda: shared, config=_config(hub)), free_port()).start()
+    gw = start_gateway(hub, shared)
     try:
         with gw.client(tokens["nora"]) as nora:
             r = nora.post("/generate", json={"params": _tiny(prompt=prompt), "reuse": False})

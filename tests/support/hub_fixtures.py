@@ -26,8 +26,9 @@ import httpx
 import pytest
 
 SERVICE = "mochi-lab"
-# erin keeps the pool busy in one test; wendy (an admin by group) drives the widget tests, nora the notebooks
-USERS = ("alice", "bob", "carol", "dave", "erin", "wendy", "nora")
+# erin keeps the pool busy in one test; wendy (an admin by group) drives the widget tests, nora the notebooks;
+# gwen and gary are the backend contract suite's accounts (tests/backend), which it empties around each test
+USERS = ("alice", "bob", "carol", "dave", "erin", "wendy", "nora", "gwen", "gary")
 AUTH_CACHE_S = 1.0  # a revoked token stops working after this long
 
 
@@ -178,7 +179,7 @@ class Gateway:
         return httpx.Client(base_url=self.url, headers=headers, timeout=60, trust_env=False, **kwargs)
 
 
-def _config(hub: Hub, **overrides):
+def gateway_config(hub: Hub, **overrides):
     """A gateway's settings with this hub (its page signs in at the hub only on the registered port)."""
     from mochi_lab.settings import GatewayConfig
 
@@ -187,16 +188,21 @@ def _config(hub: Hub, **overrides):
                          **overrides)
 
 
-@pytest.fixture(scope="session")
-def gateway(hub, mochi, test_settings):
-    """The gateway over the session's store and 4-worker pool, at the URL the hub has for the service."""
+def start_gateway(hub: Hub, shared, port: int | None = None, **overrides) -> Gateway:
+    """The real gateway app over `shared` (a DirectBackend: its store and pool), authenticated by this hub,
+    served on `port` (a free one by default). Stop it with `.stop()`."""
     from mochi_lab.gateway import create_app
 
-    shared = mochi.backend
-    config = _config(hub, public_hub_url=hub.public_url,
-                     oauth_callback_url=f"http://127.0.0.1:{hub.gateway_port}/oauth_callback")
-    app = create_app(test_settings, backend_factory=lambda: shared, config=config)
-    gw = Gateway(app, hub.gateway_port).start()
+    app = create_app(shared.settings, backend_factory=lambda: shared, config=gateway_config(hub, **overrides))
+    return Gateway(app, free_port() if port is None else port).start()
+
+
+@pytest.fixture(scope="session")
+def gateway(hub, mochi):
+    """The gateway over the session's store and pool (`mochi`: two thread workers, no Ray), at the URL the hub
+    has for the service."""
+    gw = start_gateway(hub, mochi.backend, hub.gateway_port, public_hub_url=hub.public_url,
+                       oauth_callback_url=f"http://127.0.0.1:{hub.gateway_port}/oauth_callback")
     yield gw
     gw.stop()
 
@@ -205,16 +211,12 @@ def gateway(hub, mochi, test_settings):
 def storefront(hub, tmp_path_factory):
     """A gateway over a store of its own with no pool: its jobs stay queued (quotas, the page)."""
     from mochi_lab.direct import DirectBackend
-    from mochi_lab.gateway import create_app
     from mochi_lab.settings import Settings
     from mochi_lab.store import open_store
 
-    data = tmp_path_factory.mktemp("storefront")
-    settings = Settings(data_dir=data, account="alice")
+    settings = Settings(data_dir=tmp_path_factory.mktemp("storefront"), account="alice")
     store = open_store(settings.store_url)
-    shared = DirectBackend(settings, store, None)
-    app = create_app(settings, backend_factory=lambda: shared, config=_config(hub, max_active_jobs=3))
-    gw = Gateway(app, free_port()).start()
+    gw = start_gateway(hub, DirectBackend(settings, store, None), max_active_jobs=3)
     yield gw
     gw.stop()
     store.close()
@@ -226,4 +228,4 @@ def tokens(hub):
     return {user: hub.token(user) for user in USERS}
 
 
-__all__ = ["AUTH_CACHE_S", "Gateway", "Hub", "free_port"]
+__all__ = ["AUTH_CACHE_S", "SERVICE", "USERS", "Gateway", "Hub", "free_port", "gateway_config", "start_gateway"]
