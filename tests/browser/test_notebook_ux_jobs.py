@@ -43,17 +43,18 @@ CANCEL_NOW = "cancel-now"  # the test creates it (beside the notebook) once it h
 
 def cells(go: Path) -> list[str]:
     return [
-        "import asyncio, os\nfrom mochi_lab import MochiCluster\nfrom mochi_lab.widgets import Studio\n\n"
-        "cluster = MochiCluster()",
+        ("import asyncio, os\nfrom mochi_lab import MochiCluster\nfrom mochi_lab.widgets import Studio\n\n"
+         "cluster = MochiCluster()"),
         f'job = cluster.generate("ux-job a lighthouse at dusk", seed=1, {TINY})\njob',
         f'studio = Studio(cluster, prompt="{STUDIO_PROMPT}", seed=2, {TINY})\nstudio',
         "studio.generate_button.click()\nawait studio.wait(timeout=300)",
         f'slow = cluster.generate("{SLOW_PROMPT}", seed=3, {SLOW})\nslow',
         # The slow job's output moves while this cell waits (the kernel free for the widgets); it is cancelled
         # mid-denoising when the test says so.
-        f"for _ in range(6000):\n    if os.path.exists({str(go)!r}) or slow.done():\n        break\n"
-        "    await asyncio.sleep(0.1)\nslow.cancel()",
+        (f"for _ in range(6000):\n    if os.path.exists({str(go)!r}) or slow.done():\n        break\n"
+         "    await asyncio.sleep(0.1)\nslow.cancel()"),
     ]
+
 
 ALL_CELLS_RAN = """() => {
   const prompts = [...document.querySelectorAll('.jp-CodeCell .jp-InputArea-prompt')];

@@ -72,6 +72,7 @@ CARD_SHOWS = """([id, status, steps]) => {
   return c !== null && c.querySelector('.status').textContent.trim() === status
     && c.querySelector('.steps').textContent.trim() === steps;
 }"""
+PREVIEWS_LOADED = """([id, n]) => new Set(window.__previews.filter(p => p.src.includes(id)).map(p => p.src)).size >= n"""
 CARD_FINISHED = """(id) => {
   const s = document.querySelector('#job-' + id + ' .status');
   return s !== null && ['done', 'failed', 'cancelled'].includes(s.textContent.trim());
@@ -216,9 +217,6 @@ def test_alice_queues_watches_plays_and_downloads_on_the_page(browser, hub, gate
         raise
     finally:
         context.close()
-
-
-PREVIEWS_LOADED = """([id, n]) => new Set(window.__previews.filter(p => p.src.includes(id)).map(p => p.src)).size >= n"""
 
 
 def test_a_running_job_shows_its_forming_video_and_an_eta(browser, hub, gateway, tokens, hold, test_settings):
