@@ -3,8 +3,9 @@
 Off unless `Settings.test_gates` names a folder (MOCHI_LAB_TEST_GATES); no deployment sets it. A test
 writes `<folder>/<key>.hold` (key: a digest of the job's prompt) naming a stage and optionally a step. A
 worker whose job has that prompt records `<key>.<job id>.reached` on getting there, then waits until the
-hold file is gone, the job is cancelled, its lease is lost or the worker stops. Files rather than the
-store: they work the same for every store and every process on one machine (Ray workers included).
+hold file is gone or names another stage or step (where the job is held next), the job is cancelled, its
+lease is lost or the worker stops. Files rather than the store: they work the same for every store and every
+process on one machine (Ray workers included).
 """
 
 from __future__ import annotations
@@ -57,15 +58,23 @@ class Gates:
         if self.root is None:
             return
         hold = hold_file(self.root, prompt)
-        try:
-            want = json.loads(hold.read_text())
-        except (FileNotFoundError, ValueError):
+        want = _read(hold)
+        if want is None:
             return
         if want.get("stage") != stage or want.get("step") not in (None, step):
             return
         reached = hold.with_name(f"{gate_key(prompt)}.{job_id}.reached")
         reached.write_text(json.dumps({"stage": stage, "step": step, "at": time.time()}))
         stopped = threading.Event()
-        while hold.exists() and not released():
+        # A hold rewritten for a later stage or step moves the job on to it: one job, held at two places.
+        while _read(hold) == want and not released():
             waiting()
             stopped.wait(self.poll_s)
+
+
+def _read(hold: Path) -> dict | None:
+    """The hold's {"stage", "step"}; None once it is gone (write_hold replaces it whole: never half read)."""
+    try:
+        return json.loads(hold.read_text())
+    except (FileNotFoundError, ValueError):
+        return None

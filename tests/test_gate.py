@@ -66,6 +66,17 @@ def test_a_job_held_at_a_step_is_cancelled_there(worker, tiny):
     assert gate.reached() == [job_id]  # the worker went on without the gate's release
 
 
+def test_a_new_hold_moves_a_held_job_on_to_its_step(worker, tiny):
+    gate = Gate("held twice", "denoising", 1, root=worker.settings.test_gates)
+    store, job_id = _submit(worker, "held twice", tiny, num_inference_steps=4)
+    gate.wait_reached()
+    later = Gate("held twice", "denoising", 3, root=worker.settings.test_gates)
+    assert later.wait_reached() == [job_id]
+    assert (store.get("alice", job_id).status, store.get("alice", job_id).step) == ("running", 3)
+    later.release()
+    _wait(store, job_id, "done")
+
+
 def test_other_prompts_pass_and_a_bad_stage_is_refused(worker, tiny):
     Gate("only this prompt", "denoising", 1, root=worker.settings.test_gates)
     store, job_id = _submit(worker, "another prompt", tiny)

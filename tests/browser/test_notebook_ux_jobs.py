@@ -2,7 +2,8 @@
 
 The server runs under a JupyterHub-like base URL (/user/alice/) with the notebook in a subfolder, so
 a link that ignores either lands on the wrong route. One notebook (written here) displays a job right
-after submitting it, a Studio that generates one video, and a long job that a later cell cancels.
+after submitting it, a Studio that generates one video, and a long job that a later cell cancels (the test
+holds it at two steps first: tests/support/gate.py).
 Checked, with screenshots in artifacts/browser/ (ignored by git):
 
 1. the download links (the Studio card's and the job output's) reach the files/ route: following
@@ -32,17 +33,28 @@ BASE = "/user/alice/"  # what JupyterHub puts in front of a single-user server's
 FOLDER = "work"  # the notebook's folder under the server's root
 NAME = "ux_jobs.ipynb"
 TINY = "num_frames=7, height=32, width=64, num_inference_steps=2, fps=8"
-LONG = "num_frames=31, height=256, width=448, num_inference_steps=200, fps=8"  # ~10 s of denoising on 2 cores
-CELLS = [
-    "import asyncio\nfrom mochi_lab import MochiCluster\nfrom mochi_lab.widgets import Studio\n\ncluster = MochiCluster()",
-    f'job = cluster.generate("ux-job a lighthouse at dusk", seed=1, {TINY})\njob',
-    f'studio = Studio(cluster, prompt="ux-studio a paper boat", seed=2, {TINY})\nstudio',
-    "studio.generate_button.click()\nawait studio.wait(timeout=300)",
-    f'slow = cluster.generate("ux-slow a long road", seed=3, {LONG})\nslow',
-    # Let the slow job's output move while the kernel is idle, then cancel it mid-denoising.
-    "for _ in range(600):\n    await asyncio.sleep(0.1)\n    if slow.progress['step'] >= 40 or slow.done():\n        break\n"
-    "await asyncio.sleep(0.5)\nslow.cancel()",
-]
+# 200 steps (a preview every 20): the test's gates hold it at steps 20 and 40 while the page shows each
+SLOW = "num_frames=7, height=32, width=64, num_inference_steps=200, fps=8"
+SLOW_PROMPT = "ux-slow a long road"
+STUDIO_PROMPT = "ux-studio a paper boat"
+PREVIEW_MIN_INTERVAL_S = 0.3  # the lab's: several previews in a short job
+CANCEL_NOW = "cancel-now"  # the test creates it (beside the notebook) once it has seen the slow job move
+
+
+def cells(go: Path) -> list[str]:
+    return [
+        ("import asyncio, os\nfrom mochi_lab import MochiCluster\nfrom mochi_lab.widgets import Studio\n\n"
+         "cluster = MochiCluster()"),
+        f'job = cluster.generate("ux-job a lighthouse at dusk", seed=1, {TINY})\njob',
+        f'studio = Studio(cluster, prompt="{STUDIO_PROMPT}", seed=2, {TINY})\nstudio',
+        "studio.generate_button.click()\nawait studio.wait(timeout=300)",
+        f'slow = cluster.generate("{SLOW_PROMPT}", seed=3, {SLOW})\nslow',
+        # The slow job's output moves while this cell waits (the kernel free for the widgets); it is cancelled
+        # mid-denoising when the test says so.
+        (f"for _ in range(6000):\n    if os.path.exists({str(go)!r}) or slow.done():\n        break\n"
+         "    await asyncio.sleep(0.1)\nslow.cancel()"),
+    ]
+
 
 ALL_CELLS_RAN = """() => {
   const prompts = [...document.querySelectorAll('.jp-CodeCell .jp-InputArea-prompt')];
@@ -56,10 +68,10 @@ def lab(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ux-lab")
     root = tmp / "root"
     (root / FOLDER).mkdir(parents=True)
-    (root / FOLDER / NAME).write_text(json.dumps(notebook(CELLS)))
+    (root / FOLDER / NAME).write_text(json.dumps(notebook(cells(root / FOLDER / CANCEL_NOW))))
     # the save hook: a saved notebook keeps the widgets' static stand-ins, not the live widgets
     hook = {"ServerApp": {"jpserver_extensions": {"mochi_lab.widgets.save_hook": True}}}
-    env = {"MOCHI_LAB_PREVIEW_MIN_INTERVAL_S": "0.3"}  # several previews in a job of a few seconds
+    env = {"MOCHI_LAB_PREVIEW_MIN_INTERVAL_S": str(PREVIEW_MIN_INTERVAL_S)}
     with running_lab(tmp, root, base_url=BASE, env=env, server_config=hook) as (url, log_path):
         yield url, root, log_path
 
@@ -113,40 +125,57 @@ def follow(page, link, tmp: Path) -> tuple[str, int]:
     return got["type"], decode(data, tmp)
 
 
-def test_jobs_and_studio_live_links_and_a_reopened_notebook(lab, browser, tmp_path):
+def test_jobs_and_studio_live_links_and_a_reopened_notebook(lab, browser, hold, tmp_path):
     url, root, log_path = lab
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    slow_gate = hold(SLOW_PROMPT, "denoising", step=20)
     page = browser.new_page(viewport={"width": 1280, "height": 1100}, accept_downloads=True)
     try:
         idle = run_all(page, url, f"{FOLDER}/{NAME}")
 
-        # 2. live: the slow job's output shows growing step counts while later cells run, then its end
+        # 2. live: the slow job's output shows its steps and its forming video while later cells run (held at
+        # step 20, then at step 40, each previewed), then its end when the last cell cancels it
         slow = output_of(page, "ux-slow")
         slow.wait_for(timeout=400_000)
         steps: list[int] = []
-        previews: set[str] = set()  # the forming video's picture, replaced as the steps go on
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            img = slow.locator(".jp-OutputArea img[alt=preview]")
-            if img.count():
-                previews.add(img.first.get_attribute("src"))
-            text = slow.locator(".jp-OutputArea").inner_text()
-            m = re.search(r"(\d+)/200", text)
-            if m and (not steps or int(m.group(1)) != steps[-1]):
-                steps.append(int(m.group(1)))
-            if re.match(r"\s*(done|failed|cancelled)\b", text):  # the badge leads the output
-                break
-            time.sleep(0.2)
+        previews: list[str] = []  # the forming video's picture, replaced as the steps go on
+
+        def watch_until(done, what: str) -> str:
+            """Read the slow job's output until done() holds, recording each new step and picture; its text."""
+            deadline = time.monotonic() + 300
+            while True:
+                img = slow.locator(".jp-OutputArea img[alt=preview]")
+                if img.count() and (src := img.first.get_attribute("src")) not in previews:
+                    previews.append(src)
+                text = slow.locator(".jp-OutputArea").inner_text()
+                m = re.search(r"(\d+)/200", text)
+                if m and (not steps or int(m.group(1)) != steps[-1]):
+                    steps.append(int(m.group(1)))
+                if done(text):
+                    return text
+                assert time.monotonic() < deadline, f"the slow job's output did not show {what}: {text!r}"
+                time.sleep(0.2)
+
+        slow_gate.wait_reached(timeout=400)
+        reached = time.monotonic()
+        watch_until(lambda text: steps[-1:] == [20] and len(previews) >= 1, "step 20 and its picture")
+        # The kernel's worker previews at most once per PREVIEW_MIN_INTERVAL_S: once that has passed since step
+        # 20's (a lower bound, whatever the machine's speed), the job moves on to step 40, previews it, is held.
+        time.sleep(max(0.0, reached + PREVIEW_MIN_INTERVAL_S - time.monotonic()))
+        hold(SLOW_PROMPT, "denoising", step=40).wait_reached()
+        watch_until(lambda text: steps[-1:] == [40] and len(previews) >= 2, "step 40 and a new picture")
+        (root / FOLDER / CANCEL_NOW).touch()  # the last cell cancels it
+        slow_text = watch_until(lambda text: re.match(r"\s*(done|failed|cancelled)\b", text),  # the badge leads
+                                "its end")
         page.wait_for_function(ALL_CELLS_RAN, timeout=300_000, polling=1000)
         idle.first.wait_for(timeout=60_000)
         assert page.locator(".jp-RenderedText[data-mime-type='application/vnd.jupyter.error']").count() == 0, \
             page.locator(".jp-OutputArea-output[data-mime-type='application/vnd.jupyter.stderr']").all_inner_texts()
         assert len(steps) >= 2 and steps == sorted(steps), steps  # it moved, forward only, with no re-run
         assert len(previews) >= 2 and all(p.startswith("data:image/webp;base64,") for p in previews), len(previews)
-        slow_text = slow.locator(".jp-OutputArea").inner_text()
         assert "cancelled" in slow_text
         stopped = re.search(r"stopped at denoising step (\d+)/200", slow_text)
-        assert stopped and 0 < int(stopped.group(1)) < 200, slow_text
+        assert stopped and int(stopped.group(1)) == 40, slow_text  # where it was held when cancelled
 
         # the job displayed right after submitting ended as done, with its video, without a re-run
         job = output_of(page, "ux-job")
@@ -186,7 +215,9 @@ def test_jobs_and_studio_live_links_and_a_reopened_notebook(lab, browser, tmp_pa
         guidance.press("Enter")
         error.wait_for(state="detached", timeout=30_000)
 
-        # three jobs at once on the lab's one worker: the waiting ones say their place in the queue
+        # three jobs at once on the lab's one worker: the first held at step 20 (previewed), the waiting ones
+        # say their place in the queue
+        studio_gate = hold(STUDIO_PROMPT, "denoising", step=20)
         studio.locator("label", has_text="random seed").click()
         steps = studio.locator(".widget-inline-hbox", has_text="steps").locator("input")
         steps.fill("200")
@@ -199,10 +230,12 @@ def test_jobs_and_studio_live_links_and_a_reopened_notebook(lab, browser, tmp_pa
         for place in ("1st", "2nd"):  # the two waiting cards, consistent with each other
             studio.locator(".mochi-note", has_text=f"{place} of 2 in the queue").first.wait_for(timeout=60_000)
         # a running card shows the video as it forms (the displayed slow job showed it changing, above)
+        studio_gate.wait_reached()
         page.wait_for_function("""() => [...document.querySelectorAll('.mochi-studio .mochi-job-card img')]
             .some(i => i.offsetWidth > 0 && i.complete && i.naturalWidth > 0)""", timeout=120_000, polling=100)
         studio.locator(".mochi-job-card").first.scroll_into_view_if_needed()
         page.screenshot(path=str(ARTIFACTS / "ux_studio_queue.png"))
+        studio_gate.release()
         page.wait_for_function("""() => [...document.querySelectorAll('.mochi-studio .mochi-job-card')]
             .filter(c => c.querySelector('video')).length >= 4""", timeout=300_000, polling=1000)
         slow.scroll_into_view_if_needed()

@@ -33,6 +33,7 @@ ARTIFACTS = REPO / "artifacts" / "browser"
 AUTOPLAY = ["--autoplay-policy=no-user-gesture-required"]  # the synced grid plays without a click
 NAME = "ux_panels.ipynb"
 JOB_ID = re.compile(r"\b[0-9a-f]{11}-[0-9a-f]{12}\b")
+BUSY_PROMPT = "ux-panel a very long take"  # held at denoising step 1 while the panel shows it
 CELLS = [
     "from mochi_lab import MochiCluster\nfrom mochi_lab.widgets import ClusterPanel, History\n\n"
     "cluster = MochiCluster()\ncluster",
@@ -46,10 +47,9 @@ CELLS = [
     "exp.wait(timeout=300, progress=False)\nruns",
     "exp",
     "grid = exp.compare(width=192)\ngrid",
-    # one worker: a long job runs (minutes on a CPU), two small ones wait behind it
+    # one worker: a job runs (the test holds it at step 1), two small ones wait behind it
     "import time\n"
-    "busy = cluster.generate(\"ux-panel a very long take\", num_frames=163, height=128, width=192,\n"
-    "                        num_inference_steps=200, fps=8)\n"
+    f"busy = cluster.generate({BUSY_PROMPT!r}, num_frames=7, height=32, width=48, num_inference_steps=200, fps=8)\n"
     "while busy.refresh().step < 1:\n    time.sleep(0.2)\n"
     'waiting = [cluster.generate(f"ux-panel waiting {i}", priority=i, **tiny) for i in range(2)]\n'
     "panel = ClusterPanel(cluster)\npanel",
@@ -158,10 +158,11 @@ def shot(locator, name: str) -> None:
 
 
 @pytest.mark.usefixtures("chromium")
-def test_history_experiments_and_cluster_panel_in_jupyterlab(lab):
+def test_history_experiments_and_cluster_panel_in_jupyterlab(lab, hold):
     from playwright.sync_api import sync_playwright
 
     url, log_path = lab
+    hold(BUSY_PROMPT, "denoising", step=1)  # released when the test ends
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS + AUTOPLAY, headless=True)

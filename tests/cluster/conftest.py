@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from tests.support import clusterlib as cl  # noqa: E402
+from tests.support import clusterlib as cl
+from tests.support.tools import need_tool
 
 
 @pytest.fixture(scope="session")
@@ -33,3 +34,9 @@ def images_env() -> dict[str, str]:
 def notebook_pods(values, tmp_path_factory) -> dict[str, dict]:
     """The single-user Pods of each profile, as KubeSpawner builds them from the z2jh values."""
     return cl.spawner_pods(values, tmp_path_factory.mktemp("kubespawner"))
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> str:
+    """redis-server's path: cluster/local/up.sh starts one (skipped, or failed when strict, where it is missing)."""
+    return need_tool("redis-server")

@@ -92,6 +92,7 @@ def _reattach(info: dict, job_id: str, env: dict) -> subprocess.CompletedProcess
     return again
 
 
+@pytest.mark.usefixtures("cluster_scripts", "redis_server")
 @pytest.mark.timeout(1500)
 def test_local_cluster_runs_a_job_end_to_end_and_stops_cleanly():
     ray_port, redis_port = pick_ports()

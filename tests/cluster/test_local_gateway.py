@@ -54,7 +54,7 @@ def _get(url: str, token: str | None) -> tuple[int, bytes]:
         return exc.code, exc.read()
 
 
-@pytest.mark.usefixtures("cluster_scripts")
+@pytest.mark.usefixtures("cluster_scripts", "redis_server")
 @pytest.mark.timeout(1500)
 def test_a_hub_token_gets_a_video_through_the_gateway(tmp_path):
     ray_port, redis_port = pick_ports()

@@ -34,6 +34,8 @@ import redis
 from tests.support import clusterlib as cl
 from tests.support.redisacl import RedisServer
 
+pytestmark = pytest.mark.usefixtures("ray_local")  # a Ray head of the module's own: the integration tier
+
 MARKER = "MOCHI_TEST_RAY_AUTH"
 RAY_DEFAULT_PORTS = {6379, 8265, 10001, 52365, 44217, 44227, 8076, 8077}
 BLOCK = 64

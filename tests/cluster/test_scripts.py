@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 
 import pytest
 
 from tests.support import clusterlib as cl
 
-SHELLCHECK = shutil.which("shellcheck") or "/usr/bin/shellcheck"
 NAMES = [str(p.relative_to(cl.CLUSTER)) for p in cl.SCRIPTS]
+# the repository's own shell tools (CI's entry point, the soak runner): shellchecked like the deployment's
+TOOLS = sorted([cl.REPO / ".ci" / "run", *(cl.REPO / "scripts").iterdir()])
 
 
 def test_the_scripts_are_all_there():
@@ -21,24 +21,28 @@ def test_the_scripts_are_all_there():
     }
 
 
-def test_shellcheck_passes():
+def test_the_tools_are_all_there():
+    assert [str(p.relative_to(cl.REPO)) for p in TOOLS] == [".ci/run", "scripts/soak-tests"]
+
+
+def test_shellcheck_passes(shellcheck):
     out = subprocess.run(
-        [SHELLCHECK, "--external-sources", "--severity=style", *map(str, cl.SCRIPTS)],
+        [shellcheck, "--external-sources", "--severity=style", *map(str, [*cl.SCRIPTS, *TOOLS])],
         capture_output=True, text=True, timeout=120, cwd=cl.REPO,
     )
     assert out.returncode == 0, out.stdout + out.stderr
 
 
-def test_shellcheck_bites(tmp_path):
+def test_shellcheck_bites(shellcheck, tmp_path):
     bad = tmp_path / "bad.sh"
     bad.write_text("#!/usr/bin/env bash\nset -euo pipefail\nfor f in $(ls *.txt); do rm $f; done\n")
-    out = subprocess.run([SHELLCHECK, str(bad)], capture_output=True, text=True, timeout=60)
+    out = subprocess.run([shellcheck, str(bad)], capture_output=True, text=True, timeout=60)
     assert out.returncode != 0 and "SC2045" in out.stdout
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", [*(f"cluster/{n}" for n in NAMES), *(str(p.relative_to(cl.REPO)) for p in TOOLS)])
 def test_strict_mode_and_executable(name):
-    path = cl.CLUSTER / name
+    path = cl.REPO / name
     lines = path.read_text().splitlines()
     assert lines[0] == "#!/usr/bin/env bash"
     assert "set -euo pipefail" in lines[:10], name
@@ -86,3 +90,13 @@ def test_local_down_is_a_no_op_without_a_cluster(tmp_path):
         out = subprocess.run(["bash", str(cl.CLUSTER / "local" / "down.sh"), "--state-dir", str(tmp_path / "none")],
                              capture_output=True, text=True, timeout=60)
         assert out.returncode == 0 and "nothing to stop" in out.stdout
+
+
+def test_soak_tests_usage_and_bad_arguments():
+    soak = cl.REPO / "scripts" / "soak-tests"
+    out = subprocess.run(["bash", str(soak), "--help"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.startswith("Usage: scripts/soak-tests"), out.stdout + out.stderr
+    for args, message in ((["--tier", "nightly"], "unknown tier: nightly"), (["--repeat", "0"], "at least 1"),
+                          (["--hogs", "two"], "whole number"), (["--no-such-option"], "unknown option")):
+        out = subprocess.run(["bash", str(soak), *args], capture_output=True, text=True, timeout=60)
+        assert out.returncode == 2 and message in out.stderr and "Usage:" in out.stderr, (args, out.stderr)

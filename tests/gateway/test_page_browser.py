@@ -22,7 +22,7 @@ import pytest
 from mochi_lab.gateway_web import CSRF_HEADER, SESSION_COOKIE
 from mochi_lab.hubauth import hash_token
 from tests.support.hub_fixtures import Gateway, free_port
-from tests.support.jobkit import SECONDS, TINY
+from tests.support.jobkit import TINY
 
 pytestmark = pytest.mark.usefixtures("chromium")
 
@@ -62,6 +62,17 @@ document.addEventListener("DOMContentLoaded", () => {
   }).observe(jobs, {subtree: true, childList: true, characterData: true, attributes: true});
 });
 """
+# A job the page watches while a gate holds it (a few steps, so the held step lies strictly inside).
+WATCHED = {"num_frames": 7, "height": 32, "width": 48, "num_inference_steps": 4, "fps": 8}
+# 64x96: a 12x8 latent grid; every step previews (about every 10 % of 4), at most once per min interval.
+PREVIEWED = {"num_frames": 7, "height": 64, "width": 96, "num_inference_steps": 4, "fps": 8}
+
+CARD_SHOWS = """([id, status, steps]) => {
+  const c = document.getElementById('job-' + id);
+  return c !== null && c.querySelector('.status').textContent.trim() === status
+    && c.querySelector('.steps').textContent.trim() === steps;
+}"""
+PREVIEWS_LOADED = """([id, n]) => new Set(window.__previews.filter(p => p.src.includes(id)).map(p => p.src)).size >= n"""
 CARD_FINISHED = """(id) => {
   const s = document.querySelector('#job-' + id + ' .status');
   return s !== null && ['done', 'failed', 'cancelled'].includes(s.textContent.trim());
@@ -144,7 +155,7 @@ def submit(page) -> str:
     return page.locator("#jobs article.job").first.get_attribute("data-job")
 
 
-def test_alice_queues_watches_plays_and_downloads_on_the_page(browser, hub, gateway, tokens):
+def test_alice_queues_watches_plays_and_downloads_on_the_page(browser, hub, gateway, tokens, hold):
     import av
 
     pw, chromium = browser
@@ -155,9 +166,14 @@ def test_alice_queues_watches_plays_and_downloads_on_the_page(browser, hub, gate
     page.on("response", lambda r: media.append((r.url, r.status)))
     try:
         sign_in(page, gateway.url, hub, "alice")
-        # long enough for the page's stream to see it run (a 32x32 job can end before the stream opens)
-        fill_form(page, "a paper boat on a pond, seen by the page", SECONDS)
+        prompt = "a paper boat on a pond, seen by the page"
+        total = WATCHED["num_inference_steps"]
+        gate = hold(prompt, "denoising", step=1)  # held running until the page has shown it so
+        fill_form(page, prompt, WATCHED)
         job_id = submit(page)
+        gate.wait_reached()
+        page.wait_for_function(CARD_SHOWS, arg=[job_id, "running", f"1/{total}"], timeout=60_000, polling=100)
+        gate.release()
         page.wait_for_function(CARD_FINISHED, arg=job_id, timeout=180_000, polling=200)
         card = page.locator(f"#job-{job_id}")
         assert card.locator(".status").inner_text() == "done", card.inner_text()
@@ -167,7 +183,6 @@ def test_alice_queues_watches_plays_and_downloads_on_the_page(browser, hub, gate
         statuses = [s["status"] for s in shown]
         assert statuses[-1] == "done" and statuses.count("done") == 1, shown
         steps = [tuple(map(int, s["steps"].split("/"))) for s in shown if s["steps"]]
-        total = SECONDS["num_inference_steps"]
         assert {t for _, t in steps} == {total}, shown
         assert [k for k, _ in steps] == sorted(k for k, _ in steps), shown  # never backwards
         assert any(s["status"] == "running" and 0 < int(s["steps"].split("/")[0]) < total
@@ -186,8 +201,8 @@ def test_alice_queues_watches_plays_and_downloads_on_the_page(browser, hub, gate
             frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
         with gateway.client(tokens["alice"]) as alice:
             job = alice.get(f"/status/{job_id}").json()
-        assert len(frames) == job["params"]["num_frames"] == SECONDS["num_frames"]
-        assert frames[0].shape == (SECONDS["height"], SECONDS["width"], 3)
+        assert len(frames) == job["params"]["num_frames"] == WATCHED["num_frames"]
+        assert frames[0].shape == (WATCHED["height"], WATCHED["width"], 3)
         anonymous = pw.request.new_context()
         try:
             assert anonymous.get(url).status == 401  # it was the session that opened it
@@ -204,24 +219,32 @@ def test_alice_queues_watches_plays_and_downloads_on_the_page(browser, hub, gate
         context.close()
 
 
-def test_a_running_job_shows_its_forming_video_and_an_eta(browser, hub, gateway, tokens):
+def test_a_running_job_shows_its_forming_video_and_an_eta(browser, hub, gateway, tokens, hold, test_settings):
     pw, chromium = browser
     context = chromium.new_context(viewport={"width": 1100, "height": 700})
     context.add_init_script(RECORD_PREVIEWS)
     page = context.new_page()
-    # several previews (at most one a second) while the job runs
-    body = {"params": {"prompt": "a slow sunrise, previewed", **SECONDS}, "reuse": False}
+    prompt = "a slow sunrise, previewed"
+    gate = hold(prompt, "denoising", step=1)
+    body = {"params": {"prompt": prompt, **PREVIEWED}, "reuse": False}
     with gateway.client(tokens["alice"]) as alice:
         job_id = alice.post("/generate", json=body).json()["id"]
         try:
+            gate.wait_reached()  # step 1 previewed, held
+            reached = time.monotonic()
             sign_in(page, gateway.url, hub, "alice")
             img = f"#job-{job_id} img.preview"
+            page.wait_for_function(PREVIEWS_LOADED, arg=[job_id, 1], timeout=60_000, polling=100)
+            # The worker previews at most once per preview_min_interval_s: once that has passed since step 1's
+            # (a lower bound, whatever the machine's speed), the job moves on to step 2, previews it and is held.
+            time.sleep(max(0.0, reached + test_settings.preview_min_interval_s - time.monotonic()))
+            hold(prompt, "denoising", step=2).wait_reached()
             # the picture is replaced as the job goes on: two different previews loaded and shown
-            page.wait_for_function("(id) => new Set(window.__previews.filter(p => p.src.includes(id))"
-                                   ".map(p => p.src)).size >= 2", arg=job_id, timeout=120_000, polling=100)
+            page.wait_for_function(PREVIEWS_LOADED, arg=[job_id, 2], timeout=60_000, polling=100)
             loaded = [p for p in page.evaluate("window.__previews") if job_id in p["src"]]
             steps = [int(p["src"].rsplit("step=", 1)[1]) for p in loaded]
-            assert steps == sorted(steps) and all(0 < s <= 200 for s in steps), loaded
+            total = PREVIEWED["num_inference_steps"]
+            assert steps == sorted(steps) and all(0 < s <= total for s in steps), loaded
             assert all((p["width"], p["height"]) == (12, 8) for p in loaded), loaded  # the latent grid
             status = alice.get(f"/status/{job_id}").json()
             assert status["status"] == "running", status

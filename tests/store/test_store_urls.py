@@ -66,13 +66,13 @@ def test_settings_store_url_opens(tmp_path: Path) -> None:
     store.close()
 
 
-def test_redis_url_prefix_is_stripped(redis_base_url: str) -> None:
+def test_redis_url_prefix_is_stripped(redis_url: str) -> None:
     # construction does not connect: an unreachable address answers on the first call
     down = RedisStore("redis://127.0.0.1:1/0")
     assert down.prefix == "mochi"  # the default
     with pytest.raises(StoreUnavailable, match="127.0.0.1:1"):
         down.counts("alice")
-    url = redis_base_url.rsplit("/", 1)[0] + "/3?prefix=team-a&socket_timeout=1.5"
+    url = redis_url.rsplit("/", 1)[0] + "/3?prefix=team-a&socket_timeout=1.5"
     store = RedisStore(url)
     kwargs = store.client.connection_pool.connection_kwargs  # connects, writes nothing
     assert (store.prefix, store.url) == ("team-a", url)

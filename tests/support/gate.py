@@ -6,6 +6,8 @@
         ...                       # act on a running job: cancel it, read its preview, see the worker busy
     # leaving the block releases it
 
+A new Gate for the same prompt moves a held job on: it leaves its gate and is held at the new one.
+
 The session's gate folder is MOCHI_LAB_TEST_GATES (tests/conftest.py sets it before any worker starts).
 """
 

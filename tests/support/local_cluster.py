@@ -34,8 +34,9 @@ def read_env(path: Path) -> dict[str, str]:
     return out
 
 
-def group_pids(pgid: int) -> set[int]:
-    return {p.pid for p in psutil.process_iter(["pid"]) if pgid(p.pid) == pgid}
+def group_pids(group: int) -> set[int]:
+    """The processes in process group `group`."""
+    return {p.pid for p in psutil.process_iter(["pid"]) if pgid(p.pid) == group}
 
 
 def marked_pids(state: Path) -> set[int]:
