@@ -84,6 +84,8 @@ def broken_checkpoint(tiny_checkpoint) -> Path:
 TIER_OF_FIXTURE = {
     "ray_cluster": "integration",  # a multi-node Ray: the pool, the gang, the controller, metrics on Ray
     "ray_local": "integration",  # a Ray of the test's own (the embedded default, the runtime daemon)
+    "gloo_ranks": "integration",  # processes of a torch.distributed group: CFG and sequence-parallel gangs
+    "torch_compile": "integration",  # inductor compiles (a minute and more with a cold cache)
     "chromium": "e2e",  # JupyterLab or the gateway's page in a real browser
     "shellcheck": "e2e",  # the deployment scripts
     "cluster_scripts": "e2e",  # cluster/local/up.sh and friends: a Ray cluster and Redis of their own
@@ -137,6 +139,16 @@ def package_install() -> None:
 @pytest.fixture()
 def autoscaler() -> None:
     """Marks a test that runs Ray's autoscaler (the e2e tier)."""
+
+
+@pytest.fixture(scope="session")
+def gloo_ranks() -> None:
+    """Marks a test that runs ranks of a torch.distributed group as processes (the integration tier)."""
+
+
+@pytest.fixture()
+def torch_compile() -> None:
+    """Marks a test that compiles with inductor (the integration tier)."""
 
 
 @pytest.fixture()

@@ -20,7 +20,7 @@ SCRIPT = BENCH / "gpu_mochi.py"
 
 
 @pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, str]:
+def smoke_run(gloo_ranks: None, tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, str]:
     out = tmp_path_factory.mktemp("standing_order")
     # --smoke forces CPU even where CUDA exists; a smoke run names no results file by date and GPU
     proc = subprocess.run(["bash", str(BENCH / "gpu_standing_order.sh"), str(out), "--smoke"],

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from mochi_lab.params import GenerationParams
@@ -17,6 +18,7 @@ from mochi_lab.pipelines import load_runner
 
 PAIR = Path(__file__).parents[1] / "support" / "cfg_pair.py"
 ROOT = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.usefixtures("gloo_ranks")
 
 
 def _free_port() -> int:

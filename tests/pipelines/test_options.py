@@ -54,6 +54,7 @@ def test_first_block_cache_skips_transformer_calls_and_keeps_the_video_close(tin
     assert np.array_equal(again.frames, out.frames) and again.info["step_cache_skips"] == skips
 
 
+@pytest.mark.usefixtures("torch_compile")
 def test_compile_runs_compiled_blocks_and_gives_the_eager_frames(tiny_checkpoint, eager):
     from torch._dynamo.utils import counters
 

@@ -77,7 +77,7 @@ def assert_same_video(ranks: list, index: int, ref) -> float:
 
 
 @pytest.fixture(scope="module")
-def two_ranks(tiny_checkpoint, tmp_path_factory) -> tuple[list, list[dict]]:
+def two_ranks(gloo_ranks, tiny_checkpoint, tmp_path_factory) -> tuple[list, list[dict]]:
     jobs = [
         {"params": job(**PADDED)},  # no CFG: SP over both ranks, padded
         {"params": job(**EVEN)},  # no CFG: SP over both ranks, no padding
@@ -91,7 +91,7 @@ def two_ranks(tiny_checkpoint, tmp_path_factory) -> tuple[list, list[dict]]:
 
 
 @pytest.fixture(scope="module")
-def four_ranks(tiny_checkpoint, tmp_path_factory) -> tuple[list, list[dict]]:
+def four_ranks(gloo_ranks, tiny_checkpoint, tmp_path_factory) -> tuple[list, list[dict]]:
     jobs = [
         {"params": job(guidance=4.5, **PADDED)},  # guided: CFG 2 x SP 2, padded
         {"params": job(**PADDED)},  # no CFG: SP 4, padded
@@ -156,6 +156,7 @@ def test_a_stop_on_any_rank_stops_every_rank_at_the_same_step(two_ranks, four_ra
             assert r[index]["stats"]["calls"] == 2  # nobody started a third transformer call
 
 
+@pytest.mark.usefixtures("gloo_ranks")
 def test_ranks_agree_on_the_first_block_cache(tiny_checkpoint, tmp_path):
     """Rank 0 would compute every call (threshold 0), rank 1 skip every one it can (1e9): left alone they
     diverge (under SP the ranks would wait in different collectives). Every rank decides on the residual of
@@ -171,6 +172,7 @@ def test_ranks_agree_on_the_first_block_cache(tiny_checkpoint, tmp_path):
         assert_same_video(ranks, index, ref)
 
 
+@pytest.mark.usefixtures("gloo_ranks")
 def test_the_split_decode_gives_the_single_decode_with_less_memory_per_rank(tiny_checkpoint, tmp_path):
     """31 frames at 96x288 (6 latent frames, two spatial tiles): the decode on 2 ranks (3 latent frames each,
     every causal convolution taking its past frames from the rank before) against one process."""
