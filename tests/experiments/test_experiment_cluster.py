@@ -98,7 +98,7 @@ def test_reproduce_gives_identical_frames_and_provenance(mochi, tiny):
     assert twin.id != job.id and twin.params == job.params
     assert f"reproduces:{job.id}" in twin.record.tags
     a, b = (read_frames(j.result(timeout=300)).astype(int) for j in (job, twin))
-    # The same video, from whichever of the pool's processes ran each. Once in many runs two CPU workers
+    # The same video, from whichever of the pool's workers ran each. Once in many runs two CPU workers
     # gave pixels 2 levels apart (float rounding, re-encoded by H.264): up to 4 is tolerated, and shown.
     diff = np.abs(a - b)
     workers = (job.record.meta.get("worker_id"), twin.record.meta.get("worker_id"))
