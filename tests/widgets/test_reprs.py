@@ -14,7 +14,7 @@ import pytest
 from mochi_lab import Job, JobRecord
 from mochi_lab.backend import queue_rows
 from mochi_lab.job import LiveView, TextProgress
-from mochi_lab.reprs import WIDGET_MIME, RetryTracker
+from mochi_lab.reprs import WIDGET_MIME, RetryTracker, cluster_html
 from tests.support.fakes import record
 from tests.support.jobkit import TINY
 from tests.support.widget_helpers import drive, pool_size, unique
@@ -23,10 +23,15 @@ from tests.support.widget_helpers import drive, pool_size, unique
 def test_cluster_repr_is_compact_html(mochi):
     out = mochi._repr_html_()
     assert "MochiCluster" in out and f"<b>{mochi.account}</b>" in out and "tiny" in out and len(out) < 1000
-    if mochi.backend.info()["backend"] == "gateway":  # its URL; the store and Ray are the server's business
-        assert f"gateway {mochi.backend.info()['address']}" in out and "store" not in out and "ray " not in out
-    else:
-        assert "sqlite" in out and "ray " in out
+    assert "sqlite" in out and "ray " in out
+
+
+def test_a_gateway_handles_repr_shows_its_url_and_not_the_servers_store():
+    # what GatewayBackend.info() returns (tests/test_remote.py pins it): the store and Ray are the server's
+    info = {"backend": "gateway", "address": "https://hub.example/services/mochi/", "account": "wendy", "model": "tiny"}
+    out = cluster_html(info)
+    assert "MochiCluster" in out and "<b>wendy</b>" in out and len(out) < 1000
+    assert "gateway https://hub.example/services/mochi/" in out and "store" not in out and "ray " not in out
 
 
 def test_job_reprs_need_no_store_and_are_html_only(mochi):
