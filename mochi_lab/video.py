@@ -36,7 +36,10 @@ def write_mp4(frames: np.ndarray, path: str | os.PathLike, fps: int) -> Path:
     # holding a diffusers pipeline took 0.5 s of a tiny job's 0.6 s. faststart puts the index first
     # so browsers can play while loading.
     with av.open(str(tmp), "w", format="mp4", options={"movflags": "+faststart"}) as out:
-        stream = out.add_stream("libx264", rate=int(fps))
+        # x264's MB-tree rate control let the same frames encode differently within one process once other
+        # work had run in between (a threaded decode; seen on small videos, tests/test_video.py): without
+        # it a seed gives the same MP4 every time, for MB-tree's bit savings.
+        stream = out.add_stream("libx264", rate=int(fps), options={"x264-params": "no-mbtree=1"})
         stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
         for frame in frames:
             out.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))

@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # Lower layers first. A module may import its own layer or lower ones, never a higher one.
 LAYERS: list[set[str]] = [
-    {"version", "settings", "video", "provenance", "reprs", "params", "reaper", "hubauth", "logs", "private"},
+    {"version", "settings", "video", "provenance", "reprs", "params", "reaper", "hubauth", "logs", "private", "gate"},
     {"store", "store.base", "store.sqlite", "store.redis", "store.redis_lua"},
     {"pipelines", "pipelines.config", "pipelines.tiny", "pipelines.tokens", "pipelines.preview", "pipelines.cfg_parallel",
      "pipelines.mochi"},

@@ -11,16 +11,15 @@ import pytest
 
 from mochi_lab.store import Store, open_store
 
-REDIS_URL = "redis://127.0.0.1:6379/0"
-
 
 @pytest.fixture(params=["sqlite", "redis"])
 def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """One backend's url; Redis keys live under a fresh prefix, deleted afterwards."""
+    """One backend's url; Redis keys live under a fresh prefix, deleted afterwards (the shared Redis:
+    skipped, naming its install line, where none answers)."""
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path / 'store.sqlite3'}"
         return
-    url = f"{REDIS_URL}?prefix=mochi-exp-test-{uuid.uuid4().hex[:12]}"
+    url = f"{request.getfixturevalue('redis_url')}?prefix=mochi-exp-test-{uuid.uuid4().hex[:12]}"
     yield url
     cleanup = open_store(url)
     cleanup.drop_all()  # type: ignore[attr-defined]

@@ -1,4 +1,5 @@
-"""Experiments, the result cache and provenance end to end: the session's real Ray pool on SQLite."""
+"""Experiments, the result cache and provenance end to end: the session's pool (real Worker threads) on
+SQLite."""
 
 import json
 import os
@@ -13,12 +14,11 @@ import numpy as np
 import pytest
 
 from mochi_lab import ExperimentNotFound, MochiCluster
+from mochi_lab.direct import DirectBackend
 from mochi_lab.experiment import MISSING
 from mochi_lab.video import probe, read_frames
-from tests.support.jobkit import SECONDS
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_sweep_wait_dataframe_compare_export(mochi, tiny, tmp_path):
@@ -62,7 +62,7 @@ def test_experiments_are_listed_newest_first_and_private(mochi, test_settings):
     mochi.experiment("listed-new")
     names = [e.name for e in mochi.experiments()]
     assert names.index("listed-new") < names.index("listed-old")
-    bob = MochiCluster(settings=test_settings.model_copy(update={"account": "bob"}), start_pool=False)
+    bob = MochiCluster(backend=DirectBackend(test_settings.model_copy(update={"account": "bob"}), mochi.backend.store))
     assert "listed-new" not in [e.name for e in bob.experiments()]
     with pytest.raises(ExperimentNotFound):
         bob.experiment("listed-new", create=False)
@@ -80,15 +80,16 @@ def test_result_cache_reuses_done_and_inflight_jobs_unless_forced(mochi, tiny):
     assert mochi.generate("a cached lighthouse", seed=22, **tiny).id != first.id
 
 
-def test_cancelled_jobs_are_not_served_from_the_cache(mochi):
-    # a long job queued behind nothing may start at once: cancel works either way
-    job = mochi.generate("a cancelled comet", seed=3, **SECONDS)
+def test_cancelled_jobs_are_not_served_from_the_cache(mochi, hold, tiny):
+    hold("a cancelled comet", "denoising", step=1)  # neither job can finish before it is cancelled
+    job = mochi.generate("a cancelled comet", seed=3, **tiny)
     job.cancel()
     job.wait(timeout=120)
     assert job.status == "cancelled"
-    again = mochi.generate("a cancelled comet", seed=3, **SECONDS)
+    again = mochi.generate("a cancelled comet", seed=3, **tiny)
     assert again.id != job.id and again.status in ("queued", "running")
     again.cancel()
+    again.wait(timeout=120)
 
 
 def test_reproduce_gives_identical_frames_and_provenance(mochi, tiny):
@@ -97,7 +98,7 @@ def test_reproduce_gives_identical_frames_and_provenance(mochi, tiny):
     assert twin.id != job.id and twin.params == job.params
     assert f"reproduces:{job.id}" in twin.record.tags
     a, b = (read_frames(j.result(timeout=300)).astype(int) for j in (job, twin))
-    # The same video, from whichever of the pool's processes ran each. Once in many runs two CPU workers
+    # The same video, from whichever of the pool's workers ran each. Once in many runs two CPU workers
     # gave pixels 2 levels apart (float rounding, re-encoded by H.264): up to 4 is tolerated, and shown.
     diff = np.abs(a - b)
     workers = (job.record.meta.get("worker_id"), twin.record.meta.get("worker_id"))
@@ -112,9 +113,10 @@ def test_reproduce_gives_identical_frames_and_provenance(mochi, tiny):
 
 def test_sweep_resumed_after_its_client_was_killed(mochi, test_settings):
     name = "killed-sweep"
+    # another process that only submits; the session's thread workers run its jobs
     proc = subprocess.Popen(
-        [sys.executable, str(HERE.parent / "support" / "sweep_client.py"), test_settings.model_dump_json(), name, "3"],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=os.environ.copy(),
+        [sys.executable, "-m", "tests.support.sweep_client", test_settings.model_dump_json(), name, "3"],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=os.environ.copy(), cwd=ROOT,
     )
     try:
         queued = []
@@ -147,12 +149,14 @@ def test_sweep_resumed_after_its_client_was_killed(mochi, test_settings):
     assert len(mochi.jobs(experiment=name, limit=100)) == 6  # no run was queued twice
 
 
-def test_cli_runs_a_spec_and_prints_timings_per_steps_value(mochi, test_settings, monkeypatch, capsys):
-    from mochi_lab.cli import main
+def test_cli_runs_a_spec_and_prints_timings_per_steps_value(mochi, monkeypatch, capsys):
+    from mochi_lab import cli
 
-    monkeypatch.setenv("MOCHI_LAB_NAMESPACE", test_settings.namespace)  # re-attach to the session's pool
+    # The spec runner on the session's pool; how the CLI finds a pool (--address, RAY_ADDRESS, the local
+    # runtime) is tests/test_cli.py's to test.
+    monkeypatch.setattr(cli, "_cluster", lambda args, model: mochi)
     spec = str(ROOT / "experiments" / "steps_vs_quality.yaml")
-    assert main(["experiment", "run", spec, "--wait", "--timeout", "600", "--address", test_settings.ray_address]) == 0
+    assert cli.main(["experiment", "run", spec, "--wait", "--timeout", "600"]) == 0
     out = capsys.readouterr().out
     rows = [line.split() for line in out.splitlines() if line.strip()[:1].isdigit()]
     assert [r[0] for r in rows] == ["2", "4", "8"]  # one row per steps value
@@ -160,5 +164,5 @@ def test_cli_runs_a_spec_and_prints_timings_per_steps_value(mochi, test_settings
     denoise = [float(r[3]) for r in rows]
     assert denoise[0] > 0 and denoise[2] > denoise[0]  # more steps cost more denoising time
     # re-running the spec is idempotent
-    assert main(["experiment", "run", spec, "--address", test_settings.ray_address]) == 0
+    assert cli.main(["experiment", "run", spec]) == 0
     assert len(mochi.jobs(experiment="steps-vs-quality", limit=100)) == 6

@@ -1,7 +1,7 @@
 """A small sweep end to end on Redis: a real Worker (tiny model) serving from a Redis store, no Ray.
 
-The session's Ray pool holds every logical GPU, so this worker runs in a thread of the test process;
-the worker loop is the same code a pool actor runs.
+The worker runs in a thread of the test process (the session's thread pool serves SQLite); the worker loop
+is the same code a pool actor runs.
 """
 
 import os
@@ -15,15 +15,15 @@ from mochi_lab.direct import DirectBackend
 from mochi_lab.settings import Settings
 from mochi_lab.store import open_store
 from mochi_lab.video import read_frames
-from mochi_lab.worker import Worker
+from tests.support.burst import ThreadWorker
 
 
 @pytest.fixture
-def redis_worker(tmp_path, tiny_checkpoint):
-    url = f"redis://127.0.0.1:6379/0?prefix=mochi-exp-e2e-{uuid.uuid4().hex[:12]}"
+def redis_worker(redis_url, tmp_path, tiny_checkpoint):
+    url = f"{redis_url}?prefix=mochi-exp-e2e-{uuid.uuid4().hex[:12]}"
     settings = Settings(redis_url=url, data_dir=tmp_path / "data", cache_dir=os.environ["MOCHI_LAB_CACHE_DIR"],
                         lease_s=10.0, worker_ttl_s=10.0)
-    worker = Worker("redis-e2e-worker", settings, "tiny")
+    worker = ThreadWorker("redis-e2e-worker", settings, "tiny")  # loads in turn with the session pool's threads
     worker.start()
     store = open_store(url)
     yield DirectBackend(settings.model_copy(update={"account": "carol"}), store)

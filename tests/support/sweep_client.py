@@ -1,22 +1,22 @@
 """A notebook-like client that queues a sweep and then hangs, so a test can SIGKILL it mid-sweep.
 
-usage: python sweep_client.py SETTINGS_JSON EXPERIMENT QUEUE_BEFORE_HANG
+usage: python -m tests.support.sweep_client SETTINGS_JSON EXPERIMENT QUEUE_BEFORE_HANG
 Prints "queued <n> <job id>" after each job it queues; before the next one it sleeps forever.
+It only submits (a handle on the store, no Ray, no pool): the test session's workers run its jobs.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 
-os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+from mochi_lab import MochiCluster
+from mochi_lab.direct import DirectBackend
+from mochi_lab.settings import Settings
+from mochi_lab.store import open_store
+from tests.support.jobkit import TINY
 
-from mochi_lab import MochiCluster  # noqa: E402
-from mochi_lab.settings import Settings  # noqa: E402
-
-TINY = {"num_frames": 7, "height": 32, "width": 32, "num_inference_steps": 2, "fps": 8}
 PROMPTS = ["a kite over a hill", "a train in the rain"]
 SEEDS = [1, 2, 3]
 
@@ -24,8 +24,8 @@ SEEDS = [1, 2, 3]
 def main() -> None:
     settings = Settings(**json.loads(sys.argv[1]))
     name, hang_after = sys.argv[2], int(sys.argv[3])
-    cluster = MochiCluster(settings=settings, start_pool=False)
-    store = cluster.backend.store
+    store = open_store(settings.store_url)
+    cluster = MochiCluster(backend=DirectBackend(settings, store))
     enqueue = store.enqueue
     queued = 0
 

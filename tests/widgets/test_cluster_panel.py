@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import re
-import time
 from collections import Counter
 
 import pytest
@@ -13,22 +12,22 @@ from mochi_lab.backend import queue_rows
 from mochi_lab.widgets import ClusterPanel
 from mochi_lab.widgets.cluster_panel import queue_view, scaled_message
 from tests.support.fakes import PAYLOADS, FakeCluster, FakeJob, assert_safe, hostile_record, record
-from tests.support.jobkit import SECONDS
-from tests.support.widget_helpers import unique
+from tests.support.widget_helpers import pool_size, unique, until
 
 
 def test_table_lists_every_live_worker(mochi):
     panel = ClusterPanel(mochi)
     workers = mochi.workers()
-    assert len(workers) == 4
+    n = pool_size(mochi)
+    assert len(workers) == n
     body = panel.table.value.split("<tbody>")[1]
     assert len(re.findall("<tr>", body)) == len(workers)
     for w in workers:
         assert w["worker_id"] in body
     assert re.search(r"(idle|busy)", body) and "tiny" in body
     assert all(f"{s} <b>" in panel.counts.value for s in ("queued", "running", "done", "failed", "cancelled"))
-    assert panel.scale_to.value == 4
-    assert "4 CPU workers" in panel.summary.value and "GPU" not in panel.summary.value  # the session is CPU-only
+    assert panel.scale_to.value == n
+    assert f"{n} CPU workers" in panel.summary.value and "GPU" not in panel.summary.value  # the session is CPU-only
     assert "<b>queue</b>" in panel.queue.value
 
 
@@ -40,10 +39,9 @@ def test_refreshes_while_a_view_is_shown_and_stops_when_it_goes(mochi):
         assert not panel.poller.running  # no front end has shown it: no store reads
         start = panel.refreshes
         panel._view_count = 1  # what JupyterLab sends when it renders a view
-        await asyncio.sleep(0.55)
-        assert panel.poller.running and panel.refreshes >= start + 3
+        await until(lambda: panel.refreshes >= start + 3)
+        assert panel.poller.running
         panel._view_count = 0  # the output was cleared or the notebook closed
-        await asyncio.sleep(0.05)
         stopped = panel.refreshes
         await asyncio.sleep(0.35)
         assert not panel.poller.running and panel.refreshes == stopped
@@ -73,9 +71,9 @@ class Counting:
 async def _close_while_polling(panel: ClusterPanel, reads) -> None:
     """Show a view, let it poll, close it: the poll task must end at once and read nothing more."""
     panel._view_count = 1
-    await asyncio.sleep(0.5)
+    await until(lambda: reads() >= 2)
     task = panel.poller._task
-    assert task is not None and not task.done() and reads() >= 2
+    assert task is not None and not task.done()
     panel.close()
     await asyncio.sleep(0.01)  # far less than one interval: only a cancelled task can be done by now
     assert task.cancelled() and not panel.poller.running
@@ -100,26 +98,22 @@ def test_scale_to_the_current_size_keeps_every_worker(mochi):
     panel = ClusterPanel(mochi)
     before = {w["worker_id"]: w["started_at"] for w in mochi.workers()}
     panel.scale_button.click()  # scale_to starts at the pool's size
-    assert "pool kept at 4 workers" in panel.message.value and not panel.scale_button.disabled
+    assert f"pool kept at {pool_size(mochi)} workers" in panel.message.value and not panel.scale_button.disabled
     assert "load their model" not in panel.message.value
     assert {w["worker_id"]: w["started_at"] for w in mochi.workers()} == before
 
 
-def test_a_workers_current_job_shows_its_prompt_and_progress(mochi):
-    """The account's own job by its prompt and step; on the other backend's panel it is another account's."""
+def test_a_workers_current_job_shows_its_prompt_and_progress(mochi, hold, tiny):
+    """The account's own job by its prompt and step (another account's shows by id only: below)."""
     prompt = unique("panel long take")
-    job = mochi.generate(prompt, **SECONDS)
-    try:
-        deadline = time.monotonic() + 120
-        while job.refresh().stage != "denoising" or (job.record.step or 0) < 1:
-            assert time.monotonic() < deadline, f"job never reached denoising: {job.record.stage}"
-            time.sleep(0.1)
-        panel = ClusterPanel(mochi)
-        cell = next(c for c in panel.table.value.split('class="mochi-current-job"')[1:] if job.id in c)
-        assert prompt in cell and "denoising" in cell and "<progress" in cell and "/200" in cell
-        assert "another account" not in cell
-    finally:
-        job.cancel(timeout=30)
+    gate = hold(prompt, "denoising", step=1)
+    job = mochi.generate(prompt, **tiny)
+    gate.wait_reached()
+    panel = ClusterPanel(mochi)
+    cell = next(c for c in panel.table.value.split('class="mochi-current-job"')[1:] if job.id in c)
+    assert prompt in cell and "denoising" in cell and "<progress" in cell and "1/2" in cell
+    assert "another account" not in cell
+    job.cancel(timeout=30)
 
 
 def test_another_accounts_job_is_shown_by_id_only():

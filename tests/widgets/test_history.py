@@ -9,7 +9,8 @@ from mochi_lab import JobNotFound
 from mochi_lab.video import read_frames
 from mochi_lab.widgets import History, HistoryRow, jobs_frame
 from tests.support.fakes import PNG, FakeCluster, FakeJob, record
-from tests.support.jobkit import SECONDS
+from tests.support.gate import Gate
+from tests.support.jobkit import TINY
 from tests.support.widget_helpers import drive, unique
 
 
@@ -17,11 +18,12 @@ from tests.support.widget_helpers import drive, unique
 def made(mochi):
     """Two done jobs (one in an experiment) and one cancelled job, all sharing a unique word."""
     word = unique("history")
-    tiny = {"num_frames": 7, "height": 32, "width": 32, "num_inference_steps": 2, "fps": 8}
-    red = mochi.generate(f"{word} red ball", seed=1, **tiny)
-    blue = mochi.generate(f"{word} blue ball", seed=2, experiment=f"exp-{word}", **tiny)
-    slow = mochi.generate(f"{word} slow", seed=3, num_frames=19, height=64, width=96, num_inference_steps=200)
-    slow.cancel()
+    red = mochi.generate(f"{word} red ball", seed=1, **TINY)
+    blue = mochi.generate(f"{word} blue ball", seed=2, experiment=f"exp-{word}", **TINY)
+    with Gate(f"{word} slow", "denoising", step=1) as gate:  # the module's fixture: `hold` is per test
+        slow = mochi.generate(f"{word} slow", seed=3, **TINY)
+        gate.wait_reached()
+        slow.cancel()
     for job in (red, blue, slow):
         job.wait(timeout=240)
     assert (red.status, blue.status, slow.status) == ("done", "done", "cancelled")
@@ -91,7 +93,7 @@ def test_play_opens_the_video_under_its_row_and_close_removes_it(mochi, made, tm
 
 def test_rerun_queues_the_same_params_and_makes_the_same_video(mochi, tmp_path):
     word = unique("again")
-    first = mochi.generate(word, seed=9, num_frames=7, height=32, width=32, num_inference_steps=2, fps=8)
+    first = mochi.generate(word, seed=9, **TINY)
     first.result(timeout=240)
     history = History(mochi, text=word, download_dir=tmp_path)
     rows(history)[0].rerun_button.click()
@@ -108,7 +110,7 @@ def test_rerun_queues_the_same_params_and_makes_the_same_video(mochi, tmp_path):
 
 def test_delete_needs_a_second_click_and_removes_job_and_files(mochi, made, tmp_path):
     word = unique("doomed")
-    job = mochi.generate(word, num_frames=7, height=32, width=32, num_inference_steps=2, fps=8)
+    job = mochi.generate(word, **TINY)
     video = job.result(timeout=240)
     history = History(mochi, text=word)
     row = rows(history)[0]
@@ -209,18 +211,13 @@ def test_the_all_filter_is_labelled_and_a_none_status_means_all(tmp_path):
     assert (history.status.value, history.status.label) == ("all", "all")
 
 
-def test_a_running_jobs_row_shows_the_video_as_it_forms(mochi):
-    import time
-
+def test_a_running_jobs_row_shows_the_video_as_it_forms(mochi, hold, tiny):
     word = unique("forming")
-    job = mochi.generate(word, seed=4, **SECONDS)
-    try:
-        deadline = time.monotonic() + 120
-        while job.progress["preview_step"] is None:
-            assert time.monotonic() < deadline and not job.done(), job.record
-            time.sleep(0.2)
-        (row,) = rows(History(mochi, text=word))
-        assert row.thumbnail.format == "webp" and row.thumbnail.value[:4] == b"RIFF"
-        assert row.job.record.status == "running"
-    finally:
-        job.cancel()
+    gate = hold(word, "denoising", step=1)  # the worker stores step 1's preview before it reports the step
+    job = mochi.generate(word, seed=4, **tiny)
+    gate.wait_reached()
+    assert job.progress["preview_step"] == 1, job.record
+    (row,) = rows(History(mochi, text=word))
+    assert row.thumbnail.format == "webp" and row.thumbnail.value[:4] == b"RIFF"
+    assert row.job.record.status == "running"
+    job.cancel()

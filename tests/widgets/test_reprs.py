@@ -14,20 +14,24 @@ import pytest
 from mochi_lab import Job, JobRecord
 from mochi_lab.backend import queue_rows
 from mochi_lab.job import LiveView, TextProgress
-from mochi_lab.reprs import WIDGET_MIME, RetryTracker
+from mochi_lab.reprs import WIDGET_MIME, RetryTracker, cluster_html
 from tests.support.fakes import record
-from tests.support.widget_helpers import drive, unique
-
-TINY = {"num_frames": 7, "height": 32, "width": 32, "num_inference_steps": 2, "fps": 8}
+from tests.support.jobkit import TINY
+from tests.support.widget_helpers import drive, pool_size, unique
 
 
 def test_cluster_repr_is_compact_html(mochi):
     out = mochi._repr_html_()
     assert "MochiCluster" in out and f"<b>{mochi.account}</b>" in out and "tiny" in out and len(out) < 1000
-    if mochi.backend.info()["backend"] == "gateway":  # its URL; the store and Ray are the server's business
-        assert f"gateway {mochi.backend.info()['address']}" in out and "store" not in out and "ray " not in out
-    else:
-        assert "sqlite" in out and "ray " in out
+    assert "sqlite" in out and "ray " in out
+
+
+def test_a_gateway_handles_repr_shows_its_url_and_not_the_servers_store():
+    # what GatewayBackend.info() returns (tests/test_remote.py pins it): the store and Ray are the server's
+    info = {"backend": "gateway", "address": "https://hub.example/services/mochi/", "account": "wendy", "model": "tiny"}
+    out = cluster_html(info)
+    assert "MochiCluster" in out and "<b>wendy</b>" in out and len(out) < 1000
+    assert "gateway https://hub.example/services/mochi/" in out and "store" not in out and "ray " not in out
 
 
 def test_job_reprs_need_no_store_and_are_html_only(mochi):
@@ -59,16 +63,19 @@ class Recorder:
         return [b["text/html"] for _, b in self.sent]
 
 
-def test_a_displayed_job_stays_live_and_ends_as_static_html_with_its_video(mochi, tmp_path, monkeypatch):
+def test_a_displayed_job_stays_live_and_ends_as_static_html_with_its_video(mochi, hold, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the kernel's cwd is the notebook's folder
-    job = mochi.generate(unique("a lighthouse"), **{**TINY, "num_inference_steps": 40})
+    prompt = unique("a lighthouse")
+    gate = hold(prompt, "denoising", step=1)
+    job = mochi.generate(prompt, **TINY)
     shown = Recorder()
     view = LiveView(job, publish=shown, folder=Path("videos")).start()  # no loop here: the test steps it
     assert shown.sent[0][0] is False and ">done<" not in shown.html[0]  # shown as it was: not ended yet
+    drive(view.step, lambda: any("1/2" in h and "denoising" in h for h in shown.html))  # the steps go by
+    gate.release()
     drive(view.step, lambda: view.finished)
     assert all(update for update, _ in shown.sent[1:])  # the same output, updated in place
     assert all(a != b for a, b in zip(shown.html, shown.html[1:]))  # only changes are sent
-    assert any("/40" in h and "denoising" in h for h in shown.html)  # the steps went by
     last = shown.html[-1]
     assert ">done<" in last and "total " in last and "running" not in last
     assert f'<video class="mochi-video" src="./videos/{job.id}.mp4" poster="data:image/jpeg;base64,' in last
@@ -110,20 +117,27 @@ def test_a_lost_worker_is_said_and_the_bar_starts_again(tmp_path, monkeypatch):
     rec = store.enqueue("alice", {"prompt": "a kite", **TINY, "num_inference_steps": 10, "seed": 1, "model": "tiny",
                                   "guidance_scale": 4.5, "negative_prompt": ""})
     job = Job(backend, rec)
-    pause = 0.6  # several of wait()'s polls per state
+    seen: list[JobRecord] = []
+    watched = threading.Condition()
+
+    def seen_by_the_watcher(status: str, stage: str, step: int, attempts: int) -> None:
+        """The next transition waits until the watcher has read this state: none goes by unseen."""
+        with watched:
+            assert watched.wait_for(lambda: any((r.status, r.stage, r.step, r.attempts) == (status, stage, step, attempts)
+                                                for r in seen), timeout=60), (status, stage, step, attempts, seen[-1:])
 
     def worker_dies_then_another_takes_over() -> None:
         a = store.claim("w-a", lease_s=60)
         for step in (1, 5, 10):
             store.progress(rec.id, a.token, stage="denoising", step=step, total=10)
-            time.sleep(pause)
+            seen_by_the_watcher("running", "denoising", step, 1)
         store.progress(rec.id, a.token, stage="decoding", step=10, total=10)
-        time.sleep(pause)
+        seen_by_the_watcher("running", "decoding", 10, 1)
         store.release_worker("w-a")  # the worker's process died: the job goes back to the queue
-        time.sleep(pause)
+        seen_by_the_watcher("queued", "queued", 10, 1)
         b = store.claim("w-b", lease_s=60)
         store.progress(rec.id, b.token, stage="denoising", step=2, total=10)
-        time.sleep(pause)
+        seen_by_the_watcher("running", "denoising", 2, 2)
         store.cancel("alice", rec.id)
         store.finish_cancelled(rec.id, b.token)
 
@@ -135,6 +149,9 @@ def test_a_lost_worker_is_said_and_the_bar_starts_again(tmp_path, monkeypatch):
     thread.start()
     try:
         for r in backend.watch(rec.id, timeout=60):
+            with watched:
+                seen.append(r)
+                watched.notify_all()
             bar.update(r)
             live.update(r)
             marks.append((bar.bar.n if bar.bar is not None else 0, len(bar.lines)))
@@ -204,25 +221,27 @@ def test_queue_position_is_the_place_in_the_clusters_queue_with_an_honest_estima
     assert Job(QueueBackend([running], [], []), running).queue_position() is None
 
 
-def test_queued_jobs_know_their_place_on_the_real_backend(mochi):
-    """More long jobs than workers: the ones left queued are placed in the order they were submitted.
-
-    Read newest first: a claim in between only moves the older jobs up, so each place read must be
-    below the one read before it, whatever the workers do meanwhile."""
+def test_queued_jobs_know_their_place_on_the_real_backend(mochi, hold):
+    """More jobs than workers: every worker holds one, the rest stay queued and are placed in the order
+    they were submitted."""
     word = unique("queue")
-    jobs = [mochi.generate(f"{word} {i}", seed=i, num_frames=19, height=64, width=96, num_inference_steps=200, fps=8)
-            for i in range(7)]
+    busy = []
+    for i in range(pool_size(mochi)):
+        gate = hold(f"{word} held {i}", "denoising", step=1)
+        busy.append(mochi.generate(f"{word} held {i}", seed=i, **TINY))
+        gate.wait_reached()
+    queued = [mochi.generate(f"{word} {i}", seed=i, **TINY) for i in range(5)]
     try:
-        places = [(j, j.queue_position()) for j in reversed(jobs)]
+        places = [(j, j.queue_position()) for j in reversed(busy + queued)]
         waiting = [(j, p) for j, p in places if p is not None]
-        assert waiting, "every job was claimed at once: no queue to place"
+        assert [j.id for j, _ in waiting] == [j.id for j in reversed(queued)], places  # the held ones run
         positions = [p["position"] for _, p in waiting]
         assert positions == sorted(positions, reverse=True) and len(set(positions)) == len(positions), positions
         assert positions[-1] >= 1 and all(p["queued"] >= p["position"] and p["workers"] >= 1 for _, p in waiting)
     finally:
-        for j in jobs:
+        for j in busy + queued:
             j.cancel(timeout=0)
-        for j in jobs:
+        for j in busy + queued:
             j.wait(timeout=120)
 
 
