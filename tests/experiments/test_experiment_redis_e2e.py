@@ -15,7 +15,7 @@ from mochi_lab.direct import DirectBackend
 from mochi_lab.settings import Settings
 from mochi_lab.store import open_store
 from mochi_lab.video import read_frames
-from tests.support.burst import ThreadWorker
+from mochi_lab.worker import Worker
 
 
 @pytest.fixture
@@ -23,7 +23,7 @@ def redis_worker(redis_url, tmp_path, tiny_checkpoint):
     url = f"{redis_url}?prefix=mochi-exp-e2e-{uuid.uuid4().hex[:12]}"
     settings = Settings(redis_url=url, data_dir=tmp_path / "data", cache_dir=os.environ["MOCHI_LAB_CACHE_DIR"],
                         lease_s=10.0, worker_ttl_s=10.0)
-    worker = ThreadWorker("redis-e2e-worker", settings, "tiny")  # loads in turn with the session pool's threads
+    worker = Worker("redis-e2e-worker", settings, "tiny")
     worker.start()
     store = open_store(url)
     yield DirectBackend(settings.model_copy(update={"account": "carol"}), store)

@@ -5,24 +5,11 @@ arq's burst worker). Tests of Ray itself (the pool, the gang, the controller, au
 
 from __future__ import annotations
 
-import threading
 import time
 
 from mochi_lab.pipelines.tokens import tokenizer_files
 from mochi_lab.settings import Settings
 from mochi_lab.worker import Worker
-
-
-class ThreadWorker(Worker):
-    """A Worker whose model loads take turns with the other threads' loads: diffusers' from_pretrained
-    swaps torch's module constructors process-wide while it builds a model on the meta device, so two
-    loads at once in one process fail ("Unsupported device type 'meta'", "Cannot copy out of meta tensor")."""
-
-    _loading = threading.Lock()
-
-    def _make_runner(self, model: str):
-        with self._loading:
-            return super()._make_runner(model)
 
 
 class ThreadPool:
@@ -37,7 +24,7 @@ class ThreadPool:
         for i in range(want):
             name = f"thread-worker-{i}"
             if name not in self.workers:
-                self.workers[name] = ThreadWorker(name, self.settings, self.model)
+                self.workers[name] = Worker(name, self.settings, self.model)
                 self.workers[name].start()
         return sorted(self.workers)
 
