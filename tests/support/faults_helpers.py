@@ -1,5 +1,5 @@
 """Helpers for the fault tests: a worker in a thread of the test process, with optionally slow steps; a process
-tree's life and listening sockets."""
+tree's life and listening sockets; nodes taken out of a Ray cluster."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from mochi_lab import worker as worker_mod  # noqa: E402
-from tests.support.store_helpers import RedisServer, free_port  # noqa: E402,F401
+from mochi_lab import worker as worker_mod
+from tests.support.store_helpers import RedisServer, free_port  # noqa: F401
 
 
 def alive(pid: int, created: float) -> bool:
@@ -83,3 +83,17 @@ def wait_for(predicate: Callable[[], Any], timeout: float, what: str, every: flo
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout} s waiting for {what}")
         time.sleep(every)
+
+
+def remove_nodes(cluster: Any, nodes: list[Any], timeout: float = 60.0) -> None:
+    """Remove these nodes of a `ray.cluster_utils.Cluster` (those still in it) and wait until Ray reports
+    them dead: until then their GPUs still count in `ray.cluster_resources()`, and a pool sized from it
+    would ask for actors no node can host."""
+    import ray
+
+    ids = {node.node_id for node in nodes}
+    for node in nodes:
+        if node in cluster.worker_nodes:
+            cluster.remove_node(node)
+    wait_for(lambda: not any(n["Alive"] for n in ray.nodes() if n["NodeID"] in ids), timeout,
+             f"Ray to report {len(ids)} removed node(s) dead", every=0.1)
