@@ -4,7 +4,7 @@ Real processes: a private redis-server with an fsync-always AOF, SIGKILLed and r
 port and dir (those tests are fault injection, the e2e tier); the worker runs in a thread of the test
 process (it knows nothing of Ray), so the wedged loop, the max run time, the ignored cancel and the
 restarted worker are fast-tier tests. A fault lands mid-denoise by holding the job at a gate; a step that
-never returns (a hung kernel) is `slow_steps`' stuck.
+never returns (a hung kernel) is `hung_steps`.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from mochi_lab.params import GenerationParams
 from mochi_lab.settings import Settings
 from mochi_lab.store import DONE, StoreError, open_store
 from mochi_lab.worker import Worker, WorkerUnhealthy
-from tests.support.faults_helpers import RedisServer, slow_steps, wait_for
+from tests.support.faults_helpers import RedisServer, hung_steps, wait_for
 from tests.support.tools import need_tool
 
 
@@ -152,7 +152,7 @@ def _try_enqueue(store, params):
 def test_health_check_sees_a_dead_and_a_wedged_loop(tmp_path, tiny_checkpoint, tiny, monkeypatch):
     settings = _settings(tmp_path, None, tiny_checkpoint, worker_stall_s=1.0)
     stuck = threading.Event()
-    slow_steps(monkeypatch, 0.0, stuck=stuck.is_set)
+    hung_steps(monkeypatch, stuck.is_set)
     store = open_store(settings.store_url)
     worker = Worker("w-wedge", settings)
     worker.start()
@@ -214,7 +214,7 @@ def test_a_cancel_ignored_past_its_grace_cancels_the_job_and_asks_for_a_restart(
             hung.set()
         return stuck.is_set()
 
-    slow_steps(monkeypatch, 0.0, stuck=hangs)
+    hung_steps(monkeypatch, hangs)
     gate = hold("stuck after its second step", step=2)
     store = open_store(settings.store_url)
     job = store.enqueue("alice", GenerationParams.parse(gate.prompt, seed=1,
