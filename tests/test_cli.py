@@ -1,4 +1,8 @@
-"""`mochi-lab`, the console script README's first command runs: a video, clear failures, exit codes."""
+"""`mochi-lab`, the console script README's first command runs: a video, clear failures, exit codes.
+
+A `generate` that gets as far as queueing joins a Ray (the CLI has no other pool): those tests join the
+session's multi-node Ray (`ray_pool`, the integration tier); the failures found before anything starts stay
+in the fast tier."""
 
 import json
 import os
@@ -9,25 +13,27 @@ import sys
 import pytest
 
 from mochi_lab.cli import EXIT_FAILED, EXIT_TIMEOUT, EXIT_USAGE, main
+from mochi_lab.store import open_store
 from mochi_lab.video import probe
-from tests.support.jobkit import SECONDS
 
 
 @pytest.fixture
-def session_pool(mochi, test_settings, monkeypatch):
-    """The CLI joins the session's Ray and re-attaches to its pool (same namespace), as on a real cluster."""
-    monkeypatch.setenv("MOCHI_LAB_NAMESPACE", test_settings.namespace)
-    monkeypatch.setenv("RAY_ADDRESS", test_settings.ray_address)
-    return mochi
+def ray_pool(ray_mochi, ray_settings, monkeypatch):
+    """The CLI joins the session's Ray and re-attaches to its pool (same namespace and store), as on a real
+    cluster."""
+    monkeypatch.setenv("MOCHI_LAB_NAMESPACE", ray_settings.namespace)
+    monkeypatch.setenv("RAY_ADDRESS", ray_settings.ray_address)
+    monkeypatch.setenv("MOCHI_LAB_DATA_DIR", str(ray_settings.data_dir))
+    return ray_mochi
 
 
-def test_the_console_script_makes_a_video(session_pool, tmp_path):
+def test_the_console_script_makes_a_video(ray_pool, tmp_path):
     exe = shutil.which("mochi-lab") or pytest.fail("the mochi-lab console script is not installed")
     out = tmp_path / "cat.mp4"
     proc = subprocess.run(
         [exe, "generate", "a cat surfing a wave", "-o", str(out), "--height", "32", "--width", "48",
          "--frames", "7", "--steps", "2", "--seed", "42", "--fps", "8", "--timeout", "300"],
-        capture_output=True, text=True, timeout=600, env=os.environ.copy(),
+        capture_output=True, text=True, timeout=600, env=os.environ.copy(), check=False,
     )
     assert proc.returncode == 0, proc.stderr
     info = probe(out)
@@ -39,12 +45,15 @@ def test_the_console_script_makes_a_video(session_pool, tmp_path):
     assert "Traceback" not in proc.stderr
 
 
-def test_output_into_a_missing_folder_fails_before_anything_is_queued(session_pool, capsys):
-    before = session_pool.counts()
+def test_output_into_a_missing_folder_fails_before_anything_is_queued(test_settings, capsys):
+    """The session's store is the CLI's too (with no RAY_ADDRESS it would start a Ray had it got that far)."""
+    store = open_store(test_settings.store_url)
+    before = store.counts(test_settings.account)
     code = main(["generate", "a cat", "-o", "/nonexistent/folder/cat.mp4", "--steps", "2"])
     assert code == EXIT_USAGE
     assert "folder /nonexistent/folder does not exist" in capsys.readouterr().err
-    assert session_pool.counts() == before
+    assert store.counts(test_settings.account) == before
+    store.close()
 
 
 def test_bad_params_name_the_field_and_exit_2(capsys):
@@ -53,19 +62,20 @@ def test_bad_params_name_the_field_and_exit_2(capsys):
     assert "num_frames:" in err and "79 or 85" in err and "Traceback" not in err
 
 
-def test_a_timeout_is_one_line_and_exit_124(session_pool, tiny, capsys):
-    s = SECONDS  # a job of seconds: it is still running at the timeout
-    code = main(["generate", "a slow tide", "--frames", str(s["num_frames"]), "--height", str(s["height"]),
-                 "--width", str(s["width"]), "--steps", str(s["num_inference_steps"]), "--timeout", "0.5", "--force"])
+def test_a_timeout_is_one_line_and_exit_124(ray_pool, tiny, capsys, hold):
+    hold("a tide held past the timeout")  # still running at the timeout, however fast the machine
+    code = main(["generate", "a tide held past the timeout", "--frames", str(tiny["num_frames"]), "--height",
+                 str(tiny["height"]), "--width", str(tiny["width"]), "--steps", str(tiny["num_inference_steps"]),
+                 "--timeout", "0.5", "--force"])
     err = capsys.readouterr().err
     assert code == EXIT_TIMEOUT
     last = err.strip().splitlines()[-1]
     assert last.startswith("mochi-lab: job ") and "after 0.5 s" in last and "Traceback" not in err
     job_id = last.split()[2].rstrip(":")
-    session_pool.job(job_id).cancel()  # leave the pool free for the next test
+    ray_pool.job(job_id).cancel()  # leave the pool free for the next test
 
 
-def test_a_failed_job_is_one_line_and_exit_1(session_pool, broken_checkpoint, capsys):
+def test_a_failed_job_is_one_line_and_exit_1(ray_pool, broken_checkpoint, capsys):
     code = main(["generate", "nan weights", "--model", "tiny-broken", "--frames", "7", "--height", "32",
                  "--width", "32", "--steps", "2", "--timeout", "300", "--force"])
     err = capsys.readouterr().err
@@ -86,5 +96,5 @@ def test_debug_shows_the_traceback_of_an_unexpected_error(monkeypatch, capsys):
 
 def test_python_m_mochi_lab_cli_help_lists_the_commands():
     proc = subprocess.run([sys.executable, "-m", "mochi_lab.cli", "--help"], capture_output=True, text=True,
-                          timeout=60)
+                          timeout=60, check=False)
     assert proc.returncode == 0 and "generate" in proc.stdout and "experiment" in proc.stdout

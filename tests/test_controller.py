@@ -1,8 +1,8 @@
 """The pool controller on the session's Ray: sizing, and scale-down that never touches a busy worker.
 
 Its pool is its own (namespace "mochi_ctl", a SQLite store of its own, workers asking for no CPU or GPU),
-so the session's 4-worker pool is untouched. The autoscaling sequence on Ray's real autoscaler is
-tests/test_autoscaling.py.
+so the session's 4-worker pool is untouched. A job that must be running while the controller acts is held
+at a gate. The autoscaling sequence on Ray's real autoscaler is tests/test_autoscaling.py.
 """
 
 from __future__ import annotations
@@ -15,9 +15,10 @@ from mochi_lab.controller import PoolController, desired_workers
 from mochi_lab.params import GenerationParams
 from mochi_lab.settings import ScalingConfig, Settings
 from mochi_lab.store import open_store
-from tests.support.jobkit import LONG
+from tests.support.jobkit import TINY
 
 NAME = "mochi-worker-0"
+HELD = "a long river, held at step 1"
 
 
 @pytest.mark.parametrize("work, bounds, want", [
@@ -57,51 +58,57 @@ def _until(what, test, timeout=120.0):
     raise AssertionError(f"{what}: not within {timeout:.0f} s")
 
 
-def _long_job(store, seed):
-    return store.enqueue("alice", GenerationParams.parse("a long river", seed=seed, **LONG).to_dict())
+def _held_job(store, seed):
+    """A job that stays at denoising step 1 until the test's gate (on HELD) is released."""
+    return store.enqueue("alice", GenerationParams.parse(HELD, seed=seed, **TINY).to_dict())
 
 
-def test_scale_down_due_while_a_job_runs_never_retires_the_busy_worker(own_pool):
+def _actor_state(handle) -> str:
+    """The actor's state in Ray's actor table (which keeps the dead); a restart keeps the actor's id."""
+    import ray
+
+    return ray._private.state.actors(actor_id=handle._actor_id.hex())["State"]
+
+
+def test_scale_down_due_while_a_job_runs_never_retires_the_busy_worker(own_pool, hold):
     store, pool = own_pool
     ctl = PoolController(pool, store, ScalingConfig(min_workers=0, max_workers=1, idle_timeout_s=0, cooldown_s=0))
-    job = _long_job(store, 1)
+    gate = hold(HELD)
+    job = _held_job(store, 1)
     assert ctl.tick()["started"] == [NAME]
-    _until("the job denoising", lambda: store.get("alice", job.id).stage == "denoising")
+    gate.wait_reached()
     ctl.set_bounds(0, 0)  # an admin's scale to 0: with no idle timeout and no cool-down, due at once
-    ticks, retired = 0, False
-    while store.get("alice", job.id).status == "running":
+    for _ in range(5):
         snap = ctl.tick()
         assert snap["leader"] and snap["desired"] == 0, snap
-        if snap["retired"]:  # only if the job ended between the status read above and the tick's read
-            record = store.get("alice", job.id)  # a worker shows idle only after its job's end is stored
-            assert record.status == "done", (snap, record)
-            retired = True
-            break
-        assert not ctl.retiring and NAME in pool.handles(), (snap, ctl.retiring)
-        ticks += 1
-        time.sleep(0.1)
-    assert ticks >= 3, "the job ended before the controller could be tested against it"
+        assert not snap["retired"] and not ctl.retiring and NAME in pool.handles(), (snap, ctl.retiring)
+        assert store.get("alice", job.id).status == "running"
+    gate.release()
+    _until("the job done", lambda: store.get("alice", job.id).status != "running")
     record = store.get("alice", job.id)
     assert (record.status, record.attempts) == ("done", 1)
-    # idle now: retired at the next tick, then gone with its row
-    if not retired:
-        _until("retired", lambda: ctl.tick()["retired"] == [NAME], timeout=30)
+    # idle now: retired at the next tick (once its row says idle), then gone with its row
+    _until("retired", lambda: ctl.tick()["retired"] == [NAME], timeout=30)
     _until("actor gone", lambda: NAME not in pool.handles() and not store.workers(), timeout=60)
     assert store.get("alice", job.id).attempts == 1
 
 
-def test_a_worker_retired_mid_job_finishes_it_then_exits(own_pool):
+def test_a_worker_retired_mid_job_finishes_it_then_exits(own_pool, hold):
     store, pool = own_pool
     pool.ensure(1)
-    job = _long_job(store, 2)
-    _until("the job denoising", lambda: store.get("alice", job.id).stage == "denoising")
+    gate = hold(HELD)
+    job = _held_job(store, 2)
+    gate.wait_reached()
+    handle = pool.handles()[NAME]
     assert set(pool.retire([NAME])) == {NAME}
+    assert store.get("alice", job.id).status == "running" and NAME in pool.handles()  # retiring, not gone
+    gate.release()
     _until("the job done", lambda: store.get("alice", job.id).status != "running")
     record = store.get("alice", job.id)
     assert (record.status, record.attempts, record.worker_id) == ("done", 1, NAME)
     _until("actor gone", lambda: NAME not in pool.handles(), timeout=60)
-    time.sleep(1.0)  # not restarted by Ray: a retired actor exits for good
-    assert NAME not in pool.handles()
+    # not restarted by Ray: a retired actor exits for good (DEAD is final; one to be restarted is RESTARTING)
+    assert _actor_state(handle) == "DEAD"
 
 
 def test_one_controller_leads_and_an_admins_scale_takes_the_lead(own_pool):

@@ -1,12 +1,16 @@
 """Workers survive their dependencies (DESIGN contract 10): store outages, dead loops, ignored cancels.
 
 Real processes: a private redis-server with an fsync-always AOF, SIGKILLed and restarted on the same
-port and dir; the worker runs in a thread of the test process (it knows nothing of Ray).
+port and dir (those tests are fault injection, the e2e tier); the worker runs in a thread of the test
+process (it knows nothing of Ray), so the wedged loop, the max run time, the ignored cancel and the
+restarted worker are fast-tier tests. A fault lands mid-denoise by holding the job at a gate; a step that
+never returns (a hung kernel) is `hung_steps`.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 import uuid
@@ -15,18 +19,18 @@ from pathlib import Path
 
 import pytest
 
-from mochi_lab.params import GenerationParams  # noqa: E402
-from mochi_lab.settings import Settings  # noqa: E402
-from mochi_lab.store import DONE, StoreError, open_store  # noqa: E402
-from mochi_lab.worker import Worker, WorkerUnhealthy  # noqa: E402
-from tests.support.faults_helpers import RedisServer, slow_steps, wait_for  # noqa: E402
-
-pytestmark = pytest.mark.usefixtures("fault_injection")
+from mochi_lab.params import GenerationParams
+from mochi_lab.settings import Settings
+from mochi_lab.store import DONE, StoreError, open_store
+from mochi_lab.worker import Worker, WorkerUnhealthy
+from tests.support.faults_helpers import RedisServer, hung_steps, wait_for
+from tests.support.tools import need_tool
 
 
 def _settings(tmp_path: Path, store_url: str, tiny_checkpoint: Path, **over) -> Settings:
-    base = dict(data_dir=tmp_path / "data", cache_dir=tiny_checkpoint.parent, redis_url=store_url,
-                poll_s=0.01, worker_ttl_s=3.0, lease_s=10.0)
+    base = {"data_dir": tmp_path / "data", "cache_dir": tiny_checkpoint.parent, "redis_url": store_url,
+            "poll_s": 0.01, "worker_ttl_s": 3.0, "lease_s": 10.0,
+            "test_gates": Path(os.environ["MOCHI_LAB_TEST_GATES"])}  # the `hold` fixture's gates
     return Settings(**{**base, **over})
 
 
@@ -37,14 +41,21 @@ def _snapshot(store, account: str, ids: list[str]):
         return None
 
 
-@pytest.mark.parametrize("outage_s, lease_s", [(3, 10.0), (20, 4.0)], ids=["3s-outage", "20s-outage"])
-def test_worker_rides_out_a_redis_outage(tmp_path, tiny_checkpoint, tiny, monkeypatch, outage_s, lease_s):
+@pytest.mark.usefixtures("fault_injection")
+@pytest.mark.parametrize("outage_s, lease_s, runs_through", [(3, 10.0, False), (20, 4.0, True)],
+                         ids=["3s-outage", "20s-outage"])
+def test_worker_rides_out_a_redis_outage(tmp_path, tiny_checkpoint, tiny, hold, outage_s, lease_s, runs_through):
+    """The long job is held at step 3 when Redis dies. The 3 s outage ends with it still held there (it
+    goes on once the store is back); through the 20 s one (5 leases) it is released at once and runs its
+    remaining steps, decode and encode with the store down, its completion waiting for the store."""
+    need_tool("redis-server")
     server = RedisServer(tmp_path / "redis").start()
     url = f"{server.url}?prefix=faults-{uuid.uuid4().hex[:8]}"
     settings = _settings(tmp_path, url, tiny_checkpoint, lease_s=lease_s)
-    slow_steps(monkeypatch, 0.05)  # long job: 100 steps of >= 50 ms, still running when Redis returns
+    gate = hold("a long river, held at step 3", step=3)
     store = open_store(url)
-    long_job = store.enqueue("alice", GenerationParams.parse("a long river", seed=1, **{**tiny, "num_inference_steps": 100}).to_dict())
+    long_job = store.enqueue("alice", GenerationParams.parse(gate.prompt, seed=1,
+                                                             **{**tiny, "num_inference_steps": 100}).to_dict())
     short = [store.enqueue("alice", GenerationParams.parse("a cat", seed=i, **tiny).to_dict()).id for i in range(3)]
     ids = [long_job.id, *short]
     warnings = _Records(logging.WARNING)
@@ -52,14 +63,19 @@ def test_worker_rides_out_a_redis_outage(tmp_path, tiny_checkpoint, tiny, monkey
     worker = Worker("w-fault", settings)
     worker.start()
     try:
-        wait_for(lambda: store.get("alice", long_job.id).step >= 3, 120, "the long job's third step")
+        gate.wait_reached()
         server.kill()
         killed = time.monotonic()
-        time.sleep(outage_s)  # the outage itself
+        if runs_through:
+            gate.release()
+            video = settings.artifacts_dir / "alice" / f"{long_job.id}.png"  # written after the MP4
+            wait_for(video.exists, 120, "the long job's files, written while the store is down")
+        time.sleep(max(0.0, killed + outage_s - time.monotonic()))  # the outage's length
         assert worker._thread.is_alive()
         server.start()  # same port and dir: the AOF comes back
         up = time.monotonic()
         before = wait_for(lambda: _snapshot(store, "alice", ids), 10, "the store to answer again")
+        gate.release()
         wait_for(lambda: (snap := _snapshot(store, "alice", ids)) is not None and snap != before, 60,
                  "the first progress or completion after the restart")
         recovery_s = time.monotonic() - up
@@ -96,8 +112,10 @@ class _Records(logging.Handler):
         self.records.append(record)
 
 
+@pytest.mark.usefixtures("fault_injection")
 def test_worker_idle_through_an_outage_serves_the_next_job(tmp_path, tiny_checkpoint, tiny):
     """Down while idle: the claim loop backs off (bounded) and picks up the next job once Redis is back."""
+    need_tool("redis-server")
     server = RedisServer(tmp_path / "redis").start()
     url = f"{server.url}?prefix=faults-{uuid.uuid4().hex[:8]}"
     settings = _settings(tmp_path, url, tiny_checkpoint)
@@ -107,7 +125,7 @@ def test_worker_idle_through_an_outage_serves_the_next_job(tmp_path, tiny_checkp
     try:
         wait_for(lambda: worker.state == "idle", 120, "the worker to load")
         server.kill()
-        time.sleep(3)
+        time.sleep(3)  # the outage's length
         server.start()
         up = time.monotonic()
         job = wait_for(lambda: _try_enqueue(store, GenerationParams.parse("after", seed=1, **tiny).to_dict()), 10,
@@ -134,7 +152,7 @@ def _try_enqueue(store, params):
 def test_health_check_sees_a_dead_and_a_wedged_loop(tmp_path, tiny_checkpoint, tiny, monkeypatch):
     settings = _settings(tmp_path, None, tiny_checkpoint, worker_stall_s=1.0)
     stuck = threading.Event()
-    slow_steps(monkeypatch, 0.0, stuck=stuck.is_set)
+    hung_steps(monkeypatch, stuck.is_set)
     store = open_store(settings.store_url)
     worker = Worker("w-wedge", settings)
     worker.start()
@@ -158,14 +176,21 @@ def test_health_check_sees_a_dead_and_a_wedged_loop(tmp_path, tiny_checkpoint, t
         dead.check_health()
 
 
-def test_max_run_time_fails_the_job_without_a_retry(tmp_path, tiny_checkpoint, tiny, monkeypatch):
+def test_max_run_time_fails_the_job_without_a_retry(tmp_path, tiny_checkpoint, tiny, hold):
     settings = _settings(tmp_path, None, tiny_checkpoint, max_run_s=0.5)
-    slow_steps(monkeypatch, 0.1)
+    gate = hold("slow, held past its max run time", step=1)
     store = open_store(settings.store_url)
-    job = store.enqueue("alice", GenerationParams.parse("slow", seed=1, **{**tiny, "num_inference_steps": 50}).to_dict())
+    job = store.enqueue("alice", GenerationParams.parse(gate.prompt, seed=1,
+                                                        **{**tiny, "num_inference_steps": 50}).to_dict())
     worker = Worker("w-maxrun", settings)
     worker.start()
     try:
+        # held at step 1 past its max run time, however fast the machine; on a loaded one its first step
+        # alone may run past it, and the job ends before the gate
+        wait_for(lambda: gate.reached() or store.get("alice", job.id).finished, 120, "the job at its gate")
+        if gate.reached():
+            time.sleep(settings.max_run_s)  # the setting's length, not a wait on the machine
+        gate.release()
         wait_for(lambda: store.get("alice", job.id).finished, 60, "the slow job to end")
         got = store.get("alice", job.id)
         assert (got.status, got.error, got.attempts) == ("failed", "exceeded max run time (0.5 s)", 1)
@@ -178,19 +203,30 @@ def test_max_run_time_fails_the_job_without_a_retry(tmp_path, tiny_checkpoint, t
 
 
 def test_a_cancel_ignored_past_its_grace_cancels_the_job_and_asks_for_a_restart(tmp_path, tiny_checkpoint, tiny,
-                                                                                   monkeypatch):
+                                                                                   monkeypatch, hold):
     """A step that never returns ignores the cancel: after cancel_grace_s the health check marks the job
     cancelled (not retried) and raises, which makes the pool actor exit and Ray restart it."""
     settings = _settings(tmp_path, None, tiny_checkpoint, cancel_grace_s=1.0, lease_s=1.5)
-    stuck = threading.Event()
-    slow_steps(monkeypatch, 0.0, stuck=stuck.is_set)
+    stuck, hung = threading.Event(), threading.Event()
+
+    def hangs() -> bool:
+        if stuck.is_set():
+            hung.set()
+        return stuck.is_set()
+
+    hung_steps(monkeypatch, hangs)
+    gate = hold("stuck after its second step", step=2)
     store = open_store(settings.store_url)
-    job = store.enqueue("alice", GenerationParams.parse("stuck", seed=1, **{**tiny, "num_inference_steps": 50}).to_dict())
+    job = store.enqueue("alice", GenerationParams.parse(gate.prompt, seed=1,
+                                                        **{**tiny, "num_inference_steps": 50}).to_dict())
     worker = Worker("w-grace", settings)
     worker.start()
     try:
-        wait_for(lambda: store.get("alice", job.id).step >= 2, 60, "the job's second step")
-        stuck.set()
+        gate.wait_reached()
+        stuck.set()  # step 3 will never return
+        gate.release()
+        hung.wait(60)
+        assert hung.is_set(), "the job did not reach its hung step"
         store.cancel("alice", job.id)
         asked = time.monotonic()
 

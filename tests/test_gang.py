@@ -2,7 +2,8 @@
 renders one guided video with the CFG batch split between them.
 
 The gang has its own node (2 logical GPUs), namespace and SQLite store, so the session pool and it never
-claim each other's jobs.
+claim each other's jobs. A test that acts mid-denoise holds rank 0 at a gate (rank 1 waits for it in the
+next collective).
 """
 
 from __future__ import annotations
@@ -18,12 +19,12 @@ import pytest
 from mochi_lab.params import GenerationParams
 from mochi_lab.pipelines import load_runner
 from mochi_lab.video import write_mp4
-from tests.support.faults_helpers import wait_for
-from tests.support.jobkit import LONG
+from tests.support.faults_helpers import remove_nodes, wait_for
+from tests.support.jobkit import TINY
 
 NAMESPACE = "mochi_gang_test"
-# a guided job of seconds on the tiny model, so that a test can act mid-denoise
-SLOW = {**LONG, "guidance_scale": 4.5}
+# a guided job (both ranks work) with steps before and after the gates the tests hold it at
+GUIDED = {**TINY, "num_inference_steps": 8, "guidance_scale": 4.5}
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +51,7 @@ def gang(ray_cluster, tmp_path_factory):
         assert table[f"mochi-gang-{NAMESPACE}-0"]["state"] == "REMOVED"
         with pytest.raises(ValueError):
             ray.get_actor("mochi-peer-0", namespace=NAMESPACE)
-        ray_cluster.remove_node(node)
+        remove_nodes(ray_cluster, [node])
 
 
 def _peer():
@@ -89,18 +90,19 @@ def test_a_guided_job_on_two_ranks_gives_the_single_process_video(gang, tiny, ti
     assert ray.get(_peer().ping.remote())["last"]["seed"] == 11
 
 
-def test_cancel_stops_both_ranks_at_the_same_step(gang):
+def test_cancel_stops_both_ranks_at_the_same_step(gang, hold):
     import ray
 
-    job = gang.generate("a cancelled gang job", seed=21, **SLOW)
-    wait_for(lambda: job.refresh().step >= 2, 120, "the job to reach step 2")
+    gate = hold("a cancelled gang job", step=2)
+    job = gang.generate("a cancelled gang job", seed=21, **GUIDED)
+    gate.wait_reached()
     asked = time.monotonic()
     assert job.cancel() == "cancelled"
     last = wait_for(lambda: (s := ray.get(_peer().ping.remote())["last"])["outcome"] != "running" and s, 30,
                     "rank 1 to stop")
     stopped_s = time.monotonic() - asked
     assert last["outcome"] == "stopped" and last["seed"] == 21
-    assert last["steps"] < SLOW["num_inference_steps"]
+    assert last["steps"] < GUIDED["num_inference_steps"]
     assert abs(last["steps"] - job.refresh().step) <= 1, (last, job.refresh().step)
     print(f"\n[gang] cancel: both ranks stopped at step {last['steps']}, {stopped_s:.2f} s after the request")
     # the gang is intact: the next guided job runs on both ranks
@@ -109,16 +111,19 @@ def test_cancel_stops_both_ranks_at_the_same_step(gang):
     assert nxt.status == "done" and ray.get(_peer().ping.remote())["last"]["seed"] == 22
 
 
+@pytest.mark.usefixtures("fault_injection")
 @pytest.mark.parametrize("rank", [1, 0])
-def test_killing_a_rank_mid_job_reruns_the_job_on_a_fresh_gang(gang, rank):
+def test_killing_a_rank_mid_job_reruns_the_job_on_a_fresh_gang(gang, rank, hold):
     import ray
 
-    job = gang.generate(f"a gang losing rank {rank}", seed=31 + rank, **SLOW)
-    wait_for(lambda: job.refresh().step >= 3, 120, "the job to reach step 3")
+    gate = hold(f"a gang losing rank {rank}", step=3)
+    job = gang.generate(f"a gang losing rank {rank}", seed=31 + rank, **GUIDED)
+    gate.wait_reached()
     leader = next(w for w in gang.workers() if w["current_job"] == job.id)
     peer_pid = ray.get(_peer().ping.remote())["pid"]
     os.kill(peer_pid if rank == 1 else leader["pid"], signal.SIGKILL)
     killed = time.monotonic()
+    gate.release()  # rank 0, if alive, goes on to the next collective and finds rank 1 gone
     wait_for(lambda: job.refresh().attempts == 2, 120, "attempt 2")
     print(f"\n[gang] rank {rank} SIGKILLed mid-job: attempt 2 began {time.monotonic() - killed:.2f} s later")
     final = job.wait(timeout=600)
@@ -129,10 +134,10 @@ def test_killing_a_rank_mid_job_reruns_the_job_on_a_fresh_gang(gang, rank):
     assert final.meta["gang"]["peer_pid"] not in (peer_pid, None)
     folder = gang.backend.settings.artifacts_dir / gang.backend.settings.account
     assert sorted(p.name for p in folder.iterdir() if p.name.startswith(job.id)) == [f"{job.id}.mp4", f"{job.id}.png"]
-    assert _decoded(final.artifacts["video"]).shape[0] == SLOW["num_frames"]
+    assert _decoded(final.artifacts["video"]).shape[0] == GUIDED["num_frames"]
 
 
-
+@pytest.mark.usefixtures("fault_injection")
 @pytest.mark.parametrize("rank", [1, 0])
 def test_a_rank_lost_while_idle_restarts_the_pair_as_a_unit(gang, rank):
     """Rank 1 lost: rank 0's health check sees it and restarts itself. Rank 0 lost: the new rank 0 finds
@@ -149,6 +154,7 @@ def test_a_rank_lost_while_idle_restarts_the_pair_as_a_unit(gang, rank):
     assert job.status == "done", job.error
     assert job.meta["gang"]["peer_pid"] != peer_pid
     assert ray.get(_peer().ping.remote())["last"]["seed"] == 41 + rank
+
 
 def test_gpus_per_worker_takes_1_or_2_and_says_so(monkeypatch):
     from pydantic import ValidationError

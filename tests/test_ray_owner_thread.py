@@ -9,6 +9,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 SCRIPT = r"""
 import json, os, threading, time
 
@@ -31,6 +33,7 @@ print(json.dumps({"alive": alive, "answer": answer}))
 """
 
 
+@pytest.mark.usefixtures("ray_local")
 def test_a_local_ray_started_from_a_short_lived_thread_outlives_it(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "REDIS_URL", "MOCHI_LAB_GATEWAY")}
     env.update(MOCHI_LAB_DATA_DIR=str(tmp_path / "data"), MOCHI_LAB_NAMESPACE=f"owner-{tmp_path.name}")

@@ -10,7 +10,9 @@ a free port, in a temp dir of its own, and only that session's processes are end
 
 The sequence: 6 queued jobs with max_workers=3 bring up 3 GPU nodes and 3 workers; the jobs run; the
 idle workers retire after the idle timeout and their nodes are removed; one more job brings a node and a
-worker back from zero, the job showing "waiting for a worker" meanwhile.
+worker back from zero, the job showing "waiting for a worker" meanwhile. The 6 jobs are held at a gate
+(MOCHI_LAB_TEST_GATES, inherited by the head and its nodes) until the third worker is up, so the first
+workers cannot drain the queue before the others come.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ import psutil  # noqa: E402
 REPO = Path(__file__).resolve().parents[2]
 MAX_WORKERS = 3
 JOB = {"num_frames": 13, "height": 64, "width": 64, "num_inference_steps": 12, "fps": 8}
+HELD = "autoscale, held until three workers are up"
 NODE_IDLE_MINUTES = 0.1  # the autoscaler removes a node idle this long (6 s)
 
 
@@ -178,9 +181,13 @@ def run(out: Path) -> dict:
     from mochi_lab.direct import WAITING_STAGE, DirectBackend
     from mochi_lab.params import GenerationParams, SubmitOptions
     from mochi_lab.settings import ScalingConfig, Settings
+    from tests.support.gate import Gate
 
     tmp = Path(tempfile.mkdtemp(prefix="mochi-as-", dir="/tmp"))  # short: Ray's socket paths have a limit
-    backend = None
+    backend = gate = None
+    if not os.environ.get("MOCHI_LAB_TEST_GATES"):  # run by hand: gates of its own, set before Ray starts
+        os.environ["MOCHI_LAB_TEST_GATES"] = str(tmp / "gates")
+        (tmp / "gates").mkdir()
     try:
         gcs = start_head(tmp)
         settings = Settings.from_env(ray_address=gcs, data_dir=tmp / "data", namespace="mochi_autoscale",
@@ -191,11 +198,14 @@ def run(out: Path) -> dict:
         backend = DirectBackend.start(settings, "tiny", scaling=scaling)
         t0 = time.monotonic()
         timeline = Timeline(backend, t0).start()
-        jobs = [backend.submit(GenerationParams.parse(prompt=f"autoscale {i}", seed=i, **JOB), SubmitOptions())
+        gate = Gate(HELD, "denoising", 1)
+        jobs = [backend.submit(GenerationParams.parse(prompt=HELD, seed=i, **JOB), SubmitOptions())
                 for i in range(6)]
         waiting = backend.get(jobs[0].id).stage
         wait("three workers ready", lambda: sum(1 for w in backend.store.workers() if w.get("state") in ("idle", "busy"))
              >= MAX_WORKERS, 300)
+        gate.wait_reached(MAX_WORKERS, timeout=300)  # each new worker took a job (it is busy, not idle)
+        gate.release()
         wait("6 jobs done", lambda: all(backend.get(j.id).status == "done" for j in jobs), 300)
         t_done = time.monotonic() - t0
         wait("no worker", lambda: not backend.pool.handles() and not backend.store.workers(), 120)
@@ -241,6 +251,8 @@ def run(out: Path) -> dict:
             figures["from_zero_video_frames"] = sum(1 for _ in container.decode(video=0))
         return {"figures": figures, "timeline": rows, "plot": str(png)}
     finally:
+        if gate is not None:
+            gate.release()
         if backend is not None:
             backend.close()
         import ray

@@ -1,5 +1,5 @@
-"""Helpers for the fault tests: a worker in a thread of the test process, with optionally slow steps; a process
-tree's life and listening sockets."""
+"""Helpers for the fault tests: a worker in a thread of the test process whose steps can hang; a process tree's
+life and listening sockets; nodes taken out of a Ray cluster."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from mochi_lab import worker as worker_mod  # noqa: E402
-from tests.support.store_helpers import RedisServer, free_port  # noqa: E402,F401
+from mochi_lab import worker as worker_mod
+from tests.support.store_helpers import RedisServer, free_port  # noqa: F401
 
 
 def alive(pid: int, created: float) -> bool:
@@ -45,31 +45,33 @@ def is_loopback(ip: str) -> bool:
     return (getattr(addr, "ipv4_mapped", None) or addr).is_loopback
 
 
-class SlowRunner:
-    """Wraps a runner so each denoising step takes at least `step_s` (a stand-in for a real GPU step)."""
+class HungRunner:
+    """Wraps a runner so that a denoising step never returns while `stuck()` is true (a hung kernel, which
+    ignores everything, a cancel included). A job that must be running while a test acts is held at a gate
+    instead (tests/support/gate.py)."""
 
-    def __init__(self, runner: Any, step_s: float, stuck: Callable[[], bool] = lambda: False) -> None:
-        self._runner, self.step_s, self.stuck = runner, step_s, stuck
+    def __init__(self, runner: Any, stuck: Callable[[], bool]) -> None:
+        self._runner, self.stuck = runner, stuck
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._runner, name)
 
     def generate(self, params: Any, on_step: Any = None, preview: Any = None) -> Any:
-        def slow(step: int, total: int) -> None:
-            time.sleep(self.step_s)
-            while self.stuck():  # a step that ignores everything (a hung kernel)
+        def hung(step: int, total: int) -> None:
+            while self.stuck():
                 time.sleep(0.05)
             if on_step is not None:
                 on_step(step, total)
 
-        return self._runner.generate(params, slow, preview=preview)
+        return self._runner.generate(params, hung, preview=preview)
 
 
-def slow_steps(monkeypatch: Any, step_s: float, stuck: Callable[[], bool] = lambda: False) -> None:
+def hung_steps(monkeypatch: Any, stuck: Callable[[], bool]) -> None:
+    """Workers loaded from now on (in this process) run their steps through a HungRunner."""
     real = worker_mod.load_runner
 
     def load(*args: Any, **kwargs: Any) -> Any:
-        return SlowRunner(real(*args, **kwargs), step_s, stuck)
+        return HungRunner(real(*args, **kwargs), stuck)
 
     monkeypatch.setattr(worker_mod, "load_runner", load)
 
@@ -83,3 +85,17 @@ def wait_for(predicate: Callable[[], Any], timeout: float, what: str, every: flo
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout} s waiting for {what}")
         time.sleep(every)
+
+
+def remove_nodes(cluster: Any, nodes: list[Any], timeout: float = 60.0) -> None:
+    """Remove these nodes of a `ray.cluster_utils.Cluster` (those still in it) and wait until Ray reports
+    them dead: until then their GPUs still count in `ray.cluster_resources()`, and a pool sized from it
+    would ask for actors no node can host."""
+    import ray
+
+    ids = {node.node_id for node in nodes}
+    for node in nodes:
+        if node in cluster.worker_nodes:
+            cluster.remove_node(node)
+    wait_for(lambda: not any(n["Alive"] for n in ray.nodes() if n["NodeID"] in ids), timeout,
+             f"Ray to report {len(ids)} removed node(s) dead", every=0.1)
