@@ -1,7 +1,7 @@
 """The build's one customisation; everything else is in pyproject.toml.
 
 An editable install (`pip install -e .`, README's quickstart) must install the data files too: the Jupyter
-server config that enables the save hook (mochi_lab.widgets.save_hook), or a notebook saved with a Studio
+server config that enables the save hook (mochi_lab.display.widgets.save_hook), or a notebook saved with a Studio
 shows "Error displaying widget" when reopened without its kernel. setuptools' editable wheel installs a
 category of files only where the distribution answers `has_<category>()`, and for data files it asks
 `has_data()`, which distutils names `has_data_files()`: the editable wheel never holds them (a regular wheel

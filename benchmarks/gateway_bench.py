@@ -15,7 +15,7 @@
       listener: then it is the fan-out spread, a lower bound). Goals: 0 lost, p95 < 200 ms.
 
 Self-started: a local Ray + SQLite store in a temp folder (the direct handle, this process), and the gateway
-(`mochi_lab.gateway.serve`) as a subprocess on a free loopback port joined to the same Ray and store,
+(`mochi_lab.gateway.app.serve`) as a subprocess on a free loopback port joined to the same Ray and store,
 with a static token; everything is torn down at the end. Bounded: every loop has a deadline.
 """
 
@@ -239,7 +239,7 @@ def _start_gateway(home: Path, ray_address: str, token: str, account: str) -> tu
         env.pop(var)
     env["MOCHI_LAB_WORKERS"] = "1"  # the server's settings as deployed otherwise (events poll, logging)
     log = open(home / "gateway.log", "wb")
-    code = f"from mochi_lab.gateway import serve; serve('127.0.0.1', {port})"
+    code = f"from mochi_lab.gateway.app import serve; serve('127.0.0.1', {port})"
     proc = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True)
     url = f"http://127.0.0.1:{port}/"
@@ -301,7 +301,7 @@ def main() -> None:
             proc, url = _start_gateway(home, direct.backend.ray_address, token, "bench")
         if not token:
             raise SystemExit("pass --token or set JUPYTERHUB_API_TOKEN")
-        from mochi_lab.remote import GatewayBackend
+        from mochi_lab.client.http import GatewayBackend
 
         # downloads go to the bench's temp folder, not the user's cache
         gateway = MochiCluster(backend=GatewayBackend(url, token, cache_dir=home / "client-cache"))

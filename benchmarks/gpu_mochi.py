@@ -282,7 +282,7 @@ def reap(children: list[subprocess.Popen]) -> None:
 
 
 def join(b: Bench, store: Any, rank: int, world: int, kind: str, runner: Any) -> Any:
-    """Form the gang and put the runner on it: gang.py's CfgParallel ("cfg") or a `Parallel` of `world`."""
+    """Form the gang and put the runner on it: pool/gang.py's CfgParallel ("cfg") or a `Parallel` of `world`."""
     from mochi_lab.pipelines.cfg_parallel import CfgParallel, Parallel, backend_for, join_pair
 
     join_pair(store, rank, backend_for(b.dev), timeout_s=300, world=world)
@@ -488,12 +488,12 @@ def bench_product(b: Bench, checkpoint: Path, work_dir: Path, frames: int, steps
     model, a `Worker` (thread) over a SQLite store loading it with the default `PipelineConfig`, the job
     submitted through `MochiCluster`, its MP4 decoded. While it runs the worker's row is read every 0.5 s,
     for its NVML figures (utilisation, device memory, power), which the heartbeat refreshes."""
-    from mochi_lab.client import MochiCluster
-    from mochi_lab.direct import DirectBackend
-    from mochi_lab.settings import Settings
+    from mochi_lab.client.cluster import MochiCluster
+    from mochi_lab.client.direct import DirectBackend
+    from mochi_lab.config import Settings
     from mochi_lab.store import open_store
     from mochi_lab.video import probe, read_frames
-    from mochi_lab.worker import Worker
+    from mochi_lab.worker.loop import Worker
 
     models = json.loads(os.environ.get("MOCHI_LAB_MODELS") or "{}")
     os.environ["MOCHI_LAB_MODELS"] = json.dumps({**models, PRODUCT_MODEL: str(checkpoint)})

@@ -21,10 +21,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mochi_lab.config import Settings
 from mochi_lab.params import GenerationParams
 from mochi_lab.pipelines import load_runner
 from mochi_lab.pipelines.preview import PreviewPlan, encode_strip, estimate_x0
-from mochi_lab.settings import Settings
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -103,8 +103,8 @@ def main() -> None:
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="runtime-bench-"))
     cache = args.cache_dir or tmp / "cache"
-    from mochi_lab import runtime
     from mochi_lab.pipelines.tiny import ensure_tiny_mochi
+    from mochi_lab.pool import runtime
 
     ensure_tiny_mochi(cache)
     print(f"load average {os.getloadavg()}; {os.cpu_count()} CPUs")

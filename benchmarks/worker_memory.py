@@ -27,10 +27,10 @@ def main() -> int:
     ap.add_argument("--tolerance-mib", type=float, default=16.0)
     args = ap.parse_args()
 
+    from mochi_lab.config import Settings
     from mochi_lab.params import GenerationParams
-    from mochi_lab.settings import Settings
     from mochi_lab.store import open_store
-    from mochi_lab.worker import Worker
+    from mochi_lab.worker.loop import Worker
 
     settings = Settings.from_env(data_dir=tempfile.mkdtemp(prefix="mochi-mem-"), poll_s=0.01)
     store = open_store(settings.store_url)

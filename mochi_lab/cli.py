@@ -107,13 +107,14 @@ def _last_line(text: str) -> str:
 
 
 def _cluster(args: argparse.Namespace, model: str):
-    from mochi_lab import MochiCluster
+    from mochi_lab.client.cluster import MochiCluster
 
     return MochiCluster(address=args.address, redis_url=args.redis_url, model=model)
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from mochi_lab import GenerationParams, JobCancelledError, JobFailed, ParamsError
+    from mochi_lab.client.job import JobCancelledError, JobFailed
+    from mochi_lab.params import GenerationParams, ParamsError
 
     params = {
         "num_frames": args.frames, "height": args.height, "width": args.width,
@@ -155,7 +156,7 @@ def _generate(args: argparse.Namespace) -> int:
 
 def _run_spec(args: argparse.Namespace) -> int:
     """Queue the spec's sweep, optionally wait and print timings per grid value."""
-    from mochi_lab import ParamsError
+    from mochi_lab.params import ParamsError
 
     try:
         spec = ExperimentSpec.load(args.spec)
@@ -185,15 +186,15 @@ def _run_spec(args: argparse.Namespace) -> int:
 
 def _gateway(args: argparse.Namespace) -> int:
     """Serve the multi-user gateway (the only door to the store and the pool on a shared cluster)."""
-    from mochi_lab.gateway import serve
-    from mochi_lab.settings import Settings
+    from mochi_lab.config import Settings
+    from mochi_lab.gateway.app import serve
 
     serve(args.host, args.port, Settings.from_env(ray_address=args.address, redis_url=args.redis_url))
     return 0
 
 
 def _local_settings(**overrides: Any):
-    from mochi_lab.settings import Settings
+    from mochi_lab.config import Settings
 
     settings = Settings.from_env(**overrides)
     if settings.ray_address:
@@ -204,7 +205,7 @@ def _local_settings(**overrides: Any):
 
 def _up(args: argparse.Namespace) -> int:
     """Start the local runtime (or attach to the running one) and wait until its workers have loaded."""
-    from mochi_lab import MochiCluster
+    from mochi_lab.client.cluster import MochiCluster
 
     if args.workers is not None and args.workers < 1:
         return _fail(f"--workers must be at least 1, got {args.workers}", EXIT_USAGE)
@@ -213,7 +214,7 @@ def _up(args: argparse.Namespace) -> int:
     settings = _local_settings(workers=args.workers, runtime_idle_s=args.idle_timeout, persistent=True)
     with MochiCluster(model=args.model, settings=settings) as cluster:
         cluster.wait_ready(args.timeout)
-    from mochi_lab import runtime
+    from mochi_lab.pool import runtime
 
     record = runtime.read_record(settings.data_dir)
     if record is not None and record["model"] != args.model:  # it was up already, for another model
@@ -224,8 +225,8 @@ def _up(args: argparse.Namespace) -> int:
 
 def _status(args: argparse.Namespace) -> int:
     """Print the local runtime: address, pid, model, workers, idle time, memory. Exit 1 when none runs."""
-    from mochi_lab import runtime
-    from mochi_lab.settings import redact_url
+    from mochi_lab.config import redact_url
+    from mochi_lab.pool import runtime
     from mochi_lab.store import StoreError, open_store
 
     settings = _local_settings()
@@ -270,7 +271,7 @@ def _status(args: argparse.Namespace) -> int:
 
 def _down(args: argparse.Namespace) -> int:
     """Stop the local runtime: its pool, Ray and record (queued jobs stay queued in the store)."""
-    from mochi_lab import runtime
+    from mochi_lab.pool import runtime
 
     settings = _local_settings()
     record = runtime.stop(settings.data_dir)

@@ -13,8 +13,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from mochi_lab.cache import canonical_json, params_key
 from mochi_lab.params import SEED_MAX, GenerationParams, ParamsError, validate_name
+from mochi_lab.store.cache import canonical_json, params_key
 
 
 @dataclass

@@ -165,7 +165,7 @@ def cluster_scripts() -> None:
 @pytest.fixture(scope="session")
 def test_settings(tiny_checkpoint):
     """The fast tier's settings: the session's SQLite store, no Ray."""
-    from mochi_lab.settings import Settings
+    from mochi_lab.config import Settings
 
     return Settings.from_env(namespace="mochi_test", lease_s=4.0, worker_ttl_s=6.0, persistent=False)
 
@@ -175,7 +175,7 @@ def mochi(test_settings):
     """The session's MochiCluster for everything above the pool: a DirectBackend over SQLite whose pool is
     two real Worker loops in threads (tests/support/burst.py)."""
     from mochi_lab import MochiCluster
-    from mochi_lab.direct import DirectBackend
+    from mochi_lab.client.direct import DirectBackend
     from mochi_lab.store import open_store
     from tests.support.burst import ThreadPool
 
@@ -219,7 +219,7 @@ def ray_cluster(tiny_checkpoint):
 
 @pytest.fixture(scope="session")
 def ray_settings(ray_cluster):
-    from mochi_lab.settings import Settings
+    from mochi_lab.config import Settings
 
     return Settings.from_env(ray_address=ray_cluster.address, namespace="mochi_ray_test", lease_s=4.0,
                              worker_ttl_s=6.0)
@@ -263,12 +263,12 @@ def _stop_runtimes() -> list[int]:
     """Stop every local-runtime daemon serving a data dir under RUNTIMES (one mid-start too); their pids."""
     import psutil
 
-    from mochi_lab import runtime
+    from mochi_lab.pool import runtime
 
     stopped = []
     for proc in psutil.process_iter(["pid", "cmdline"]):
         cmd = proc.info["cmdline"] or []
-        if "mochi_lab.runtime" in cmd and cmd[-1].startswith(str(RUNTIMES)):
+        if "mochi_lab.pool.runtime" in cmd and cmd[-1].startswith(str(RUNTIMES)):
             if runtime.stop(Path(cmd[-1]), timeout=60) is None:  # no record yet: killed, the reaper ends its Ray
                 proc.kill()
             stopped.append(proc.pid)

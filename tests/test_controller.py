@@ -11,9 +11,9 @@ import time
 
 import pytest
 
-from mochi_lab.controller import PoolController, desired_workers
+from mochi_lab.config import ScalingConfig, Settings
 from mochi_lab.params import GenerationParams
-from mochi_lab.settings import ScalingConfig, Settings
+from mochi_lab.pool.controller import PoolController, desired_workers
 from mochi_lab.store import open_store
 from tests.support.jobkit import TINY
 
@@ -38,7 +38,7 @@ def test_bad_scaling_settings_name_the_field():
 
 @pytest.fixture()
 def own_pool(ray_cluster, tmp_path):
-    from mochi_lab.pool import Pool
+    from mochi_lab.pool.driver import Pool
 
     settings = Settings.from_env(ray_address=ray_cluster.address, namespace="mochi_ctl", data_dir=tmp_path / "data",
                                  lease_s=4.0, worker_ttl_s=6.0, gpu_workers=False, cpus_per_worker=0)

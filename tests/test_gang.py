@@ -30,7 +30,7 @@ GUIDED = {**TINY, "num_inference_steps": 8, "guidance_scale": 4.5}
 @pytest.fixture(scope="module")
 def gang(ray_cluster, tmp_path_factory):
     from mochi_lab import MochiCluster
-    from mochi_lab.settings import Settings
+    from mochi_lab.config import Settings
 
     node = ray_cluster.add_node(num_cpus=2, num_gpus=2, object_store_memory=200 * 2**20)
     ray_cluster.wait_for_nodes()
@@ -159,7 +159,7 @@ def test_a_rank_lost_while_idle_restarts_the_pair_as_a_unit(gang, rank):
 def test_gpus_per_worker_takes_1_or_2_and_says_so(monkeypatch):
     from pydantic import ValidationError
 
-    from mochi_lab.settings import Settings
+    from mochi_lab.config import Settings
 
     monkeypatch.setenv("MOCHI_LAB_GPUS_PER_WORKER", "2")
     assert Settings.from_env().gpus_per_worker == 2

@@ -1,15 +1,15 @@
-"""The test gate (mochi_lab.gate): a job held at a stage or step stays there, shows it, can be cancelled
+"""The test gate (mochi_lab.worker.gate): a job held at a stage or step stays there, shows it, can be cancelled
 there, and goes on when released. Every test that acts while a job runs relies on this."""
 
 import time
 
 import pytest
 
-from mochi_lab.gate import write_hold
+from mochi_lab.config import Settings
 from mochi_lab.params import GenerationParams
-from mochi_lab.settings import Settings
 from mochi_lab.store import open_store
-from mochi_lab.worker import Worker
+from mochi_lab.worker.gate import write_hold
+from mochi_lab.worker.loop import Worker
 from tests.support.gate import Gate
 
 

@@ -1,158 +1,283 @@
-"""The one-way flow, checked over the source with `ast`: handle -> backend -> worker -> pipeline -> video.
+"""The floor plan, checked over the source with `ast`: which room may import which.
 
-Every import in the package counts, lazy ones inside functions too: an import that only runs later
-still makes the lower layer depend on the upper one.
+Rooms: the client (a notebook or script), the display (the notebook's front end), the gateway (the
+multi-user service), the pool and the worker (Ray actors), over the shared modules (params, config, logs,
+private, video, version, sweep, store, pipelines). Every import counts, lazy ones inside functions too:
+an import that only runs later still makes one room depend on another. `from mochi_lab import x` counts
+as an import of the package face, as Python runs it: modules below the face import the defining module.
 """
 
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
+from collections.abc import Collection
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-
-# Lower layers first. A module may import its own layer or lower ones, never a higher one.
-LAYERS: list[set[str]] = [
-    {"version", "settings", "video", "provenance", "reprs", "params", "reaper", "hubauth", "logs", "private", "gate"},
-    {"store", "store.base", "store.sqlite", "store.redis", "store.redis_lua"},
-    {"pipelines", "pipelines.config", "pipelines.tiny", "pipelines.tokens", "pipelines.preview", "pipelines.cfg_parallel",
-     "pipelines.mochi"},
-    {"worker"},
-    {"gang"},
-    {"pool"},
-    {"controller", "metrics", "runtime"},  # runtime: the local runtime starts the pool in its daemon
-    {"cache", "sweep"},
-    {"backend", "direct", "remote"},
-    {"job", "experiment", "experiment_views"},
-    {"client"},
-    {""},  # the package face, mochi_lab/__init__.py
-    {"gateway", "gateway_web"},
-    {"cli", "widgets"},
-]
-LAYER = {name: i for i, names in enumerate(LAYERS) for name in names}
-# Third-party packages a layer must not touch: the store knows nothing of torch, pipelines nothing of Ray or Redis.
+FACE = ""  # mochi_lab/__init__.py
+ROOMS = ("client", "display", "gateway", "pool", "worker")
+SHARED = {"params", "config", "logs", "private", "video", "version", "sweep", "store", "pipelines", "_moved"}
+TOP = {"cli"}  # the command line: uses every room, as a user would
+# What each room must not import (a room may always import itself and the shared modules).
+FORBIDDEN: dict[str, set[str]] = {
+    "shared": {*ROOMS, "top", "face"},
+    "worker": {"pool", "gateway", "client", "display", "top", "face"},
+    "pool": {"gateway", "client", "display", "top", "face"},
+    "client": {"gateway", "display", "pool", "worker", "top", "face"},
+    "display": {"gateway", "pool", "worker", "top", "face"},
+    "gateway": {"top", "face"},
+    "top": {"face"},
+}
+# The direct backend runs the store and the pool in the caller's process.
+ALLOWED = {("client.direct", "pool")}
+# The handle's rich display (`_repr_html_`, the live view) renders through the display, imported inside the
+# method that shows it: a script that never displays loads no Jinja2.
+ALLOWED_LAZY = {("client", "display")}
+# Third-party packages a module must not touch: the store knows nothing of torch, pipelines nothing of Ray or Redis.
 FORBIDDEN_EXTERNAL = {
     "store": {"torch", "diffusers", "transformers", "ray"},
     "pipelines": {"ray", "redis"},
-    "reprs": {"torch", "ray", "redis"},
+    "display.reprs": {"torch", "ray", "redis"},
     "params": {"torch", "ray", "redis"},
-    "metrics": {"torch", "ray"},
+    "pool.metrics": {"torch", "ray"},
 }
 
 
+@dataclass(frozen=True)
+class Edge:
+    target: str  # "mochi_lab.x.y" for the package's modules, the top package name for others
+    lazy: bool  # inside a function: runs when called, not when the module is imported
+    typing: bool  # under `if TYPE_CHECKING:`: never runs
+
+
 def _modules() -> dict[str, Path]:
-    """Module name relative to mochi_lab ("" for the face) -> file; widgets/ is mochi_lab.widgets."""
+    """Module name relative to mochi_lab ("" for the face) -> file."""
     found: dict[str, Path] = {}
-    for base, prefix in ((ROOT / "mochi_lab", ""), (ROOT / "widgets", "widgets")):
-        for path in base.rglob("*.py"):
-            parts = list(path.relative_to(base).with_suffix("").parts)
-            if parts[-1] == "__init__":
-                parts.pop()
-            found[".".join(p for p in [prefix, *parts] if p)] = path
+    base = ROOT / "mochi_lab"
+    for path in base.rglob("*.py"):
+        parts = list(path.relative_to(base).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts.pop()
+        found[".".join(parts)] = path
     return found
 
 
 MODULES = _modules()
 
 
-def _imports(name: str, path: Path) -> set[str]:
-    """Absolute names of every module `name` imports (mochi_lab ones relative, others by top package)."""
-    is_pkg = path.name == "__init__.py"
-    package = name if is_pkg else name.rpartition(".")[0]
-    out: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+def _is_type_checking(test: ast.expr) -> bool:
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+
+
+def imports(name: str, source: str, modules: Collection[str] = MODULES, is_package: bool = False) -> set[Edge]:
+    """Every import in `source` (module `name`), as Python runs it: `from P import x` imports P, and P.x
+    when that is a module."""
+    package = name if is_package else name.rpartition(".")[0]
+    out: set[Edge] = set()
+
+    def internal(target: str) -> bool:
+        return target == "mochi_lab" or target.startswith("mochi_lab.")
+
+    def add(target: str, lazy: bool, typing: bool) -> None:
+        out.add(Edge(target if internal(target) else target.split(".")[0], lazy, typing))
+
+    def visit(node: ast.AST, lazy: bool, typing: bool) -> None:
         if isinstance(node, ast.Import):
-            out.update(alias.name for alias in node.names)
+            for alias in node.names:
+                add(alias.name, lazy, typing)
         elif isinstance(node, ast.ImportFrom):
             if node.level:  # relative: resolve against this module's package
                 parts = package.split(".") if package else []
-                parts = parts[: len(parts) - (node.level - 1)] if node.level > 1 else parts
+                parts = parts[: len(parts) - (node.level - 1)]
                 base = ".".join(parts + ([node.module] if node.module else []))
                 full = f"mochi_lab.{base}" if base else "mochi_lab"
             else:
                 full = node.module or ""
-            for alias in node.names:  # `from mochi_lab.store import base` depends on the module, not the package
-                sub = f"{full.removeprefix('mochi_lab').lstrip('.')}.{alias.name}".lstrip(".")
-                out.add(f"{full}.{alias.name}" if full.startswith("mochi_lab") and sub in MODULES else full)
+            add(full, lazy, typing)
+            for alias in node.names:
+                sub = f"{full}.{alias.name}"
+                if internal(full) and sub.removeprefix("mochi_lab.") in modules:
+                    add(sub, lazy, typing)
+        for child in ast.iter_child_nodes(node):
+            if isinstance(node, ast.If) and _is_type_checking(node.test) and child in node.body:
+                visit(child, lazy, True)
+            else:
+                visit(child, lazy or isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)), typing)
+
+    visit(ast.parse(source), False, False)
     return out
 
 
-def _internal(target: str) -> str | None:
+def _internal(target: str, modules: Collection[str] = MODULES) -> str | None:
+    """The package's module a target names ("" for the face), or None for a third-party one."""
     if target == "mochi_lab":
-        return ""
+        return FACE
     if target.startswith("mochi_lab."):
         name = target[len("mochi_lab."):]
-        while name and name not in MODULES:  # `mochi_lab.store.base.X` -> the module that holds X
+        while name and name not in modules:  # `mochi_lab.store.base.X` -> the module that holds X
             name = name.rpartition(".")[0]
         return name
     return None
 
 
-def _layer(name: str) -> int:
-    top = name.split(".")[0] if name.startswith("widgets") else name
-    if top not in LAYER:
-        raise AssertionError(f"mochi_lab.{name} has no layer in tests/test_imports.py: place it in the flow")
-    return LAYER[top]
+def room(name: str) -> str:
+    top = name.split(".")[0]
+    if name == FACE:
+        return "face"
+    if top in ROOMS:
+        return top
+    if top in SHARED:
+        return "shared"
+    if top in TOP:
+        return "top"
+    raise AssertionError(f"mochi_lab.{name} has no room in tests/test_imports.py: place it in the floor plan")
 
 
-GRAPH = {name: {t for t in map(_internal, _imports(name, path)) if t is not None and t != name}
-         for name, path in MODULES.items()}
+def graph(sources: dict[str, str], packages: Collection[str] = ()) -> dict[str, dict[str, set[Edge]]]:
+    """module -> the package's modules it imports -> how (the edges that reach them)."""
+    names = set(sources)
+    out: dict[str, dict[str, set[Edge]]] = {}
+    for name, source in sources.items():
+        targets: dict[str, set[Edge]] = {}
+        for edge in imports(name, source, names, name in packages):
+            target = _internal(edge.target, names)
+            if target is not None and target != name:
+                targets.setdefault(target, set()).add(edge)
+        out[name] = targets
+    return out
 
 
-def test_every_module_has_a_layer():
-    for name in MODULES:
-        _layer(name)
+def against_the_plan(name: str, targets: dict[str, set[Edge]]) -> list[str]:
+    """The imports of `name` that its room may not make."""
+    bad = []
+    for target, edges in sorted(targets.items()):
+        there = room(target)
+        if there not in FORBIDDEN.get(room(name), set()):
+            continue
+        if any(name == src or name.startswith(src + ".") for src, dst in ALLOWED if dst == there):
+            continue
+        if (room(name), there) in ALLOWED_LAZY and all(e.lazy or e.typing for e in edges):
+            continue
+        bad.append(f"mochi_lab.{target}" if target else "mochi_lab (the package face)")
+    return bad
 
 
-@pytest.mark.parametrize("name", sorted(MODULES))
-def test_no_import_runs_against_the_flow(name):
-    upward = [t for t in GRAPH[name] if _layer(t) > _layer(name)]
-    assert not upward, f"mochi_lab.{name} imports {['mochi_lab.' + t if t else 'mochi_lab' for t in upward]}"
-
-
-def test_there_is_no_import_cycle():
+def find_cycle(graph_: dict[str, dict[str, set[Edge]]]) -> list[str] | None:
+    """An import cycle among module-level imports (those that run when a module is imported), or None."""
+    runs = {n: sorted(t for t, edges in ts.items() if any(not (e.lazy or e.typing) for e in edges))
+            for n, ts in graph_.items()}
     state: dict[str, int] = {}
     stack: list[str] = []
 
-    def visit(node: str) -> None:
+    def visit(node: str) -> list[str] | None:
         state[node] = 1
         stack.append(node)
-        for nxt in sorted(GRAPH.get(node, ())):
+        for nxt in runs.get(node, ()):
             if state.get(nxt) == 1:
-                cycle = stack[stack.index(nxt):] + [nxt]
-                raise AssertionError("import cycle: " + " -> ".join(f"mochi_lab.{c}" if c else "mochi_lab" for c in cycle))
-            if nxt not in state:
-                visit(nxt)
+                return stack[stack.index(nxt):] + [nxt]
+            if nxt not in state and (found := visit(nxt)):
+                return found
         stack.pop()
         state[node] = 2
+        return None
 
-    for name in sorted(GRAPH):
-        if name not in state:
-            visit(name)
+    for name in sorted(runs):
+        if name not in state and (found := visit(name)):
+            return found
+    return None
 
 
-def test_widgets_and_reprs_use_only_the_public_api():
+SOURCES = {name: path.read_text() for name, path in MODULES.items()}
+GRAPH = graph(SOURCES, {name for name, path in MODULES.items() if path.name == "__init__.py"})
+
+
+def test_every_module_has_a_room():
+    for name in MODULES:
+        room(name)
+
+
+@pytest.mark.parametrize("name", sorted(n for n in MODULES if n != FACE))
+def test_no_import_crosses_the_plan(name):
+    bad = against_the_plan(name, GRAPH[name])
+    assert not bad, f"mochi_lab.{name} ({room(name)}) imports {bad}"
+
+
+def test_there_is_no_import_cycle():
+    cycle = find_cycle(GRAPH)
+    assert cycle is None, "import cycle: " + " -> ".join(f"mochi_lab.{c}" if c else "mochi_lab" for c in cycle)
+
+
+def test_widgets_drive_the_handle_they_are_given():
+    """A widget uses the handle or job a user passes it: no client module at run time, type hints only."""
     for name, targets in GRAPH.items():
-        if name.startswith("widgets"):
-            bad = {t for t in targets if not (t in ("", "reprs") or t.startswith("widgets"))}
-            assert not bad, f"mochi_lab.{name} reaches past the public API: {sorted(bad)}"
-    assert GRAPH["reprs"] == set(), "reprs must be a leaf: plain data in, HTML out"
+        if name.startswith("display.widgets"):
+            client = sorted(t for t, edges in targets.items()
+                            if room(t) == "client" and not all(e.typing for e in edges))
+            assert not client, f"mochi_lab.{name} imports {client}"
 
 
-@pytest.mark.parametrize("layer", sorted(FORBIDDEN_EXTERNAL))
-def test_layers_keep_out_of_each_others_dependencies(layer):
-    for name, path in MODULES.items():
-        if name == layer or name.startswith(layer + "."):
-            tops = {t.split(".")[0] for t in _imports(name, path)}
-            assert not tops & FORBIDDEN_EXTERNAL[layer], f"mochi_lab.{name} imports {sorted(tops & FORBIDDEN_EXTERNAL[layer])}"
+def test_reprs_is_a_leaf():
+    assert GRAPH["display.reprs"] == {}, "reprs must be a leaf: plain data in, HTML out"
 
 
-def test_the_checker_sees_a_violation(tmp_path):
-    """The rules bite: a store module importing the handle is caught as upward and as a cycle."""
-    source = "from mochi_lab.client import MochiCluster\n"
-    path = tmp_path / "base.py"
-    path.write_text(source)
-    targets = {_internal(t) for t in _imports("store.base", path)}
-    assert "client" in targets and _layer("client") > _layer("store.base")
+@pytest.mark.parametrize("prefix", sorted(FORBIDDEN_EXTERNAL))
+def test_modules_keep_out_of_each_others_dependencies(prefix):
+    for name, source in SOURCES.items():
+        if name == prefix or name.startswith(prefix + "."):
+            tops = {e.target for e in imports(name, source, is_package=MODULES[name].name == "__init__.py")
+                    if not e.target.startswith("mochi_lab")}
+            bad = sorted(tops & FORBIDDEN_EXTERNAL[prefix])
+            assert not bad, f"mochi_lab.{name} imports {bad}"
+
+
+@pytest.mark.parametrize("name", ["", "client"])
+def test_a_lazy_face_lists_what_it_loads(name):
+    """`_HOMES` (what __getattr__ loads), `__all__` and the type checkers' imports name the same things."""
+    tree = ast.parse(SOURCES[name])
+    values = {t.id: node.value for node in tree.body if isinstance(node, (ast.Assign, ast.AnnAssign))
+              for t in (node.targets if isinstance(node, ast.Assign) else [node.target]) if isinstance(t, ast.Name)}
+    homes, exported = ast.literal_eval(values["_HOMES"]), ast.literal_eval(values["__all__"])
+    typed = {alias.name: node.module
+             for block in tree.body if isinstance(block, ast.If) and _is_type_checking(block.test)
+             for node in block.body if isinstance(node, ast.ImportFrom) for alias in node.names}
+    assert sorted(exported) == sorted(homes) and typed == homes
+    for home in set(homes.values()):
+        assert home.removeprefix("mochi_lab.") in MODULES, home
+
+
+def test_the_checker_sees_violations():
+    """The rules bite, on a made-up package: an upward import, a face import, a module-level cycle."""
+    sources = {
+        "": "",
+        "store.base": "from mochi_lab.client.cluster import MochiCluster\n",  # shared -> client
+        "client.cluster": "from mochi_lab import Job\nfrom mochi_lab.store.base import X\n",  # the face; a cycle
+        "client.job": "def show():\n    from mochi_lab.display.reprs import job_html\n",  # lazy display: allowed
+        "client.http": "from mochi_lab.display.reprs import job_html\n",  # module-level display: not allowed
+        "client.direct": "from mochi_lab.pool import runtime\n",  # the direct backend runs the pool
+        "display.reprs": "",
+        "pool": "",
+        "pool.runtime": "",
+        "worker.loop": "from mochi_lab.pool.runtime import X\n",  # worker -> pool
+    }
+    made_up = graph(sources)
+    assert against_the_plan("store.base", made_up["store.base"]) == ["mochi_lab.client.cluster"]
+    assert against_the_plan("client.cluster", made_up["client.cluster"]) == ["mochi_lab (the package face)"]
+    assert against_the_plan("client.job", made_up["client.job"]) == []
+    assert against_the_plan("client.http", made_up["client.http"]) == ["mochi_lab.display.reprs"]
+    assert against_the_plan("client.direct", made_up["client.direct"]) == []
+    assert against_the_plan("worker.loop", made_up["worker.loop"]) == ["mochi_lab.pool.runtime"]
+    assert find_cycle(made_up) == ["client.cluster", "store.base", "client.cluster"]
+    assert find_cycle(graph({**sources, "store.base": ""})) is None
+
+
+def test_importing_the_package_loads_no_heavy_dependency():
+    code = ("import sys, mochi_lab; mochi_lab.Settings; "
+            "print(sorted({'torch', 'ray', 'diffusers', 'httpx', 'fastapi', 'ipywidgets'} & set(sys.modules)))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True).stdout
+    assert out.strip() == "[]"

@@ -1,5 +1,5 @@
 """README's installs enable the save hook: after `pip install -e .` (the quickstart's) and after `pip install .`,
-the Jupyter server of that environment loads mochi_lab.widgets.save_hook from the environment's own config,
+the Jupyter server of that environment loads mochi_lab.display.widgets.save_hook from the environment's own config,
 and a notebook it saves keeps the Studio's static stand-in, not the live widget.
 
 Each install goes into a fresh venv (seeing this interpreter's packages, so nothing is downloaded: no
@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-HOOK = "mochi_lab.widgets.save_hook"
+HOOK = "mochi_lab.display.widgets.save_hook"
 
 # Run by the venv's python: which config dirs enable the hook, and what a save through the server writes.
 SERVER = """
@@ -30,9 +30,9 @@ from pathlib import Path
 import nbformat
 from jupyter_core.paths import jupyter_config_path
 from jupyter_server.serverapp import ServerApp
-from mochi_lab.reprs import STATIC_MIME, WIDGET_MIME
+from mochi_lab.display.reprs import STATIC_MIME, WIDGET_MIME
 
-HOOK = "mochi_lab.widgets.save_hook"
+HOOK = "mochi_lab.display.widgets.save_hook"
 root = Path(sys.argv[1])
 
 def enables(folder):

@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+from mochi_lab.config import known_models
 from mochi_lab.params import (
     MAX_PROMPT_TOKENS,
     PRIORITY_MAX,
@@ -12,7 +13,6 @@ from mochi_lab.params import (
     check_model,
     check_prompt_tokens,
 )
-from mochi_lab.settings import known_models
 
 
 @pytest.mark.parametrize(

@@ -10,7 +10,7 @@ import time
 import psutil
 import pytest
 
-from mochi_lab.reaper import started
+from mochi_lab.pool.reaper import started
 from tests.support.faults_helpers import alive
 
 CHILD = """

@@ -1,4 +1,4 @@
-"""The gateway client (`mochi_lab.remote.GatewayBackend`) where it differs from the direct backend: choosing
+"""The gateway client (`mochi_lab.client.http.GatewayBackend`) where it differs from the direct backend: choosing
 it, its token, its artifact cache, its paging, the pushed event stream and reconnects, and how it maps the
 server's answers to exceptions. Always against the real gateway app and the real JupyterHub (what both
 backends share is tests/backend's contract suite).
@@ -19,7 +19,7 @@ import httpx
 import pytest
 
 from mochi_lab import JobNotFound, MochiCluster, ParamsError, StoreUnavailable
-from mochi_lab.remote import GatewayAuthError, GatewayBackend, GatewayError
+from mochi_lab.client.http import GatewayAuthError, GatewayBackend, GatewayError
 from tests.support.backends import finish, held, unique
 from tests.support.hub_fixtures import USERS, free_port, start_gateway
 from tests.support.jobkit import TINY
@@ -84,8 +84,8 @@ class _FirstEventOnly(httpx.SyncByteStream):
 @pytest.fixture(scope="module")
 def idle(hub, tmp_path_factory):
     """The real gateway under the hub's service prefix, over a store of its own and no pool."""
-    from mochi_lab.direct import DirectBackend
-    from mochi_lab.settings import Settings
+    from mochi_lab.client.direct import DirectBackend
+    from mochi_lab.config import Settings
     from mochi_lab.store import open_store
 
     settings = Settings(data_dir=tmp_path_factory.mktemp("idle-gateway"), account="alice")
@@ -144,7 +144,7 @@ def test_an_http_address_or_MOCHI_LAB_GATEWAY_chooses_the_gateway_and_the_hub_na
 
 
 def test_the_embedded_default_stays_direct(monkeypatch):
-    from mochi_lab.direct import DirectBackend
+    from mochi_lab.client.direct import DirectBackend
 
     started = []
 
@@ -192,9 +192,9 @@ def test_submit_sends_every_option_and_the_video_is_downloaded_once(gateway, tok
 
 
 def test_list_pages_past_the_servers_cap(idle, idle_store, tokens, connect, monkeypatch):
-    import mochi_lab.remote
+    import mochi_lab.client.http
 
-    monkeypatch.setattr(mochi_lab.remote, "_PAGE", 2)  # the server's cap, as the client knows it
+    monkeypatch.setattr(mochi_lab.client.http, "_PAGE", 2)  # the server's cap, as the client knows it
     wire = Wire()
     bob = MochiCluster(backend=connect(idle.url, tokens["bob"], wire))
     ids = [bob.generate(unique(f"page {i}"), **TINY).id for i in range(5)]
@@ -312,8 +312,8 @@ def test_401_and_403_are_PermissionErrors_without_the_token(idle, hub, tokens, c
 
 
 def test_503_and_a_dead_server_are_StoreUnavailable_naming_the_url(hub, tokens, connect, tmp_path):
-    from mochi_lab.direct import DirectBackend
-    from mochi_lab.settings import Settings
+    from mochi_lab.client.direct import DirectBackend
+    from mochi_lab.config import Settings
     from mochi_lab.store import open_store
 
     down = open_store(f"redis://127.0.0.1:{free_port()}/0")  # a store where nothing listens

@@ -27,11 +27,11 @@ from pathlib import Path
 import psutil
 import pytest
 
-from mochi_lab import runtime
 from mochi_lab.cli import main
+from mochi_lab.config import Settings
 from mochi_lab.pipelines.config import PipelineConfig
-from mochi_lab.reaper import started
-from mochi_lab.settings import Settings
+from mochi_lab.pool import runtime
+from mochi_lab.pool.reaper import started
 from mochi_lab.video import probe
 from tests.support.faults_helpers import RedisServer, alive, is_loopback, listening, wait_for
 from tests.support.tools import need_tool
@@ -208,7 +208,7 @@ def test_two_first_handles_replace_a_stale_record_with_one_runtime_that_status_s
     # both asked before the runtime was up: the second one waited on the lock, it did not find a record
     assert max(a["asked"] for a in answers) < record["started_at"]
     daemons = [p for p in psutil.process_iter(["cmdline"])
-               if "mochi_lab.runtime" in (p.info["cmdline"] or []) and (p.info["cmdline"] or [])[-1] == str(home)]
+               if "mochi_lab.pool.runtime" in (p.info["cmdline"] or []) and (p.info["cmdline"] or [])[-1] == str(home)]
     assert [p.pid for p in daemons] == [record["pid"]]
 
     assert main(["status", "--json"]) == 0
@@ -232,11 +232,11 @@ def test_a_record_is_stale_unless_its_own_daemon_listens_on_its_port(tmp_path):
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     # a process that looks like a daemon (its command line) but whose family holds no port
-    lookalike = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "mochi_lab.runtime"])
+    lookalike = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "mochi_lab.pool.runtime"])
     try:
         me = psutil.Process(lookalike.pid)
         deadline = time.monotonic() + 10
-        while "mochi_lab.runtime" not in me.cmdline():  # Popen can return before /proc shows the new command line
+        while "mochi_lab.pool.runtime" not in me.cmdline():  # Popen can return before /proc shows the new command line
             assert time.monotonic() < deadline, me.cmdline()
             time.sleep(0.01)
         assert "is gone" in runtime.stale_reason({"address": address, "pid": dead.pid, "pid_started": 0.0})

@@ -17,10 +17,10 @@ import uuid
 
 import pytest
 
-from mochi_lab import runtime
 from mochi_lab.cli import main
+from mochi_lab.config import Settings
 from mochi_lab.pipelines.config import PipelineConfig
-from mochi_lab.settings import Settings
+from mochi_lab.pool import runtime
 from mochi_lab.store import open_store
 
 # the runtime was started for "tiny"; this handle asks for "tiny-copy", a model the runtime knows too
@@ -28,8 +28,8 @@ HANDLE = """
 import contextlib, io, json, os, sys, time
 from mochi_lab import MochiCluster
 from mochi_lab.cli import main
-from mochi_lab.runtime import RuntimeMismatch
-from mochi_lab.settings import Settings
+from mochi_lab.pool.runtime import RuntimeMismatch
+from mochi_lab.config import Settings
 
 tiny, redis_url = json.loads(sys.argv[1]), sys.argv[2]
 

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
+from mochi_lab.config import Settings
 from mochi_lab.params import GenerationParams
-from mochi_lab.settings import Settings
 from mochi_lab.store import open_store
-from mochi_lab.worker import JsonFormatter, Worker
+from mochi_lab.worker.loop import JsonFormatter, Worker
 from tests.support.jobkit import strip_pictures
 
 MiB = 2**20
@@ -90,7 +90,7 @@ def test_worker_module_does_not_import_the_package_face():
     import ast
     from pathlib import Path
 
-    import mochi_lab.worker as worker_mod
+    import mochi_lab.worker.loop as worker_mod
 
     tree = ast.parse(Path(worker_mod.__file__).read_text())
     for node in ast.walk(tree):
@@ -172,7 +172,7 @@ class _SteadyClock:
 
 
 def test_the_eta_at_a_steady_pace_is_what_is_left_falls_and_follows_a_change_of_pace(monkeypatch):
-    from mochi_lab import worker as worker_mod
+    from mochi_lab.worker import loop as worker_mod
 
     clock = _SteadyClock()
     monkeypatch.setattr(worker_mod, "time", clock)

@@ -150,7 +150,7 @@ if [[ "$use_redis" == 1 ]]; then
   command -v redis-server >/dev/null || die "redis-server not found (install Redis, or use --no-redis)"
 fi
 if [[ "$use_gateway" == 1 ]]; then
-  "$PYTHON" -c "import jupyterhub, mochi_lab.gateway" 2>/dev/null || die "--gateway needs the jupyterhub package and mochi_lab's gateway in $PYTHON"
+  "$PYTHON" -c "import jupyterhub, mochi_lab.gateway.app" 2>/dev/null || die "--gateway needs the jupyterhub package and mochi_lab's gateway in $PYTHON"
 fi
 gateway_port=$((port_base + 10))
 hub_port=$((port_base + 11))

@@ -10,8 +10,8 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from mochi_lab.config import known_models
 from mochi_lab.pipelines.config import PipelineConfig
-from mochi_lab.settings import known_models
 
 if TYPE_CHECKING:
     from mochi_lab.pipelines.mochi import MochiRunner

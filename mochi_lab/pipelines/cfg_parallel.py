@@ -497,7 +497,7 @@ class Parallel:
 
 class CfgParallel(Parallel):
     """Two ranks, the guided batch split over them (`Layout(cfg=2)`); a job without CFG runs on rank 0 alone
-    and rank 0 decodes alone. The shape of `gpus_per_worker=2` (mochi_lab.gang) today."""
+    and rank 0 decodes alone. The shape of `gpus_per_worker=2` (mochi_lab.pool.gang) today."""
 
     split_decode = False
 

@@ -87,7 +87,7 @@ class MochiRunner:
         parallel.wrap(self.pipe.transformer, self.config.attention)
         self.parallel = parallel
 
-    enable_cfg_parallel = enable_parallel  # mochi_lab.gang's name for it
+    enable_cfg_parallel = enable_parallel  # mochi_lab.pool.gang's name for it
 
     @property
     def split_decode(self) -> bool:

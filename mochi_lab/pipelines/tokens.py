@@ -21,8 +21,8 @@ def _kept_dir(model: str, cache_dir: Path) -> Path:
 @lru_cache(maxsize=8)
 def local_tokenizer(model: str, cache_dir: Path) -> Any | None:
     """`model`'s tokenizer from local files, or None when it is not here (the worker checks then)."""
+    from mochi_lab.config import known_models
     from mochi_lab.pipelines.tiny import tiny_checkpoint_dir
-    from mochi_lab.settings import known_models
 
     source = known_models().get(model)
     if source is None:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from mochi_lab.backend import Backend
+from mochi_lab.client.backend import Backend
 from tests.support.backends import ACCOUNTS, QUOTA, empty
 
 
@@ -35,7 +35,7 @@ def open_backend(kind: str, mochi, tmp_path: Path, request: pytest.FixtureReques
     def open_(account: str) -> Backend:
         if kind == "direct":
             return mochi.backend.for_account(account, max_active_jobs=QUOTA)  # shares the session's store: never closed
-        from mochi_lab.remote import GatewayBackend
+        from mochi_lab.client.http import GatewayBackend
 
         gateway, tokens = request.getfixturevalue("gateway"), request.getfixturevalue("tokens")
         backend = GatewayBackend(gateway.url, tokens[account], cache_dir=tmp_path / "downloads")

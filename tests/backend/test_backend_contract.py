@@ -1,4 +1,4 @@
-"""The backend contract (mochi_lab.backend.Backend), run against both backends (see conftest: `backend` is
+"""The backend contract (mochi_lab.client.backend.Backend), run against both backends (see conftest: `backend` is
 the direct backend, then the gateway backend through the real gateway and JupyterHub; `other` is another
 account of the same kind). A handle, a widget or a notebook must not be able to tell them apart: the same
 calls give the same answers and raise the same exceptions. Running jobs are acted on only where the test
@@ -13,9 +13,9 @@ import pytest
 from PIL import Image
 
 from mochi_lab import Experiment, JobNotFound, MochiCluster, ParamsError, StoreUnavailable
-from mochi_lab.backend import WORKER_FIELDS
+from mochi_lab.client.backend import WORKER_FIELDS
+from mochi_lab.config import known_models
 from mochi_lab.params import GenerationParams, SubmitOptions
-from mochi_lab.settings import known_models
 from mochi_lab.store.base import STATUSES, QuotaExceeded
 from mochi_lab.video import probe, read_frames
 from tests.support.backends import QUOTA, finish, held, submit, tiny, unique
@@ -328,8 +328,8 @@ def test_info_names_the_backend_and_the_account_and_no_secret(backend, kind, req
 def unreachable(kind, tmp_path, request):
     """A backend of this kind whose store does not answer (a Redis URL where nothing listens): through the
     gateway, the real app over that store, its callers still known to the hub."""
-    from mochi_lab.direct import DirectBackend
-    from mochi_lab.settings import Settings
+    from mochi_lab.client.direct import DirectBackend
+    from mochi_lab.config import Settings
     from mochi_lab.store import open_store
     from tests.support.hub_fixtures import free_port, start_gateway
 
@@ -339,7 +339,7 @@ def unreachable(kind, tmp_path, request):
         yield shared
         shared.close()
         return
-    from mochi_lab.remote import GatewayBackend
+    from mochi_lab.client.http import GatewayBackend
 
     gw = start_gateway(request.getfixturevalue("hub"), shared)
     backend = GatewayBackend(gw.url, request.getfixturevalue("tokens")["gwen"], cache_dir=tmp_path / "downloads")

@@ -43,7 +43,7 @@ CANCEL_NOW = "cancel-now"  # the test creates it (beside the notebook) once it h
 
 def cells(go: Path) -> list[str]:
     return [
-        ("import asyncio, os\nfrom mochi_lab import MochiCluster\nfrom mochi_lab.widgets import Studio\n\n"
+        ("import asyncio, os\nfrom mochi_lab import MochiCluster\nfrom mochi_lab.display.widgets import Studio\n\n"
          "cluster = MochiCluster()"),
         f'job = cluster.generate("ux-job a lighthouse at dusk", seed=1, {TINY})\njob',
         f'studio = Studio(cluster, prompt="{STUDIO_PROMPT}", seed=2, {TINY})\nstudio',
@@ -70,7 +70,7 @@ def lab(tmp_path_factory):
     (root / FOLDER).mkdir(parents=True)
     (root / FOLDER / NAME).write_text(json.dumps(notebook(cells(root / FOLDER / CANCEL_NOW))))
     # the save hook: a saved notebook keeps the widgets' static stand-ins, not the live widgets
-    hook = {"ServerApp": {"jpserver_extensions": {"mochi_lab.widgets.save_hook": True}}}
+    hook = {"ServerApp": {"jpserver_extensions": {"mochi_lab.display.widgets.save_hook": True}}}
     env = {"MOCHI_LAB_PREVIEW_MIN_INTERVAL_S": str(PREVIEW_MIN_INTERVAL_S)}
     with running_lab(tmp, root, base_url=BASE, env=env, server_config=hook) as (url, log_path):
         yield url, root, log_path

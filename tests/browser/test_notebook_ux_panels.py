@@ -35,7 +35,7 @@ NAME = "ux_panels.ipynb"
 JOB_ID = re.compile(r"\b[0-9a-f]{11}-[0-9a-f]{12}\b")
 BUSY_PROMPT = "ux-panel a very long take"  # held at denoising step 1 while the panel shows it
 CELLS = [
-    "from mochi_lab import MochiCluster\nfrom mochi_lab.widgets import ClusterPanel, History\n\n"
+    "from mochi_lab import MochiCluster\nfrom mochi_lab.display.widgets import ClusterPanel, History\n\n"
     "cluster = MochiCluster()\ncluster",
     'tiny = dict(num_frames=7, height=32, width=48, num_inference_steps=2, fps=8)\n'
     'jobs = [cluster.generate(f"ux-history {what}", seed=i, **tiny)\n'
@@ -95,8 +95,8 @@ def test_a_params_error_in_a_kernel_is_its_message_in_red():
 def test_ray_start_up_lines_are_held_back_unless_the_start_fails(monkeypatch):
     import ray
 
-    from mochi_lab import pool
-    from mochi_lab.settings import Settings
+    from mochi_lab.config import Settings
+    from mochi_lab.pool import driver as pool
 
     class Seen(logging.Handler):
         def __init__(self):

@@ -10,9 +10,9 @@ from pathlib import Path
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from mochi_lab.metrics import Metrics
+from mochi_lab.pool.metrics import Metrics
 from mochi_lab.store import open_store
-from mochi_lab.worker import WorkerStats
+from mochi_lab.worker.loop import WorkerStats
 
 MONITORING = Path(__file__).resolve().parents[2] / "cluster" / "monitoring"
 SUFFIXES = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"), "gauge": ("",)}

@@ -62,7 +62,7 @@ def test_the_store_runs_through_its_acl_users(server):
         wk.fail(failing.id, c2.token, error="boom")
         gw.put_experiment("alice", {"name": "e", "spec": {}})
         assert gw.get_experiment("alice", "e")["name"] == "e" and gw.list_experiments("alice")
-        gw.put_session("session:h", {"token": "t"}, 30)  # the page's sessions (mochi_lab.gateway_web)
+        gw.put_session("session:h", {"token": "t"}, 30)  # the page's sessions (mochi_lab.gateway.web)
         assert gw.get_session("session:h") == {"token": "t"} and gw.take_session("session:h") == {"token": "t"}
         assert wk.requeue_expired() == [] and wk.release_worker("mochi-worker-0") == []
         wk.remove_worker("mochi-worker-0")

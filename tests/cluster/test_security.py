@@ -294,7 +294,7 @@ def test_the_gateway_settings_of_the_deployment_are_valid_and_trust_only_private
     networks (the pod network), never any address."""
     import ipaddress
 
-    from mochi_lab.settings import _GATEWAY_ENV, GatewayConfig
+    from mochi_lab.config import _GATEWAY_ENV, GatewayConfig
 
     for docs in rendered.values():
         (c,) = cl.find(docs, *GATEWAY)["spec"]["template"]["spec"]["containers"]

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 from mochi_lab import ExperimentNotFound, MochiCluster
-from mochi_lab.direct import DirectBackend
-from mochi_lab.experiment import MISSING
+from mochi_lab.client.direct import DirectBackend
+from mochi_lab.client.experiment import MISSING
 from mochi_lab.video import probe, read_frames
 
 ROOT = Path(__file__).resolve().parents[2]

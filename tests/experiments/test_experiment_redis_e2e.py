@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 
 from mochi_lab import Experiment
-from mochi_lab.direct import DirectBackend
-from mochi_lab.settings import Settings
+from mochi_lab.client.direct import DirectBackend
+from mochi_lab.config import Settings
 from mochi_lab.store import open_store
 from mochi_lab.video import read_frames
-from mochi_lab.worker import Worker
+from mochi_lab.worker.loop import Worker
 
 
 @pytest.fixture

@@ -7,9 +7,9 @@ import pandas as pd
 import pytest
 
 from mochi_lab import Experiment, ExperimentNotFound
-from mochi_lab.cache import cached_enqueue
-from mochi_lab.experiment import MISSING
+from mochi_lab.client.experiment import MISSING
 from mochi_lab.store import open_store
+from mochi_lab.store.cache import cached_enqueue
 from tests.support.exp_helpers import backend, finish
 
 TINY = {"num_frames": 7, "height": 32, "width": 32, "num_inference_steps": 2, "fps": 8}

@@ -3,8 +3,8 @@
 import pytest
 
 from mochi_lab import GenerationParams, ParamsError
-from mochi_lab.cache import cache_key, params_key
 from mochi_lab.cli import ExperimentSpec, SpecError
+from mochi_lab.store.cache import cache_key, params_key
 from mochi_lab.sweep import expand_grid, plan_runs, validate_name, varying_params
 
 TINY = {"num_frames": 7, "height": 32, "width": 32, "num_inference_steps": 2, "fps": 8}

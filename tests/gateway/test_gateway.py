@@ -344,7 +344,7 @@ def test_progress_reaches_20_listeners_in_order_and_ends_terminal(gateway, token
 def test_the_fan_out_delivers_every_change_to_every_listener():
     """ProgressHub against a backend whose job advances one step per read: the poller sees every state, and
     each of 20 listeners must get all of them, in order (the fan-out drops nothing, even for slow readers)."""
-    from mochi_lab.gateway import ProgressHub
+    from mochi_lab.gateway.app import ProgressHub
     from mochi_lab.store.base import JobRecord
 
     total = 30
@@ -392,10 +392,10 @@ def test_static_tokens_and_an_unreachable_hub(tmp_path):
     tests/gateway/test_gateway_web.py.)"""
     from starlette.testclient import TestClient
 
-    from mochi_lab.direct import DirectBackend
-    from mochi_lab.gateway import create_app
-    from mochi_lab.hubauth import StaticTokens, hash_token
-    from mochi_lab.settings import GatewayConfig, Settings
+    from mochi_lab.client.direct import DirectBackend
+    from mochi_lab.config import GatewayConfig, Settings
+    from mochi_lab.gateway.app import create_app
+    from mochi_lab.gateway.auth import StaticTokens, hash_token
     from mochi_lab.store import open_store
 
     with pytest.raises(ValueError, match="sha256"):
@@ -426,11 +426,11 @@ def test_queued_jobs_of_every_account_share_one_read_of_the_workers_a_second(tmp
     accounts, read the worker rows once a second in all, and the stage follows the rows."""
     from fastapi.testclient import TestClient
 
-    from mochi_lab.direct import WAITING_STAGE, DirectBackend
-    from mochi_lab.gateway import create_app
-    from mochi_lab.hubauth import hash_token
-    from mochi_lab.pool import Pool
-    from mochi_lab.settings import GatewayConfig, Settings
+    from mochi_lab.client.direct import WAITING_STAGE, DirectBackend
+    from mochi_lab.config import GatewayConfig, Settings
+    from mochi_lab.gateway.app import create_app
+    from mochi_lab.gateway.auth import hash_token
+    from mochi_lab.pool.driver import Pool
     from mochi_lab.store import open_store
 
     settings = Settings(data_dir=tmp_path, account="ops")
@@ -471,9 +471,9 @@ def test_a_whole_job_between_two_polls_still_reaches_every_listener_step_by_step
     import threading
     import uuid
 
-    from mochi_lab.direct import DirectBackend
-    from mochi_lab.gateway import ProgressHub
-    from mochi_lab.settings import Settings
+    from mochi_lab.client.direct import DirectBackend
+    from mochi_lab.config import Settings
+    from mochi_lab.gateway.app import ProgressHub
     from mochi_lab.store import open_store
 
     total = 25
@@ -532,7 +532,7 @@ def test_the_notebook_handle_works_unchanged_through_the_hub_gateway(gateway, to
     import ipywidgets
 
     from mochi_lab import JobNotFound, MochiCluster
-    from mochi_lab.remote import GatewayBackend
+    from mochi_lab.client.http import GatewayBackend
     from mochi_lab.video import read_frames
 
     monkeypatch.delenv("MOCHI_LAB_GATEWAY", raising=False)

@@ -1,4 +1,4 @@
-"""The page's sign-in, sessions and docs (mochi_lab.gateway_web), without a browser: real stores (SQLite and
+"""The page's sign-in, sessions and docs (mochi_lab.gateway.web), without a browser: real stores (SQLite and
 the shared Redis), real uvicorn where proxies matter. The sign-in with the real hub, in Chromium, is in
 test_page_browser.py.
 """
@@ -18,8 +18,8 @@ from urllib.parse import parse_qs, urljoin, urlsplit
 import httpx
 import pytest
 
-from mochi_lab.gateway_web import CSRF_HEADER, SESSION_COOKIE, STATE_COOKIE
-from mochi_lab.hubauth import hash_token
+from mochi_lab.gateway.auth import hash_token
+from mochi_lab.gateway.web import CSRF_HEADER, SESSION_COOKIE, STATE_COOKIE
 from tests.support.hub_fixtures import free_port
 from tests.support.jobkit import TINY
 
@@ -35,9 +35,9 @@ def gateway_over(store_url: str, tmp_path: Path, **config):
     """A TestClient on a gateway with static tokens (unless `config` says otherwise) over `store_url`."""
     from fastapi.testclient import TestClient
 
-    from mochi_lab.direct import DirectBackend
-    from mochi_lab.gateway import create_app
-    from mochi_lab.settings import GatewayConfig, Settings
+    from mochi_lab.client.direct import DirectBackend
+    from mochi_lab.config import GatewayConfig, Settings
+    from mochi_lab.gateway.app import create_app
     from mochi_lab.store import open_store
 
     store = open_store(store_url)
@@ -210,7 +210,7 @@ def test_hub_sign_in_binds_its_state_to_the_browser_and_an_https_hub_makes_cooki
 
 
 class _Server:
-    """An ASGI app on a real uvicorn in a thread (127.0.0.1), run as `mochi_lab.gateway.serve` runs it."""
+    """An ASGI app on a real uvicorn in a thread (127.0.0.1), run as `mochi_lab.gateway.app.serve` runs it."""
 
     def __init__(self, app):
         import uvicorn
@@ -238,10 +238,10 @@ def test_x_forwarded_proto_is_believed_only_from_trusted_proxies(tmp_path, trust
     """The hub's proxy says https (as configurable-http-proxy forwards it behind a TLS ingress: "https,http").
     From a trusted proxy the session cookie is Secure and the page's origin is https; from anyone else the
     header changes nothing."""
-    from mochi_lab.direct import DirectBackend
-    from mochi_lab.gateway import create_app
-    from mochi_lab.gateway_web import behind_proxies
-    from mochi_lab.settings import GatewayConfig, Settings
+    from mochi_lab.client.direct import DirectBackend
+    from mochi_lab.config import GatewayConfig, Settings
+    from mochi_lab.gateway.app import create_app
+    from mochi_lab.gateway.web import behind_proxies
     from mochi_lab.store import open_store
 
     settings = Settings(data_dir=tmp_path, account="ops")
@@ -268,8 +268,8 @@ def test_serve_trusts_the_configured_proxies(monkeypatch, tmp_path):
     """`mochi-lab gateway` runs uvicorn with proxy headers from MOCHI_LAB_GATEWAY_TRUSTED_PROXIES only."""
     import uvicorn
 
-    from mochi_lab import gateway
-    from mochi_lab.settings import Settings
+    from mochi_lab.config import Settings
+    from mochi_lab.gateway import app as gateway
 
     seen = {}
 
@@ -333,7 +333,7 @@ def test_docs_are_served_by_the_gateway_under_a_csp(tmp_path):
 def test_gateway_settings_of_the_sign_in_are_checked():
     from pydantic import ValidationError
 
-    from mochi_lab.settings import GatewayConfig
+    from mochi_lab.config import GatewayConfig
 
     with pytest.raises(ValidationError, match="trusted_proxies: 'proxy.local' is not an IP address or CIDR"):
         GatewayConfig(trusted_proxies="127.0.0.1, proxy.local")
@@ -347,7 +347,7 @@ def test_gateway_settings_of_the_sign_in_are_checked():
 
 
 def test_the_public_hub_url_comes_from_jupyterhub_host_when_not_given(monkeypatch):
-    from mochi_lab.settings import GatewayConfig
+    from mochi_lab.config import GatewayConfig
 
     monkeypatch.setenv("JUPYTERHUB_HOST", "https://hub.example.org")
     monkeypatch.setenv("JUPYTERHUB_BASE_URL", "/lab-hub/")
@@ -360,8 +360,8 @@ def test_starting_sign_ins_without_a_token_writes_nothing_and_forged_states_are_
     """GET /login needs no token, so it must cost the store nothing: its state and PKCE verifier are MACs
     under the service's secret. A state this gateway did not make, or one older than 10 minutes, is refused
     before the hub is asked."""
-    from mochi_lab.gateway_web import LOGIN_S, HubOAuth
-    from mochi_lab.settings import GatewayConfig
+    from mochi_lab.config import GatewayConfig
+    from mochi_lab.gateway.web import LOGIN_S, HubOAuth
 
     config = dict(static_tokens={}, hub_api_url="http://127.0.0.1:9/hub/api", hub_api_token="service-secret",
                   public_hub_url="http://127.0.0.1/hub/", prefix="/services/mochi-lab/")

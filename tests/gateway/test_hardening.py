@@ -78,9 +78,9 @@ def counted(hub):
 
 @pytest.fixture(scope="module")
 def hardened(hub, counted, tmp_path_factory):
-    from mochi_lab.direct import DirectBackend
-    from mochi_lab.gateway import create_app
-    from mochi_lab.settings import GatewayConfig, Settings
+    from mochi_lab.client.direct import DirectBackend
+    from mochi_lab.config import GatewayConfig, Settings
+    from mochi_lab.gateway.app import create_app
     from mochi_lab.store import open_store
 
     settings = Settings(data_dir=tmp_path_factory.mktemp("hardened"), account="alice")
@@ -219,7 +219,7 @@ def test_token_checks_in_flight_at_the_hub_are_bounded(hardened, counted):
 
 
 def test_failure_limits_count_ipv6_clients_by_their_64():
-    from mochi_lab.hubauth import FailureLimit, TooManyFailures
+    from mochi_lab.gateway.auth import FailureLimit, TooManyFailures
 
     limit = FailureLimit(2, 60)
     for host in ("2001:db8::1", "2001:db8::2"):
@@ -234,7 +234,7 @@ def test_failure_limits_count_ipv6_clients_by_their_64():
 def test_trusted_proxies_are_addresses_or_networks():
     from pydantic import ValidationError
 
-    from mochi_lab.settings import GatewayConfig
+    from mochi_lab.config import GatewayConfig
 
     assert GatewayConfig().trusted_proxies == ["127.0.0.1"]
     assert GatewayConfig(trusted_proxies="10.0.0.0/8, 127.0.0.1").trusted_proxies == ["10.0.0.0/8", "127.0.0.1"]
@@ -409,9 +409,9 @@ def test_no_route_answers_500_to_a_malformed_body(hardened, tokens):
 # -- 4: the workers' rows --------------------------------------------------------------------------
 def test_workers_status_shows_another_accounts_job_only_as_busy(gateway, tokens, hold):
     from mochi_lab import MochiCluster
-    from mochi_lab.backend import WORKER_FIELDS
-    from mochi_lab.remote import GatewayBackend
-    from widgets.cluster_panel import ClusterPanel
+    from mochi_lab.client.backend import WORKER_FIELDS
+    from mochi_lab.client.http import GatewayBackend
+    from mochi_lab.display.widgets.cluster_panel import ClusterPanel
 
     prompt = unique("alice's job on a worker")
     gate = hold(prompt, "denoising", 1)
@@ -449,7 +449,7 @@ def test_workers_status_shows_another_accounts_job_only_as_busy(gateway, tokens,
 def test_a_prompt_over_the_token_limit_is_422_at_submit_on_a_gateway_without_the_tokenizer(
         hub, mochi, test_settings, tokens, tmp_path, tiny_checkpoint):
     """The gateway's machine has no model files; it asks a worker for the tokenizer once and counts."""
-    from mochi_lab.direct import DirectBackend
+    from mochi_lab.client.direct import DirectBackend
     from mochi_lab.params import MAX_PROMPT_CHARS, MAX_PROMPT_TOKENS
     from mochi_lab.pipelines.tokens import local_tokenizer
 

@@ -19,8 +19,8 @@ from urllib.parse import urljoin, urlsplit
 import httpx
 import pytest
 
-from mochi_lab.gateway_web import CSRF_HEADER, SESSION_COOKIE
-from mochi_lab.hubauth import hash_token
+from mochi_lab.gateway.auth import hash_token
+from mochi_lab.gateway.web import CSRF_HEADER, SESSION_COOKIE
 from tests.support.hub_fixtures import Gateway, free_port
 from tests.support.jobkit import TINY
 
@@ -103,9 +103,9 @@ STATIC_TOKENS = {"alice": "alice-page-token", "bob": "bob-page-token"}
 def static_front(tmp_path_factory):
     """A gateway without a hub (static tokens, the token form) over a store of its own with no pool: its
     jobs stay queued."""
-    from mochi_lab.direct import DirectBackend
-    from mochi_lab.gateway import create_app
-    from mochi_lab.settings import GatewayConfig, Settings
+    from mochi_lab.client.direct import DirectBackend
+    from mochi_lab.config import GatewayConfig, Settings
+    from mochi_lab.gateway.app import create_app
     from mochi_lab.store import open_store
 
     settings = Settings(data_dir=tmp_path_factory.mktemp("static-front"), account="ops")

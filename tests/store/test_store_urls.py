@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from mochi_lab.settings import Settings
+from mochi_lab.config import Settings
 from mochi_lab.store import StoreUnavailable, open_store
 from mochi_lab.store.redis import RedisStore
 from mochi_lab.store.sqlite import SQLiteStore

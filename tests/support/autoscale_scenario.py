@@ -86,7 +86,7 @@ def start_head(tmp: Path) -> str:
 
 def end_session(tmp: Path) -> int:
     """End every process of this Ray (head, autoscaler, fake nodes, workers), by pid: SIGTERM, then SIGKILL."""
-    from mochi_lab.reaper import session_processes
+    from mochi_lab.pool.reaper import session_processes
 
     procs = session_processes(str(tmp / "ray"), {})
     for proc in procs:
@@ -178,9 +178,9 @@ def plot(rows: list[dict], marks: dict[str, float], path: Path) -> None:
 
 
 def run(out: Path) -> dict:
-    from mochi_lab.direct import WAITING_STAGE, DirectBackend
+    from mochi_lab.client.direct import WAITING_STAGE, DirectBackend
+    from mochi_lab.config import ScalingConfig, Settings
     from mochi_lab.params import GenerationParams, SubmitOptions
-    from mochi_lab.settings import ScalingConfig, Settings
     from tests.support.gate import Gate
 
     tmp = Path(tempfile.mkdtemp(prefix="mochi-as-", dir="/tmp"))  # short: Ray's socket paths have a limit

@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import time
 
+from mochi_lab.config import Settings
 from mochi_lab.pipelines.tokens import tokenizer_files
-from mochi_lab.settings import Settings
-from mochi_lab.worker import Worker
+from mochi_lab.worker.loop import Worker
 
 
 class ThreadPool:
-    """The part of `mochi_lab.pool.Pool` a `DirectBackend` uses, served by `n` Worker threads."""
+    """The part of `mochi_lab.pool.driver.Pool` a `DirectBackend` uses, served by `n` Worker threads."""
 
     def __init__(self, settings: Settings, model: str = "tiny", n: int = 2) -> None:
         self.settings, self.model, self.n = settings, model, n

@@ -5,8 +5,8 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from mochi_lab.direct import DirectBackend
-from mochi_lab.settings import Settings
+from mochi_lab.client.direct import DirectBackend
+from mochi_lab.config import Settings
 from mochi_lab.store import Store
 from mochi_lab.store.base import artifact_path
 

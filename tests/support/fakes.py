@@ -13,8 +13,8 @@ from types import SimpleNamespace
 from typing import Any
 
 from mochi_lab import JobNotFound
-from mochi_lab.backend import queue_rows
-from mochi_lab.reprs import video_widget
+from mochi_lab.client.backend import queue_rows
+from mochi_lab.display.reprs import video_widget
 from mochi_lab.store.base import JobRecord
 
 # Markup in every position: an element, a double- and a single-quoted attribute break-out, and all three.
@@ -217,7 +217,7 @@ class Scan(HTMLParser):
 
 
 # What our templates emit; anything else (script, an on* handler) came from data. A finished job's static
-# view has a <video> (or an <img> thumbnail) whose src/poster are URIs mochi_lab.reprs built, never stored text.
+# view has a <video> (or an <img> thumbnail) whose src/poster are URIs mochi_lab.display.reprs built, never stored text.
 ALLOWED_TAGS = {"div", "span", "b", "i", "code", "br", "pre", "details", "summary", "progress", "table", "thead",
                 "tbody", "tr", "th", "td", "a", "video", "img"}
 ALLOWED_ATTRS = {"class", "style", "title", "href", "download", "value", "max", "colspan", "src", "poster", "controls",

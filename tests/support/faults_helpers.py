@@ -7,7 +7,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from mochi_lab import worker as worker_mod
+from mochi_lab.worker import loop as worker_mod
 from tests.support.store_helpers import RedisServer, free_port  # noqa: F401
 
 
@@ -15,7 +15,7 @@ def alive(pid: int, created: float) -> bool:
     """Whether that very process (pid and start time: a reused pid is another process) still runs."""
     import psutil
 
-    from mochi_lab.reaper import started
+    from mochi_lab.pool.reaper import started
 
     try:
         return started(pid) == created and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE

@@ -1,4 +1,4 @@
-"""Holding a job where a test needs it (mochi_lab.gate): the worker waits at the gate until released.
+"""Holding a job where a test needs it (mochi_lab.worker.gate): the worker waits at the gate until released.
 
     with hold("a cat, held", "denoising", step=1) as gate:
         job = cluster.generate("a cat, held", **TINY)
@@ -17,7 +17,7 @@ import os
 import time
 from pathlib import Path
 
-from mochi_lab.gate import hold_file, reached_files, write_hold
+from mochi_lab.worker.gate import hold_file, reached_files, write_hold
 
 
 class Gate:

@@ -181,7 +181,7 @@ class Gateway:
 
 def gateway_config(hub: Hub, **overrides):
     """A gateway's settings with this hub (its page signs in at the hub only on the registered port)."""
-    from mochi_lab.settings import GatewayConfig
+    from mochi_lab.config import GatewayConfig
 
     return GatewayConfig(hub_api_url=hub.api_url, hub_api_token=hub.service_token, service_name=SERVICE,
                          admin_groups=["mochi-admins"], auth_cache_s=AUTH_CACHE_S, events_poll_s=0.02,
@@ -191,7 +191,7 @@ def gateway_config(hub: Hub, **overrides):
 def start_gateway(hub: Hub, shared, port: int | None = None, **overrides) -> Gateway:
     """The real gateway app over `shared` (a DirectBackend: its store and pool), authenticated by this hub,
     served on `port` (a free one by default). Stop it with `.stop()`."""
-    from mochi_lab.gateway import create_app
+    from mochi_lab.gateway.app import create_app
 
     app = create_app(shared.settings, backend_factory=lambda: shared, config=gateway_config(hub, **overrides))
     return Gateway(app, free_port() if port is None else port).start()
@@ -210,8 +210,8 @@ def gateway(hub, mochi):
 @pytest.fixture(scope="session")
 def storefront(hub, tmp_path_factory):
     """A gateway over a store of its own with no pool: its jobs stay queued (quotas, the page)."""
-    from mochi_lab.direct import DirectBackend
-    from mochi_lab.settings import Settings
+    from mochi_lab.client.direct import DirectBackend
+    from mochi_lab.config import Settings
     from mochi_lab.store import open_store
 
     settings = Settings(data_dir=tmp_path_factory.mktemp("storefront"), account="alice")

@@ -12,8 +12,8 @@ import sys
 import time
 
 from mochi_lab import MochiCluster
-from mochi_lab.direct import DirectBackend
-from mochi_lab.settings import Settings
+from mochi_lab.client.direct import DirectBackend
+from mochi_lab.config import Settings
 from mochi_lab.store import open_store
 from tests.support.jobkit import TINY
 

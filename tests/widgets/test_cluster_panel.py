@@ -8,9 +8,9 @@ from collections import Counter
 
 import pytest
 
-from mochi_lab.backend import queue_rows
-from mochi_lab.widgets import ClusterPanel
-from mochi_lab.widgets.cluster_panel import queue_view, scaled_message
+from mochi_lab.client.backend import queue_rows
+from mochi_lab.display.widgets import ClusterPanel
+from mochi_lab.display.widgets.cluster_panel import queue_view, scaled_message
 from tests.support.fakes import PAYLOADS, FakeCluster, FakeJob, assert_safe, hostile_record, record
 from tests.support.widget_helpers import pool_size, unique, until
 

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from mochi_lab import JobNotFound
+from mochi_lab.display.widgets import History, HistoryRow, jobs_frame
 from mochi_lab.video import read_frames
-from mochi_lab.widgets import History, HistoryRow, jobs_frame
 from tests.support.fakes import PNG, FakeCluster, FakeJob, record
 from tests.support.gate import Gate
 from tests.support.jobkit import TINY

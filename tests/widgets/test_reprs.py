@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from mochi_lab import Job, JobRecord
-from mochi_lab.backend import queue_rows
-from mochi_lab.job import LiveView, TextProgress
-from mochi_lab.reprs import WIDGET_MIME, RetryTracker, cluster_html
+from mochi_lab.client.backend import queue_rows
+from mochi_lab.client.job import LiveView, TextProgress
+from mochi_lab.display.reprs import WIDGET_MIME, RetryTracker, cluster_html
 from tests.support.fakes import record
 from tests.support.jobkit import TINY
 from tests.support.widget_helpers import drive, pool_size, unique
@@ -108,8 +108,8 @@ def test_the_live_view_polls_on_the_event_loop_and_stops_at_the_end(mochi, tmp_p
 def test_a_lost_worker_is_said_and_the_bar_starts_again(tmp_path, monkeypatch):
     """Real store transitions: a worker claims the job, reaches decoding and dies (its claims are taken
     back); another claims it as attempt 2. `wait(progress=True)` and the live view both say so."""
-    from mochi_lab.direct import DirectBackend
-    from mochi_lab.settings import Settings
+    from mochi_lab.client.direct import DirectBackend
+    from mochi_lab.config import Settings
     from mochi_lab.store import open_store
 
     store = open_store(f"sqlite:///{tmp_path / 'jobs.db'}")
@@ -251,7 +251,7 @@ def _no_download_env(monkeypatch):
 
 
 def test_the_text_bar_shows_the_workers_rate_and_eta_not_the_polls(capsys):
-    from mochi_lab.job import TextProgress
+    from mochi_lab.client.job import TextProgress
     from mochi_lab.store.base import JobRecord
 
     bar = TextProgress()
@@ -266,9 +266,9 @@ def test_the_text_bar_shows_the_workers_rate_and_eta_not_the_polls(capsys):
 
 
 def test_a_displayed_running_job_shows_its_latest_preview_and_drops_it_for_the_video(tmp_path):
-    from mochi_lab.direct import DirectBackend
-    from mochi_lab.job import LiveView
-    from mochi_lab.settings import Settings
+    from mochi_lab.client.direct import DirectBackend
+    from mochi_lab.client.job import LiveView
+    from mochi_lab.config import Settings
     from mochi_lab.store import open_store
 
     settings = Settings(data_dir=tmp_path, account="alice")

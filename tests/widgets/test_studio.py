@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from mochi_lab import Job, ParamsError
-from mochi_lab.widgets import JobCard, Studio
+from mochi_lab.display.widgets import JobCard, Studio
 from tests.support.fakes import FakeCluster, FakeJob, Scan, record
 from tests.support.jobkit import TINY
 from tests.support.widget_helpers import drive, unique, until
@@ -340,8 +340,8 @@ def test_closing_the_studio_stops_polling_without_a_cluster(tmp_path):
 
 def test_the_notebook_file_gets_the_studios_static_stand_in(tmp_path):
     """The save hook keeps a Studio's static stand-in in the file and leaves the live widget out."""
-    from mochi_lab.reprs import STATIC_MIME, WIDGET_MIME
-    from mochi_lab.widgets.save_hook import pre_save, strip_live_widgets
+    from mochi_lab.display.reprs import STATIC_MIME, WIDGET_MIME
+    from mochi_lab.display.widgets.save_hook import pre_save, strip_live_widgets
 
     cluster = FakeCluster()
     cluster.next_job = FakeJob(record(status="done", stage="done", params={"prompt": "a paper boat"}))
@@ -373,7 +373,7 @@ def test_the_notebook_file_gets_the_studios_static_stand_in(tmp_path):
 
 
 def test_download_dir_defaults_to_the_env_or_a_folder_beside_the_notebook(monkeypatch):
-    from mochi_lab.widgets.job_card import default_download_dir
+    from mochi_lab.display.widgets.job_card import default_download_dir
 
     monkeypatch.delenv("MOCHI_LAB_DOWNLOAD_DIR", raising=False)
     assert default_download_dir() == Path("mochi_videos")

@@ -1,0 +1,176 @@
+"""The one interface a `MochiCluster`, its `Job`s and `Experiment`s talk to.
+
+A backend is bound to one account, decided by whoever built it: the direct backend (store + Ray pool,
+`mochi_lab.client.direct`) takes it from settings, for the embedded default and operators; a gateway backend
+gets it from the server, which checks the caller's token. Handles, widgets and notebooks cannot tell
+the two apart. Job state travels as `JobRecord`s (plain data); progress is part of the record
+(stage, step, total_steps, message).
+"""
+
+from __future__ import annotations
+
+import abc
+import shutil
+import time
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+from mochi_lab.params import GenerationParams, SubmitOptions
+from mochi_lab.store.base import JobRecord
+
+ARTIFACTS = ("video", "thumbnail")
+_POLL_MIN_S, _POLL_MAX_S = 0.02, 0.1  # a state read costs well under a millisecond; latency is seen
+
+
+class Backend(abc.ABC):
+    """Jobs, artifacts, workers and experiments of one account."""
+
+    account: str
+
+    # -- jobs ------------------------------------------------------------------
+    @abc.abstractmethod
+    def submit(self, params: GenerationParams, options: SubmitOptions, *, reuse: bool = True) -> JobRecord:
+        """Queue validated params. `reuse`: an identical done or in-flight job is returned instead."""
+
+    @abc.abstractmethod
+    def get(self, job_id: str) -> JobRecord:
+        """The job with its progress (JobNotFound for unknown ids and other accounts' ids)."""
+
+    @abc.abstractmethod
+    def list(self, *, status: str | None = None, experiment: str | None = None, tag: str | None = None,
+             text: str | None = None, limit: int = 50, offset: int = 0) -> list[JobRecord]:
+        """This account's jobs, newest first."""
+
+    @abc.abstractmethod
+    def cancel(self, job_id: str) -> JobRecord: ...
+
+    @abc.abstractmethod
+    def delete(self, job_id: str) -> None: ...
+
+    @abc.abstractmethod
+    def counts(self) -> dict[str, int]: ...
+
+    @abc.abstractmethod
+    def queue(self, limit: int = 50) -> list[dict[str, Any]]:
+        """The cluster's queued jobs, every account's, in the order workers will take them (`queue_rows`)."""
+
+    def watch(self, job_id: str, timeout: float | None = None) -> Iterator[JobRecord]:
+        """The job's states until it finishes (the last one yielded is finished): TimeoutError after
+        `timeout` s. This one polls; a backend that can be told of changes pushes them instead."""
+        started = time.monotonic()
+        deadline = None if timeout is None else started + timeout
+        delay = _POLL_MIN_S
+        while True:
+            record = self.get(job_id)
+            yield record
+            if record.finished:
+                return
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutError(f"job {job_id} still {record.status} ({record.stage}) after {timeout}s")
+            # the shortest interval where the end may be near: the first seconds, and the last stages
+            near_end = record.stage in ("decoding", "encoding") or time.monotonic() - started < 2.0
+            wait = _POLL_MIN_S if near_end else delay
+            time.sleep(wait if deadline is None else max(0.0, min(wait, deadline - time.monotonic())))
+            delay = min(delay * 1.5, _POLL_MAX_S)
+
+    @abc.abstractmethod
+    def preview(self, job_id: str) -> tuple[int, bytes] | None:
+        """(step, animated WebP) of the job's live preview, or None (not yet, or done: see the video)."""
+
+    # -- artifacts -------------------------------------------------------------
+    @abc.abstractmethod
+    def artifact_path(self, job_id: str, name: str) -> Path:
+        """A local file holding the job's artifact ("video" or "thumbnail"); FileNotFoundError if none."""
+
+    def artifact(self, job_id: str, name: str) -> bytes:
+        return self.artifact_path(job_id, name).read_bytes()
+
+    def save_artifact(self, job_id: str, name: str, dest: Path) -> Path:
+        shutil.copyfile(self.artifact_path(job_id, name), dest)
+        return dest
+
+    # -- the pool --------------------------------------------------------------
+    @abc.abstractmethod
+    def models(self) -> list[str]:
+        """Model names the pool can serve."""
+
+    @abc.abstractmethod
+    def workers(self) -> list[dict[str, Any]]: ...
+
+    @abc.abstractmethod
+    def scale(self, n: int) -> None: ...
+
+    @abc.abstractmethod
+    def shutdown_pool(self) -> None: ...
+
+    @abc.abstractmethod
+    def wait_ready(self, timeout: float) -> None: ...
+
+    def dashboard_url(self) -> str | None:
+        """The Ray dashboard, when one answers from this process; None by default (a gateway's notebooks
+        reach no Ray)."""
+        return None
+
+    # -- experiments -----------------------------------------------------------
+    @abc.abstractmethod
+    def get_experiment(self, name: str) -> dict[str, Any]:
+        """KeyError when this account has no such experiment."""
+
+    @abc.abstractmethod
+    def put_experiment(self, record: dict[str, Any]) -> None: ...
+
+    @abc.abstractmethod
+    def list_experiments(self) -> list[dict[str, Any]]: ...
+
+    # -- the handle ------------------------------------------------------------
+    @abc.abstractmethod
+    def info(self) -> dict[str, str]:
+        """backend, address, account, model, and where known store and workers: for reprs (no secrets)."""
+
+    def close(self) -> None:
+        pass
+
+
+def sees_job(owner: str | None, account: str, *, admin: bool) -> bool:
+    """Whether `account` may see the id and owner of a job of `owner`: its own, or any for an admin. The one
+    rule of the queue's rows and the workers' rows (another account's job is a place or a busy worker)."""
+    return owner == account or admin
+
+
+def queue_rows(records: Iterable[JobRecord], account: str, *, admin: bool) -> list[dict[str, Any]]:
+    """The queue as `account` may see it: its own jobs whole (id, prompt), other accounts' jobs by place,
+    model and size only, and their id and account's name only for an admin."""
+    rows = []
+    for position, r in enumerate(records, start=1):
+        p = r.params if isinstance(r.params, dict) else {}
+        mine, seen = r.account == account, sees_job(r.account, account, admin=admin)
+        rows.append({
+            "position": position, "mine": mine, "account": r.account if seen else None,
+            "id": r.id if seen else None, "prompt": p.get("prompt") if mine else None,
+            "model": p.get("model"), "width": p.get("width"), "height": p.get("height"),
+            "num_frames": p.get("num_frames"), "steps": p.get("num_inference_steps"),
+            "priority": r.priority, "created_at": r.created_at,
+        })
+    return rows
+
+
+# What any account sees of a worker; the rest (node, pid, memory, errors, stats) is an admin's.
+WORKER_FIELDS = ("worker_id", "device", "gpu_name", "model", "state", "jobs_done", "started_at", "idle_since",
+                 "gpu_utilization", "gpu_power_w")
+
+
+def worker_rows(rows: Iterable[dict[str, Any]], account: str, *, admin: bool) -> list[dict[str, Any]]:
+    """The workers as `account` may see them: each one's state, and its current job's id only where
+    `sees_job` allows (another account's job shows as busy with no id); whole rows for an admin."""
+    out = []
+    for row in rows:
+        seen = sees_job(row.get("current_account"), account, admin=admin)
+        shown = dict(row) if admin else {k: row.get(k) for k in WORKER_FIELDS}
+        shown.update(current_job=row.get("current_job") if seen else None,
+                     mine=row.get("current_job") is not None and row.get("current_account") == account)
+        out.append(shown)
+    return out
+
+
+__all__ = ["ARTIFACTS", "WORKER_FIELDS", "Backend", "queue_rows", "sees_job", "worker_rows"]

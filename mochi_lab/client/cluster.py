@@ -1,0 +1,205 @@
+"""`MochiCluster`: the one handle. It validates what enters and talks to one backend."""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any, Iterable
+
+from mochi_lab.client.backend import Backend
+from mochi_lab.client.job import Job
+from mochi_lab.config import Settings
+from mochi_lab.params import GenerationParams, ParamsError, SubmitOptions
+from mochi_lab.pipelines.config import PipelineConfig
+from mochi_lab.store.base import check_status
+
+if TYPE_CHECKING:
+    from mochi_lab.client.experiment import Experiment
+
+
+class MochiCluster:
+    """Connect to (or start) a cluster and re-attach to (or start) its warm pool.
+
+    With no arguments: the local runtime (a Ray on 127.0.0.1 and its warm pool, started by the first
+    handle and kept across kernels until idle, see mochi_lab.pool.runtime), SQLite in the user's data dir,
+    the tiny model. `persistent=False` (or MOCHI_LAB_PERSISTENT=0) starts a Ray that dies with this process.
+    `address`/`RAY_ADDRESS` joins a real Ray cluster; `redis_url`/`REDIS_URL` shares a Redis store
+    (both: the direct backend, for operators). `backend=` plugs in any other `Backend`.
+    """
+
+    def __init__(
+        self,
+        address: str | None = None,
+        redis_url: str | None = None,
+        account: str | None = None,
+        model: str = "tiny",
+        workers: int | None = None,
+        *,
+        pipeline: PipelineConfig | None = None,
+        settings: Settings | None = None,
+        start_pool: bool = True,
+        backend: Backend | None = None,
+        persistent: bool | None = None,
+    ):
+        if backend is None:
+            import os
+
+            # An http(s) address, or no address with MOCHI_LAB_GATEWAY set: the multi-user gateway, which
+            # decides the account from JUPYTERHUB_API_TOKEN (`account=` and JUPYTERHUB_USER change nothing).
+            # An explicit redis_url or settings (operators) keeps the direct backend.
+            gateway = address if isinstance(address, str) and address.startswith(("http://", "https://")) else (
+                os.environ.get("MOCHI_LAB_GATEWAY") if address is None and redis_url is None and settings is None
+                else None)
+            if gateway:
+                from mochi_lab.client.http import GatewayBackend
+
+                backend = GatewayBackend(gateway, token=os.environ.get("JUPYTERHUB_API_TOKEN"), model=model)
+        if backend is None:
+            from mochi_lab.client.direct import DirectBackend
+
+            if settings is None:
+                settings = Settings.from_env(ray_address=address, redis_url=redis_url, account=account,
+                                             workers=workers, persistent=persistent)
+            elif persistent is not None:
+                settings = settings.model_copy(update={"persistent": persistent})
+            backend = DirectBackend.start(settings, model, pipeline, start_pool=start_pool)
+        self.backend = backend
+        self.account = backend.account
+        self.model = model
+
+    # -- jobs ------------------------------------------------------------------
+    def generate(
+        self,
+        prompt: str | GenerationParams,
+        *,
+        priority: int = 0,
+        tags: Iterable[str] = (),
+        experiment: str | None = None,
+        idempotency_key: str | None = None,
+        force: bool = False,
+        **params: Any,
+    ) -> Job:
+        """Validate `params` (GenerationParams fields) and queue one video. Returns at once.
+
+        `prompt` may also be a `GenerationParams` (already validated). Result cache: identical params
+        (model and seed included) give the existing done or in-flight job; failed and cancelled ones
+        are not reused. `force=True` always queues a new job.
+        """
+        if isinstance(prompt, GenerationParams):
+            if params:
+                raise ParamsError(f"pass either a GenerationParams or keyword params, not both: {sorted(params)}")
+            p = prompt
+        else:
+            params.setdefault("model", self.model)
+            p = GenerationParams.parse(prompt, **params)
+        options = SubmitOptions.parse(priority=priority, tags=tags, experiment=experiment,
+                                      idempotency_key=idempotency_key)
+        return Job(self.backend, self.backend.submit(p, options, reuse=not force))
+
+    def job(self, job_id: str) -> Job:
+        """Re-attach to a job by id (JobNotFound for ids of other accounts)."""
+        return Job(self.backend, self.backend.get(job_id))
+
+    def jobs(
+        self,
+        status: str | None = None,
+        experiment: str | None = None,
+        text: str | None = None,
+        tag: str | None = None,
+        limit: int = 50,
+        offset: int = 0,
+    ) -> list[Job]:
+        """This account's jobs, newest first."""
+        check_status(status)
+        records = self.backend.list(status=status, experiment=experiment, tag=tag, text=text, limit=limit,
+                                    offset=offset)
+        return [Job(self.backend, r) for r in records]
+
+    def delete(self, job_id: str) -> None:
+        """Delete a job and its files."""
+        self.backend.delete(job_id)
+
+    def counts(self) -> dict[str, int]:
+        """This account's jobs per status."""
+        return self.backend.counts()
+
+    def models(self) -> list[str]:
+        """The model names this cluster serves."""
+        return self.backend.models()
+
+    # -- experiments -----------------------------------------------------------
+    def experiment(
+        self, name: str, *, description: str | None = None, tags: Iterable[str] | None = None, create: bool = True
+    ) -> "Experiment":
+        """Create, or re-open by name, one of this account's experiments (see mochi_lab.client.experiment)."""
+        from mochi_lab.client.experiment import Experiment
+
+        return Experiment.open(self.backend, name, description=description, tags=tags, model=self.model,
+                               create=create)
+
+    def experiments(self) -> list["Experiment"]:
+        """This account's experiments, newest first."""
+        from mochi_lab.client.experiment import Experiment
+
+        return [Experiment(self.backend, r, model=self.model) for r in self.backend.list_experiments()]
+
+    # -- pool ------------------------------------------------------------------
+    def workers(self) -> "Rows":
+        """One row per worker: id, node, GPU, memory, model, state, current job, jobs done, uptime."""
+        now = time.time()
+        return Rows(dict(r, uptime_s=round(now - r["started_at"], 1)) for r in self.backend.workers())
+
+    def queue(self, limit: int = 50) -> "Rows":
+        """The cluster's queued jobs, every account's, in the order workers will take them: `position`,
+        `model`, size (`width`, `height`, `num_frames`, `steps`), `priority`, `created_at`, and `mine`.
+        This account's rows carry `id` and `prompt`; other accounts' rows name their `account` and `id`
+        only for admins."""
+        if isinstance(limit, bool) or not isinstance(limit, int) or not 0 < limit <= 1000:
+            raise ValueError(f"limit must be a whole number between 1 and 1000, got {limit!r}")
+        return Rows(self.backend.queue(limit))
+
+    def scale(self, n: int) -> None:
+        """Grow or shrink the pool to `n` workers (shrinking lets running jobs finish)."""
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise ValueError(f"n must be a whole number of workers >= 0, got {n!r}")
+        self.backend.scale(n)
+
+    def dashboard_url(self) -> str | None:
+        """The Ray dashboard's address when one answers from here (never through a gateway)."""
+        return self.backend.dashboard_url()
+
+    def shutdown_pool(self) -> None:
+        """Stop every pool worker (queued jobs stay queued for the next pool)."""
+        self.backend.shutdown_pool()
+
+    def wait_ready(self, timeout: float = 300.0) -> "MochiCluster":
+        """Block until every worker has its model loaded."""
+        self.backend.wait_ready(timeout)
+        return self
+
+    def close(self) -> None:
+        self.backend.close()
+
+    def __enter__(self) -> "MochiCluster":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _repr_html_(self) -> str:
+        from mochi_lab.display.reprs import cluster_html
+
+        return cluster_html(self.backend.info())
+
+    def __repr__(self) -> str:
+        i = self.backend.info()
+        store = f" store={i['store']}" if i.get("store") else ""
+        return f"<MochiCluster {i['backend']} address={i['address']}{store} account={self.account!r} model={self.model!r}>"
+
+
+class Rows(list):
+    """A list of dicts (workers, queued jobs) that also converts to a DataFrame."""
+
+    def to_dataframe(self):
+        import pandas as pd
+
+        return pd.DataFrame(list(self))

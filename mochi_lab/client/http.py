@@ -1,0 +1,411 @@
+"""The gateway backend: the same `Backend`, over the multi-user gateway's HTTP API (httpx).
+
+A notebook on a shared cluster holds no store credentials, only its JupyterHub token; the gateway
+(`mochi_lab.gateway`) checks the token and decides the account. So `account` here is the server's word
+(`GET /whoami`), never the caller's. Errors come back as the direct backend's exceptions: an unknown or
+another account's job is `JobNotFound`, bad params `ParamsError`, an unreachable gateway
+`StoreUnavailable`; plus `GatewayAuthError` (401/403, a `PermissionError`) and `QuotaExceeded` (429).
+
+Artifacts are downloaded once into a local cache (`<cache_dir>/gateway/<host>/<account>/`), so
+`job.result()` returns a path on this machine as it does on the direct backend. The token never appears
+in a repr, an error or a log line.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote, urlsplit
+
+import httpx
+
+from mochi_lab.client.backend import ARTIFACTS, Backend
+from mochi_lab.config import check_account
+from mochi_lab.params import GenerationParams, ParamsError, SubmitOptions, check_model
+from mochi_lab.store.base import ARTIFACT_SUFFIXES, JOB_ID_RE, JobNotFound, JobRecord, QuotaExceeded, StoreUnavailable
+
+DEFAULT_TIMEOUT_S = 30.0
+_CHUNK = 1 << 20
+_PAGE = 1000  # the most jobs one GET /jobs answers
+
+
+class GatewayError(RuntimeError):
+    """The gateway answered with an error this client has no better exception for (e.g. a 500)."""
+
+    def __init__(self, message: str, status: int | None = None, kind: str | None = None):
+        super().__init__(message)
+        self.status, self.kind = status, kind
+
+
+class GatewayAuthError(PermissionError):
+    """401 (no, bad or revoked token) or 403 (token lacks the service's scope, or an admin-only action)."""
+
+    def __init__(self, message: str, status: int | None = None):
+        super().__init__(message)
+        self.status = status
+
+    def __str__(self) -> str:  # PermissionError(msg) prints fine; keep it one clear line
+        return str(self.args[0]) if self.args else "not allowed"
+
+
+class _TokenAuth(httpx.Auth):
+    """`Authorization: token <t>` on every request; the token is kept out of reprs."""
+
+    def __init__(self, token: str):
+        self._header = f"token {token}"
+
+    def auth_flow(self, request: httpx.Request):
+        request.headers["Authorization"] = self._header
+        yield request
+
+    def __repr__(self) -> str:
+        return "<token auth ***>"
+
+
+def default_cache_dir() -> Path:
+    """Where downloaded artifacts go: `$MOCHI_LAB_CACHE_DIR/gateway`, else `~/.cache/mochi_lab/gateway`."""
+    base = os.environ.get("MOCHI_LAB_CACHE_DIR") or Path(
+        os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mochi_lab"
+    return Path(base) / "gateway"
+
+
+def _host_dir(url: str) -> str:
+    """One folder per gateway: host, port and prefix, made safe for a file name."""
+    parts = urlsplit(url)
+    name = f"{parts.hostname or 'gateway'}{f'_{parts.port}' if parts.port else ''}{parts.path.rstrip('/')}"
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "gateway"
+
+
+class GatewayBackend(Backend):
+    """One account's jobs, artifacts, workers and experiments, through the gateway at `url`."""
+
+    def __init__(self, url: str, token: str | None, *, timeout: float = DEFAULT_TIMEOUT_S,
+                 cache_dir: str | Path | None = None, model: str = "tiny",
+                 transport: httpx.BaseTransport | None = None):
+        if not isinstance(url, str) or not url.startswith(("http://", "https://")):
+            raise ValueError(f"gateway url must start with http:// or https://, got {url!r:.80}")
+        parts = urlsplit(url)
+        # user:password@ in the URL means nothing here (the token authenticates) and must reach no log
+        self.url = parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl().rstrip("/") + "/"
+        self._where = self.url
+        if not token:
+            raise GatewayAuthError(f"no token for the mochi_lab gateway at {self._where}: set JUPYTERHUB_API_TOKEN "
+                                   "(a JupyterHub server sets it for you) or pass token=")
+        self._token = token
+        self.timeout = timeout
+        self.model = model
+        self._client = httpx.Client(
+            base_url=self.url,
+            auth=_TokenAuth(token),
+            timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)),
+            transport=transport or httpx.HTTPTransport(retries=1),  # retries failed connects only
+            headers={"User-Agent": "mochi_lab-gateway-client"},
+            follow_redirects=False,  # a redirect (e.g. to a hub login page) must not carry the token away
+        )
+        try:
+            who = self._json("GET", "whoami")
+            self.account = check_account(who["account"])
+            self.admin = bool(who.get("admin", False))
+            check_model(model, self.models())
+        except BaseException:
+            self._client.close()
+            raise
+        root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+        self.cache_dir = root / _host_dir(self.url) / self.account
+
+    # -- HTTP ------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _reaching(self, what: str):
+        """A timeout or a broken connection while doing `what` becomes StoreUnavailable, token scrubbed."""
+        try:
+            yield
+        except httpx.TimeoutException:
+            raise StoreUnavailable(f"the mochi_lab gateway at {self._where} did not answer {what} "
+                                   f"within {self.timeout:g}s") from None
+        except httpx.TransportError as exc:
+            raise StoreUnavailable(f"cannot reach the mochi_lab gateway at {self._where} ({what}): "
+                                   f"{self._scrub(str(exc)) or type(exc).__name__}") from None
+
+    def _request(self, method: str, path: str, *, not_found=None, **kwargs: Any) -> httpx.Response:
+        with self._reaching(f"{method} /{path.split('?')[0]}"):
+            response = self._client.request(method, path, **kwargs)
+        if response.is_success:
+            return response
+        raise self._error(response, not_found)
+
+    def _json(self, method: str, path: str, **kwargs: Any) -> Any:
+        response = self._request(method, path, **kwargs)
+        try:
+            return response.json()
+        except ValueError:
+            raise GatewayError(f"the gateway at {self._where} answered {method} /{path} with "
+                               f"{response.headers.get('content-type', 'no content type')}, not JSON "
+                               "(is the URL the gateway's?)", response.status_code) from None
+
+    def _scrub(self, text: str) -> str:
+        return text.replace(self._token, "***") if len(self._token) >= 8 else text
+
+    def _error(self, response: httpx.Response, not_found) -> Exception:
+        status = response.status_code
+        kind, detail = None, ""
+        try:
+            body = json.loads(response.read() or b"null")
+            if isinstance(body, dict):
+                kind = body.get("error")
+                detail = body.get("detail")
+                if not isinstance(detail, str):  # FastAPI's own 422s carry a list
+                    detail = json.dumps(detail) if detail is not None else ""
+        except (ValueError, httpx.StreamError):
+            detail = ""
+        detail = self._scrub(detail)[:2000]
+        if status == 404 and not_found is not None:
+            return not_found(detail)
+        if status == 422:
+            return ParamsError(detail or "invalid generation parameters")
+        if status == 401:
+            return GatewayAuthError(f"the mochi_lab gateway at {self._where} refused the token (401"
+                                    f"{': ' + detail if detail else ''}); get a fresh JUPYTERHUB_API_TOKEN", status)
+        if status == 403:
+            return GatewayAuthError(f"not allowed by the mochi_lab gateway at {self._where} (403"
+                                    f"{': ' + detail if detail else ''})", status)
+        if status == 429:
+            return QuotaExceeded(f"quota reached at the mochi_lab gateway: {detail or 'too many requests'}")
+        if status in (502, 503, 504):
+            return StoreUnavailable(f"the mochi_lab gateway at {self._where} is unavailable ({status}"
+                                    f"{': ' + detail if detail else ''})")
+        if 300 <= status < 400:  # redirects are not followed: the token must not travel elsewhere
+            where = response.headers.get("location", "?").split("?")[0]
+            return GatewayError(f"the mochi_lab gateway at {self._where} redirected {response.request.method} "
+                                f"{response.request.url.path} to {where} (is the URL the gateway's?)", status, kind)
+        if status == 404:
+            return GatewayError(f"not found at the mochi_lab gateway {self._where}: {detail or response.request.url.path}",
+                                status, kind)
+        return GatewayError(f"the mochi_lab gateway at {self._where} answered {status}"
+                            f"{' ' + kind if kind else ''}{': ' + detail if detail else ''}", status, kind)
+
+    @staticmethod
+    def _job_id(job_id: str) -> str:
+        """The id as one path segment. A malformed id is unknown here as on the store: no request sent."""
+        if not isinstance(job_id, str) or not JOB_ID_RE.fullmatch(job_id):
+            raise JobNotFound(f"job {job_id!r:.80} not found")
+        return job_id
+
+    @staticmethod
+    def _job_missing(job_id: str):
+        return lambda detail: JobNotFound(f"job {job_id} not found")
+
+    # -- jobs ------------------------------------------------------------------
+    def submit(self, params: GenerationParams, options: SubmitOptions, *, reuse: bool = True) -> JobRecord:
+        body = {"params": params.to_dict(), "priority": options.priority, "tags": list(options.tags),
+                "experiment": options.experiment, "idempotency_key": options.idempotency_key, "reuse": reuse}
+        return JobRecord.from_dict(self._json("POST", "generate", json=body))
+
+    def get(self, job_id: str) -> JobRecord:
+        jid = self._job_id(job_id)
+        return JobRecord.from_dict(self._json("GET", f"status/{jid}", not_found=self._job_missing(jid)))
+
+    def list(self, *, status: str | None = None, experiment: str | None = None, tag: str | None = None,
+             text: str | None = None, limit: int = 50, offset: int = 0) -> list[JobRecord]:
+        """Pages of at most `_PAGE` (the server's cap) until `limit` rows or the end: experiments ask for all."""
+        query = {k: v for k, v in (("status", status), ("experiment", experiment), ("tag", tag), ("text", text))
+                 if v is not None}
+        out: list[JobRecord] = []
+        while len(out) < limit:
+            n = min(_PAGE, limit - len(out))
+            rows = self._json("GET", f"jobs/{quote(self.account, safe='')}",
+                              params={**query, "limit": n, "offset": offset + len(out)})
+            out.extend(JobRecord.from_dict(r) for r in rows)
+            if len(rows) < n:
+                break
+        return out
+
+    def cancel(self, job_id: str) -> JobRecord:
+        jid = self._job_id(job_id)
+        return JobRecord.from_dict(self._json("POST", f"cancel/{jid}", not_found=self._job_missing(jid)))
+
+    def rerun(self, job_id: str) -> JobRecord:
+        """The server's `POST /rerun/{id}`: the same params again, as a new job."""
+        jid = self._job_id(job_id)
+        return JobRecord.from_dict(self._json("POST", f"rerun/{jid}", not_found=self._job_missing(jid)))
+
+    def delete(self, job_id: str) -> None:
+        jid = self._job_id(job_id)
+        self._request("DELETE", f"jobs/{jid}", not_found=self._job_missing(jid))
+        for name in ARTIFACTS:
+            with contextlib.suppress(FileNotFoundError):
+                self._cached(jid, name).unlink()
+
+    def counts(self) -> dict[str, int]:
+        return self._json("GET", "counts")
+
+    def events(self, job_id: str, *, timeout: float | None = None) -> Iterator[JobRecord]:
+        """The job's progress as the server pushes it (`GET /events/{id}`, server-sent events): one record
+        per change of status, stage or step, the last one finished. TimeoutError when nothing (not even a
+        keep-alive) arrives for `timeout` s."""
+        jid = self._job_id(job_id)
+        try:
+            with self._client.stream("GET", f"events/{jid}", timeout=httpx.Timeout(self.timeout, read=timeout)) as r:
+                if not r.is_success:
+                    raise self._error(r, self._job_missing(jid))
+                data: list[str] = []
+                for line in r.iter_lines():
+                    if line.startswith("data:"):
+                        data.append(line[5:].removeprefix(" "))
+                    elif not line and data:
+                        yield JobRecord.from_dict(json.loads("\n".join(data)))
+                        data = []
+                if data:
+                    yield JobRecord.from_dict(json.loads("\n".join(data)))
+        except httpx.TimeoutException:
+            raise TimeoutError(f"no progress event for job {jid} within {timeout}s") from None
+        except httpx.TransportError as exc:
+            raise StoreUnavailable(f"lost the event stream of the mochi_lab gateway at {self._where}: "
+                                   f"{self._scrub(str(exc)) or type(exc).__name__}") from None
+
+    def watch(self, job_id: str, timeout: float | None = None) -> Iterator[JobRecord]:
+        """Pushed by the server (`events`), so the end is seen when it happens, not at the next poll; a
+        stream that ends early (the server's time limit, a restart, a cut) is opened again."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            try:
+                for record in self.events(job_id, timeout=left):
+                    yield record
+                    if record.finished:
+                        return
+                    if deadline is not None and time.monotonic() >= deadline:
+                        break
+            except TimeoutError:
+                pass
+            except StoreUnavailable:  # a cut stream; a gateway that is gone fails the read below
+                time.sleep(0.1)
+            record = self.get(job_id)
+            yield record
+            if record.finished:
+                return
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutError(f"job {job_id} still {record.status} ({record.stage}) after {timeout}s")
+
+    def preview(self, job_id: str) -> tuple[int, bytes] | None:
+        jid = self._job_id(job_id)
+        r = self._request("GET", f"preview/{jid}", not_found=self._job_missing(jid))
+        return None if r.status_code == 204 else (int(r.headers.get("x-preview-step", 0)), r.content)
+
+    def queue(self, limit: int = 50) -> list[dict[str, Any]]:
+        return list(self._json("GET", "queue", params={"limit": limit}))
+
+    # -- artifacts -------------------------------------------------------------
+    def _cached(self, job_id: str, name: str) -> Path:
+        return self.cache_dir / f"{job_id}{ARTIFACT_SUFFIXES[name]}"
+
+    @staticmethod
+    def _route(name: str) -> str:
+        if name not in ARTIFACTS:
+            raise ValueError(f"artifact must be one of {', '.join(ARTIFACTS)}, got {name!r}")
+        return "download" if name == "video" else "thumbnail"
+
+    def _download(self, job_id: str, name: str, dest: Path) -> Path:
+        """Stream the artifact into `dest` (whole, or not at all: a temp file renamed at the end)."""
+        route = self._route(name)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                with self._reaching(f"the {name} of job {job_id}"), self._client.stream("GET", f"{route}/{job_id}") as r:
+                    if r.status_code in (404, 409, 410):
+                        r.read()
+                        # an unknown or other account's id raises JobNotFound here; else there is no file
+                        record = self.get(job_id)
+                        raise FileNotFoundError(f"job {job_id} has no {name} (status {record.status})")
+                    if not r.is_success:
+                        raise self._error(r, self._job_missing(job_id))
+                    expected = r.headers.get("content-length")
+                    for chunk in r.iter_bytes(_CHUNK):
+                        f.write(chunk)
+                    got = f.tell()
+            if expected is not None and expected.isdigit() and int(expected) != got:
+                raise StoreUnavailable(f"download of the {name} of job {job_id} from {self._where} was cut short "
+                                       f"({got} of {expected} bytes)")
+            os.replace(tmp, dest)
+            return dest
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+
+    def artifact_path(self, job_id: str, name: str) -> Path:
+        """The artifact in the local cache, downloaded on first use (a done job's files never change)."""
+        self._route(name)
+        jid = self._job_id(job_id)
+        path = self._cached(jid, name)
+        if path.is_file():
+            return path
+        return self._download(jid, name, path)
+
+    def save_artifact(self, job_id: str, name: str, dest: Path) -> Path:
+        self._route(name)
+        jid = self._job_id(job_id)
+        cached = self._cached(jid, name)
+        if cached.is_file():
+            shutil.copyfile(cached, dest)
+            return Path(dest)
+        return self._download(jid, name, Path(dest))
+
+    # -- the pool --------------------------------------------------------------
+    def models(self) -> list[str]:
+        return list(self._json("GET", "models"))
+
+    def workers(self) -> list[dict[str, Any]]:
+        return list(self._json("GET", "workers/status"))
+
+    def scale(self, n: int) -> None:
+        self._request("POST", "workers/scale", json={"n": n})
+
+    def shutdown_pool(self) -> None:
+        self._request("POST", "workers/shutdown")
+
+    def wait_ready(self, timeout: float) -> None:
+        """Until the server's workers all say idle or busy (at least one), as the direct pool waits."""
+        deadline = time.monotonic() + timeout
+        while True:
+            rows = self.workers()
+            if rows and all(r.get("state") in ("idle", "busy") for r in rows):
+                return
+            bad = [r for r in rows if r.get("state") == "error"]
+            if bad:
+                raise RuntimeError(f"worker {bad[0].get('worker_id')} failed to load: {bad[0].get('error')}")
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"workers not ready after {timeout:.0f}s")
+            time.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
+
+    # -- experiments -----------------------------------------------------------
+    def get_experiment(self, name: str) -> dict[str, Any]:
+        missing = lambda detail: KeyError(f"experiment {name!r} not found")  # noqa: E731 - as the stores say it
+        return self._json("GET", f"experiments/{quote(name, safe='')}", not_found=missing)
+
+    def put_experiment(self, record: dict[str, Any]) -> None:
+        self._request("PUT", f"experiments/{quote(record['name'], safe='')}", json=record)
+
+    def list_experiments(self) -> list[dict[str, Any]]:
+        return list(self._json("GET", "experiments"))
+
+    # -- the handle ------------------------------------------------------------
+    def info(self) -> dict[str, str]:
+        return {"backend": "gateway", "address": self._where, "account": self.account, "model": self.model}
+
+    def close(self) -> None:
+        self._client.close()
+
+    def __repr__(self) -> str:
+        return f"<GatewayBackend {self._where} account={getattr(self, 'account', None)!r}>"
+
+
+__all__ = ["GatewayAuthError", "GatewayBackend", "GatewayError", "QuotaExceeded", "default_cache_dir"]

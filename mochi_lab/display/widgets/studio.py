@@ -1,0 +1,396 @@
+"""`Studio`: a prompt form and a card per generated job.
+
+The form offers size presets (and a custom size), the length as a duration at the chosen fps
+(snapped to Mochi's 6k+1 frames), and defaults that suit the pool: small and few steps on CPU
+workers, Mochi's defaults on GPUs. A typed value that is not allowed is shown as an error next to
+its field and nothing is queued: no value is silently clamped. Generate is disabled while a
+submission is in flight.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import ipywidgets as W
+
+from mochi_lab.display.reprs import STATIC_MIME, WIDGET_MIME
+from mochi_lab.params import LIMITS, GenerationParams, ParamsError
+
+from ._format import error_html, mapping, render
+from ._poll import DEFAULT_INTERVAL_S
+from .card_stack import CardStack, HasCardStack
+
+if TYPE_CHECKING:
+    from mochi_lab.client.cluster import MochiCluster
+    from mochi_lab.client.job import Job
+
+
+def _int_limits(name: str) -> tuple[int, int]:
+    lo, hi = LIMITS[name]
+    return int(lo), int(hi)
+
+
+FRAMES_MIN, FRAMES_MAX = _int_limits("num_frames")
+HEIGHT_MIN, HEIGHT_MAX = _int_limits("height")
+WIDTH_MIN, WIDTH_MAX = _int_limits("width")
+STEPS_MIN, STEPS_MAX = _int_limits("num_inference_steps")
+FPS_MIN, FPS_MAX = _int_limits("fps")
+SEED_MIN, SEED_MAX = _int_limits("seed")
+GUIDANCE_MIN, GUIDANCE_MAX = (float(v) for v in LIMITS["guidance_scale"])
+# Mochi needs num_frames = 6k+1 and sizes divisible by 16 (diffusers checks only 8).
+FRAME_CHOICES = [n for n in range(FRAMES_MIN, FRAMES_MAX + 1) if n % 6 == 1]
+HEIGHT_CHOICES = [n for n in range(HEIGHT_MIN, HEIGHT_MAX + 1) if n % 16 == 0]
+WIDTH_CHOICES = [n for n in range(WIDTH_MIN, WIDTH_MAX + 1) if n % 16 == 0]
+SIZE_CHOICES = HEIGHT_CHOICES  # the name older code imported
+CUSTOM = "custom"
+# (label, (width, height)): Mochi's native sizes first, then sizes a CPU pool finishes in seconds.
+SIZE_PRESETS: list[tuple[str, Any]] = [
+    ("848×480 landscape (Mochi)", (848, 480)),
+    ("480×848 portrait", (480, 848)),
+    ("640×640 square", (640, 640)),
+    ("432×240 small (CPU)", (432, 240)),
+    ("240×432 small portrait (CPU)", (240, 432)),
+    ("96×64 tiny (CPU)", (96, 64)),
+    ("custom", CUSTOM),
+]
+# A CPU pool runs the tiny model: a small size, a second or two of video and few steps keep a job to seconds.
+CPU_DEFAULTS = {"width": 432, "height": 240, "num_frames": 13, "fps": 8, "num_inference_steps": 8}
+# The form's fields, in the order errors are checked; each ParamsError line names one of these.
+FIELDS = ("prompt", "negative_prompt", "size", "duration", "fps", "num_inference_steps", "guidance_scale", "seed",
+          "model")
+FIELD_OF = {"width": "size", "height": "size", "num_frames": "duration"}
+_LABEL = {"description_width": "110px"}
+
+
+def _layout(width: str = "320px") -> W.Layout:
+    return W.Layout(width=width)
+
+
+def snap_frames(duration_s: float, fps: int) -> int:
+    """The 6k+1 frame count nearest to `duration_s` at `fps` (a tie goes to the shorter; at least 1 frame)."""
+    n = duration_s * fps
+    return max(1, 6 * int(math.ceil((n - 1) / 6 - 0.5)) + 1)
+
+
+def device_of(cluster: "MochiCluster") -> str:
+    """"cuda" when the pool's workers have GPUs, else "cpu" (also when the pool cannot be read)."""
+    try:
+        rows = [mapping(r) for r in cluster.workers()]
+    except Exception:
+        return "cpu"
+    return "cuda" if any(r.get("device") == "cuda" or r.get("gpu_name") for r in rows) else "cpu"
+
+
+def _number(value: Any, *, integer: bool) -> Any:
+    """A typed value as the number it is; a float with a fraction stays a float (the check then says so)."""
+    if integer and isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+class Studio(HasCardStack, W.VBox):
+    """Write a prompt, pick parameters, press Generate; each job gets a live card below the form.
+
+    Keyword arguments set the form's starting values (GenerationParams names), e.g.
+    `Studio(cluster, num_frames=7, height=32, width=32, num_inference_steps=2)`; the rest follow the
+    pool's device.
+    """
+
+    def __init__(self, cluster: "MochiCluster", *, download_dir: str | Path | None = None,
+                 interval: float = DEFAULT_INTERVAL_S, **defaults: Any):
+        self.cluster = cluster
+        self.device = device_of(cluster)
+        d = {**_field_defaults(cluster.model, self.device), **defaults}
+        seed = d.get("seed")
+        self.prompt = W.Textarea(value=d.get("prompt", ""), placeholder="a cat surfing a wave, golden hour",
+                                 description="prompt", style=_LABEL, layout=W.Layout(width="660px", height="60px"))
+        self.negative_prompt = W.Text(value=d["negative_prompt"], description="negative prompt", style=_LABEL,
+                                      layout=_layout("660px"))
+        size = (d["width"], d["height"])
+        presets = {v: label for label, v in SIZE_PRESETS}
+        self.size = W.Dropdown(options=SIZE_PRESETS, value=size if size in presets else CUSTOM, description="size",
+                               style=_LABEL, layout=_layout())
+        self.width = W.IntText(value=d["width"], description="width", style=_LABEL, layout=_layout("220px"))
+        self.height = W.IntText(value=d["height"], description="height", style=_LABEL, layout=_layout("220px"))
+        self.custom_size = W.VBox([self.width, self.height])
+        self.fps = W.IntText(value=d["fps"], description="fps", style=_LABEL, layout=_layout())
+        fps = d["fps"] if isinstance(d["fps"], int) and d["fps"] > 0 else 1
+        self.duration = W.FloatText(value=d["num_frames"] / fps, step=0.5, description="duration (s)",
+                                    style=_LABEL, layout=_layout("220px"))
+        self.frames = W.HTML()  # "= 13 frames": what the duration snaps to
+        self.steps = W.IntText(value=d["num_inference_steps"], description="steps", style=_LABEL, layout=_layout())
+        self.guidance = W.FloatText(value=d["guidance_scale"], step=0.5, description="guidance", style=_LABEL,
+                                    layout=_layout())
+        self.random_seed = W.Checkbox(value=seed is None, description="random seed", indent=False)
+        self.seed = W.IntText(value=SEED_MIN if seed is None else seed, description="seed", disabled=seed is None,
+                              style=_LABEL, layout=_layout("220px"))
+        self.random_seed.observe(lambda ch: setattr(self.seed, "disabled", ch["new"]), "value")
+        self.model = W.Dropdown(options=_models(cluster, d["model"]), value=d["model"], description="model", style=_LABEL,
+                                layout=_layout())
+        self.field_errors = {name: W.HTML() for name in FIELDS}
+        self.generate_button = W.Button(description="Generate", icon="play", button_style="primary")
+        self.generate_button.on_click(lambda _: self._clicked())
+        self.clear_button = W.Button(description="Clear finished", icon="broom",
+                                     tooltip="remove the cards of jobs that have ended (the jobs stay in History)")
+        self.clear_button.on_click(lambda _: self.stack.clear_finished())
+        self.error = W.HTML()  # errors that belong to no field, and notices
+        self.stack = CardStack(download_dir=Path(download_dir) if download_dir else None, interval=interval)
+        self.stack.on_change = self._snapshot_changed
+        self.submitting = False
+        self._submission: asyncio.Task | None = None
+        self._attempted = False  # the prompt is checked once a submission was tried
+        self._snapshots: list[Any] = []  # display handles of this Studio's static stand-ins
+
+        def row(*parts: W.Widget, error: str) -> W.VBox:
+            return W.VBox([W.HBox(list(parts)), self.field_errors[error]])
+
+        form = W.VBox([
+            row(self.prompt, error="prompt"), row(self.negative_prompt, error="negative_prompt"),
+            W.HBox([
+                W.VBox([row(self.size, error="size"), self.custom_size, row(self.fps, error="fps"),
+                        row(self.duration, self.frames, error="duration")], layout=_layout("380px")),
+                W.VBox([row(self.steps, error="num_inference_steps"), row(self.guidance, error="guidance_scale"),
+                        row(self.seed, self.random_seed, error="seed"), row(self.model, error="model")],
+                       layout=_layout("380px")),
+            ]),
+            W.HBox([self.generate_button, self.clear_button]), self.error,
+        ])
+        super().__init__([form, self.stack])
+        self.add_class("mochi-studio")
+        self.size.observe(self._size_picked, "value")
+        for w in (self.width, self.height, self.fps, self.duration, self.steps, self.guidance, self.seed,
+                  self.random_seed, self.model, self.negative_prompt):
+            w.observe(lambda _: self.check(), "value")
+        self.prompt.observe(lambda _: self._attempted and self.check(), "value")
+        self._size_picked()
+        self.check()
+
+    @property
+    def jobs(self) -> "list[Job]":
+        """Jobs started here, newest first."""
+        return self.stack.jobs
+
+    @property
+    def cards(self):
+        return self.stack.cards
+
+    # -- the form ----------------------------------------------------------------
+    def _size_picked(self, _change: Any = None) -> None:
+        choice = self.size.value
+        custom = choice == CUSTOM
+        if not custom:
+            self.width.value, self.height.value = choice
+        self.custom_size.layout.display = None if custom else "none"
+
+    @property
+    def num_frames(self) -> int | None:
+        """The frames the duration snaps to at the fps (None while either is not a usable number)."""
+        d, fps = self.duration.value, self.fps.value
+        if not (isinstance(d, (int, float)) and math.isfinite(d) and d > 0) or not (isinstance(fps, int) and fps > 0):
+            return None
+        return snap_frames(d, fps)
+
+    def params(self) -> dict[str, Any]:
+        """The form as GenerationParams keyword arguments (seed None: the cluster draws and records one)."""
+        return {
+            "prompt": self.prompt.value,
+            "negative_prompt": self.negative_prompt.value,
+            "num_frames": self.num_frames,
+            "height": _number(self.height.value, integer=True),
+            "width": _number(self.width.value, integer=True),
+            "num_inference_steps": _number(self.steps.value, integer=True),
+            "guidance_scale": float(self.guidance.value),
+            "seed": None if self.random_seed.value else _number(self.seed.value, integer=True),
+            "fps": _number(self.fps.value, integer=True),
+            "model": self.model.value,
+        }
+
+    def check(self) -> dict[str, str]:
+        """Check the form as typed and show each problem next to its field; returns {field: error}.
+
+        The prompt is checked only once a submission was tried (an empty form is not an error)."""
+        params = self.params()
+        errors: dict[str, list[str]] = {}
+        frames = params["num_frames"]
+        d, fps = self.duration.value, params["fps"]
+        if frames is None:
+            if not (isinstance(d, (int, float)) and math.isfinite(d) and d > 0):
+                errors.setdefault("duration", []).append(f"duration: must be more than 0 s, got {d}")
+            params["num_frames"] = FRAMES_MIN  # checked above; let the rest be checked
+        elif frames > FRAMES_MAX:
+            longest = (FRAMES_MAX - 1) / fps
+            errors.setdefault("duration", []).append(
+                f"duration: {d:g} s at {fps} fps is {frames} frames; at most {FRAMES_MAX} frames "
+                f"({longest:.1f} s at {fps} fps)")
+        self.frames.value = render("studio.html", "frames", frames=frames, fps=fps)
+        prompt = params.pop("prompt")
+        if not self._attempted and not prompt.strip():
+            prompt = "x"  # not yet checked: only the other fields
+        try:
+            GenerationParams.parse(prompt, **params)
+        except ParamsError as exc:
+            for name, line in _lines(str(exc)):
+                if name == "num_frames" and "duration" in errors:
+                    continue  # the duration's own error says it better
+                errors.setdefault(FIELD_OF.get(name, name), []).append(line)
+        for name, box in self.field_errors.items():
+            box.value = error_html("\n".join(errors.pop(name))) if name in errors else ""
+        self._other_errors = errors  # fields the form has no place for (the general error line shows them)
+        return {name: box.value for name, box in self.field_errors.items() if box.value}
+
+    # -- submitting ----------------------------------------------------------------
+    def _clicked(self) -> None:
+        """Generate: in a kernel, submit without blocking it (the button is disabled until it is queued)."""
+        if self.submitting:
+            return  # a click that was on its way while the button was disabled
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # no loop (a script, a test): submit at once
+            self.submit()
+            return
+        prepared = self._prepare()
+        if prepared is None:
+            return
+        self._busy(True)
+        self._submission = loop.create_task(self._submit_async(*prepared))
+
+    async def _submit_async(self, prompt: str, params: dict[str, Any]) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            job = await loop.run_in_executor(None, lambda: self.cluster.generate(prompt, **params))
+        except Exception as exc:
+            self._failed(exc)
+        else:
+            self._accept(job)
+        finally:
+            self._busy(False)
+
+    def _busy(self, busy: bool) -> None:
+        self.submitting = busy
+        self.generate_button.disabled = busy
+        self.generate_button.description = "Submitting…" if busy else "Generate"
+        self.generate_button.icon = "spinner" if busy else "play"
+
+    def _prepare(self) -> tuple[str, dict[str, Any]] | None:
+        """Clear the last attempt's errors and check the form; the params to submit, or None (errors shown)."""
+        self._attempted = True
+        self.error.value = ""
+        errors = self.check()
+        if errors or self._other_errors:
+            if self._other_errors:
+                self.error.value = error_html("\n".join(line for lines in self._other_errors.values() for line in lines))
+            return None
+        params = self.params()
+        return params.pop("prompt"), params
+
+    def submit(self) -> "Job | None":
+        """Queue one job from the form (what Generate does). Returns at once; the card follows the job.
+
+        Returns None, with the errors next to their fields, when the form is not valid."""
+        if self.submitting:
+            return None
+        prepared = self._prepare()
+        if prepared is None:
+            return None
+        self._busy(True)
+        try:
+            job = self.cluster.generate(prepared[0], **prepared[1])
+        except Exception as exc:
+            self._failed(exc)
+            return None
+        finally:
+            self._busy(False)
+        return self._accept(job)
+
+    def _failed(self, exc: Exception) -> None:
+        if isinstance(exc, ParamsError):  # the backend's own checks (the pool's models, admission, tokens)
+            shown = False
+            for name, line in _lines(str(exc)):
+                box = self.field_errors.get(FIELD_OF.get(name, name))
+                if box is not None:
+                    box.value = error_html(line)
+                    shown = True
+                else:
+                    self.error.value = error_html(line)
+                    shown = True
+            if not shown:
+                self.error.value = error_html(str(exc))
+        else:  # a store or cluster error must not vanish into the kernel log
+            self.error.value = error_html(f"{type(exc).__name__}: {exc}")
+
+    def _accept(self, job: "Job") -> "Job":
+        if job.id in {j.id for j in self.stack.jobs}:
+            # The cluster's result cache hands back the job that already has these exact params.
+            self.error.value = render("studio.html", "reused", job_id=job.id)
+            return job
+        self.error.value = ""
+        self.stack.add(job)
+        return job
+
+    async def wait(self, timeout: float | None = None) -> None:
+        """Await a submission in flight, then the jobs started here, without blocking the kernel."""
+        if self._submission is not None and not self._submission.done():
+            await asyncio.wait_for(asyncio.shield(self._submission), timeout)
+        await self.stack.wait(timeout)
+
+    # -- the notebook file -----------------------------------------------------------
+    def static_html(self) -> str:
+        """This Studio's jobs as static HTML, each one's last state: what a notebook saved with the
+        save hook (mochi_lab.display.widgets.save_hook) shows when it is opened without its kernel."""
+        return render("studio_snapshot.html", cards=[c.static_view() for c in self.stack.cards])
+
+    def _snapshot_bundle(self) -> dict[str, Any]:
+        return {"text/plain": "", STATIC_MIME: self.static_html()}
+
+    def _snapshot_changed(self) -> None:
+        for handle in self._snapshots:
+            handle.update(self._snapshot_bundle(), raw=True)
+
+    def _ipython_display_(self) -> None:
+        """Two outputs: the live widget, marked so the save hook leaves it out of the notebook file,
+        and its static stand-in (updated as jobs change), which the save hook turns into HTML."""
+        from IPython.display import display
+
+        bundle = self._repr_mimebundle_()
+        live = {WIDGET_MIME: bundle[WIDGET_MIME], "text/plain": "Studio (live: needs its kernel)"}
+        display(live, raw=True, metadata={"mochi_lab": {"live_widget": True}})
+        self._snapshots.append(display(self._snapshot_bundle(), raw=True, display_id=True))
+
+
+def _lines(message: str) -> list[tuple[str, str]]:
+    """A ParamsError's lines as (field, "field: what is wrong"); a message without fields is one line.
+
+    "prompt: prompt must be ..." reads "prompt: must be ...": the label says the field once."""
+    out = []
+    for line in message.splitlines():
+        line = line.strip()
+        if not line or line.startswith("invalid generation parameters"):
+            continue
+        name, sep, rest = line.partition(":")
+        if not sep or " " in name.strip():
+            out.append(("", line))
+            continue
+        name, rest = name.strip(), rest.strip()
+        out.append((name, f"{name}: {rest.removeprefix(name + ' ')}"))
+    return out or [("", message)]
+
+
+def _field_defaults(model: str, device: str = "cuda") -> dict[str, Any]:
+    fields = GenerationParams.model_fields
+    out = {name: f.default for name, f in fields.items() if name not in ("prompt", "seed")}
+    if device != "cuda":
+        out.update(CPU_DEFAULTS)
+    out.update(seed=None, model=model)
+    return out
+
+
+def _models(cluster: "MochiCluster", default: str) -> list[str]:
+    """The models the cluster serves (the default first if the cluster forgot it), as dropdown labels."""
+    try:
+        models = [str(m) for m in cluster.models()]
+    except Exception:  # an old or unreachable backend: offer the default only
+        models = []
+    return sorted(set(models) | {str(default)})
