@@ -81,7 +81,9 @@ class RedisServer:
 
 
 def claim_all(url: str, worker_id: str, start: Any, out: Any) -> None:
-    """Spawned worker: claim until the queue is empty, completing each job; report (id, token)."""
+    """Spawned worker: claim until the queue is empty, completing each job; report (id, token). Every worker
+    takes its first job before any takes a second (the barrier, again), so all of them contend for the rest
+    however the machine schedules them."""
     from mochi_lab.store import open_store
 
     store = open_store(url)
@@ -90,6 +92,8 @@ def claim_all(url: str, worker_id: str, start: Any, out: Any) -> None:
     while (claim := store.claim(worker_id, lease_s=120)) is not None:
         got.append((claim.job.id, claim.token))
         store.complete(claim.job.id, claim.token, artifacts={}, timings={}, meta={"by": worker_id})
+        if len(got) == 1:
+            start.wait(60)
     store.close()
     out.put((worker_id, got))
 
