@@ -253,6 +253,7 @@ _GATEWAY_ENV = {
     "autoscale": "MOCHI_LAB_AUTOSCALE",
     "trusted_proxies": "MOCHI_LAB_GATEWAY_TRUSTED_PROXIES",
     "hub_lookups": "MOCHI_LAB_GATEWAY_HUB_LOOKUPS",
+    "hub_timeout_s": "MOCHI_LAB_GATEWAY_HUB_TIMEOUT_S",
     "auth_failures": "MOCHI_LAB_GATEWAY_AUTH_FAILURES",
     "auth_failures_window_s": "MOCHI_LAB_GATEWAY_AUTH_FAILURES_WINDOW_S",
     "max_event_streams": "MOCHI_LAB_GATEWAY_MAX_EVENT_STREAMS",
@@ -284,6 +285,8 @@ class GatewayConfig(BaseModel):
     static_tokens: dict[str, Any] = Field(default_factory=dict)
     auth_cache_s: float = 30.0  # how long a hub answer (yes or no) is kept: a revoked token works this long
     hub_lookups: int = Field(default=8, ge=1, le=1024)  # hub token checks in flight at once
+    # how long a token check waits for a free lookup and then for the hub's answer (past it: 503)
+    hub_timeout_s: float = Field(default=5.0, gt=0)
     # a client with this many failed hub lookups within the window gets 429 until the oldest ages out
     auth_failures: int = Field(default=20, ge=1)
     auth_failures_window_s: float = Field(default=60.0, gt=0)

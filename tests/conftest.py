@@ -221,8 +221,9 @@ def ray_cluster(tiny_checkpoint):
 def ray_settings(ray_cluster):
     from mochi_lab.config import Settings
 
+    # a store of its own: the cheap pool's thread workers, if the same session has them, never claim its jobs
     return Settings.from_env(ray_address=ray_cluster.address, namespace="mochi_ray_test", lease_s=4.0,
-                             worker_ttl_s=6.0)
+                             worker_ttl_s=6.0, data_dir=_SESSION_HOME / "ray-data")
 
 
 @pytest.fixture(scope="session")

@@ -93,6 +93,7 @@ def authenticator(config: GatewayConfig) -> Authenticator:
         hub = HubAuth(config.hub_api_url, service_name=config.service_name,
                       api_token=config.hub_api_token.get_secret_value() if config.hub_api_token else None,
                       admin_groups=config.admin_groups, cache_s=config.auth_cache_s, max_lookups=config.hub_lookups,
+                      timeout_s=config.hub_timeout_s,
                       failures=FailureLimit(config.auth_failures, config.auth_failures_window_s))
     if static is None and hub is None:
         raise ValueError("the gateway needs a hub (JUPYTERHUB_API_URL) or static tokens (MOCHI_LAB_GATEWAY_TOKENS)")
