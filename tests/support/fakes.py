@@ -65,6 +65,7 @@ class FakeJob:
         self._history = list(history or [])  # records that successive refresh() calls return
         self._video, self._thumbnail = video, thumbnail
         self.position: dict[str, Any] | None = None  # what queue_position() answers while queued
+        self.preview: bytes | None = None  # the latest preview's WebP, as Job.preview gives it
         self.refreshes = 0
         self.cancels = 0
         self.deleted = False

@@ -178,6 +178,25 @@ def test_job_card_with_markup_in_every_field(payload, status, tmp_path):
         assert_safe(html, None)
 
 
+def _widgets(w: W.Widget):
+    yield w
+    for child in getattr(w, "children", ()):
+        yield from _widgets(child)
+
+
+def test_a_card_with_a_preview_renders_in_the_browser(tmp_path):
+    """@jupyter-widgets/controls reads `description.length` whenever a view's tooltip is set
+    (DOMWidgetView.updateTooltip), so a tooltip on a widget without a description (an Image) makes its view
+    fail in JupyterLab ("Failed to create view for 'ImageView'"): no widget of a card may have one."""
+    job = FakeJob(record(live={"preview_step": 1}))
+    job.preview = b"RIFF\x00\x00\x00\x00WEBPVP8 "
+    card = JobCard(job, download_dir=tmp_path)
+    card.poll()
+    assert card.preview.value == job.preview and card.preview.layout.display is None  # the preview is shown
+    offenders = [type(w).__name__ for w in _widgets(card) if w.tooltip and not w.has_trait("description")]
+    assert offenders == []
+
+
 @pytest.mark.parametrize("payload", PAYLOADS)
 def test_job_card_of_a_done_hostile_job_links_its_video_safely(payload, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the kernel's cwd is the notebook's folder; links are relative to it

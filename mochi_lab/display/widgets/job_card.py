@@ -246,8 +246,7 @@ class JobCard(W.VBox):
         if data:
             self.preview_step = step
             self.preview.value = data
-            self.preview.layout.display = None
-            self.preview.tooltip = f"preview at step {step}"
+            self.preview.layout.display = None  # no tooltip: an Image has no description, see test_escaping
 
     def _show_result(self) -> None:
         try:
