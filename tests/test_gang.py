@@ -25,6 +25,9 @@ from tests.support.jobkit import TINY
 NAMESPACE = "mochi_gang_test"
 # a guided job (both ranks work) with steps before and after the gates the tests hold it at
 GUIDED = {**TINY, "num_inference_steps": 8, "guidance_scale": 4.5}
+# The budget for a gang to form: two new processes that each load the model, the first time or after a
+# loss. It is the same budget however it formed; how fast that is belongs to the benchmarks, not here.
+FORM_S = 300
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +41,7 @@ def gang(ray_cluster, tmp_path_factory):
                                  workers=1, lease_s=4.0, worker_ttl_s=6.0,
                                  data_dir=tmp_path_factory.mktemp("gang-data"))
     cluster = MochiCluster(settings=settings)
-    cluster.wait_ready(timeout=300)
+    cluster.wait_ready(timeout=FORM_S)
     try:
         yield cluster
     finally:
@@ -52,6 +55,25 @@ def gang(ray_cluster, tmp_path_factory):
         with pytest.raises(ValueError):
             ray.get_actor("mochi-peer-0", namespace=NAMESPACE)
         remove_nodes(ray_cluster, [node])
+
+
+def _formed(gang, *, replacing: int | None = None) -> dict:
+    """Rank 0's row once the gang has formed: loaded (rank 0 loads only after it joined its peer), and with
+    `replacing`, a rank 0 other than that process (a lost rank's row stays until its TTL)."""
+
+    def ready():
+        rows = gang.workers()
+        return rows and rows[0]["state"] in ("idle", "busy") and rows[0]["pid"] != replacing and rows[0]
+
+    return wait_for(ready, FORM_S, "the gang to form" + (f" again without pid {replacing}" if replacing else ""),
+                    every=0.2)
+
+
+@pytest.fixture
+def formed(gang) -> dict:
+    """The gang, formed: each test starts on a pair that has finished forming, whatever the test before
+    it did to the last one."""
+    return _formed(gang)
 
 
 def _peer():
@@ -90,6 +112,7 @@ def test_a_guided_job_on_two_ranks_gives_the_single_process_video(gang, tiny, ti
     assert ray.get(_peer().ping.remote())["last"]["seed"] == 11
 
 
+@pytest.mark.usefixtures("formed")
 def test_cancel_stops_both_ranks_at_the_same_step(gang, hold):
     import ray
 
@@ -113,7 +136,7 @@ def test_cancel_stops_both_ranks_at_the_same_step(gang, hold):
 
 @pytest.mark.usefixtures("fault_injection")
 @pytest.mark.parametrize("rank", [1, 0])
-def test_killing_a_rank_mid_job_reruns_the_job_on_a_fresh_gang(gang, rank, hold):
+def test_killing_a_rank_mid_job_reruns_the_job_on_a_fresh_gang(gang, formed, rank, hold):
     import ray
 
     gate = hold(f"a gang losing rank {rank}", step=3)
@@ -124,8 +147,12 @@ def test_killing_a_rank_mid_job_reruns_the_job_on_a_fresh_gang(gang, rank, hold)
     os.kill(peer_pid if rank == 1 else leader["pid"], signal.SIGKILL)
     killed = time.monotonic()
     gate.release()  # rank 0, if alive, goes on to the next collective and finds rank 1 gone
-    wait_for(lambda: job.refresh().attempts == 2, 120, "attempt 2")
-    print(f"\n[gang] rank {rank} SIGKILLed mid-job: attempt 2 began {time.monotonic() - killed:.2f} s later")
+    # what the gang promises, in order: the pair re-forms as a unit, then the new rank 0 takes the job back
+    _formed(gang, replacing=leader["pid"])
+    formed_s = time.monotonic() - killed
+    wait_for(lambda: job.refresh().attempts == 2, 60, "the re-formed gang to claim attempt 2", every=0.1)
+    print(f"\n[gang] rank {rank} SIGKILLed mid-job: the pair re-formed {formed_s:.2f} s later, "
+          f"attempt 2 began at {time.monotonic() - killed:.2f} s")
     final = job.wait(timeout=600)
     assert final.status == "done", final.error
     assert final.attempts == 2
@@ -139,16 +166,15 @@ def test_killing_a_rank_mid_job_reruns_the_job_on_a_fresh_gang(gang, rank, hold)
 
 @pytest.mark.usefixtures("fault_injection")
 @pytest.mark.parametrize("rank", [1, 0])
-def test_a_rank_lost_while_idle_restarts_the_pair_as_a_unit(gang, rank):
+def test_a_rank_lost_while_idle_restarts_the_pair_as_a_unit(gang, formed, rank):
     """Rank 1 lost: rank 0's health check sees it and restarts itself. Rank 0 lost: the new rank 0 finds
     rank 1 still in the old group and has it restart. Either way both processes are new."""
     import ray
 
-    leader = gang.workers()[0]
+    leader = formed
     peer_pid = ray.get(_peer().ping.remote())["pid"]
     os.kill(peer_pid if rank == 1 else leader["pid"], signal.SIGKILL)
-    wait_for(lambda: (w := gang.workers()) and w[0]["pid"] != leader["pid"] and w[0]["state"] == "idle", 120,
-             "a new rank 0", every=0.2)
+    _formed(gang, replacing=leader["pid"])
     job = gang.generate("after an idle loss", seed=41 + rank, num_frames=7, height=32, width=32,
                         num_inference_steps=2, guidance_scale=4.5).wait(timeout=120)
     assert job.status == "done", job.error
