@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -170,3 +171,40 @@ def test_a_body_over_its_limit_is_RecordTooLarge_on_the_client(raising):
             client.put_experiment({"name": "big", "description": "x" * (2 << 20)})
     finally:
         client.close()
+
+
+def _answer_schema(doc: dict, method: str, template: str, status: int) -> dict:
+    content = doc["paths"][template][method.lower()]["responses"][str(status)]["content"]
+    return {**content["application/json"]["schema"], "components": doc["components"]}
+
+
+def test_a_pool_with_workers_and_a_done_job_answers_as_the_committed_document_says(gateway, tokens):
+    """What the store-only app above cannot show: live worker rows (an admin's whole ones too), a done job's
+    artifacts and timings, every experiment the session's tests left, checked against the committed document."""
+    from jsonschema import Draft202012Validator
+
+    from tests.support.backends import unique
+    from tests.support.jobkit import TINY
+
+    doc = json.loads(SNAPSHOT.read_text())
+    with gateway.client(tokens["alice"]) as alice, gateway.client(tokens["carol"]) as carol:
+        r = alice.post("/generate", json={"params": {"prompt": unique("a wire of gold"), **TINY}, "tags": ["w"]})
+        assert r.status_code == 201, r.text
+        job_id = r.json()["id"]
+        deadline = time.monotonic() + 180
+        while (job := alice.get(f"/status/{job_id}").json())["status"] not in ("done", "failed", "cancelled"):
+            assert time.monotonic() < deadline, job
+            time.sleep(0.1)
+        assert job["status"] == "done" and job["artifacts"] == {"video": f"download/{job_id}",
+                                                                "thumbnail": f"thumbnail/{job_id}"}
+        for client, (method, template), path, params in (
+                (alice, wire.STATUS, f"/status/{job_id}", None), (alice, wire.JOBS, "/jobs/alice", {"limit": 20}),
+                (alice, wire.WORKERS, "/workers/status", None), (carol, wire.WORKERS, "/workers/status", None),
+                (carol, wire.QUEUE, "/queue", None), (alice, wire.COUNTS, "/counts", None),
+                (alice, wire.MODELS, "/models", None), (carol, wire.WHOAMI, "/whoami", None),
+                (alice, wire.EXPERIMENTS, "/experiments", None), (alice, wire.HEALTHZ, "/healthz", None)):
+            r = client.request(method, path, params=params)
+            assert r.status_code == 200, (path, r.text)
+            Draft202012Validator(_answer_schema(doc, method, template, 200)).validate(r.json())
+        r = alice.get(f"/status/{'0' * 11}-{'0' * 12}")
+        Draft202012Validator(_answer_schema(doc, "GET", wire.STATUS[1], 404)).validate(r.json())
