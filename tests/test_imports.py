@@ -35,6 +35,10 @@ FORBIDDEN: dict[str, set[str]] = {
 }
 # The direct backend runs the store and the pool in the caller's process.
 ALLOWED = {("client.direct", "pool")}
+# Module to module, no more: the HTTP client speaks the gateway's wire (its routes, bodies and error table), and
+# nothing else of the gateway; the wire is a leaf over the shared modules (test_the_wire_is_a_leaf). Importing it
+# runs the gateway package's face, which loads nothing (`lazy_names`).
+ALLOWED_MODULES = {("client.http", "gateway.wire"), ("client.http", "gateway")}
 # The handle's rich display (`_repr_html_`, the live view) renders through the display, imported inside the
 # method that shows it: a script that never displays loads no Jinja2.
 ALLOWED_LAZY = {("client", "display")}
@@ -45,6 +49,7 @@ FORBIDDEN_EXTERNAL = {
     "display.reprs": {"torch", "ray", "redis"},
     "params": {"torch", "ray", "redis"},
     "pool.metrics": {"torch", "ray"},
+    "gateway.wire": {"fastapi", "starlette", "uvicorn", "httpx", "torch", "ray", "redis"},  # the client loads it
 }
 
 
@@ -162,6 +167,8 @@ def against_the_plan(name: str, targets: dict[str, set[Edge]]) -> list[str]:
             continue
         if any(name == src or name.startswith(src + ".") for src, dst in ALLOWED if dst == there):
             continue
+        if (name, target) in ALLOWED_MODULES:
+            continue
         if (room(name), there) in ALLOWED_LAZY and all(e.lazy or e.typing for e in edges):
             continue
         bad.append(f"mochi_lab.{target}" if target else "mochi_lab (the package face)")
@@ -222,6 +229,11 @@ def test_widgets_drive_the_handle_they_are_given():
             assert not client, f"mochi_lab.{name} imports {client}"
 
 
+def test_the_wire_is_a_leaf():
+    """The gateway's wire, which the client imports, imports only the shared modules: no other gateway module."""
+    assert {t for t in GRAPH["gateway.wire"] if room(t) != "shared"} == set()
+
+
 def test_reprs_is_a_leaf():
     assert GRAPH["display.reprs"] == {}, "reprs must be a leaf: plain data in, HTML out"
 
@@ -260,6 +272,9 @@ def test_the_checker_sees_violations():
         "client.job": "def show():\n    from mochi_lab.display.reprs import job_html\n",  # lazy display: allowed
         "client.http": "from mochi_lab.display.reprs import job_html\n",  # module-level display: not allowed
         "client.direct": "from mochi_lab.pool import runtime\n",  # the direct backend runs the pool
+        "client.backend": "from mochi_lab.gateway.wire import url\n",  # only client.http may speak the wire
+        "gateway.wire": "",
+        "gateway.app": "",
         "display.reprs": "",
         "pool": "",
         "pool.runtime": "",
@@ -271,6 +286,10 @@ def test_the_checker_sees_violations():
     assert against_the_plan("client.job", made_up["client.job"]) == []
     assert against_the_plan("client.http", made_up["client.http"]) == ["mochi_lab.display.reprs"]
     assert against_the_plan("client.direct", made_up["client.direct"]) == []
+    assert against_the_plan("client.backend", made_up["client.backend"]) == ["mochi_lab.gateway.wire"]
+    assert against_the_plan("client.http", graph({**sources, "client.http": "from mochi_lab.gateway.wire import url\n"
+                                                  "from mochi_lab.gateway.app import x\n"})["client.http"]) == [
+        "mochi_lab.gateway.app"]
     assert against_the_plan("worker.loop", made_up["worker.loop"]) == ["mochi_lab.pool.runtime"]
     assert find_cycle(made_up) == ["client.cluster", "store.base", "client.cluster"]
     assert find_cycle(graph({**sources, "store.base": ""})) is None

@@ -4,7 +4,9 @@ A notebook on a shared cluster holds no store credentials, only its JupyterHub t
 (`mochi_lab.gateway`) checks the token and decides the account. So `account` here is the server's word
 (`GET /whoami`), never the caller's. Errors come back as the direct backend's exceptions: an unknown or
 another account's job is `JobNotFound`, bad params `ParamsError`, an unreachable gateway
-`StoreUnavailable`; plus `GatewayAuthError` (401/403, a `PermissionError`) and `QuotaExceeded` (429).
+`StoreUnavailable`, a body over a limit `RecordTooLarge`, as the wire's table says (`mochi_lab.gateway.wire`);
+plus `GatewayAuthError` (401/403, a `PermissionError`) and `QuotaExceeded` (429). Routes and bodies are the
+wire's too.
 
 Artifacts are downloaded once into a local cache (`<cache_dir>/gateway/<host>/<account>/`), so
 `job.result()` returns a path on this machine as it does on the direct backend. The token never appears
@@ -23,18 +25,28 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote, urlsplit
+from urllib.parse import urlsplit
 
 import httpx
 
 from mochi_lab.client.backend import ARTIFACTS, Backend
 from mochi_lab.config import check_account
+from mochi_lab.gateway import wire
+from mochi_lab.gateway.wire import at
 from mochi_lab.params import GenerationParams, ParamsError, SubmitOptions, check_model
-from mochi_lab.store.base import ARTIFACT_SUFFIXES, JOB_ID_RE, JobNotFound, JobRecord, QuotaExceeded, StoreUnavailable
+from mochi_lab.store.base import (
+    ARTIFACT_SUFFIXES,
+    JOB_ID_RE,
+    JobNotFound,
+    JobRecord,
+    QuotaExceeded,
+    RecordTooLarge,
+    StoreUnavailable,
+)
 
 DEFAULT_TIMEOUT_S = 30.0
 _CHUNK = 1 << 20
-_PAGE = 1000  # the most jobs one GET /jobs answers
+_PAGE = wire.JOBS_LIMIT_MAX  # the most jobs one GET /jobs answers
 
 
 class GatewayError(RuntimeError):
@@ -111,7 +123,7 @@ class GatewayBackend(Backend):
             follow_redirects=False,  # a redirect (e.g. to a hub login page) must not carry the token away
         )
         try:
-            who = self._json("GET", "whoami")
+            who = self._json(*at(wire.WHOAMI))
             self.account = check_account(who["account"])
             self.admin = bool(who.get("admin", False))
             check_model(model, self.models())
@@ -168,19 +180,15 @@ class GatewayBackend(Backend):
         detail = self._scrub(detail)[:2000]
         if status == 404 and not_found is not None:
             return not_found(detail)
-        if status == 422:
-            return ParamsError(detail or "invalid generation parameters")
+        raised = wire.RAISED_FOR_STATUS.get(status)  # the exception the server's side raised (gateway.wire)
+        if raised is not None:
+            return raised(self._said(raised, status, detail))
         if status == 401:
             return GatewayAuthError(f"the mochi_lab gateway at {self._where} refused the token (401"
                                     f"{': ' + detail if detail else ''}); get a fresh JUPYTERHUB_API_TOKEN", status)
         if status == 403:
             return GatewayAuthError(f"not allowed by the mochi_lab gateway at {self._where} (403"
                                     f"{': ' + detail if detail else ''})", status)
-        if status == 429:
-            return QuotaExceeded(f"quota reached at the mochi_lab gateway: {detail or 'too many requests'}")
-        if status in (502, 503, 504):
-            return StoreUnavailable(f"the mochi_lab gateway at {self._where} is unavailable ({status}"
-                                    f"{': ' + detail if detail else ''})")
         if 300 <= status < 400:  # redirects are not followed: the token must not travel elsewhere
             where = response.headers.get("location", "?").split("?")[0]
             return GatewayError(f"the mochi_lab gateway at {self._where} redirected {response.request.method} "
@@ -190,6 +198,16 @@ class GatewayBackend(Backend):
                                 status, kind)
         return GatewayError(f"the mochi_lab gateway at {self._where} answered {status}"
                             f"{' ' + kind if kind else ''}{': ' + detail if detail else ''}", status, kind)
+
+    def _said(self, raised: type[Exception], status: int, detail: str) -> str:
+        """The message of the exception `raised` for an error answer: the server's sentence, and where."""
+        if raised is ParamsError:
+            return detail or "invalid generation parameters"
+        if raised is QuotaExceeded:
+            return f"quota reached at the mochi_lab gateway: {detail or 'too many requests'}"
+        if raised is RecordTooLarge:
+            return f"too large for the mochi_lab gateway at {self._where}: {detail or 'request too large'}"
+        return f"the mochi_lab gateway at {self._where} is unavailable ({status}{': ' + detail if detail else ''})"
 
     @staticmethod
     def _job_id(job_id: str) -> str:
@@ -204,13 +222,14 @@ class GatewayBackend(Backend):
 
     # -- jobs ------------------------------------------------------------------
     def submit(self, params: GenerationParams, options: SubmitOptions, *, reuse: bool = True) -> JobRecord:
-        body = {"params": params.to_dict(), "priority": options.priority, "tags": list(options.tags),
-                "experiment": options.experiment, "idempotency_key": options.idempotency_key, "reuse": reuse}
-        return JobRecord.from_dict(self._json("POST", "generate", json=body))
+        body = wire.GenerateRequest(params=params.to_dict(), priority=options.priority, tags=list(options.tags),
+                                    experiment=options.experiment, idempotency_key=options.idempotency_key,
+                                    reuse=reuse).model_dump()
+        return JobRecord.from_dict(self._json(*at(wire.GENERATE), json=body))
 
     def get(self, job_id: str) -> JobRecord:
         jid = self._job_id(job_id)
-        return JobRecord.from_dict(self._json("GET", f"status/{jid}", not_found=self._job_missing(jid)))
+        return JobRecord.from_dict(self._json(*at(wire.STATUS, job_id=jid), not_found=self._job_missing(jid)))
 
     def list(self, *, status: str | None = None, experiment: str | None = None, tag: str | None = None,
              text: str | None = None, limit: int = 50, offset: int = 0) -> list[JobRecord]:
@@ -220,7 +239,7 @@ class GatewayBackend(Backend):
         out: list[JobRecord] = []
         while len(out) < limit:
             n = min(_PAGE, limit - len(out))
-            rows = self._json("GET", f"jobs/{quote(self.account, safe='')}",
+            rows = self._json(*at(wire.JOBS, account=self.account),
                               params={**query, "limit": n, "offset": offset + len(out)})
             out.extend(JobRecord.from_dict(r) for r in rows)
             if len(rows) < n:
@@ -229,22 +248,22 @@ class GatewayBackend(Backend):
 
     def cancel(self, job_id: str) -> JobRecord:
         jid = self._job_id(job_id)
-        return JobRecord.from_dict(self._json("POST", f"cancel/{jid}", not_found=self._job_missing(jid)))
+        return JobRecord.from_dict(self._json(*at(wire.CANCEL, job_id=jid), not_found=self._job_missing(jid)))
 
     def rerun(self, job_id: str) -> JobRecord:
         """The server's `POST /rerun/{id}`: the same params again, as a new job."""
         jid = self._job_id(job_id)
-        return JobRecord.from_dict(self._json("POST", f"rerun/{jid}", not_found=self._job_missing(jid)))
+        return JobRecord.from_dict(self._json(*at(wire.RERUN, job_id=jid), not_found=self._job_missing(jid)))
 
     def delete(self, job_id: str) -> None:
         jid = self._job_id(job_id)
-        self._request("DELETE", f"jobs/{jid}", not_found=self._job_missing(jid))
+        self._request(*at(wire.DELETE, job_id=jid), not_found=self._job_missing(jid))
         for name in ARTIFACTS:
             with contextlib.suppress(FileNotFoundError):
                 self._cached(jid, name).unlink()
 
     def counts(self) -> dict[str, int]:
-        return self._json("GET", "counts")
+        return self._json(*at(wire.COUNTS))
 
     def events(self, job_id: str, *, timeout: float | None = None) -> Iterator[JobRecord]:
         """The job's progress as the server pushes it (`GET /events/{id}`, server-sent events): one record
@@ -252,7 +271,8 @@ class GatewayBackend(Backend):
         keep-alive) arrives for `timeout` s."""
         jid = self._job_id(job_id)
         try:
-            with self._client.stream("GET", f"events/{jid}", timeout=httpx.Timeout(self.timeout, read=timeout)) as r:
+            read = httpx.Timeout(self.timeout, read=timeout)
+            with self._client.stream(*at(wire.EVENTS, job_id=jid), timeout=read) as r:
                 if not r.is_success:
                     raise self._error(r, self._job_missing(jid))
                 data: list[str] = []
@@ -296,21 +316,21 @@ class GatewayBackend(Backend):
 
     def preview(self, job_id: str) -> tuple[int, bytes] | None:
         jid = self._job_id(job_id)
-        r = self._request("GET", f"preview/{jid}", not_found=self._job_missing(jid))
-        return None if r.status_code == 204 else (int(r.headers.get("x-preview-step", 0)), r.content)
+        r = self._request(*at(wire.PREVIEW, job_id=jid), not_found=self._job_missing(jid))
+        return None if r.status_code == 204 else (int(r.headers.get(wire.PREVIEW_STEP_HEADER, 0)), r.content)
 
     def queue(self, limit: int = 50) -> list[dict[str, Any]]:
-        return list(self._json("GET", "queue", params={"limit": limit}))
+        return list(self._json(*at(wire.QUEUE), params={"limit": limit}))
 
     # -- artifacts -------------------------------------------------------------
     def _cached(self, job_id: str, name: str) -> Path:
         return self.cache_dir / f"{job_id}{ARTIFACT_SUFFIXES[name]}"
 
     @staticmethod
-    def _route(name: str) -> str:
+    def _route(name: str) -> tuple[str, str]:
         if name not in ARTIFACTS:
             raise ValueError(f"artifact must be one of {', '.join(ARTIFACTS)}, got {name!r}")
-        return "download" if name == "video" else "thumbnail"
+        return wire.ARTIFACT_ROUTES[name]
 
     def _download(self, job_id: str, name: str, dest: Path) -> Path:
         """Stream the artifact into `dest` (whole, or not at all: a temp file renamed at the end)."""
@@ -319,7 +339,7 @@ class GatewayBackend(Backend):
         fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
         try:
             with os.fdopen(fd, "wb") as f:
-                with self._reaching(f"the {name} of job {job_id}"), self._client.stream("GET", f"{route}/{job_id}") as r:
+                with self._reaching(f"the {name} of job {job_id}"), self._client.stream(*at(route, job_id=job_id)) as r:
                     if r.status_code in (404, 409, 410):
                         r.read()
                         # an unknown or other account's id raises JobNotFound here; else there is no file
@@ -361,16 +381,16 @@ class GatewayBackend(Backend):
 
     # -- the pool --------------------------------------------------------------
     def models(self) -> list[str]:
-        return list(self._json("GET", "models"))
+        return list(self._json(*at(wire.MODELS)))
 
     def workers(self) -> list[dict[str, Any]]:
-        return list(self._json("GET", "workers/status"))
+        return list(self._json(*at(wire.WORKERS)))
 
     def scale(self, n: int) -> None:
-        self._request("POST", "workers/scale", json={"n": n})
+        self._request(*at(wire.SCALE), json=wire.ScaleRequest(n=n).model_dump())
 
     def shutdown_pool(self) -> None:
-        self._request("POST", "workers/shutdown")
+        self._request(*at(wire.SHUTDOWN))
 
     def wait_ready(self, timeout: float) -> None:
         """Until the server's workers all say idle or busy (at least one), as the direct pool waits."""
@@ -388,14 +408,14 @@ class GatewayBackend(Backend):
 
     # -- experiments -----------------------------------------------------------
     def get_experiment(self, name: str) -> dict[str, Any]:
-        missing = lambda detail: KeyError(f"experiment {name!r} not found")  # noqa: E731 - as the stores say it
-        return self._json("GET", f"experiments/{quote(name, safe='')}", not_found=missing)
+        missing = lambda detail: KeyError(f"experiment {name!r} not found")
+        return self._json(*at(wire.EXPERIMENT, name=name), not_found=missing)
 
     def put_experiment(self, record: dict[str, Any]) -> None:
-        self._request("PUT", f"experiments/{quote(record['name'], safe='')}", json=record)
+        self._request(*at(wire.PUT_EXPERIMENT, name=record["name"]), json=record)
 
     def list_experiments(self) -> list[dict[str, Any]]:
-        return list(self._json("GET", "experiments"))
+        return list(self._json(*at(wire.EXPERIMENTS)))
 
     # -- the handle ------------------------------------------------------------
     def info(self) -> dict[str, str]:

@@ -45,6 +45,7 @@ from starlette.concurrency import run_in_threadpool
 
 from mochi_lab.config import GatewayConfig
 from mochi_lab.gateway.auth import Authenticator, AuthError, AuthUnavailable, Identity, hash_token
+from mochi_lab.gateway.wire import errors
 from mochi_lab.store.base import FINISHED, JobRecord, Store
 
 SESSION_COOKIE = "mochi-lab-session"
@@ -204,6 +205,13 @@ class HubOAuth:
         return token, float(expires) if isinstance(expires, (int, float)) and expires > 0 else None
 
 
+def _see_other(where: str) -> dict[str, Any]:
+    return {"description": f"See Other: {where}", "headers": {"Location": {"schema": {"type": "string"}}}}
+
+
+_AUTHED = (401, 403, 413, 429, 503)  # as every API route's (mochi_lab.gateway.door.AUTHED)
+
+
 # -- pages -----------------------------------------------------------------------------------------
 def page_headers(nonce: str, form_action: str = "'self'") -> dict[str, str]:
     """The page's security headers: scripts and styles only with this response's nonce."""
@@ -284,7 +292,8 @@ def web_router(config: GatewayConfig, auth: Authenticator, sessions: Sessions,
         cookie(resp, request, SESSION_COOKIE, sid, int(ttl_s))
         return resp
 
-    @router.get("/", response_class=HTMLResponse, tags=["web"])
+    @router.get("/", response_class=HTMLResponse, tags=["web"],
+                responses={303: _see_other("a browser with no session: to the sign-in"), **errors(*_AUTHED)})
     async def page(request: Request):
         try:
             identity = await identify(request)
@@ -301,12 +310,15 @@ def web_router(config: GatewayConfig, auth: Authenticator, sessions: Sessions,
                       max_active_jobs=config.max_active_jobs, csrf_header=CSRF_HEADER)
         return HTMLResponse(html, headers=page_headers(nonce))
 
-    @router.get("/login", response_class=HTMLResponse, tags=["web"])
+    @router.get("/login", response_class=HTMLResponse, tags=["web"],
+                responses={303: _see_other("with a hub: to its sign-in"), **errors(413, 503, html=(503,))})
     async def login_start(request: Request):
         """With a hub: off to the hub's sign-in. Without: the token form."""
         return await start_hub_login(request) if with_hub else login_page()
 
-    @router.post("/login", tags=["web"])
+    @router.post("/login", status_code=303, response_class=RedirectResponse, tags=["web"],
+                 responses={303: _see_other("signed in: to the page (with a hub: to its sign-in)"),
+                            **errors(401, 403, 413, 429, 503, html=(401, 403, 429, 503))})
     async def login(request: Request):
         check_origin(request, config)
         if with_hub:
@@ -340,11 +352,12 @@ def web_router(config: GatewayConfig, auth: Authenticator, sessions: Sessions,
         resp.delete_cookie(STATE_COOKIE, path=config.prefix)
         return resp
 
-    @router.get("/logout", response_class=HTMLResponse, tags=["web"])
+    @router.get("/logout", response_class=HTMLResponse, tags=["web"], responses=errors(413))
     def signed_out():
         return login_page(signed_out=True)
 
-    @router.post("/logout", tags=["web"])
+    @router.post("/logout", status_code=303, response_class=RedirectResponse, tags=["web"],
+                 responses={303: _see_other("signed out: to the signed-out page"), **errors(403, 413, 503)})
     async def logout(request: Request):
         check_origin(request, config)
         sid = request.cookies.get(SESSION_COOKIE)
@@ -371,5 +384,15 @@ def web_router(config: GatewayConfig, auth: Authenticator, sessions: Sessions,
     return router
 
 
-__all__ = ["CSRF_HEADER", "SESSION_COOKIE", "STATE_COOKIE", "HubOAuth", "Sessions", "check_cookie_write",
-           "check_origin", "behind_proxies", "page_headers", "web_router"]
+__all__ = [
+    "CSRF_HEADER",
+    "SESSION_COOKIE",
+    "STATE_COOKIE",
+    "HubOAuth",
+    "Sessions",
+    "behind_proxies",
+    "check_cookie_write",
+    "check_origin",
+    "page_headers",
+    "web_router",
+]

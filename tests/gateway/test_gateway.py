@@ -13,6 +13,7 @@ import asyncio
 import json
 import socket
 import time
+import uuid
 
 import httpx
 import pytest
@@ -596,3 +597,32 @@ def test_a_running_jobs_preview_comes_through_the_gateway_and_stays_after_a_canc
         assert wait_done(alice, job["id"])["status"] == "cancelled"
         kept = alice.get(f"/preview/{job['id']}")
         assert kept.status_code == 200 and kept.content == r.content  # its last look stays
+
+
+def test_an_export_names_the_gateways_routes_and_carries_the_decodable_videos(gateway, mochi, tokens, tmp_path):
+    """The experiment is opened on a view of the backend whose jobs name routes: the zip's manifest shows
+    `download/<id>`, never the server's artifacts folder, and the video in it decodes."""
+    import io
+    import zipfile
+
+    import av
+
+    name = f"export-{uuid.uuid4().hex[:8]}"
+    with gateway.client(tokens["alice"]) as alice:
+        body = {"prompts": unique("a fox in snow"), "seeds": [3], "params": TINY}
+        r = alice.post(f"/experiments/{name}/sweep", json=body)
+        assert r.status_code == 200, r.text
+        job_id = r.json()[0]["id"]
+        assert wait_done(alice, job_id)["status"] == "done"
+        r = alice.get(f"/experiments/{name}/export")
+        assert r.status_code == 200 and r.headers["content-type"] == "application/zip"
+    with zipfile.ZipFile(io.BytesIO(r.content)) as zf:
+        manifest = json.loads(zf.read(f"{name}/manifest.json"))
+        (row,) = manifest["runs"]
+        assert (row["job_id"], row["video"], row["thumbnail"]) == (job_id, f"download/{job_id}", f"thumbnail/{job_id}")
+        server_paths = str(mochi.backend.settings.data_dir)
+        assert server_paths not in zf.read(f"{name}/manifest.json").decode()
+        assert server_paths not in zf.read(f"{name}/manifest.csv").decode()
+        (tmp_path / "run.mp4").write_bytes(zf.read(f"{name}/{row['file']}"))
+    with av.open(str(tmp_path / "run.mp4")) as container:
+        assert sum(1 for _ in container.decode(video=0)) == TINY["num_frames"]
