@@ -15,6 +15,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from mochi_lab.client.backend import Backend
+from mochi_lab.client.follow import GroupFollower
 from mochi_lab.client.job import Job
 from mochi_lab.params import MAX_PROMPT_CHARS, GenerationParams, SubmitOptions, check_model, check_tags, validate_name
 from mochi_lab.store.base import CANCELLED, FAILED, STATUSES, JobNotFound, JobRecord, check_job_id
@@ -280,12 +281,6 @@ class Experiment:
         self._remember(found)
         return runs, jobs
 
-    def _get(self, job_id: str) -> JobRecord | None:
-        try:
-            return self._backend.get(job_id)
-        except JobNotFound:
-            return None
-
     def jobs(self) -> list[Job]:
         """The current job of each run that has one, in run order."""
         runs, jobs = self._snapshot()
@@ -304,29 +299,23 @@ class Experiment:
 
         Missing runs are not waited for (nothing would ever finish them): a warning names `resume()`.
         """
-        deadline = None if timeout is None else time.monotonic() + timeout
         runs, jobs = self._snapshot()
+        group = self.follower(jobs)
         bar = None
         if progress:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=len(runs), desc=self.name, unit="run")
-        delay = 0.1
+
+        def show() -> None:
+            bar.n = sum(1 for j in group.records.values() if j is not None and j.finished)
+            bar.set_postfix_str(_summary(group.records), refresh=False)
+            bar.refresh()
+
         try:
-            while True:
-                pending = {k: j for k, j in jobs.items() if j is not None and not j.finished}
-                if bar is not None:
-                    bar.n = sum(1 for j in jobs.values() if j is not None and j.finished)
-                    bar.set_postfix_str(_summary(jobs), refresh=False)
-                    bar.refresh()
-                if not pending:
-                    break
-                if deadline is not None and time.monotonic() >= deadline:
-                    raise TimeoutError(f"experiment {self.name!r}: {len(pending)} runs unfinished after {timeout}s")
-                time.sleep(delay)
-                delay = min(delay * 1.5, 1.0)
-                for key, job in pending.items():  # finished runs are not read again
-                    jobs[key] = self._get(job.id)
+            group.follow(timeout, on_tick=show if bar is not None else None)
+        except TimeoutError:
+            raise TimeoutError(f"experiment {self.name!r}: {len(group.pending)} runs unfinished after {timeout}s") from None
         finally:
             if bar is not None:
                 bar.close()
@@ -335,6 +324,13 @@ class Experiment:
             warnings.warn(f"experiment {self.name!r}: {counts[MISSING]} runs were never queued; "
                           "call resume() to queue them", stacklevel=2)
         return counts
+
+    def follower(self, jobs: Mapping[str, JobRecord | None] | None = None) -> GroupFollower:
+        """The runs' jobs followed together: one listing of the experiment's jobs per tick, never a read per
+        job. `jobs`: each run's current job, as `_snapshot` gives them (default: read now)."""
+        if jobs is None:
+            jobs = self._snapshot()[1]
+        return GroupFollower(lambda: self._backend.list(experiment=self.name, limit=_LIST_LIMIT), dict(jobs))
 
     def cancel(self) -> int:
         """Cancel every unfinished run (queued ones never start); returns how many were asked."""

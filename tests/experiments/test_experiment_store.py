@@ -132,6 +132,38 @@ def test_wait_and_dataframe_and_export(store, sample_mp4, tmp_path):
     assert list(csv["job_id"]) == list(df["job_id"])
 
 
+def test_wait_reads_one_listing_per_tick_and_never_a_job_by_id(store):
+    """Experiment.wait follows its runs together: each tick is one listing of the experiment's jobs, however
+    many runs are pending. The store plays a worker that ends one job after each listing, so the ticks are
+    counted, not timed."""
+    from mochi_lab.client.direct import DirectBackend
+    from mochi_lab.config import Settings
+
+    class Counting(DirectBackend):
+        gets = lists = 0
+
+        def get(self, job_id):
+            self.gets += 1
+            return super().get(job_id)
+
+        def list(self, **kw):
+            self.lists += 1
+            out = super().list(**kw)
+            if store.counts("alice")["queued"]:
+                finish(store, "done")  # after this listing: the next one sees it ended
+            return out
+
+    counting = Counting(Settings.from_env(account="alice"), store)
+    exp = Experiment.open(counting, "sweep-1")
+    exp.sweep(["a cat", "a dog", "a cow"], [1], **TINY)
+    counting.gets = counting.lists = 0
+    counts = exp.wait(timeout=30, progress=False)
+    assert counts["done"] == 3
+    assert counting.gets == 0  # no run is read on its own
+    # the snapshot, one listing per tick while any run was pending (3), and status()'s
+    assert counting.lists == 1 + 3 + 1
+
+
 def test_wait_times_out_and_warns_about_missing_runs(store):
     exp = open_exp(store)
     exp.sweep(["p"], [1], **TINY)
