@@ -312,12 +312,16 @@ class GroupFollower:
         self.cadence = cadence
         self.started = time.monotonic()
         self.listings = 0  # listings read (tests count them)
+        self.errors = 0  # failed listings in a row
+        self._listeners: list[Callable[[GroupFollower], None]] = []
+        self._task: asyncio.Task | None = None
 
     @property
     def pending(self) -> dict[str, JobRecord]:
         return {k: r for k, r in self.records.items() if r is not None and not r.finished}
 
     def step(self) -> bool:
+        """One listing; the listeners are told. Returns whether any job is still queued or running."""
         pending = self.pending
         if not pending:
             return False
@@ -325,7 +329,48 @@ class GroupFollower:
         listed = {r.id: r for r in self._list()}
         for key, r in pending.items():
             self.records[key] = listed.get(r.id)  # finished runs are not looked up again
+        for listener in list(self._listeners):
+            listener(self)
         return bool(self.pending)
+
+    def listen(self, listener: Callable[["GroupFollower"], None]) -> None:
+        if listener not in self._listeners:
+            self._listeners.append(listener)
+
+    @property
+    def running(self) -> bool:
+        return self._task is not None and not self._task.done()
+
+    def start(self) -> bool:
+        """Keep listing on the running event loop (the kernel's) until no job is pending; False without a loop."""
+        if self.running:
+            return True
+        if not self.pending:
+            return False
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return False
+        self._task = loop.create_task(self._run(), name="mochi_lab follow jobs")
+        return True
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self.delay())
+            try:
+                more = self.step()
+                self.errors = 0
+            except Exception:  # keep following through a brief outage, but not forever
+                self.errors += 1
+                log.warning("listing the followed jobs failed (%d in a row)", self.errors, exc_info=True)
+                more = self.errors < MAX_ERRORS
+            if not more:
+                return
+
+    def stop(self) -> None:
+        if self.running:
+            self._task.cancel()
+        self._task = None
 
     def delay(self) -> float:
         """`Cadence.delay` for the job nearest its end."""

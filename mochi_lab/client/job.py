@@ -311,6 +311,33 @@ def media(job: "Job", folder: Path | None = None) -> dict[str, Any]:
     return out
 
 
+class Output:
+    """One output of a notebook cell, updated in place (a display id): HTML only, so a notebook saved and
+    reopened without its kernel shows the last state sent. `publish(bundle, update)` sends a bundle
+    (IPython's display machinery by default; tests pass a recorder)."""
+
+    def __init__(self, publish: Callable[[dict[str, Any], bool], None] | None = None):
+        self._publish = publish
+        self._handle = None
+        self.html: str | None = None
+
+    def send(self, bundle: dict[str, Any]) -> None:
+        """Show `bundle` (text/plain and text/html): the first time as a new output, then in its place, and
+        only when its HTML changed."""
+        update = self.html is not None
+        if update and bundle["text/html"] == self.html:
+            return  # unchanged: nothing to send
+        self.html = bundle["text/html"]
+        if self._publish is not None:
+            self._publish(bundle, update)
+        elif update and self._handle is not None:
+            self._handle.update(bundle, raw=True)
+        else:
+            from IPython.display import display
+
+            self._handle = display(bundle, raw=True, display_id=True)
+
+
 class LiveView:
     """A job's output in a notebook: HTML only, updated in place (a display id) while the job is queued
     or running, and left as static HTML once the job ends. HTML only, so a notebook saved and reopened
@@ -332,9 +359,7 @@ class LiveView:
         self.folder = folder
         self.media: dict[str, Any] | None = None
         self._preview: tuple[int, dict[str, Any] | None] | None = None  # (step, its image) as last drawn
-        self.html: str | None = None
-        self._publish = publish
-        self._handle = None
+        self.output = Output(publish)
         self._drawing = False
         self.follower.listen(self._draw)
 
@@ -374,19 +399,13 @@ class LiveView:
         return {"text/plain": _describe(r), "text/html": job_html(r, notes=notes, media=self.media,
                                                                    preview=self.preview())}
 
-    def send(self, *, update: bool) -> None:
-        bundle = self.bundle()
-        if update and bundle["text/html"] == self.html:
-            return  # unchanged: nothing to send
-        self.html = bundle["text/html"]
-        if self._publish is not None:
-            self._publish(bundle, update)
-        elif update and self._handle is not None:
-            self._handle.update(bundle, raw=True)
-        else:
-            from IPython.display import display
+    def send(self, *, update: bool = True) -> None:
+        self.output.send(self.bundle())
 
-            self._handle = display(bundle, raw=True, display_id=True)
+    @property
+    def html(self) -> str | None:
+        """The HTML last sent (None: not shown yet)."""
+        return self.output.html
 
     def _draw(self, follower: Follower) -> None:
         """What the follower tells: a new state. Sent only when the HTML changed; the last one stays."""
@@ -396,7 +415,7 @@ class LiveView:
         try:
             if follower.record.status == DONE and self.media is None:
                 self.media = media(self.job, self.folder)
-            self.send(update=self.html is not None)
+            self.send()
         finally:
             self._drawing = False
         if follower.finished:
