@@ -148,3 +148,18 @@ def test_a_job_too_large_for_the_pool_is_refused_at_submit_naming_what_fits(moch
     with pytest.raises(ParamsError, match=r"at most \d+ frames fit"):
         mochi.generate("a long one", num_frames=283, height=480, width=848, num_inference_steps=64)
     assert mochi.counts() == before
+
+
+def test_the_cadence_reads_faster_where_a_jobs_end_may_be_near():
+    """The one rule of how often a job is read (Job.wait, the live views, the gateway's progress hub)."""
+    from mochi_lab.client.follow import START_S, Cadence
+
+    c = Cadence(0.5)
+    assert c.delay("denoising", START_S + 1) == 0.5
+    assert c.delay("decoding", START_S + 1) == c.delay("encoding", 60.0) == 0.1  # its last stages
+    assert c.delay("denoising", 0.0) == c.delay("queued", START_S - 0.1) == 0.1  # its first seconds
+    assert Cadence(1.0, 0.3).delay("encoding", 99.0) == 0.3
+    with pytest.raises(ValueError, match="every_s must be a positive number"):
+        Cadence(0)
+    with pytest.raises(ValueError, match=r"near_s must be in \(0, every_s=0.1\]"):
+        Cadence(0.1, 0.2)

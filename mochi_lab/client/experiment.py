@@ -390,7 +390,8 @@ class Experiment:
         try:
             group.follow(timeout, on_tick=show if bar is not None else None)
         except TimeoutError:
-            raise TimeoutError(f"experiment {self.name!r}: {len(group.pending)} runs unfinished after {timeout}s") from None
+            left = len(group.pending)
+            raise TimeoutError(f"experiment {self.name!r}: {left} runs unfinished after {timeout}s") from None
         finally:
             if bar is not None:
                 bar.close()

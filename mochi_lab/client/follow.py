@@ -101,7 +101,6 @@ class Follower:
         self.gone = False  # deleted (from another kernel, the history browser)
         self.errors = 0  # failed reads in a row
         self.reads = 0  # reads of the job (tests count them)
-        self.events: list[str] = []  # retry lines, as they happened (a text bar writes them)
         self.started = time.monotonic()
         self.handles: "weakref.WeakSet[Any]" = weakref.WeakSet()  # every handle of the job, kept in step
         self._listeners: list[Listener] = []
@@ -167,7 +166,7 @@ class Follower:
             self.record = r
             for handle in (self.job, *self.handles):
                 _sync(handle, r)
-            self.events.extend(self.tracker.observe(r))
+            self.tracker.observe(r)
             if r.status == QUEUED:
                 self._place()
             step = (r.live or {}).get("preview_step") if isinstance(r.live, dict) else None

@@ -6,17 +6,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import os
 import statistics
 import time
 from pathlib import Path
 from typing import Any, Callable
-from urllib.parse import quote
 
 from mochi_lab.client.backend import Backend
-from mochi_lab.client.follow import LIVE, QUEUE_EVERY_S, Cadence, Follower, follower_of
+from mochi_lab.client.follow import LIVE, Cadence, Follower, follower_of
 from mochi_lab.params import GenerationParams
-from mochi_lab.store.base import CANCELLED, DONE, FAILED, QUEUED, RUNNING, JobNotFound, JobRecord, check_job_id
+from mochi_lab.store.base import CANCELLED, DONE, FAILED, QUEUED, RUNNING, JobRecord, check_job_id
 
 log = logging.getLogger(__name__)
 LIVE_INTERVAL_S = LIVE.every_s  # how often a displayed job reads its state while it is queued or running
@@ -145,6 +143,9 @@ class Job:
         "done", never a stale "running".
         """
         self._record = self._backend.cancel(self.id)
+        follower = self.__dict__.get("_follower")
+        if follower is not None:  # its views show the request now, not at their next read
+            follower.observe(self._record)
         if not self._record.finished and timeout > 0:
             try:
                 self.wait(timeout)

@@ -65,7 +65,8 @@ class CardStack(W.VBox):
         return min((c.follower.delay(every) for c in self.cards if not (c.finished or c.gone)), default=every)
 
     def poll_once(self) -> bool:
-        """One polling step: each unfinished card's job read once by its follower. Returns whether any is still active."""
+        """One polling step: each unfinished card's job read once by its follower. Returns whether any is
+        still active."""
         if self.comm is None:  # the widget was closed: stop reading the store for it
             return False
         active = False
