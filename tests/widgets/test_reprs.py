@@ -346,3 +346,29 @@ def test_a_follower_keeps_its_views_through_a_brief_outage_and_says_a_deleted_jo
     assert card.eta.value == "deleted"
     assert MAX_ERRORS > 1
     store.close()
+
+
+def test_a_card_reads_nothing_while_the_jobs_follower_task_reads_it_for_every_view():
+    """On the kernel's loop, a displayed job's follower has one task; a Studio card of the same job then
+    only draws what that task read (a card that polled on its own would read the job twice per tick)."""
+    from mochi_lab.display.widgets.job_card import JobCard
+    from tests.support.fakes import FakeJob
+
+    running = record(status="running", stage="denoising", step=1, total_steps=3, attempts=1)
+    job = FakeJob(running, history=[dataclasses.replace(running, step=2), dataclasses.replace(running, step=3),
+                                    dataclasses.replace(running, status="cancelled", stage="cancelled", step=3)])
+    shown = Recorder()
+
+    async def main() -> JobCard:
+        view = LiveView(job, publish=shown).start()
+        assert view.follower.running  # its task keeps it live
+        card = JobCard(job)
+        before = job.refreshes
+        assert card.poll() and job.refreshes == before  # the card read nothing: the follower's task reads
+        await view.follower.wait(timeout=30)
+        return card
+
+    card = asyncio.run(main())
+    assert job.refreshes == card.follower.reads  # every read of the job was the follower's
+    assert card.record.status == "cancelled" and card.bar.bar_style == "warning"
+    assert "stopped at denoising step 3/3" in card.notes.value and "stopped at denoising step 3/3" in shown.html[-1]
