@@ -285,6 +285,7 @@ def follower_of(job: Followable) -> Follower:
     with _REGISTRY_LOCK:
         found = getattr(job, "_follower", None)
         if isinstance(found, Follower) and not found.gone:
+            found.errors = 0 if found.errors >= MAX_ERRORS else found.errors  # a new view tries again
             return found
         backend = getattr(job, "_backend", None)
         key = (id(backend), job.id) if backend is not None else None
