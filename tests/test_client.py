@@ -148,3 +148,44 @@ def test_a_job_too_large_for_the_pool_is_refused_at_submit_naming_what_fits(moch
     with pytest.raises(ParamsError, match=r"at most \d+ frames fit"):
         mochi.generate("a long one", num_frames=283, height=480, width=848, num_inference_steps=64)
     assert mochi.counts() == before
+
+
+def test_the_cadence_reads_faster_where_a_jobs_end_may_be_near():
+    """The one rule of how often a job is read (Job.wait, the live views, the gateway's progress hub)."""
+    from mochi_lab.client.follow import START_S, Cadence
+
+    c = Cadence(0.5)
+    assert c.delay("denoising", START_S + 1) == 0.5
+    assert c.delay("decoding", START_S + 1) == c.delay("encoding", 60.0) == 0.1  # its last stages
+    assert c.delay("denoising", 0.0) == c.delay("queued", START_S - 0.1) == 0.1  # its first seconds
+    assert Cadence(1.0, 0.3).delay("encoding", 99.0) == 0.3
+    with pytest.raises(ValueError, match="every_s must be a positive number"):
+        Cadence(0)
+    with pytest.raises(ValueError, match=r"near_s must be in \(0, every_s=0.1\]"):
+        Cadence(0.1, 0.2)
+
+
+def test_following_a_job_in_a_script_loads_no_template_engine(tmp_path):
+    """The follower's notes come from the display's pure helpers; Jinja2 loads only when something renders."""
+    import subprocess
+    import sys
+
+    script = f"""
+import sys
+from mochi_lab.client.direct import DirectBackend
+from mochi_lab.client.job import Job
+from mochi_lab.config import Settings
+from mochi_lab.store import open_store
+
+settings = Settings(data_dir={str(tmp_path)!r}, account="alice")
+store = open_store(settings.store_url)
+record = store.enqueue("alice", {{"prompt": "a kite", "num_inference_steps": 2}})
+claim = store.claim("w", 60)
+store.complete(record.id, claim.token, artifacts={{}}, timings={{"run_s": 1.0}}, meta={{}})
+job = Job(DirectBackend(settings, store), record)
+assert job.wait(timeout=30).status == "done" and job.follower.notes() == []
+print("jinja2" in sys.modules)
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"

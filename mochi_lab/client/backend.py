@@ -16,11 +16,11 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+from mochi_lab.client.follow import WAIT
 from mochi_lab.params import GenerationParams, SubmitOptions
 from mochi_lab.store.base import JobRecord
 
 ARTIFACTS = ("video", "thumbnail")
-_POLL_MIN_S, _POLL_MAX_S = 0.02, 0.1  # a state read costs well under a millisecond; latency is seen
 
 
 class Backend(abc.ABC):
@@ -48,6 +48,13 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def delete(self, job_id: str) -> None: ...
 
+    def rerun(self, job_id: str, *, priority: int = 0) -> JobRecord:
+        """The job's exact params queued again (same resolved seed and model) as a new job, bypassing the
+        result cache and tagged `reproduces:<id>`: what `Job.reproduce` and the gateway's `POST /rerun` do."""
+        record = self.get(job_id)
+        options = SubmitOptions.parse(priority=priority, tags=[f"reproduces:{record.id}"])
+        return self.submit(GenerationParams.stored(record.params), options, reuse=False)
+
     @abc.abstractmethod
     def counts(self) -> dict[str, int]: ...
 
@@ -60,7 +67,6 @@ class Backend(abc.ABC):
         `timeout` s. This one polls; a backend that can be told of changes pushes them instead."""
         started = time.monotonic()
         deadline = None if timeout is None else started + timeout
-        delay = _POLL_MIN_S
         while True:
             record = self.get(job_id)
             yield record
@@ -68,11 +74,8 @@ class Backend(abc.ABC):
                 return
             if deadline is not None and time.monotonic() >= deadline:
                 raise TimeoutError(f"job {job_id} still {record.status} ({record.stage}) after {timeout}s")
-            # the shortest interval where the end may be near: the first seconds, and the last stages
-            near_end = record.stage in ("decoding", "encoding") or time.monotonic() - started < 2.0
-            wait = _POLL_MIN_S if near_end else delay
+            wait = WAIT.delay(record.stage, time.monotonic() - started)
             time.sleep(wait if deadline is None else max(0.0, min(wait, deadline - time.monotonic())))
-            delay = min(delay * 1.5, _POLL_MAX_S)
 
     @abc.abstractmethod
     def preview(self, job_id: str) -> tuple[int, bytes] | None:

@@ -7,6 +7,7 @@ after a crash or opening the experiment from another kernel never duplicates a j
 
 from __future__ import annotations
 
+import asyncio
 import time
 import warnings
 from collections.abc import Callable, Iterable, Mapping
@@ -15,7 +16,8 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from mochi_lab.client.backend import Backend
-from mochi_lab.client.job import Job
+from mochi_lab.client.follow import GroupFollower
+from mochi_lab.client.job import Job, Output
 from mochi_lab.params import MAX_PROMPT_CHARS, GenerationParams, SubmitOptions, check_model, check_tags, validate_name
 from mochi_lab.store.base import CANCELLED, FAILED, STATUSES, JobNotFound, JobRecord, check_job_id
 from mochi_lab.sweep import Run, expand_grid, plan_runs
@@ -81,7 +83,7 @@ class ExperimentNotFound(KeyError):
 
 class RunJobs(list):
     """The jobs `Experiment.sweep()` and `resume()` return: a plain list of `Job`, which a notebook
-    shows as a table with each job's status and the overall progress, read when it is displayed."""
+    shows as a table with each job's status and the overall progress, kept live until they end (`live()`)."""
 
     def __init__(self, jobs: Iterable[Job] = (), *, experiment: "Experiment | None" = None):
         super().__init__(jobs)
@@ -95,16 +97,90 @@ class RunJobs(list):
                                                                       limit=_LIST_LIMIT)}
         return [listed.get(job.id) or _current(job) for job in self]
 
-    def _repr_html_(self) -> str:
+    def _items(self, records: Mapping[str, JobRecord | None]) -> list[tuple[dict[str, Any], JobRecord | None]]:
+        return [(dict(job.record.params), records.get(job.id)) for job in self]
+
+    def _html(self, records: Mapping[str, JobRecord | None]) -> str:
         from mochi_lab.display.experiment import jobs_html
+
+        return jobs_html(self.experiment.name if self.experiment is not None else "-", self._items(records))
+
+    def _repr_html_(self) -> str:
         from mochi_lab.display.reprs import error_html
 
         try:
             records = self._records()
         except Exception as exc:  # the store is down: say so where the table would be
             return error_html(f"cannot read the jobs: {type(exc).__name__}: {exc}")
-        items = [(dict(job.record.params), rec) for job, rec in zip(self, records, strict=True)]
-        return jobs_html(self.experiment.name if self.experiment is not None else "-", items)
+        return self._html({job.id: rec for job, rec in zip(self, records, strict=True)})
+
+    def live(self, *, publish: Callable[[dict[str, Any], bool], None] | None = None) -> "LiveTable":
+        """The table, kept live until these jobs end (what displaying the list does): one listing of the
+        experiment's jobs per tick."""
+        records = {job.id: rec for job, rec in zip(self, self._records(), strict=True)}
+        if self.experiment is not None:
+            group = self.experiment.follower(records)
+        else:  # a list of jobs of no experiment: no listing holds them all
+            group = GroupFollower(lambda: [r for r in map(_current, self) if r is not None], records)
+        return LiveTable(group, self._html, publish=publish)
+
+    def _ipython_display_(self) -> None:
+        _display_live(self.live, self._repr_html_)
+
+
+class LiveTable:
+    """A run table in a notebook, kept live until its runs end, then left as static HTML: redrawn in place
+    (an `Output`) from one `GroupFollower` on the kernel's event loop (one listing per tick, never a read per
+    job): runs finished out of total, an ETA, and failures called out. `step()` is one listing."""
+
+    def __init__(self, group: GroupFollower, draw: Callable[[Mapping[str, JobRecord | None]], str], *,
+                 publish: Callable[[dict[str, Any], bool], None] | None = None):
+        self.group = group
+        self._draw = draw
+        self.output = Output(publish)
+        group.listen(lambda _: self.send())
+
+    @property
+    def html(self) -> str | None:
+        return self.output.html
+
+    @property
+    def finished(self) -> bool:
+        return not self.group.pending
+
+    def send(self) -> None:
+        html = self._draw(self.group.records)
+        self.output.send({"text/plain": f"<runs: {_summary(self.group.records)}>", "text/html": html})
+
+    def start(self) -> "LiveTable":
+        """Show the table now, and keep it live while runs are pending (and a loop runs: else a snapshot)."""
+        self.send()
+        self.group.start()
+        return self
+
+    def step(self) -> bool:
+        """One listing (the table redrawn if it changed); returns whether any run is still pending."""
+        return self.group.step()
+
+    async def wait(self, timeout: float | None = None) -> None:
+        """Await the end of the runs without blocking the loop (top-level `await` in a cell)."""
+        if self.group.start() and self.group._task is not None:
+            await asyncio.wait_for(asyncio.shield(self.group._task), timeout)
+
+    def close(self) -> None:
+        self.group.stop()
+
+
+def _display_live(live: Callable[[], LiveTable], static: Callable[[], str]) -> None:
+    """Display a live table, or (the store is down) the static HTML that says so."""
+    try:
+        table = live()
+    except Exception:
+        from IPython.display import display
+
+        display({"text/plain": "<runs>", "text/html": static()}, raw=True)
+        return
+    table.start()
 
 
 def _current(job: Job) -> JobRecord | None:
@@ -117,8 +193,8 @@ def _current(job: Job) -> JobRecord | None:
 class Experiment:
     """Create or re-open with `cluster.experiment(name)`; every method reads the store, not a cache.
 
-    Displayed in a notebook, it is a table of its runs with their status and overall progress, read
-    from the store at that moment."""
+    Displayed in a notebook, it is a table of its runs with their status and overall progress, kept live
+    until its runs end (`live()`); its HTML repr is the table read at that moment."""
 
     def __init__(self, backend: Backend, record: dict[str, Any], *, model: str = "tiny"):
         self._backend = backend
@@ -280,12 +356,6 @@ class Experiment:
         self._remember(found)
         return runs, jobs
 
-    def _get(self, job_id: str) -> JobRecord | None:
-        try:
-            return self._backend.get(job_id)
-        except JobNotFound:
-            return None
-
     def jobs(self) -> list[Job]:
         """The current job of each run that has one, in run order."""
         runs, jobs = self._snapshot()
@@ -304,29 +374,24 @@ class Experiment:
 
         Missing runs are not waited for (nothing would ever finish them): a warning names `resume()`.
         """
-        deadline = None if timeout is None else time.monotonic() + timeout
         runs, jobs = self._snapshot()
+        group = self.follower(jobs)
         bar = None
         if progress:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=len(runs), desc=self.name, unit="run")
-        delay = 0.1
+
+        def show() -> None:
+            bar.n = sum(1 for j in group.records.values() if j is not None and j.finished)
+            bar.set_postfix_str(_summary(group.records), refresh=False)
+            bar.refresh()
+
         try:
-            while True:
-                pending = {k: j for k, j in jobs.items() if j is not None and not j.finished}
-                if bar is not None:
-                    bar.n = sum(1 for j in jobs.values() if j is not None and j.finished)
-                    bar.set_postfix_str(_summary(jobs), refresh=False)
-                    bar.refresh()
-                if not pending:
-                    break
-                if deadline is not None and time.monotonic() >= deadline:
-                    raise TimeoutError(f"experiment {self.name!r}: {len(pending)} runs unfinished after {timeout}s")
-                time.sleep(delay)
-                delay = min(delay * 1.5, 1.0)
-                for key, job in pending.items():  # finished runs are not read again
-                    jobs[key] = self._get(job.id)
+            group.follow(timeout, on_tick=show if bar is not None else None)
+        except TimeoutError:
+            left = len(group.pending)
+            raise TimeoutError(f"experiment {self.name!r}: {left} runs unfinished after {timeout}s") from None
         finally:
             if bar is not None:
                 bar.close()
@@ -335,6 +400,13 @@ class Experiment:
             warnings.warn(f"experiment {self.name!r}: {counts[MISSING]} runs were never queued; "
                           "call resume() to queue them", stacklevel=2)
         return counts
+
+    def follower(self, jobs: Mapping[str, JobRecord | None] | None = None) -> GroupFollower:
+        """The runs' jobs followed together: one listing of the experiment's jobs per tick, never a read per
+        job. `jobs`: each run's current job, as `_snapshot` gives them (default: read now)."""
+        if jobs is None:
+            jobs = self._snapshot()[1]
+        return GroupFollower(lambda: self._backend.list(experiment=self.name, limit=_LIST_LIMIT), dict(jobs))
 
     def cancel(self) -> int:
         """Cancel every unfinished run (queued ones never start); returns how many were asked."""
@@ -360,6 +432,18 @@ class Experiment:
 
         return compare_grid(*self._snapshot(), video=lambda job_id: self._backend.artifact(job_id, "video"),
                             rows=rows, columns=columns, width=width)
+
+    def live(self, *, publish: Callable[[dict[str, Any], bool], None] | None = None) -> LiveTable:
+        """The experiment's table, kept live until its runs end (what displaying it does)."""
+        from mochi_lab.display.experiment import experiment_html
+
+        runs, jobs = self._snapshot()
+        record = self._record
+        return LiveTable(self.follower(jobs), lambda records: experiment_html(record, runs, dict(records)),
+                         publish=publish)
+
+    def _ipython_display_(self) -> None:
+        _display_live(self.live, self._repr_html_)
 
     def _repr_html_(self) -> str:
         from mochi_lab.display.experiment import experiment_html

@@ -250,8 +250,11 @@ class GatewayBackend(Backend):
         jid = self._job_id(job_id)
         return JobRecord.from_dict(self._json(*at(wire.CANCEL, job_id=jid), not_found=self._job_missing(jid)))
 
-    def rerun(self, job_id: str) -> JobRecord:
-        """The server's `POST /rerun/{id}`: the same params again, as a new job."""
+    def rerun(self, job_id: str, *, priority: int = 0) -> JobRecord:
+        """The server's `POST /rerun/{id}` (which runs `Backend.rerun` there); another priority than 0 is a
+        submit of the stored params, as the route takes none."""
+        if priority:
+            return super().rerun(job_id, priority=priority)
         jid = self._job_id(job_id)
         return JobRecord.from_dict(self._json(*at(wire.RERUN, job_id=jid), not_found=self._job_missing(jid)))
 

@@ -6,20 +6,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import os
 import statistics
 import time
 from pathlib import Path
 from typing import Any, Callable
-from urllib.parse import quote
 
 from mochi_lab.client.backend import Backend
-from mochi_lab.params import GenerationParams, SubmitOptions
-from mochi_lab.store.base import CANCELLED, DONE, FAILED, QUEUED, RUNNING, JobNotFound, JobRecord, check_job_id
+from mochi_lab.client.follow import LIVE, Cadence, Follower, follower_of
+from mochi_lab.params import GenerationParams
+from mochi_lab.store.base import CANCELLED, DONE, FAILED, QUEUED, RUNNING, JobRecord, check_job_id
 
 log = logging.getLogger(__name__)
-LIVE_INTERVAL_S = 0.5  # how often a displayed job reads its state while it is queued or running
-QUEUE_EVERY_S = 1.0  # how often a displayed queued job asks for its place in the queue
+LIVE_INTERVAL_S = LIVE.every_s  # how often a displayed job reads its state while it is queued or running
 ESTIMATE_EVERY_S = 15.0  # how often the inputs of a queued job's wait estimate are read again
 _LISTED = 1000  # queued jobs read to place one
 _RECENT = 20  # done jobs read to estimate a queued job's wait
@@ -109,16 +107,24 @@ class Job:
 
         `progress`: in a notebook, the job's live summary (ending as its static summary); elsewhere a
         text bar. Both say when a worker was lost and the job is retried (the bar starts again)."""
-        view = (LiveView(self) if _in_kernel() else TextProgress()) if progress else None
+        if self._record.finished:  # an ended job never changes again: nothing to read
+            return self._record
+        follower = self.follower
+        view: LiveView | TextProgress | None = None
+        if progress:
+            view = LiveView(self) if _in_kernel() else TextProgress(follower)
         try:
-            for r in self._backend.watch(self.id, timeout):
+            for r in follower.watch(self._backend, timeout):
                 self._record = r
-                if view is not None:
-                    view.update(r)
             return self._record
         finally:
             if view is not None:
                 view.close()
+
+    @property
+    def follower(self) -> Follower:
+        """The one follower of this job in this process, which every view of it reads (see `client.follow`)."""
+        return follower_of(self)
 
     def result(self, timeout: float | None = None, *, progress: bool = False) -> Path:
         """Path of the MP4 on this machine, once done. Raises JobFailed (with the traceback) or JobCancelledError."""
@@ -137,6 +143,9 @@ class Job:
         "done", never a stale "running".
         """
         self._record = self._backend.cancel(self.id)
+        follower = self.__dict__.get("_follower")
+        if follower is not None:  # its views show the request now, not at their next read
+            follower.observe(self._record)
         if not self._record.finished and timeout > 0:
             try:
                 self.wait(timeout)
@@ -150,8 +159,7 @@ class Job:
         On the same backend the new video's frames equal this one's; the new job is tagged
         `reproduces:<id>` so `cluster.jobs(tag=...)` finds every reproduction.
         """
-        options = SubmitOptions.parse(priority=priority, tags=[f"reproduces:{self.id}"])
-        return Job(self._backend, self._backend.submit(self.params, options, reuse=False))
+        return Job(self._backend, self._backend.rerun(self.id, priority=priority))
 
     def save(self, path: str | Path, timeout: float | None = None) -> Path:
         """Copy the MP4 to `path` (a folder keeps the job's file name, `<id>.mp4`)."""
@@ -276,27 +284,10 @@ def _in_kernel() -> bool:
     return shell is not None and getattr(shell, "kernel", None) is not None
 
 
-def download_dir() -> Path:
-    """Where a displayed done job's MP4 is copied for its link: relative to the kernel's cwd, which
-    JupyterLab sets to the notebook's folder (the server can only serve files under its root)."""
-    return Path(os.environ.get("MOCHI_LAB_DOWNLOAD_DIR") or "mochi_videos")
-
-
-def relative_href(path: Path) -> str | None:
-    """A link to `path` relative to the kernel's cwd (the notebook's folder), percent-encoded so no
-    name can become a scheme; JupyterLab resolves it against the notebook's folder and the server's
-    base URL to the files/ route (a path above the server's root cannot be served: the link then
-    fails and the poster stays). None when there is no relative path (another drive)."""
-    try:
-        rel = Path(os.path.relpath(path))
-    except ValueError:
-        return None
-    return None if rel.is_absolute() else "./" + quote(rel.as_posix())
-
-
 def media(job: "Job", folder: Path | None = None) -> dict[str, Any]:
     """A done job's media for its static view: a small thumbnail (data: URI) and its MP4, copied into
     `folder` beside the notebook and linked. Reads the backend; never raises (the view says what failed)."""
+    from mochi_lab.display.links import download_dir, relative_href
     from mochi_lab.display.reprs import thumbnail_uri
 
     out: dict[str, Any] = {}
@@ -321,54 +312,20 @@ def media(job: "Job", folder: Path | None = None) -> dict[str, Any]:
     return out
 
 
-class LiveView:
-    """A job's output in a notebook: HTML only, updated in place (a display id) while the job is queued
-    or running, from an asyncio task on the kernel's event loop (never a thread), and left as static
-    HTML once the job ends. HTML only, so a notebook saved and reopened without its kernel still shows
-    each job's last state, where a widget would say "model not found".
+class Output:
+    """One output of a notebook cell, updated in place (a display id): HTML only, so a notebook saved and
+    reopened without its kernel shows the last state sent. `publish(bundle, update)` sends a bundle
+    (IPython's display machinery by default; tests pass a recorder)."""
 
-    `publish(bundle, update)` sends a bundle (IPython's display machinery by default; tests pass a
-    recorder); `step()` is one poll, which the task runs every `interval` seconds.
-    """
-
-    def __init__(self, job: Job, *, interval: float = LIVE_INTERVAL_S,
-                 publish: Callable[[dict[str, Any], bool], None] | None = None, folder: Path | None = None):
-        from mochi_lab.display.reprs import RetryTracker
-
-        self.job = job
-        self.record = job.record  # the state shown
-        self.interval = interval
-        self.tracker = RetryTracker()
-        self.folder = folder
-        self.position: dict[str, Any] | None = None
-        self._position_at = -math.inf
-        self.media: dict[str, Any] | None = None
-        self.preview: dict[str, Any] | None = None  # the running job's latest preview, as an image
-        self.gone = False
-        self.html: str | None = None
+    def __init__(self, publish: Callable[[dict[str, Any], bool], None] | None = None):
         self._publish = publish
         self._handle = None
-        self._task: asyncio.Task | None = None
-        self.errors = 0
+        self.html: str | None = None
 
-    @property
-    def finished(self) -> bool:
-        return self.gone or self.record.finished
-
-    def bundle(self) -> dict[str, Any]:
-        from mochi_lab.display.reprs import job_html, queue_note
-
-        r = self.record
-        notes = list(self.tracker.notes(r))
-        if r.status == QUEUED and (line := queue_note(self.position)):
-            notes.append(line)
-        if self.gone:
-            notes.append("deleted")
-        return {"text/plain": _describe(r), "text/html": job_html(r, notes=notes, media=self.media,
-                                                                   preview=self.preview)}
-
-    def send(self, *, update: bool) -> None:
-        bundle = self.bundle()
+    def send(self, bundle: dict[str, Any]) -> None:
+        """Show `bundle` (text/plain and text/html): the first time as a new output, then in its place, and
+        only when its HTML changed."""
+        update = self.html is not None
         if update and bundle["text/html"] == self.html:
             return  # unchanged: nothing to send
         self.html = bundle["text/html"]
@@ -381,77 +338,110 @@ class LiveView:
 
             self._handle = display(bundle, raw=True, display_id=True)
 
-    def start(self) -> "LiveView":
-        """Show the job as it is now, and keep it live if it has not ended (while a loop runs)."""
-        try:
-            self.observe(self.job.refresh())  # the state now, not the one read when the handle was made
-        except JobNotFound:
-            self.gone = True
-        except Exception:  # the backend is unreachable: show the last state read
-            self.observe(self.job.record)
-        self.send(update=False)
-        if not self.finished:
-            try:
-                loop = asyncio.get_running_loop()
-            except RuntimeError:  # no loop (a plain script or terminal IPython): a snapshot
-                return self
-            self._task = loop.create_task(self._run(), name=f"mochi_lab job {self.job.id}")
-        return self
 
-    def observe(self, r: JobRecord) -> None:
-        self.record = r
-        self.tracker.observe(r)
-        if r.status == QUEUED:
-            now = time.monotonic()
-            if now - self._position_at >= QUEUE_EVERY_S:
-                self._position_at = now
-                try:
-                    self.position = self.job.queue_position()
-                except Exception:  # a nicety: keep showing the job without it
-                    self.position = None
-        if r.status == DONE and self.media is None:
-            self.media = media(self.job, self.folder)
-        step = (r.live or {}).get("preview_step")
-        if r.status != DONE and step is not None and (self.preview or {}).get("step") != step:
+class LiveView:
+    """A job's output in a notebook: HTML only, updated in place (a display id) while the job is queued
+    or running, and left as static HTML once the job ends. HTML only, so a notebook saved and reopened
+    without its kernel still shows each job's last state, where a widget would say "model not found".
+
+    It reads nothing itself: it draws what the job's `Follower` saw (state, place in the queue, preview,
+    notes), which an asyncio task on the kernel's event loop (never a thread) keeps reading, shared with
+    any other view of the job. `publish(bundle, update)` sends a bundle (IPython's display machinery by
+    default; tests pass a recorder); `step()` is one read; `interval` the follower's `Cadence`.
+    """
+
+    def __init__(self, job: Job, *, interval: float = LIVE_INTERVAL_S,
+                 publish: Callable[[dict[str, Any], bool], None] | None = None, folder: Path | None = None):
+        self.job = job
+        self.follower = follower_of(job)
+        if interval != LIVE_INTERVAL_S:
+            self.follower.cadence = Cadence(interval)
+        self.interval = interval
+        self.folder = folder
+        self.media: dict[str, Any] | None = None
+        self._preview: tuple[int, dict[str, Any] | None] | None = None  # (step, its image) as last drawn
+        self.output = Output(publish)
+        self._drawing = False
+        self.follower.listen(self._draw)
+
+    @property
+    def record(self) -> JobRecord:
+        """The state shown (the follower's)."""
+        return self.follower.record
+
+    @property
+    def gone(self) -> bool:
+        return self.follower.gone
+
+    @property
+    def finished(self) -> bool:
+        return self.follower.finished
+
+    @property
+    def _task(self) -> asyncio.Task | None:
+        return self.follower._task
+
+    def preview(self) -> dict[str, Any] | None:
+        """The running job's latest preview, as an image (None once done: the video replaces it)."""
+        seen = self.follower.preview
+        if self.record.status == DONE or seen is None:
+            return None
+        if self._preview is None or self._preview[0] != seen[0]:
             from mochi_lab.display.reprs import preview_view
 
-            try:
-                self.preview = preview_view(step, self.job.preview) or self.preview
-            except Exception:  # a nicety: the job shows without it
-                pass
+            self._preview = (seen[0], preview_view(*seen))
+        return self._preview[1]
+
+    def bundle(self) -> dict[str, Any]:
+        from mochi_lab.display.reprs import job_html
+
+        r = self.record
+        notes = [*self.follower.notes(), *(["deleted"] if self.gone else [])]
+        return {"text/plain": _describe(r), "text/html": job_html(r, notes=notes, media=self.media,
+                                                                   preview=self.preview())}
+
+    def send(self, *, update: bool = True) -> None:
+        self.output.send(self.bundle())
+
+    @property
+    def html(self) -> str | None:
+        """The HTML last sent (None: not shown yet)."""
+        return self.output.html
+
+    def _draw(self, follower: Follower) -> None:
+        """What the follower tells: a new state. Sent only when the HTML changed; the last one stays."""
+        if self._drawing:  # fetching the media reads the job again, which tells again
+            return
+        self._drawing = True
+        try:
+            if follower.record.status == DONE and self.media is None:
+                self.media = media(self.job, self.folder)
+            self.send()
+        finally:
+            self._drawing = False
+        if follower.finished:
+            follower.unlisten(self._draw)
+
+    def start(self) -> "LiveView":
+        """Show the job as it is now, and keep it live if it has not ended (while a loop runs)."""
+        self.follower.listen(self._draw)
+        self.follower.step()  # the state now, not the one read when the handle was made
+        if self.html is None:  # nothing new to tell (ended, or the backend is unreachable): the last state read
+            self._draw(self.follower)
+        if not self.finished:
+            self.follower.start()  # no loop (a plain script or terminal IPython): a snapshot
+        return self
 
     def update(self, r: JobRecord) -> None:
-        """Show a new state of the job (what `wait(progress=True)` calls for each state it sees)."""
-        self.observe(r)
-        self.send(update=self._handle is not None or self._publish is not None and self.html is not None)
+        """Show a new state of the job, read elsewhere."""
+        self.follower.observe(r)
 
     def step(self) -> bool:
-        """One poll: read the job, redraw if it changed; returns whether it is still queued or running."""
-        if self.finished:
-            return False
-        try:
-            r = self.job.refresh()
-            self.errors = 0
-        except JobNotFound:  # deleted from another kernel or the history browser
-            self.gone = True
-            self.send(update=True)
-            return False
-        except Exception:  # keep polling through a brief store outage, but not forever
-            self.errors += 1
-            log.warning("job display poll failed (%d in a row)", self.errors, exc_info=True)
-            return self.errors < 20
-        self.update(r)
-        return not self.finished
-
-    async def _run(self) -> None:
-        while True:
-            await asyncio.sleep(self.interval)
-            if not self.step():
-                return
+        """One read of the job (redrawn if it changed); returns whether it is still queued or running."""
+        return self.follower.step()
 
     def close(self) -> None:
-        if self._task is not None and not self._task.done():
-            self._task.cancel()
+        self.follower.unlisten(self._draw)
 
 
 class TextProgress:
@@ -459,10 +449,13 @@ class TextProgress:
     worker was lost ("worker lost at decoding; retrying, attempt 2") and starts again, rather than
     freezing and then jumping back."""
 
-    def __init__(self) -> None:
+    def __init__(self, follower: Follower | None = None) -> None:
         from mochi_lab.display.reprs import RetryTracker
 
         self.tracker = RetryTracker()
+        self.follower = follower  # told of each state the follower sees (`Job.wait`); else fed by `update`
+        if follower is not None:
+            follower.listen(self._told)
         self.bar = None
         self._shown: tuple[Any, ...] | None = None
         self.lines: list[str] = []  # what was written above the bar (tests read it)
@@ -502,6 +495,11 @@ class TextProgress:
             self.bar.set_postfix_str(postfix, refresh=False)
             self.bar.refresh()  # only on a change: a redraw per poll floods logs and notebooks
 
+    def _told(self, follower: Follower) -> None:
+        self.update(follower.record)
+
     def close(self) -> None:
+        if self.follower is not None:
+            self.follower.unlisten(self._told)
         if self.bar is not None:
             self.bar.close()

@@ -112,10 +112,13 @@ def runs_view(items: list[tuple[dict[str, Any], JobRecord | None]], *, missing: 
             "error": job.error if job is not None else None,
         })
     finished = sum(n for s, n in counts.items() if s in _FINISHED)
+    failed = [r for r in rows if r["status"] == "failed"]
     order = ["done", "running", "queued", "failed", "cancelled", missing]
     return {
         "keys": keys, "rows": rows[:TABLE_ROWS], "more": max(0, len(rows) - TABLE_ROWS), "total": len(rows),
         "eta_s": eta_s([job for _, job in items]),
+        # failures called out above the table, with the first one's error (the rows may be past TABLE_ROWS)
+        "failed": len(failed), "first_error": next((r["error"] for r in failed if r["error"]), None),
         "finished": finished, "counts": sorted(counts.items(), key=lambda kv: (order.index(kv[0])
                                                                               if kv[0] in order else 99, kv[0])),
     }

@@ -20,9 +20,10 @@ import time
 from collections.abc import Mapping
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from jinja2 import Environment, FileSystemLoader, StrictUndefined
+if TYPE_CHECKING:
+    from jinja2 import Environment
 
 WIDGET_MIME = "application/vnd.jupyter.widget-view+json"
 # A live widget's static stand-in, for the notebook file: front ends render nothing for this type, and
@@ -146,6 +147,10 @@ def state_colour(state: Any) -> str:
 # -- templates -------------------------------------------------------------------------------------
 @lru_cache(maxsize=None)
 def _env() -> Environment:
+    # Jinja2 is loaded at the first render: a job's follower uses RetryTracker and queue_note from here in
+    # scripts that never display anything
+    from jinja2 import Environment, FileSystemLoader, StrictUndefined
+
     # autoescape=True for every template whatever its name; StrictUndefined: a typo fails loudly in tests
     env = Environment(loader=FileSystemLoader(Path(__file__).with_name("templates")), autoescape=True,
                       undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)

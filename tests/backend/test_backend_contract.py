@@ -190,6 +190,43 @@ def test_watch_shows_a_held_job_where_it_is_then_follows_it_to_the_end(backend, 
     assert steps == sorted(steps)
 
 
+def test_one_follower_serves_every_view_of_a_job_and_a_wait_ends_them(backend, hold, tmp_path, monkeypatch):
+    """Two handles of one job, a live view and a card: one follower reads it for both (the same step), and a
+    blocking wait's states, pushed by a gateway or polled in this process, end both views without reads
+    of their own."""
+    from mochi_lab.client.job import Job, LiveView
+    from mochi_lab.display.widgets.job_card import JobCard
+
+    monkeypatch.chdir(tmp_path)
+    gate, (record,) = held(backend, hold, unique("a shared look"))
+    job, again = Job(backend, record), MochiCluster(backend=backend).job(record.id)
+    shown: list[str] = []
+    view = LiveView(job, publish=lambda bundle, update: shown.append(bundle["text/html"]), folder=tmp_path / "v")
+    view.start()
+    card = JobCard(again, download_dir=tmp_path / "cards")
+    assert card.follower is view.follower
+    reads = view.follower.reads
+    assert card.poll() and view.follower.reads == reads + 1
+    assert (card.record.step, view.record.step, card.bar.value) == (1, 1, 1) and "1/2" in shown[-1]
+    gate.release()
+    reads = view.follower.reads
+    assert job.wait(timeout=120).status == "done" and view.follower.reads == reads
+    assert again.record.status == "done" and card.video is not None and ">done<" in shown[-1]
+
+
+def test_a_rerun_queues_the_same_params_as_a_new_job_and_reproduce_is_it(backend, other):
+    from mochi_lab.client.job import Job
+
+    first = submit(backend, unique("a rerun"))
+    again = backend.rerun(first.id)
+    assert again.id != first.id and again.params == first.params and again.tags == [f"reproduces:{first.id}"]
+    job = Job(backend, first).reproduce(priority=2)
+    assert job.id not in (first.id, again.id) and job.params.to_dict() == first.params
+    assert (job.record.priority, job.record.tags) == (2, [f"reproduces:{first.id}"])
+    with pytest.raises(JobNotFound):
+        other.rerun(first.id)
+
+
 def test_a_preview_shows_after_a_preview_step_and_stays_after_a_cancel(backend, hold):
     early_gate, (early,) = held(backend, hold, unique("before any step"), step=0)
     _, (job,) = held(backend, hold, unique("a preview"), step=1)

@@ -132,6 +132,102 @@ def test_wait_and_dataframe_and_export(store, sample_mp4, tmp_path):
     assert list(csv["job_id"]) == list(df["job_id"])
 
 
+def counting_backend(store, outcomes=("done",)):
+    """alice's direct backend that counts its reads, and after each listing plays a worker ending the next
+    queued job (outcomes in turn): the next listing sees it ended, so ticks are counted, never timed."""
+    from mochi_lab.client.direct import DirectBackend
+    from mochi_lab.config import Settings
+
+    turns = iter(list(outcomes) * 100)
+
+    class Counting(DirectBackend):
+        gets = lists = 0
+
+        def get(self, job_id):
+            self.gets += 1
+            return super().get(job_id)
+
+        def list(self, **kw):
+            self.lists += 1
+            out = super().list(**kw)
+            if store.counts("alice")["queued"]:
+                finish(store, next(turns))
+            return out
+
+    return Counting(Settings.from_env(account="alice"), store)
+
+
+def test_wait_reads_one_listing_per_tick_and_never_a_job_by_id(store):
+    """Experiment.wait follows its runs together: each tick is one listing of the experiment's jobs, however
+    many runs are pending."""
+    counting = counting_backend(store)
+    exp = Experiment.open(counting, "sweep-1")
+    exp.sweep(["a cat", "a dog", "a cow"], [1], **TINY)
+    counting.gets = counting.lists = 0
+    counts = exp.wait(timeout=30, progress=False)
+    assert counts["done"] == 3
+    assert counting.gets == 0  # no run is read on its own
+    # the snapshot, one listing per tick while any run was pending (3), and status()'s
+    assert counting.lists == 1 + 3 + 1
+
+
+class Shown:
+    def __init__(self):
+        self.sent = []
+
+    def __call__(self, bundle, update):
+        self.sent.append((update, bundle["text/html"]))
+
+    @property
+    def last(self) -> str:
+        return self.sent[-1][1]
+
+
+def test_a_swept_list_is_a_live_table_until_its_runs_end_with_failures_called_out(store):
+    counting = counting_backend(store, outcomes=("done", "failed", "done"))
+    exp = Experiment.open(counting, "sweep-1")
+    jobs = exp.sweep(["a cat", "a dog", "a cow"], [1], **TINY)
+    shown = Shown()
+    counting.gets = counting.lists = 0
+    table = jobs.live(publish=shown).start()  # no loop here: the test steps it
+    assert "0/3 finished" in shown.last and "3 queued" in shown.last and "failed" not in shown.last
+    assert table.step() and "1/3 finished" in shown.last
+    assert table.step() and "2/3 finished" in shown.last
+    assert "1 failed</b>: RuntimeError: boom" in shown.last  # called out above the table
+    assert not table.step() and table.finished
+    assert "3/3 finished" in shown.last and "queued" not in shown.last and "running" not in shown.last
+    assert [u for u, _ in shown.sent] == [False, True, True, True]  # one output, updated in place
+    assert counting.gets == 0 and counting.lists == 1 + 3  # the first look, then one listing per tick
+    assert not table.step() and counting.lists == 4  # ended: nothing more is read
+
+
+def test_a_displayed_experiment_is_kept_live_on_the_event_loop_until_its_runs_end(store):
+    import asyncio
+    import threading
+
+    counting = counting_backend(store)
+    exp = Experiment.open(counting, "sweep-1", description="live")
+    exp.sweep(["a cat", "a dog"], [1], **TINY)
+    shown = Shown()
+    threads = set()
+
+    def publish(bundle, update):
+        threads.add(threading.current_thread().name)
+        shown(bundle, update)
+
+    async def main():
+        table = exp.live(publish=publish).start()
+        assert table.group.running  # a task on this loop keeps it live
+        await table.wait(timeout=30)
+        return table
+
+    table = asyncio.run(main())
+    assert table.finished and "2/2 finished" in shown.last and "live" in shown.last
+    assert "0/2 finished" in shown.sent[0][1]
+    assert threads == {threading.main_thread().name}
+    assert counting.gets == 0
+
+
 def test_wait_times_out_and_warns_about_missing_runs(store):
     exp = open_exp(store)
     exp.sweep(["p"], [1], **TINY)

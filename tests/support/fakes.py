@@ -93,6 +93,13 @@ class FakeJob:
     def queue_position(self) -> dict[str, Any] | None:
         return self.position if self.refresh().status == "queued" else None
 
+    @property
+    def follower(self):
+        """The one follower of this handle, as `Job.follower` (it reads through `refresh` and counts there)."""
+        from mochi_lab.client.follow import follower_of
+
+        return follower_of(self)
+
     def cancel(self, timeout: float = 0) -> str:
         self.cancels += 1
         self._record = dataclasses.replace(self._record, status="cancelled", stage="cancelled")

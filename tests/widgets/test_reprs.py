@@ -286,3 +286,89 @@ def test_a_displayed_running_job_shows_its_latest_preview_and_drops_it_for_the_v
     view.step()
     assert "data:image/webp" not in sent[-1]  # done: the video (or its summary) takes the preview's place
     store.close()
+
+
+def test_every_view_of_a_job_draws_its_one_follower_and_a_wait_ends_them_all(mochi, hold, tmp_path, monkeypatch):
+    """A live view, a Studio card on another handle of the same job, and a blocking wait: one follower
+    reads the job for all of them, so they show the same step, and the wait's reads end the views too
+    (a view that followed on its own would lag, or read the job again)."""
+    from mochi_lab.display.widgets.job_card import JobCard
+
+    monkeypatch.chdir(tmp_path)
+    prompt = unique("one follower")
+    gate = hold(prompt, "denoising", step=1)
+    job = mochi.generate(prompt, **TINY)
+    gate.wait_reached(1)
+    shown = Recorder()
+    view = LiveView(job, publish=shown, folder=Path("videos")).start()  # no loop: nothing reads it by itself
+    card = JobCard(mochi.job(job.id), download_dir=Path("cards"))  # cluster.job(id): another handle
+    follower = view.follower
+    assert card.follower is follower is job.follower
+    reads = follower.reads
+    assert card.poll() and follower.reads == reads + 1  # one read, for both views
+    assert (card.record.step, job.record.step) == (1, 1) and card.bar.value == 1
+    assert "1/2" in shown.html[-1] and "denoising" in shown.html[-1]
+    gate.release()
+    reads = follower.reads
+    assert job.wait(timeout=120).status == "done"
+    assert follower.reads == reads  # the wait's states, not reads of the views' own
+    assert card.record.status == "done" and card.video is not None and card.bar.value == 2
+    assert ">done<" in shown.html[-1] and f'href="./videos/{job.id}.mp4"' in shown.html[-1]
+    assert card.poll() is False and view.step() is False and follower.reads == reads  # ended: no more reads
+
+
+def test_a_follower_keeps_its_views_through_a_brief_outage_and_says_a_deleted_job(tmp_path):
+    """Reads that fail are ridden out (the views keep the last state), and a deleted job ends every view."""
+    from mochi_lab.client.direct import DirectBackend
+    from mochi_lab.client.follow import MAX_ERRORS
+    from mochi_lab.config import Settings
+    from mochi_lab.display.widgets.job_card import JobCard
+    from mochi_lab.store import open_store
+
+    settings = Settings(data_dir=tmp_path, account="alice")
+    store = open_store(settings.store_url)
+    backend = DirectBackend(settings, store, None)
+    rec = store.enqueue("alice", {"prompt": "a kite", **TINY, "seed": 1})
+    job = Job(backend, rec)
+    shown = Recorder()
+    view = LiveView(job, publish=shown).start()
+    card = JobCard(Job(backend, rec), download_dir=tmp_path)
+    backend.store = open_store("redis://127.0.0.1:1/0")  # the store goes away for a moment: nothing listens there
+    assert view.step() and card.poll() and view.follower.errors == 2 and not view.finished
+    assert "a kite" in shown.html[-1] and card.record.status == "queued"  # the last state read stays
+    backend.store = store
+    claim = store.claim("w", 60)
+    store.progress(rec.id, claim.token, stage="denoising", step=1, total=2)
+    assert card.poll() and view.follower.errors == 0
+    assert "1/2" in shown.html[-1] and card.bar.value == 1
+    store.delete("alice", rec.id)
+    assert card.poll() is False and card.gone and view.gone and "deleted" in shown.html[-1]
+    assert card.eta.value == "deleted"
+    assert MAX_ERRORS > 1
+    store.close()
+
+
+def test_a_card_reads_nothing_while_the_jobs_follower_task_reads_it_for_every_view():
+    """On the kernel's loop, a displayed job's follower has one task; a Studio card of the same job then
+    only draws what that task read (a card that polled on its own would read the job twice per tick)."""
+    from mochi_lab.display.widgets.job_card import JobCard
+    from tests.support.fakes import FakeJob
+
+    running = record(status="running", stage="denoising", step=1, total_steps=3, attempts=1)
+    job = FakeJob(running, history=[dataclasses.replace(running, step=2), dataclasses.replace(running, step=3),
+                                    dataclasses.replace(running, status="cancelled", stage="cancelled", step=3)])
+    shown = Recorder()
+
+    async def main() -> JobCard:
+        view = LiveView(job, publish=shown).start()
+        assert view.follower.running  # its task keeps it live
+        card = JobCard(job)
+        before = job.refreshes
+        assert card.poll() and job.refreshes == before  # the card read nothing: the follower's task reads
+        await view.follower.wait(timeout=30)
+        return card
+
+    card = asyncio.run(main())
+    assert job.refreshes == card.follower.reads  # every read of the job was the follower's
+    assert card.record.status == "cancelled" and card.bar.bar_style == "warning"
+    assert "stopped at denoising step 3/3" in card.notes.value and "stopped at denoising step 3/3" in shown.html[-1]

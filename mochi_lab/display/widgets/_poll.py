@@ -18,14 +18,17 @@ DEFAULT_INTERVAL_S = 0.4
 
 
 class Poller:
-    """Calls `step()` every `interval` seconds until it returns False or `stop()` is called.
+    """Calls `step()` every `interval` seconds (or `delay()`, where given) until it returns False or `stop()`
+    is called.
 
     `step` runs on the event loop, so it must be quick (a store read per job, a few trait sets).
     """
 
-    def __init__(self, step: Callable[[], bool], interval: float = DEFAULT_INTERVAL_S):
+    def __init__(self, step: Callable[[], bool], interval: float = DEFAULT_INTERVAL_S,
+                 delay: Callable[[], float] | None = None):
         self._step = step
         self.interval = interval
+        self._delay = delay  # the seconds to the next step, when they vary (a job's `Cadence`)
         self._task: asyncio.Task | None = None
         self.errors = 0  # consecutive step failures (a store briefly unreachable)
 
@@ -68,4 +71,4 @@ class Poller:
                 more = self.errors < 20
             if not more:
                 return
-            await asyncio.sleep(self.interval)
+            await asyncio.sleep(self.interval if self._delay is None else self._delay())

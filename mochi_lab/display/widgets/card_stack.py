@@ -21,7 +21,7 @@ class CardStack(W.VBox):
                  on_finish: Callable[[JobCard], None] | None = None):
         super().__init__()
         self.download_dir = download_dir
-        self.poller = Poller(self.poll_once, interval)
+        self.poller = Poller(self.poll_once, interval, delay=self.delay)
         self.on_finish = on_finish  # e.g. the history browser re-lists when a re-run ends
         self.on_change: Callable[[], None] | None = None  # a card added, removed, or a job's status changed
 
@@ -58,8 +58,15 @@ class CardStack(W.VBox):
             self.remove(card)
         return len(done)
 
+    def delay(self) -> float:
+        """Seconds to the next poll: every `interval`, faster for a job whose end may be near (its follower's
+        `Cadence` rule, at this stack's interval)."""
+        every = self.poller.interval
+        return min((c.follower.delay(every) for c in self.cards if not (c.finished or c.gone)), default=every)
+
     def poll_once(self) -> bool:
-        """One polling step: refresh every unfinished card. Returns whether any is still active."""
+        """One polling step: each unfinished card's job read once by its follower. Returns whether any is
+        still active."""
         if self.comm is None:  # the widget was closed: stop reading the store for it
             return False
         active = False

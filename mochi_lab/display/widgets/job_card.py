@@ -12,21 +12,22 @@ import os
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
-from urllib.parse import quote
 
 import ipywidgets as W
 
-from mochi_lab.display.reprs import BORDER, RetryTracker, queue_note, thumbnail_uri, timings_line
+from mochi_lab.display.links import download_dir as default_download_dir
+from mochi_lab.display.links import relative_href
+from mochi_lab.display.reprs import BORDER, RetryTracker, thumbnail_uri, timings_line
 from mochi_lab.store.base import CANCELLED, DONE, FAILED, QUEUED, JobNotFound
 
 from ._format import error_html, job_view, mapping, render, seconds, to_float, to_int
 
 if TYPE_CHECKING:
+    from mochi_lab.client.follow import Follower
     from mochi_lab.client.job import Job
     from mochi_lab.store.base import JobRecord
 
 BAR_STYLES = {DONE: "success", FAILED: "danger", CANCELLED: "warning"}
-QUEUE_EVERY_S = 1.0  # how often a queued card asks for its place in the queue (one list read)
 
 
 def finished(r: "JobRecord") -> bool:
@@ -34,19 +35,12 @@ def finished(r: "JobRecord") -> bool:
     return isinstance(r.status, str) and r.status in BAR_STYLES
 
 
-def default_download_dir() -> Path:
-    """Where download links point: relative to the kernel's cwd, which JupyterLab sets to the notebook's folder."""
-    return Path(os.environ.get("MOCHI_LAB_DOWNLOAD_DIR") or "mochi_videos")
-
-
-def download_href(path: Path) -> str:
-    """A relative URL for a file under the kernel's cwd: percent-encoded, so no name can become a scheme.
-
-    The link is shown through JupyterLab's HTML renderer (an Output widget, or a text/html output),
-    which resolves it against the notebook's folder and the server's base URL (JupyterHub's
-    /user/<name>/ included) to the files/ route, which serves the bytes as video/mp4."""
-    href = quote(Path(os.path.relpath(path)).as_posix())
-    return href if href.startswith(("./", "/")) else "./" + href
+def download_href(path: Path) -> str | None:
+    """The link to a saved file (`display.links.relative_href`): relative to the kernel's cwd, percent-encoded;
+    None where the file has no relative path (another drive). JupyterLab's HTML renderer (an Output widget,
+    or a text/html output) resolves it against the notebook's folder and the server's base URL to the
+    files/ route, which serves the bytes as video/mp4."""
+    return relative_href(Path(path))
 
 
 def link_output(html: str, name: str) -> dict[str, Any]:
@@ -57,8 +51,9 @@ def link_output(html: str, name: str) -> dict[str, Any]:
 class JobCard(W.VBox):
     """A card for one job. `poll()` reads the job once and redraws; the owner decides when to call it.
 
-    It uses only the public `Job` handle: `record`, `refresh()`, `cancel()`, `queue_position()`, and
-    once done `video`, `thumbnail` (PNG bytes) and `save(folder)` (works on every backend).
+    It reads nothing itself while the job runs: it draws what the job's `Follower` saw, shared with every
+    other view of the job. It uses only the public `Job` handle: `record`, `refresh()`, `cancel()`,
+    `queue_position()`, `preview`, and once done `video`, `thumbnail` (PNG bytes) and `save(folder)`.
     """
 
     def __init__(self, job: "Job", *, download_dir: Path | None = None,
@@ -66,9 +61,7 @@ class JobCard(W.VBox):
         self.job = job
         self.download_dir = Path(download_dir) if download_dir else default_download_dir()
         self.on_clear = on_clear  # the stack removes the card; alone, clearing closes it
-        self.tracker = RetryTracker()
-        self.position: dict[str, Any] | None = None
-        self._position_at = -float("inf")
+        self.follower: "Follower" = job.follower  # the one follower of this job, shared with its other views
         self.header = W.HTML(layout=W.Layout(flex="1 1 auto"))
         self.collapse_button = W.Button(icon="chevron-down", tooltip="collapse this card",
                                         layout=W.Layout(width="32px"))
@@ -96,7 +89,6 @@ class JobCard(W.VBox):
         self.thumbnail: W.Image | None = None  # only when the video cannot be shown
         self.thumbnail_uri: str | None = None  # the static view's small thumbnail
         self.link: Path | None = None  # the saved MP4, relative to the kernel's cwd
-        self.gone = False
         self.collapsed = False
         self.body = W.VBox([self.progress_row, self.notes, self.timings, self.error, self.preview, self.result])
         super().__init__(
@@ -104,12 +96,26 @@ class JobCard(W.VBox):
             layout=W.Layout(border=f"1px solid {BORDER}", padding="4px", margin="4px 0"),
         )
         self.add_class("mochi-job-card")
-        self.tracker.observe(job.record)
-        self.update(job.record)
+        self.update(self.follower.record)
+        if self.follower.gone:
+            self._gone()
+        self.follower.listen(self._told)
 
     @property
     def record(self) -> "JobRecord":
         return self.job.record
+
+    @property
+    def tracker(self) -> RetryTracker:
+        return self.follower.tracker
+
+    @property
+    def position(self) -> dict[str, Any] | None:
+        return self.follower.position
+
+    @property
+    def gone(self) -> bool:
+        return self.follower.gone
 
     @property
     def finished(self) -> bool:
@@ -131,40 +137,36 @@ class JobCard(W.VBox):
             self.close()
 
     def poll(self) -> bool:
-        """Read the job from the store and redraw; returns whether it is still queued or running."""
+        """One read of the job by its follower (none while the follower's own task reads it for another
+        view), redrawn through `_told`; returns whether it is still queued or running."""
         if self.finished or self.gone:
             return False
-        try:
-            r = self.job.refresh()
-        except JobNotFound:  # deleted from another kernel or the history browser
-            self._gone()
-            return False
-        self.tracker.observe(r)
-        if r.status == QUEUED:
-            self._place()
-        self.update(r)
+        if not self.follower.running:
+            self.follower.step()
         return not (self.finished or self.gone)
 
-    def replace_in_queue(self) -> None:
-        """Ask for the job's place in the queue at the next poll (another job was queued meanwhile)."""
-        self._position_at = -float("inf")
-
-    def _place(self) -> None:
-        now = time.monotonic()
-        if now - self._position_at < QUEUE_EVERY_S:
+    def _told(self, follower: "Follower") -> None:
+        """The follower saw a new state (or that the job was deleted): draw it."""
+        if self.comm is None:  # closed: nothing to draw on
+            follower.unlisten(self._told)
             return
-        self._position_at = now
-        ask = getattr(self.job, "queue_position", None)
-        try:
-            self.position = ask() if ask is not None else None
-        except Exception:  # a nicety: the card works without it (a deleted job shows at the next read)
-            self.position = None
+        if follower.gone:
+            self._gone()
+        else:
+            self.update(follower.record)
+
+    def replace_in_queue(self) -> None:
+        """Ask for the job's place in the queue at the next read (another job was queued meanwhile)."""
+        self.follower.replace_in_queue()
 
     def _gone(self) -> None:
-        self.gone = True
         self.cancel_button.layout.display = "none"
         self.eta.value = "deleted"
         self.bar.bar_style = "danger"
+
+    def close(self) -> None:
+        self.follower.unlisten(self._told)
+        super().close()
 
     def cancel(self) -> None:
         self.cancel_button.disabled = True
@@ -173,16 +175,14 @@ class JobCard(W.VBox):
             # timeout=0: ask and return; the poll task shows the job settle (a wait here would block the kernel)
             self.job.cancel(timeout=0)
         except JobNotFound:
+            self.follower.gone = True
             self._gone()
             return
         self.update(self.job.record)
 
     # -- drawing ---------------------------------------------------------------
     def note_lines(self, r: "JobRecord") -> list[str]:
-        lines = list(self.tracker.notes(r))
-        if r.status == QUEUED and (line := queue_note(self.position)):
-            lines.append(line)
-        return lines
+        return self.follower.notes()
 
     def update(self, r: "JobRecord", now: float | None = None) -> None:
         now = time.time() if now is None else now
@@ -236,17 +236,11 @@ class JobCard(W.VBox):
                 self.body.children = tuple(c for c in self.body.children if c is not self.preview)
                 self.preview.close()
             return
-        step = to_int(mapping(r.live).get("preview_step"))
-        if step is None or step == self.preview_step:
+        seen = self.follower.preview  # (step, WebP), read by the follower when the worker sent a new one
+        if seen is None or seen[0] == self.preview_step:
             return
-        try:
-            data = self.job.preview
-        except Exception:  # a nicety: the card goes on without it
-            return
-        if data:
-            self.preview_step = step
-            self.preview.value = data
-            self.preview.layout.display = None  # no tooltip: an Image has no description, see test_escaping
+        self.preview_step, self.preview.value = seen
+        self.preview.layout.display = None  # no tooltip: an Image has no description, see test_escaping
 
     def _show_result(self) -> None:
         try:
@@ -268,10 +262,14 @@ class JobCard(W.VBox):
             # A copy beside the notebook, which the Jupyter server can serve (the artifact may not be local).
             self.download_dir.mkdir(parents=True, exist_ok=True)
             saved = Path(self.job.save(self.download_dir))
-            self.link = Path(os.path.relpath(saved))
-            self.download_html = render("job_card.html", "download", href=download_href(saved), name=saved.name)
-            self.download.outputs = (link_output(self.download_html, saved.name),)
-            parts.append(W.VBox([self.download], layout=W.Layout(margin="0 0 0 8px")))
+            href = download_href(saved)
+            if href is None:  # no relative path (another drive): the page cannot link it
+                parts.append(W.HTML(error_html(f"saved as {saved} (the page cannot link it)")))
+            else:
+                self.link = Path(os.path.relpath(saved))
+                self.download_html = render("job_card.html", "download", href=href, name=saved.name)
+                self.download.outputs = (link_output(self.download_html, saved.name),)
+                parts.append(W.VBox([self.download], layout=W.Layout(margin="0 0 0 8px")))
         except Exception as exc:
             parts.append(W.HTML(error_html(f"no download link: {type(exc).__name__}: {exc}")))
         self.result.children = parts
