@@ -14,6 +14,7 @@ from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from mochi_lab.client.direct import DirectBackend
+from mochi_lab.client.follow import Cadence
 from mochi_lab.gateway import wire
 from mochi_lab.gateway.door import AUTHED, ApiError, Door
 from mochi_lab.gateway.wire import errors, job_json
@@ -51,6 +52,7 @@ class ProgressHub:
 
     def __init__(self, poll_s: float = 0.05, max_s: float = 6 * 3600.0, keepalive_s: float = 15.0):
         self.poll_s, self.max_s, self.keepalive_s = poll_s, max_s, keepalive_s
+        self.cadence = Cadence(poll_s)
         self._watches: dict[tuple[str, str], _Watch] = {}
 
     def pollers(self) -> int:
@@ -126,10 +128,8 @@ class ProgressHub:
                     await emit(view)
                 if record.status in FINISHED:
                     return
-                # 5x as often where the end may be near: a job's first seconds (short jobs) and its last
-                # stages, so `job.result()` sees the end soon after it happens
-                near_end = record.stage in ("decoding", "encoding") or time.monotonic() - started < 2.0
-                await asyncio.sleep(self.poll_s / 5 if near_end else self.poll_s)
+                # the clients' rule: faster where the end may be near, so `job.result()` sees it soon
+                await asyncio.sleep(self.cadence.delay(record.stage, time.monotonic() - started))
         finally:
             async with watch.cond:
                 watch.done = True

@@ -86,10 +86,7 @@ def router(door: Door) -> APIRouter:
     @api.post(wire.RERUN[1], status_code=201, response_model=Job, responses=errors(*AUTHED, 404, 422))
     def rerun(job_id: str, backend: DirectBackend = Depends(user_backend)):
         """The same params again, as a new job tagged `reproduces:<id>`."""
-        record = backend.get(door.job_id(job_id))
-        options = SubmitOptions.parse(tags=[f"reproduces:{record.id}"])
-        return JSONResponse(job_json(backend.submit(GenerationParams.stored(record.params), options, reuse=False)),
-                            status_code=201)
+        return JSONResponse(job_json(backend.rerun(door.job_id(job_id))), status_code=201)
 
     def artifact(backend: DirectBackend, job_id: str, name: str) -> Path:
         job_id = door.job_id(job_id)
