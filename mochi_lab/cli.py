@@ -156,8 +156,12 @@ def _generate(args: argparse.Namespace) -> int:
 
 def _run_spec(args: argparse.Namespace) -> int:
     """Queue the spec's sweep, optionally wait and print timings per grid value."""
+    from mochi_lab.extras import require
     from mochi_lab.params import ParamsError
 
+    if args.wait:  # before anything is queued, not after the runs
+        require("mochi-lab experiment --wait (its table of runs)", "notebook", "pandas",
+                hint=" (or pip install pandas)")
     try:
         spec = ExperimentSpec.load(args.spec)
     except SpecError as exc:
@@ -187,6 +191,9 @@ def _run_spec(args: argparse.Namespace) -> int:
 def _gateway(args: argparse.Namespace) -> int:
     """Serve the multi-user gateway (the only door to the store and the pool on a shared cluster)."""
     from mochi_lab.config import Settings
+    from mochi_lab.extras import require
+
+    require("mochi-lab gateway", "gateway", "fastapi", "uvicorn", "ray")
     from mochi_lab.gateway.app import serve
 
     serve(args.host, args.port, Settings.from_env(ray_address=args.address, redis_url=args.redis_url))
@@ -195,7 +202,9 @@ def _gateway(args: argparse.Namespace) -> int:
 
 def _local_settings(**overrides: Any):
     from mochi_lab.config import Settings
+    from mochi_lab.extras import require
 
+    require("the local runtime (mochi-lab up, status, down)", "cpu", "ray", "psutil")
     settings = Settings.from_env(**overrides)
     if settings.ray_address:
         raise ValueError(f"RAY_ADDRESS is set ({settings.ray_address}): up, status and down manage the local "
