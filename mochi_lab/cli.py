@@ -235,10 +235,11 @@ def _up(args: argparse.Namespace) -> int:
 def _status(args: argparse.Namespace) -> int:
     """Print the local runtime: address, pid, model, workers, idle time, memory. Exit 1 when none runs."""
     from mochi_lab.config import redact_url
-    from mochi_lab.pool import runtime
     from mochi_lab.store import StoreError, open_store
 
-    settings = _local_settings()
+    settings = _local_settings()  # first: it names the extra the runtime needs
+    from mochi_lab.pool import runtime
+
     info = runtime.status(settings.data_dir)
     if info is None:
         print("null" if args.json else f"no local runtime running (data dir {settings.data_dir})")
@@ -280,9 +281,9 @@ def _status(args: argparse.Namespace) -> int:
 
 def _down(args: argparse.Namespace) -> int:
     """Stop the local runtime: its pool, Ray and record (queued jobs stay queued in the store)."""
+    settings = _local_settings()  # first: it names the extra the runtime needs
     from mochi_lab.pool import runtime
 
-    settings = _local_settings()
     record = runtime.stop(settings.data_dir)
     if record is None:
         print(f"no local runtime running (data dir {settings.data_dir})")
