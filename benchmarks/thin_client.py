@@ -8,7 +8,8 @@ pip's cache makes a second run fast) and prints the venv's site-packages on disk
 setuptools (which every venv starts with), its distribution count, and which of torch, diffusers, transformers,
 ray, fastapi and uvicorn `pip list` shows (none, for these extras). `connect` runs, in fresh processes of
 `--python`, `import mochi_lab` then `MochiCluster(<gateway>)` (which asks the gateway who the token is and which
-models it serves: two round trips), and prints each part's median over the runs and what else got imported.
+models it serves: two round trips), and prints each part's median wall time over the runs, the whole's CPU time
+(what a busy machine's wall time inflates), and what else got imported.
 Both print one JSON object per line (tests/test_thin_client.py runs `connect` against a real gateway).
 """
 
@@ -31,15 +32,15 @@ SEEDED = ("pip", "setuptools", "pkg_resources", "_distutils_hack", "distutils") 
 # Run by the measured python: timings of one cold start, and what it imported beyond the standard library.
 CONNECT = """
 import json, os, sys, time
-t0 = time.perf_counter()
+t0, c0 = time.perf_counter(), time.process_time()
 import mochi_lab
 from mochi_lab import MochiCluster
-t1 = time.perf_counter()
+t1, c1 = time.perf_counter(), time.process_time()
 cluster = MochiCluster(sys.argv[1])
-t2 = time.perf_counter()
+t2, c2 = time.perf_counter(), time.process_time()
 tops = sorted({m.split(".")[0] for m in sys.modules} - set(sys.stdlib_module_names) - {"mochi_lab"})
-print(json.dumps({"import_s": t1 - t0, "connect_s": t2 - t1, "total_s": t2 - t0, "account": cluster.account,
-                  "imported": [m for m in tops if not m.startswith("_")]}))
+print(json.dumps({"import_s": t1 - t0, "connect_s": t2 - t1, "total_s": t2 - t0, "total_cpu_s": c2 - c0,
+                  "account": cluster.account, "imported": [m for m in tops if not m.startswith("_")]}))
 """
 
 
@@ -75,7 +76,8 @@ def connect(python: str, gateway: str, runs: int) -> dict:
         if out.returncode != 0:
             raise SystemExit(f"connect: {python} exited {out.returncode}:\n{out.stderr[-3000:]}")
         samples.append(json.loads(out.stdout.strip().splitlines()[-1]))
-    row = {key: round(statistics.median(s[key] for s in samples), 3) for key in ("import_s", "connect_s", "total_s")}
+    keys = ("import_s", "connect_s", "total_s", "total_cpu_s")
+    row = {key: round(statistics.median(s[key] for s in samples), 3) for key in keys}
     row.update(runs=runs, max_total_s=round(max(s["total_s"] for s in samples), 3), account=samples[-1]["account"],
                imported=samples[-1]["imported"], python=python)
     print(json.dumps(row), flush=True)
