@@ -156,8 +156,12 @@ def _generate(args: argparse.Namespace) -> int:
 
 def _run_spec(args: argparse.Namespace) -> int:
     """Queue the spec's sweep, optionally wait and print timings per grid value."""
+    from mochi_lab.extras import require
     from mochi_lab.params import ParamsError
 
+    if args.wait:  # before anything is queued, not after the runs
+        require("mochi-lab experiment --wait (its table of runs)", "notebook", "pandas",
+                hint=" (or pip install pandas)")
     try:
         spec = ExperimentSpec.load(args.spec)
     except SpecError as exc:
@@ -187,6 +191,9 @@ def _run_spec(args: argparse.Namespace) -> int:
 def _gateway(args: argparse.Namespace) -> int:
     """Serve the multi-user gateway (the only door to the store and the pool on a shared cluster)."""
     from mochi_lab.config import Settings
+    from mochi_lab.extras import require
+
+    require("mochi-lab gateway", "gateway", "fastapi", "uvicorn", "ray")
     from mochi_lab.gateway.app import serve
 
     serve(args.host, args.port, Settings.from_env(ray_address=args.address, redis_url=args.redis_url))
@@ -195,7 +202,9 @@ def _gateway(args: argparse.Namespace) -> int:
 
 def _local_settings(**overrides: Any):
     from mochi_lab.config import Settings
+    from mochi_lab.extras import require
 
+    require("the local runtime (mochi-lab up, status, down)", "cpu", "ray", "psutil")
     settings = Settings.from_env(**overrides)
     if settings.ray_address:
         raise ValueError(f"RAY_ADDRESS is set ({settings.ray_address}): up, status and down manage the local "
@@ -226,10 +235,11 @@ def _up(args: argparse.Namespace) -> int:
 def _status(args: argparse.Namespace) -> int:
     """Print the local runtime: address, pid, model, workers, idle time, memory. Exit 1 when none runs."""
     from mochi_lab.config import redact_url
-    from mochi_lab.pool import runtime
     from mochi_lab.store import StoreError, open_store
 
-    settings = _local_settings()
+    settings = _local_settings()  # first: it names the extra the runtime needs
+    from mochi_lab.pool import runtime
+
     info = runtime.status(settings.data_dir)
     if info is None:
         print("null" if args.json else f"no local runtime running (data dir {settings.data_dir})")
@@ -271,9 +281,9 @@ def _status(args: argparse.Namespace) -> int:
 
 def _down(args: argparse.Namespace) -> int:
     """Stop the local runtime: its pool, Ray and record (queued jobs stay queued in the store)."""
+    settings = _local_settings()  # first: it names the extra the runtime needs
     from mochi_lab.pool import runtime
 
-    settings = _local_settings()
     record = runtime.stop(settings.data_dir)
     if record is None:
         print(f"no local runtime running (data dir {settings.data_dir})")

@@ -12,14 +12,11 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.support.venvs import clone, make_venv, run
+
 HOOK = "mochi_lab.display.widgets.save_hook"
 
 # Run by the venv's python: which config dirs enable the hook, and what a save through the server writes.
@@ -60,36 +57,26 @@ print(json.dumps({"enabled_in": [str(d) for d in map(Path, jupyter_config_path()
 """
 
 
-def _run(args: list, env: dict, timeout: float = 300) -> str:
-    done = subprocess.run([str(a) for a in args], check=False, env=env, capture_output=True, text=True,
-                          timeout=timeout)
-    assert done.returncode == 0, f"{args}: exit {done.returncode}\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
-    return done.stdout
-
-
 @pytest.mark.parametrize("editable", [True, False], ids=["pip-install-e", "pip-install"])
 @pytest.mark.usefixtures("package_install")
 def test_an_install_enables_the_save_hook_in_its_jupyter_server(editable, tmp_path):
-    src = tmp_path / "clone"
-    shutil.copytree(REPO, src, ignore=shutil.ignore_patterns(
-        ".git", "build", "dist", "*.egg-info", "__pycache__", ".venv", ".*_cache", ".ipynb_checkpoints"))
+    src = clone(tmp_path / "clone")
     venv = tmp_path / "venv"
     # Only the venv's own config and this test's empty folders: no user's ~/.jupyter, user site or PYTHONPATH.
     env = {k: v for k, v in os.environ.items() if not k.startswith("JUPYTER_") and k != "PYTHONPATH"}
     for var in ("JUPYTER_CONFIG_DIR", "JUPYTER_DATA_DIR", "JUPYTER_RUNTIME_DIR"):
         env[var] = str(tmp_path / var.lower())
     env.update(PYTHONNOUSERSITE="1", PIP_NO_INDEX="1", PIP_DISABLE_PIP_VERSION_CHECK="1")
-    _run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", venv], env)
-    python = venv / "bin" / "python"
-    _run([python, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", *(["-e"] if editable else []),
-          src], env)
+    python = make_venv(venv, env, system_site_packages=True)
+    run([python, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", *(["-e"] if editable else []),
+         src], env)
     own = venv / "etc" / "jupyter"
     assert json.loads((own / "jupyter_server_config.d" / "mochi_lab.json").read_text()) == \
         {"ServerApp": {"jpserver_extensions": {HOOK: True}}}
 
     root = tmp_path / "notebooks"
     root.mkdir()
-    shown = json.loads(_run([python, "-c", SERVER, root], env, timeout=120).strip().splitlines()[-1])
+    shown = json.loads(run([python, "-c", SERVER, root], env, timeout=120).strip().splitlines()[-1])
     assert str(own) in shown["enabled_in"] and HOOK in shown["extensions"]
     # saved through the server: the live widget left out, its stand-in kept as HTML
     assert [o["data"] for o in shown["outputs"]] == \

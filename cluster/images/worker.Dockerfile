@@ -2,7 +2,7 @@
 #
 # mochi_lab Ray image: the RayCluster head, the GPU workers, the model-prefetch Job and the gateway
 # (`mochi-lab gateway`: Ray Client needs the cluster's Ray and Python) all run it.
-# CUDA base + Python from uv + CUDA torch and mochi_lab[gpu] installed from this repository's
+# CUDA base + Python from uv + CUDA torch and mochi_lab[gpu,gateway] installed from this repository's
 # pyproject, so the image carries exactly the package the lead ships (nothing pinned twice).
 #
 # Build context is the repository root:
@@ -16,7 +16,7 @@ FROM ${UV_IMAGE} AS uv
 FROM ${CUDA_BASE_IMAGE}
 ARG PYTHON_VERSION=3.11
 ARG RAY_VERSION=2.60.0
-ARG MOCHI_EXTRAS=gpu
+ARG MOCHI_EXTRAS=gpu,gateway
 
 ENV DEBIAN_FRONTEND=noninteractive \
     PYTHONUNBUFFERED=1 \

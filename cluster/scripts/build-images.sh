@@ -78,7 +78,6 @@ build_notebook() {
     -f "$CLUSTER_DIR/images/notebook.Dockerfile" \
     --build-arg "NOTEBOOK_BASE_IMAGE=$NOTEBOOK_BASE_IMAGE" \
     --build-arg "PYTHON_VERSION=$PYTHON_VERSION" \
-    --build-arg "RAY_VERSION=$RAY_VERSION" \
     -t "$ref" "$REPO_DIR"
   [[ $push -eq 0 ]] || run "$builder" push "$ref"
 }

@@ -54,6 +54,11 @@ class MochiCluster:
 
                 backend = GatewayBackend(gateway, token=os.environ.get("JUPYTERHUB_API_TOKEN"), model=model)
         if backend is None:
+            from mochi_lab.extras import require
+
+            # the thin install (`pip install mochi_lab`) talks to gateways only: say so before a deep ImportError
+            require("MochiCluster() without a gateway (a pool on this machine, or a Ray cluster's)", "cpu", "ray",
+                    "psutil", hint=", or talk to a gateway: MochiCluster('https://<gateway>/') or MOCHI_LAB_GATEWAY")
             from mochi_lab.client.direct import DirectBackend
 
             if settings is None:
