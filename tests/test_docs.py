@@ -40,7 +40,7 @@ def test_the_api_reference_documents_every_public_name():
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # the old path: the same module, its names
-        import mochi_lab.widgets as widgets
+        from mochi_lab import widgets
 
     face = _documented(DOCS / "reference" / "api.md", "mochi_lab")
     widget_names = _documented(DOCS / "reference" / "widgets.md", "mochi_lab.display.widgets")
@@ -89,7 +89,7 @@ def test_the_tutorial_runs_verbatim_on_the_embedded_default(tiny_checkpoint, tmp
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
            "MOCHI_LAB_DATA_DIR": str(tmp_path / "data"), "MOCHI_LAB_PERSISTENT": "0"}
     proc = subprocess.run([sys.executable, str(REPO / "tests" / "support" / "docblocks.py"), str(TUTORIAL)],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=540)
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=540, check=False)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert re.search(r"^\d+ checks passed$", proc.stdout, re.MULTILINE), proc.stdout[-2000:]
 
@@ -101,7 +101,7 @@ def test_the_site_builds_strictly(mkdocs, tmp_path):
            "NO_MKDOCS_2_WARNING": "1"}
     start = time.monotonic()
     proc = subprocess.run([mkdocs, "build", "--strict", "--site-dir", str(tmp_path / "site")], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=540)
+                          capture_output=True, text=True, timeout=540, check=False)
     print(f"\nmkdocs build --strict: {time.monotonic() - start:.1f} s")
     assert proc.returncode == 0, proc.stderr[-6000:]
     site = tmp_path / "site"
