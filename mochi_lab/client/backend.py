@@ -16,8 +16,8 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+from mochi_lab.model import JobRecord
 from mochi_lab.params import GenerationParams, SubmitOptions
-from mochi_lab.store.base import JobRecord
 
 ARTIFACTS = ("video", "thumbnail")
 _POLL_MIN_S, _POLL_MAX_S = 0.02, 0.1  # a state read costs well under a millisecond; latency is seen

@@ -8,9 +8,9 @@ from typing import TYPE_CHECKING, Any, Iterable
 from mochi_lab.client.backend import Backend
 from mochi_lab.client.job import Job
 from mochi_lab.config import Settings
+from mochi_lab.model import check_status
 from mochi_lab.params import GenerationParams, ParamsError, SubmitOptions
 from mochi_lab.pipelines.config import PipelineConfig
-from mochi_lab.store.base import check_status
 
 if TYPE_CHECKING:
     from mochi_lab.client.experiment import Experiment

@@ -29,8 +29,8 @@ import httpx
 
 from mochi_lab.client.backend import ARTIFACTS, Backend
 from mochi_lab.config import check_account
+from mochi_lab.model import ARTIFACT_SUFFIXES, JOB_ID_RE, JobNotFound, JobRecord, QuotaExceeded, StoreUnavailable
 from mochi_lab.params import GenerationParams, ParamsError, SubmitOptions, check_model
-from mochi_lab.store.base import ARTIFACT_SUFFIXES, JOB_ID_RE, JobNotFound, JobRecord, QuotaExceeded, StoreUnavailable
 
 DEFAULT_TIMEOUT_S = 30.0
 _CHUNK = 1 << 20

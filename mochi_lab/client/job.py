@@ -14,8 +14,8 @@ from typing import Any, Callable
 from urllib.parse import quote
 
 from mochi_lab.client.backend import Backend
+from mochi_lab.model import CANCELLED, DONE, FAILED, QUEUED, RUNNING, JobNotFound, JobRecord, check_job_id
 from mochi_lab.params import GenerationParams, SubmitOptions
-from mochi_lab.store.base import CANCELLED, DONE, FAILED, QUEUED, RUNNING, JobNotFound, JobRecord, check_job_id
 
 log = logging.getLogger(__name__)
 LIVE_INTERVAL_S = 0.5  # how often a displayed job reads its state while it is queued or running

@@ -60,10 +60,8 @@ from mochi_lab.gateway.auth import (
 )
 from mochi_lab.gateway.web import SESSION_COOKIE, Sessions, behind_proxies, check_cookie_write, web_router
 from mochi_lab.logs import log_repeating
-from mochi_lab.params import GenerationParams, ParamsError, SubmitOptions, validate_name
-from mochi_lab.store.base import (
+from mochi_lab.model import (
     FINISHED,
-    QUEUE_LIST_MAX,
     QUEUED,
     RUNNING,
     JobNotFound,
@@ -71,9 +69,10 @@ from mochi_lab.store.base import (
     QuotaExceeded,
     RecordTooLarge,
     StoreError,
-    active_limit_error,
     check_job_id,
 )
+from mochi_lab.params import GenerationParams, ParamsError, SubmitOptions, validate_name
+from mochi_lab.store.base import QUEUE_LIST_MAX, active_limit_error
 
 log = logging.getLogger("mochi_lab.gateway")
 
@@ -549,7 +548,7 @@ def create_app(settings: Settings | None = None, *, backend_factory: Callable[[]
             backend = backend_for(account)
         except ValueError:
             raise _not_found("account not found") from None
-        from mochi_lab.store.base import check_status
+        from mochi_lab.model import check_status
 
         try:
             check_status(status)

@@ -46,11 +46,12 @@ import psutil
 
 from mochi_lab.config import Settings, known_models, redact_url
 from mochi_lab.logs import LOG_BACKUPS, LOG_MAX_BYTES, RotatingLog, log_repeating
+from mochi_lab.model import StoreError
 from mochi_lab.pipelines.config import PipelineConfig
 from mochi_lab.pool.driver import Pool, _import_ray, connect
 from mochi_lab.pool.reaper import started
 from mochi_lab.private import PRIVATE_UMASK, open_private, private_dir
-from mochi_lab.store import StoreError, open_store
+from mochi_lab.store import open_store
 
 log = logging.getLogger(__name__)
 

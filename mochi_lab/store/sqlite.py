@@ -21,30 +21,32 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl
 
-from mochi_lab.private import create_private, private_dir
-from mochi_lab.store.base import (
+from mochi_lab.model import (
     CANCELLED,
     DONE,
     FAILED,
-    PROGRESS_LOG_KEEP_S,
-    PROGRESS_LOG_MAX,
-    QUEUE_LIST_MAX,
     QUEUED,
     RUNNING,
     STATUSES,
-    Claim,
     JobNotFound,
     JobRecord,
     LeaseLost,
-    Store,
     StoreUnavailable,
-    active_limit_error,
-    experiments_limit_error,
-    check_preview,
     check_status,
-    claim_order,
     new_job_id,
     remove_artifacts,
+)
+from mochi_lab.private import create_private, private_dir
+from mochi_lab.store.base import (
+    PROGRESS_LOG_KEEP_S,
+    PROGRESS_LOG_MAX,
+    QUEUE_LIST_MAX,
+    Claim,
+    Store,
+    active_limit_error,
+    check_preview,
+    claim_order,
+    experiments_limit_error,
     worker_lost_error,
 )
 

@@ -23,11 +23,11 @@ import psutil
 
 from mochi_lab.config import Settings
 from mochi_lab.logs import log_repeating
+from mochi_lab.model import ARTIFACT_SUFFIXES, JobNotFound, LeaseLost, StoreError, artifact_path, remove_artifacts
 from mochi_lab.params import GenerationParams, ParamsError, check_prompt_tokens
 from mochi_lab.pipelines import JobCancelled, PipelineConfig, load_runner
 from mochi_lab.pipelines.preview import PreviewPlan, encode_strip
-from mochi_lab.store import Claim, JobNotFound, LeaseLost, StoreError, open_store
-from mochi_lab.store.base import ARTIFACT_SUFFIXES, artifact_path, remove_artifacts
+from mochi_lab.store import Claim, open_store
 from mochi_lab.version import __version__
 from mochi_lab.video import write_mp4, write_thumbnail
 from mochi_lab.worker.gate import Gates

@@ -17,13 +17,13 @@ from urllib.parse import quote
 import ipywidgets as W
 
 from mochi_lab.display.reprs import BORDER, RetryTracker, queue_note, thumbnail_uri, timings_line
-from mochi_lab.store.base import CANCELLED, DONE, FAILED, QUEUED, JobNotFound
+from mochi_lab.model import CANCELLED, DONE, FAILED, QUEUED, JobNotFound
 
 from ._format import error_html, job_view, mapping, render, seconds, to_float, to_int
 
 if TYPE_CHECKING:
     from mochi_lab.client.job import Job
-    from mochi_lab.store.base import JobRecord
+    from mochi_lab.model import JobRecord
 
 BAR_STYLES = {DONE: "success", FAILED: "danger", CANCELLED: "warning"}
 QUEUE_EVERY_S = 1.0  # how often a queued card asks for its place in the queue (one list read)
