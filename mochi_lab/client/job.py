@@ -14,6 +14,7 @@ from typing import Any, Callable
 from urllib.parse import quote
 
 from mochi_lab.client.backend import Backend
+from mochi_lab.config import ClientConfig
 from mochi_lab.model import CANCELLED, DONE, FAILED, QUEUED, RUNNING, JobNotFound, JobRecord, check_job_id
 from mochi_lab.params import GenerationParams, SubmitOptions
 
@@ -279,7 +280,7 @@ def _in_kernel() -> bool:
 def download_dir() -> Path:
     """Where a displayed done job's MP4 is copied for its link: relative to the kernel's cwd, which
     JupyterLab sets to the notebook's folder (the server can only serve files under its root)."""
-    return Path(os.environ.get("MOCHI_LAB_DOWNLOAD_DIR") or "mochi_videos")
+    return ClientConfig.from_env().download_dir
 
 
 def relative_href(path: Path) -> str | None:

@@ -21,7 +21,7 @@ from typing import Any
 
 import psutil
 
-from mochi_lab.config import Settings
+from mochi_lab.config import WorkerConfig, cuda_device_index
 from mochi_lab.logs import log_repeating
 from mochi_lab.model import ARTIFACT_SUFFIXES, JobNotFound, LeaseLost, StoreError, artifact_path, remove_artifacts
 from mochi_lab.params import GenerationParams, ParamsError, check_prompt_tokens
@@ -118,7 +118,7 @@ class NvmlSampler:
             uuid = getattr(torch.cuda.get_device_properties(0), "uuid", None)
             # the device torch calls 0 is the one Ray gave this actor (CUDA_VISIBLE_DEVICES)
             self.handle = (pynvml.nvmlDeviceGetHandleByUUID(f"GPU-{uuid}") if uuid is not None else
-                           pynvml.nvmlDeviceGetHandleByIndex(int(os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0])))
+                           pynvml.nvmlDeviceGetHandleByIndex(cuda_device_index()))
             self.nvml = pynvml
         except Exception as exc:  # no driver, no library, an odd CUDA_VISIBLE_DEVICES: no GPU figures
             log.info("no NVML figures: %r", exc)
@@ -226,7 +226,7 @@ class Worker:
     def __init__(
         self,
         worker_id: str,
-        settings: Settings,
+        settings: WorkerConfig,
         model: str = "tiny",
         config: PipelineConfig | None = None,
         facts: dict[str, Any] | None = None,

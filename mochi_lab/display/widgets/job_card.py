@@ -16,6 +16,7 @@ from urllib.parse import quote
 
 import ipywidgets as W
 
+from mochi_lab.config import ClientConfig
 from mochi_lab.display.reprs import BORDER, RetryTracker, queue_note, thumbnail_uri, timings_line
 from mochi_lab.model import CANCELLED, DONE, FAILED, QUEUED, JobNotFound
 
@@ -36,7 +37,7 @@ def finished(r: "JobRecord") -> bool:
 
 def default_download_dir() -> Path:
     """Where download links point: relative to the kernel's cwd, which JupyterLab sets to the notebook's folder."""
-    return Path(os.environ.get("MOCHI_LAB_DOWNLOAD_DIR") or "mochi_videos")
+    return ClientConfig.from_env().download_dir
 
 
 def download_href(path: Path) -> str:
