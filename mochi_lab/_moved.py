@@ -6,7 +6,8 @@ they keep importing, with a DeprecationWarning that names the new path. An old p
 gives the new module object itself, so isinstance checks and monkeypatching see one module.
 
 Some names left a module that stays (`MOVED_NAMES`): the job's record, statuses, ids, artifacts and errors
-went from the store to `mochi_lab.model`. The old module answers them through `moved_names`, with the same
+went from the store to `mochi_lab.model`; the worker loop's log format, telemetry and job path went to their
+own modules. The old module answers them through `moved_names`, with the same
 warning.
 
 Four old modules gave their names to the rooms that hold them (`mochi_lab.client`, `.gateway`, `.pool`,
@@ -62,6 +63,10 @@ _STORE_FACE = ("QUEUED", "RUNNING", "DONE", "FAILED", "CANCELLED", "STATUSES", "
 MOVED_NAMES: dict[str, dict[str, str]] = {
     "mochi_lab.store.base": {name: "mochi_lab.model" for name in _TO_MODEL},
     "mochi_lab.store": {name: "mochi_lab.model" for name in _STORE_FACE},
+    # the worker loop's module was split: its log format, its telemetry and the job's path have their own
+    "mochi_lab.worker.loop": {"JsonFormatter": "mochi_lab.logs", "JobRejected": "mochi_lab.worker.job",
+                              **{name: "mochi_lab.worker.telemetry"
+                                 for name in ("NvmlSampler", "WorkerStats", "STAGE_BUCKETS_S", "STAGES")}},
 }
 
 
@@ -150,6 +155,10 @@ def lazy_names(package: str, homes: Mapping[str, str]) -> tuple[Callable[[str], 
         if not name.startswith("_") and importlib.util.find_spec(f"{package}.{name}") is not None:
             return importlib.import_module(f"{package}.{name}")
         if old_home is not None:
+            final = MOVED_NAMES.get(old_home, {}).get(name)
+            if final is not None:  # it left the old module's new home too: name where it is now
+                _warn(f"{package}.{name} moved to {final}.{name}")
+                return getattr(importlib.import_module(final), name)
             module = importlib.import_module(old_home)
             if hasattr(module, name):
                 _warn(f"{package}.{name} moved to {old_home}.{name}")

@@ -45,6 +45,7 @@ ALLOWED_LAZY = {("client", "display")}
 # Third-party packages a module must not touch: the store knows nothing of torch, pipelines nothing of Ray or Redis.
 FORBIDDEN_EXTERNAL = {
     "store": {"torch", "diffusers", "transformers", "ray"},
+    "model": {"torch", "diffusers", "transformers", "ray", "redis", "httpx", "fastapi"},
     "pipelines": {"ray", "redis"},
     "display.reprs": {"torch", "ray", "redis"},
     "params": {"torch", "ray", "redis"},

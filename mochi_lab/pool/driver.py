@@ -62,7 +62,8 @@ class WorkerActor:
     """
 
     def __init__(self, worker_id: str, settings: dict, model: str, config: dict, gang: dict | None = None):
-        from mochi_lab.worker.loop import JsonFormatter, Worker
+        from mochi_lab.logs import JsonFormatter
+        from mochi_lab.worker.loop import Worker
 
         os.umask(PRIVATE_UMASK)  # its videos are its user's alone (this process is the actor's own)
         handler = logging.StreamHandler()

@@ -160,7 +160,7 @@ class PeerActor:
     """Rank 1: loads the pool's model, joins rank 0's group, and runs the guided jobs rank 0 hands it."""
 
     def __init__(self, settings: dict, model: str, config: dict):
-        from mochi_lab.worker.loop import JsonFormatter
+        from mochi_lab.logs import JsonFormatter
 
         handler = logging.StreamHandler()
         handler.setFormatter(JsonFormatter())
