@@ -151,7 +151,7 @@ async def _listen(url: str, token: str, job_id: str, seen: dict, attached: list,
 def fanout(gateway, url: str, token: str, listeners: int, params: dict, store_poll) -> list[tuple[str, str]]:
     """50 listeners attach while the job is queued (the pool scaled to 0 by an admin token; else behind a
     long blocker job), then the pool comes back and runs it."""
-    from mochi_lab.store.base import DONE
+    from mochi_lab.model import DONE
 
     paused = blocker = None
     try:

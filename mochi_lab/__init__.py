@@ -29,16 +29,16 @@ _HOMES: dict[str, str] = {
     "ParamsError": "mochi_lab.params",
     "PipelineConfig": "mochi_lab.pipelines.config",
     "Settings": "mochi_lab.config",
-    "CANCELLED": "mochi_lab.store.base",
-    "DONE": "mochi_lab.store.base",
-    "FAILED": "mochi_lab.store.base",
-    "QUEUED": "mochi_lab.store.base",
-    "RUNNING": "mochi_lab.store.base",
-    "STATUSES": "mochi_lab.store.base",
-    "JobNotFound": "mochi_lab.store.base",
-    "JobRecord": "mochi_lab.store.base",
-    "QuotaExceeded": "mochi_lab.store.base",
-    "StoreUnavailable": "mochi_lab.store.base",
+    "CANCELLED": "mochi_lab.model",
+    "DONE": "mochi_lab.model",
+    "FAILED": "mochi_lab.model",
+    "QUEUED": "mochi_lab.model",
+    "RUNNING": "mochi_lab.model",
+    "STATUSES": "mochi_lab.model",
+    "JobNotFound": "mochi_lab.model",
+    "JobRecord": "mochi_lab.model",
+    "QuotaExceeded": "mochi_lab.model",
+    "StoreUnavailable": "mochi_lab.model",
     "Studio": "mochi_lab.display.widgets.studio",
     "History": "mochi_lab.display.widgets.history",
     "ClusterPanel": "mochi_lab.display.widgets.cluster_panel",
@@ -65,9 +65,7 @@ if TYPE_CHECKING:
     from mochi_lab.display.widgets.cluster_panel import ClusterPanel
     from mochi_lab.display.widgets.history import History
     from mochi_lab.display.widgets.studio import Studio
-    from mochi_lab.params import LIMITS, GenerationParams, ParamsError
-    from mochi_lab.pipelines.config import PipelineConfig
-    from mochi_lab.store.base import (
+    from mochi_lab.model import (
         CANCELLED,
         DONE,
         FAILED,
@@ -79,4 +77,6 @@ if TYPE_CHECKING:
         QuotaExceeded,
         StoreUnavailable,
     )
+    from mochi_lab.params import LIMITS, GenerationParams, ParamsError
+    from mochi_lab.pipelines.config import PipelineConfig
     from mochi_lab.version import __version__

@@ -5,6 +5,11 @@ the shared modules). Users' notebooks, scripts and pickles name the old flat mod
 they keep importing, with a DeprecationWarning that names the new path. An old path is an alias: it
 gives the new module object itself, so isinstance checks and monkeypatching see one module.
 
+Some names left a module that stays (`MOVED_NAMES`): the job's record, statuses, ids, artifacts and errors
+went from the store to `mochi_lab.model`; the worker loop's log format, telemetry and job path went to their
+own modules. The old module answers them through `moved_names`, with the same
+warning.
+
 Four old modules gave their names to the rooms that hold them (`mochi_lab.client`, `.gateway`, `.pool`,
 `.worker`): those packages answer the old module's names through `lazy_names`, with the same warning.
 """
@@ -45,6 +50,23 @@ MOVED: dict[str, str] = {
     "mochi_lab.gateway": "mochi_lab.gateway.app",
     "mochi_lab.gateway_web": "mochi_lab.gateway.web",
     "mochi_lab.hubauth": "mochi_lab.gateway.auth",
+}
+
+# The names that left `mochi_lab.store.base` (and the store package's face, which re-exported some).
+_TO_MODEL = ("QUEUED", "RUNNING", "DONE", "FAILED", "CANCELLED", "STATUSES", "FINISHED", "check_status",
+             "StoreError", "JobNotFound", "LeaseLost", "StoreUnavailable", "QuotaExceeded", "RecordTooLarge",
+             "JobRecord", "JOB_ID_RE", "new_job_id", "check_job_id", "ARTIFACT_SUFFIXES", "artifact_path",
+             "remove_artifacts")
+_STORE_FACE = ("QUEUED", "RUNNING", "DONE", "FAILED", "CANCELLED", "STATUSES", "FINISHED", "StoreError",
+               "JobNotFound", "LeaseLost", "StoreUnavailable", "QuotaExceeded", "JobRecord")
+# Module that stays -> {name that left it: the module that holds it now}. Read by the renovation's codemod.
+MOVED_NAMES: dict[str, dict[str, str]] = {
+    "mochi_lab.store.base": {name: "mochi_lab.model" for name in _TO_MODEL},
+    "mochi_lab.store": {name: "mochi_lab.model" for name in _STORE_FACE},
+    # the worker loop's module was split: its log format, its telemetry and the job's path have their own
+    "mochi_lab.worker.loop": {"JsonFormatter": "mochi_lab.logs", "JobRejected": "mochi_lab.worker.job",
+                              **{name: "mochi_lab.worker.telemetry"
+                                 for name in ("NvmlSampler", "WorkerStats", "STAGE_BUCKETS_S", "STAGES")}},
 }
 
 
@@ -95,6 +117,21 @@ def install() -> None:
         sys.meta_path.insert(0, _OldPaths())
 
 
+def moved_names(module: str) -> Callable[[str], Any]:
+    """PEP 562 `__getattr__` for `module`: the names that left it (MOVED_NAMES) still answer, from their
+    new home, with a DeprecationWarning."""
+    homes = MOVED_NAMES[module]
+
+    def __getattr__(name: str) -> Any:
+        home = homes.get(name)
+        if home is None:
+            raise AttributeError(f"module {module!r} has no attribute {name!r}")
+        _warn(f"{module}.{name} moved to {home}.{name}")
+        return getattr(importlib.import_module(home), name)
+
+    return __getattr__
+
+
 def lazy_names(package: str, homes: Mapping[str, str]) -> tuple[Callable[[str], Any], Callable[[], list[str]]]:
     """PEP 562 `__getattr__` and `__dir__` for `package`: `homes` maps each public name to its module.
 
@@ -118,6 +155,10 @@ def lazy_names(package: str, homes: Mapping[str, str]) -> tuple[Callable[[str], 
         if not name.startswith("_") and importlib.util.find_spec(f"{package}.{name}") is not None:
             return importlib.import_module(f"{package}.{name}")
         if old_home is not None:
+            final = MOVED_NAMES.get(old_home, {}).get(name)
+            if final is not None:  # it left the old module's new home too: name where it is now
+                _warn(f"{package}.{name} moved to {final}.{name}")
+                return getattr(importlib.import_module(final), name)
             module = importlib.import_module(old_home)
             if hasattr(module, name):
                 _warn(f"{package}.{name} moved to {old_home}.{name}")

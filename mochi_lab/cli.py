@@ -235,7 +235,8 @@ def _up(args: argparse.Namespace) -> int:
 def _status(args: argparse.Namespace) -> int:
     """Print the local runtime: address, pid, model, workers, idle time, memory. Exit 1 when none runs."""
     from mochi_lab.config import redact_url
-    from mochi_lab.store import StoreError, open_store
+    from mochi_lab.model import StoreError
+    from mochi_lab.store import open_store
 
     settings = _local_settings()  # first: it names the extra the runtime needs
     from mochi_lab.pool import runtime

@@ -1,5 +1,6 @@
 """Bounded logs for processes that run for days: a loop's repeated error is written once a minute with a
 count of the rest (`log_repeating`), and the local runtime's log file rotates at a size cap (`RotatingLog`).
+A worker's lines are JSON objects carrying the job's id (`JsonFormatter`).
 
 A store outage makes every loop fail each tick, and each failure used to be a line (or a traceback): one
 runtime wrote 22 MB in two hours. Here the first line of a run is written at once, the repeats are
@@ -8,6 +9,7 @@ counted, and the next one written after `WINDOW_S` says how many were held back.
 
 from __future__ import annotations
 
+import json
 import logging
 import logging.handlers
 import os
@@ -84,3 +86,17 @@ class RotatingLog(logging.handlers.RotatingFileHandler):
 
 
 __all__ = ["LOG_BACKUPS", "LOG_MAX_BYTES", "WINDOW_S", "RepeatLimiter", "RotatingLog", "log_repeating"]
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object a line; `extra={"job_id": ...}` lands as a field."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        data = {"ts": round(record.created, 3), "level": record.levelname, "logger": record.name,
+                "msg": record.getMessage()}
+        for key in ("job_id", "worker_id", "attempt"):
+            if hasattr(record, key):
+                data[key] = getattr(record, key)
+        if record.exc_info:
+            data["exc"] = self.formatException(record.exc_info)
+        return json.dumps(data)

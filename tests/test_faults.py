@@ -20,8 +20,9 @@ from pathlib import Path
 import pytest
 
 from mochi_lab.config import Settings
+from mochi_lab.model import DONE, StoreError
 from mochi_lab.params import GenerationParams
-from mochi_lab.store import DONE, StoreError, open_store
+from mochi_lab.store import open_store
 from mochi_lab.worker.loop import Worker, WorkerUnhealthy
 from tests.support.faults_helpers import RedisServer, hung_steps, wait_for
 from tests.support.tools import need_tool

@@ -1,7 +1,7 @@
 """The floor plan, checked over the source with `ast`: which room may import which.
 
 Rooms: the client (a notebook or script), the display (the notebook's front end), the gateway (the
-multi-user service), the pool and the worker (Ray actors), over the shared modules (params, config, logs,
+multi-user service), the pool and the worker (Ray actors), over the shared modules (params, config, model, logs,
 private, video, version, sweep, store, pipelines, extras). Every import counts, lazy ones inside functions too:
 an import that only runs later still makes one room depend on another. `from mochi_lab import x` counts
 as an import of the package face, as Python runs it: modules below the face import the defining module.
@@ -10,6 +10,8 @@ as an import of the package face, as Python runs it: modules below the face impo
 from __future__ import annotations
 
 import ast
+import importlib
+import re
 import subprocess
 import sys
 from collections.abc import Collection
@@ -18,10 +20,13 @@ from pathlib import Path
 
 import pytest
 
+from mochi_lab._moved import MOVED_NAMES
+
 ROOT = Path(__file__).resolve().parents[1]
 FACE = ""  # mochi_lab/__init__.py
 ROOMS = ("client", "display", "gateway", "pool", "worker")
-SHARED = {"params", "config", "logs", "private", "video", "version", "sweep", "store", "pipelines", "_moved", "extras"}
+SHARED = {"params", "config", "model", "logs", "private", "video", "version", "sweep", "store", "pipelines", "_moved",
+          "extras"}
 TOP = {"cli"}  # the command line: uses every room, as a user would
 # What each room must not import (a room may always import itself and the shared modules).
 FORBIDDEN: dict[str, set[str]] = {
@@ -45,6 +50,7 @@ ALLOWED_LAZY = {("client", "display")}
 # Third-party packages a module must not touch: the store knows nothing of torch, pipelines nothing of Ray or Redis.
 FORBIDDEN_EXTERNAL = {
     "store": {"torch", "diffusers", "transformers", "ray"},
+    "model": {"torch", "diffusers", "transformers", "ray", "redis", "httpx", "fastapi"},
     "pipelines": {"ray", "redis"},
     "display.reprs": {"torch", "ray", "redis"},
     "params": {"torch", "ray", "redis"},
@@ -300,3 +306,25 @@ def test_importing_the_package_loads_no_heavy_dependency():
             "print(sorted({'torch', 'ray', 'diffusers', 'httpx', 'fastapi', 'ipywidgets'} & set(sys.modules)))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True).stdout
     assert out.strip() == "[]"
+
+
+@pytest.mark.parametrize("old", sorted(MOVED_NAMES))
+def test_a_moved_name_answers_at_its_old_home_with_a_warning(old):
+    """For one release: the same object, and a DeprecationWarning that names the new home."""
+    module = importlib.import_module(old)
+    for name, home in MOVED_NAMES[old].items():
+        assert name not in vars(module), f"{old}.{name} is defined or imported there: it answers without a warning"
+        with pytest.warns(DeprecationWarning, match=re.escape(f"{old}.{name} moved to {home}.{name}")):
+            value = getattr(module, name)
+        assert value is getattr(importlib.import_module(home), name)
+
+
+def test_no_module_imports_a_moved_name_from_its_old_home():
+    """The package and its tests import each moved name from its home (the renovation's codemod rewrites them)."""
+    bad = []
+    for path in [*MODULES.values(), *(ROOT / "tests").rglob("*.py")]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module in MOVED_NAMES:
+                bad += [f"{path.relative_to(ROOT)}:{node.lineno} {node.module}.{a.name}"
+                        for a in node.names if a.name in MOVED_NAMES[node.module]]
+    assert not bad, bad

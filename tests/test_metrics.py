@@ -128,7 +128,7 @@ def _has_cuda() -> bool:
 
 @pytest.mark.skipif(not _has_cuda(), reason="no CUDA GPU here: NVML figures are left out, tested above")
 def test_nvml_reads_this_processs_gpu():
-    from mochi_lab.worker.loop import NvmlSampler
+    from mochi_lab.worker.telemetry import NvmlSampler
 
     sample = NvmlSampler().sample()
     assert 0.0 <= sample["gpu_utilization"] <= 1.0
@@ -137,7 +137,7 @@ def test_nvml_reads_this_processs_gpu():
 
 
 def test_worker_rows_on_cpu_carry_no_gpu_figures(mochi):
-    from mochi_lab.worker.loop import NvmlSampler
+    from mochi_lab.worker.telemetry import NvmlSampler
 
     if _has_cuda():
         pytest.skip("this machine has a GPU")

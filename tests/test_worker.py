@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 
 from mochi_lab.config import Settings
+from mochi_lab.logs import JsonFormatter
 from mochi_lab.params import GenerationParams
 from mochi_lab.store import open_store
-from mochi_lab.worker.loop import JsonFormatter, Worker
+from mochi_lab.worker.loop import Worker
 from tests.support.jobkit import strip_pictures
 
 MiB = 2**20
@@ -86,16 +87,16 @@ def test_worker_validates_stored_params_and_prompt_tokens_at_the_claim(tmp_path,
     assert done.meta["versions"]["mochi_lab"] == importlib.metadata.version("mochi_lab") == mochi_lab.__version__
 
 
-def test_worker_module_does_not_import_the_package_face():
+def test_worker_modules_do_not_import_the_package_face():
     import ast
     from pathlib import Path
 
     import mochi_lab.worker.loop as worker_mod
 
-    tree = ast.parse(Path(worker_mod.__file__).read_text())
-    for node in ast.walk(tree):
-        if isinstance(node, ast.ImportFrom) and node.module == "mochi_lab":
-            raise AssertionError(f"worker.py imports the package face: line {node.lineno}")
+    for path in Path(worker_mod.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module == "mochi_lab":
+                raise AssertionError(f"{path.name} imports the package face: line {node.lineno}")
 
 
 def test_previews_and_honest_eta_while_a_job_runs(tmp_path, tiny_checkpoint, hold):
@@ -158,7 +159,7 @@ def test_previews_and_honest_eta_while_a_job_runs(tmp_path, tiny_checkpoint, hol
 
 
 class _SteadyClock:
-    """time for mochi_lab.worker, whose monotonic() is the test's own in the test's thread (other threads
+    """time for mochi_lab.worker.clock, whose monotonic() is the test's own in the test's thread (other threads
     of this process, the session pool's workers, keep the real one)."""
 
     def __init__(self) -> None:
@@ -172,13 +173,13 @@ class _SteadyClock:
 
 
 def test_the_eta_at_a_steady_pace_is_what_is_left_falls_and_follows_a_change_of_pace(monkeypatch):
-    from mochi_lab.worker import loop as worker_mod
+    from mochi_lab.worker import clock as clock_mod
 
     clock = _SteadyClock()
-    monkeypatch.setattr(worker_mod, "time", clock)
+    monkeypatch.setattr(clock_mod, "time", clock)
     params = GenerationParams.parse("a cat", seed=1, num_frames=7, height=32, width=32, num_inference_steps=60)
     post_s = 2.0  # this worker's decode + encode of a job this size
-    job = worker_mod._JobClock(params, post_s / (7 * 32 * 32), clock.now)
+    job = clock_mod.JobClock(params, post_s / (7 * 32 * 32), clock.now)
     clock.now += 1.5  # loading, text encoding
     job.live(0)
     etas = {}

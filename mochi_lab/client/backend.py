@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from mochi_lab.client.follow import WAIT
+from mochi_lab.model import JobRecord
 from mochi_lab.params import GenerationParams, SubmitOptions
-from mochi_lab.store.base import JobRecord
 
 ARTIFACTS = ("video", "thumbnail")
 

@@ -7,10 +7,10 @@ from typing import TYPE_CHECKING, Any, Iterable
 
 from mochi_lab.client.backend import Backend
 from mochi_lab.client.job import Job
-from mochi_lab.config import Settings
+from mochi_lab.config import ClientConfig, Settings
+from mochi_lab.model import check_status
 from mochi_lab.params import GenerationParams, ParamsError, SubmitOptions
 from mochi_lab.pipelines.config import PipelineConfig
-from mochi_lab.store.base import check_status
 
 if TYPE_CHECKING:
     from mochi_lab.client.experiment import Experiment
@@ -41,18 +41,16 @@ class MochiCluster:
         persistent: bool | None = None,
     ):
         if backend is None:
-            import os
-
             # An http(s) address, or no address with MOCHI_LAB_GATEWAY set: the multi-user gateway, which
             # decides the account from JUPYTERHUB_API_TOKEN (`account=` and JUPYTERHUB_USER change nothing).
             # An explicit redis_url or settings (operators) keeps the direct backend.
             gateway = address if isinstance(address, str) and address.startswith(("http://", "https://")) else (
-                os.environ.get("MOCHI_LAB_GATEWAY") if address is None and redis_url is None and settings is None
+                ClientConfig.from_env().gateway if address is None and redis_url is None and settings is None
                 else None)
             if gateway:
                 from mochi_lab.client.http import GatewayBackend
 
-                backend = GatewayBackend(gateway, token=os.environ.get("JUPYTERHUB_API_TOKEN"), model=model)
+                backend = GatewayBackend(gateway, token=ClientConfig.from_env().token_text, model=model)
         if backend is None:
             from mochi_lab.extras import require
 

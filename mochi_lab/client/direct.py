@@ -17,6 +17,7 @@ import httpx
 
 from mochi_lab.client.backend import ARTIFACTS, Backend, queue_rows, worker_rows
 from mochi_lab.config import ScalingConfig, Settings, check_account, known_models, redact_url
+from mochi_lab.model import DONE, QUEUED, JobRecord, RecordTooLarge, StoreError, StoreUnavailable, artifact_path
 from mochi_lab.params import (
     MAX_PROMPT_TOKENS,
     GenerationParams,
@@ -26,8 +27,7 @@ from mochi_lab.params import (
     check_prompt_tokens,
 )
 from mochi_lab.pipelines.config import PipelineConfig
-from mochi_lab.store import DONE, QUEUED, JobRecord, Store, StoreError, StoreUnavailable, open_store
-from mochi_lab.store.base import RecordTooLarge, artifact_path
+from mochi_lab.store import Store, open_store
 from mochi_lab.store.cache import cached_enqueue
 
 if TYPE_CHECKING:

@@ -18,8 +18,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from mochi_lab.client.backend import Backend
 from mochi_lab.client.follow import GroupFollower
 from mochi_lab.client.job import Job, Output
+from mochi_lab.model import CANCELLED, FAILED, STATUSES, JobNotFound, JobRecord, check_job_id
 from mochi_lab.params import MAX_PROMPT_CHARS, GenerationParams, SubmitOptions, check_model, check_tags, validate_name
-from mochi_lab.store.base import CANCELLED, FAILED, STATUSES, JobNotFound, JobRecord, check_job_id
 from mochi_lab.sweep import Run, expand_grid, plan_runs
 
 MISSING = "missing"  # a planned run with no job (its client died before queueing it)

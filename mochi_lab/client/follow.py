@@ -20,7 +20,7 @@ import weakref
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any, Protocol
 
-from mochi_lab.store.base import DONE, FINISHED, QUEUED, JobNotFound, JobRecord
+from mochi_lab.model import DONE, FINISHED, QUEUED, JobNotFound, JobRecord
 
 if TYPE_CHECKING:
     from mochi_lab.client.backend import Backend

@@ -30,11 +30,10 @@ from urllib.parse import urlsplit
 import httpx
 
 from mochi_lab.client.backend import ARTIFACTS, Backend
-from mochi_lab.config import check_account
+from mochi_lab.config import ClientConfig, check_account
 from mochi_lab.gateway import wire
 from mochi_lab.gateway.wire import at
-from mochi_lab.params import GenerationParams, ParamsError, SubmitOptions, check_model
-from mochi_lab.store.base import (
+from mochi_lab.model import (
     ARTIFACT_SUFFIXES,
     JOB_ID_RE,
     JobNotFound,
@@ -43,6 +42,7 @@ from mochi_lab.store.base import (
     RecordTooLarge,
     StoreUnavailable,
 )
+from mochi_lab.params import GenerationParams, ParamsError, SubmitOptions, check_model
 
 DEFAULT_TIMEOUT_S = 30.0
 _CHUNK = 1 << 20
@@ -84,9 +84,7 @@ class _TokenAuth(httpx.Auth):
 
 def default_cache_dir() -> Path:
     """Where downloaded artifacts go: `$MOCHI_LAB_CACHE_DIR/gateway`, else `~/.cache/mochi_lab/gateway`."""
-    base = os.environ.get("MOCHI_LAB_CACHE_DIR") or Path(
-        os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mochi_lab"
-    return Path(base) / "gateway"
+    return ClientConfig.from_env().cache_dir / "gateway"
 
 
 def _host_dir(url: str) -> str:

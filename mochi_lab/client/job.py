@@ -13,8 +13,8 @@ from typing import Any, Callable
 
 from mochi_lab.client.backend import Backend
 from mochi_lab.client.follow import LIVE, Cadence, Follower, follower_of
+from mochi_lab.model import CANCELLED, DONE, FAILED, QUEUED, RUNNING, JobRecord, check_job_id
 from mochi_lab.params import GenerationParams
-from mochi_lab.store.base import CANCELLED, DONE, FAILED, QUEUED, RUNNING, JobRecord, check_job_id
 
 log = logging.getLogger(__name__)
 LIVE_INTERVAL_S = LIVE.every_s  # how often a displayed job reads its state while it is queued or running

@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from mochi_lab.display.reprs import render
+from mochi_lab.model import DONE, JobRecord
 from mochi_lab.params import GenerationParams
-from mochi_lab.store.base import DONE, JobRecord
 from mochi_lab.sweep import Run, varying_params
 
 TIMINGS = ("queue_s", "load_s", "text_s", "denoise_s", "decode_s", "encode_s", "run_s")

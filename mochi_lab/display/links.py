@@ -7,11 +7,13 @@ import os
 from pathlib import Path
 from urllib.parse import quote
 
+from mochi_lab.config import ClientConfig
+
 
 def download_dir() -> Path:
     """Where a displayed done job's MP4 is copied for its link: relative to the kernel's cwd, which
     JupyterLab sets to the notebook's folder (the server can only serve files under its root)."""
-    return Path(os.environ.get("MOCHI_LAB_DOWNLOAD_DIR") or "mochi_videos")
+    return ClientConfig.from_env().download_dir
 
 
 def relative_href(path: Path) -> str | None:

@@ -34,7 +34,8 @@ from mochi_lab.gateway.auth import (
 )
 from mochi_lab.gateway.web import SESSION_COOKIE, Sessions, check_cookie_write
 from mochi_lab.gateway.wire import ERRORS, KIND_OF_STATUS, error_of
-from mochi_lab.store.base import QUEUED, RUNNING, StoreError, active_limit_error, check_job_id
+from mochi_lab.model import QUEUED, RUNNING, StoreError, check_job_id
+from mochi_lab.store.base import active_limit_error
 
 log = logging.getLogger("mochi_lab.gateway")
 

@@ -46,7 +46,8 @@ from starlette.concurrency import run_in_threadpool
 from mochi_lab.config import GatewayConfig
 from mochi_lab.gateway.auth import Authenticator, AuthError, AuthUnavailable, Identity, hash_token
 from mochi_lab.gateway.wire import errors
-from mochi_lab.store.base import FINISHED, JobRecord, Store
+from mochi_lab.model import FINISHED, JobRecord
+from mochi_lab.store.base import Store
 
 SESSION_COOKIE = "mochi-lab-session"
 STATE_COOKIE = "mochi-lab-oauth-state"

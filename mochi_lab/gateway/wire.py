@@ -19,6 +19,16 @@ from urllib.parse import quote
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, WithJsonSchema
 
+from mochi_lab.model import (
+    JOB_ID_RE,
+    STATUSES,
+    JobNotFound,
+    JobRecord,
+    QuotaExceeded,
+    RecordTooLarge,
+    StoreError,
+    StoreUnavailable,
+)
 from mochi_lab.params import (
     FPS_MAX,
     FPS_MIN,
@@ -41,16 +51,6 @@ from mochi_lab.params import (
     STEPS_MIN,
     GenerationParams,
     ParamsError,
-)
-from mochi_lab.store.base import (
-    JOB_ID_RE,
-    STATUSES,
-    JobNotFound,
-    JobRecord,
-    QuotaExceeded,
-    RecordTooLarge,
-    StoreError,
-    StoreUnavailable,
 )
 
 # -- routes: (method, path template); the server mounts them under its prefix, the client joins them to its URL

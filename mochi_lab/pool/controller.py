@@ -25,8 +25,9 @@ from typing import Any
 
 from mochi_lab.config import ScalingConfig
 from mochi_lab.logs import log_repeating
+from mochi_lab.model import StoreError
 from mochi_lab.pool.driver import ACTOR_PREFIX, Pool
-from mochi_lab.store import Store, StoreError
+from mochi_lab.store import Store
 
 log = logging.getLogger("mochi_lab.pool.controller")
 

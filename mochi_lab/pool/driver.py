@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
-from mochi_lab.config import Settings
+from mochi_lab.config import PoolConfig, WorkerConfig, default_ray_env, node_redis_url, set_ray_env
 from mochi_lab.pipelines.config import PipelineConfig
 from mochi_lab.private import PRIVATE_UMASK
 from mochi_lab.store import Store
@@ -32,7 +32,7 @@ T = TypeVar("T")
 
 def _import_ray():
     # Without this, Ray may advertise the machine's external address even for a local cluster.
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    default_ray_env(RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
     import ray
 
     return ray
@@ -49,7 +49,7 @@ def redact_credentials(url: str | None) -> str | None:
 def store_url_here(sent: str | None) -> str | None:
     """A worker's store URL: its node's own REDIS_URL (on a cluster, the worker's least-privilege user),
     else the creator's, which arrives without credentials (a local, password-less Redis)."""
-    return os.environ.get("REDIS_URL") or sent
+    return node_redis_url() or sent
 
 
 class WorkerActor:
@@ -62,7 +62,8 @@ class WorkerActor:
     """
 
     def __init__(self, worker_id: str, settings: dict, model: str, config: dict, gang: dict | None = None):
-        from mochi_lab.worker.loop import JsonFormatter, Worker
+        from mochi_lab.logs import JsonFormatter
+        from mochi_lab.worker.loop import Worker
 
         os.umask(PRIVATE_UMASK)  # its videos are its user's alone (this process is the actor's own)
         handler = logging.StreamHandler()
@@ -77,9 +78,10 @@ class WorkerActor:
         if gang:  # rank 0 of a 2-GPU worker (see mochi_lab.pool.gang)
             from mochi_lab.pool.gang import GangWorker
 
-            self.worker = GangWorker(worker_id, Settings(**settings), model, PipelineConfig(**config), facts=node, **gang)
+            self.worker = GangWorker(worker_id, PoolConfig(**settings), model, PipelineConfig(**config), facts=node,
+                                     **gang)
         else:
-            self.worker = Worker(worker_id, Settings(**settings), model, PipelineConfig(**config), facts=node)
+            self.worker = Worker(worker_id, WorkerConfig(**settings), model, PipelineConfig(**config), facts=node)
         self.worker.start()
         self._stopping = False
         self._watchdog = threading.Thread(target=self._watch, name="mochi-watchdog", daemon=True)
@@ -170,7 +172,7 @@ def quiet_ray_start() -> Iterator[_HeldLogs]:
                 logger.handle(record)
 
 
-def connect(settings: Settings) -> str:
+def connect(settings: PoolConfig) -> str:
     """Join the Ray cluster at settings.ray_address, or start a local one on loopback. Returns its address.
 
     Ray's start-up log lines are shown only if the start fails (see `quiet_ray_start`)."""
@@ -227,7 +229,7 @@ def _on_lasting_thread(fn: Callable[[], T]) -> T:
     return _owner.call(fn)
 
 
-def _start(ray: Any, settings: Settings) -> None:
+def _start(ray: Any, settings: PoolConfig) -> None:
     if _on_loopback(settings.ray_address):
         _loopback_only(ray)
     if settings.ray_address:
@@ -272,7 +274,7 @@ def _loopback_only(ray: Any) -> None:
     RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER was 0 when Ray was first imported. A process that imported Ray
     before mochi_lab (a notebook's `import ray`) read it too early: the value Ray read is set as well.
     Ray's own processes import Ray afresh and read the variable."""
-    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    set_ray_env(RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
     ray._private.ray_constants.ENABLE_RAY_CLUSTER = False
 
 
@@ -292,7 +294,7 @@ def _init_with_one_retry(ray: Any, kwargs: dict[str, Any], transient: Callable[[
 class Pool:
     """Creates, finds, scales and stops the worker actors."""
 
-    def __init__(self, settings: Settings, store: Store, model: str = "tiny", config: PipelineConfig | None = None):
+    def __init__(self, settings: PoolConfig, store: Store, model: str = "tiny", config: PipelineConfig | None = None):
         self.settings = settings
         self.store = store
         self.model = model

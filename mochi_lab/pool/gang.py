@@ -25,7 +25,7 @@ import threading
 import time
 from typing import Any
 
-from mochi_lab.config import Settings
+from mochi_lab.config import PoolConfig
 from mochi_lab.params import GenerationParams
 from mochi_lab.pipelines import PipelineConfig, load_runner
 from mochi_lab.pipelines.cfg_parallel import (
@@ -160,14 +160,14 @@ class PeerActor:
     """Rank 1: loads the pool's model, joins rank 0's group, and runs the guided jobs rank 0 hands it."""
 
     def __init__(self, settings: dict, model: str, config: dict):
-        from mochi_lab.worker.loop import JsonFormatter
+        from mochi_lab.logs import JsonFormatter
 
         handler = logging.StreamHandler()
         handler.setFormatter(JsonFormatter())
         root = logging.getLogger("mochi_lab")
         root.handlers[:] = [handler]
         root.setLevel(logging.INFO)
-        self.settings = Settings(**settings)
+        self.settings = PoolConfig(**settings)
         self.config = PipelineConfig(**config)
         self.runner = load_runner(model, self.settings.cache_dir, self.config)
         self.parallel: CfgParallel | None = None
@@ -214,7 +214,7 @@ class PeerActor:
             return dict(self.last)
 
 
-def start(ray: Any, settings: Settings, index: int, leader_cls: Any, leader_args: tuple, options: dict) -> None:
+def start(ray: Any, settings: PoolConfig, index: int, leader_cls: Any, leader_args: tuple, options: dict) -> None:
     """Create gang `index` (its placement group, rank 1, then rank 0 from `leader_cls`) unless it exists.
     `options` are the pool's actor options; each rank gets one bundle of the group."""
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy

@@ -19,7 +19,8 @@ from prometheus_client import CollectorRegistry, generate_latest, start_http_ser
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
 from mochi_lab.config import known_models
-from mochi_lab.store import Store, StoreError
+from mochi_lab.model import StoreError
+from mochi_lab.store import Store
 
 log = logging.getLogger("mochi_lab.pool.metrics")
 

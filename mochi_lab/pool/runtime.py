@@ -44,13 +44,22 @@ from typing import IO, Any
 
 import psutil
 
-from mochi_lab.config import Settings, known_models, redact_url
+from mochi_lab.config import (
+    Settings,
+    child_env,
+    default_ray_env,
+    known_models,
+    ray_auth_disabled,
+    redact_url,
+    set_ray_env,
+)
 from mochi_lab.logs import LOG_BACKUPS, LOG_MAX_BYTES, RotatingLog, log_repeating
+from mochi_lab.model import StoreError
 from mochi_lab.pipelines.config import PipelineConfig
 from mochi_lab.pool.driver import Pool, _import_ray, connect
 from mochi_lab.pool.reaper import started
 from mochi_lab.private import PRIVATE_UMASK, open_private, private_dir
-from mochi_lab.store import StoreError, open_store
+from mochi_lab.store import open_store
 
 log = logging.getLogger(__name__)
 
@@ -199,10 +208,10 @@ def _use_auth(record: dict[str, Any]) -> None:
     """Make this process's Ray driver authenticate as the runtime's Ray expects. The variables stay set
     (one process joins one Ray); Ray caches its config and token, so both are reloaded, as Ray's own
     `_enable_token_auth` does."""
-    os.environ.pop("RAY_AUTH_TOKEN", None)  # Ray prefers it to the file: it would be another cluster's
-    os.environ["RAY_AUTH_MODE"] = record.get("auth", "disabled")
+    set_ray_env(RAY_AUTH_TOKEN=None)  # Ray prefers it to the file: it would be another cluster's
+    set_ray_env(RAY_AUTH_MODE=record.get("auth", "disabled"))
     if record.get("auth") == "token":
-        os.environ["RAY_AUTH_TOKEN_PATH"] = record["auth_token_path"]
+        set_ray_env(RAY_AUTH_TOKEN_PATH=record["auth_token_path"])
     _reload_ray_auth()
 
 
@@ -215,7 +224,7 @@ def _reload_ray_auth() -> None:
 
 def _start_daemon(settings: Settings, model: str, pipeline: PipelineConfig) -> dict[str, Any]:
     data_dir = Path(settings.data_dir)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(PKG_ROOT), os.environ.get("PYTHONPATH")) if p))
+    env = child_env(PKG_ROOT)
     spec = {"settings": settings.model_dump(mode="json"), "model": model, "pipeline": pipeline.model_dump(mode="json")}
     with open_private(data_dir / LOG, "ab") as logf:
         proc = subprocess.Popen([sys.executable, "-m", "mochi_lab.pool.runtime", "serve", str(data_dir)],
@@ -334,16 +343,16 @@ class _Daemon:
 
     def _auth(self) -> dict[str, str]:
         """Token auth with a fresh token of this runtime's own (Ray's children inherit the variables)."""
-        os.environ.pop("RAY_AUTH_TOKEN", None)
-        if os.environ.get("RAY_AUTH_MODE", "").lower() == "disabled":
-            os.environ.pop("RAY_AUTH_TOKEN_PATH", None)
+        set_ray_env(RAY_AUTH_TOKEN=None)
+        if ray_auth_disabled():
+            set_ray_env(RAY_AUTH_TOKEN_PATH=None)
             return {"auth": "disabled"}
         path = self.data_dir / TOKEN
         path.unlink(missing_ok=True)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as fh:
             fh.write(secrets.token_hex(32))
-        os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(path))
+        set_ray_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(path))
         _reload_ray_auth()
         return {"auth": "token", "auth_token_path": str(path)}
 
@@ -459,8 +468,7 @@ def serve(data_dir: Path) -> int:
     """The daemon's main: read the spec from stdin, run until idle or told to stop."""
     os.umask(PRIVATE_UMASK)  # inherited by its Ray and workers
     # Ray's own logs and the workers' output (the session dir) rotate at the cap of the runtime's log
-    os.environ.setdefault("RAY_ROTATION_MAX_BYTES", str(LOG_MAX_BYTES))
-    os.environ.setdefault("RAY_ROTATION_BACKUP_COUNT", str(LOG_BACKUPS))
+    default_ray_env(RAY_ROTATION_MAX_BYTES=str(LOG_MAX_BYTES), RAY_ROTATION_BACKUP_COUNT=str(LOG_BACKUPS))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         handlers=[RotatingLog(Path(data_dir) / LOG, capture_std=True)])
     spec = json.loads(sys.stdin.read())

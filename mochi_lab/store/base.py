@@ -7,20 +7,15 @@ The store knows nothing of torch or Ray: params, artifacts, timings and meta are
 from __future__ import annotations
 
 import abc
-import dataclasses
-import os
-import re
-import time
-import uuid
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Iterable
 
-from mochi_lab.config import check_account
+import mochi_lab.model as _model
+from mochi_lab._moved import moved_names
 
-QUEUED, RUNNING, DONE, FAILED, CANCELLED = "queued", "running", "done", "failed", "cancelled"
-STATUSES = (QUEUED, RUNNING, DONE, FAILED, CANCELLED)
-FINISHED = frozenset({DONE, FAILED, CANCELLED})
+if TYPE_CHECKING:
+    from mochi_lab.model import JobRecord
+
 # a job's progress log: enough for every step of the longest allowed job and its retries; a finished
 # job's log stays a while for listeners still reading it
 PROGRESS_LOG_MAX = 4096
@@ -28,87 +23,19 @@ PROGRESS_LOG_KEEP_S = 600
 PREVIEW_MAX_BYTES = 96 * 1024  # one job's live preview (an animated strip of ~64 KB), overwritten
 QUEUE_LIST_MAX = 1000  # queued jobs `Store.queued` reads at most, across accounts
 
-
-class StoreError(RuntimeError):
-    """Base class of store errors."""
-
-
-class JobNotFound(StoreError, KeyError):
-    """No such job for this account (another account's job answers the same)."""
-
-    def __str__(self) -> str:  # KeyError quotes its message; keep it readable
-        return str(self.args[0]) if self.args else "job not found"
+# The job's record, statuses, id, artifacts and errors live in mochi_lab.model; their old names here
+# still answer for one release, with a DeprecationWarning.
+__getattr__ = moved_names(__name__)
 
 
-class LeaseLost(StoreError):
-    """The caller's fencing token is no longer the job's owner: its write was rejected."""
-
-
-class StoreUnavailable(StoreError):
-    """The backend cannot be reached (connection refused, timed out)."""
-
-
-class QuotaExceeded(RuntimeError):
-    """This account is at one of its limits (a gateway answers 429); the message names which. Nothing was queued."""
-
-
-class RecordTooLarge(ValueError):
-    """A record over its size limit (a gateway answers 413); the message names the limit. Nothing was written."""
-
-
-def experiments_limit_error(account: str, count: int, limit: int) -> QuotaExceeded:
-    return QuotaExceeded(f"account {account} has {count} experiments; the limit is max_experiments={limit} "
+def experiments_limit_error(account: str, count: int, limit: int) -> _model.QuotaExceeded:
+    return _model.QuotaExceeded(f"account {account} has {count} experiments; the limit is max_experiments={limit} "
                          "(a new experiment needs a name already in use); nothing was written")
 
 
-def active_limit_error(account: str, active: int, limit: int) -> QuotaExceeded:
-    return QuotaExceeded(f"account {account} has {active} queued or running jobs; the limit is "
+def active_limit_error(account: str, active: int, limit: int) -> _model.QuotaExceeded:
+    return _model.QuotaExceeded(f"account {account} has {active} queued or running jobs; the limit is "
                          f"max_active_jobs={limit} (wait for some to finish or cancel some); nothing was queued")
-
-
-@dataclass
-class JobRecord:
-    """One job, as stored. `stage` is finer than `status` (loading, denoising, decoding, ...)."""
-
-    id: str
-    account: str
-    params: dict[str, Any]
-    status: str = QUEUED
-    stage: str = QUEUED
-    step: int = 0
-    total_steps: int = 0
-    message: str = ""
-    # the running attempt's live figures, written with its progress: elapsed_s, eta_s, rate (steps/s), preview_step
-    live: dict[str, Any] = field(default_factory=dict)
-    priority: int = 0
-    attempts: int = 0
-    experiment: str | None = None
-    tags: list[str] = field(default_factory=list)
-    idempotency_key: str | None = None
-    created_at: float = 0.0
-    started_at: float | None = None
-    finished_at: float | None = None
-    worker_id: str | None = None
-    lease_expires_at: float | None = None
-    fence: int = 0
-    cancel_requested: bool = False
-    artifacts: dict[str, str] = field(default_factory=dict)
-    timings: dict[str, float] = field(default_factory=dict)
-    meta: dict[str, Any] = field(default_factory=dict)
-    error: str | None = None
-    traceback: str | None = None
-
-    @property
-    def finished(self) -> bool:
-        return self.status in FINISHED
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "JobRecord":
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in names})
 
 
 @dataclass
@@ -119,30 +46,9 @@ class Claim:
     token: int
 
 
-JOB_ID_RE = re.compile(r"[0-9a-f]{1,16}-[0-9a-f]{12}")
-
-
-def new_job_id() -> str:
-    # time-ordered prefix keeps ids sortable by creation; the random tail makes them unguessable
-    return f"{int(time.time() * 1000):x}-{uuid.uuid4().hex[:12]}"
-
-
-def check_job_id(job_id: str) -> str:
-    """Raise ValueError unless `job_id` has the form new_job_id makes (ids name files)."""
-    if not isinstance(job_id, str) or not JOB_ID_RE.fullmatch(job_id):
-        raise ValueError(f"not a job id: {job_id!r:.80}")
-    return job_id
-
-
 def worker_lost_error(attempts: int) -> str:
     """The error of a job whose lease expired after its last allowed claim."""
     return f"worker lost {attempts} times"
-
-
-def check_status(status: str | None) -> None:
-    """Reject an unknown status filter instead of silently matching nothing."""
-    if status is not None and status not in STATUSES:
-        raise ValueError(f"status must be one of {', '.join(STATUSES)}, got {status!r}")
 
 
 def job_matches(
@@ -158,9 +64,6 @@ def job_matches(
     return True
 
 
-ARTIFACT_SUFFIXES = {"video": ".mp4", "thumbnail": ".png"}
-
-
 def claim_order(per_account: Iterable[list[JobRecord]], limit: int) -> list[JobRecord]:
     """Queued jobs in the order workers take them if nothing else arrives: one job from each account in
     turn (accounts given longest-unserved first), each account's own jobs already by priority then age.
@@ -174,21 +77,6 @@ def claim_order(per_account: Iterable[list[JobRecord]], limit: int) -> list[JobR
                 if len(out) >= limit:
                     return out
     return out
-
-
-def artifact_path(root: Path, account: str, job_id: str, name: str) -> Path:
-    """Where a job's artifact lives: derived from the account and the id, inside the artifacts root.
-
-    Never read back from the store: a planted path must not decide what a delete removes."""
-    return root / check_account(account) / f"{check_job_id(job_id)}{ARTIFACT_SUFFIXES[name]}"
-
-
-def remove_artifacts(artifacts: dict[str, str]) -> None:
-    for path in artifacts.values():
-        try:
-            os.remove(path)
-        except FileNotFoundError:
-            pass
 
 
 class Store(abc.ABC):

@@ -13,7 +13,8 @@ import json
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from mochi_lab.store import CANCELLED, FAILED, JobRecord, Store
+from mochi_lab.model import CANCELLED, FAILED, JobRecord
+from mochi_lab.store import Store
 
 CACHE_PREFIX = "cache/"
 _DEAD = frozenset({FAILED, CANCELLED})

@@ -34,26 +34,28 @@ import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
+from mochi_lab.model import (
+    RUNNING,
+    STATUSES,
+    JobNotFound,
+    JobRecord,
+    LeaseLost,
+    StoreUnavailable,
+    check_status,
+    new_job_id,
+    remove_artifacts,
+)
 from mochi_lab.store import redis_lua as lua
 from mochi_lab.store.base import (
     PROGRESS_LOG_MAX,
     QUEUE_LIST_MAX,
-    RUNNING,
-    STATUSES,
     Claim,
-    JobNotFound,
-    JobRecord,
-    LeaseLost,
     Store,
-    StoreUnavailable,
     active_limit_error,
-    experiments_limit_error,
     check_preview,
-    check_status,
     claim_order,
+    experiments_limit_error,
     job_matches,
-    new_job_id,
-    remove_artifacts,
 )
 
 

@@ -1,5 +1,7 @@
-"""The worker: what runs in a Ray actor per GPU. The loop (`loop`: claim, generate, heartbeat, encode,
-complete), the model's provenance, and the gates that hold a job at a stage for a test.
+"""The worker: what runs in a Ray actor per GPU. The loop (`loop`: claim, ride out store outages, health,
+its row), one job's path (`job`: admit, generate, heartbeat, encode, complete), its live figures (`clock`),
+what it reports about itself (`telemetry`), the model's provenance, and the gates that hold a job at a
+stage for a test.
 
 `mochi_lab.worker` was the loop's module: its names still resolve here for one release, with a warning.
 """

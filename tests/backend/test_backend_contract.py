@@ -15,8 +15,8 @@ from PIL import Image
 from mochi_lab import Experiment, JobNotFound, MochiCluster, ParamsError, StoreUnavailable
 from mochi_lab.client.backend import WORKER_FIELDS
 from mochi_lab.config import known_models
+from mochi_lab.model import STATUSES, QuotaExceeded
 from mochi_lab.params import GenerationParams, SubmitOptions
-from mochi_lab.store.base import STATUSES, QuotaExceeded
 from mochi_lab.video import probe, read_frames
 from tests.support.backends import QUOTA, finish, held, submit, tiny, unique
 from tests.support.jobkit import TINY

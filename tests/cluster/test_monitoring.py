@@ -12,7 +12,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from mochi_lab.pool.metrics import Metrics
 from mochi_lab.store import open_store
-from mochi_lab.worker.loop import WorkerStats
+from mochi_lab.worker.telemetry import WorkerStats
 
 MONITORING = Path(__file__).resolve().parents[2] / "cluster" / "monitoring"
 SUFFIXES = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"), "gauge": ("",)}

@@ -35,7 +35,8 @@ def _real_denials(srv: RedisServer) -> list[dict]:
 
 
 def test_the_store_runs_through_its_acl_users(server):
-    from mochi_lab.store import JobNotFound, open_store
+    from mochi_lab.model import JobNotFound
+    from mochi_lab.store import open_store
 
     server.admin().execute_command("ACL", "LOG", "RESET")
     gw = open_store(server.url("gateway"))

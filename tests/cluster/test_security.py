@@ -294,15 +294,16 @@ def test_the_gateway_settings_of_the_deployment_are_valid_and_trust_only_private
     networks (the pod network), never any address."""
     import ipaddress
 
-    from mochi_lab.config import _GATEWAY_ENV, GatewayConfig
+    from mochi_lab.config import GatewayConfig
 
+    gateway_vars = set(GatewayConfig.env_vars().values())
     for docs in rendered.values():
         (c,) = cl.find(docs, *GATEWAY)["spec"]["template"]["spec"]["containers"]
         env = {n: e["value"] for n, e in cl.env_list(c).items() if "value" in e}
-        for var in set(_GATEWAY_ENV.values()) | {"JUPYTERHUB_HOST", "JUPYTERHUB_PUBLIC_HUB_URL"}:
+        for var in gateway_vars | {"JUPYTERHUB_HOST", "JUPYTERHUB_PUBLIC_HUB_URL"}:
             monkeypatch.delenv(var, raising=False)
         for var, value in env.items():
-            if var in _GATEWAY_ENV.values():
+            if var in gateway_vars:
                 monkeypatch.setenv(var, value)
         config = GatewayConfig.from_env()
         assert config.callback_url == "/services/mochi-lab/oauth_callback" and config.client_id == "service-mochi-lab"

@@ -6,7 +6,7 @@ import re
 import pytest
 
 from mochi_lab.display.experiment import experiment_html, grid_axes, jobs_html
-from mochi_lab.store.base import JobRecord
+from mochi_lab.model import JobRecord
 from mochi_lab.sweep import Run, expand_grid, plan_runs
 
 MARKUP = "<img src=x onerror=alert(1)>"
@@ -54,7 +54,7 @@ def test_the_run_table_shows_any_record_as_text(status):
 
 def test_the_eta_of_an_experiment_counts_running_then_queued_runs_at_the_done_pace():
     from mochi_lab.display.experiment import eta_s
-    from mochi_lab.store.base import JobRecord
+    from mochi_lab.model import JobRecord
 
     def job(status, run_s=None, eta=None):
         return JobRecord("1-000000000000", "a", {}, status=status, timings={"run_s": run_s} if run_s else {},

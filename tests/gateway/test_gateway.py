@@ -346,7 +346,7 @@ def test_the_fan_out_delivers_every_change_to_every_listener():
     """ProgressHub against a backend whose job advances one step per read: the poller sees every state, and
     each of 20 listeners must get all of them, in order (the fan-out drops nothing, even for slow readers)."""
     from mochi_lab.gateway.app import ProgressHub
-    from mochi_lab.store.base import JobRecord
+    from mochi_lab.model import JobRecord
 
     total = 30
 

@@ -162,7 +162,7 @@ def test_anything_else_is_a_500_with_no_detail_and_GatewayError_on_the_client(ra
 
 def test_a_body_over_its_limit_is_RecordTooLarge_on_the_client(raising):
     from mochi_lab.client.http import GatewayBackend
-    from mochi_lab.store.base import RecordTooLarge
+    from mochi_lab.model import RecordTooLarge
 
     gw, _ = raising
     client = GatewayBackend(gw.url, TOKEN)

@@ -9,7 +9,8 @@ from collections import Counter
 
 import pytest
 
-from mochi_lab.store import DONE, Store
+from mochi_lab.model import DONE
+from mochi_lab.store import Store
 from mochi_lab.store.redis import RedisStore
 from tests.support.store_helpers import claim_all, enqueue_under_quota
 
@@ -94,7 +95,7 @@ def test_a_forked_child_opens_its_own_connection(store: Store) -> None:
 
 def test_the_active_jobs_quota_holds_across_processes(store: Store) -> None:
     """Like gateway replicas: 4 processes race to queue 10 jobs each under max_active=7; exactly 7 get in."""
-    from mochi_lab.store import QuotaExceeded
+    from mochi_lab.model import QuotaExceeded
 
     ctx = mp.get_context("spawn")
     start, out = ctx.Barrier(4), ctx.Queue()

@@ -8,18 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from mochi_lab.store import (
-    CANCELLED,
-    DONE,
-    FAILED,
-    QUEUED,
-    RUNNING,
-    STATUSES,
-    JobNotFound,
-    LeaseLost,
-    Store,
-    open_store,
-)
+from mochi_lab.model import CANCELLED, DONE, FAILED, QUEUED, RUNNING, STATUSES, JobNotFound, LeaseLost
+from mochi_lab.store import Store, open_store
 
 
 def drain(store: Store, worker: str = "w") -> list[str]:

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from mochi_lab.store import DONE, QUEUED, RUNNING, STATUSES, StoreUnavailable, open_store
+from mochi_lab.model import DONE, QUEUED, RUNNING, STATUSES, StoreUnavailable
+from mochi_lab.store import open_store
 from mochi_lab.store.redis import RedisStore
 from tests.support.store_helpers import RedisServer
 

@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from mochi_lab.store import QuotaExceeded
+from mochi_lab.model import QuotaExceeded
 
 
 def _record(name: str) -> dict:

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from mochi_lab.config import Settings
-from mochi_lab.store import StoreUnavailable, open_store
+from mochi_lab.model import StoreUnavailable
+from mochi_lab.store import open_store
 from mochi_lab.store.redis import RedisStore
 from mochi_lab.store.sqlite import SQLiteStore
 

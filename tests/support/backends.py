@@ -8,8 +8,8 @@ from collections.abc import Callable, Iterable
 
 from mochi_lab.client.backend import Backend
 from mochi_lab.config import GatewayConfig
+from mochi_lab.model import JobRecord
 from mochi_lab.params import GenerationParams, SubmitOptions
-from mochi_lab.store.base import JobRecord
 from tests.support.faults_helpers import wait_for
 from tests.support.gate import Gate
 from tests.support.jobkit import TINY

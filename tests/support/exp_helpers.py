@@ -7,8 +7,8 @@ from pathlib import Path
 
 from mochi_lab.client.direct import DirectBackend
 from mochi_lab.config import Settings
+from mochi_lab.model import artifact_path
 from mochi_lab.store import Store
-from mochi_lab.store.base import artifact_path
 
 
 def backend(store: Store, account: str = "alice") -> DirectBackend:

@@ -15,7 +15,7 @@ from typing import Any
 from mochi_lab import JobNotFound
 from mochi_lab.client.backend import queue_rows
 from mochi_lab.display.reprs import video_widget
-from mochi_lab.store.base import JobRecord
+from mochi_lab.model import JobRecord
 
 # Markup in every position: an element, a double- and a single-quoted attribute break-out, and all three.
 MARKUP = "<img src=x onerror=alert(1)>"

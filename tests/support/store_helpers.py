@@ -121,7 +121,8 @@ if __name__ == "__main__":
 
 def enqueue_under_quota(url: str, n: int, limit: int, start, out) -> None:
     """Try `n` enqueues for one account with `max_active=limit`; report (queued ids, refusals)."""
-    from mochi_lab.store import QuotaExceeded, open_store
+    from mochi_lab.model import QuotaExceeded
+    from mochi_lab.store import open_store
 
     store = open_store(url)
     start.wait()

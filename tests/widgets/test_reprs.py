@@ -252,7 +252,7 @@ def _no_download_env(monkeypatch):
 
 def test_the_text_bar_shows_the_workers_rate_and_eta_not_the_polls(capsys):
     from mochi_lab.client.job import TextProgress
-    from mochi_lab.store.base import JobRecord
+    from mochi_lab.model import JobRecord
 
     bar = TextProgress()
     base = dict(id="1-000000000000", account="a", params={}, status="running", total_steps=40, attempts=1)

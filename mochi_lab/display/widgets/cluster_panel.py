@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import ipywidgets as W
 
-from mochi_lab.store.base import RUNNING
+from mochi_lab.model import RUNNING
 
 from ._format import error_html, job_view, mapping, render, to_float
 from ._poll import Poller

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Callable, Iterable
 import ipywidgets as W
 
 from mochi_lab.display.reprs import BORDER
-from mochi_lab.store.base import DONE, STATUSES
+from mochi_lab.model import DONE, STATUSES
 
 from ._format import error_html, job_view, mapping, render, to_float
 from ._poll import DEFAULT_INTERVAL_S

@@ -15,17 +15,16 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import ipywidgets as W
 
-from mochi_lab.display.links import download_dir as default_download_dir
-from mochi_lab.display.links import relative_href
+from mochi_lab.display.links import download_dir as default_download_dir, relative_href
 from mochi_lab.display.reprs import BORDER, RetryTracker, thumbnail_uri, timings_line
-from mochi_lab.store.base import CANCELLED, DONE, FAILED, QUEUED, JobNotFound
+from mochi_lab.model import CANCELLED, DONE, FAILED, QUEUED, JobNotFound
 
 from ._format import error_html, job_view, mapping, render, seconds, to_float, to_int
 
 if TYPE_CHECKING:
     from mochi_lab.client.follow import Follower
     from mochi_lab.client.job import Job
-    from mochi_lab.store.base import JobRecord
+    from mochi_lab.model import JobRecord
 
 BAR_STYLES = {DONE: "success", FAILED: "danger", CANCELLED: "warning"}
 

@@ -19,7 +19,7 @@ from mochi_lab.gateway import wire
 from mochi_lab.gateway.door import AUTHED, ApiError, Door
 from mochi_lab.gateway.wire import errors, job_json
 from mochi_lab.logs import log_repeating
-from mochi_lab.store.base import FINISHED, RUNNING, JobNotFound, StoreError
+from mochi_lab.model import FINISHED, RUNNING, JobNotFound, StoreError
 
 log = logging.getLogger("mochi_lab.gateway")
 

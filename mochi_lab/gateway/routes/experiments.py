@@ -21,8 +21,8 @@ from mochi_lab.client.experiment import Experiment, ExperimentRecord
 from mochi_lab.gateway import wire
 from mochi_lab.gateway.door import AUTHED, JSON_BODY, KIB, Door, body_limit, invalid, not_found, validation_text
 from mochi_lab.gateway.wire import Job, SweepRequest, errors, job_json
+from mochi_lab.model import JobRecord
 from mochi_lab.params import SubmitOptions, validate_name
-from mochi_lab.store.base import JobRecord
 from mochi_lab.sweep import grid_size
 
 

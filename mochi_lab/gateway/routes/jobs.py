@@ -15,8 +15,8 @@ from mochi_lab.gateway import wire
 from mochi_lab.gateway.auth import Identity
 from mochi_lab.gateway.door import AUTHED, JSON_BODY, KIB, Door, body_limit, invalid, not_found
 from mochi_lab.gateway.wire import GenerateRequest, Job, errors, job_json
+from mochi_lab.model import STATUSES, check_status
 from mochi_lab.params import GenerationParams, SubmitOptions
-from mochi_lab.store.base import STATUSES, check_status
 
 _JOBS_MAX = wire.JOBS_LIMIT_MAX
 

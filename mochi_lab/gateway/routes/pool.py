@@ -14,7 +14,8 @@ from mochi_lab.gateway import wire
 from mochi_lab.gateway.auth import Identity
 from mochi_lab.gateway.door import AUTHED, JSON_BODY, KIB, ApiError, Door, body_limit, invalid
 from mochi_lab.gateway.wire import Ok, QueueRow, ScaleRequest, Whoami, WorkerRow, errors
-from mochi_lab.store.base import QUEUE_LIST_MAX, StoreError
+from mochi_lab.model import StoreError
+from mochi_lab.store.base import QUEUE_LIST_MAX
 
 log = logging.getLogger("mochi_lab.gateway")
 SCALE_MAX = 1024
