@@ -227,8 +227,9 @@ class SQLiteStore(SideTables, Store):
         self, job_id: str, token: int, *, artifacts: dict[str, str], timings: dict[str, float], meta: dict[str, Any]
     ) -> None:
         extra, args = ", artifacts = ?", (dumps(artifacts),)
-        self._finish(job_id, token, DONE, timings=timings, meta=meta, extra=extra, args=args)
-        self._conn().execute("DELETE FROM previews WHERE job_id = ?", (job_id,))  # the video replaces it
+        with self._write() as db:  # one commit: no reader sees a done job that still has its preview
+            self._finish(job_id, token, DONE, timings=timings, meta=meta, extra=extra, args=args)
+            db.execute("DELETE FROM previews WHERE job_id = ?", (job_id,))  # the video replaces it
 
     def fail(
         self, job_id: str, token: int, *, error: str, traceback: str = "", timings: dict[str, float] | None = None,

@@ -149,3 +149,26 @@ def test_sqlite_survives_a_sigkilled_writer(tmp_path: Path) -> None:
         assert store.get("acct", job_id).params["i"] == i
     assert store.claim("after", 60) is not None  # and it keeps working
     store.close()
+
+
+def test_sqlite_completes_a_job_and_drops_its_preview_in_one_commit(tmp_path: Path) -> None:
+    """A reader never sees a done job that still has its preview. Looked at from a second connection at the
+    moment the store's own connection prepares the preview's DELETE, i.e. after the job's UPDATE ran."""
+    store, reader = open_store(f"sqlite:///{tmp_path / 'jobs.db'}"), open_store(f"sqlite:///{tmp_path / 'jobs.db'}")
+    job = store.enqueue("alice", {"prompt": "one"})
+    claim = store.claim("w", 60)
+    store.put_preview(job.id, claim.token, 3, b"RIFF\x00look")
+    seen: list[tuple[str, object]] = []
+
+    def authorizer(action: int, table: str | None, *_: object) -> int:
+        if action == sqlite3.SQLITE_DELETE and table == "previews":
+            seen.append((reader.get("alice", job.id).status, reader.get_preview("alice", job.id)))
+        return sqlite3.SQLITE_OK
+
+    store._conn().set_authorizer(authorizer)
+    try:
+        store.complete(job.id, claim.token, artifacts={"video": "v.mp4"}, timings={}, meta={})
+    finally:
+        store._conn().set_authorizer(None)
+    assert seen == [(RUNNING, (3, b"RIFF\x00look"))]  # mid-commit: the reader still sees the running job whole
+    assert reader.get("alice", job.id).status == DONE and reader.get_preview("alice", job.id) is None
