@@ -345,12 +345,14 @@ class Experiment:
         return len(live)
 
     # -- views -----------------------------------------------------------------
-    def to_dataframe(self):
-        """One row per run: the swept params, seed, status and run time (`run_s`) first; then run key,
-        job id, stage, attempt, the other params, timings, times, paths and worker."""
+    def to_dataframe(self, columns: list[str] | None = None, *, all_columns: bool = False):
+        """One row per run: the swept params, then the seed and the results (`status`, `run_s` the run
+        time in seconds, `video` the MP4's path, `error`, `job_id`). `all_columns=True` adds the rest:
+        `run_key` (the run's key in this experiment), `run_attempt`, `job_stage`, the params that did not
+        vary, per-stage timings, times, the thumbnail and the worker. `columns=[...]` picks by name."""
         from mochi_lab.display.experiment import runs_dataframe
 
-        return runs_dataframe(*self._snapshot())
+        return runs_dataframe(*self._snapshot(), columns=columns, all_columns=all_columns)
 
     def compare(self, rows: str | list[str] | None = None, columns: str | None = None, *, width: int = 256):
         """The runs' videos in a grid, with row and column headers for the swept params, played in sync

@@ -43,23 +43,48 @@ def run_rows(runs: list[Run], jobs: dict[str, JobRecord | None]) -> list[dict[st
 
 
 FIRST_COLUMNS = ("seed", "status", "run_s")  # after the swept params: what a reader looks at first
+# The results, after the swept params and the seed: what each run came to. `video` is the MP4's path (a
+# gateway route on a gateway), `error` why a run failed, `job_id` the job that made it (`cluster.job(id)`).
+RESULT_COLUMNS = ("status", "run_s", "video", "error", "job_id")
+# The run's columns named for what they are: `run` in run_rows is the run's key in the experiment (the
+# hash of its params), `attempt` how many times `resume` re-queued it, `stage` its job's last stage.
+RENAMED = {"run": "run_key", "attempt": "run_attempt", "stage": "job_stage"}
 
 
-def runs_dataframe(runs: list[Run], jobs: dict[str, JobRecord | None]):
-    """One row per run. The swept params come first, then seed, status and run time (`run_s`, seconds),
-    then everything else: run key, job id, stage, attempt, the other params, timings, times, paths."""
+def dataframe_columns(runs: list[Run]) -> tuple[list[str], list[str]]:
+    """(the default columns, every column) of `runs_dataframe`, in order."""
+    varied = [k for k in varying_params(runs) if k not in FIRST_COLUMNS]
+    first = varied + ["seed", *RESULT_COLUMNS]
+    every = [RENAMED.get(c, c) for c in run_rows([Run("", {})], {})[0]]
+    return first, first + [c for c in every if c not in first]
+
+
+def runs_dataframe(runs: list[Run], jobs: dict[str, JobRecord | None], columns: list[str] | None = None,
+                   all_columns: bool = False):
+    """One row per run: the swept params, then the seed and the results (status, run time `run_s` in
+    seconds, the video's path, the error, the job's id). `all_columns=True` adds the rest: the run's key
+    (`run_key`) and `run_attempt`, the job's last stage (`job_stage`), the params that did not vary, the
+    per-stage timings (`*_s`), the times (UTC datetimes), the thumbnail's path and the worker.
+    `columns` picks columns by name, in the order given."""
     import pandas as pd
 
-    rows = run_rows(runs, jobs)
-    columns = list(rows[0]) if rows else list(run_rows([Run("", {})], {})[0])
-    first = [k for k in varying_params(runs) if k not in FIRST_COLUMNS] + list(FIRST_COLUMNS)
-    columns = first + [c for c in columns if c not in first]
-    df = pd.DataFrame(rows, columns=columns)
+    first, every = dataframe_columns(runs)
+    if columns is not None:
+        if isinstance(columns, str) or not all(isinstance(c, str) for c in columns):
+            raise ValueError(f"columns must be a list of column names, got {columns!r:.80}")
+        unknown = [c for c in columns if c not in every]
+        if unknown:
+            raise ValueError(f"unknown columns {', '.join(map(repr, unknown))}; the columns are {', '.join(every)}")
+        chosen = list(columns)
+    else:
+        chosen = every if all_columns else first
+    rows = [{RENAMED.get(k, k): v for k, v in row.items()} for row in run_rows(runs, jobs)]
+    df = pd.DataFrame(rows, columns=every)
     for col in TIMINGS:
         df[col] = pd.to_numeric(df[col])
     for col in _TIMES:  # datetimes make "runs since ..." and durations one-liners
         df[col] = pd.to_datetime(df[col], unit="s", utc=True)
-    return df
+    return df[chosen]
 
 
 # -- the live table (`exp` and the list `exp.sweep()` returns, displayed) --------------------------
@@ -437,4 +462,4 @@ def export_runs(record: dict[str, Any], runs: list[Run], jobs: dict[str, JobReco
 
 
 __all__ = ["compare_grid", "compare_widget", "experiment_html", "export_runs", "grid_axes", "jobs_html",
-           "run_rows", "runs_dataframe", "runs_view"]
+           "dataframe_columns", "run_rows", "runs_dataframe", "runs_view"]

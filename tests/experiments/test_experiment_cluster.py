@@ -27,7 +27,7 @@ def test_sweep_wait_dataframe_compare_export(mochi, tiny, tmp_path):
     exp = mochi.experiment("e2e-sweep", description="two by two", tags=["e2e"])
     jobs = exp.sweep(["a cat surfing", "a dog skating"], [1, 2], **tiny)
     assert exp.wait(timeout=300, progress=False)["done"] == 4
-    df = exp.to_dataframe()
+    df = exp.to_dataframe(all_columns=True)
     assert len(df) == 4 and set(df["status"]) == {"done"}
     assert list(df["job_id"]) == [j.id for j in jobs]
     assert list(zip(df["prompt"], df["seed"], strict=True)) == [("a cat surfing", 1), ("a cat surfing", 2),

@@ -116,7 +116,7 @@ def test_wait_and_dataframe_and_export(store, sample_mp4, tmp_path):
     finish(store, "failed")
     counts = exp.wait(timeout=10, progress=False)
     assert counts["done"] == 1 and counts["failed"] == 1
-    df = exp.to_dataframe()
+    df = exp.to_dataframe(all_columns=True)
     assert list(df["prompt"]) == ["a cat", "a dog"] and list(df["status"]) == ["done", "failed"]
     assert df.loc[0, "denoise_s"] == 0.5 and df.loc[0, "video"].endswith(f"{df.loc[0, 'job_id']}.mp4")
     assert pd.isna(df.loc[1, "video"]) and df.loc[1, "error"] == "RuntimeError: boom"
@@ -185,14 +185,21 @@ def test_a_running_run_shows_its_step_in_the_table(store):
     assert "0/2 finished" in html
 
 
-def test_dataframe_puts_the_swept_params_seed_status_and_run_time_first(store, sample_mp4):
+def test_dataframe_puts_the_swept_params_seed_and_results_first_and_names_its_columns(store, sample_mp4):
     exp = open_exp(store)
     exp.sweep(["a cat", "a dog"], [7], num_frames=7, height=32, width=32, num_inference_steps=[2, 4], fps=8)
     finish(store, "done", video=sample_mp4)
     df = exp.to_dataframe()
-    assert list(df.columns[:5]) == ["prompt", "num_inference_steps", "seed", "status", "run_s"]
+    assert list(df.columns) == ["prompt", "num_inference_steps", "seed", "status", "run_s", "video", "error", "job_id"]
     assert list(df["num_inference_steps"]) == [2, 4, 2, 4] and df.loc[0, "run_s"] == 1.0
-    assert {"job_id", "run", "denoise_s", "video", "height"} <= set(df.columns[5:])
+    every = exp.to_dataframe(all_columns=True)
+    assert list(every.columns[:8]) == list(df.columns) and every["job_id"].tolist() == df["job_id"].tolist()
+    assert {"run_key", "run_attempt", "job_stage", "denoise_s", "height", "worker_id"} <= set(every.columns[8:])
+    assert "run" not in every.columns and "stage" not in every.columns  # each column says what it is
+    picked = exp.to_dataframe(columns=["job_id", "height", "denoise_s"])
+    assert list(picked.columns) == ["job_id", "height", "denoise_s"] and (picked["height"] == 32).all()
+    with pytest.raises(ValueError, match="unknown columns 'steps'; the columns are prompt, num_inference_steps"):
+        exp.to_dataframe(columns=["steps"])
 
 
 def test_compare_has_row_and_column_headers_for_the_swept_params(store, sample_mp4):
