@@ -423,3 +423,35 @@ def test_download_dir_defaults_to_the_env_or_a_folder_beside_the_notebook(monkey
     assert default_download_dir() == Path("mochi_videos")
     monkeypatch.setenv("MOCHI_LAB_DOWNLOAD_DIR", os.sep + "tmp")
     assert default_download_dir() == Path("/tmp")
+
+
+def test_where_the_save_hook_is_off_the_cell_says_so_and_how_to_turn_it_on(tmp_path, monkeypatch):
+    import json
+
+    from IPython.core.interactiveshell import InteractiveShell
+    from IPython.utils.capture import capture_output
+
+    from mochi_lab.display.reprs import STATIC_MIME, WIDGET_MIME
+    from mochi_lab.display.widgets.save_hook import ENABLE, HOOK, save_hook_enabled
+
+    def config(name: str, on: bool) -> str:
+        folder = tmp_path / name / "jupyter_server_config.d"
+        folder.mkdir(parents=True)
+        (folder / "zz.json").write_text(json.dumps({"ServerApp": {"jpserver_extensions": {HOOK: on}}}))
+        return str(folder.parent)
+
+    InteractiveShell.instance()  # what a kernel has: display() publishes outputs
+    studio = Studio(FakeCluster(), prompt="a kite")
+    monkeypatch.setenv("JUPYTER_CONFIG_PATH", config("off", False))  # the highest-priority folder turns it off
+    assert save_hook_enabled() is False
+    with capture_output() as shown:
+        studio._ipython_display_()
+    live, stand_in, notice = shown.outputs
+    assert WIDGET_MIME in live.data and live.metadata == {"mochi_lab": {"live_widget": True}}
+    assert STATIC_MIME in stand_in.data
+    assert "save hook is off" in notice.data["text/html"] and ENABLE in notice.data["text/html"]
+    monkeypatch.setenv("JUPYTER_CONFIG_PATH", config("on", True))
+    assert save_hook_enabled() is True
+    with capture_output() as shown:
+        studio._ipython_display_()
+    assert len(shown.outputs) == 2  # the widget and its stand-in, nothing to warn about

@@ -17,12 +17,12 @@ from typing import TYPE_CHECKING, Any
 
 import ipywidgets as W
 
-from mochi_lab.display.reprs import STATIC_MIME, WIDGET_MIME
 from mochi_lab.params import LIMITS, GenerationParams, ParamsError
 
 from ._format import error_html, mapping, render
 from ._poll import DEFAULT_INTERVAL_S
 from .card_stack import CardStack, HasCardStack
+from .save_hook import StaticStandIn
 
 if TYPE_CHECKING:
     from mochi_lab.client.cluster import MochiCluster
@@ -111,7 +111,7 @@ def _number(value: Any, *, integer: bool) -> Any:
     return value
 
 
-class Studio(HasCardStack, W.VBox):
+class Studio(StaticStandIn, HasCardStack, W.VBox):
     """Write a prompt, pick parameters, press Generate; each job gets a live card below the form.
 
     Keyword arguments set the form's starting values (GenerationParams names), e.g.
@@ -401,27 +401,12 @@ class Studio(HasCardStack, W.VBox):
         await self.stack.wait(timeout)
 
     # -- the notebook file -----------------------------------------------------------
+    _live_text = "Studio (live: needs its kernel)"
+
     def static_html(self) -> str:
         """This Studio's jobs as static HTML, each one's last state: what a notebook saved with the
         save hook (mochi_lab.display.widgets.save_hook) shows when it is opened without its kernel."""
         return render("studio_snapshot.html", cards=[c.static_view() for c in self.stack.cards])
-
-    def _snapshot_bundle(self) -> dict[str, Any]:
-        return {"text/plain": "", STATIC_MIME: self.static_html()}
-
-    def _snapshot_changed(self) -> None:
-        for handle in self._snapshots:
-            handle.update(self._snapshot_bundle(), raw=True)
-
-    def _ipython_display_(self) -> None:
-        """Two outputs: the live widget, marked so the save hook leaves it out of the notebook file,
-        and its static stand-in (updated as jobs change), which the save hook turns into HTML."""
-        from IPython.display import display
-
-        bundle = self._repr_mimebundle_()
-        live = {WIDGET_MIME: bundle[WIDGET_MIME], "text/plain": "Studio (live: needs its kernel)"}
-        display(live, raw=True, metadata={"mochi_lab": {"live_widget": True}})
-        self._snapshots.append(display(self._snapshot_bundle(), raw=True, display_id=True))
 
 
 def field_error_html(lines: list[str]) -> str:
