@@ -354,14 +354,18 @@ class Experiment:
 
         return runs_dataframe(*self._snapshot(), columns=columns, all_columns=all_columns)
 
-    def compare(self, rows: str | list[str] | None = None, columns: str | None = None, *, width: int = 256):
+    def compare(self, rows: str | list[str] | None = None, columns: str | None = None, *, width: int = 256,
+                download_dir: str | Any | None = None):
         """The runs' videos in a grid, with row and column headers for the swept params, played in sync
         from one play/pause/scrub control. `rows` / `columns` name the params for each axis (default:
-        the innermost swept param across, the others down)."""
+        the innermost swept param across, the others down). A copy of each video goes to `download_dir`
+        (default: the Studio's, beside the notebook), so a notebook saved with the save hook keeps the grid
+        as posters linked to their videos."""
         from mochi_lab.display.experiment import compare_grid
 
         return compare_grid(*self._snapshot(), video=lambda job_id: self._backend.artifact(job_id, "video"),
-                            rows=rows, columns=columns, width=width)
+                            thumbnail=lambda job_id: self._backend.artifact(job_id, "thumbnail"),
+                            rows=rows, columns=columns, width=width, download_dir=download_dir)
 
     def _repr_html_(self) -> str:
         from mochi_lab.display.experiment import experiment_html

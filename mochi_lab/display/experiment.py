@@ -197,11 +197,18 @@ def _axis_label(params: dict[str, Any], keys: list[str]) -> str:
 
 
 def compare_grid(runs: list[Run], jobs: dict[str, JobRecord | None], *, video: Callable[[str], bytes],
-                 rows: str | list[str] | None = None, columns: str | None = None, width: int = 256):
+                 rows: str | list[str] | None = None, columns: str | None = None, width: int = 256,
+                 thumbnail: Callable[[str], bytes] | None = None, download_dir: str | Path | None = None):
     """A grid of the runs' videos with row and column headers for the swept params, played in sync
     from one play/pause/scrub control (a small anywidget: the browser drives every <video>).
 
-    `video(job_id)` returns a done job's MP4 bytes. A run without a video shows its status."""
+    `video(job_id)` returns a done job's MP4 bytes, `thumbnail(job_id)` its PNG (each video's poster). A run
+    without a video shows its status. Each video is also copied to `download_dir` (default: beside the
+    notebook, as the Studio's cards do), so the grid's static stand-in links posters to their videos."""
+    from mochi_lab.display.reprs import thumbnail_uri
+    from mochi_lab.display.widgets.job_card import default_download_dir, download_href
+
+    folder = Path(download_dir) if download_dir is not None else default_download_dir()
     row_keys, col_key = grid_axes(runs, rows, columns)
     row_ids: dict[str, int] = {}  # a row's / column's full values -> its index (labels may be shortened)
     col_ids: dict[str, int] = {}
@@ -220,13 +227,16 @@ def compare_grid(runs: list[Run], jobs: dict[str, JobRecord | None], *, video: C
             col_labels.append(_axis_label(run.params, [col_key]))
         job = jobs.get(run.key)
         status = job.status if job is not None else "missing"
-        index = -1
+        index, poster, href = -1, None, None
         if job is not None and job.status == DONE and "video" in job.artifacts:
             try:
                 videos.append(bytes(video(job.id)))
                 index = len(videos) - 1
             except (FileNotFoundError, KeyError):  # deleted since the snapshot
                 status = "deleted"
+            else:
+                poster = _poster(thumbnail, job.id, thumbnail_uri)
+                href = _copy_beside(folder, job.id, videos[index], download_href)
         elif status == DONE:
             status = "no video"
         w, h = run.params.get("width"), run.params.get("height")
@@ -236,11 +246,36 @@ def compare_grid(runs: list[Run], jobs: dict[str, JobRecord | None], *, video: C
             "status": str(status), "video": index, "job_id": str(job.id) if job is not None else "",
             "title": json.dumps(run.params, default=str),
             "aspect": (h / w) if isinstance(w, int) and isinstance(h, int) and w > 0 else 9 / 16,
+            "poster": poster or "", "href": href or "",
         })
-    return compare_widget()(
+    grid = compare_widget()(
         row_param=", ".join(row_keys), col_param=col_key or "", row_labels=row_labels, col_labels=col_labels,
         cells=cells, videos=videos, width=int(width),
     )
+    grid.made_at = time.time()
+    return grid
+
+
+def _poster(thumbnail: Callable[[str], bytes] | None, job_id: str, to_uri: Callable[[Any], str | None]) -> str | None:
+    """A done job's thumbnail as a small data: URI (None where there is none)."""
+    if thumbnail is None:
+        return None
+    try:
+        return to_uri(thumbnail(job_id))
+    except (FileNotFoundError, KeyError):  # no thumbnail: the cell shows none
+        return None
+
+
+def _copy_beside(folder: Path, job_id: str, data: bytes, href: Callable[[Path], str]) -> str | None:
+    """A copy of a video beside the notebook (kept if already there), as a relative link; None if it cannot be written."""
+    dest = folder / f"{job_id}.mp4".replace("/", "_")
+    try:
+        if not dest.is_file() or dest.stat().st_size != len(data):
+            folder.mkdir(parents=True, exist_ok=True)
+            dest.write_bytes(data)
+    except OSError:  # a read-only folder: the live grid plays anyway, the saved one shows posters unlinked
+        return None
+    return href(dest)
 
 
 _COMPARE_ESM = r"""
@@ -287,6 +322,7 @@ function render({ model, el }) {
         const url = URL.createObjectURL(new Blob([buffers[cell.video]], { type: "video/mp4" }));
         urls.push(url);
         Object.assign(v, { src: url, muted: true, playsInline: true, preload: "auto", width: width, title: cell.title });
+        if (cell.poster) v.poster = cell.poster;  // a data: URI the kernel built from the thumbnail
         v.dataset.job = cell.job_id;
         videos.push(v);
         td.append(v);
@@ -407,11 +443,17 @@ def compare_widget():
         raise ImportError("exp.compare() needs anywidget: pip install 'mochi_lab[notebook]'") from exc
     import traitlets as t
 
-    class CompareGrid(anywidget.AnyWidget):
+    from mochi_lab.display.widgets.save_hook import StaticStandIn
+
+    class CompareGrid(StaticStandIn, anywidget.AnyWidget):
         """Runs' videos in a grid with row and column headers, played together from one control.
 
         Labels and statuses are data, set as text in the browser (never parsed as HTML). `playing`
-        is the shared play/pause state: set it here or press the button there."""
+        is the shared play/pause state: set it here or press the button there. Saved with the save hook,
+        the notebook keeps it as a grid of posters, each linked to its video's copy beside the notebook."""
+
+        _live_text = "compare grid (live: needs its kernel)"
+        made_at: float | None = None
 
         _esm = _COMPARE_ESM
         _css = _COMPARE_CSS
@@ -423,6 +465,17 @@ def compare_widget():
         videos = t.List(t.Bytes()).tag(sync=True)
         width = t.Int(256).tag(sync=True)
         playing = t.Bool(True).tag(sync=True)
+
+        def static_html(self) -> str:
+            """The grid as static HTML: posters linked to their videos, statuses where there is no video."""
+            rows = []
+            for r in range(max(len(self.row_labels), 1)):
+                rows.append({"label": self.row_labels[r] if self.row_labels else None, "cells": [
+                    next((x for x in self.cells if x["row"] == r and x["col"] == c), None)
+                    for c in range(max(len(self.col_labels), 1))]})
+            return render("experiment_grid.html", "snapshot", rows=rows, col_labels=list(self.col_labels),
+                          row_param=self.row_param, col_param=self.col_param, width=self.width,
+                          made_at=self.made_at, runs=len(self.cells))
 
         def cell(self, row: str, column: str) -> dict[str, Any] | None:
             """The cell at a row and a column label ("" where the grid has no such axis)."""
