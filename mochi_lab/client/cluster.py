@@ -186,9 +186,17 @@ class MochiCluster:
         self.close()
 
     def _repr_html_(self) -> str:
+        """The cluster at a glance, read now: live workers (ready, busy, loading), the queue, the dashboard."""
         from mochi_lab.display.reprs import cluster_html
 
-        return cluster_html(self.backend.info())
+        workers = queue = dashboard = error = None
+        try:
+            workers = list(self.workers())
+            queue = list(self.queue(limit=1000))
+            dashboard = self.dashboard_url()
+        except Exception as exc:  # the handle still shows where it points
+            error = f"cannot read the pool now: {type(exc).__name__}: {exc}"
+        return cluster_html(self.backend.info(), workers=workers, queue=queue, dashboard=dashboard, error=error)
 
     def __repr__(self) -> str:
         i = self.backend.info()

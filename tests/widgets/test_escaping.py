@@ -140,6 +140,9 @@ def test_cluster_html_escapes_every_field(payload):
         info = {"backend": "direct", "address": "127.0.0.1:6379", "store": "sqlite /x", "account": "alice",
                 "model": "tiny", "workers": "4", key: payload}
         assert_safe(reprs.cluster_html(info), payload)
+    rows = [{"state": payload, "gpu_name": payload, "device": payload, "model": payload}, {"state": "idle"}]
+    assert_safe(reprs.cluster_html({}, workers=rows, queue=[{"mine": payload}], dashboard=payload, error=payload),
+                payload)
 
 
 @pytest.mark.parametrize("payload", PAYLOADS)

@@ -22,8 +22,30 @@ from tests.support.widget_helpers import drive, pool_size, unique
 
 def test_cluster_repr_is_compact_html(mochi):
     out = mochi._repr_html_()
-    assert "MochiCluster" in out and f"<b>{mochi.account}</b>" in out and "tiny" in out and len(out) < 1000
+    assert "MochiCluster" in out and f"<b>{mochi.account}</b>" in out and "tiny" in out and len(out) < 1500
     assert "sqlite" in out and "ray " in out
+    # what runs now, read now (as dask's Client shows itself), not the sizing policy
+    n = pool_size(mochi)
+    assert f"workers <b>{n}</b> CPU" in out and "ready" in out and "serving tiny" in out
+    assert "queue <b>" in out and "one per GPU" not in out
+
+
+def test_cluster_repr_counts_workers_by_state_and_the_queue_and_links_the_dashboard():
+    info = {"backend": "direct", "address": "127.0.0.1:6379", "store": "sqlite /x", "account": "alice", "model": "tiny"}
+    workers = [{"state": "idle", "device": "cuda", "gpu_name": "NVIDIA H100", "model": "mochi-1-preview"},
+               {"state": "busy", "device": "cuda", "gpu_name": "NVIDIA H100", "model": "mochi-1-preview"},
+               {"state": "loading", "device": "cuda", "gpu_name": "NVIDIA H100", "model": None}]
+    out = cluster_html(info, workers=workers, queue=[{"mine": True}, {"mine": False}, {}],
+                       dashboard="http://127.0.0.1:8265")
+    assert "workers <b>3</b> GPU (NVIDIA H100) &middot; 1 ready &middot; 1 busy &middot; 1 loading" in out
+    assert "serving mochi-1-preview" in out and "error" not in out
+    assert "queue <b>3</b> jobs waiting (1 yours)" in out
+    assert 'href="http://127.0.0.1:8265"' in out
+    empty = cluster_html(info, workers=[], queue=[], dashboard="javascript:alert(1)")
+    assert "workers <b>0</b> live: the pool is starting" in empty and "queue <b>0</b> jobs waiting<" in empty
+    assert "javascript" not in empty  # only an http(s) link is a link
+    unread = cluster_html(info, error="cannot read the pool now: StoreError: down")
+    assert "workers" not in unread and "cannot read the pool now" in unread
 
 
 def test_a_gateway_handles_repr_shows_its_url_and_not_the_servers_store():
