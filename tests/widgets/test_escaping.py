@@ -134,7 +134,7 @@ def test_queue_note_and_retry_lines_take_any_value(payload):
 
 @pytest.mark.parametrize("payload", PAYLOADS)
 def test_cluster_html_escapes_every_field(payload):
-    keys = ("backend", "address", "store", "account", "model", "workers")
+    keys = ("backend", "address", "store", "account", "model")  # the pool's live figures: below
     assert_safe(reprs.cluster_html({k: payload for k in keys}), payload)
     for key in keys:
         info = {"backend": "direct", "address": "127.0.0.1:6379", "store": "sqlite /x", "account": "alice",
