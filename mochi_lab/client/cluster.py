@@ -24,6 +24,9 @@ class MochiCluster:
     the tiny model. `persistent=False` (or MOCHI_LAB_PERSISTENT=0) starts a Ray that dies with this process.
     `address`/`RAY_ADDRESS` joins a real Ray cluster; `redis_url`/`REDIS_URL` shares a Redis store
     (both: the direct backend, for operators). `backend=` plugs in any other `Backend`.
+
+    In a notebook a start shows its steps in the cell as they go (the store, Ray and the pool, the workers
+    loading their model, ready), each with its seconds; `progress=False` turns that off, `True` forces it.
     """
 
     def __init__(
@@ -39,7 +42,9 @@ class MochiCluster:
         start_pool: bool = True,
         backend: Backend | None = None,
         persistent: bool | None = None,
+        progress: bool | None = None,
     ):
+        shown = None
         if backend is None:
             import os
 
@@ -61,10 +66,13 @@ class MochiCluster:
                                              workers=workers, persistent=persistent)
             elif persistent is not None:
                 settings = settings.model_copy(update={"persistent": persistent})
-            backend = DirectBackend.start(settings, model, pipeline, start_pool=start_pool)
+            shown = _start_progress(progress)
+            backend = DirectBackend.start(settings, model, pipeline, start_pool=start_pool, progress=shown)
         self.backend = backend
         self.account = backend.account
         self.model = model
+        if shown is not None:
+            shown.follow(self.workers, model)  # the model loads in the workers: followed on the kernel's loop
 
     # -- jobs ------------------------------------------------------------------
     def generate(
@@ -202,6 +210,15 @@ class MochiCluster:
         i = self.backend.info()
         store = f" store={i['store']}" if i.get("store") else ""
         return f"<MochiCluster {i['backend']} address={i['address']}{store} account={self.account!r} model={self.model!r}>"
+
+
+def _start_progress(progress: bool | None):
+    """The start's steps shown in the cell (`mochi_lab.display.startup`): by default in a Jupyter kernel only."""
+    if progress is False:
+        return None
+    from mochi_lab.display.startup import StartProgress, in_kernel
+
+    return StartProgress() if progress or in_kernel() else None
 
 
 class Rows(list):

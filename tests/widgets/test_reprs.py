@@ -308,3 +308,43 @@ def test_a_displayed_running_job_shows_its_latest_preview_and_drops_it_for_the_v
     view.step()
     assert "data:image/webp" not in sent[-1]  # done: the video (or its summary) takes the preview's place
     store.close()
+
+
+def test_a_cold_start_shows_each_step_with_its_seconds_then_the_model_loading_then_ready():
+    from mochi_lab.display.startup import StartProgress
+
+    now = [100.0]
+    sent: list[tuple[bool, dict]] = []
+    shown = StartProgress(publish=lambda bundle, update: sent.append((update, bundle)), clock=lambda: now[0])
+    shown("store", "sqlite /x")
+    now[0] += 0.1
+    shown("ray", "on 127.0.0.1, for this process")
+    now[0] += 12.0
+    shown("pool", "model tiny")
+    assert [u for u, _ in sent] == [False, True, True]  # one output, updated in place
+    html = sent[-1][1]["text/html"]
+    assert html.count("&#10003;") == 2 and "starting Ray" in html and "12 s" in html and "&hellip;" in html
+    rows = [{"worker_id": "w-0", "state": "loading", "model": "tiny"}, {"worker_id": "w-1", "state": "loading"}]
+    now[0] += 0.5
+    assert shown.follow(lambda: rows, "tiny") is False  # no running loop here: one look, then the caller drives
+    assert "loading the model" in sent[-1][1]["text/html"] and "tiny on 2 workers" in sent[-1][1]["text/html"]
+    rows[0]["state"] = "idle"
+    assert shown.check(lambda: rows, "tiny") is True  # one still loading: follow on
+    assert "(1 ready)" in sent[-1][1]["text/html"]
+    now[0] += 6.0
+    rows[1].update(state="idle", model="tiny")
+    assert shown.check(lambda: rows, "tiny") is False
+    html = sent[-1][1]["text/html"]
+    assert "<b>ready</b>" in html and "2 workers serving tiny" in html and "19 s in all" in html
+    assert "&hellip;" not in html and html.count("&#10003;") == 5
+
+
+def test_a_start_in_a_kernel_shows_its_progress_and_elsewhere_nothing(monkeypatch):
+    from mochi_lab.client import cluster as handle
+    from mochi_lab.display import startup
+
+    assert handle._start_progress(None) is None  # a test, a script: nothing shown
+    assert handle._start_progress(False) is None
+    monkeypatch.setattr(startup, "in_kernel", lambda: True)
+    assert isinstance(handle._start_progress(None), startup.StartProgress)
+    assert handle._start_progress(False) is None
