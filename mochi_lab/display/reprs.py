@@ -150,7 +150,7 @@ def _env() -> Environment:
     env = Environment(loader=FileSystemLoader(Path(__file__).with_name("templates")), autoescape=True,
                       undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)
     env.filters.update(num=num, seconds=seconds, gib=gib, when=when, short=short, text=text)
-    env.globals.update(MUTED=MUTED, BORDER=BORDER, PLACEHOLDER=PLACEHOLDER, ERROR=ERROR, WARN=WARN,
+    env.globals.update(MUTED=MUTED, BORDER=BORDER, PLACEHOLDER=PLACEHOLDER, ERROR=ERROR, WARN=WARN, BRAND=BRAND,
                        status_colour=status_colour, state_colour=state_colour)
     return env
 

@@ -318,7 +318,8 @@ def test_cluster_panel_errors_are_text():
 
 @pytest.mark.parametrize("payload", PAYLOADS)
 def test_studio_errors_and_notices_are_text(payload, tmp_path):
-    cluster = FakeCluster(models=["tiny", payload])
+    cluster = FakeCluster(models=["tiny", payload], workers=[{"worker_id": "w-0", "state": "idle", "model": payload},
+                                                             {"worker_id": "w-1", "state": "idle", "model": "tiny"}])
     studio = Studio(cluster, prompt="a kite", download_dir=tmp_path)
     assert payload in studio.model.options  # options are text, not HTML
     cluster.fail = RuntimeError(payload)
