@@ -260,3 +260,15 @@ def test_the_notebook_file_keeps_the_panels_last_state_with_its_time():
                                                         "metadata": {}}]}]}
     strip_live_widgets(nb)
     assert nb["cells"][0]["outputs"][0]["data"]["text/html"] == html
+
+
+def test_queue_etas_take_any_record_without_failing():
+    """The store is a trust boundary: a list where a number belongs, or a job id that is a dict, is no estimate."""
+    odd = [[1], {"a": 1}, None, "x", float("nan")]
+    done = [FakeJob(record(id=f"d-{i}", status="done", timings={"run_s": v}, params={"width": v, "model": v}))
+            for i, v in enumerate([*odd, 5.0])]
+    rows = [{"worker_id": "w-0", "state": "busy", "current_job": {"id": 1}, "model": ["tiny"], "jobs_done": [3]},
+            {"worker_id": "w-1", "state": "idle", "current_job": None, "model": "tiny", "jobs_done": "many"}]
+    queue = [{"position": 1, "mine": True, "id": "q-1", "model": v, "width": v, "created_at": v} for v in odd]
+    panel = ClusterPanel(FakeCluster(workers=rows, jobs=done, queue=queue))
+    assert panel.queue.value.count('class="mochi-queue-eta"') == len(odd) and panel.message.value == ""

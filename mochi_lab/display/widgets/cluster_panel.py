@@ -117,7 +117,7 @@ def queue_starts(queue: list[Any], workers: list[Any], busy_for: Mapping[str, fl
     out: list[float | None] = []
     for row in queue:
         q = mapping(row)
-        took = run_s_of.get(tuple(q.get(k) for k in ("model", "width", "height", "num_frames", "steps")), run_s)
+        took = run_s_of.get(shape_key(q.get(k) for k in ("model", "width", "height", "num_frames", "steps")), run_s)
         able = [wid for wid in free if not models.get(wid) or not q.get("model") or models[wid] == q.get("model")]
         if took is None or not able:
             out.append(None)
@@ -126,6 +126,14 @@ def queue_starts(queue: list[Any], workers: list[Any], busy_for: Mapping[str, fl
         out.append(free[wid])
         free[wid] += took
     return out
+
+
+def shape_key(values: Any) -> tuple | None:
+    """A job's shape (model, size, frames, steps) as a dict key; None when a value is not plain (a hostile
+    record may hold a list where a number belongs)."""
+    key = tuple(values)
+    plain = all(v is None or isinstance(v, (str, int, float)) for v in key)
+    return key if plain else None
 
 
 class Throughput:
@@ -330,13 +338,15 @@ class ClusterPanel(StaticStandIn, W.VBox):
                 if t is None:
                     continue
                 every.append(t)
-                key = (p.get("model"), p.get("width"), p.get("height"), p.get("num_frames"), p.get("num_inference_steps"))
-                took.setdefault(key, []).append(t)
+                key = shape_key(p.get(k) for k in ("model", "width", "height", "num_frames", "num_inference_steps"))
+                if key is not None:
+                    took.setdefault(key, []).append(t)
             self._estimate = (now, statistics.median(every) if every else None,
                               {k: statistics.median(v) for k, v in took.items()})
         _, run_s, by_shape = self._estimate
         busy_for = {}
-        on = {mapping(w).get("current_job"): str(mapping(w).get("worker_id")) for w in self.rows}
+        on = {mapping(w).get("current_job"): str(mapping(w).get("worker_id")) for w in self.rows
+              if isinstance(mapping(w).get("current_job"), str)}
         for job in running:
             eta = to_float(mapping(getattr(job.record, "live", None)).get("eta_s"))
             if eta is not None and job.id in on:
