@@ -67,7 +67,12 @@ class MochiCluster:
             elif persistent is not None:
                 settings = settings.model_copy(update={"persistent": persistent})
             shown = _start_progress(progress)
-            backend = DirectBackend.start(settings, model, pipeline, start_pool=start_pool, progress=shown)
+            try:
+                backend = DirectBackend.start(settings, model, pipeline, start_pool=start_pool, progress=shown)
+            except BaseException as exc:
+                if shown is not None:
+                    shown.failed(exc)  # the step that did not finish says so; the traceback follows
+                raise
         self.backend = backend
         self.account = backend.account
         self.model = model

@@ -58,10 +58,19 @@ class StartProgress:
                            "ended": now if step == "ready" else None, "step": step})
         self._show()
 
+    def failed(self, exc: BaseException) -> None:
+        """The step under way did not finish: say so, with the error's first line (its traceback follows)."""
+        now = self._clock()
+        if self.steps and self.steps[-1]["ended"] is None:
+            self.steps[-1]["ended"] = now
+            self.steps[-1]["failed"] = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        self._show()
+
     def html(self) -> str:
         now = self._clock()
         rows = [{"label": s["label"], "detail": s["detail"], "done": s["ended"] is not None,
-                 "seconds": (s["ended"] if s["ended"] is not None else now) - s["started"], "ready": s["step"] == "ready"}
+                 "seconds": (s["ended"] if s["ended"] is not None else now) - s["started"], "ready": s["step"] == "ready",
+                 "failed": s.get("failed")}
                 for s in self.steps]
         return render("startup.html", steps=rows, total=now - self.began)
 

@@ -339,6 +339,21 @@ def test_a_cold_start_shows_each_step_with_its_seconds_then_the_model_loading_th
     assert "&hellip;" not in html and html.count("&#10003;") == 5
 
 
+def test_a_start_that_fails_says_which_step_failed():
+    from mochi_lab.display.startup import StartProgress
+
+    now = [0.0]
+    sent: list[dict] = []
+    shown = StartProgress(publish=lambda bundle, update: sent.append(bundle), clock=lambda: now[0])
+    shown("store", "sqlite /x")
+    shown("ray", "on 127.0.0.1")
+    now[0] += 75.0
+    shown.failed(Exception("The current node timed out during startup.\nmore"))
+    html = sent[-1]["text/html"]
+    assert "&#10007;" in html and "&hellip;" not in html
+    assert "failed: Exception: The current node timed out during startup. (after 75 s)" in html
+
+
 def test_a_start_in_a_kernel_shows_its_progress_and_elsewhere_nothing(monkeypatch):
     from mochi_lab.client import cluster as handle
     from mochi_lab.display import startup
