@@ -267,7 +267,8 @@ def _poster(thumbnail: Callable[[str], bytes] | None, job_id: str, to_uri: Calla
 
 
 def _copy_beside(folder: Path, job_id: str, data: bytes, href: Callable[[Path], str]) -> str | None:
-    """A copy of a video beside the notebook (kept if already there), as a relative link; None if it cannot be written."""
+    """A copy of a video beside the notebook (kept if already there), as a relative link; None where it
+    cannot be written."""
     dest = folder / f"{job_id}.mp4".replace("/", "_")
     try:
         if not dest.is_file() or dest.stat().st_size != len(data):

@@ -69,8 +69,8 @@ class StartProgress:
     def html(self) -> str:
         now = self._clock()
         rows = [{"label": s["label"], "detail": s["detail"], "done": s["ended"] is not None,
-                 "seconds": (s["ended"] if s["ended"] is not None else now) - s["started"], "ready": s["step"] == "ready",
-                 "failed": s.get("failed")}
+                 "seconds": (s["ended"] if s["ended"] is not None else now) - s["started"],
+                 "ready": s["step"] == "ready", "failed": s.get("failed")}
                 for s in self.steps]
         return render("startup.html", steps=rows, total=now - self.began)
 
@@ -109,8 +109,8 @@ class StartProgress:
             self.steps[-1]["detail"] = f"{model}: still loading after {waited:.0f} s (cluster.workers() says more)"
             self._show()
             return False
-        self.steps[-1]["detail"] = (f"{model} on {loading} worker{'' if loading == 1 else 's'}"
-                                    + (f" ({ready} ready)" if ready else "") if rows else f"{model}: waiting for the workers")
+        on = f"{model} on {loading} worker{'' if loading == 1 else 's'}" + (f" ({ready} ready)" if ready else "")
+        self.steps[-1]["detail"] = on if rows else f"{model}: waiting for the workers"
         self._show()
         return True
 

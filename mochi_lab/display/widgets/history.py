@@ -8,7 +8,6 @@ the table, so it is never lost. A notebook saved with the save hook keeps the la
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable
@@ -232,8 +231,9 @@ class History(StaticStandIn, HasCardStack, W.VBox):
         where a copy of its video is beside the notebook, a link to it (what a notebook saved with the
         save hook shows when it is opened without its kernel)."""
         rows = [self._static_row(row.job) for row in self.rows if isinstance(row, HistoryRow)]
-        filters = [(name, value) for name, value in (("status", self.status.value), ("prompt contains", self.text.value),
-                                                     ("experiment", self.experiment.value)) if value and value != ALL]
+        chosen = (("status", self.status.value), ("prompt contains", self.text.value),
+                  ("experiment", self.experiment.value))
+        filters = [(name, value) for name, value in chosen if value and value != ALL]
         return render("history.html", "snapshot", rows=rows, filters=filters, listed_at=self.listed_at,
                       page=self.page.value)
 
@@ -243,7 +243,8 @@ class History(StaticStandIn, HasCardStack, W.VBox):
         linked = r.status == DONE and copy.is_file()
         media = {"thumbnail": thumbnail_uri(self._thumbs.get(job.id)), "video": False,
                  "href": download_href(copy) if linked else None, "name": copy.name if linked else None,
-                 "note": None if linked or r.status != DONE else "video not copied beside the notebook (Play copies it)"}
+                 "note": None if linked or r.status != DONE
+                 else "video not copied beside the notebook (Play copies it)"}
         return job_view(r, media=media)
 
     def dataframe(self) -> "pd.DataFrame":
