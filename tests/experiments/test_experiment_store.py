@@ -220,6 +220,17 @@ def test_compare_has_row_and_column_headers_for_the_swept_params(store, sample_m
     assert copy.read_bytes() == sample_mp4.read_bytes() and f"{copy.name}</a>" in static
     assert static.count(">queued</div>") == 3 and "playing them in sync needs the kernel" in static
     assert ">a cat</th>" in static and ">2</th>" in static
+    from IPython.core.interactiveshell import InteractiveShell
+    from IPython.utils.capture import capture_output
+
+    from mochi_lab.display.reprs import STATIC_MIME, WIDGET_MIME
+
+    InteractiveShell.instance()  # displayed as in a kernel: the live grid, then its stand-in
+    with capture_output() as shown:
+        grid._ipython_display_()
+    live, stand_in = shown.outputs[:2]
+    assert WIDGET_MIME in live.data and live.metadata == {"mochi_lab": {"live_widget": True}}
+    assert stand_in.data[STATIC_MIME] == static
     flipped = exp.compare(rows="seed", columns="prompt", download_dir=tmp_path / "videos")
     assert flipped.row_labels == ["1", "2"] and flipped.col_labels == ["a cat", "a dog"]
     assert flipped.cell("1", "a cat")["video"] == 0

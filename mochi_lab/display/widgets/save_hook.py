@@ -86,6 +86,8 @@ class StaticStandIn:
         from IPython.display import display
 
         bundle = self._repr_mimebundle_()  # type: ignore[attr-defined]  (the widget's own)
+        if isinstance(bundle, tuple):  # anywidget's is (data, metadata)
+            bundle = bundle[0]
         live = {WIDGET_MIME: bundle[WIDGET_MIME], "text/plain": self._live_text}
         display(live, raw=True, metadata={MARK: {"live_widget": True}})
         self.__dict__.setdefault("_snapshots", []).append(
