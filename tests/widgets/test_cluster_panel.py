@@ -219,6 +219,9 @@ def test_queue_etas_cpu_use_throughput_and_what_each_count_counts():
     assert etas == ["now", "~4.0 s", "~10 s"], etas
     assert queue_starts(queue, rows, {}, None) == [None, None, None]  # no run time to go by: no guess
     assert queue_starts(queue, [{**rows[0], "model": "mochi-1-preview"}], {}, 10.0) == [None] * 3  # no worker for it
+    # a busy worker whose job has no ETA (held, or another account's): no guess; an idle one takes them all
+    assert queue_starts(queue, rows[:1], {}, 10.0) == [None] * 3
+    assert queue_starts(queue, rows, {}, 10.0) == [0.0, 10.0, 20.0]
     # CPU use per worker, in % of one core; the headers that could be misread say what they count
     table = panel.table.value
     assert re.search(r'class="mochi-cpu-use"[^>]*>187 %', table) and "GPU" not in table

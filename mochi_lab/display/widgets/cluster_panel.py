@@ -99,26 +99,27 @@ def queue_starts(queue: list[Any], workers: list[Any], busy_for: Mapping[str, fl
                  run_s_of: Mapping[tuple, float] | None = None) -> list[float | None]:
     """When each queued job (in queue order) should start, in seconds from now: each worker that serves its
     model takes the next job as it frees up, a busy worker after `busy_for[worker_id]` seconds (its job's
-    own ETA) or half a run where that is unknown, and each job takes the median recent run time of its
-    shape (`run_s_of[(model, width, height, num_frames, steps)]`) or of all (`run_s`). None where there is no
-    run time to go by or no worker for the model. An estimate: jobs queued later may still go first."""
+    own ETA), and each job takes the median recent run time of its shape
+    (`run_s_of[(model, width, height, num_frames, steps)]`) or of all (`run_s`). None where there is no run
+    time to go by, no worker for the model, or only busy workers whose job has no ETA (another account's,
+    or one that has not reported a rate yet): no guess. An estimate: jobs queued later may still go first."""
     run_s_of = run_s_of or {}
-    free: dict[str, float] = {}
+    free: dict[str, float | None] = {}  # None: busy for as long as nobody knows
     models: dict[str, Any] = {}
     for row in workers:
         w = mapping(row)
         wid = str(w.get("worker_id"))
         models[wid] = w.get("model")
         if w.get("state") == "busy":
-            known = busy_for.get(wid)
-            free[wid] = known if known is not None else (run_s / 2 if run_s else 0.0)
+            free[wid] = busy_for.get(wid)
         elif w.get("state") in ("idle", "loading", None):
             free[wid] = 0.0
     out: list[float | None] = []
     for row in queue:
         q = mapping(row)
         took = run_s_of.get(shape_key(q.get(k) for k in ("model", "width", "height", "num_frames", "steps")), run_s)
-        able = [wid for wid in free if not models.get(wid) or not q.get("model") or models[wid] == q.get("model")]
+        able = [wid for wid in free if free[wid] is not None
+                and (not models.get(wid) or not q.get("model") or models[wid] == q.get("model"))]
         if took is None or not able:
             out.append(None)
             continue
