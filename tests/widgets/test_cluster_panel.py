@@ -197,7 +197,7 @@ def test_gpu_use_per_worker_and_a_link_to_the_ray_dashboard():
 
 
 def test_queue_etas_cpu_use_throughput_and_what_each_count_counts():
-    from mochi_lab.display.widgets.cluster_panel import Throughput, queue_starts
+    from mochi_lab.display.widgets.cluster_panel import Throughput, queue_starts, throughput_html
 
     done = [FakeJob(record(id=f"d-{i}", status="done", timings={"run_s": 10.0})) for i in range(3)]
     rows = [{"worker_id": "w-0", "state": "busy", "current_job": "r-1", "device": "cpu", "model": "tiny",
@@ -235,7 +235,9 @@ def test_queue_etas_cpu_use_throughput_and_what_each_count_counts():
     t.add([{**rows[0], "jobs_done": 0}, {**rows[1], "jobs_done": 4}], now=1100.0)  # w-0 restarted: 1 more
     assert t.per_minute(now=1100.0)[-2:] == [3, 1] and sum(t.per_minute(now=1100.0)) == 4
     assert sum(t.per_minute(now=1100.0 + 700)) == 0  # older than the window: gone
-    assert "<svg" in panel.rate.value and "finished in the last 10 min" in panel.rate.value
+    assert "<svg" in panel.rate.value and "since this panel's first read" in panel.rate.value
+    t.since = 0.0  # read for longer than the window: the whole window counts
+    assert "finished in the last 10 min" in throughput_html(t, now=1100.0)
 
 
 def test_the_notebook_file_keeps_the_panels_last_state_with_its_time():
