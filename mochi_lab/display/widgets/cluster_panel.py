@@ -360,11 +360,13 @@ class ClusterPanel(StaticStandIn, W.VBox):
     def static_html(self) -> str:
         """The panel's last state as static HTML, with the time it was read (what a notebook saved with
         the save hook shows when it is opened without its kernel)."""
-        # the parts are this panel's HTML as shown, each rendered (and escaped) by its template
-        parts = (self.summary.value, self.rate.value, self.counts.value, self.table.value, self.queue.value)
-        return ('<div class="mochi-cluster-panel-static" style="font-family: var(--jp-ui-font-family, sans-serif); '
-                'font-size: 12px">' + render("cluster_panel.html", "snapshot_head", read_at=self.read_at)
-                + "".join(f"<div>{part}</div>" for part in parts) + "</div>")
+        from markupsafe import Markup
+
+        # Markup only for this panel's own HTML as shown, each part rendered (and escaped) by its template
+        # above; nothing read from the store is marked safe.
+        parts = [Markup(p) for p in (self.summary.value, self.rate.value, self.counts.value, self.table.value,
+                                     self.queue.value)]
+        return render("cluster_panel.html", "snapshot", read_at=self.read_at, parts=parts)
 
     def scale(self, n: int) -> None:
         """Resize the pool. Shrinking drains workers (seconds), so on a kernel it runs off the event loop."""
