@@ -89,7 +89,7 @@ class ExperimentSpec(BaseModel):
 def summarize(df, group_by: list[str]):
     """Runs, done and mean timings per value of `group_by` (e.g. seconds per steps value)."""
     done = df[df["status"] == "done"]
-    table = df.groupby(group_by, dropna=False).agg(runs=("run", "size"))
+    table = df.groupby(group_by, dropna=False).agg(runs=("run_key", "size"))
     table["done"] = done.groupby(group_by).size().reindex(table.index, fill_value=0)
     for col in ("denoise_s", "decode_s", "run_s"):
         table[f"mean_{col}"] = done.groupby(group_by)[col].mean().reindex(table.index).round(3)
@@ -181,7 +181,7 @@ def _run_spec(args: argparse.Namespace) -> int:
         counts = exp.wait(timeout=args.timeout)
     except TimeoutError as exc:
         return _fail(str(exc), EXIT_TIMEOUT)
-    df = exp.to_dataframe()
+    df = exp.to_dataframe(all_columns=True)
     print(summarize(df, spec.group_by).to_string())
     if args.export:
         print(f"exported to {exp.export(args.export)}", file=sys.stderr)

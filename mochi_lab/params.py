@@ -313,7 +313,8 @@ def _describe(exc: ValidationError, model: type[BaseModel] = GenerationParams) -
     lines = []
     for err in exc.errors():
         field = ".".join(str(p) for p in err["loc"][:1]) or "params"
-        msg = err["msg"].removeprefix("Value error, ")
+        # a validator's message starts with its field's name, which the line already begins with: name it once
+        msg = err["msg"].removeprefix("Value error, ").removeprefix(f"{field}: ").removeprefix(f"{field} ")
         if err["type"] == "extra_forbidden":
             msg = f"unknown parameter; allowed: {', '.join(model.model_fields)}"
         elif err["type"] == "missing":

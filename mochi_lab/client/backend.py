@@ -160,7 +160,7 @@ def queue_rows(records: Iterable[JobRecord], account: str, *, admin: bool) -> li
 
 # What any account sees of a worker; the rest (node, pid, memory, errors, stats) is an admin's.
 WORKER_FIELDS = ("worker_id", "device", "gpu_name", "model", "state", "jobs_done", "started_at", "idle_since",
-                 "gpu_utilization", "gpu_power_w")
+                 "gpu_utilization", "gpu_power_w", "cpu_percent")
 
 
 def worker_rows(rows: Iterable[dict[str, Any]], account: str, *, admin: bool) -> list[dict[str, Any]]:

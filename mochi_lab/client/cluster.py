@@ -24,6 +24,9 @@ class MochiCluster:
     the tiny model. `persistent=False` (or MOCHI_LAB_PERSISTENT=0) starts a Ray that dies with this process.
     `address`/`RAY_ADDRESS` joins a real Ray cluster; `redis_url`/`REDIS_URL` shares a Redis store
     (both: the direct backend, for operators). `backend=` plugs in any other `Backend`.
+
+    In a notebook a start shows its steps in the cell as they go (the store, Ray and the pool, the workers
+    loading their model, ready), each with its seconds; `progress=False` turns that off, `True` forces it.
     """
 
     def __init__(
@@ -39,7 +42,9 @@ class MochiCluster:
         start_pool: bool = True,
         backend: Backend | None = None,
         persistent: bool | None = None,
+        progress: bool | None = None,
     ):
+        shown = None
         if backend is None:
             # An http(s) address, or no address with MOCHI_LAB_GATEWAY set: the multi-user gateway, which
             # decides the account from JUPYTERHUB_API_TOKEN (`account=` and JUPYTERHUB_USER change nothing).
@@ -64,10 +69,18 @@ class MochiCluster:
                                              workers=workers, persistent=persistent)
             elif persistent is not None:
                 settings = settings.model_copy(update={"persistent": persistent})
-            backend = DirectBackend.start(settings, model, pipeline, start_pool=start_pool)
+            shown = _start_progress(progress)
+            try:
+                backend = DirectBackend.start(settings, model, pipeline, start_pool=start_pool, progress=shown)
+            except BaseException as exc:
+                if shown is not None:
+                    shown.failed(exc)  # the step that did not finish says so; the traceback follows
+                raise
         self.backend = backend
         self.account = backend.account
         self.model = model
+        if shown is not None:
+            shown.follow(self.workers, model)  # the model loads in the workers: followed on the kernel's loop
 
     # -- jobs ------------------------------------------------------------------
     def generate(
@@ -189,14 +202,31 @@ class MochiCluster:
         self.close()
 
     def _repr_html_(self) -> str:
+        """The cluster at a glance, read now: live workers (ready, busy, loading), the queue, the dashboard."""
         from mochi_lab.display.reprs import cluster_html
 
-        return cluster_html(self.backend.info())
+        workers = queue = dashboard = error = None
+        try:
+            workers = list(self.workers())
+            queue = list(self.queue(limit=1000))
+            dashboard = self.dashboard_url()
+        except Exception as exc:  # the handle still shows where it points
+            error = f"cannot read the pool now: {type(exc).__name__}: {exc}"
+        return cluster_html(self.backend.info(), workers=workers, queue=queue, dashboard=dashboard, error=error)
 
     def __repr__(self) -> str:
         i = self.backend.info()
         store = f" store={i['store']}" if i.get("store") else ""
         return f"<MochiCluster {i['backend']} address={i['address']}{store} account={self.account!r} model={self.model!r}>"
+
+
+def _start_progress(progress: bool | None):
+    """The start's steps shown in the cell (`mochi_lab.display.startup`): by default in a Jupyter kernel only."""
+    if progress is False:
+        return None
+    from mochi_lab.display.startup import StartProgress, in_kernel
+
+    return StartProgress() if progress or in_kernel() else None
 
 
 class Rows(list):

@@ -69,12 +69,16 @@ class DirectBackend(Backend):
 
     @classmethod
     def start(cls, settings: Settings, model: str = "tiny", pipeline: PipelineConfig | None = None, *,
-              start_pool: bool = True, scaling: ScalingConfig | None = None) -> "DirectBackend":
+              start_pool: bool = True, scaling: ScalingConfig | None = None,
+              progress: Callable[[str, str], None] | None = None) -> "DirectBackend":
         """Open the store (failing fast when it is unreachable), join or start Ray, re-attach the pool.
 
         With `scaling`, a `PoolController` sizes the pool from the queue (and `start_pool` is moot); with
-        `settings.metrics_port` set, Prometheus metrics are served on it."""
+        `settings.metrics_port` set, Prometheus metrics are served on it. `progress(step, detail)` is told
+        each step as it begins ("store", "runtime", "ray" or "join", "pool"; see mochi_lab.display.startup)."""
         check_model(model, known_models())
+        step = progress or (lambda _step, _detail: None)
+        step("store", redact_url(settings.store_url))
         store = open_store(settings.store_url, max_attempts=settings.max_attempts)
         try:
             store.counts(settings.account)  # one round trip now beats a worker retrying forever later
@@ -87,12 +91,18 @@ class DirectBackend(Backend):
         if settings.ray_address is None and settings.persistent:
             from mochi_lab.pool import runtime
 
+            step("runtime", str(settings.data_dir))
             try:  # the local runtime that outlives this process: join it, or start it
                 settings = runtime.attach(settings, model, pipeline)
             except BaseException:
                 store.close()
                 raise
+        if settings.ray_address:
+            step("join", settings.ray_address)
+        elif not settings.persistent:
+            step("ray", "on 127.0.0.1, for this process")
         address = connect(settings)
+        step("pool", f"model {model}")
         pool = Pool(settings, store, model, pipeline)
         backend = cls(settings, store, pool, model=model, ray_address=address)
         if scaling is not None:

@@ -417,21 +417,27 @@ class Experiment:
         return len(live)
 
     # -- views -----------------------------------------------------------------
-    def to_dataframe(self):
-        """One row per run: the swept params, seed, status and run time (`run_s`) first; then run key,
-        job id, stage, attempt, the other params, timings, times, paths and worker."""
+    def to_dataframe(self, columns: list[str] | None = None, *, all_columns: bool = False):
+        """One row per run: the swept params, then the seed and the results (`status`, `run_s` the run
+        time in seconds, `video` the MP4's path, `error`, `job_id`). `all_columns=True` adds the rest:
+        `run_key` (the run's key in this experiment), `run_attempt`, `job_stage`, the params that did not
+        vary, per-stage timings, times, the thumbnail and the worker. `columns=[...]` picks by name."""
         from mochi_lab.display.experiment import runs_dataframe
 
-        return runs_dataframe(*self._snapshot())
+        return runs_dataframe(*self._snapshot(), columns=columns, all_columns=all_columns)
 
-    def compare(self, rows: str | list[str] | None = None, columns: str | None = None, *, width: int = 256):
+    def compare(self, rows: str | list[str] | None = None, columns: str | None = None, *, width: int = 256,
+                download_dir: str | Any | None = None):
         """The runs' videos in a grid, with row and column headers for the swept params, played in sync
         from one play/pause/scrub control. `rows` / `columns` name the params for each axis (default:
-        the innermost swept param across, the others down)."""
+        the innermost swept param across, the others down). A copy of each video goes to `download_dir`
+        (default: the Studio's, beside the notebook), so a notebook saved with the save hook keeps the grid
+        as posters linked to their videos."""
         from mochi_lab.display.experiment import compare_grid
 
         return compare_grid(*self._snapshot(), video=lambda job_id: self._backend.artifact(job_id, "video"),
-                            rows=rows, columns=columns, width=width)
+                            thumbnail=lambda job_id: self._backend.artifact(job_id, "thumbnail"),
+                            rows=rows, columns=columns, width=width, download_dir=download_dir)
 
     def live(self, *, publish: Callable[[dict[str, Any], bool], None] | None = None) -> LiveTable:
         """The experiment's table, kept live until its runs end (what displaying it does)."""

@@ -43,23 +43,48 @@ def run_rows(runs: list[Run], jobs: dict[str, JobRecord | None]) -> list[dict[st
 
 
 FIRST_COLUMNS = ("seed", "status", "run_s")  # after the swept params: what a reader looks at first
+# The results, after the swept params and the seed: what each run came to. `video` is the MP4's path (a
+# gateway route on a gateway), `error` why a run failed, `job_id` the job that made it (`cluster.job(id)`).
+RESULT_COLUMNS = ("status", "run_s", "video", "error", "job_id")
+# The run's columns named for what they are: `run` in run_rows is the run's key in the experiment (the
+# hash of its params), `attempt` how many times `resume` re-queued it, `stage` its job's last stage.
+RENAMED = {"run": "run_key", "attempt": "run_attempt", "stage": "job_stage"}
 
 
-def runs_dataframe(runs: list[Run], jobs: dict[str, JobRecord | None]):
-    """One row per run. The swept params come first, then seed, status and run time (`run_s`, seconds),
-    then everything else: run key, job id, stage, attempt, the other params, timings, times, paths."""
+def dataframe_columns(runs: list[Run]) -> tuple[list[str], list[str]]:
+    """(the default columns, every column) of `runs_dataframe`, in order."""
+    varied = [k for k in varying_params(runs) if k not in FIRST_COLUMNS]
+    first = varied + ["seed", *RESULT_COLUMNS]
+    every = [RENAMED.get(c, c) for c in run_rows([Run("", {})], {})[0]]
+    return first, first + [c for c in every if c not in first]
+
+
+def runs_dataframe(runs: list[Run], jobs: dict[str, JobRecord | None], columns: list[str] | None = None,
+                   all_columns: bool = False):
+    """One row per run: the swept params, then the seed and the results (status, run time `run_s` in
+    seconds, the video's path, the error, the job's id). `all_columns=True` adds the rest: the run's key
+    (`run_key`) and `run_attempt`, the job's last stage (`job_stage`), the params that did not vary, the
+    per-stage timings (`*_s`), the times (UTC datetimes), the thumbnail's path and the worker.
+    `columns` picks columns by name, in the order given."""
     import pandas as pd
 
-    rows = run_rows(runs, jobs)
-    columns = list(rows[0]) if rows else list(run_rows([Run("", {})], {})[0])
-    first = [k for k in varying_params(runs) if k not in FIRST_COLUMNS] + list(FIRST_COLUMNS)
-    columns = first + [c for c in columns if c not in first]
-    df = pd.DataFrame(rows, columns=columns)
+    first, every = dataframe_columns(runs)
+    if columns is not None:
+        if isinstance(columns, str) or not all(isinstance(c, str) for c in columns):
+            raise ValueError(f"columns must be a list of column names, got {columns!r:.80}")
+        unknown = [c for c in columns if c not in every]
+        if unknown:
+            raise ValueError(f"unknown columns {', '.join(map(repr, unknown))}; the columns are {', '.join(every)}")
+        chosen = list(columns)
+    else:
+        chosen = every if all_columns else first
+    rows = [{RENAMED.get(k, k): v for k, v in row.items()} for row in run_rows(runs, jobs)]
+    df = pd.DataFrame(rows, columns=every)
     for col in TIMINGS:
         df[col] = pd.to_numeric(df[col])
     for col in _TIMES:  # datetimes make "runs since ..." and durations one-liners
         df[col] = pd.to_datetime(df[col], unit="s", utc=True)
-    return df
+    return df[chosen]
 
 
 # -- the live table (`exp` and the list `exp.sweep()` returns, displayed) --------------------------
@@ -175,11 +200,19 @@ def _axis_label(params: dict[str, Any], keys: list[str]) -> str:
 
 
 def compare_grid(runs: list[Run], jobs: dict[str, JobRecord | None], *, video: Callable[[str], bytes],
-                 rows: str | list[str] | None = None, columns: str | None = None, width: int = 256):
+                 rows: str | list[str] | None = None, columns: str | None = None, width: int = 256,
+                 thumbnail: Callable[[str], bytes] | None = None, download_dir: str | Path | None = None):
     """A grid of the runs' videos with row and column headers for the swept params, played in sync
     from one play/pause/scrub control (a small anywidget: the browser drives every <video>).
 
-    `video(job_id)` returns a done job's MP4 bytes. A run without a video shows its status."""
+    `video(job_id)` returns a done job's MP4 bytes, `thumbnail(job_id)` its PNG (each video's poster). A run
+    without a video shows its status. Each video is also copied to `download_dir` (default: beside the
+    notebook, as the Studio's cards do), so the grid's static stand-in links posters to their videos."""
+    from mochi_lab.display.links import download_dir as default_download_dir
+    from mochi_lab.display.links import relative_href
+    from mochi_lab.display.reprs import thumbnail_uri
+
+    folder = Path(download_dir) if download_dir is not None else default_download_dir()
     row_keys, col_key = grid_axes(runs, rows, columns)
     row_ids: dict[str, int] = {}  # a row's / column's full values -> its index (labels may be shortened)
     col_ids: dict[str, int] = {}
@@ -198,13 +231,16 @@ def compare_grid(runs: list[Run], jobs: dict[str, JobRecord | None], *, video: C
             col_labels.append(_axis_label(run.params, [col_key]))
         job = jobs.get(run.key)
         status = job.status if job is not None else "missing"
-        index = -1
+        index, poster, href = -1, None, None
         if job is not None and job.status == DONE and "video" in job.artifacts:
             try:
                 videos.append(bytes(video(job.id)))
                 index = len(videos) - 1
             except (FileNotFoundError, KeyError):  # deleted since the snapshot
                 status = "deleted"
+            else:
+                poster = _poster(thumbnail, job.id, thumbnail_uri)
+                href = _copy_beside(folder, job.id, videos[index], relative_href)
         elif status == DONE:
             status = "no video"
         w, h = run.params.get("width"), run.params.get("height")
@@ -214,11 +250,37 @@ def compare_grid(runs: list[Run], jobs: dict[str, JobRecord | None], *, video: C
             "status": str(status), "video": index, "job_id": str(job.id) if job is not None else "",
             "title": json.dumps(run.params, default=str),
             "aspect": (h / w) if isinstance(w, int) and isinstance(h, int) and w > 0 else 9 / 16,
+            "poster": poster or "", "href": href or "",
         })
-    return compare_widget()(
+    grid = compare_widget()(
         row_param=", ".join(row_keys), col_param=col_key or "", row_labels=row_labels, col_labels=col_labels,
         cells=cells, videos=videos, width=int(width),
     )
+    grid.made_at = time.time()
+    return grid
+
+
+def _poster(thumbnail: Callable[[str], bytes] | None, job_id: str, to_uri: Callable[[Any], str | None]) -> str | None:
+    """A done job's thumbnail as a small data: URI (None where there is none)."""
+    if thumbnail is None:
+        return None
+    try:
+        return to_uri(thumbnail(job_id))
+    except (FileNotFoundError, KeyError):  # no thumbnail: the cell shows none
+        return None
+
+
+def _copy_beside(folder: Path, job_id: str, data: bytes, href: Callable[[Path], str]) -> str | None:
+    """A copy of a video beside the notebook (kept if already there), as a relative link; None where it
+    cannot be written."""
+    dest = folder / f"{job_id}.mp4".replace("/", "_")
+    try:
+        if not dest.is_file() or dest.stat().st_size != len(data):
+            folder.mkdir(parents=True, exist_ok=True)
+            dest.write_bytes(data)
+    except OSError:  # a read-only folder: the live grid plays anyway, the saved one shows posters unlinked
+        return None
+    return href(dest)
 
 
 _COMPARE_ESM = r"""
@@ -265,6 +327,7 @@ function render({ model, el }) {
         const url = URL.createObjectURL(new Blob([buffers[cell.video]], { type: "video/mp4" }));
         urls.push(url);
         Object.assign(v, { src: url, muted: true, playsInline: true, preload: "auto", width: width, title: cell.title });
+        if (cell.poster) v.poster = cell.poster;  // a data: URI the kernel built from the thumbnail
         v.dataset.job = cell.job_id;
         videos.push(v);
         td.append(v);
@@ -385,11 +448,17 @@ def compare_widget():
         raise ImportError("exp.compare() needs anywidget: pip install 'mochi_lab[notebook]'") from exc
     import traitlets as t
 
-    class CompareGrid(anywidget.AnyWidget):
+    from mochi_lab.display.widgets.save_hook import StaticStandIn
+
+    class CompareGrid(StaticStandIn, anywidget.AnyWidget):
         """Runs' videos in a grid with row and column headers, played together from one control.
 
         Labels and statuses are data, set as text in the browser (never parsed as HTML). `playing`
-        is the shared play/pause state: set it here or press the button there."""
+        is the shared play/pause state: set it here or press the button there. Saved with the save hook,
+        the notebook keeps it as a grid of posters, each linked to its video's copy beside the notebook."""
+
+        _live_text = "compare grid (live: needs its kernel)"
+        made_at: float | None = None
 
         _esm = _COMPARE_ESM
         _css = _COMPARE_CSS
@@ -401,6 +470,17 @@ def compare_widget():
         videos = t.List(t.Bytes()).tag(sync=True)
         width = t.Int(256).tag(sync=True)
         playing = t.Bool(True).tag(sync=True)
+
+        def static_html(self) -> str:
+            """The grid as static HTML: posters linked to their videos, statuses where there is no video."""
+            rows = []
+            for r in range(max(len(self.row_labels), 1)):
+                rows.append({"label": self.row_labels[r] if self.row_labels else None, "cells": [
+                    next((x for x in self.cells if x["row"] == r and x["col"] == c), None)
+                    for c in range(max(len(self.col_labels), 1))]})
+            return render("experiment_grid.html", "snapshot", rows=rows, col_labels=list(self.col_labels),
+                          row_param=self.row_param, col_param=self.col_param, width=self.width,
+                          made_at=self.made_at, runs=len(self.cells))
 
         def cell(self, row: str, column: str) -> dict[str, Any] | None:
             """The cell at a row and a column label ("" where the grid has no such axis)."""
@@ -440,4 +520,4 @@ def export_runs(record: dict[str, Any], runs: list[Run], jobs: dict[str, JobReco
 
 
 __all__ = ["compare_grid", "compare_widget", "experiment_html", "export_runs", "grid_axes", "jobs_html",
-           "run_rows", "runs_dataframe", "runs_view"]
+           "dataframe_columns", "run_rows", "runs_dataframe", "runs_view"]

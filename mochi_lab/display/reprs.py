@@ -155,7 +155,7 @@ def _env() -> Environment:
     env = Environment(loader=FileSystemLoader(Path(__file__).with_name("templates")), autoescape=True,
                       undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)
     env.filters.update(num=num, seconds=seconds, gib=gib, when=when, short=short, text=text)
-    env.globals.update(MUTED=MUTED, BORDER=BORDER, PLACEHOLDER=PLACEHOLDER, ERROR=ERROR, WARN=WARN,
+    env.globals.update(MUTED=MUTED, BORDER=BORDER, PLACEHOLDER=PLACEHOLDER, ERROR=ERROR, WARN=WARN, BRAND=BRAND,
                        status_colour=status_colour, state_colour=state_colour)
     return env
 
@@ -402,11 +402,36 @@ def preview_view(step: Any, webp: Any) -> dict[str, Any] | None:
     return {"src": "data:image/webp;base64," + base64.b64encode(bytes(webp)).decode(), "step": to_int(step)}
 
 
-def cluster_html(info: Mapping[str, Any]) -> str:
-    """The handle: backend, address, store (password-free text), account, model, workers."""
+WORKER_STATES = (("idle", "ready"), ("busy", "busy"), ("loading", "loading"), ("error", "error"))
+
+
+def pool_view(workers: Any) -> dict[str, Any] | None:
+    """Worker rows (`MochiCluster.workers()`) as the repr's counts: how many, CPU or GPU (with the GPUs'
+    names), how many ready (idle), busy, loading and in error, and the models loaded; None: not read."""
+    if not isinstance(workers, (list, tuple)):
+        return None
+    rows = [mapping(w) for w in workers]
+    gpus = sorted({text(r.get("gpu_name")) for r in rows if r.get("gpu_name")})
+    on_gpu = sum(1 for r in rows if r.get("gpu_name") or r.get("device") == "cuda")
+    states = {label: sum(1 for r in rows if r.get("state") == state) for state, label in WORKER_STATES}
+    return {"n": len(rows), "kind": "GPU" if on_gpu == len(rows) and rows else "CPU" if not on_gpu else "mixed",
+            "gpus": gpus, "states": [(label, n) for label, n in states.items() if n or label != "error"],
+            "models": sorted({text(r.get("model")) for r in rows if r.get("model")})}
+
+
+def cluster_html(info: Mapping[str, Any], *, workers: Any = None, queue: Any = None, dashboard: Any = None,
+                 error: Any = None) -> str:
+    """The handle at a glance, as dask's Client shows itself: account and model, the live workers (ready,
+    busy, loading), the queue (every account's, and how many are this account's), the Ray dashboard's link,
+    then where it runs (backend, address, store: password-free text). `workers` and `queue` are the rows
+    `MochiCluster.workers()` and `.queue()` read (None: not read); `error` why they could not be."""
     info = mapping(info)
-    keys = ("backend", "address", "store", "account", "model", "workers")
-    return render("cluster.html", **{k: info.get(k) for k in keys})
+    keys = ("backend", "address", "store", "account", "model")
+    rows = queue if isinstance(queue, (list, tuple)) else None
+    q = None if rows is None else {"n": len(rows), "mine": sum(1 for r in rows if mapping(r).get("mine") is True)}
+    href = dashboard if isinstance(dashboard, str) and dashboard.startswith(("http://", "https://")) else None
+    return render("cluster.html", **{k: info.get(k) for k in keys}, pool=pool_view(workers), queue=q,
+                  dashboard=href, error=error)
 
 
 def video_widget(data: bytes, width: Any, height: Any):

@@ -347,6 +347,8 @@ class Worker(JobRunner):
             "gpu_memory_used": mem.get("gpu_allocated_bytes"),
             "gpu_memory_total": self._facts.get("gpu_memory_total"),
             "rss_bytes": self._proc.memory_info().rss,
+            # % of one core since the last row (a heartbeat ago); the first row's 0.0 means "not measured yet"
+            "cpu_percent": self._proc.cpu_percent(None),
             "model": self.model if self.runner is not None else None,
             "state": self.state,
             "current_job": self.current_job,

@@ -13,7 +13,12 @@ artifacts/browser/ (ignored by git):
 - the experiment and its sweep list: live tables with every run's status and "4/4 finished";
 - the compare grid: row and column headers for prompt and seed, and one control plays, pauses and
   scrubs all four videos together;
-- the ParamsError: its message in a short red block, no library traceback.
+- the ParamsError: its message in a short red block, no library traceback;
+- MochiCluster() showed its start in the cell, step by step, to "ready", and its repr the live workers;
+- saved and opened again without its kernel: History's last listing (thumbnails, the played video's link),
+  the compare grid's posters linked to their videos, the panel's last state with its time; no "model not
+  found" anywhere;
+- not one console error in the page.
 """
 
 from __future__ import annotations
@@ -22,11 +27,12 @@ import json
 import logging
 import os
 import re
+import time
 from pathlib import Path
 
 import pytest
 
-from tests.support.labkit import CHROMIUM, CHROMIUM_ARGS, notebook, run_all, running_lab
+from tests.support.labkit import CHROMIUM, CHROMIUM_ARGS, notebook, run_all, running_lab, stop_sessions
 
 REPO = Path(__file__).resolve().parents[2]
 ARTIFACTS = REPO / "artifacts" / "browser"
@@ -143,7 +149,7 @@ def lab(tmp_path):
     root.mkdir()
     (root / NAME).write_text(json.dumps(notebook(CELLS)))
     with running_lab(tmp_path, root, env={"MOCHI_LAB_DOWNLOAD_DIR": str(root / "videos")}) as (url, log_path):
-        yield url, log_path
+        yield url, log_path, root
 
 
 def output(page, index: int):
@@ -161,21 +167,29 @@ def shot(locator, name: str) -> None:
 def test_history_experiments_and_cluster_panel_in_jupyterlab(lab, hold):
     from playwright.sync_api import sync_playwright
 
-    url, log_path = lab
+    url, log_path, root = lab
     hold(BUSY_PROMPT, "denoising", step=1)  # released when the test ends
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS + AUTOPLAY, headless=True)
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
-        page.on("pageerror", lambda e: print("page error:", e))  # shown when the test fails
+        errors: list[str] = []  # every console error and uncaught exception in the page: there must be none
+        page.on("console", lambda m: errors.append(f"console: {m.text}") if m.type == "error" else None)
+        page.on("pageerror", lambda e: errors.append(f"page error: {e}"))
         try:
             idle = run_all(page, url, NAME)
             page.wait_for_function(ALL_CELLS_RAN, timeout=500_000, polling=1000)
             idle.first.wait_for(timeout=60_000)
 
-            # MochiCluster(): its repr, and not one line of Ray's start-up
+            # MochiCluster(): its start step by step to "ready", its repr the live workers, and not one line of Ray's
             first = output(page, 0)
             assert "MochiCluster" in first.inner_text()
+            first.locator(".mochi-startup", has_text="ready").wait_for(timeout=120_000)
+            steps = first.locator(".mochi-startup").inner_text()
+            assert "opening the store" in steps and "starting Ray" in steps and "loading the model" in steps, steps
+            # the repr, read as the handle was made: the workers live so far (none yet, or loading) and the queue
+            repr_text = first.locator(".mochi-cluster").inner_text()
+            assert re.search(r"workers \d+", repr_text) and "queue 0 jobs waiting" in repr_text, repr_text
             stderr = first.locator(".jp-OutputArea-output[data-mime-type='application/vnd.jupyter.stderr']")
             assert stderr.count() == 0, stderr.all_inner_texts()
 
@@ -190,6 +204,10 @@ def test_history_experiments_and_cluster_panel_in_jupyterlab(lab, hold):
             assert text.startswith("ParamsError: ") and "79 or 85" in text, text
             assert "Traceback" not in text and ".py" not in text and text.count("\n") < 4, text
             assert error.locator(".ansi-red-fg").count() == 1
+            assert errors == [], errors
+
+            check_reopened_without_kernel(page, url, root)
+            assert errors == [], errors
         except Exception:
             page.screenshot(path=str(ARTIFACTS / "ux-panels-failure.png"), full_page=True)
             print(log_path.read_text()[-4000:])
@@ -276,3 +294,49 @@ def check_compare_grid(page) -> None:
     page.wait_for_timeout(600)
     again = grid.evaluate(VIDEO_STATE)
     assert not any(v["paused"] for v in again) and max(v["t"] for v in again) - min(v["t"] for v in again) < 0.2
+
+
+def check_reopened_without_kernel(page, url: str, root: Path) -> None:
+    """Save, end the kernel, open the notebook again: every widget shows its last state as HTML."""
+    path = root / NAME
+    before = path.stat().st_mtime
+    page.locator(".lm-MenuBar-itemLabel", has_text="File").first.click()
+    page.locator('.lm-Menu-item[data-command="docmanager:save"]').click()
+    deadline = time.monotonic() + 60
+    while path.stat().st_mtime == before and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert path.stat().st_mtime != before, "the notebook was not saved"
+    datas = [o.get("data", {}) for c in json.loads(path.read_text())["cells"] for o in c.get("outputs", [])]
+    assert not any("application/vnd.jupyter.widget-view+json" in d for d in datas), "a live widget was saved"
+    stop_sessions(url)
+    page.goto(f"{url}/lab/tree/{NAME}", timeout=120_000)
+    history = page.locator(".jp-OutputArea-output .mochi-history-static")
+    history.wait_for(timeout=120_000)
+    page.wait_for_timeout(3000)  # the widget manager gives up on missing models after ~2 s
+    body = page.locator(".jp-Notebook").inner_text()
+    assert "Error displaying widget" not in body and "model not found" not in body
+    # History: the last listing, thumbnails, and the played row's link to its copy beside the notebook
+    assert history.locator(".mochi-history-static-row").count() == 4 and "as listed at" in history.inner_text()
+    assert history.locator("img").count() >= 3
+    link = history.locator("a.mochi-download").first.get_attribute("href")
+    assert served(link, root), link
+    shot(history, "history_reopened.png")
+    # the compare grid: four posters, each linked to its video; the synced play said to need the kernel
+    grid = page.locator(".jp-OutputArea-output .mochi-compare-static")
+    assert grid.locator("a.mochi-compare-link img").count() == 4
+    assert "needs the kernel" in grid.inner_text()
+    for href in grid.locator("a.mochi-compare-link").evaluate_all("links => links.map(a => a.getAttribute('href'))"):
+        assert served(href, root), href
+    shot(grid, "compare_reopened.png")
+    # the panel: its last state, with the time it was read
+    panel = page.locator(".jp-OutputArea-output .mochi-cluster-panel-static")
+    assert re.search(r"as read at \d\d:\d\d:\d\d", panel.inner_text()) and "1 CPU worker" in panel.inner_text()
+    assert panel.locator(".mochi-queue").count() == 1
+    shot(panel, "cluster_panel_reopened.png")
+
+
+def served(href: str | None, root: Path) -> bool:
+    """A link JupyterLab resolved to its files/ route (a relative ./videos/x.mp4 becomes
+    <base>/files/videos/x.mp4?_xsrf=...), naming a copy that is beside the notebook."""
+    match = re.search(r"/files/(videos/[^?#]+\.mp4)", href or "")
+    return match is not None and (root / match.group(1)).is_file()

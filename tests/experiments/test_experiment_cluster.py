@@ -27,7 +27,7 @@ def test_sweep_wait_dataframe_compare_export(mochi, tiny, tmp_path):
     exp = mochi.experiment("e2e-sweep", description="two by two", tags=["e2e"])
     jobs = exp.sweep(["a cat surfing", "a dog skating"], [1, 2], **tiny)
     assert exp.wait(timeout=300, progress=False)["done"] == 4
-    df = exp.to_dataframe()
+    df = exp.to_dataframe(all_columns=True)
     assert len(df) == 4 and set(df["status"]) == {"done"}
     assert list(df["job_id"]) == [j.id for j in jobs]
     assert list(zip(df["prompt"], df["seed"], strict=True)) == [("a cat surfing", 1), ("a cat surfing", 2),
@@ -39,8 +39,12 @@ def test_sweep_wait_dataframe_compare_export(mochi, tiny, tmp_path):
     assert all(probe(p).frames == 7 for p in df["video"])
     assert {j.record.experiment for j in mochi.jobs(experiment="e2e-sweep")} == {"e2e-sweep"}
 
-    grid = exp.compare()
+    grid = exp.compare(download_dir=tmp_path / "videos")
     assert isinstance(grid, w.DOMWidget) and len(grid.cells) == 4
+    # its stand-in for the saved notebook: every run's poster (the worker's thumbnail) linked to its copy
+    static = grid.static_html()
+    assert static.count('<img src="data:image/jpeg;base64,') == 4 and "needs the kernel" in static
+    assert all((tmp_path / "videos" / f"{j.id}.mp4").read_bytes() == j.result().read_bytes() for j in jobs)
     # seeds across, prompts down: only what differs labels the axes
     assert (grid.row_param, grid.row_labels) == ("prompt", ["a cat surfing", "a dog skating"])
     assert (grid.col_param, grid.col_labels) == ("seed", ["1", "2"])

@@ -41,7 +41,7 @@ def test_sweep_runs_end_to_end_on_redis(redis_worker, tiny):
     # another handle (as another kernel would) sees the same runs, jobs and results
     again = Experiment.open(DirectBackend(carol.settings, open_store(store.url)), "redis-sweep")
     assert [r.job_id for r in again.runs] == [j.id for j in jobs]
-    df = again.to_dataframe()
+    df = again.to_dataframe(all_columns=True)
     assert list(df["status"]) == ["done", "done"] and (df["denoise_s"] > 0).all()
     frames = [read_frames(p) for p in df["video"]]
     assert frames[0].shape == (7, 32, 32, 3) and not np.array_equal(frames[0], frames[1])

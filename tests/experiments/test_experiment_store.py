@@ -116,7 +116,7 @@ def test_wait_and_dataframe_and_export(store, sample_mp4, tmp_path):
     finish(store, "failed")
     counts = exp.wait(timeout=10, progress=False)
     assert counts["done"] == 1 and counts["failed"] == 1
-    df = exp.to_dataframe()
+    df = exp.to_dataframe(all_columns=True)
     assert list(df["prompt"]) == ["a cat", "a dog"] and list(df["status"]) == ["done", "failed"]
     assert df.loc[0, "denoise_s"] == 0.5 and df.loc[0, "video"].endswith(f"{df.loc[0, 'job_id']}.mp4")
     assert pd.isna(df.loc[1, "video"]) and df.loc[1, "error"] == "RuntimeError: boom"
@@ -281,29 +281,54 @@ def test_a_running_run_shows_its_step_in_the_table(store):
     assert "0/2 finished" in html
 
 
-def test_dataframe_puts_the_swept_params_seed_status_and_run_time_first(store, sample_mp4):
+def test_dataframe_puts_the_swept_params_seed_and_results_first_and_names_its_columns(store, sample_mp4):
     exp = open_exp(store)
     exp.sweep(["a cat", "a dog"], [7], num_frames=7, height=32, width=32, num_inference_steps=[2, 4], fps=8)
     finish(store, "done", video=sample_mp4)
     df = exp.to_dataframe()
-    assert list(df.columns[:5]) == ["prompt", "num_inference_steps", "seed", "status", "run_s"]
+    assert list(df.columns) == ["prompt", "num_inference_steps", "seed", "status", "run_s", "video", "error", "job_id"]
     assert list(df["num_inference_steps"]) == [2, 4, 2, 4] and df.loc[0, "run_s"] == 1.0
-    assert {"job_id", "run", "denoise_s", "video", "height"} <= set(df.columns[5:])
+    every = exp.to_dataframe(all_columns=True)
+    assert list(every.columns[:8]) == list(df.columns) and every["job_id"].tolist() == df["job_id"].tolist()
+    assert {"run_key", "run_attempt", "job_stage", "denoise_s", "height", "worker_id"} <= set(every.columns[8:])
+    assert "run" not in every.columns and "stage" not in every.columns  # each column says what it is
+    picked = exp.to_dataframe(columns=["job_id", "height", "denoise_s"])
+    assert list(picked.columns) == ["job_id", "height", "denoise_s"] and (picked["height"] == 32).all()
+    with pytest.raises(ValueError, match="unknown columns 'steps'; the columns are prompt, num_inference_steps"):
+        exp.to_dataframe(columns=["steps"])
 
 
-def test_compare_has_row_and_column_headers_for_the_swept_params(store, sample_mp4):
+def test_compare_has_row_and_column_headers_for_the_swept_params(store, sample_mp4, tmp_path):
     exp = open_exp(store)
     exp.sweep(["a cat", "a dog"], [1, 2], **TINY)
     finish(store, "done", video=sample_mp4)  # a cat, seed 1
-    grid = exp.compare()
+    grid = exp.compare(download_dir=tmp_path / "videos")
     assert (grid.row_param, grid.col_param) == ("prompt", "seed")
     assert grid.row_labels == ["a cat", "a dog"] and grid.col_labels == ["1", "2"]
     done = grid.cell("a cat", "1")
     assert done["status"] == "done" and grid.videos[done["video"]] == sample_mp4.read_bytes()
     assert grid.cell("a dog", "2")["status"] == "queued" and grid.cell("a dog", "2")["video"] == -1
     assert len(grid.cells) == 4 and len(grid.videos) == 1 and grid.playing  # plays at once, together
-    flipped = exp.compare(rows="seed", columns="prompt")
+    # the stand-in a notebook saved with the save hook keeps: the done run linked to its copy beside the
+    # notebook (no thumbnail here: its link says the file), the others their status; the sync needs the kernel
+    static = grid.static_html()
+    copy = tmp_path / "videos" / f"{done['job_id']}.mp4"
+    assert copy.read_bytes() == sample_mp4.read_bytes() and f"{copy.name}</a>" in static
+    assert static.count(">queued</div>") == 3 and "playing them in sync needs the kernel" in static
+    assert ">a cat</th>" in static and ">2</th>" in static
+    from IPython.core.interactiveshell import InteractiveShell
+    from IPython.utils.capture import capture_output
+
+    from mochi_lab.display.reprs import STATIC_MIME, WIDGET_MIME
+
+    InteractiveShell.instance()  # displayed as in a kernel: the live grid, then its stand-in
+    with capture_output() as shown:
+        grid._ipython_display_()
+    live, stand_in = shown.outputs[:2]
+    assert WIDGET_MIME in live.data and live.metadata == {"mochi_lab": {"live_widget": True}}
+    assert stand_in.data[STATIC_MIME] == static
+    flipped = exp.compare(rows="seed", columns="prompt", download_dir=tmp_path / "videos")
     assert flipped.row_labels == ["1", "2"] and flipped.col_labels == ["a cat", "a dog"]
     assert flipped.cell("1", "a cat")["video"] == 0
     with pytest.raises(ValueError, match="not a generation parameter"):
-        exp.compare(rows="colour")
+        exp.compare(rows="colour", download_dir=tmp_path / "videos")

@@ -194,3 +194,86 @@ def test_gpu_use_per_worker_and_a_link_to_the_ray_dashboard():
     assert ClusterPanel(FakeCluster(workers=rows)).dashboard.value == ""
     cpu_only = ClusterPanel(FakeCluster(workers=rows[1:])).table.value
     assert "GPU" not in cpu_only and "mochi-gpu-use" not in cpu_only  # a CPU pool: no column of dashes
+
+
+def test_queue_etas_cpu_use_throughput_and_what_each_count_counts():
+    from mochi_lab.display.widgets.cluster_panel import Throughput, queue_starts, throughput_html
+
+    done = [FakeJob(record(id=f"d-{i}", status="done", timings={"run_s": 10.0})) for i in range(3)]
+    rows = [{"worker_id": "w-0", "state": "busy", "current_job": "r-1", "device": "cpu", "model": "tiny",
+             "cpu_percent": 187.4, "jobs_done": 4},
+            {"worker_id": "w-1", "state": "idle", "device": "cpu", "model": "tiny", "cpu_percent": 0.0, "jobs_done": 2}]
+    running = FakeJob(record(id="r-1", status="running", live={"eta_s": 4.0}))
+    queue = [{"position": i, "mine": True, "id": f"q-{i}", "prompt": f"waiting {i}", "model": "tiny", "width": 32,
+              "height": 32, "num_frames": 7, "steps": 2, "priority": 0, "created_at": 1.7e9} for i in (1, 2, 3)]
+
+    class Cluster(FakeCluster):
+        def jobs(self, status=None, **kw):
+            self._read("jobs")
+            return {"running": [running], "done": done}.get(status, [])
+
+    panel = ClusterPanel(Cluster(workers=rows, queue=queue))
+    # the idle worker takes the 1st now; the busy one frees in 4 s (its job's ETA) and takes the 2nd;
+    # the 3rd waits for the idle worker's first job (10 s, the recent median)
+    etas = re.findall(r'class="mochi-queue-eta"[^>]*>([^<]*)<', panel.queue.value)
+    assert etas == ["now", "~4.0 s", "~10 s"], etas
+    assert queue_starts(queue, rows, {}, None) == [None, None, None]  # no run time to go by: no guess
+    assert queue_starts(queue, [{**rows[0], "model": "mochi-1-preview"}], {}, 10.0) == [None] * 3  # no worker for it
+    # a busy worker whose job has no ETA (held, or another account's): no guess; an idle one takes them all
+    assert queue_starts(queue, rows[:1], {}, 10.0) == [None] * 3
+    assert queue_starts(queue, rows, {}, 10.0) == [0.0, 10.0, 20.0]
+    # CPU use per worker, in % of one core; the headers that could be misread say what they count
+    table = panel.table.value
+    assert re.search(r'class="mochi-cpu-use"[^>]*>187 %', table) and "GPU" not in table
+    assert 'title="jobs this worker has finished since it started' in table
+    assert "this account's jobs</span>: queued" in panel.counts.value
+    assert "every account's jobs, in the order workers take them" in panel.queue.value
+    # throughput: jobs finished per minute, from the increase of each worker's count between reads
+    t = Throughput()
+    t.add(rows, now=1000.0)
+    t.add([{**rows[0], "jobs_done": 6}, {**rows[1], "jobs_done": 3}], now=1030.0)  # 3 finished
+    t.add([{**rows[0], "jobs_done": 0}, {**rows[1], "jobs_done": 4}], now=1100.0)  # w-0 restarted: 1 more
+    assert t.per_minute(now=1100.0)[-2:] == [3, 1] and sum(t.per_minute(now=1100.0)) == 4
+    assert sum(t.per_minute(now=1100.0 + 700)) == 0  # older than the window: gone
+    assert "<svg" in panel.rate.value and "since this panel's first read" in panel.rate.value
+    t.since = 0.0  # read for longer than the window: the whole window counts
+    assert "finished in the last 10 min" in throughput_html(t, now=1100.0)
+
+
+def test_the_notebook_file_keeps_the_panels_last_state_with_its_time():
+    from mochi_lab.display.reprs import STATIC_MIME
+    from mochi_lab.display.widgets.save_hook import strip_live_widgets
+
+    rows = [{"worker_id": "w-0", "state": "idle", "device": "cpu", "model": "tiny", "jobs_done": 1}]
+    panel = ClusterPanel(FakeCluster(workers=rows))
+    published = []
+
+    class Handle:
+        def update(self, bundle, raw):
+            published.append(bundle)
+
+    panel._snapshots.append(Handle())
+    panel.cluster._workers = [{**rows[0], "state": "busy"}]
+    panel.refresh()  # the state changed: the stand-in follows
+    (bundle,) = published
+    html = bundle[STATIC_MIME]
+    assert "mochi-cluster-panel-static" in html and "1 CPU worker" in html and "busy" in html
+    assert re.search(r"as read at \d\d:\d\d:\d\d", html) and "need the kernel" in html
+    panel.refresh()  # only the clock moved: not sent again at once
+    assert len(published) == 1
+    nb = {"cells": [{"cell_type": "code", "outputs": [{"output_type": "display_data", "data": dict(bundle),
+                                                        "metadata": {}}]}]}
+    strip_live_widgets(nb)
+    assert nb["cells"][0]["outputs"][0]["data"]["text/html"] == html
+
+
+def test_queue_etas_take_any_record_without_failing():
+    """The store is a trust boundary: a list where a number belongs, or a job id that is a dict, is no estimate."""
+    odd = [[1], {"a": 1}, None, "x", float("nan")]
+    done = [FakeJob(record(id=f"d-{i}", status="done", timings={"run_s": v}, params={"width": v, "model": v}))
+            for i, v in enumerate([*odd, 5.0])]
+    rows = [{"worker_id": "w-0", "state": "busy", "current_job": {"id": 1}, "model": ["tiny"], "jobs_done": [3]},
+            {"worker_id": "w-1", "state": "idle", "current_job": None, "model": "tiny", "jobs_done": "many"}]
+    queue = [{"position": 1, "mine": True, "id": "q-1", "model": v, "width": v, "created_at": v} for v in odd]
+    panel = ClusterPanel(FakeCluster(workers=rows, jobs=done, queue=queue))
+    assert panel.queue.value.count('class="mochi-queue-eta"') == len(odd) and panel.message.value == ""

@@ -134,12 +134,15 @@ def test_queue_note_and_retry_lines_take_any_value(payload):
 
 @pytest.mark.parametrize("payload", PAYLOADS)
 def test_cluster_html_escapes_every_field(payload):
-    keys = ("backend", "address", "store", "account", "model", "workers")
+    keys = ("backend", "address", "store", "account", "model")  # the pool's live figures: below
     assert_safe(reprs.cluster_html({k: payload for k in keys}), payload)
     for key in keys:
         info = {"backend": "direct", "address": "127.0.0.1:6379", "store": "sqlite /x", "account": "alice",
                 "model": "tiny", "workers": "4", key: payload}
         assert_safe(reprs.cluster_html(info), payload)
+    rows = [{"state": payload, "gpu_name": payload, "device": payload, "model": payload}, {"state": "idle"}]
+    assert_safe(reprs.cluster_html({}, workers=rows, queue=[{"mine": payload}], dashboard=payload, error=payload),
+                payload)
 
 
 @pytest.mark.parametrize("payload", PAYLOADS)
@@ -315,7 +318,8 @@ def test_cluster_panel_errors_are_text():
 
 @pytest.mark.parametrize("payload", PAYLOADS)
 def test_studio_errors_and_notices_are_text(payload, tmp_path):
-    cluster = FakeCluster(models=["tiny", payload])
+    cluster = FakeCluster(models=["tiny", payload], workers=[{"worker_id": "w-0", "state": "idle", "model": payload},
+                                                             {"worker_id": "w-1", "state": "idle", "model": "tiny"}])
     studio = Studio(cluster, prompt="a kite", download_dir=tmp_path)
     assert payload in studio.model.options  # options are text, not HTML
     cluster.fail = RuntimeError(payload)

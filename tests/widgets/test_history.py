@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
@@ -221,3 +223,34 @@ def test_a_running_jobs_row_shows_the_video_as_it_forms(mochi, hold, tiny):
     assert row.thumbnail.format == "webp" and row.thumbnail.value[:4] == b"RIFF"
     assert row.job.record.status == "running"
     job.cancel()
+
+
+def test_the_notebook_file_keeps_the_last_listing_with_thumbnails_and_links(tmp_path):
+    import io
+
+    from PIL import Image
+
+    from mochi_lab.display.reprs import STATIC_MIME
+
+    png = io.BytesIO()
+    Image.new("RGB", (48, 32), (200, 30, 30)).save(png, format="PNG")
+    done = FakeJob(record(id="d-1", status="done", params={"prompt": "a <b>red</b> kite"}), thumbnail=png.getvalue())
+    running = FakeJob(record(id="r-1", status="running", params={"prompt": "a slow boat"}))
+    history = History(FakeCluster(jobs=[done, running]), download_dir=tmp_path / "videos")
+    published = []
+
+    class Handle:
+        def update(self, bundle, raw):
+            published.append(bundle)
+
+    history._snapshots.append(Handle())
+    html = history.static_html()
+    assert "mochi-history-static" in html and html.count("mochi-history-static-row") == 2
+    assert "a &lt;b&gt;red&lt;/b&gt; kite" in html and "a slow boat" in html
+    assert 'src="data:image/jpeg;base64,' in html  # the done row's thumbnail, small
+    assert re.search(r"as listed at \d\d:\d\d:\d\d", html) and "need the kernel" in html
+    assert "Play copies it" in html and "mochi-download" not in html  # no copy beside the notebook yet
+    history.play(done)  # Play copies the video beside the notebook: the saved listing links it
+    assert (tmp_path / "videos" / "d-1.mp4").is_file()
+    html = published[-1][STATIC_MIME]
+    assert 'class="mochi-download"' in html and "d-1.mp4" in html and "Play copies it" not in html

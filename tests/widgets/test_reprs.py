@@ -22,8 +22,30 @@ from tests.support.widget_helpers import drive, pool_size, unique
 
 def test_cluster_repr_is_compact_html(mochi):
     out = mochi._repr_html_()
-    assert "MochiCluster" in out and f"<b>{mochi.account}</b>" in out and "tiny" in out and len(out) < 1000
+    assert "MochiCluster" in out and f"<b>{mochi.account}</b>" in out and "tiny" in out and len(out) < 1500
     assert "sqlite" in out and "ray " in out
+    # what runs now, read now (as dask's Client shows itself), not the sizing policy
+    n = pool_size(mochi)
+    assert f"workers <b>{n}</b> CPU" in out and "ready" in out and "serving tiny" in out
+    assert "queue <b>" in out and "one per GPU" not in out
+
+
+def test_cluster_repr_counts_workers_by_state_and_the_queue_and_links_the_dashboard():
+    info = {"backend": "direct", "address": "127.0.0.1:6379", "store": "sqlite /x", "account": "alice", "model": "tiny"}
+    workers = [{"state": "idle", "device": "cuda", "gpu_name": "NVIDIA H100", "model": "mochi-1-preview"},
+               {"state": "busy", "device": "cuda", "gpu_name": "NVIDIA H100", "model": "mochi-1-preview"},
+               {"state": "loading", "device": "cuda", "gpu_name": "NVIDIA H100", "model": None}]
+    out = cluster_html(info, workers=workers, queue=[{"mine": True}, {"mine": False}, {}],
+                       dashboard="http://127.0.0.1:8265")
+    assert "workers <b>3</b> GPU (NVIDIA H100) &middot; 1 ready &middot; 1 busy &middot; 1 loading" in out
+    assert "serving mochi-1-preview" in out and "error" not in out
+    assert "queue <b>3</b> jobs waiting (1 yours)" in out
+    assert 'href="http://127.0.0.1:8265"' in out
+    empty = cluster_html(info, workers=[], queue=[], dashboard="javascript:alert(1)")
+    assert "workers <b>0</b> live: the pool is starting" in empty and "queue <b>0</b> jobs waiting<" in empty
+    assert "javascript" not in empty  # only an http(s) link is a link
+    unread = cluster_html(info, error="cannot read the pool now: StoreError: down")
+    assert "workers" not in unread and "cannot read the pool now" in unread
 
 
 def test_a_gateway_handles_repr_shows_its_url_and_not_the_servers_store():
@@ -372,3 +394,58 @@ def test_a_card_reads_nothing_while_the_jobs_follower_task_reads_it_for_every_vi
     assert job.refreshes == card.follower.reads  # every read of the job was the follower's
     assert card.record.status == "cancelled" and card.bar.bar_style == "warning"
     assert "stopped at denoising step 3/3" in card.notes.value and "stopped at denoising step 3/3" in shown.html[-1]
+
+
+def test_a_cold_start_shows_each_step_with_its_seconds_then_the_model_loading_then_ready():
+    from mochi_lab.display.startup import StartProgress
+
+    now = [100.0]
+    sent: list[tuple[bool, dict]] = []
+    shown = StartProgress(publish=lambda bundle, update: sent.append((update, bundle)), clock=lambda: now[0])
+    shown("store", "sqlite /x")
+    now[0] += 0.1
+    shown("ray", "on 127.0.0.1, for this process")
+    now[0] += 12.0
+    shown("pool", "model tiny")
+    assert [u for u, _ in sent] == [False, True, True]  # one output, updated in place
+    html = sent[-1][1]["text/html"]
+    assert html.count("&#10003;") == 2 and "starting Ray" in html and "12 s" in html and "&hellip;" in html
+    rows = [{"worker_id": "w-0", "state": "loading", "model": "tiny"}, {"worker_id": "w-1", "state": "loading"}]
+    now[0] += 0.5
+    assert shown.follow(lambda: rows, "tiny") is False  # no running loop here: one look, then the caller drives
+    assert "loading the model" in sent[-1][1]["text/html"] and "tiny on 2 workers" in sent[-1][1]["text/html"]
+    rows[0]["state"] = "idle"
+    assert shown.check(lambda: rows, "tiny") is True  # one still loading: follow on
+    assert "(1 ready)" in sent[-1][1]["text/html"]
+    now[0] += 6.0
+    rows[1].update(state="idle", model="tiny")
+    assert shown.check(lambda: rows, "tiny") is False
+    html = sent[-1][1]["text/html"]
+    assert "<b>ready</b>" in html and "2 workers serving tiny" in html and "19 s in all" in html
+    assert "&hellip;" not in html and html.count("&#10003;") == 5
+
+
+def test_a_start_that_fails_says_which_step_failed():
+    from mochi_lab.display.startup import StartProgress
+
+    now = [0.0]
+    sent: list[dict] = []
+    shown = StartProgress(publish=lambda bundle, update: sent.append(bundle), clock=lambda: now[0])
+    shown("store", "sqlite /x")
+    shown("ray", "on 127.0.0.1")
+    now[0] += 75.0
+    shown.failed(Exception("The current node timed out during startup.\nmore"))
+    html = sent[-1]["text/html"]
+    assert "&#10007;" in html and "&hellip;" not in html
+    assert "failed: Exception: The current node timed out during startup. (after 75 s)" in html
+
+
+def test_a_start_in_a_kernel_shows_its_progress_and_elsewhere_nothing(monkeypatch):
+    from mochi_lab.client import cluster as handle
+    from mochi_lab.display import startup
+
+    assert handle._start_progress(None) is None  # a test, a script: nothing shown
+    assert handle._start_progress(False) is None
+    monkeypatch.setattr(startup, "in_kernel", lambda: True)
+    assert isinstance(handle._start_progress(None), startup.StartProgress)
+    assert handle._start_progress(False) is None

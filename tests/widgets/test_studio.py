@@ -52,13 +52,24 @@ def test_size_presets_and_defaults_follow_the_pools_device(mochi):
     assert small.size.value == "custom" and (small.width.value, small.height.value) == (32, 48)
 
 
-def test_frames_are_a_duration_at_the_fps_snapped_to_6k_plus_1():
+def test_the_length_is_typed_in_seconds_or_frames_and_the_other_follows():
     studio = Studio(FakeCluster(), prompt="a kite", fps=8, num_frames=7)
     assert studio.duration.value == 7 / 8 and studio.params()["num_frames"] == 7  # the starting frames survive
     for fps, seconds_, frames in ((8, 1.0, 7), (8, 2.0, 13), (30, 2.8, 85), (30, 5.4, 163), (24, 0.01, 1)):
         studio.fps.value, studio.duration.value = fps, seconds_
         assert studio.params()["num_frames"] == frames and (frames - 1) % 6 == 0
-        assert f"= {frames} frame" in studio.frames.value
+        assert studio.frames.value == frames and studio.duration.value == seconds_  # the seconds stay as typed
+    studio.fps.value = 8
+    studio.frames.value = 13  # 13 frames, typed as frames (no 1.625 s to work out)
+    assert studio.duration.value == 1.625 and studio.params()["num_frames"] == 13 and studio.check() == {}
+    studio.fps.value = 24  # the frames stay (they set the cost); their seconds follow
+    assert (studio.frames.value, studio.duration.value) == (13, 0.542)
+    studio.frames.value = 14
+    errors = studio.check()
+    assert list(errors) == ["num_frames"] and "frames: must be of the form 6k+1" in errors["num_frames"]
+    assert "nearest valid values are 13 or 19" in errors["num_frames"] and studio.generate_button.disabled
+    studio.frames.value = 13
+    assert studio.check() == {} and not studio.generate_button.disabled
     studio.fps.value, studio.duration.value = 30, 10.0  # 300 frames: too long, said next to the duration
     errors = studio.check()
     assert "duration: 10 s at 30 fps is 301 frames; at most 283 frames (9.4 s at 30 fps)" in errors["duration"]
@@ -70,10 +81,10 @@ def test_frames_are_a_duration_at_the_fps_snapped_to_6k_plus_1():
 
 
 @pytest.mark.parametrize("field, widget, value, message", [
-    ("guidance_scale", "guidance", 99.0, "guidance_scale: must be between 0.0 and 30.0, got 99.0"),
+    ("guidance_scale", "guidance", 99.0, "guidance: must be between 0.0 and 30.0, got 99.0"),
     ("fps", "fps", 0, "fps: must be between 1 and 120, got 0"),
     ("seed", "seed", -5, "seed: must be between 0 and 4294967295"),
-    ("num_inference_steps", "steps", 1, "num_inference_steps: must be between 2 and 200, got 1"),
+    ("num_inference_steps", "steps", 1, "steps: must be between 2 and 200, got 1"),
     ("size", "width", 100, "width: must be a multiple of 16 between 16 and 1280, got 100; nearest valid values are 96 or 112"),
 ])
 def test_invalid_typed_values_are_errors_next_to_their_field_never_clamped(field, widget, value, message):
@@ -85,6 +96,10 @@ def test_invalid_typed_values_are_errors_next_to_their_field_never_clamped(field
     assert getattr(studio, widget).value == value  # kept as typed: nothing clamps it
     errors = studio.check()
     assert list(errors) == [field] and message in errors[field]  # shown next to its field, and only there
+    label = getattr(studio, widget).description
+    assert Scan(errors[field]).text.startswith(f"{label}: ")  # in the form's words: the label beside the field
+    assert "word-break: normal" in errors[field] and "<pre" not in errors[field]  # wrapped between words only
+    assert studio.generate_button.disabled and studio.generate_button.tooltip  # nothing to press until fixed
     assert studio.submit() is None and cluster.generated == []  # nothing queued
     assert studio.error.value == ""
 
@@ -116,6 +131,35 @@ def test_the_backends_refusals_go_next_to_their_field_and_clear_on_the_next_atte
     assert studio.field_errors["model"].value == "" and "RuntimeError: store down" in studio.error.value
     cluster.fail = None
     assert studio.submit() is not None and studio.error.value == ""
+
+
+def test_a_notice_clears_when_the_form_changes():
+    cluster = FakeCluster()
+    studio = Studio(cluster, prompt="a kite", seed=3)
+    first = studio.submit()
+    cluster.next_job = first  # the result cache hands back the same job
+    assert studio.submit() is first and "reused" in studio.error.value
+    studio.seed.value = 4  # a new seed: the notice is about the old form
+    assert studio.error.value == ""
+    cluster.fail = ParamsError("invalid generation parameters:\n  model: must be one of tiny, got 'x'")
+    assert studio.submit() is None and "model: must be one of tiny" in studio.field_errors["model"].value
+    studio.steps.value = 4
+    assert studio.field_errors["model"].value == "" and not studio.generate_button.disabled
+
+
+def test_the_model_menu_lists_what_the_pools_workers_serve(mochi):
+    # the session's CPU workers run the tiny model: mochi-1-preview is accepted by name but no worker has it
+    assert "mochi-1-preview" in mochi.models()
+    studio = Studio(mochi)
+    assert list(studio.model.options) == ["tiny"] and studio.model.value == "tiny"
+    gpu = Studio(FakeCluster(workers=[GPU_ROW, {**GPU_ROW, "worker_id": "w-1", "model": "tiny"}],
+                             models=["mochi-1-preview", "tiny"], model="mochi-1-preview"))
+    assert list(gpu.model.options) == ["mochi-1-preview", "tiny"] and gpu.model.value == "mochi-1-preview"
+    # no worker to go by (none started yet, or unreadable): the cluster's model
+    assert list(Studio(FakeCluster(workers=[], models=["mochi-1-preview", "tiny"])).model.options) == ["tiny"]
+    # a model asked for by name is offered (its jobs wait for a worker that serves it)
+    asked = Studio(FakeCluster(workers=[CPU_ROW], models=["mochi-1-preview", "tiny"]), model="mochi-1-preview")
+    assert list(asked.model.options) == ["mochi-1-preview", "tiny"] and asked.model.value == "mochi-1-preview"
 
 
 def test_generate_is_disabled_while_a_submission_is_in_flight():
@@ -379,3 +423,35 @@ def test_download_dir_defaults_to_the_env_or_a_folder_beside_the_notebook(monkey
     assert default_download_dir() == Path("mochi_videos")
     monkeypatch.setenv("MOCHI_LAB_DOWNLOAD_DIR", os.sep + "tmp")
     assert default_download_dir() == Path("/tmp")
+
+
+def test_where_the_save_hook_is_off_the_cell_says_so_and_how_to_turn_it_on(tmp_path, monkeypatch):
+    import json
+
+    from IPython.core.interactiveshell import InteractiveShell
+    from IPython.utils.capture import capture_output
+
+    from mochi_lab.display.reprs import STATIC_MIME, WIDGET_MIME
+    from mochi_lab.display.widgets.save_hook import ENABLE, HOOK, save_hook_enabled
+
+    def config(name: str, on: bool) -> str:
+        folder = tmp_path / name / "jupyter_server_config.d"
+        folder.mkdir(parents=True)
+        (folder / "zz.json").write_text(json.dumps({"ServerApp": {"jpserver_extensions": {HOOK: on}}}))
+        return str(folder.parent)
+
+    InteractiveShell.instance()  # what a kernel has: display() publishes outputs
+    studio = Studio(FakeCluster(), prompt="a kite")
+    monkeypatch.setenv("JUPYTER_CONFIG_PATH", config("off", False))  # the highest-priority folder turns it off
+    assert save_hook_enabled() is False
+    with capture_output() as shown:
+        studio._ipython_display_()
+    live, stand_in, notice = shown.outputs
+    assert WIDGET_MIME in live.data and live.metadata == {"mochi_lab": {"live_widget": True}}
+    assert STATIC_MIME in stand_in.data
+    assert "save hook is off" in notice.data["text/html"] and ENABLE in notice.data["text/html"]
+    monkeypatch.setenv("JUPYTER_CONFIG_PATH", config("on", True))
+    assert save_hook_enabled() is True
+    with capture_output() as shown:
+        studio._ipython_display_()
+    assert len(shown.outputs) == 2  # the widget and its stand-in, nothing to warn about

@@ -1,26 +1,41 @@
-"""`ClusterPanel`: the workers with what each is running, the cluster's queue and this account's job
-counts, refreshed while a view of it is on screen."""
+"""`ClusterPanel`: the workers with what each is running (and its CPU use, or its GPU's where NVML
+reports it), the cluster's queue with when each job should start, the jobs finished per minute over the
+last minutes, and this account's job counts, refreshed while a view of it is on screen. A notebook saved
+with the save hook keeps its last state, with the time it was read."""
 
 from __future__ import annotations
 
 import asyncio
+import statistics
 import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import ipywidgets as W
 
-from mochi_lab.model import RUNNING
+from mochi_lab.model import DONE, RUNNING
 
 from ._format import error_html, job_view, mapping, render, to_float
 from ._poll import Poller
+from .save_hook import StaticStandIn
 
 if TYPE_CHECKING:
     from mochi_lab.client.cluster import MochiCluster
     from mochi_lab.client.job import Job
 
-COLUMNS = ("worker", "node", "device", "memory", "GPU use", "model", "state", "current job", "jobs done", "uptime")
-QUEUE_COLUMNS = ("#", "prompt", "size", "priority", "waiting", "job")
+COLUMNS = ("worker", "node", "device", "memory", "CPU use", "GPU use", "model", "state", "current job",
+           "jobs done", "uptime")
+# What a column counts, where its name alone could mislead (shown as the header's tooltip and in its text).
+COLUMN_TITLES = {
+    "current job": "this account's job by its prompt, with the denoising steps its worker had reported at the panel's "
+                   "last read (a job's own view, read at another moment, may be a few steps on)",
+    "jobs done": "jobs this worker has finished since it started (every account's)",
+    "CPU use": "the worker process's CPU use over its last heartbeat, in % of one core",
+    "GPU use": "the GPU's utilisation and power draw, as NVML reports them",
+}
+QUEUE_COLUMNS = ("#", "prompt", "size", "priority", "waiting", "starts in", "job")
+THROUGHPUT_WINDOW_S = 600  # the sparkline's span: the last 10 minutes, one bar a minute
+_ESTIMATE_EVERY_S = 30.0  # recent run times change slowly: read them at most this often
 QUEUE_SHOWN = 20  # queue rows drawn; the rest are counted
 _LISTED = 1000  # running jobs and queue rows read per refresh
 
@@ -45,7 +60,7 @@ def worker_view(row: Any, job: dict[str, Any] | None = None) -> dict[str, Any]:
         "gpu_util": to_float(r.get("gpu_utilization")), "gpu_power": to_float(r.get("gpu_power_w")),
         "model": r.get("model") or "-", "state": r.get("state"), "error": r.get("error"),
         "current_job": r.get("current_job") or "-", "job": job,
-        "jobs_done": r.get("jobs_done", 0), "uptime": r.get("uptime_s"),
+        "jobs_done": r.get("jobs_done", 0), "uptime": r.get("uptime_s"), "cpu": to_float(r.get("cpu_percent")),
     }
 
 
@@ -54,10 +69,12 @@ def workers_html(rows: list[dict[str, Any]], jobs: Mapping[str, dict[str, Any]] 
     jobs = jobs or {}
     views = [worker_view(r, jobs.get(mapping(r).get("current_job"))
                          if isinstance(mapping(r).get("current_job"), str) else None) for r in rows]
-    # GPU use only where NVML reports it: a CPU pool gets no column of dashes
+    # GPU use only where NVML reports it, CPU use where workers report it: no column of dashes
     gpu_use = any(v["gpu_util"] is not None for v in views)
-    columns = COLUMNS if gpu_use else tuple(c for c in COLUMNS if c != "GPU use")
-    return render("cluster_panel.html", "workers", rows=views, columns=columns, gpu_use=gpu_use)
+    cpu_use = any(v["cpu"] is not None for v in views)
+    columns = tuple(c for c in COLUMNS if (c != "GPU use" or gpu_use) and (c != "CPU use" or cpu_use))
+    return render("cluster_panel.html", "workers", rows=views, columns=columns, gpu_use=gpu_use, cpu_use=cpu_use,
+                  titles=COLUMN_TITLES)
 
 
 def pool_summary(rows: list[Any]) -> dict[str, Any]:
@@ -78,7 +95,99 @@ def summary_html(rows: list[Any]) -> str:
     return render("cluster_panel.html", "summary", s=pool_summary(rows))
 
 
-def queue_view(rows: list[Any], now: float | None = None) -> list[dict[str, Any]]:
+def queue_starts(queue: list[Any], workers: list[Any], busy_for: Mapping[str, float], run_s: float | None,
+                 run_s_of: Mapping[tuple, float] | None = None) -> list[float | None]:
+    """When each queued job (in queue order) should start, in seconds from now: each worker that serves its
+    model takes the next job as it frees up, a busy worker after `busy_for[worker_id]` seconds (its job's
+    own ETA), and each job takes the median recent run time of its shape
+    (`run_s_of[(model, width, height, num_frames, steps)]`) or of all (`run_s`). None where there is no run
+    time to go by, no worker for the model, or only busy workers whose job has no ETA (another account's,
+    or one that has not reported a rate yet): no guess. An estimate: jobs queued later may still go first."""
+    run_s_of = run_s_of or {}
+    free: dict[str, float | None] = {}  # None: busy for as long as nobody knows
+    models: dict[str, Any] = {}
+    for row in workers:
+        w = mapping(row)
+        wid = str(w.get("worker_id"))
+        models[wid] = w.get("model")
+        if w.get("state") == "busy":
+            free[wid] = busy_for.get(wid)
+        elif w.get("state") in ("idle", "loading", None):
+            free[wid] = 0.0
+    out: list[float | None] = []
+    for row in queue:
+        q = mapping(row)
+        took = run_s_of.get(shape_key(q.get(k) for k in ("model", "width", "height", "num_frames", "steps")), run_s)
+        able = [wid for wid in free if free[wid] is not None
+                and (not models.get(wid) or not q.get("model") or models[wid] == q.get("model"))]
+        if took is None or not able:
+            out.append(None)
+            continue
+        wid = min(able, key=lambda k: free[k])
+        out.append(free[wid])
+        free[wid] += took
+    return out
+
+
+def shape_key(values: Any) -> tuple | None:
+    """A job's shape (model, size, frames, steps) as a dict key; None when a value is not plain (a hostile
+    record may hold a list where a number belongs)."""
+    key = tuple(values)
+    plain = all(v is None or isinstance(v, (str, int, float)) for v in key)
+    return key if plain else None
+
+
+class Throughput:
+    """Jobs finished per minute over the last minutes, from the workers' `jobs_done` counts as read at
+    each refresh (a worker that restarts starts again from zero: only increases count)."""
+
+    def __init__(self, window_s: float = THROUGHPUT_WINDOW_S):
+        self.window_s = window_s
+        self.last: dict[str, int] = {}
+        self.events: list[tuple[float, int]] = []  # (when read, jobs finished since the read before)
+        self.since: float | None = None  # the first read: the sparkline says how far back it goes
+
+    def add(self, rows: list[Any], now: float | None = None) -> None:
+        now = time.time() if now is None else now
+        self.since = now if self.since is None else self.since
+        finished = 0
+        for row in rows:
+            r = mapping(row)
+            done = r.get("jobs_done")
+            if not isinstance(done, int) or isinstance(done, bool):
+                continue
+            wid = str(r.get("worker_id"))
+            if wid in self.last and done > self.last[wid]:
+                finished += done - self.last[wid]
+            self.last[wid] = done
+        if finished:
+            self.events.append((now, finished))
+        self.events = [(t, n) for t, n in self.events if now - t <= self.window_s]
+
+    def per_minute(self, now: float | None = None) -> list[int]:
+        """Jobs finished in each of the window's minutes, oldest first."""
+        now = time.time() if now is None else now
+        bins = [0] * max(1, int(self.window_s // 60))
+        for t, n in self.events:
+            i = len(bins) - 1 - int((now - t) // 60)
+            if 0 <= i < len(bins):
+                bins[i] += n
+        return bins
+
+
+def throughput_html(throughput: Throughput, now: float | None = None) -> str:
+    """A small bar sparkline of jobs finished per minute, with the total and the span it covers."""
+    now = time.time() if now is None else now
+    bins = throughput.per_minute(now)
+    top = max(bins) or 1
+    bars = [{"x": i * 6, "h": round(14 * n / top, 1), "n": n, "ago": len(bins) - i} for i, n in enumerate(bins)]
+    span = min(throughput.window_s, now - throughput.since) if throughput.since is not None else 0.0
+    return render("cluster_panel.html", "throughput", bars=bars, total=sum(bins), width=len(bins) * 6,
+                  minutes=round(throughput.window_s / 60), span=span)
+
+
+def queue_view(rows: list[Any], now: float | None = None, starts: list[float | None] | None = None
+               ) -> list[dict[str, Any]]:
     """The cluster's queue rows (`MochiCluster.queue()`) as display facts, in the order given (the order
     workers take them). Another account's job shows no prompt; its account shows where the server named it
     (for admins). No type is assumed: the rows come from the store or over the network."""
@@ -92,12 +201,13 @@ def queue_view(rows: list[Any], now: float | None = None) -> list[dict[str, Any]
             "id": r.get("id"), "prompt": r.get("prompt"), "width": r.get("width"), "height": r.get("height"),
             "num_frames": r.get("num_frames"), "steps": r.get("steps"), "priority": r.get("priority"),
             "waiting": None if created is None else max(0.0, now - created),
+            "starts_in": starts[len(views)] if starts is not None and len(views) < len(starts) else None,
         })
     return views
 
 
-def queue_html(rows: list[Any], now: float | None = None) -> str:
-    views = queue_view(rows, now)
+def queue_html(rows: list[Any], now: float | None = None, starts: list[float | None] | None = None) -> str:
+    views = queue_view(rows, now, starts)
     # the account column only where the server named other accounts (it does so for admins)
     accounts = any(v["account"] is not None and not v["mine"] for v in views)
     columns = QUEUE_COLUMNS[:1] + ("account",) + QUEUE_COLUMNS[1:] if accounts else QUEUE_COLUMNS
@@ -106,7 +216,7 @@ def queue_html(rows: list[Any], now: float | None = None) -> str:
 
 
 def counts_html(counts: Any) -> str:
-    """This account's job counts by status ("queued <b>2</b> · running <b>1</b> ...")."""
+    """This account's job counts by status ("this account's jobs: queued <b>2</b> · running <b>1</b> ...")."""
     items = list(counts.items()) if isinstance(counts, Mapping) else []
     return render("cluster_panel.html", "counts", counts=items)
 
@@ -133,7 +243,7 @@ def scaled_message(before: int, after: int) -> str:
     return f"pool kept at {_workers(after)}"
 
 
-class ClusterPanel(W.VBox):
+class ClusterPanel(StaticStandIn, W.VBox):
     """Workers (with the prompt and progress of each one's current job), the queue and this account's counts.
 
     The kernel cannot see the screen, but the front end counts the views it shows of a widget
@@ -143,6 +253,11 @@ class ClusterPanel(W.VBox):
 
     def __init__(self, cluster: "MochiCluster", *, interval: float = 2.0):
         self.cluster = cluster
+        self._snapshots: list[Any] = []  # display handles of the static stand-ins
+        self.read_at: float | None = None  # when the state on screen was read
+        self.throughput = Throughput()
+        self.rate = W.HTML()  # the throughput sparkline
+        self._estimate: tuple[float, float | None, dict[tuple, float]] | None = None  # (read at, run_s, by shape)
         self.summary = W.HTML()
         self.table = W.HTML()
         self.queue = W.HTML()
@@ -168,7 +283,8 @@ class ClusterPanel(W.VBox):
         super().__init__([
             W.HBox([self.refresh_button, self.updated, self.scale_to, self.scale_button, self.dashboard],
                    layout=W.Layout(align_items="center")),
-            self.summary, self.counts, self.table, self.queue, self.message,
+            W.HBox([self.summary, self.rate], layout=W.Layout(align_items="center", grid_gap="16px")),
+            self.counts, self.table, self.queue, self.message,
         ])
         self.add_class("mochi-cluster-panel")
         self.observe(self._views_changed, "_view_count")
@@ -191,12 +307,66 @@ class ClusterPanel(W.VBox):
             self.message.value = error_html(f"{type(exc).__name__}: {exc}")
             return
         self.refreshes += 1
+        self.read_at = now = time.time()
         mine = {j.id: job_brief(j) for j in running}
+        self.throughput.add(self.rows, now)
+        before = (self.summary.value, self.table.value, self.queue.value, self.counts.value)
         self.summary.value = summary_html(self.rows)
         self.table.value = workers_html(self.rows, mine)
-        self.queue.value = queue_html(self.queued)
+        self.queue.value = queue_html(self.queued, now, self._starts(running))
         self.counts.value = counts_html(counts)
-        self.updated.value = f"updated {time.strftime('%H:%M:%S')}"
+        self.rate.value = throughput_html(self.throughput, now)
+        self.updated.value = f"updated {time.strftime('%H:%M:%S', time.localtime(now))}"
+        # the stand-in follows what changed; a panel whose only change is its clock is sent now and then
+        self._snapshot_changed(clock_only=before == (self.summary.value, self.table.value, self.queue.value,
+                                                     self.counts.value))
+
+    def _starts(self, running: list[Any]) -> list[float | None] | None:
+        """When each queued job should start (`queue_starts`), from this account's recent run times."""
+        if not self.queued:
+            return None
+        now = time.monotonic()
+        if self._estimate is None or now - self._estimate[0] > _ESTIMATE_EVERY_S:
+            try:
+                done = self.cluster.jobs(status=DONE, limit=50)
+            except Exception:  # an estimate is a nicety: the queue shows without it
+                done = []
+            took: dict[tuple, list[float]] = {}
+            every: list[float] = []
+            for job in done:
+                r = job.record
+                p, t = mapping(r.params), to_float(mapping(r.timings).get("run_s"))
+                if t is None:
+                    continue
+                every.append(t)
+                key = shape_key(p.get(k) for k in ("model", "width", "height", "num_frames", "num_inference_steps"))
+                if key is not None:
+                    took.setdefault(key, []).append(t)
+            self._estimate = (now, statistics.median(every) if every else None,
+                              {k: statistics.median(v) for k, v in took.items()})
+        _, run_s, by_shape = self._estimate
+        busy_for = {}
+        on = {mapping(w).get("current_job"): str(mapping(w).get("worker_id")) for w in self.rows
+              if isinstance(mapping(w).get("current_job"), str)}
+        for job in running:
+            eta = to_float(mapping(getattr(job.record, "live", None)).get("eta_s"))
+            if eta is not None and job.id in on:
+                busy_for[on[job.id]] = eta
+        return queue_starts(self.queued, self.rows, busy_for, run_s, by_shape)
+
+    # -- the notebook file -----------------------------------------------------------
+    _live_text = "ClusterPanel (live: needs its kernel)"
+
+    def static_html(self) -> str:
+        """The panel's last state as static HTML, with the time it was read (what a notebook saved with
+        the save hook shows when it is opened without its kernel)."""
+        from markupsafe import Markup
+
+        # Markup only for this panel's own HTML as shown, each part rendered (and escaped) by its template
+        # above; nothing read from the store is marked safe.
+        parts = [Markup(p) for p in (self.summary.value, self.rate.value, self.counts.value, self.table.value,
+                                     self.queue.value)]
+        return render("cluster_panel.html", "snapshot", read_at=self.read_at, parts=parts)
 
     def scale(self, n: int) -> None:
         """Resize the pool. Shrinking drains workers (seconds), so on a kernel it runs off the event loop."""

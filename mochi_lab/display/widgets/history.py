@@ -2,22 +2,27 @@
 
 The player and a re-run's card open under the row they came from (each row has a `detail` area),
 and stay there when the table is re-listed; a card whose row is no longer on the page moves below
-the table, so it is never lost.
+the table, so it is never lost. A notebook saved with the save hook keeps the last listing as HTML
+(thumbnails, and links to the videos copied beside the notebook: played ones and the cards' downloads).
 """
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 import ipywidgets as W
 
-from mochi_lab.display.reprs import BORDER
+from mochi_lab.display.links import download_dir as default_download_dir
+from mochi_lab.display.links import relative_href
+from mochi_lab.display.reprs import BORDER, thumbnail_uri
 from mochi_lab.model import DONE, STATUSES
 
 from ._format import error_html, job_view, mapping, render, to_float
 from ._poll import DEFAULT_INTERVAL_S
 from .card_stack import CardStack, HasCardStack
+from .save_hook import StaticStandIn
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -69,7 +74,7 @@ class HistoryRow(W.VBox):
         delete(self.job)
 
 
-class History(HasCardStack, W.VBox):
+class History(StaticStandIn, HasCardStack, W.VBox):
     """Newest first, `limit` rows a page. Filters re-list at once; Play and Re-run open under their row.
 
     `stack` owns and polls the re-run cards (it is not shown itself: each card is shown under its row).
@@ -81,6 +86,9 @@ class History(HasCardStack, W.VBox):
         self.cluster = cluster
         self.limit = limit
         self.offset = 0
+        self.download_dir = Path(download_dir) if download_dir else default_download_dir()
+        self.listed_at: float | None = None  # when the rows on screen were read
+        self._snapshots: list[Any] = []  # display handles of the static stand-ins
         self._thumbs: dict[str, bytes] = {}  # job id -> PNG bytes, so paging does not re-read files
         self.status = W.Dropdown(options=[(ALL, ALL)] + [(s, s) for s in STATUSES], value=status or ALL,
                                  description="status", layout=W.Layout(width="180px"),
@@ -139,6 +147,8 @@ class History(HasCardStack, W.VBox):
         self.page.value = f"{self.offset + 1}–{self.offset + len(jobs)}" if jobs else "0"
         self.prev_button.disabled = self.offset == 0
         self.next_button.disabled = not more
+        self.listed_at = time.time()
+        self._snapshot_changed()
 
     def play(self, job: "Job") -> None:
         """Open the player under the job's row (one player at a time: it moves from row to row)."""
@@ -149,6 +159,11 @@ class History(HasCardStack, W.VBox):
             self.error.value = error_html(f"cannot play {r.id}: {type(exc).__name__}: {exc}")
             return
         self.error.value = ""
+        try:  # a copy beside the notebook, so the saved listing links the video
+            self.download_dir.mkdir(parents=True, exist_ok=True)
+            job.save(self.download_dir)
+        except Exception:  # the player works without it; the listing then shows no link
+            pass
         self._close_player_widgets()
         close = W.Button(description="Close", icon="times", tooltip="close the player",
                          layout=W.Layout(width="auto", min_width="72px"))
@@ -159,6 +174,7 @@ class History(HasCardStack, W.VBox):
         self.player_close = close
         self.playing = r.id
         self._attach()
+        self._snapshot_changed()
 
     def close_player(self) -> None:
         self._close_player_widgets()
@@ -207,6 +223,30 @@ class History(HasCardStack, W.VBox):
             self._close_player_widgets()
         self.others.children = [card for job_id, cards in self.rerun_cards.items() if job_id not in shown
                                 for card in cards]
+
+    # -- the notebook file -----------------------------------------------------------
+    _live_text = "History (live: needs its kernel)"
+
+    def static_html(self) -> str:
+        """The listing on screen as static HTML, as of when it was read: each row's thumbnail, facts and,
+        where a copy of its video is beside the notebook, a link to it (what a notebook saved with the
+        save hook shows when it is opened without its kernel)."""
+        rows = [self._static_row(row.job) for row in self.rows if isinstance(row, HistoryRow)]
+        chosen = (("status", self.status.value), ("prompt contains", self.text.value),
+                  ("experiment", self.experiment.value))
+        filters = [(name, value) for name, value in chosen if value and value != ALL]
+        return render("history.html", "snapshot", rows=rows, filters=filters, listed_at=self.listed_at,
+                      page=self.page.value)
+
+    def _static_row(self, job: "Job") -> dict[str, Any]:
+        r = job.record
+        copy = self.download_dir / f"{job.id}.mp4"
+        linked = r.status == DONE and copy.is_file()
+        media = {"thumbnail": thumbnail_uri(self._thumbs.get(job.id)), "video": False,
+                 "href": relative_href(copy) if linked else None, "name": copy.name if linked else None,
+                 "note": None if linked or r.status != DONE
+                 else "video not copied beside the notebook (Play copies it)"}
+        return job_view(r, media=media)
 
     def dataframe(self) -> "pd.DataFrame":
         """The rows on this page as a DataFrame (see `jobs_frame`)."""

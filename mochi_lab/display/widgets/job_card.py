@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import ipywidgets as W
 
-from mochi_lab.display.links import download_dir as default_download_dir, relative_href
+from mochi_lab.display.links import download_dir as default_download_dir
+from mochi_lab.display.links import relative_href
 from mochi_lab.display.reprs import BORDER, RetryTracker, thumbnail_uri, timings_line
 from mochi_lab.model import CANCELLED, DONE, FAILED, QUEUED, JobNotFound
 

@@ -1,10 +1,11 @@
 """`Studio`: a prompt form and a card per generated job.
 
-The form offers size presets (and a custom size), the length as a duration at the chosen fps
-(snapped to Mochi's 6k+1 frames), and defaults that suit the pool: small and few steps on CPU
-workers, Mochi's defaults on GPUs. A typed value that is not allowed is shown as an error next to
-its field and nothing is queued: no value is silently clamped. Generate is disabled while a
-submission is in flight.
+The form offers size presets (and a custom size), the length in seconds or in frames (either may be
+typed; the other follows, seconds snapped to Mochi's 6k+1 frames), the models the pool's workers serve,
+and defaults that suit the pool: small and few steps on CPU workers, Mochi's defaults on GPUs. A typed
+value that is not allowed is shown as an error next to its field, in the form's own words (its labels),
+and Generate stays disabled until it is fixed: no value is silently clamped. Generate is also disabled
+while a submission is in flight; a notice (a reused job, the backend's refusal) clears when the form changes.
 """
 
 from __future__ import annotations
@@ -16,12 +17,12 @@ from typing import TYPE_CHECKING, Any
 
 import ipywidgets as W
 
-from mochi_lab.display.reprs import STATIC_MIME, WIDGET_MIME
 from mochi_lab.params import LIMITS, GenerationParams, ParamsError
 
 from ._format import error_html, mapping, render
 from ._poll import DEFAULT_INTERVAL_S
 from .card_stack import CardStack, HasCardStack
+from .save_hook import StaticStandIn
 
 if TYPE_CHECKING:
     from mochi_lab.client.cluster import MochiCluster
@@ -58,10 +59,15 @@ SIZE_PRESETS: list[tuple[str, Any]] = [
 ]
 # A CPU pool runs the tiny model: a small size, a second or two of video and few steps keep a job to seconds.
 CPU_DEFAULTS = {"width": 432, "height": 240, "num_frames": 13, "fps": 8, "num_inference_steps": 8}
-# The form's fields, in the order errors are checked; each ParamsError line names one of these.
-FIELDS = ("prompt", "negative_prompt", "size", "duration", "fps", "num_inference_steps", "guidance_scale", "seed",
-          "model")
-FIELD_OF = {"width": "size", "height": "size", "num_frames": "duration"}
+# The form's error boxes, in the order errors are checked; each ParamsError line names one of these.
+FIELDS = ("prompt", "negative_prompt", "size", "duration", "num_frames", "fps", "num_inference_steps",
+          "guidance_scale", "seed", "model")
+FIELD_OF = {"width": "size", "height": "size"}
+# What the form calls each GenerationParams field: its errors say the label the user sees beside the field.
+LABELS = {"prompt": "prompt", "negative_prompt": "negative prompt", "width": "width", "height": "height",
+          "num_frames": "frames", "num_inference_steps": "steps", "guidance_scale": "guidance", "seed": "seed",
+          "fps": "fps", "model": "model", "size": "size"}
+INVALID_TOOLTIP = "fix the fields marked in red first"
 _LABEL = {"description_width": "110px"}
 
 
@@ -75,13 +81,27 @@ def snap_frames(duration_s: float, fps: int) -> int:
     return max(1, 6 * int(math.ceil((n - 1) / 6 - 0.5)) + 1)
 
 
-def device_of(cluster: "MochiCluster") -> str:
-    """"cuda" when the pool's workers have GPUs, else "cpu" (also when the pool cannot be read)."""
+def _worker_rows(cluster: "MochiCluster") -> list[Any] | None:
+    """The pool's worker rows, or None when they cannot be read."""
     try:
-        rows = [mapping(r) for r in cluster.workers()]
+        return [mapping(r) for r in cluster.workers()]
     except Exception:
-        return "cpu"
-    return "cuda" if any(r.get("device") == "cuda" or r.get("gpu_name") for r in rows) else "cpu"
+        return None
+
+
+def device_of(cluster: "MochiCluster", rows: list[Any] | None = None) -> str:
+    """"cuda" when the pool's workers have GPUs, else "cpu" (also when the pool cannot be read)."""
+    rows = _worker_rows(cluster) if rows is None else rows
+    return "cuda" if any(r.get("device") == "cuda" or r.get("gpu_name") for r in rows or ()) else "cpu"
+
+
+def _positive(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+
+
+def _seconds(frames: Any, fps: int) -> float:
+    """How long `frames` last at `fps`, rounded for the field (13 frames at 8 fps: 1.625 s)."""
+    return round(frames / fps, 3) if isinstance(frames, int) else 0.0
 
 
 def _number(value: Any, *, integer: bool) -> Any:
@@ -91,7 +111,7 @@ def _number(value: Any, *, integer: bool) -> Any:
     return value
 
 
-class Studio(HasCardStack, W.VBox):
+class Studio(StaticStandIn, HasCardStack, W.VBox):
     """Write a prompt, pick parameters, press Generate; each job gets a live card below the form.
 
     Keyword arguments set the form's starting values (GenerationParams names), e.g.
@@ -102,7 +122,8 @@ class Studio(HasCardStack, W.VBox):
     def __init__(self, cluster: "MochiCluster", *, download_dir: str | Path | None = None,
                  interval: float = DEFAULT_INTERVAL_S, **defaults: Any):
         self.cluster = cluster
-        self.device = device_of(cluster)
+        rows = _worker_rows(cluster)
+        self.device = device_of(cluster, rows)
         d = {**_field_defaults(cluster.model, self.device), **defaults}
         seed = d.get("seed")
         self.prompt = W.Textarea(value=d.get("prompt", ""), placeholder="a cat surfing a wave, golden hour",
@@ -118,9 +139,13 @@ class Studio(HasCardStack, W.VBox):
         self.custom_size = W.VBox([self.width, self.height])
         self.fps = W.IntText(value=d["fps"], description="fps", style=_LABEL, layout=_layout())
         fps = d["fps"] if isinstance(d["fps"], int) and d["fps"] > 0 else 1
-        self.duration = W.FloatText(value=d["num_frames"] / fps, step=0.5, description="duration (s)",
+        # The length, in either unit: typing one sets the other (seconds snap to 6k+1 frames).
+        self.duration = W.FloatText(value=_seconds(d["num_frames"], fps), step=0.5, description="duration (s)",
                                     style=_LABEL, layout=_layout("220px"))
-        self.frames = W.HTML()  # "= 13 frames": what the duration snaps to
+        self.frames = W.IntText(value=d["num_frames"], step=6, description="frames", style=_LABEL,
+                                layout=_layout("220px"))
+        self.frames_hint = W.HTML(render("studio.html", "frames_hint"))
+        self._syncing = False  # set while one length field is written from the other
         self.steps = W.IntText(value=d["num_inference_steps"], description="steps", style=_LABEL, layout=_layout())
         self.guidance = W.FloatText(value=d["guidance_scale"], step=0.5, description="guidance", style=_LABEL,
                                     layout=_layout())
@@ -128,9 +153,11 @@ class Studio(HasCardStack, W.VBox):
         self.seed = W.IntText(value=SEED_MIN if seed is None else seed, description="seed", disabled=seed is None,
                               style=_LABEL, layout=_layout("220px"))
         self.random_seed.observe(lambda ch: setattr(self.seed, "disabled", ch["new"]), "value")
-        self.model = W.Dropdown(options=_models(cluster, d["model"]), value=d["model"], description="model", style=_LABEL,
-                                layout=_layout())
-        self.field_errors = {name: W.HTML() for name in FIELDS}
+        models = _models(cluster, d["model"], rows, asked="model" in defaults)
+        self.model = W.Dropdown(options=models, value=d["model"] if d["model"] in models else models[0],
+                                description="model", style=_LABEL, layout=_layout())
+        self.field_errors = {name: W.HTML(layout=_layout("370px")) for name in FIELDS}
+        self.invalid = False  # a field shows an error: Generate waits for it to be fixed
         self.generate_button = W.Button(description="Generate", icon="play", button_style="primary")
         self.generate_button.on_click(lambda _: self._clicked())
         self.clear_button = W.Button(description="Clear finished", icon="broom",
@@ -151,7 +178,8 @@ class Studio(HasCardStack, W.VBox):
             row(self.prompt, error="prompt"), row(self.negative_prompt, error="negative_prompt"),
             W.HBox([
                 W.VBox([row(self.size, error="size"), self.custom_size, row(self.fps, error="fps"),
-                        row(self.duration, self.frames, error="duration")], layout=_layout("380px")),
+                        row(self.duration, error="duration"), row(self.frames, self.frames_hint, error="num_frames")],
+                       layout=_layout("380px")),
                 W.VBox([row(self.steps, error="num_inference_steps"), row(self.guidance, error="guidance_scale"),
                         row(self.seed, self.random_seed, error="seed"), row(self.model, error="model")],
                        layout=_layout("380px")),
@@ -161,10 +189,12 @@ class Studio(HasCardStack, W.VBox):
         super().__init__([form, self.stack])
         self.add_class("mochi-studio")
         self.size.observe(self._size_picked, "value")
-        for w in (self.width, self.height, self.fps, self.duration, self.steps, self.guidance, self.seed,
-                  self.random_seed, self.model, self.negative_prompt):
-            w.observe(lambda _: self.check(), "value")
-        self.prompt.observe(lambda _: self._attempted and self.check(), "value")
+        self.duration.observe(self._duration_typed, "value")
+        self.frames.observe(self._frames_typed, "value")
+        self.fps.observe(self._fps_typed, "value")
+        for w in (self.width, self.height, self.fps, self.duration, self.frames, self.steps, self.guidance, self.seed,
+                  self.random_seed, self.model, self.negative_prompt, self.prompt):
+            w.observe(lambda _: self._changed(), "value")
         self._size_picked()
         self.check()
 
@@ -185,13 +215,40 @@ class Studio(HasCardStack, W.VBox):
             self.width.value, self.height.value = choice
         self.custom_size.layout.display = None if custom else "none"
 
+    def _sync(self, widget: W.Widget, value: Any) -> None:
+        """Write one length field from the other without the write being taken for typing."""
+        self._syncing = True
+        try:
+            widget.value = value
+        finally:
+            self._syncing = False
+
+    def _duration_typed(self, _change: Any = None) -> None:
+        d, fps = self.duration.value, self.fps.value
+        if self._syncing or not _positive(d) or not (isinstance(fps, int) and fps > 0):
+            return
+        self._sync(self.frames, snap_frames(d, fps))
+
+    def _frames_typed(self, _change: Any = None) -> None:
+        n, fps = self.frames.value, self.fps.value
+        if self._syncing or not (isinstance(n, int) and n > 0) or not (isinstance(fps, int) and fps > 0):
+            return
+        self._sync(self.duration, _seconds(n, fps))
+
+    def _fps_typed(self, _change: Any = None) -> None:
+        # the frames stay (they decide the cost); the seconds they last at the new fps follow
+        self._frames_typed()
+
     @property
     def num_frames(self) -> int | None:
-        """The frames the duration snaps to at the fps (None while either is not a usable number)."""
-        d, fps = self.duration.value, self.fps.value
-        if not (isinstance(d, (int, float)) and math.isfinite(d) and d > 0) or not (isinstance(fps, int) and fps > 0):
-            return None
-        return snap_frames(d, fps)
+        """The frames field (which a typed duration sets, snapped to 6k+1); None while it is not a number."""
+        n = self.frames.value
+        return n if isinstance(n, int) else None
+
+    def _changed(self) -> None:
+        """Any edit: the last notice is stale, and the form is checked again."""
+        self.error.value = ""
+        self.check()
 
     def params(self) -> dict[str, Any]:
         """The form as GenerationParams keyword arguments (seed None: the cluster draws and records one)."""
@@ -216,16 +273,15 @@ class Studio(HasCardStack, W.VBox):
         errors: dict[str, list[str]] = {}
         frames = params["num_frames"]
         d, fps = self.duration.value, params["fps"]
-        if frames is None:
-            if not (isinstance(d, (int, float)) and math.isfinite(d) and d > 0):
-                errors.setdefault("duration", []).append(f"duration: must be more than 0 s, got {d}")
-            params["num_frames"] = FRAMES_MIN  # checked above; let the rest be checked
-        elif frames > FRAMES_MAX:
+        if not _positive(d):
+            errors.setdefault("duration", []).append(f"duration: must be more than 0 s, got {d}")
+        elif isinstance(fps, int) and fps > 0 and snap_frames(d, fps) > FRAMES_MAX:
             longest = (FRAMES_MAX - 1) / fps
             errors.setdefault("duration", []).append(
-                f"duration: {d:g} s at {fps} fps is {frames} frames; at most {FRAMES_MAX} frames "
+                f"duration: {d:g} s at {fps} fps is {snap_frames(d, fps)} frames; at most {FRAMES_MAX} frames "
                 f"({longest:.1f} s at {fps} fps)")
-        self.frames.value = render("studio.html", "frames", frames=frames, fps=fps)
+        if frames is None:
+            params["num_frames"] = FRAMES_MIN  # a cleared field: the type check below names it
         prompt = params.pop("prompt")
         if not self._attempted and not prompt.strip():
             prompt = "x"  # not yet checked: only the other fields
@@ -237,9 +293,17 @@ class Studio(HasCardStack, W.VBox):
                     continue  # the duration's own error says it better
                 errors.setdefault(FIELD_OF.get(name, name), []).append(line)
         for name, box in self.field_errors.items():
-            box.value = error_html("\n".join(errors.pop(name))) if name in errors else ""
+            box.value = field_error_html(errors.pop(name)) if name in errors else ""
         self._other_errors = errors  # fields the form has no place for (the general error line shows them)
-        return {name: box.value for name, box in self.field_errors.items() if box.value}
+        shown = {name: box.value for name, box in self.field_errors.items() if box.value}
+        self.invalid = bool(shown or errors)
+        self._enable()
+        return shown
+
+    def _enable(self) -> None:
+        """Generate is usable when no submission is in flight and no field shows an error."""
+        self.generate_button.disabled = self.submitting or self.invalid
+        self.generate_button.tooltip = INVALID_TOOLTIP if self.invalid and not self.submitting else ""
 
     # -- submitting ----------------------------------------------------------------
     def _clicked(self) -> None:
@@ -270,7 +334,7 @@ class Studio(HasCardStack, W.VBox):
 
     def _busy(self, busy: bool) -> None:
         self.submitting = busy
-        self.generate_button.disabled = busy
+        self._enable()
         self.generate_button.description = "Submitting…" if busy else "Generate"
         self.generate_button.icon = "spinner" if busy else "play"
 
@@ -281,7 +345,7 @@ class Studio(HasCardStack, W.VBox):
         errors = self.check()
         if errors or self._other_errors:
             if self._other_errors:
-                self.error.value = error_html("\n".join(line for lines in self._other_errors.values() for line in lines))
+                self.error.value = field_error_html([line for lines in self._other_errors.values() for line in lines])
             return None
         params = self.params()
         return params.pop("prompt"), params
@@ -311,13 +375,13 @@ class Studio(HasCardStack, W.VBox):
             for name, line in _lines(str(exc)):
                 box = self.field_errors.get(FIELD_OF.get(name, name))
                 if box is not None:
-                    box.value = error_html(line)
+                    box.value = field_error_html([line])
                     shown = True
                 else:
-                    self.error.value = error_html(line)
+                    self.error.value = field_error_html([line])
                     shown = True
             if not shown:
-                self.error.value = error_html(str(exc))
+                self.error.value = field_error_html([str(exc)])
         else:  # a store or cluster error must not vanish into the kernel log
             self.error.value = error_html(f"{type(exc).__name__}: {exc}")
 
@@ -337,31 +401,22 @@ class Studio(HasCardStack, W.VBox):
         await self.stack.wait(timeout)
 
     # -- the notebook file -----------------------------------------------------------
+    _live_text = "Studio (live: needs its kernel)"
+
     def static_html(self) -> str:
         """This Studio's jobs as static HTML, each one's last state: what a notebook saved with the
         save hook (mochi_lab.display.widgets.save_hook) shows when it is opened without its kernel."""
         return render("studio_snapshot.html", cards=[c.static_view() for c in self.stack.cards])
 
-    def _snapshot_bundle(self) -> dict[str, Any]:
-        return {"text/plain": "", STATIC_MIME: self.static_html()}
 
-    def _snapshot_changed(self) -> None:
-        for handle in self._snapshots:
-            handle.update(self._snapshot_bundle(), raw=True)
-
-    def _ipython_display_(self) -> None:
-        """Two outputs: the live widget, marked so the save hook leaves it out of the notebook file,
-        and its static stand-in (updated as jobs change), which the save hook turns into HTML."""
-        from IPython.display import display
-
-        bundle = self._repr_mimebundle_()
-        live = {WIDGET_MIME: bundle[WIDGET_MIME], "text/plain": "Studio (live: needs its kernel)"}
-        display(live, raw=True, metadata={"mochi_lab": {"live_widget": True}})
-        self._snapshots.append(display(self._snapshot_bundle(), raw=True, display_id=True))
+def field_error_html(lines: list[str]) -> str:
+    """A form's error lines in red, wrapped between words only (a notebook's <pre> breaks mid-word)."""
+    return render("studio.html", "field_error", lines=lines)
 
 
 def _lines(message: str) -> list[tuple[str, str]]:
-    """A ParamsError's lines as (field, "field: what is wrong"); a message without fields is one line.
+    """A ParamsError's lines as (field, "label: what is wrong"), each named by the form's label for
+    its field (`LABELS`); a message without fields is one line.
 
     "prompt: prompt must be ..." reads "prompt: must be ...": the label says the field once."""
     out = []
@@ -374,7 +429,7 @@ def _lines(message: str) -> list[tuple[str, str]]:
             out.append(("", line))
             continue
         name, rest = name.strip(), rest.strip()
-        out.append((name, f"{name}: {rest.removeprefix(name + ' ')}"))
+        out.append((name, f"{LABELS.get(name, name)}: {rest.removeprefix(name + ' ')}"))
     return out or [("", message)]
 
 
@@ -387,10 +442,16 @@ def _field_defaults(model: str, device: str = "cuda") -> dict[str, Any]:
     return out
 
 
-def _models(cluster: "MochiCluster", default: str) -> list[str]:
-    """The models the cluster serves (the default first if the cluster forgot it), as dropdown labels."""
+def _models(cluster: "MochiCluster", default: str, rows: list[Any] | None, *, asked: bool = False) -> list[str]:
+    """The models the pool's workers have loaded (and the cluster accepts), as dropdown labels: a model no
+    worker serves would wait in the queue for ever. With no worker to go by, the cluster's default; a model
+    asked for by name (`Studio(..., model=...)`) is offered too."""
     try:
-        models = [str(m) for m in cluster.models()]
-    except Exception:  # an old or unreachable backend: offer the default only
-        models = []
-    return sorted(set(models) | {str(default)})
+        accepted = {str(m) for m in cluster.models()}
+    except Exception:  # an old or unreachable backend: the workers alone say
+        accepted = set()
+    served = {str(r.get("model")) for r in rows or () if isinstance(r.get("model"), str) and r.get("model")}
+    if accepted:
+        served &= accepted
+    models = sorted(served) or [str(default)]
+    return models if not asked or str(default) in models else sorted([*models, str(default)])
