@@ -58,7 +58,6 @@ from mochi_lab.store.base import (
     job_matches,
 )
 
-
 _JSON_FIELDS = frozenset({"params", "tags", "artifacts", "timings", "meta", "live"})
 _FIELDS = tuple(f.name for f in dataclasses.fields(JobRecord))
 _FIELD_SET = frozenset(_FIELDS)
