@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.labkit import CHROMIUM, CHROMIUM_ARGS, notebook, run_all, running_lab, stop_sessions
+from tests.support.labkit import CHROMIUM, CHROMIUM_ARGS, notebook, run_all, running_lab, stop_sessions, wait_all_ran
 
 pytestmark = pytest.mark.usefixtures("chromium")
 
@@ -56,10 +56,6 @@ def cells(go: Path) -> list[str]:
     ]
 
 
-ALL_CELLS_RAN = """() => {
-  const prompts = [...document.querySelectorAll('.jp-CodeCell .jp-InputArea-prompt')];
-  return prompts.length > 0 && prompts.every(p => /\\[\\d+\\]/.test(p.textContent));
-}"""
 
 
 @pytest.fixture(scope="module")
@@ -167,7 +163,7 @@ def test_jobs_and_studio_live_links_and_a_reopened_notebook(lab, browser, hold, 
         (root / FOLDER / CANCEL_NOW).touch()  # the last cell cancels it
         slow_text = watch_until(lambda text: re.match(r"\s*(done|failed|cancelled)\b", text),  # the badge leads
                                 "its end")
-        page.wait_for_function(ALL_CELLS_RAN, timeout=300_000, polling=1000)
+        wait_all_ran(page, 300_000)
         idle.first.wait_for(timeout=60_000)
         assert page.locator(".jp-RenderedText[data-mime-type='application/vnd.jupyter.error']").count() == 0, \
             page.locator(".jp-OutputArea-output[data-mime-type='application/vnd.jupyter.stderr']").all_inner_texts()

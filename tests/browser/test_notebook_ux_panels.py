@@ -32,7 +32,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.labkit import CHROMIUM, CHROMIUM_ARGS, notebook, run_all, running_lab, stop_sessions
+from tests.support.labkit import CHROMIUM, CHROMIUM_ARGS, notebook, run_all, running_lab, stop_sessions, wait_all_ran
 
 REPO = Path(__file__).resolve().parents[2]
 ARTIFACTS = REPO / "artifacts" / "browser"
@@ -62,10 +62,6 @@ CELLS = [
     'cluster.generate("a cat", num_frames=84)',
 ]
 
-ALL_CELLS_RAN = """() => {
-  const prompts = [...document.querySelectorAll('.jp-CodeCell .jp-InputArea-prompt')];
-  return prompts.length > 0 && prompts.every(p => /\\[\\d+\\]/.test(p.textContent));
-}"""
 VIDEOS_READY = """(root) => {
   const v = [...root.querySelectorAll('video')];
   return v.length > 0 && v.every(x => x.readyState >= 2 && x.duration > 0);
@@ -178,7 +174,7 @@ def test_history_experiments_and_cluster_panel_in_jupyterlab(lab, hold):
         page.on("pageerror", lambda e: errors.append(f"page error: {e}"))
         try:
             idle = run_all(page, url, NAME)
-            page.wait_for_function(ALL_CELLS_RAN, timeout=500_000, polling=1000)
+            wait_all_ran(page, 500_000)
             idle.first.wait_for(timeout=60_000)
 
             # MochiCluster(): its start step by step to "ready", its repr the live workers, and not one line of Ray's

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.labkit import CHROMIUM, CHROMIUM_ARGS, run_all, running_lab
+from tests.support.labkit import CHROMIUM, CHROMIUM_ARGS, run_all, running_lab, wait_all_ran
 
 pytestmark = pytest.mark.usefixtures("chromium")
 
@@ -20,10 +20,6 @@ NOTEBOOK = REPO / "notebooks" / "01_quickstart.ipynb"
 ARTIFACTS = REPO / "artifacts" / "browser"
 
 # JS predicates evaluated in the page
-ALL_CELLS_RAN = """() => {
-  const prompts = [...document.querySelectorAll('.jp-CodeCell .jp-InputArea-prompt')];
-  return prompts.length > 0 && prompts.every(p => /\\[\\d+\\]/.test(p.textContent));
-}"""
 NEW_VIDEO_PLAYABLE = """(before) => {
   const videos = [...document.querySelectorAll('.jp-OutputArea-output .mochi-studio video')];
   return videos.length > before && videos.every(v => v.readyState >= 2 && v.duration > 0);
@@ -50,7 +46,7 @@ def test_quickstart_runs_and_a_generated_video_plays(lab):
         page = browser.new_page(viewport={"width": 1280, "height": 1000})
         try:
             idle = run_all(page, url, NOTEBOOK.name)
-            page.wait_for_function(ALL_CELLS_RAN, timeout=400_000, polling=1000)
+            wait_all_ran(page, 400_000)
             idle.first.wait_for(timeout=60_000)
             errors = page.locator(".jp-OutputArea-output[data-mime-type='application/vnd.jupyter.stderr']")
             assert page.locator(".jp-RenderedText[data-mime-type='application/vnd.jupyter.error']").count() == 0, \

@@ -119,6 +119,21 @@ def running_lab(tmp: Path, root: Path, *, base_url: str = "/", env: dict[str, st
         log.close()
 
 
+# Every code cell has run ([n]), or one failed: Run All stops at a failed cell and never runs the rest.
+_RAN_OR_FAILED = """() => {
+  if (document.querySelector(".jp-RenderedText[data-mime-type='application/vnd.jupyter.error']")) return "failed";
+  const prompts = [...document.querySelectorAll('.jp-CodeCell .jp-InputArea-prompt')];
+  return prompts.length > 0 && prompts.every(p => /\\[\\d+\\]/.test(p.textContent)) && "ran";
+}"""
+
+
+def wait_all_ran(page, timeout_ms: int) -> None:
+    """Wait until every code cell has run; fail at once, with the cell's error, when one fails."""
+    outcome = page.wait_for_function(_RAN_OR_FAILED, timeout=timeout_ms, polling=1000).json_value()
+    errors = page.locator(".jp-RenderedText[data-mime-type='application/vnd.jupyter.error']")
+    assert outcome == "ran", "a cell failed:\n" + "\n".join(errors.all_inner_texts())[-4000:]
+
+
 def run_all(page, url: str, path: str):
     """Open the notebook at `path` (under the server's root) in JupyterLab, wait for its kernel, and run
     every cell from the Run menu; returns the kernel's "Idle" status locator."""
