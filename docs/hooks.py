@@ -5,6 +5,7 @@
 - `<!-- cli-help -->`: every `mochi-lab` command's `--help`, from the CLI's own parser;
 - `<!-- gateway-routes -->`: the route table;
 - `<!-- constants: NAME ... -->`: a table of the package's constants and their values;
+- `<!-- config-vars -->`: every environment variable, by the config that reads it (`mochi_lab.config`);
 - `<!-- include: PATH -->` / `<!-- include: PATH section: HEADING -->`: another README of the repository
   (deployment, experiments, benchmarks, notebooks), or one section of it, included rather than copied; a
   section that is not there fails the build.
@@ -83,6 +84,29 @@ def constants_table(names: list[str]) -> str:
     return "\n".join(["| name | value |", "| --- | --- |", *rows])
 
 
+CONFIGS = ("StoreConfig", "WorkerConfig", "PoolConfig", "Settings", "ClientConfig", "GatewayConfig", "ScalingConfig")
+
+
+def config_vars_table() -> str:
+    """Each config's own variables (a subclass's inherited ones are listed with its base), from `env_vars()`."""
+    from pydantic_core import PydanticUndefined
+
+    from mochi_lab import config
+
+    lines = ["| config | variable | field | default |", "| --- | --- | --- | --- |"]
+    for name in CONFIGS:
+        cls = getattr(config, name)
+        inherited = {v for base in cls.__mro__[1:] if hasattr(base, "env_vars") for v in base.env_vars().values()}
+        for field, var in cls.env_vars().items():
+            if var in inherited:
+                continue
+            info = cls.model_fields[field]
+            value = str(info.default) if isinstance(info.default, Path) else info.default
+            default = "computed" if value is PydanticUndefined else f"`{value!r}`"
+            lines.append(f"| `{name}` | `{var}` | `{field}` | {default} |")
+    return "\n".join(lines)
+
+
 def include(path: str, section: str | None) -> str:
     text = (REPO / path).read_text()
     if section is None:
@@ -102,6 +126,8 @@ def on_page_markdown(markdown: str, page, config, files) -> str:
     markdown = CONSTANTS.sub(lambda m: constants_table(m.group(1).split()), markdown)
     if "<!-- gateway-routes -->" in markdown:
         markdown = markdown.replace("<!-- gateway-routes -->", routes_table())
+    if "<!-- config-vars -->" in markdown:
+        markdown = markdown.replace("<!-- config-vars -->", config_vars_table())
     if "<!-- cli-help -->" in markdown:
         markdown = markdown.replace("<!-- cli-help -->", cli_help())
     return markdown

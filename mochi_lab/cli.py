@@ -329,7 +329,7 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--export", metavar="DIR", help="copy the videos and manifests here (with --wait)")
     _connection_args(r)
     r.set_defaults(func=_run_spec)
-    gw = sub.add_parser("gateway", help="serve the JupyterHub-authenticated gateway (see README, Multi-user deployment)")
+    gw = sub.add_parser("gateway", help="serve the JupyterHub-authenticated gateway (see docs/how-to/jupyterhub.md)")
     gw.add_argument("--host", default=None, help="default: MOCHI_LAB_GATEWAY_HOST, else 127.0.0.1")
     gw.add_argument("--port", type=int, default=None, help="default: MOCHI_LAB_GATEWAY_PORT, else 8770")
     _connection_args(gw)

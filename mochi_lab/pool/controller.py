@@ -1,6 +1,6 @@
 """The pool controller: sizes the worker pool from the queue, with one owner at a time.
 
-It runs in the gateway (see README, "Autoscaling"): the gateway already holds the store's credentials
+It runs in the gateway (see docs/how-to/operations.md, "The pool controller"): the gateway already holds the store's credentials
 and the pool, while the Ray head holds neither by design. Gateway replicas each run one; a lease in the
 store (`Store.lead`) lets exactly one of them act, and another takes over when its lease lapses.
 

@@ -7,7 +7,7 @@ torch.distributed pair (NCCL on CUDA, gloo on CPU):
   progress, previews and encodes, like any worker;
 - rank 1 is `mochi-peer-<i>` (a `PeerActor`): for each guided job rank 0 asks it to run the same
   `MochiPipeline` call, without a decode. The transformer's CFG batch is split between them
-  (`mochi_lab.pipelines.cfg_parallel`). Each rank encodes the prompt itself (see README).
+  (`mochi_lab.pipelines.cfg_parallel`). Each rank encodes the prompt itself (why: docs/how-to/gpus.md).
 
 A job without CFG (guidance <= 1) runs on rank 0 alone; rank 1 idles.
 
