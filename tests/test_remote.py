@@ -148,7 +148,7 @@ def test_the_embedded_default_stays_direct(monkeypatch):
 
     started = []
 
-    def fake_start(settings, model, pipeline, *, start_pool):
+    def fake_start(settings, model, pipeline, *, start_pool, **_):
         started.append(settings)
         raise RuntimeError("direct")
 
