@@ -27,12 +27,16 @@ PICTURES: dict[str, tuple[str, str]] = {
     "gateway_page.png": ("browser/gateway_page.png", "tests/gateway/test_page_browser.py"),
     "gateway_page_preview.png": ("browser/gateway_page_preview.png", "tests/gateway/test_page_browser.py"),
     "gateway_docs.png": ("browser/gateway_docs.png", "tests/gateway/test_page_browser.py"),
+    "quickstart.png": ("browser/quickstart.png", "tests/browser/test_quickstart_browser.py"),
+    "history.png": ("browser/history.png", "tests/browser/test_notebook_ux_panels.py"),
+    "history_reopened.png": ("browser/history_reopened.png", "tests/browser/test_notebook_ux_panels.py"),
+    "cluster_panel.png": ("browser/cluster_panel.png", "tests/browser/test_notebook_ux_panels.py"),
+    "experiment.png": ("browser/experiment.png", "tests/browser/test_notebook_ux_panels.py"),
+    "compare.png": ("browser/compare.png", "tests/browser/test_notebook_ux_panels.py"),
 }
 # Written by the tests too, and worth showing once a run produces them (add each here and to its page):
-# browser/quickstart.png (tests/browser/test_quickstart_browser.py: the quickstart notebook after Generate);
 # browser/ux_studio_queue.png, ux_job_outputs_live.png, ux_reopened_without_kernel.png
-# (tests/browser/test_notebook_ux_jobs.py); browser/history.png, experiment.png, compare.png,
-# cluster_panel.png (tests/browser/test_notebook_ux_panels.py); autoscaling_timeline.png (tests/test_autoscaling.py).
+# (tests/browser/test_notebook_ux_jobs.py); autoscaling_timeline.png (tests/test_autoscaling.py).
 
 
 def copy() -> list[str]:
