@@ -23,7 +23,16 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.labkit import CHROMIUM, CHROMIUM_ARGS, notebook, run_all, running_lab, stop_sessions, wait_all_ran
+from tests.support.labkit import (
+    CHROMIUM,
+    CHROMIUM_ARGS,
+    notebook,
+    run_all,
+    running_lab,
+    save_notebook,
+    stop_sessions,
+    wait_all_ran,
+)
 
 pytestmark = pytest.mark.usefixtures("chromium")
 
@@ -239,14 +248,7 @@ def test_jobs_and_studio_live_links_and_a_reopened_notebook(lab, browser, hold, 
 
         # 3. save; the file holds static HTML for every job, and no live widget of ours
         path = root / FOLDER / NAME
-        before = path.stat().st_mtime
-        page.locator(".lm-MenuBar-itemLabel", has_text="File").first.click()
-        page.locator('.lm-Menu-item[data-command="docmanager:save"]').click()
-        deadline = time.monotonic() + 60
-        while path.stat().st_mtime == before and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert path.stat().st_mtime != before, "the notebook was not saved"
-        saved = json.loads(path.read_text())
+        saved = save_notebook(page, path)
         outputs = [o for c in saved["cells"] for o in c.get("outputs", [])]
         datas = [o.get("data", {}) for o in outputs]
         kinds = [(sorted(o.get("data", {})), o.get("metadata")) for o in outputs]

@@ -27,12 +27,20 @@ import json
 import logging
 import os
 import re
-import time
 from pathlib import Path
 
 import pytest
 
-from tests.support.labkit import CHROMIUM, CHROMIUM_ARGS, notebook, run_all, running_lab, stop_sessions, wait_all_ran
+from tests.support.labkit import (
+    CHROMIUM,
+    CHROMIUM_ARGS,
+    notebook,
+    run_all,
+    running_lab,
+    save_notebook,
+    stop_sessions,
+    wait_all_ran,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 ARTIFACTS = REPO / "artifacts" / "browser"
@@ -295,14 +303,7 @@ def check_compare_grid(page) -> None:
 def check_reopened_without_kernel(page, url: str, root: Path) -> None:
     """Save, end the kernel, open the notebook again: every widget shows its last state as HTML."""
     path = root / NAME
-    before = path.stat().st_mtime
-    page.locator(".lm-MenuBar-itemLabel", has_text="File").first.click()
-    page.locator('.lm-Menu-item[data-command="docmanager:save"]').click()
-    deadline = time.monotonic() + 60
-    while path.stat().st_mtime == before and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert path.stat().st_mtime != before, "the notebook was not saved"
-    datas = [o.get("data", {}) for c in json.loads(path.read_text())["cells"] for o in c.get("outputs", [])]
+    datas = [o.get("data", {}) for c in save_notebook(page, path)["cells"] for o in c.get("outputs", [])]
     assert not any("application/vnd.jupyter.widget-view+json" in d for d in datas), "a live widget was saved"
     stop_sessions(url)
     page.goto(f"{url}/lab/tree/{NAME}", timeout=120_000)

@@ -134,6 +134,17 @@ def wait_all_ran(page, timeout_ms: int) -> None:
     assert outcome == "ran", "a cell failed:\n" + "\n".join(errors.all_inner_texts())[-4000:]
 
 
+def save_notebook(page, path: Path) -> dict:
+    """Save the open notebook from JupyterLab's File menu; the file at `path`, read once the server has
+    answered the save (its mtime moves when the write starts, before the file is whole)."""
+    with page.expect_response(lambda r: r.request.method == "PUT" and "/api/contents/" in r.url,
+                              timeout=60_000) as answer:
+        page.locator(".lm-MenuBar-itemLabel", has_text="File").first.click()
+        page.locator('.lm-Menu-item[data-command="docmanager:save"]').click()
+    assert answer.value.ok, f"JupyterLab's save answered {answer.value.status}"
+    return json.loads(path.read_text())
+
+
 def run_all(page, url: str, path: str):
     """Open the notebook at `path` (under the server's root) in JupyterLab, wait for its kernel, and run
     every cell from the Run menu; returns the kernel's "Idle" status locator."""
