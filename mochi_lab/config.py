@@ -77,6 +77,15 @@ def redact_url(url: str) -> str:
     return urlunsplit(parts._replace(netloc="***@" + parts.netloc.rsplit("@", 1)[-1]))
 
 
+def without_credentials(url: str | None) -> str | None:
+    """The URL with no user or password at all: for a URL passed on to processes that hold their own
+    credentials (a worker's store URL), or that needs none (a gateway's: the token authenticates)."""
+    if not url:
+        return url
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2])) if "@" in parts.netloc else url
+
+
 def redis_url_from_env() -> str | None:
     """REDIS_URL wins; else the seed's REDIS_HOST/REDIS_PORT/REDIS_DB; else None (SQLite)."""
     if os.environ.get("REDIS_URL"):

@@ -203,11 +203,13 @@ def test_killed_worker_process_releases_its_job_at_once(ray_mochi, ray_settings,
 def test_actors_get_no_store_password_and_prefer_their_nodes_own(monkeypatch):
     """Ray keeps an actor's arguments in its GCS: the creator's password must not travel; a worker pod's
     own REDIS_URL (its least-privilege user) wins."""
-    from mochi_lab.pool.driver import redact_credentials, store_url_here
+    from mochi_lab.config import without_credentials
+    from mochi_lab.pool.driver import store_url_here
 
-    assert redact_credentials("redis://gateway:s3cret@redis:6379/0?prefix=m") == "redis://redis:6379/0?prefix=m"
-    assert redact_credentials("redis://:s3cret@[::1]:6379/0") == "redis://[::1]:6379/0"
-    assert redact_credentials("redis://127.0.0.1:6379/0") == "redis://127.0.0.1:6379/0" and redact_credentials(None) is None
+    assert without_credentials("redis://gateway:s3cret@redis:6379/0?prefix=m") == "redis://redis:6379/0?prefix=m"
+    assert without_credentials("redis://:s3cret@[::1]:6379/0") == "redis://[::1]:6379/0"
+    assert without_credentials("redis://127.0.0.1:6379/0") == "redis://127.0.0.1:6379/0"
+    assert without_credentials(None) is None
     monkeypatch.delenv("REDIS_URL", raising=False)
     assert store_url_here("redis://redis:6379/0") == "redis://redis:6379/0"
     monkeypatch.setenv("REDIS_URL", "redis://worker:w@redis:6379/0")

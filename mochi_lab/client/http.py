@@ -30,7 +30,7 @@ from urllib.parse import urlsplit
 import httpx
 
 from mochi_lab.client.backend import ARTIFACTS, Backend
-from mochi_lab.config import ClientConfig, check_account
+from mochi_lab.config import ClientConfig, check_account, without_credentials
 from mochi_lab.gateway import wire
 from mochi_lab.gateway.wire import at
 from mochi_lab.model import (
@@ -102,9 +102,8 @@ class GatewayBackend(Backend):
                  transport: httpx.BaseTransport | None = None):
         if not isinstance(url, str) or not url.startswith(("http://", "https://")):
             raise ValueError(f"gateway url must start with http:// or https://, got {url!r:.80}")
-        parts = urlsplit(url)
         # user:password@ in the URL means nothing here (the token authenticates) and must reach no log
-        self.url = parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl().rstrip("/") + "/"
+        self.url = without_credentials(url).rstrip("/") + "/"
         self._where = self.url
         if not token:
             raise GatewayAuthError(f"no token for the mochi_lab gateway at {self._where}: set JUPYTERHUB_API_TOKEN "

@@ -17,9 +17,9 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from contextlib import contextmanager
 from typing import Any, TypeVar
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
-from mochi_lab.config import PoolConfig, WorkerConfig, default_ray_env, node_redis_url, set_ray_env
+from mochi_lab.config import PoolConfig, WorkerConfig, default_ray_env, node_redis_url, set_ray_env, without_credentials
 from mochi_lab.pipelines.config import PipelineConfig
 from mochi_lab.private import PRIVATE_UMASK
 from mochi_lab.store import Store
@@ -36,14 +36,6 @@ def _import_ray():
     import ray
 
     return ray
-
-
-def redact_credentials(url: str | None) -> str | None:
-    """The store URL without user and password (the pool's creator keeps those)."""
-    if not url:
-        return url
-    parts = urlsplit(url)
-    return urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[-1])) if "@" in parts.netloc else url
 
 
 def store_url_here(sent: str | None) -> str | None:
@@ -339,7 +331,7 @@ class Pool:
         actor_cls = self.ray.remote(WorkerActor)
         # never the creator's store password: Ray keeps an actor's arguments in its GCS (see store_url_here)
         settings = self.settings.model_dump(mode="json")
-        settings["redis_url"] = redact_credentials(settings.get("redis_url"))
+        settings["redis_url"] = without_credentials(settings.get("redis_url"))  # the creator keeps them
         for i in range(n):
             name = f"{ACTOR_PREFIX}{i}"
             if name in existing:
