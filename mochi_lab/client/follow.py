@@ -20,6 +20,7 @@ import weakref
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any, Protocol
 
+from mochi_lab.looptask import MAX_ERRORS, LoopTask
 from mochi_lab.model import DONE, FINISHED, QUEUED, JobNotFound, JobRecord
 
 if TYPE_CHECKING:
@@ -30,7 +31,6 @@ log = logging.getLogger(__name__)
 NEAR_END_STAGES = frozenset({"decoding", "encoding"})  # a job's last stages: its end may come any moment
 START_S = 2.0  # a job's first seconds: a short job may end in them
 QUEUE_EVERY_S = 1.0  # how often a queued job's place is asked for (one read of the queue)
-MAX_ERRORS = 20  # failed reads in a row before a follower gives up (a brief outage is ridden out)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,7 +79,7 @@ class Followable(Protocol):
 Listener = Callable[["Follower"], None]
 
 
-class Follower:
+class Follower(LoopTask):
     """One job, followed for all its views until it ends. Get it with `follower_of(job)`, not directly.
 
     `step()` reads the job once and tells the listeners; `start()` keeps doing so from one asyncio task on
@@ -104,7 +104,6 @@ class Follower:
         self.started = time.monotonic()
         self.handles: "weakref.WeakSet[Any]" = weakref.WeakSet()  # every handle of the job, kept in step
         self._listeners: list[Listener] = []
-        self._task: asyncio.Task | None = None
         self._loop_thread: int | None = None
         self._lock = threading.Lock()
 
@@ -218,23 +217,14 @@ class Follower:
         self.observe(r)
         return self.active
 
-    @property
-    def running(self) -> bool:
-        """Whether this follower's own task is reading the job (then views only listen)."""
-        return self._task is not None and not self._task.done()
-
     def start(self) -> bool:
-        """Keep reading on the running event loop (one task, however many views); False without a loop."""
+        """Keep reading on the running event loop (one task, however many views); False without a loop.
+        While it runs (`running`), views only listen."""
         if self.running:
             return True
-        if not self.active:
-            return False
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
+        if not self.active or not self._schedule(f"mochi_lab follow {self.record.id}"):
             return False
         self._loop_thread = threading.get_ident()
-        self._task = loop.create_task(self._run(), name=f"mochi_lab follow {self.record.id}")
         return True
 
     def _in_task(self) -> bool:
@@ -248,19 +238,6 @@ class Follower:
             await asyncio.sleep(self.delay())
             if not self._listeners or not self.step():
                 return
-
-    async def wait(self, timeout: float | None = None) -> None:
-        """Await the end without blocking the loop (top-level `await` in a cell)."""
-        if not self.start():
-            return
-        task = self._task
-        if task is not None and not task.done():
-            await asyncio.wait_for(asyncio.shield(task), timeout)
-
-    def stop(self) -> None:
-        if self.running:
-            self._task.cancel()
-        self._task = None
 
     def watch(self, backend: "Backend", timeout: float | None = None) -> Iterator[JobRecord]:
         """Block until the job ends (TimeoutError after `timeout` s), yielding each state the backend gives:
@@ -300,7 +277,7 @@ def follower_of(job: Followable) -> Follower:
         return found
 
 
-class GroupFollower:
+class GroupFollower(LoopTask):
     """Many jobs followed with one listing per tick (`Experiment.wait`, a live sweep table), never one read
     per job. `list_records()` is that listing; a job missing from it was deleted. `step()` reads once and
     returns whether any job is still queued or running."""
@@ -314,7 +291,6 @@ class GroupFollower:
         self.listings = 0  # listings read (tests count them)
         self.errors = 0  # failed listings in a row
         self._listeners: list[Callable[[GroupFollower], None]] = []
-        self._task: asyncio.Task | None = None
 
     @property
     def pending(self) -> dict[str, JobRecord]:
@@ -337,22 +313,11 @@ class GroupFollower:
         if listener not in self._listeners:
             self._listeners.append(listener)
 
-    @property
-    def running(self) -> bool:
-        return self._task is not None and not self._task.done()
-
     def start(self) -> bool:
         """Keep listing on the running event loop (the kernel's) until no job is pending; False without a loop."""
         if self.running:
             return True
-        if not self.pending:
-            return False
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            return False
-        self._task = loop.create_task(self._run(), name="mochi_lab follow jobs")
-        return True
+        return bool(self.pending) and self._schedule("mochi_lab follow jobs")
 
     async def _run(self) -> None:
         while True:
@@ -366,11 +331,6 @@ class GroupFollower:
                 more = self.errors < MAX_ERRORS
             if not more:
                 return
-
-    def stop(self) -> None:
-        if self.running:
-            self._task.cancel()
-        self._task = None
 
     def delay(self) -> float:
         """`Cadence.delay` for the job nearest its end."""

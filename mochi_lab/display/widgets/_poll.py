@@ -12,12 +12,14 @@ import asyncio
 import logging
 from typing import Callable
 
+from mochi_lab.looptask import MAX_ERRORS, LoopTask
+
 log = logging.getLogger(__name__)
 
 DEFAULT_INTERVAL_S = 0.4
 
 
-class Poller:
+class Poller(LoopTask):
     """Calls `step()` every `interval` seconds (or `delay()`, where given) until it returns False or `stop()`
     is called.
 
@@ -29,36 +31,11 @@ class Poller:
         self._step = step
         self.interval = interval
         self._delay = delay  # the seconds to the next step, when they vary (a job's `Cadence`)
-        self._task: asyncio.Task | None = None
         self.errors = 0  # consecutive step failures (a store briefly unreachable)
-
-    @property
-    def running(self) -> bool:
-        return self._task is not None and not self._task.done()
 
     def start(self) -> bool:
         """Schedule polling on the running event loop; returns False when there is none."""
-        if self.running:
-            return True
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            return False
-        self._task = loop.create_task(self._run(), name="mochi_lab widget poll")
-        return True
-
-    def stop(self) -> None:
-        if self.running:
-            self._task.cancel()
-        self._task = None
-
-    async def wait(self, timeout: float | None = None) -> None:
-        """Await the end of polling without blocking the loop (top-level `await` in a cell)."""
-        if not self.running and not self.start():
-            return
-        task = self._task
-        if task is not None and not task.done():
-            await asyncio.wait_for(asyncio.shield(task), timeout)
+        return self.running or self._schedule("mochi_lab widget poll")
 
     async def _run(self) -> None:
         while True:
@@ -68,7 +45,7 @@ class Poller:
             except Exception:  # keep polling through transient store errors, but not forever
                 self.errors += 1
                 log.warning("widget poll failed (%d in a row)", self.errors, exc_info=True)
-                more = self.errors < 20
+                more = self.errors < MAX_ERRORS
             if not more:
                 return
             await asyncio.sleep(self.interval if self._delay is None else self._delay())
