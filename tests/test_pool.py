@@ -198,8 +198,11 @@ def test_killed_worker_process_releases_its_job_at_once(ray_mochi, ray_settings,
     assert resumed_s < 5.0, resumed_s
     # the restarted actor is back for the next tests: a new process under the old name, loaded. (The killed
     # process's row says busy until its TTL, so `wait_ready` alone can pass on it.)
-    back = lambda w: w["worker_id"] == row["worker_id"] and w["pid"] != row["pid"] and w["state"] in ("idle", "busy")  # noqa: E731
-    wait_for(lambda: any(back(w) for w in ray_mochi.workers()), 300, "the restarted worker, loaded", every=0.2)
+    def back() -> bool:
+        return any(w["worker_id"] == row["worker_id"] and w["pid"] != row["pid"] and w["state"] in ("idle", "busy")
+                   for w in ray_mochi.workers())
+
+    wait_for(back, 300, "the restarted worker, loaded", every=0.2)
 
 
 def test_actors_get_no_store_password_and_prefer_their_nodes_own(monkeypatch):
