@@ -4,6 +4,10 @@ keep reading while the kernel is idle."""
 from __future__ import annotations
 
 import asyncio
+import logging
+from collections.abc import Callable
+
+log = logging.getLogger(__name__)
 
 MAX_ERRORS = 20  # failed reads in a row before a reader gives up (a brief outage is ridden out)
 
@@ -14,6 +18,7 @@ class LoopTask:
     test) nothing is scheduled, and callers step by hand. Subclasses say when to `start`."""
 
     _task: asyncio.Task | None = None
+    errors = 0  # failed steps in a row
 
     @property
     def running(self) -> bool:
@@ -33,6 +38,18 @@ class LoopTask:
             return False
         self._task = loop.create_task(self._run(), name=name)
         return True
+
+    def _tried(self, step: Callable[[], bool], what: str) -> bool:
+        """`step()`, riding out a brief outage: a failure is logged and counted (`errors`), and ends the task
+        after MAX_ERRORS in a row. Returns whether to go on."""
+        try:
+            more = step()
+        except Exception:
+            self.errors += 1
+            log.warning("%s failed (%d in a row)", what, self.errors, exc_info=True)
+            return self.errors < MAX_ERRORS
+        self.errors = 0
+        return more
 
     def stop(self) -> None:
         if self.running:

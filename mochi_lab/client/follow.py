@@ -322,14 +322,7 @@ class GroupFollower(LoopTask):
     async def _run(self) -> None:
         while True:
             await asyncio.sleep(self.delay())
-            try:
-                more = self.step()
-                self.errors = 0
-            except Exception:  # keep following through a brief outage, but not forever
-                self.errors += 1
-                log.warning("listing the followed jobs failed (%d in a row)", self.errors, exc_info=True)
-                more = self.errors < MAX_ERRORS
-            if not more:
+            if not self._tried(self.step, "listing the followed jobs"):
                 return
 
     def delay(self) -> float:

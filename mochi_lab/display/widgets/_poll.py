@@ -9,12 +9,9 @@ thread. Outside a kernel (tests, scripts) there is no running loop; callers then
 from __future__ import annotations
 
 import asyncio
-import logging
 from typing import Callable
 
-from mochi_lab.looptask import MAX_ERRORS, LoopTask
-
-log = logging.getLogger(__name__)
+from mochi_lab.looptask import LoopTask
 
 DEFAULT_INTERVAL_S = 0.4
 
@@ -39,13 +36,6 @@ class Poller(LoopTask):
 
     async def _run(self) -> None:
         while True:
-            try:
-                more = self._step()
-                self.errors = 0
-            except Exception:  # keep polling through transient store errors, but not forever
-                self.errors += 1
-                log.warning("widget poll failed (%d in a row)", self.errors, exc_info=True)
-                more = self.errors < MAX_ERRORS
-            if not more:
+            if not self._tried(self._step, "widget poll"):
                 return
             await asyncio.sleep(self.interval if self._delay is None else self._delay())
