@@ -147,8 +147,8 @@ class Job:
         """Cancel, and return the job's state once it settles (within `timeout` s; 0: don't wait).
 
         A queued job is cancelled at once and never starts; a running one stops within one denoising
-        step. A job that finishes before its worker sees the request stays `done`: the answer is then
-        "done", never a stale "running".
+        step, or, asked while it decodes, before its MP4 is written. A job that finishes before its worker
+        sees the request stays `done`: the answer is then "done", never a stale "running".
         """
         self._record = self._backend.cancel(self.id)
         follower = self.__dict__.get("_follower")

@@ -37,7 +37,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("mochi_lab.worker")
 
 TICK_S = 0.5  # how often the figures are written again while a long call runs (JobClock: TICKING)
-STOP_WAIT_S = 10.0
+STOP_WAIT_S = 10.0  # the longest a job's end waits for a tick under way
 
 
 class JobRejected(Exception):
@@ -77,7 +77,6 @@ class Reporter:
         self._message = ""
         self._stopped = threading.Event()
         self._thread = threading.Thread(target=self._tick_loop, daemon=True, name=f"mochi-ticker-{running.job_id}")
-        self.ticks = 0  # ticks written (tests and logs)
 
     def start(self) -> "Reporter":
         self._thread.start()
@@ -111,7 +110,6 @@ class Reporter:
                     cancelled = self._write(stage=self.clock.stage, step=self.clock.step,
                                             total=self.total if self.clock.step is not None else None,
                                             message=self._message, live=self.clock.now())
-                    self.ticks += 1
                 if cancelled:
                     self.running.cancel_requested()
             except LeaseLost:
