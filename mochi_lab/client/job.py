@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 from mochi_lab.client.backend import Backend
 from mochi_lab.client.follow import LIVE, Cadence, Follower, follower_of
-from mochi_lab.model import CANCELLED, DONE, FAILED, QUEUED, RUNNING, JobRecord, check_job_id
+from mochi_lab.model import CANCELLED, DONE, FAILED, QUEUED, RUNNING, JobNotFound, JobRecord, check_job_id
 from mochi_lab.params import GenerationParams
 
 log = logging.getLogger(__name__)
@@ -69,19 +69,26 @@ class Job:
 
     @property
     def progress(self) -> dict[str, Any]:
-        """stage, step, total, fraction of denoising done, attempt and message, and as the worker
-        measured them on this attempt: elapsed_s, eta_s, rate (steps/s) and preview_step (live)."""
+        """stage, step, total, `fraction` of the whole job done (0..1: queue, load, text, denoise, decode and
+        encode, each weighed by the time its worker expects it to take; see `display.reprs.progress_view`, which
+        every view of a job shows), `label`, attempt and message, and as the worker measured them on this
+        attempt: elapsed_s, eta_s (counting down through the decode and the encode), rate (steps/s) and
+        preview_step (live)."""
+        from mochi_lab.display.reprs import progress_view
+
         r = self.refresh()
         live = r.live or {}
+        bar = progress_view(r)
         return {
             "stage": r.stage,
             "step": r.step,
             "total": r.total_steps,
-            "fraction": r.step / r.total_steps if r.total_steps else (1.0 if r.status == DONE else 0.0),
+            "fraction": bar["fraction"] or 0.0,
+            "label": bar["label"],
             "attempt": r.attempts,
             "message": r.message,
             "elapsed_s": live.get("elapsed_s"),
-            "eta_s": 0.0 if r.finished else live.get("eta_s"),
+            "eta_s": bar["eta_s"],
             "rate": live.get("rate"),
             "preview_step": live.get("preview_step"),
         }
@@ -112,7 +119,8 @@ class Job:
         follower = self.follower
         view: LiveView | TextProgress | None = None
         if progress:
-            view = LiveView(self) if _in_kernel() else TextProgress(follower)
+            # no Cancel button: a blocking wait holds the kernel, which could not act on its click
+            view = LiveView(self, cancel=False) if _in_kernel() else TextProgress(follower)
         try:
             for r in follower.watch(self._backend, timeout):
                 self._record = r
@@ -139,8 +147,8 @@ class Job:
         """Cancel, and return the job's state once it settles (within `timeout` s; 0: don't wait).
 
         A queued job is cancelled at once and never starts; a running one stops within one denoising
-        step. A job that finishes before its worker sees the request stays `done`: the answer is then
-        "done", never a stale "running".
+        step, or, asked while it decodes, before its MP4 is written. A job that finishes before its worker
+        sees the request stays `done`: the answer is then "done", never a stale "running".
         """
         self._record = self._backend.cancel(self.id)
         follower = self.__dict__.get("_follower")
@@ -245,9 +253,10 @@ class Job:
         return {"text/plain": repr(self), "text/html": job_html(self._record)}
 
     def _ipython_display_(self) -> None:
-        """Display the job and keep the output live until the job ends (queued, the step, a lost worker,
-        the place in the queue), then leave its last state as static HTML: prompt, status, timings, and
-        for a done job its thumbnail and video (a copy beside the notebook, linked, never embedded)."""
+        """Display the job and keep the output live until the job ends (queued, the stage and step, the whole
+        job's bar, elapsed time and ETA, a lost worker, the place in the queue), with a Cancel button beside
+        it meanwhile, then leave its last state as static HTML: prompt, status, timings, and for a done job its
+        thumbnail and video (a copy beside the notebook, linked, never embedded)."""
         LiveView(self).start()
 
     def __repr__(self) -> str:
@@ -341,18 +350,24 @@ class Output:
 
 class LiveView:
     """A job's output in a notebook: HTML only, updated in place (a display id) while the job is queued
-    or running, and left as static HTML once the job ends. HTML only, so a notebook saved and reopened
-    without its kernel still shows each job's last state, where a widget would say "model not found".
+    or running (its stage and step, a bar of the whole job, elapsed time and ETA), and left as static HTML
+    once the job ends. HTML only, so a notebook saved and reopened without its kernel still shows each job's
+    last state, where a widget would say "model not found". Beside it, while the job runs, a Cancel button
+    in an output of its own (`display.widgets.cancel.CancelControl`), replaced with nothing when the job ends.
 
     It reads nothing itself: it draws what the job's `Follower` saw (state, place in the queue, preview,
     notes), which an asyncio task on the kernel's event loop (never a thread) keeps reading, shared with
     any other view of the job. `publish(bundle, update)` sends a bundle (IPython's display machinery by
-    default; tests pass a recorder); `step()` is one read; `interval` the follower's `Cadence`.
+    default; tests pass a recorder); `step()` is one read; `interval` the follower's `Cadence`. `cancel`:
+    whether to show the Cancel button (None: in a kernel with ipywidgets), or a `publish` for its output.
     """
 
     def __init__(self, job: Job, *, interval: float = LIVE_INTERVAL_S,
-                 publish: Callable[[dict[str, Any], bool], None] | None = None, folder: Path | None = None):
+                 publish: Callable[[dict[str, Any], bool], None] | None = None, folder: Path | None = None,
+                 cancel: bool | Callable[[dict[str, Any], bool], None] | None = None):
         self.job = job
+        self._cancel = cancel
+        self.control: Any = None  # the CancelControl while it is shown
         self.follower = follower_of(job)
         if interval != LIVE_INTERVAL_S:
             self.follower.cadence = Cadence(interval)
@@ -421,6 +436,7 @@ class LiveView:
             self._drawing = False
         if follower.finished:
             follower.unlisten(self._draw)
+            self._end_control()
 
     def start(self) -> "LiveView":
         """Show the job as it is now, and keep it live if it has not ended (while a loop runs)."""
@@ -429,8 +445,32 @@ class LiveView:
         if self.html is None:  # nothing new to tell (ended, or the backend is unreachable): the last state read
             self._draw(self.follower)
         if not self.finished:
+            self._show_control()
             self.follower.start()  # no loop (a plain script or terminal IPython): a snapshot
         return self
+
+    def _show_control(self) -> None:
+        """The Cancel button, below the job's HTML, where a front end can show it."""
+        publish = self._cancel if callable(self._cancel) else None
+        if self.control is not None or self._cancel is False or (publish is None and not _in_kernel()):
+            return
+        try:
+            from mochi_lab.display.widgets.cancel import CancelControl
+        except ImportError:  # no ipywidgets (the thin client): the HTML alone, without a button
+            return
+        self.control = CancelControl(self._cancel_job, publish)
+        self.control.show()
+
+    def _cancel_job(self) -> None:
+        try:
+            self.job.cancel(timeout=0)  # ask and return: the follower shows it settle (a wait would block the kernel)
+        except JobNotFound:
+            self.follower.gone = True
+            self._draw(self.follower)
+
+    def _end_control(self) -> None:
+        if self.control is not None:
+            self.control.end()
 
     def update(self, r: JobRecord) -> None:
         """Show a new state of the job, read elsewhere."""
@@ -442,12 +482,16 @@ class LiveView:
 
     def close(self) -> None:
         self.follower.unlisten(self._draw)
+        self._end_control()
 
 
 class TextProgress:
-    """`wait(progress=True)` outside a notebook: a text bar of the denoising steps that says when a
-    worker was lost ("worker lost at decoding; retrying, attempt 2") and starts again, rather than
-    freezing and then jumping back."""
+    """`wait(progress=True)` outside a notebook: a text bar of the whole job (`display.reprs.progress_view`, as
+    every view of a job shows it: the stage, the denoising step, elapsed time and ETA, moving through the
+    decode and the encode too) that says when a worker was lost ("worker lost at decoding; retrying, attempt
+    2") and starts again, rather than freezing and then jumping back."""
+
+    UNITS = 1000  # the bar's resolution: a thousandth of the job
 
     def __init__(self, follower: Follower | None = None) -> None:
         from mochi_lab.display.reprs import RetryTracker
@@ -469,30 +513,32 @@ class TextProgress:
     def update(self, r: JobRecord) -> None:
         from tqdm import tqdm
 
+        from mochi_lab.display.reprs import progress_view
+
         for line in self.tracker.observe(r):
             self.write(line)
             if self.bar is not None:
-                self.bar.reset(total=r.total_steps or self.bar.total)
+                self.bar.reset(total=self.UNITS)
                 self._shown = None
-        if self.bar is None and r.total_steps:
-            # tqdm's own rate and ETA would time the polls, not the steps: the worker's figures are shown
-            self.bar = tqdm(total=r.total_steps, desc="denoising", unit="step",
-                            bar_format="{desc}: {percentage:3.0f}%|{bar}| {n}/{total} [{elapsed}{postfix}]")
+        if self.bar is None and r.status != QUEUED:
+            # tqdm's own rate and ETA would time the polls, not the job: the worker's figures are shown, in the
+            # `unit` field (tqdm puts ", " before a postfix)
+            self.bar = tqdm(total=self.UNITS, bar_format="{desc} {percentage:3.0f}%|{bar}| {unit}")
         if self.bar is None:
             return
-        n = r.total_steps if r.status == DONE else 0 if r.status == QUEUED else r.step
-        postfix = r.stage if r.attempts <= 1 else f"{r.stage} · attempt {r.attempts}"
+        bar = progress_view(r)
+        label = bar["label"] if r.attempts <= 1 else f"{bar['label']} · attempt {r.attempts}"
+        figures = [bar["times"]] if bar["times"] else []
         live = r.live or {}
         if r.status == RUNNING and live.get("rate") and r.stage == "denoising":
-            postfix += f" · {live['rate']:.2f} step/s"
-        if r.status == RUNNING and live.get("eta_s") is not None:
-            postfix += f" · ~{live['eta_s']:.0f} s left"
+            figures.append(f"{live['rate']:.2f} step/s")
         if self.tracker.lease_expired_for is not None:
-            postfix += f" · no heartbeat for {self.tracker.lease_expired_for:.0f} s"
-        if self._shown != (n, postfix):
-            self._shown = (n, postfix)
-            self.bar.n = n
-            self.bar.set_postfix_str(postfix, refresh=False)
+            figures.append(f"no heartbeat for {self.tracker.lease_expired_for:.0f} s")
+        n, after = round((bar["fraction"] or 0.0) * self.UNITS), " · ".join(figures)
+        if self._shown != (n, label, after):
+            self._shown = (n, label, after)
+            self.bar.n, self.bar.unit = n, after
+            self.bar.set_description_str(label, refresh=False)
             self.bar.refresh()  # only on a change: a redraw per poll floods logs and notebooks
 
     def _told(self, follower: Follower) -> None:

@@ -289,6 +289,54 @@ def stopped_note(r: Any) -> str | None:
     return "stopped before denoising"
 
 
+def progress_view(r: Any) -> dict[str, Any]:
+    """A job's progress as every view of it shows it (the live HTML, the text bar, a Studio card, the
+    ClusterPanel, the gateway's page, `Job.progress`), so that they agree on one record:
+
+    `fraction` of the whole job done, 0..1: the worker's own figure (`live.fraction`: the time taken over that
+    plus the ETA, from the job's submission, each stage weighed by what this worker expects it to take),
+    else the denoising steps' share (`measure` says which; None where neither is a number); 0 while queued, 1
+    once done. `label`: the stage, with the step while denoising ("denoising 47/200", "decoding", "queued").
+    `step` and `total` (None where not numbers), `elapsed_s` (since the running attempt's claim) and `eta_s`
+    (None where unknown; 0 once ended), and `times`: "elapsed 4.2 s · ETA 12 s" while it runs ("ETA …" until
+    the worker has a figure). No type is assumed: a value that is not a number is shown as text."""
+    status, stage = field(r, "status"), field(r, "stage")
+    live = mapping(field(r, "live"))
+    raw_step, raw_total = field(r, "step"), field(r, "total_steps")
+    step = to_int(raw_step)
+    total = to_int(raw_total) or to_int(mapping(field(r, "params")).get("num_inference_steps"))
+    total = total if total and total > 0 else None
+    if not _is_number(raw_total) and raw_total not in (None, ""):
+        shown_total: Any = raw_total  # a hostile total is shown, never used as a number
+    else:
+        shown_total = total
+    running, ended = status == "running", status in ("done", "failed", "cancelled")
+    worker_fraction = to_float(live.get("fraction"))
+    fraction: float | None
+    measure = "the whole job"
+    if status == "done":
+        fraction = 1.0
+    elif not (running or ended):  # queued, or a status this version does not know
+        fraction = 0.0
+    elif worker_fraction is not None:
+        fraction = worker_fraction
+    else:  # the worker has no pace to weigh the stages by yet (its first job of this model)
+        fraction, measure = (step / total if step is not None and total else None), "the denoising steps"
+    fraction = None if fraction is None else max(0.0, min(1.0, fraction))
+    label = text(stage if stage not in (None, "") else status)
+    if stage == "denoising" and raw_step is not None and shown_total is not None:
+        label += f" {num(raw_step)}/{num(shown_total)}"
+    elapsed = to_float(live.get("elapsed_s")) if running else None
+    eta = to_float(live.get("eta_s")) if running else (0.0 if ended else None)
+    eta = None if eta is None else max(0.0, eta)
+    times = [f"elapsed {seconds(elapsed)}"] if elapsed is not None else []
+    if running:
+        times.append("ETA …" if eta is None else f"ETA {seconds(eta)}")
+    return {"fraction": fraction, "percent": None if fraction is None else int(fraction * 100), "measure": measure,
+            "label": label, "stage": stage, "status": status, "step": step, "total": total, "elapsed_s": elapsed,
+            "eta_s": eta, "running": running, "times": " · ".join(times)}
+
+
 def job_view(r: Any, *, notes: Any = (), media: Any = None, preview: Any = None) -> dict[str, Any]:
     """The display facts of a job record, each a plain value the templates escape (no type assumed).
 
@@ -318,6 +366,7 @@ def job_view(r: Any, *, notes: Any = (), media: Any = None, preview: Any = None)
                      else None),
         "running": status == "running",
         "denoising": status == "running" and stage == "denoising",
+        "bar": progress_view(r),
         "prompt": p.get("prompt", ""),
         "negative_prompt": p.get("negative_prompt"),
         "width": p.get("width"), "height": p.get("height"), "num_frames": p.get("num_frames"),
@@ -458,5 +507,5 @@ def job_widget(record: Any, video: Any):
 
 
 __all__ = ["MIN_VIDEO_PX", "RetryTracker", "STATIC_MIME", "WIDGET_MIME", "cluster_html", "error_html", "job_html",
-           "job_view", "job_widget", "media_view", "ordinal", "queue_note", "render", "status_badge", "stopped_note",
-           "thumbnail_uri", "timings_line", "video_widget"]
+           "job_view", "job_widget", "media_view", "ordinal", "progress_view", "queue_note", "render", "status_badge",
+           "stopped_note", "thumbnail_uri", "timings_line", "video_widget"]

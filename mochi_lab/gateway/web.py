@@ -240,9 +240,12 @@ def docs_headers(nonce: str) -> dict[str, str]:
 
 def _page_job(r: JobRecord) -> dict[str, Any]:
     """A job as the page shows it: plain values, every one escaped by the template."""
+    from mochi_lab.display.reprs import progress_view
+
     p = r.params if isinstance(r.params, dict) else {}
     return {
         "id": r.id, "status": r.status, "stage": r.stage, "step": r.step, "total": r.total_steps,
+        "bar": progress_view(r),
         "prompt": p.get("prompt"), "negative_prompt": p.get("negative_prompt"), "tags": list(r.tags or []),
         "experiment": r.experiment, "seed": p.get("seed"), "model": p.get("model"),
         "size": f"{p.get('width')}x{p.get('height')}, {p.get('num_frames')} frames, {p.get('num_inference_steps')} steps",

@@ -22,7 +22,7 @@ from mochi_lab.params import GenerationParams, ParamsError, check_prompt_tokens
 from mochi_lab.pipelines import JobCancelled
 from mochi_lab.pipelines.preview import PreviewPlan, encode_strip
 from mochi_lab.video import write_mp4, write_thumbnail
-from mochi_lab.worker.clock import JobClock
+from mochi_lab.worker.clock import TICKING, JobClock, Pace
 from mochi_lab.worker.provenance import model_revision
 from mochi_lab.worker.telemetry import versions
 
@@ -35,6 +35,9 @@ if TYPE_CHECKING:
     from mochi_lab.worker.telemetry import WorkerStats
 
 log = logging.getLogger("mochi_lab.worker")
+
+TICK_S = 0.5  # how often the figures are written again while a long call runs (JobClock: TICKING)
+STOP_WAIT_S = 10.0  # the longest a job's end waits for a tick under way
 
 
 class JobRejected(Exception):
@@ -56,6 +59,65 @@ class RunningJob:
         if self.cancel_since is None:
             self.cancel_since = time.monotonic()
         self.cancel.set()
+
+
+class Reporter:
+    """One job's progress writes: at each stage and step (`report`), and, from a thread of its own, again every
+    TICK_S while a long call with no steps of its own runs (loading, the VAE decode, the MP4 encode), with the
+    figures as they stand (JobClock), so the job's views keep counting elapsed time and ETA down through it.
+
+    One write at a time: a tick never lands after the write of the stage that follows it. A tick that sees a
+    cancel request marks the job's (`RunningJob.cancel_requested`); one that finds the lease lost marks it lost
+    and stops ticking. `stop()` ends the thread; the job calls it before its finishing write, on every path."""
+
+    def __init__(self, write: Callable[..., bool], running: RunningJob, clock: JobClock, total: int,
+                 held: Callable[[str, int | None], None]) -> None:
+        self._write, self.running, self.clock, self.total, self._held = write, running, clock, total, held
+        self._lock = threading.Lock()
+        self._message = ""
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._tick_loop, daemon=True, name=f"mochi-ticker-{running.job_id}")
+
+    def start(self) -> "Reporter":
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stopped.set()
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            # a tick stuck in a hung store write must not hold the job's end: one that lands after the
+            # finishing write is refused (LeaseLost) and ends there
+            self._thread.join(STOP_WAIT_S)
+
+    def report(self, stage: str, step: int | None = None, message: str = "") -> bool:
+        """Write `stage` (and `step`) with the figures now; a test's gate may then hold the job here. True: a
+        cancel was asked for."""
+        with self._lock:
+            self._message = message
+            cancelled = self._write(stage=stage, step=step, total=self.total if step is not None else None,
+                                    message=message, live=self.clock.live(stage, step))
+        self._held(stage, step)
+        return cancelled or self.running.cancel.is_set()
+
+    def _tick_loop(self) -> None:
+        while not self._stopped.wait(TICK_S):
+            if self.clock.stage not in TICKING:
+                continue
+            try:
+                with self._lock:
+                    if self._stopped.is_set():
+                        return
+                    cancelled = self._write(stage=self.clock.stage, step=self.clock.step,
+                                            total=self.total if self.clock.step is not None else None,
+                                            message=self._message, live=self.clock.now())
+                if cancelled:
+                    self.running.cancel_requested()
+            except LeaseLost:
+                self.running.lost.set()
+                return
+            except Exception:  # a tick is a nicety: never let it end the job, nor die silently
+                log_repeating(log, logging.WARNING, "progress tick failed", exc_info=True,
+                              extra={"job_id": self.running.job_id})
 
 
 class JobRunner:
@@ -82,7 +144,7 @@ class JobRunner:
     _proc: psutil.Process
     _gates: Gates
     _load_unpaid: bool
-    _post_s_per_px: float | None
+    _pace: Pace
 
     def run_job(self, claim: Claim) -> None:
         job, token = claim.job, claim.token
@@ -100,20 +162,25 @@ class JobRunner:
         max_run_s = self.settings.max_run_s
         prompt = str(job.params.get("prompt", "")) if isinstance(job.params, dict) else ""
 
-        def progress(**fields: Any) -> bool:
-            """Write progress (True: a cancel was asked for); a test's gate may hold the job here."""
-            cancelled = self._progress(job.id, token, **fields)
-            self._gates.at(job.id, prompt, fields["stage"], fields.get("step"),
+        reporter: Reporter | None = None
+
+        def held(stage: str, step: int | None) -> None:
+            """A test's gate may hold the job here."""
+            self._gates.at(job.id, prompt, stage, step,
                            released=lambda: cancel.is_set() or lost.is_set() or self._stop.is_set(),
                            waiting=self._held)
-            return cancelled or cancel.is_set()
+
+        def write(**fields: Any) -> bool:
+            return self._progress(job.id, token, **fields)
 
         try:
             params = self._admit(job)
+            clock = JobClock(params, self._pace, claimed_mono, waited_s=claimed_at - job.created_at)
+            reporter = Reporter(write, running, clock, params.num_inference_steps, held).start()
             # The first job after a load pays for the time it waited on it; later jobs pay 0 (warm).
             load_s = 0.0
             if params.model != self.model or self.runner is None:
-                progress(stage="loading", message=f"loading {params.model}")
+                reporter.report("loading", message=f"loading {params.model}")
                 self._load(params.model)
             self._check_prompt_tokens(params)
             if self._load_unpaid:
@@ -121,8 +188,7 @@ class JobRunner:
                 self._load_unpaid = False
             timings["queue_s"] = max(0.0, claimed_at - job.created_at - load_s)
             timings["load_s"] = load_s
-            clock = JobClock(params, self._post_s_per_px, claimed_mono)
-            progress(stage="denoising", step=0, total=params.num_inference_steps, live=clock.live(0))
+            reporter.report("denoising", 0)
             self.runner.reset_peak()
             rss_before = self._proc.memory_info().rss
             gpu_before = self.runner.memory_info().get("gpu_allocated_bytes")
@@ -134,9 +200,9 @@ class JobRunner:
                     raise LeaseLost(f"job {job.id}: lease lost")
                 if running.stepped - running.started > max_run_s:
                     raise JobRejected(f"exceeded max run time ({max_run_s:g} s)")
-                # after the last step the pipeline decodes the latents with the VAE
+                # after the last step the pipeline decodes the latents with the VAE (the reporter ticks on)
                 stage = "decoding" if step == total else "denoising"
-                if cancel.is_set() or progress(stage=stage, step=step, total=total, live=clock.live(step)):
+                if cancel.is_set() or reporter.report(stage, step):
                     raise JobCancelled(job.id)
 
             def on_preview(step: int, frames) -> None:
@@ -147,7 +213,11 @@ class JobRunner:
             plan = None if every < 0 else PreviewPlan(on_preview, every, self.settings.preview_min_interval_s)
             result = self._generate(params, on_step, plan)
             timings.update(result.timings)
-            progress(stage="encoding", message="writing MP4", live=clock.live(params.num_inference_steps))
+            # a cancel seen during the decode (the ticks read it) stops the job before the encode
+            if lost.is_set():
+                raise LeaseLost(f"job {job.id}: lease lost")
+            if cancel.is_set() or reporter.report("encoding", params.num_inference_steps, message="writing MP4"):
+                raise JobCancelled(job.id)
             t0 = time.perf_counter()
             # named by job id, so a retried job overwrites rather than adds files
             paths = self._artifact_paths(job)
@@ -156,7 +226,8 @@ class JobRunner:
                 "thumbnail": str(write_thumbnail(result.frames, paths["thumbnail"])),
             }
             timings["encode_s"] = time.perf_counter() - t0
-            self._post_s_per_px = clock.post_s_per_px(timings.get("decode_s", 0.0) + timings["encode_s"], self._post_s_per_px)
+            reporter.stop()
+            self._pace.learn(params, timings)
             timings["run_s"] = time.time() - claimed_at
             meta.update(result.info)
             meta.update(self._provenance(params), rss_before=rss_before, rss_after=self._proc.memory_info().rss,
@@ -167,15 +238,21 @@ class JobRunner:
                 self.stats.job_finished(params.model, "done", timings, params.num_inference_steps)
                 log.info("done in %.2fs", timings["run_s"], extra=extra)
         except LeaseLost:
+            if reporter is not None:
+                reporter.stop()
             log.warning("lease lost; result dropped", extra=extra)
             self._drop_orphans(job)
         except Exception as exc:
+            if reporter is not None:
+                reporter.stop()  # no tick after the finishing write
             timings["run_s"] = time.time() - claimed_at
             if self._finish_badly(running, exc, timings, meta, extra):
                 model = job.params.get("model") if isinstance(job.params, dict) else None
                 outcome = "cancelled" if isinstance(exc, JobCancelled) else "failed"
                 self.stats.job_finished(str(model), outcome, timings, 0)  # metrics bound the label
         finally:
+            if reporter is not None:
+                reporter.stop()
             finished.set()
             beat.join()
             self._job = None

@@ -27,6 +27,7 @@ from mochi_lab.pipelines import PipelineConfig, load_runner
 from mochi_lab.pipelines.preview import PreviewPlan
 from mochi_lab.store import open_store
 from mochi_lab.worker import telemetry
+from mochi_lab.worker.clock import Pace
 from mochi_lab.worker.gate import Gates
 from mochi_lab.worker.job import JobRunner, RunningJob
 
@@ -101,8 +102,8 @@ class Worker(JobRunner):
         self._store_down_since: float | None = None
         self._store_skip_until = 0.0
         self._backoff_cap = settings.store_backoff_max_s
-        # this worker's decode + encode seconds per output pixel (frames x height x width), for ETAs
-        self._post_s_per_px: float | None = None
+        # this worker's seconds per pixel and step of each stage on its past jobs, for ETAs (worker.clock)
+        self._pace = Pace()
         self._gates = Gates(settings.test_gates)
 
     # -- lifecycle -------------------------------------------------------------

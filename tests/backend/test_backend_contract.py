@@ -195,6 +195,7 @@ def test_one_follower_serves_every_view_of_a_job_and_a_wait_ends_them(backend, h
     blocking wait's states, pushed by a gateway or polled in this process, end both views without reads
     of their own."""
     from mochi_lab.client.job import Job, LiveView
+    from mochi_lab.display.reprs import progress_view
     from mochi_lab.display.widgets.job_card import JobCard
 
     monkeypatch.chdir(tmp_path)
@@ -207,7 +208,8 @@ def test_one_follower_serves_every_view_of_a_job_and_a_wait_ends_them(backend, h
     assert card.follower is view.follower
     reads = view.follower.reads
     assert card.poll() and view.follower.reads == reads + 1
-    assert (card.record.step, view.record.step, card.bar.value) == (1, 1, 1) and "1/2" in shown[-1]
+    assert (card.record.step, view.record.step) == (1, 1) and "denoising 1/2" in shown[-1]
+    assert card.bar.value == (progress_view(view.record)["fraction"] or 0) and "denoising 1/2" in card.stage.value
     gate.release()
     reads = view.follower.reads
     assert job.wait(timeout=120).status == "done" and view.follower.reads == reads

@@ -336,8 +336,10 @@ def test_progress_reaches_20_listeners_in_order_and_ends_terminal(gateway, token
         assert events[0]["status"] == "queued", "listeners were attached while the job was queued"
         assert events[-1]["status"] == "done" and events[-1]["step"] == steps
         keys = [(order.get(stage, 2), step) for _, stage, step in seq]
-        assert keys == sorted(keys) and len(set(seq)) == len(seq), f"in order, no repeats: {seq}"
-        stepped = [step for _, stage, step in seq if stage in ("denoising", "decoding")]
+        # a state comes again only in a row: the live figures its worker writes again while it decodes or encodes
+        changes = [s for i, s in enumerate(seq) if i == 0 or s != seq[i - 1]]
+        assert keys == sorted(keys) and len(set(changes)) == len(changes), f"in order, no repeats: {seq}"
+        stepped = [step for _, stage, step in changes if stage in ("denoising", "decoding")]
         assert stepped == list(range(steps + 1)), "every step (the last one decodes), from the store's log"
     assert gateway.app.state.progress.pollers() == 0  # the shared poller ended with the job
 

@@ -94,7 +94,7 @@ def test_job_html_takes_wrong_types_without_crashing():
 
 def test_job_html_formats_real_numbers():
     html = reprs.job_html(record(step=1, total_steps=2))
-    assert '<progress value="1" max="2"' in html and " 1/2" in html
+    assert '<progress class="mochi-bar" value="0.500" max="1"' in html and "denoising 1/2" in html
     assert "32x32 &middot; 7 frames &middot; 2 steps &middot; seed 1 &middot; model tiny" in html
     # the timings once, on one line, in stage order, each formatted; the total last
     assert "queue 0.1 s &middot; load 0.0 s &middot; denoise 1.0 s &middot; decode 0.2 s &middot; encode 0.1 s " \
@@ -173,7 +173,7 @@ def test_job_card_with_markup_in_every_field(payload, status, tmp_path):
     assert_safe(card.stage.value, payload if status != "queued" else None)  # queued: the badge says it all
     assert (card.stage.value == "") == (status == "queued")
     assert_safe(card.error.value, payload if status == "failed" else None)
-    assert isinstance(card.bar.value, int) and isinstance(card.bar.max, int)
+    assert isinstance(card.bar.value, float) and card.bar.max == 1.0
     card.poll()
     card.cancel()
     for html in (card.header.value, card.stage.value, card.error.value, card.notes.value, card.timings.value,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import re
 import threading
 import time
 from pathlib import Path
@@ -14,7 +15,7 @@ import pytest
 from mochi_lab import Job, JobRecord
 from mochi_lab.client.backend import queue_rows
 from mochi_lab.client.job import LiveView, TextProgress
-from mochi_lab.display.reprs import WIDGET_MIME, RetryTracker, cluster_html
+from mochi_lab.display.reprs import WIDGET_MIME, RetryTracker, cluster_html, progress_view
 from tests.support.fakes import record
 from tests.support.jobkit import TINY
 from tests.support.widget_helpers import drive, pool_size, unique
@@ -182,7 +183,8 @@ def test_a_lost_worker_is_said_and_the_bar_starts_again(tmp_path, monkeypatch):
         bar.close()
     assert bar.lines == ["worker lost at decoding; queued again for attempt 2",
                          "worker lost at decoding; retrying, attempt 2"]
-    assert marks[-1][0] == 2 and max(n for n, _ in marks) == 10
+    # the bar in thousandths of the job: no live figures here, so the denoising steps' share
+    assert marks[-1][0] == 200 and max(n for n, _ in marks) == 1000
     for (n0, w0), (n1, w1) in zip(marks, marks[1:]):
         assert n1 >= n0 or w1 > w0, marks  # the bar never goes back without a line saying why
     assert any("worker lost at decoding; queued again for attempt 2" in h for h in shown.html)
@@ -272,16 +274,24 @@ def _no_download_env(monkeypatch):
     monkeypatch.delenv("MOCHI_LAB_DOWNLOAD_DIR", raising=False)
 
 
-def test_the_text_bar_shows_the_workers_rate_and_eta_not_the_polls(capsys):
+def test_the_text_bar_shows_the_workers_figures_through_the_decode_not_the_polls(capsys):
     from mochi_lab.client.job import TextProgress
     from mochi_lab.model import JobRecord
 
     bar = TextProgress()
     base = dict(id="1-000000000000", account="a", params={}, status="running", total_steps=40, attempts=1)
-    bar.update(JobRecord(**base, stage="denoising", step=10, live={"rate": 2.5, "eta_s": 12.4, "elapsed_s": 4}))
-    assert bar.bar.n == 10 and "2.50 step/s" in bar.bar.postfix and "~12 s left" in bar.bar.postfix
-    bar.update(JobRecord(**base, stage="decoding", step=40, live={"rate": 2.5, "eta_s": 3.0}))
-    assert bar.bar.n == 40 and bar.bar.postfix.startswith("decoding") and "step/s" not in bar.bar.postfix
+    bar.update(JobRecord(**base, stage="denoising", step=10,
+                         live={"rate": 2.5, "eta_s": 12.4, "elapsed_s": 4, "fraction": 0.1}))
+    line = str(bar.bar)
+    assert bar.bar.n == 100 and line.startswith("denoising 10/40  10%")
+    assert line.endswith("| elapsed 4.0 s · ETA 12 s · 2.50 step/s")
+    # the decode: the bar and the ETA go on moving as the worker writes its figures again
+    for n, (eta, fraction) in enumerate([(9.0, 0.4), (8.5, 0.45)]):
+        bar.update(JobRecord(**base, stage="decoding", step=40,
+                             live={"rate": 2.5, "eta_s": eta, "elapsed_s": 6 + n / 2, "fraction": fraction}))
+        line = str(bar.bar)
+        assert bar.bar.n == fraction * 1000 and line.startswith("decoding ") and line.count("decoding") == 1
+        assert line.endswith(f"| elapsed {6 + n / 2:.1f} s · ETA {eta:.1f} s")  # no step rate: no steps now
     bar.close()
     err = capsys.readouterr().err
     assert "<" not in err and "it/s" not in err  # tqdm's own poll-timed remaining time and rate are not shown
@@ -328,15 +338,106 @@ def test_every_view_of_a_job_draws_its_one_follower_and_a_wait_ends_them_all(moc
     assert card.follower is follower is job.follower
     reads = follower.reads
     assert card.poll() and follower.reads == reads + 1  # one read, for both views
-    assert (card.record.step, job.record.step) == (1, 1) and card.bar.value == 1
-    assert "1/2" in shown.html[-1] and "denoising" in shown.html[-1]
+    assert (card.record.step, job.record.step) == (1, 1) and card.bar.value == progress_view(job.record)["fraction"]
+    assert "denoising 1/2" in shown.html[-1] and "denoising 1/2" in card.stage.value
     gate.release()
     reads = follower.reads
     assert job.wait(timeout=120).status == "done"
     assert follower.reads == reads  # the wait's states, not reads of the views' own
-    assert card.record.status == "done" and card.video is not None and card.bar.value == 2
+    assert card.record.status == "done" and card.video is not None and card.bar.value == 1
     assert ">done<" in shown.html[-1] and f'href="./videos/{job.id}.mp4"' in shown.html[-1]
     assert card.poll() is False and view.step() is False and follower.reads == reads  # ended: no more reads
+
+
+def _drawn(html: str) -> tuple[str, float | None]:
+    """(label, bar) as a job's HTML (the live view's, a ClusterPanel cell) shows them."""
+    label = re.search(r'class="mochi-stage"[^>]*>([^<]*)<', html)
+    bar = re.search(r'class="mochi-bar" value="([0-9.]+)"', html)
+    assert label is not None, html
+    return label.group(1), float(bar.group(1)) if bar else None
+
+
+def test_every_view_of_a_job_shows_the_same_progress_at_the_same_moment(mochi, hold, tmp_path, monkeypatch):
+    """The live HTML, a Studio card, the text bar and the ClusterPanel draw one record through one function
+    (`progress_view`): the same stage, step and bar. The panel's read, fresher than the views' last one, goes
+    to the job's follower, so all of them show it at once, and the panel redraws when the follower reads on
+    (it once said 42/200 beside a job at 47/200: it drew its own reads, made at other moments)."""
+    from mochi_lab.display.widgets import ClusterPanel
+    from mochi_lab.display.widgets.job_card import JobCard
+
+    monkeypatch.chdir(tmp_path)
+    prompt = unique("seen alike")
+    gate = hold(prompt, "denoising", step=1)
+    job = mochi.generate(prompt, **TINY)
+    gate.wait_reached()
+    shown = Recorder()
+    view = LiveView(job, publish=shown, folder=Path("videos")).start()  # no loop: the test steps it
+    assert view.control is None  # no kernel: no Cancel button, and nothing breaks
+    card = JobCard(mochi.job(job.id), download_dir=Path("cards"))
+    text = TextProgress(view.follower)
+    panel = ClusterPanel(mochi)
+
+    def views() -> dict[str, tuple[str, float | None]]:
+        cell = next(c for c in panel.table.value.split('class="mochi-current-job"')[1:] if job.id in c)
+        return {"live view": _drawn(shown.html[-1]), "panel": _drawn(cell),
+                "card": (re.fullmatch("<code>(.*)</code>", card.stage.value).group(1), round(card.bar.value, 3)),
+                "text bar": (text.bar.desc, text.bar.n / text.UNITS)}
+
+    def alike(label: str) -> None:
+        want = (label, round(progress_view(view.record)["fraction"], 3))
+        assert views() == dict.fromkeys(("live view", "panel", "card", "text bar"), want), views()
+
+    try:
+        alike("denoising 1/2")
+        hold(prompt, "decoding", step=None).wait_reached()  # the job goes on; no view has read it since
+        reads = view.follower.reads
+        panel.refresh()
+        assert view.follower.reads == reads  # the panel's read, given to the follower: no read of the views' own
+        alike("decoding")
+        assert "decoding" not in card.eta.value and "elapsed" in card.eta.value  # the stage is said once
+        # the worker writes its figures again while the job decodes; the follower's next read redraws the panel too
+        before = view.record.live
+        drive(view.step, lambda: view.record.live != before, timeout=60)
+        alike("decoding")
+        assert view.record.live["elapsed_s"] > before["elapsed_s"]
+    finally:
+        gate.release()
+    assert job.wait(timeout=120).status == "done"
+    assert ">done<" in shown.html[-1] and (card.bar.value, text.bar.n, text.bar.desc) == (1, text.UNITS, "done")
+    panel.refresh()
+    assert panel._followers == {}  # the job has ended: the panel follows it no more
+    text.close()
+    panel.close()
+
+
+def test_a_displayed_job_shows_elapsed_and_eta_and_a_cancel_button_that_goes_when_it_ends(mochi, hold, tmp_path,
+                                                                                          monkeypatch):
+    """While the job runs: its HTML says the stage, the bar, the elapsed time and the ETA, moving on through
+    the decode; beside it, in an output of its own, a Cancel button (a widget), which cancels the job and is
+    replaced with empty HTML when the job ends, so a saved notebook holds no widget view."""
+    monkeypatch.chdir(tmp_path)
+    prompt = unique("cancelled from its own output")
+    gate = hold(prompt, "decoding", step=None)
+    job = mochi.generate(prompt, **TINY)
+    gate.wait_reached()
+    shown, buttons = Recorder(), Recorder()
+    view = LiveView(job, publish=shown, cancel=buttons).start()
+    assert [(update, sorted(b)) for update, b in buttons.sent] == [(False, sorted({WIDGET_MIME, "text/plain"}))]
+    assert buttons.sent[0][1][WIDGET_MIME]["model_id"] == view.control.button.model_id
+    drive(view.step, lambda: "decoding" in _drawn(shown.html[-1])[0] and "elapsed" in shown.html[-1])
+    first = re.search(r"elapsed ([0-9.]+) s", shown.html[-1]).group(1)
+    assert "ETA" in shown.html[-1]
+    drive(view.step, lambda: re.search(r"elapsed ([0-9.]+) s", shown.html[-1]).group(1) != first, timeout=60)
+    view.control.button.click()
+    assert view.control.button.disabled and view.control.button.description == "Cancelling"
+    drive(view.step, lambda: view.finished, timeout=60)
+    assert ">cancelled<" in shown.html[-1] and job.record.status == "cancelled" and job.record.artifacts == {}
+    assert buttons.sent[-1] == (True, {"text/plain": "", "text/html": ""})  # the button's output, emptied
+    assert len(buttons.sent) == 2 and view.control.ended and view.control.button.comm is None
+    done = mochi.generate(unique("ends with its button gone"), **TINY)
+    other = LiveView(done, publish=Recorder(), cancel=(ended := Recorder())).start()
+    drive(other.step, lambda: other.finished)
+    assert ended.sent[-1] == (True, {"text/plain": "", "text/html": ""}) and done.record.status == "done"
 
 
 def test_a_follower_keeps_its_views_through_a_brief_outage_and_says_a_deleted_job(tmp_path):
@@ -362,7 +463,7 @@ def test_a_follower_keeps_its_views_through_a_brief_outage_and_says_a_deleted_jo
     claim = store.claim("w", 60)
     store.progress(rec.id, claim.token, stage="denoising", step=1, total=2)
     assert card.poll() and view.follower.errors == 0
-    assert "1/2" in shown.html[-1] and card.bar.value == 1
+    assert "denoising 1/2" in shown.html[-1] and card.bar.value == 0.5  # no live figures: the steps' share
     store.delete("alice", rec.id)
     assert card.poll() is False and card.gone and view.gone and "deleted" in shown.html[-1]
     assert card.eta.value == "deleted"

@@ -15,20 +15,21 @@ import ipywidgets as W
 
 from mochi_lab.model import DONE, RUNNING
 
-from ._format import error_html, job_view, mapping, render, to_float
+from ._format import error_html, job_view, mapping, render, to_float, to_int
 from ._poll import Poller
 from .save_hook import StaticStandIn
 
 if TYPE_CHECKING:
     from mochi_lab.client.cluster import MochiCluster
+    from mochi_lab.client.follow import Follower
     from mochi_lab.client.job import Job
 
 COLUMNS = ("worker", "node", "device", "memory", "CPU use", "GPU use", "model", "state", "current job",
            "jobs done", "uptime")
 # What a column counts, where its name alone could mislead (shown as the header's tooltip and in its text).
 COLUMN_TITLES = {
-    "current job": "this account's job by its prompt, with the denoising steps its worker had reported at the panel's "
-                   "last read (a job's own view, read at another moment, may be a few steps on)",
+    "current job": "this account's job by its prompt, with its stage, step and share of the whole job done, as every "
+                   "view of the job in this notebook shows it",
     "jobs done": "jobs this worker has finished since it started (every account's)",
     "CPU use": "the worker process's CPU use over its last heartbeat, in % of one core",
     "GPU use": "the GPU's utilisation and power draw, as NVML reports them",
@@ -41,7 +42,8 @@ _LISTED = 1000  # running jobs and queue rows read per refresh
 
 
 def job_brief(job: "Job | None") -> dict[str, Any] | None:
-    """What a worker's current job shows: prompt, stage and step progress (None: not this account's)."""
+    """What a worker's current job shows: prompt, stage, step and the whole job's progress (None: not this
+    account's)."""
     return None if job is None else job_view(job.record)
 
 
@@ -278,6 +280,9 @@ class ClusterPanel(StaticStandIn, W.VBox):
             self.dashboard = W.HTML()
         self.rows: list[dict[str, Any]] = []
         self.queued: list[dict[str, Any]] = []  # the cluster's queue (`MochiCluster.queue()`), as last read
+        self.running: list[Any] = []  # this account's running jobs, as last read
+        self._followers: dict[str, "Follower"] = {}  # of those, the ones another view follows in this process
+        self._refreshing = False
         self.refreshes = 0  # how many times the table was redrawn (tests and curious users)
         self.poller = Poller(self._tick, interval)
         super().__init__([
@@ -308,11 +313,12 @@ class ClusterPanel(StaticStandIn, W.VBox):
             return
         self.refreshes += 1
         self.read_at = now = time.time()
-        mine = {j.id: job_brief(j) for j in running}
+        self.running = list(running)
+        self._follow(self.running)
         self.throughput.add(self.rows, now)
         before = (self.summary.value, self.table.value, self.queue.value, self.counts.value)
         self.summary.value = summary_html(self.rows)
-        self.table.value = workers_html(self.rows, mine)
+        self.table.value = workers_html(self.rows, self._jobs())
         self.queue.value = queue_html(self.queued, now, self._starts(running))
         self.counts.value = counts_html(counts)
         self.rate.value = throughput_html(self.throughput, now)
@@ -320,6 +326,50 @@ class ClusterPanel(StaticStandIn, W.VBox):
         # the stand-in follows what changed; a panel whose only change is its clock is sent now and then
         self._snapshot_changed(clock_only=before == (self.summary.value, self.table.value, self.queue.value,
                                                      self.counts.value))
+
+    def _follow(self, running: list[Any]) -> None:
+        """Show each running job as its other views in this process show it (a displayed job, a Studio card):
+        the panel's read, the newest, goes to the job's one follower (`job.follower`), which tells them all
+        now, and the panel redraws its table whenever that follower reads the job again (a panel that drew its
+        own reads showed 42/200 beside a job at 47/200)."""
+        found: dict[str, "Follower"] = {}
+        self._refreshing = True
+        try:
+            for job in running:
+                follower = job.follower
+                found[job.id] = follower
+                r, seen = job.record, follower.record
+                newer = (to_int(r.attempts, 0), to_int(r.step, 0)) >= (to_int(seen.attempts, 0), to_int(seen.step, 0))
+                if r is not seen and newer and not follower.finished:
+                    follower.observe(r)
+        finally:
+            self._refreshing = False
+        for job_id, follower in self._followers.items():
+            if found.get(job_id) is not follower:
+                follower.unlisten(self._job_told)
+        for follower in found.values():
+            follower.listen(self._job_told)
+        self._followers = found
+
+    def _jobs(self) -> dict[str, dict[str, Any] | None]:
+        """This account's running jobs' views, each as its follower last saw it."""
+        return {j.id: job_view(self._followers[j.id].record) if j.id in self._followers else job_brief(j)
+                for j in self.running}
+
+    def _job_told(self, follower: "Follower") -> None:
+        """A followed job's new state: redraw the table from what the panel last read and the followers saw."""
+        if self.comm is None:
+            self._unfollow()
+            return
+        if self._refreshing:  # the refresh draws it
+            return
+        self.table.value = workers_html(self.rows, self._jobs())
+        self._snapshot_changed(clock_only=True)  # the stand-in follows at the next refresh that changes it
+
+    def _unfollow(self) -> None:
+        for follower in self._followers.values():
+            follower.unlisten(self._job_told)
+        self._followers = {}
 
     def _starts(self, running: list[Any]) -> list[float | None] | None:
         """When each queued job should start (`queue_starts`), from this account's recent run times."""
@@ -410,4 +460,5 @@ class ClusterPanel(StaticStandIn, W.VBox):
 
     def close(self) -> None:
         self.poller.stop()
+        self._unfollow()
         super().close()

@@ -20,7 +20,7 @@ from mochi_lab.display.links import relative_href
 from mochi_lab.display.reprs import BORDER, RetryTracker, thumbnail_uri, timings_line
 from mochi_lab.model import CANCELLED, DONE, FAILED, QUEUED, JobNotFound
 
-from ._format import error_html, job_view, mapping, render, seconds, to_float, to_int
+from ._format import error_html, job_view, render, seconds, to_float
 
 if TYPE_CHECKING:
     from mochi_lab.client.follow import Follower
@@ -70,7 +70,8 @@ class JobCard(W.VBox):
                                      layout=W.Layout(width="32px"))
         self.clear_button.on_click(lambda _: self.clear())
         self.stage = W.HTML()
-        self.bar = W.IntProgress(min=0, max=1, layout=W.Layout(width="240px"))  # update() sets the step count
+        # the whole job's fraction done, as every view of the job shows it (display.reprs.progress_view)
+        self.bar = W.FloatProgress(min=0.0, max=1.0, layout=W.Layout(width="240px"))
         self.eta = W.Label()
         self.cancel_button = W.Button(description="Cancel", icon="stop", button_style="warning",
                                       layout=W.Layout(width="90px"))
@@ -188,17 +189,12 @@ class JobCard(W.VBox):
         now = time.time() if now is None else now
         view = job_view(r, notes=self.note_lines(r))
         self.header.value = render("job_card.html", "header", r=view)
-        total = to_int(r.total_steps) or to_int(mapping(r.params).get("num_inference_steps")) or 1
-        total = max(1, total)
-        step = max(0, to_int(r.step, 0))
-        self.bar.max = total
-        self.bar.value = total if r.status == DONE else min(step, total)
+        bar = view["bar"]
+        self.bar.value = bar["fraction"] or 0.0
         self.bar.bar_style = BAR_STYLES.get(r.status, "info") if isinstance(r.status, str) else "info"
-        denoising = r.stage == "denoising"
         # while queued the badge says it all; the live row shows how long it has waited
-        self.stage.value = "" if r.status == QUEUED else render("job_card.html", "stage", stage=r.stage,
-                                                                 step=r.step if denoising else None, total=total)
-        self.eta.value = self._eta_text(r, step, total, now)
+        self.stage.value = "" if r.status == QUEUED else render("job_card.html", "stage", label=bar["label"])
+        self.eta.value = self._eta_text(r, bar, now)
         self.notes.value = render("_macros.html", "notes", lines=view["notes"])
         self.timings.value = render("_macros.html", "timing_line", pairs=timings_line(r.timings)) if finished(r) else ""
         for part in (self.notes, self.timings):  # an empty line takes room too
@@ -218,17 +214,14 @@ class JobCard(W.VBox):
         elif r.status == DONE and self.video is None:
             self._show_result()
 
-    def _eta_text(self, r: "JobRecord", step: int, total: int, now: float) -> str:
+    def _eta_text(self, r: "JobRecord", bar: dict[str, Any], now: float) -> str:
         if r.status == QUEUED:
             created = to_float(r.created_at)
             return "waiting" if created is None else f"waiting {seconds(now - created)}"
         if finished(r):
             return ""
-        # measured by the worker on this job's own steps (and its past decodes): see Job.progress
-        left = to_float(mapping(r.live).get("eta_s"))
-        if r.stage != "denoising":
-            return f"{r.stage}…" if left is None else f"{r.stage}… ETA {seconds(left)}"
-        return "ETA …" if left is None else f"ETA {seconds(left)}"
+        # measured by the worker on this job's own steps and its past jobs' pace: see Job.progress
+        return bar["times"]
 
     def _show_preview(self, r: "JobRecord") -> None:
         if r.status == DONE:  # the video takes its place

@@ -37,11 +37,13 @@ _LOGGED = ("status", "stage", "step", "total_steps", "message", "attempts", "liv
 
 
 def _signature(view: dict[str, Any]) -> tuple:
-    return tuple(view.get(k) for k in ("status", "stage", "step", "attempts"))
+    # the live figures too: while a job decodes or encodes, its worker writes them again (the ETA counting down)
+    # with its stage and step unchanged
+    return tuple(view.get(k) for k in ("status", "stage", "step", "attempts", "live"))
 
 
 class ProgressHub:
-    """Every change of (status, stage, step) of a job, in order, to every listener of that job.
+    """Every change of (status, stage, step, live figures) of a job, in order, to every listener of that job.
 
     One poller per (account, job) reads the store every `poll_s` while anyone listens and keeps the
     changes it saw; each listener starts at the latest one and reads on at its own pace.
