@@ -41,6 +41,7 @@ from mochi_lab.model import (
     QuotaExceeded,
     RecordTooLarge,
     StoreUnavailable,
+    wait_workers_ready,
 )
 from mochi_lab.params import GenerationParams, ParamsError, SubmitOptions, check_model
 
@@ -393,18 +394,9 @@ class GatewayBackend(Backend):
         self._request(*at(wire.SHUTDOWN))
 
     def wait_ready(self, timeout: float) -> None:
-        """Until the server's workers all say idle or busy (at least one), as the direct pool waits."""
-        deadline = time.monotonic() + timeout
-        while True:
-            rows = self.workers()
-            if rows and all(r.get("state") in ("idle", "busy") for r in rows):
-                return
-            bad = [r for r in rows if r.get("state") == "error"]
-            if bad:
-                raise RuntimeError(f"worker {bad[0].get('worker_id')} failed to load: {bad[0].get('error')}")
-            if time.monotonic() >= deadline:
-                raise TimeoutError(f"workers not ready after {timeout:.0f}s")
-            time.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
+        """Until the server's workers all say idle or busy (at least one): `model.workers_ready` over the rows
+        this account sees (a client sees no actors)."""
+        wait_workers_ready(self.workers, timeout)
 
     # -- experiments -----------------------------------------------------------
     def get_experiment(self, name: str) -> dict[str, Any]:

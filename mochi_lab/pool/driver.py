@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 from mochi_lab.config import PoolConfig, WorkerConfig, default_ray_env, node_redis_url, set_ray_env, without_credentials
+from mochi_lab.model import wait_workers_ready
 from mochi_lab.pipelines.config import PipelineConfig
 from mochi_lab.private import PRIVATE_UMASK
 from mochi_lab.store import Store
@@ -78,6 +79,10 @@ class WorkerActor:
         self._stopping = False
         self._watchdog = threading.Thread(target=self._watch, name="mochi-watchdog", daemon=True)
         self._watchdog.start()
+
+    def pid(self) -> int:
+        """This actor's process: the pool tells its rows in the store from a killed process's (`Pool.wait_ready`)."""
+        return os.getpid()
 
     def check_health(self) -> dict[str, Any]:
         """Raises WorkerUnhealthy when the worker must be restarted (see `Worker.check_health`)."""
@@ -418,15 +423,35 @@ class Pool:
         return None
 
     def wait_ready(self, timeout: float = 300.0) -> None:
-        """Block until every pool worker has loaded its model (its row in the store says idle or busy)."""
-        deadline = time.monotonic() + timeout
-        names = set(self.handles())
-        while time.monotonic() < deadline:
-            rows = {r["worker_id"]: r for r in self.store.workers()}
-            if names and all(rows.get(n, {}).get("state") in ("idle", "busy") for n in names):
-                return
-            bad = [r for r in rows.values() if r.get("state") == "error"]
-            if bad:
-                raise RuntimeError(f"worker {bad[0]['worker_id']} failed to load: {bad[0]['error']}")
-            time.sleep(0.2)
-        raise TimeoutError(f"workers not ready after {timeout:.0f}s")
+        """Block until every pool worker has loaded its model: its row in the store, written by its actor's
+        current process, says idle or busy (`model.workers_ready`). A restarted actor's killed process left
+        a row that says what it last said until its TTL: that row does not count."""
+        wait_workers_ready(self.store.workers, timeout, processes=_Processes(self.ray, self.handles()))
+
+
+class _Processes:
+    """Each actor's current process id, asked anew on each call: an actor that has not answered since the
+    last call (starting, restarting, gone) has None. At most one question waits per actor."""
+
+    def __init__(self, ray: Any, handles: dict[str, Any], wait_s: float = 0.5) -> None:
+        self.ray, self.handles, self.wait_s = ray, handles, wait_s
+        self.asked: dict[str, Any] = {}
+
+    def __call__(self) -> dict[str, int | None]:
+        for name, handle in self.handles.items():
+            if name not in self.asked:
+                self.asked[name] = handle.pid.remote()
+        refs = list(self.asked.values())
+        answered, _ = self.ray.wait(refs, num_returns=len(refs), timeout=self.wait_s) if refs else ([], [])
+        answered = set(answered)
+        pids: dict[str, int | None] = {}
+        for name in self.handles:
+            ref = self.asked[name]
+            pids[name] = None
+            if ref in answered:
+                del self.asked[name]
+                try:
+                    pids[name] = self.ray.get(ref)
+                except Exception as exc:  # died while asked: the next question goes to its next process
+                    log.info("worker %s did not say its process: %s", name, type(exc).__name__)
+        return pids
