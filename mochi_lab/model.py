@@ -1,5 +1,5 @@
-"""A job as every room sees it: its record, its statuses, its id, its artifact files and the errors about it;
-and when a pool's workers are ready, from their rows.
+"""A job as every room sees it: its record, its statuses, its id, its artifact files, the errors about it and
+its record as one flat table row; and when a pool's workers are ready, from their rows.
 
 Plain data and checks only (no store, no Ray, no torch): the client, the display, the gateway, the pool,
 the worker and the store backends all speak of jobs in these terms.
@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from mochi_lab.config import check_account
+from mochi_lab.params import GenerationParams
 
 QUEUED, RUNNING, DONE, FAILED, CANCELLED = "queued", "running", "done", "failed", "cancelled"
 STATUSES = (QUEUED, RUNNING, DONE, FAILED, CANCELLED)
@@ -101,6 +102,29 @@ class JobRecord:
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in names})
 
+
+TIMINGS = ("queue_s", "load_s", "text_s", "denoise_s", "decode_s", "encode_s", "run_s")  # a run's, in stage order
+PARAM_COLUMNS = tuple(GenerationParams.model_fields)
+
+
+def job_row(record: JobRecord) -> dict[str, Any]:
+    """The record as one flat table row, the same columns for every job, in this order: id, status, stage, step,
+    total_steps, each generation parameter, experiment, tags, attempts, priority, worker_id, the times
+    (`*_at`, epoch seconds), each timing (`TIMINGS`), the artifacts' paths (video, thumbnail) and the error.
+    None where a job has no value yet. Params, timings or artifacts that are not mappings (a record written
+    by someone else than a worker) read as empty: a row is shown, never trusted."""
+    params, timings, artifacts = (v if isinstance(v, dict) else {}
+                                  for v in (record.params, record.timings, record.artifacts))
+    return {
+        "id": record.id, "status": record.status, "stage": record.stage, "step": record.step,
+        "total_steps": record.total_steps,
+        **{name: params.get(name) for name in PARAM_COLUMNS},
+        "experiment": record.experiment, "tags": list(record.tags or ()), "attempts": record.attempts,
+        "priority": record.priority, "worker_id": record.worker_id,
+        "created_at": record.created_at, "started_at": record.started_at, "finished_at": record.finished_at,
+        **{name: timings.get(name) for name in TIMINGS},
+        "video": artifacts.get("video"), "thumbnail": artifacts.get("thumbnail"), "error": record.error,
+    }
 
 JOB_ID_RE = re.compile(r"[0-9a-f]{1,16}-[0-9a-f]{12}")
 

@@ -1,8 +1,9 @@
-"""model.py: when a pool's workers are ready, by their rows (the pool with its actors' processes, a client without)."""
+"""model.py: a job's record as a table row; when a pool's workers are ready, by their rows (the pool with its
+actors' processes, a client without)."""
 
 import pytest
 
-from mochi_lab.model import wait_workers_ready, workers_ready
+from mochi_lab.model import PARAM_COLUMNS, TIMINGS, JobRecord, job_row, wait_workers_ready, workers_ready
 
 
 def row(worker_id: str, state: str, pid: int, error: str | None = None) -> dict:
@@ -41,3 +42,21 @@ def test_wait_reads_anew_until_ready_or_the_deadline():
     wait_workers_ready(lambda: next(reads), 5, every=0)
     with pytest.raises(TimeoutError, match="workers not ready after 0s"):
         wait_workers_ready(lambda: [row("w0", "loading", 1)], 0)
+
+
+def test_a_job_row_has_the_same_flat_columns_for_every_job():
+    done = JobRecord("1-aaaaaaaaaaaa", "alice", {"prompt": "a fox", "seed": 7, "width": 64}, status="done", tags=["t"],
+                     timings={"run_s": 1.5}, artifacts={"video": "/a/1.mp4"}, created_at=1.7e9)
+    row = job_row(done)
+    assert list(row) == list(job_row(JobRecord("2-bbbbbbbbbbbb", "bob", {})))
+    assert set(PARAM_COLUMNS) | set(TIMINGS) <= set(row)
+    assert not any(isinstance(v, dict) for v in row.values())
+    assert (row["id"], row["status"], row["prompt"], row["seed"], row["height"]) == (done.id, "done", "a fox", 7, None)
+    assert (row["run_s"], row["denoise_s"], row["video"], row["thumbnail"], row["tags"]) == (1.5, None, "/a/1.mp4",
+                                                                                             None, ["t"])
+
+
+def test_a_job_row_reads_parts_that_are_not_mappings_as_empty():
+    odd = JobRecord("3-cccccccccccc", "eve", params="a string", timings=[1, 2], artifacts=None)  # type: ignore[arg-type]
+    row = job_row(odd)
+    assert row["prompt"] is None and row["run_s"] is None and row["video"] is None

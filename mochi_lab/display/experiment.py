@@ -15,30 +15,25 @@ from pathlib import Path
 from typing import Any
 
 from mochi_lab.display.reprs import render
-from mochi_lab.model import DONE, JobRecord
+from mochi_lab.model import DONE, PARAM_COLUMNS, TIMINGS, JobRecord, job_row
 from mochi_lab.params import GenerationParams
 from mochi_lab.sweep import Run, varying_params
 
-TIMINGS = ("queue_s", "load_s", "text_s", "denoise_s", "decode_s", "encode_s", "run_s")
 _TIMES = ("created_at", "started_at", "finished_at")
+_RESULTS = (*TIMINGS, *_TIMES, "video", "thumbnail", "worker_id", "error")  # a run's job's, from `job_row`
 
 
 def run_rows(runs: list[Run], jobs: dict[str, JobRecord | None]) -> list[dict[str, Any]]:
-    """Plain dicts, one per run, with every column present (None where a run has no value yet)."""
+    """Plain dicts, one per run, with every column present (None where a run has no value yet): the run's key,
+    its params and attempt, and its job's columns (`model.job_row`)."""
     rows = []
     for run in runs:
         job = jobs.get(run.key)
-        row: dict[str, Any] = {"run": run.key, "job_id": job.id if job else None,
-                               "status": job.status if job else "missing", "stage": job.stage if job else None,
-                               "attempt": run.attempt}
-        row.update({f: run.params.get(f) for f in GenerationParams.model_fields})
-        timings = job.timings if job else {}
-        row.update({t: timings.get(t) for t in TIMINGS})
-        row.update({t: getattr(job, t) if job else None for t in _TIMES})
-        artifacts = job.artifacts if job else {}
-        row.update(video=artifacts.get("video"), thumbnail=artifacts.get("thumbnail"),
-                   worker_id=job.worker_id if job else None, error=job.error if job else None)
-        rows.append(row)
+        facts = job_row(job) if job else {}
+        rows.append({"run": run.key, "job_id": facts.get("id"), "status": facts.get("status", "missing"),
+                     "stage": facts.get("stage"), "attempt": run.attempt,
+                     **{f: run.params.get(f) for f in PARAM_COLUMNS},
+                     **{c: facts.get(c) for c in _RESULTS}})
     return rows
 
 
