@@ -217,7 +217,7 @@ def test_actors_get_no_store_password_and_prefer_their_nodes_own(monkeypatch):
     """Ray keeps an actor's arguments in its GCS: the creator's password must not travel; a worker pod's
     own REDIS_URL (its least-privilege user) wins."""
     from mochi_lab.config import without_credentials
-    from mochi_lab.pool.driver import store_url_here
+    from mochi_lab.pool.actor import store_url_here
 
     assert without_credentials("redis://gateway:s3cret@redis:6379/0?prefix=m") == "redis://redis:6379/0?prefix=m"
     assert without_credentials("redis://:s3cret@[::1]:6379/0") == "redis://[::1]:6379/0"

@@ -56,7 +56,8 @@ from mochi_lab.config import (
 from mochi_lab.logs import LOG_BACKUPS, LOG_MAX_BYTES, RotatingLog, log_repeating
 from mochi_lab.model import StoreError
 from mochi_lab.pipelines.config import PipelineConfig
-from mochi_lab.pool.driver import Pool, _import_ray, connect
+from mochi_lab.pool.connection import connect, import_ray
+from mochi_lab.pool.driver import Pool
 from mochi_lab.pool.reaper import started
 from mochi_lab.private import PRIVATE_UMASK, open_private, private_dir
 from mochi_lab.store import open_store
@@ -193,7 +194,7 @@ def attach(settings: Settings, model: str, pipeline: PipelineConfig) -> Settings
             record = _start_daemon(settings, model, pipeline)
         check_compatible(record, settings, model, pipeline)
         joined = settings.model_copy(update={"ray_address": record["address"]})
-        ray = _import_ray()
+        ray = import_ray()
         if ray.is_initialized() and _attached != record["address"] and \
                 ray.get_runtime_context().gcs_address == _attached:
             ray.shutdown()  # the runtime this process had joined is gone (`mochi-lab down`); join the new one
