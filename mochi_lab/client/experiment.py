@@ -322,7 +322,7 @@ class Experiment:
         the innermost swept param across, the others down). A copy of each video goes to `download_dir`
         (default: the Studio's, beside the notebook), so a notebook saved with the save hook keeps the grid
         as posters linked to their videos."""
-        from mochi_lab.display.experiment import compare_grid
+        from mochi_lab.display.compare import compare_grid
 
         return compare_grid(*self._snapshot(), video=lambda job_id: self._backend.artifact(job_id, "video"),
                             thumbnail=lambda job_id: self._backend.artifact(job_id, "thumbnail"),
