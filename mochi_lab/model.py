@@ -126,6 +126,7 @@ def job_row(record: JobRecord) -> dict[str, Any]:
         "video": artifacts.get("video"), "thumbnail": artifacts.get("thumbnail"), "error": record.error,
     }
 
+
 JOB_ID_RE = re.compile(r"[0-9a-f]{1,16}-[0-9a-f]{12}")
 
 
@@ -174,9 +175,8 @@ def workers_ready(rows: Iterable[Mapping[str, Any]], processes: Mapping[str, int
     rows = list(rows)
     if processes is not None:
         by_id = {r.get("worker_id"): r for r in rows}
-        current = {name: by_id.get(name) for name, pid in processes.items()}
-        counted = [r for name, r in current.items() if r is not None and processes[name] is not None
-                   and r.get("pid") == processes[name]]
+        counted = [r for name, pid in processes.items()
+                   if pid is not None and (r := by_id.get(name)) is not None and r.get("pid") == pid]
         expected = len(processes)
     else:
         counted = rows
