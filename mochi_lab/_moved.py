@@ -7,8 +7,9 @@ gives the new module object itself, so isinstance checks and monkeypatching see 
 
 Some names left a module that stays (`MOVED_NAMES`): the job's record, statuses, ids, artifacts and errors
 went from the store to `mochi_lab.model`; the worker loop's log format, telemetry and job path went to their
-own modules. The old module answers them through `moved_names`, with the same
-warning.
+own modules; the pool driver's actor and this process's Ray connection went to `pool.actor` and
+`pool.connection`; the experiment views' compare grid to `display.compare`; the gang's attention
+processor to `pipelines.attention`. The old module answers them through `moved_names`, with the same warning.
 
 Four old modules gave their names to the rooms that hold them (`mochi_lab.client`, `.gateway`, `.pool`,
 `.worker`): those packages answer the old module's names through `lazy_names`, with the same warning.
@@ -67,6 +68,15 @@ MOVED_NAMES: dict[str, dict[str, str]] = {
     "mochi_lab.worker.loop": {"JsonFormatter": "mochi_lab.logs", "JobRejected": "mochi_lab.worker.job",
                               **{name: "mochi_lab.worker.telemetry"
                                  for name in ("NvmlSampler", "WorkerStats", "STAGE_BUCKETS_S", "STAGES")}},
+    # the pool's driver was split: the actor that runs in Ray, and this process's Ray connection
+    "mochi_lab.pool.driver": {"WorkerActor": "mochi_lab.pool.actor", "store_url_here": "mochi_lab.pool.actor",
+                              "connect": "mochi_lab.pool.connection", "quiet_ray_start": "mochi_lab.pool.connection"},
+    # the experiment views' compare grid has its own module
+    "mochi_lab.display.experiment": {name: "mochi_lab.display.compare"
+                                     for name in ("compare_grid", "compare_widget", "grid_axes")},
+    # the gang's attention processor has its own module
+    "mochi_lab.pipelines.cfg_parallel": {name: "mochi_lab.pipelines.attention"
+                                         for name in ("AttentionKernel", "GangAttention", "attention_kernel")},
 }
 
 

@@ -40,10 +40,11 @@ FORBIDDEN: dict[str, set[str]] = {
 }
 # The direct backend runs the store and the pool in the caller's process.
 ALLOWED = {("client.direct", "pool")}
-# Module to module, no more: the HTTP client speaks the gateway's wire (its routes, bodies and error table), and
-# nothing else of the gateway; the wire is a leaf over the shared modules (test_the_wire_is_a_leaf). Importing it
-# runs the gateway package's face, which loads nothing (`lazy_names`).
-ALLOWED_MODULES = {("client.http", "gateway.wire"), ("client.http", "gateway")}
+# Module to module, no more: the HTTP client and its wire client speak the gateway's wire (its routes, bodies and
+# error table), and nothing else of the gateway; the wire is a leaf over the shared modules
+# (test_the_wire_is_a_leaf). Importing it runs the gateway package's face, which loads nothing (`lazy_names`).
+ALLOWED_MODULES = {(client, gateway) for client in ("client.http", "client.wire_client")
+                   for gateway in ("gateway.wire", "gateway")}
 # The handle's rich display (`_repr_html_`, the live view) renders through the display, imported inside the
 # method that shows it: a script that never displays loads no Jinja2.
 ALLOWED_LAZY = {("client", "display")}
@@ -278,7 +279,7 @@ def test_the_checker_sees_violations():
         "client.job": "def show():\n    from mochi_lab.display.reprs import job_html\n",  # lazy display: allowed
         "client.http": "from mochi_lab.display.reprs import job_html\n",  # module-level display: not allowed
         "client.direct": "from mochi_lab.pool import runtime\n",  # the direct backend runs the pool
-        "client.backend": "from mochi_lab.gateway.wire import url\n",  # only client.http may speak the wire
+        "client.backend": "from mochi_lab.gateway.wire import url\n",  # only client.http and wire_client speak it
         "gateway.wire": "",
         "gateway.app": "",
         "display.reprs": "",

@@ -196,20 +196,28 @@ def test_killed_worker_process_releases_its_job_at_once(ray_mochi, ray_settings,
     folder = ray_settings.artifacts_dir / ray_settings.account
     assert sorted(p.name for p in folder.iterdir() if p.name.startswith(job.id)) == [f"{job.id}.mp4", f"{job.id}.png"]
     assert resumed_s < 5.0, resumed_s
-    # the restarted actor is back for the next tests: a new process under the old name, loaded. (The killed
-    # process's row says busy until its TTL, so `wait_ready` alone can pass on it.)
-    def back() -> bool:
-        return any(w["worker_id"] == row["worker_id"] and w["pid"] != row["pid"] and w["state"] in ("idle", "busy")
-                   for w in ray_mochi.workers())
+    # the restarted actor is back for the next tests: a new process under the old name, loaded
+    ray_mochi.wait_ready(timeout=300)
+    assert {w["worker_id"]: w for w in ray_mochi.workers()}[row["worker_id"]]["pid"] != row["pid"]
 
-    wait_for(back, 300, "the restarted worker, loaded", every=0.2)
+
+@pytest.mark.usefixtures("fault_injection")
+def test_wait_ready_waits_for_a_killed_workers_next_process(ray_mochi):
+    """The killed process's row says idle until its TTL; `wait_ready` counts only the rows that each actor's
+    current process wrote, so it returns once the restarted actor has loaded, not at once."""
+    ray_mochi.wait_ready(timeout=300)
+    row = next(w for w in ray_mochi.workers() if w["state"] == "idle")
+    os.kill(row["pid"], signal.SIGKILL)
+    ray_mochi.wait_ready(timeout=300)
+    now = {w["worker_id"]: w for w in ray_mochi.workers()}[row["worker_id"]]
+    assert now["pid"] != row["pid"] and now["state"] in ("idle", "busy")
 
 
 def test_actors_get_no_store_password_and_prefer_their_nodes_own(monkeypatch):
     """Ray keeps an actor's arguments in its GCS: the creator's password must not travel; a worker pod's
     own REDIS_URL (its least-privilege user) wins."""
     from mochi_lab.config import without_credentials
-    from mochi_lab.pool.driver import store_url_here
+    from mochi_lab.pool.actor import store_url_here
 
     assert without_credentials("redis://gateway:s3cret@redis:6379/0?prefix=m") == "redis://redis:6379/0?prefix=m"
     assert without_credentials("redis://:s3cret@[::1]:6379/0") == "redis://[::1]:6379/0"

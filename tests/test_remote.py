@@ -333,7 +333,7 @@ def test_503_and_a_dead_server_are_StoreUnavailable_naming_the_url(hub, tokens, 
 def test_other_answers_are_GatewayError(idle, hub, tokens, connect):
     carol = MochiCluster(backend=connect(idle.url, tokens["carol"]))  # an admin, on a gateway with no pool
     with pytest.raises(GatewayError, match="not JSON .is the URL the gateway's"):
-        carol.backend._json("GET", "docs")  # a page of the gateway's, not its API
+        carol.backend.http.json("GET", "docs")  # a page of the gateway's, not its API
     with pytest.raises(GatewayError, match="409 conflict: this gateway serves a store with no pool") as exc:
         carol.scale(1)  # its pool is missing (a 500 is GatewayError too: tests/gateway/test_openapi.py)
     assert exc.value.status == 409
@@ -358,7 +358,7 @@ def test_the_token_never_shows(idle, idle_store, tokens, connect, caplog, tmp_pa
     host = idle.url.removeprefix("http://")
     userinfo = connect(f"http://me:secret-pass@{host}", token)
     texts = [repr(backend), repr(c), c._repr_html_(), str(backend.info()), str(exc.value), repr(exc.value),
-             repr(backend._client.auth), caplog.text, repr(userinfo), str(userinfo.info())]
+             repr(backend.http), repr(backend.http.client.auth), caplog.text, repr(userinfo), str(userinfo.info())]
     for text in texts:
         assert token not in text and "secret-pass" not in text
     assert backend.info() == {"backend": "gateway", "address": idle.url, "account": "bob", "model": "tiny"}

@@ -19,9 +19,9 @@ _HOMES: dict[str, str] = {
     "Experiment": "mochi_lab.client.experiment",
     "ExperimentNotFound": "mochi_lab.client.experiment",
     "Backend": "mochi_lab.client.backend",
-    "GatewayAuthError": "mochi_lab.client.http",
+    "GatewayAuthError": "mochi_lab.client.wire_client",
     "GatewayBackend": "mochi_lab.client.http",
-    "GatewayError": "mochi_lab.client.http",
+    "GatewayError": "mochi_lab.client.wire_client",
 }
 
 __all__ = [
@@ -35,5 +35,6 @@ if TYPE_CHECKING:
     from mochi_lab.client.backend import Backend
     from mochi_lab.client.cluster import MochiCluster, Rows
     from mochi_lab.client.experiment import Experiment, ExperimentNotFound
-    from mochi_lab.client.http import GatewayAuthError, GatewayBackend, GatewayError
+    from mochi_lab.client.http import GatewayBackend
     from mochi_lab.client.job import Job, JobCancelledError, JobFailed
+    from mochi_lab.client.wire_client import GatewayAuthError, GatewayError

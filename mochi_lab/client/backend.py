@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from mochi_lab.client.follow import WAIT
-from mochi_lab.model import JobRecord
+from mochi_lab.model import JobRecord, job_row
 from mochi_lab.params import GenerationParams, SubmitOptions
 
 ARTIFACTS = ("video", "thumbnail")
@@ -146,13 +146,12 @@ def queue_rows(records: Iterable[JobRecord], account: str, *, admin: bool) -> li
     model and size only, and their id and account's name only for an admin."""
     rows = []
     for position, r in enumerate(records, start=1):
-        p = r.params if isinstance(r.params, dict) else {}
+        row = job_row(r)
         mine, seen = r.account == account, sees_job(r.account, account, admin=admin)
         rows.append({
             "position": position, "mine": mine, "account": r.account if seen else None,
-            "id": r.id if seen else None, "prompt": p.get("prompt") if mine else None,
-            "model": p.get("model"), "width": p.get("width"), "height": p.get("height"),
-            "num_frames": p.get("num_frames"), "steps": p.get("num_inference_steps"),
+            "id": r.id if seen else None, "prompt": row["prompt"] if mine else None,
+            **{k: row[k] for k in ("model", "width", "height", "num_frames")}, "steps": row["num_inference_steps"],
             "priority": r.priority, "created_at": r.created_at,
         })
     return rows

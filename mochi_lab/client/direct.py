@@ -85,7 +85,8 @@ class DirectBackend(Backend):
         except StoreError as exc:
             store.close()
             raise StoreUnavailable(f"cannot use the store at {redact_url(settings.store_url)}: {exc}") from None
-        from mochi_lab.pool.driver import Pool, connect
+        from mochi_lab.pool.connection import connect
+        from mochi_lab.pool.driver import Pool
 
         pipeline = pipeline or PipelineConfig(cpu_offload=settings.offload)
         if settings.ray_address is None and settings.persistent:

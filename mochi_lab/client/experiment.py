@@ -7,7 +7,6 @@ after a crash or opening the experiment from another kernel never duplicates a j
 
 from __future__ import annotations
 
-import asyncio
 import time
 import warnings
 from collections.abc import Callable, Iterable, Mapping
@@ -17,13 +16,12 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from mochi_lab.client.backend import Backend
 from mochi_lab.client.follow import GroupFollower
-from mochi_lab.client.job import Job, Output
-from mochi_lab.model import CANCELLED, FAILED, STATUSES, JobNotFound, JobRecord, check_job_id
+from mochi_lab.client.job import Job
+from mochi_lab.client.run_table import LIST_LIMIT, MISSING, LiveTable, RunJobs, display_live, summary
+from mochi_lab.model import CANCELLED, FAILED, STATUSES, JobRecord, check_job_id
 from mochi_lab.params import MAX_PROMPT_CHARS, GenerationParams, SubmitOptions, check_model, check_tags, validate_name
 from mochi_lab.sweep import Run, expand_grid, plan_runs
 
-MISSING = "missing"  # a planned run with no job (its client died before queueing it)
-_LIST_LIMIT = 100_000  # one experiment's jobs, attempts included
 RUN_KEY_RE = r"^[0-9A-Za-z_-]{1,64}$"  # run keys name files (exports) and travel in idempotency keys
 
 
@@ -79,115 +77,6 @@ class ExperimentNotFound(KeyError):
 
     def __str__(self) -> str:
         return str(self.args[0]) if self.args else "experiment not found"
-
-
-class RunJobs(list):
-    """The jobs `Experiment.sweep()` and `resume()` return: a plain list of `Job`, which a notebook
-    shows as a table with each job's status and the overall progress, kept live until they end (`live()`)."""
-
-    def __init__(self, jobs: Iterable[Job] = (), *, experiment: "Experiment | None" = None):
-        super().__init__(jobs)
-        self.experiment = experiment
-
-    def _records(self) -> list[JobRecord | None]:
-        """Each job's current record (None: deleted), in one listing of the experiment's jobs."""
-        listed = {}
-        if self.experiment is not None:
-            listed = {r.id: r for r in self.experiment._backend.list(experiment=self.experiment.name,
-                                                                      limit=_LIST_LIMIT)}
-        return [listed.get(job.id) or _current(job) for job in self]
-
-    def _items(self, records: Mapping[str, JobRecord | None]) -> list[tuple[dict[str, Any], JobRecord | None]]:
-        return [(dict(job.record.params), records.get(job.id)) for job in self]
-
-    def _html(self, records: Mapping[str, JobRecord | None]) -> str:
-        from mochi_lab.display.experiment import jobs_html
-
-        return jobs_html(self.experiment.name if self.experiment is not None else "-", self._items(records))
-
-    def _repr_html_(self) -> str:
-        from mochi_lab.display.reprs import error_html
-
-        try:
-            records = self._records()
-        except Exception as exc:  # the store is down: say so where the table would be
-            return error_html(f"cannot read the jobs: {type(exc).__name__}: {exc}")
-        return self._html({job.id: rec for job, rec in zip(self, records, strict=True)})
-
-    def live(self, *, publish: Callable[[dict[str, Any], bool], None] | None = None) -> "LiveTable":
-        """The table, kept live until these jobs end (what displaying the list does): one listing of the
-        experiment's jobs per tick."""
-        records = {job.id: rec for job, rec in zip(self, self._records(), strict=True)}
-        if self.experiment is not None:
-            group = self.experiment.follower(records)
-        else:  # a list of jobs of no experiment: no listing holds them all
-            group = GroupFollower(lambda: [r for r in map(_current, self) if r is not None], records)
-        return LiveTable(group, self._html, publish=publish)
-
-    def _ipython_display_(self) -> None:
-        _display_live(self.live, self._repr_html_)
-
-
-class LiveTable:
-    """A run table in a notebook, kept live until its runs end, then left as static HTML: redrawn in place
-    (an `Output`) from one `GroupFollower` on the kernel's event loop (one listing per tick, never a read per
-    job): runs finished out of total, an ETA, and failures called out. `step()` is one listing."""
-
-    def __init__(self, group: GroupFollower, draw: Callable[[Mapping[str, JobRecord | None]], str], *,
-                 publish: Callable[[dict[str, Any], bool], None] | None = None):
-        self.group = group
-        self._draw = draw
-        self.output = Output(publish)
-        group.listen(lambda _: self.send())
-
-    @property
-    def html(self) -> str | None:
-        return self.output.html
-
-    @property
-    def finished(self) -> bool:
-        return not self.group.pending
-
-    def send(self) -> None:
-        html = self._draw(self.group.records)
-        self.output.send({"text/plain": f"<runs: {_summary(self.group.records)}>", "text/html": html})
-
-    def start(self) -> "LiveTable":
-        """Show the table now, and keep it live while runs are pending (and a loop runs: else a snapshot)."""
-        self.send()
-        self.group.start()
-        return self
-
-    def step(self) -> bool:
-        """One listing (the table redrawn if it changed); returns whether any run is still pending."""
-        return self.group.step()
-
-    async def wait(self, timeout: float | None = None) -> None:
-        """Await the end of the runs without blocking the loop (top-level `await` in a cell)."""
-        if self.group.start() and self.group._task is not None:
-            await asyncio.wait_for(asyncio.shield(self.group._task), timeout)
-
-    def close(self) -> None:
-        self.group.stop()
-
-
-def _display_live(live: Callable[[], LiveTable], static: Callable[[], str]) -> None:
-    """Display a live table, or (the store is down) the static HTML that says so."""
-    try:
-        table = live()
-    except Exception:
-        from IPython.display import display
-
-        display({"text/plain": "<runs>", "text/html": static()}, raw=True)
-        return
-    table.start()
-
-
-def _current(job: Job) -> JobRecord | None:
-    try:
-        return job.refresh()
-    except JobNotFound:
-        return None
 
 
 class Experiment:
@@ -345,7 +234,7 @@ class Experiment:
     def _snapshot(self) -> tuple[list[Run], dict[str, JobRecord | None]]:
         """The runs and each run's current job (None: never queued, or deleted), in one listing."""
         runs = self.runs
-        listed = self._backend.list(experiment=self.name, limit=_LIST_LIMIT)
+        listed = self._backend.list(experiment=self.name, limit=LIST_LIMIT)
         by_key = {j.idempotency_key: j for j in listed}
         jobs: dict[str, JobRecord | None] = {}
         found = {}
@@ -384,7 +273,7 @@ class Experiment:
 
         def show() -> None:
             bar.n = sum(1 for j in group.records.values() if j is not None and j.finished)
-            bar.set_postfix_str(_summary(group.records), refresh=False)
+            bar.set_postfix_str(summary(group.records), refresh=False)
             bar.refresh()
 
         try:
@@ -406,7 +295,7 @@ class Experiment:
         job. `jobs`: each run's current job, as `_snapshot` gives them (default: read now)."""
         if jobs is None:
             jobs = self._snapshot()[1]
-        return GroupFollower(lambda: self._backend.list(experiment=self.name, limit=_LIST_LIMIT), dict(jobs))
+        return GroupFollower(lambda: self._backend.list(experiment=self.name, limit=LIST_LIMIT), dict(jobs))
 
     def cancel(self) -> int:
         """Cancel every unfinished run (queued ones never start); returns how many were asked."""
@@ -433,7 +322,7 @@ class Experiment:
         the innermost swept param across, the others down). A copy of each video goes to `download_dir`
         (default: the Studio's, beside the notebook), so a notebook saved with the save hook keeps the grid
         as posters linked to their videos."""
-        from mochi_lab.display.experiment import compare_grid
+        from mochi_lab.display.compare import compare_grid
 
         return compare_grid(*self._snapshot(), video=lambda job_id: self._backend.artifact(job_id, "video"),
                             thumbnail=lambda job_id: self._backend.artifact(job_id, "thumbnail"),
@@ -449,7 +338,7 @@ class Experiment:
                          publish=publish)
 
     def _ipython_display_(self) -> None:
-        _display_live(self.live, self._repr_html_)
+        display_live(self.live, self._repr_html_)
 
     def _repr_html_(self) -> str:
         from mochi_lab.display.experiment import experiment_html
@@ -471,14 +360,6 @@ class Experiment:
     def __repr__(self) -> str:
         return (f"<Experiment {self.name!r} account={self._backend.account!r} runs={len(self._record.get('runs', []))} "
                 f"tags={self.tags}>")
-
-
-def _summary(jobs: Mapping[str, JobRecord | None]) -> str:
-    counts: dict[str, int] = {}
-    for job in jobs.values():
-        status = job.status if job is not None else MISSING
-        counts[status] = counts.get(status, 0) + 1
-    return " ".join(f"{k}={v}" for k, v in sorted(counts.items()))
 
 
 __all__ = ["MISSING", "Experiment", "ExperimentNotFound", "ExperimentRecord", "RunJobs", "RunRecord"]

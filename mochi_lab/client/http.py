@@ -9,8 +9,8 @@ plus `GatewayAuthError` (401/403, a `PermissionError`) and `QuotaExceeded` (429)
 wire's too.
 
 Artifacts are downloaded once into a local cache (`<cache_dir>/gateway/<host>/<account>/`), so
-`job.result()` returns a path on this machine as it does on the direct backend. The token never appears
-in a repr, an error or a log line.
+`job.result()` returns a path on this machine as it does on the direct backend. The requests themselves, the
+token and the error answers are the wire client's (`client/wire_client.py`).
 """
 
 from __future__ import annotations
@@ -30,7 +30,8 @@ from urllib.parse import urlsplit
 import httpx
 
 from mochi_lab.client.backend import ARTIFACTS, Backend
-from mochi_lab.config import ClientConfig, check_account, without_credentials
+from mochi_lab.client.wire_client import GatewayAuthError, GatewayError, WireClient
+from mochi_lab.config import ClientConfig, check_account
 from mochi_lab.gateway import wire
 from mochi_lab.gateway.wire import at
 from mochi_lab.model import (
@@ -39,47 +40,14 @@ from mochi_lab.model import (
     JobNotFound,
     JobRecord,
     QuotaExceeded,
-    RecordTooLarge,
     StoreUnavailable,
+    wait_workers_ready,
 )
-from mochi_lab.params import GenerationParams, ParamsError, SubmitOptions, check_model
+from mochi_lab.params import GenerationParams, SubmitOptions, check_model
 
 DEFAULT_TIMEOUT_S = 30.0
 _CHUNK = 1 << 20
 _PAGE = wire.JOBS_LIMIT_MAX  # the most jobs one GET /jobs answers
-
-
-class GatewayError(RuntimeError):
-    """The gateway answered with an error this client has no better exception for (e.g. a 500)."""
-
-    def __init__(self, message: str, status: int | None = None, kind: str | None = None):
-        super().__init__(message)
-        self.status, self.kind = status, kind
-
-
-class GatewayAuthError(PermissionError):
-    """401 (no, bad or revoked token) or 403 (token lacks the service's scope, or an admin-only action)."""
-
-    def __init__(self, message: str, status: int | None = None):
-        super().__init__(message)
-        self.status = status
-
-    def __str__(self) -> str:  # PermissionError(msg) prints fine; keep it one clear line
-        return str(self.args[0]) if self.args else "not allowed"
-
-
-class _TokenAuth(httpx.Auth):
-    """`Authorization: token <t>` on every request; the token is kept out of reprs."""
-
-    def __init__(self, token: str):
-        self._header = f"token {token}"
-
-    def auth_flow(self, request: httpx.Request):
-        request.headers["Authorization"] = self._header
-        yield request
-
-    def __repr__(self) -> str:
-        return "<token auth ***>"
 
 
 def default_cache_dir() -> Path:
@@ -100,111 +68,19 @@ class GatewayBackend(Backend):
     def __init__(self, url: str, token: str | None, *, timeout: float = DEFAULT_TIMEOUT_S,
                  cache_dir: str | Path | None = None, model: str = "tiny",
                  transport: httpx.BaseTransport | None = None):
-        if not isinstance(url, str) or not url.startswith(("http://", "https://")):
-            raise ValueError(f"gateway url must start with http:// or https://, got {url!r:.80}")
-        # user:password@ in the URL means nothing here (the token authenticates) and must reach no log
-        self.url = without_credentials(url).rstrip("/") + "/"
-        self._where = self.url
-        if not token:
-            raise GatewayAuthError(f"no token for the mochi_lab gateway at {self._where}: set JUPYTERHUB_API_TOKEN "
-                                   "(a JupyterHub server sets it for you) or pass token=")
-        self._token = token
-        self.timeout = timeout
+        self.http = WireClient(url, token, timeout=timeout, transport=transport)
+        self.url, self._where, self.timeout = self.http.url, self.http.where, timeout
         self.model = model
-        self._client = httpx.Client(
-            base_url=self.url,
-            auth=_TokenAuth(token),
-            timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)),
-            transport=transport or httpx.HTTPTransport(retries=1),  # retries failed connects only
-            headers={"User-Agent": "mochi_lab-gateway-client"},
-            follow_redirects=False,  # a redirect (e.g. to a hub login page) must not carry the token away
-        )
         try:
-            who = self._json(*at(wire.WHOAMI))
+            who = self.http.json(*at(wire.WHOAMI))
             self.account = check_account(who["account"])
             self.admin = bool(who.get("admin", False))
             check_model(model, self.models())
         except BaseException:
-            self._client.close()
+            self.http.close()
             raise
         root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
         self.cache_dir = root / _host_dir(self.url) / self.account
-
-    # -- HTTP ------------------------------------------------------------------
-    @contextlib.contextmanager
-    def _reaching(self, what: str):
-        """A timeout or a broken connection while doing `what` becomes StoreUnavailable, token scrubbed."""
-        try:
-            yield
-        except httpx.TimeoutException:
-            raise StoreUnavailable(f"the mochi_lab gateway at {self._where} did not answer {what} "
-                                   f"within {self.timeout:g}s") from None
-        except httpx.TransportError as exc:
-            raise StoreUnavailable(f"cannot reach the mochi_lab gateway at {self._where} ({what}): "
-                                   f"{self._scrub(str(exc)) or type(exc).__name__}") from None
-
-    def _request(self, method: str, path: str, *, not_found=None, **kwargs: Any) -> httpx.Response:
-        with self._reaching(f"{method} /{path.split('?')[0]}"):
-            response = self._client.request(method, path, **kwargs)
-        if response.is_success:
-            return response
-        raise self._error(response, not_found)
-
-    def _json(self, method: str, path: str, **kwargs: Any) -> Any:
-        response = self._request(method, path, **kwargs)
-        try:
-            return response.json()
-        except ValueError:
-            raise GatewayError(f"the gateway at {self._where} answered {method} /{path} with "
-                               f"{response.headers.get('content-type', 'no content type')}, not JSON "
-                               "(is the URL the gateway's?)", response.status_code) from None
-
-    def _scrub(self, text: str) -> str:
-        return text.replace(self._token, "***") if len(self._token) >= 8 else text
-
-    def _error(self, response: httpx.Response, not_found) -> Exception:
-        status = response.status_code
-        kind, detail = None, ""
-        try:
-            body = json.loads(response.read() or b"null")
-            if isinstance(body, dict):
-                kind = body.get("error")
-                detail = body.get("detail")
-                if not isinstance(detail, str):  # FastAPI's own 422s carry a list
-                    detail = json.dumps(detail) if detail is not None else ""
-        except (ValueError, httpx.StreamError):
-            detail = ""
-        detail = self._scrub(detail)[:2000]
-        if status == 404 and not_found is not None:
-            return not_found(detail)
-        raised = wire.RAISED_FOR_STATUS.get(status)  # the exception the server's side raised (gateway.wire)
-        if raised is not None:
-            return raised(self._said(raised, status, detail))
-        if status == 401:
-            return GatewayAuthError(f"the mochi_lab gateway at {self._where} refused the token (401"
-                                    f"{': ' + detail if detail else ''}); get a fresh JUPYTERHUB_API_TOKEN", status)
-        if status == 403:
-            return GatewayAuthError(f"not allowed by the mochi_lab gateway at {self._where} (403"
-                                    f"{': ' + detail if detail else ''})", status)
-        if 300 <= status < 400:  # redirects are not followed: the token must not travel elsewhere
-            where = response.headers.get("location", "?").split("?")[0]
-            return GatewayError(f"the mochi_lab gateway at {self._where} redirected {response.request.method} "
-                                f"{response.request.url.path} to {where} (is the URL the gateway's?)", status, kind)
-        if status == 404:
-            return GatewayError(f"not found at the mochi_lab gateway {self._where}: {detail or response.request.url.path}",
-                                status, kind)
-        return GatewayError(f"the mochi_lab gateway at {self._where} answered {status}"
-                            f"{' ' + kind if kind else ''}{': ' + detail if detail else ''}", status, kind)
-
-    def _said(self, raised: type[Exception], status: int, detail: str) -> str:
-        """The message of the exception `raised` for an error answer: the server's sentence, and where."""
-        if raised is ParamsError:
-            return detail or "invalid generation parameters"
-        if raised is QuotaExceeded:
-            return f"quota reached at the mochi_lab gateway: {detail or 'too many requests'}"
-        if raised is RecordTooLarge:
-            return f"too large for the mochi_lab gateway at {self._where}: {detail or 'request too large'}"
-        return f"the mochi_lab gateway at {self._where} is unavailable ({status}{': ' + detail if detail else ''})"
 
     @staticmethod
     def _job_id(job_id: str) -> str:
@@ -222,11 +98,11 @@ class GatewayBackend(Backend):
         body = wire.GenerateRequest(params=params.to_dict(), priority=options.priority, tags=list(options.tags),
                                     experiment=options.experiment, idempotency_key=options.idempotency_key,
                                     reuse=reuse).model_dump()
-        return JobRecord.from_dict(self._json(*at(wire.GENERATE), json=body))
+        return JobRecord.from_dict(self.http.json(*at(wire.GENERATE), json=body))
 
     def get(self, job_id: str) -> JobRecord:
         jid = self._job_id(job_id)
-        return JobRecord.from_dict(self._json(*at(wire.STATUS, job_id=jid), not_found=self._job_missing(jid)))
+        return JobRecord.from_dict(self.http.json(*at(wire.STATUS, job_id=jid), not_found=self._job_missing(jid)))
 
     def list(self, *, status: str | None = None, experiment: str | None = None, tag: str | None = None,
              text: str | None = None, limit: int = 50, offset: int = 0) -> list[JobRecord]:
@@ -236,7 +112,7 @@ class GatewayBackend(Backend):
         out: list[JobRecord] = []
         while len(out) < limit:
             n = min(_PAGE, limit - len(out))
-            rows = self._json(*at(wire.JOBS, account=self.account),
+            rows = self.http.json(*at(wire.JOBS, account=self.account),
                               params={**query, "limit": n, "offset": offset + len(out)})
             out.extend(JobRecord.from_dict(r) for r in rows)
             if len(rows) < n:
@@ -245,7 +121,7 @@ class GatewayBackend(Backend):
 
     def cancel(self, job_id: str) -> JobRecord:
         jid = self._job_id(job_id)
-        return JobRecord.from_dict(self._json(*at(wire.CANCEL, job_id=jid), not_found=self._job_missing(jid)))
+        return JobRecord.from_dict(self.http.json(*at(wire.CANCEL, job_id=jid), not_found=self._job_missing(jid)))
 
     def rerun(self, job_id: str, *, priority: int = 0) -> JobRecord:
         """The server's `POST /rerun/{id}` (which runs `Backend.rerun` there); another priority than 0 is a
@@ -253,17 +129,17 @@ class GatewayBackend(Backend):
         if priority:
             return super().rerun(job_id, priority=priority)
         jid = self._job_id(job_id)
-        return JobRecord.from_dict(self._json(*at(wire.RERUN, job_id=jid), not_found=self._job_missing(jid)))
+        return JobRecord.from_dict(self.http.json(*at(wire.RERUN, job_id=jid), not_found=self._job_missing(jid)))
 
     def delete(self, job_id: str) -> None:
         jid = self._job_id(job_id)
-        self._request(*at(wire.DELETE, job_id=jid), not_found=self._job_missing(jid))
+        self.http.request(*at(wire.DELETE, job_id=jid), not_found=self._job_missing(jid))
         for name in ARTIFACTS:
             with contextlib.suppress(FileNotFoundError):
                 self._cached(jid, name).unlink()
 
     def counts(self) -> dict[str, int]:
-        return self._json(*at(wire.COUNTS))
+        return self.http.json(*at(wire.COUNTS))
 
     def events(self, job_id: str, *, timeout: float | None = None) -> Iterator[JobRecord]:
         """The job's progress as the server pushes it (`GET /events/{id}`, server-sent events): one record
@@ -272,9 +148,9 @@ class GatewayBackend(Backend):
         jid = self._job_id(job_id)
         try:
             read = httpx.Timeout(self.timeout, read=timeout)
-            with self._client.stream(*at(wire.EVENTS, job_id=jid), timeout=read) as r:
+            with self.http.client.stream(*at(wire.EVENTS, job_id=jid), timeout=read) as r:
                 if not r.is_success:
-                    raise self._error(r, self._job_missing(jid))
+                    raise self.http.error(r, self._job_missing(jid))
                 data: list[str] = []
                 for line in r.iter_lines():
                     if line.startswith("data:"):
@@ -288,7 +164,7 @@ class GatewayBackend(Backend):
             raise TimeoutError(f"no progress event for job {jid} within {timeout}s") from None
         except httpx.TransportError as exc:
             raise StoreUnavailable(f"lost the event stream of the mochi_lab gateway at {self._where}: "
-                                   f"{self._scrub(str(exc)) or type(exc).__name__}") from None
+                                   f"{self.http.scrub(str(exc)) or type(exc).__name__}") from None
 
     def watch(self, job_id: str, timeout: float | None = None) -> Iterator[JobRecord]:
         """Pushed by the server (`events`), so the end is seen when it happens, not at the next poll; a
@@ -316,11 +192,11 @@ class GatewayBackend(Backend):
 
     def preview(self, job_id: str) -> tuple[int, bytes] | None:
         jid = self._job_id(job_id)
-        r = self._request(*at(wire.PREVIEW, job_id=jid), not_found=self._job_missing(jid))
+        r = self.http.request(*at(wire.PREVIEW, job_id=jid), not_found=self._job_missing(jid))
         return None if r.status_code == 204 else (int(r.headers.get(wire.PREVIEW_STEP_HEADER, 0)), r.content)
 
     def queue(self, limit: int = 50) -> list[dict[str, Any]]:
-        return list(self._json(*at(wire.QUEUE), params={"limit": limit}))
+        return list(self.http.json(*at(wire.QUEUE), params={"limit": limit}))
 
     # -- artifacts -------------------------------------------------------------
     def _cached(self, job_id: str, name: str) -> Path:
@@ -339,14 +215,15 @@ class GatewayBackend(Backend):
         fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
         try:
             with os.fdopen(fd, "wb") as f:
-                with self._reaching(f"the {name} of job {job_id}"), self._client.stream(*at(route, job_id=job_id)) as r:
+                with self.http.reaching(f"the {name} of job {job_id}"), \
+                        self.http.client.stream(*at(route, job_id=job_id)) as r:
                     if r.status_code in (404, 409, 410):
                         r.read()
                         # an unknown or other account's id raises JobNotFound here; else there is no file
                         record = self.get(job_id)
                         raise FileNotFoundError(f"job {job_id} has no {name} (status {record.status})")
                     if not r.is_success:
-                        raise self._error(r, self._job_missing(job_id))
+                        raise self.http.error(r, self._job_missing(job_id))
                     expected = r.headers.get("content-length")
                     for chunk in r.iter_bytes(_CHUNK):
                         f.write(chunk)
@@ -381,48 +258,39 @@ class GatewayBackend(Backend):
 
     # -- the pool --------------------------------------------------------------
     def models(self) -> list[str]:
-        return list(self._json(*at(wire.MODELS)))
+        return list(self.http.json(*at(wire.MODELS)))
 
     def workers(self) -> list[dict[str, Any]]:
-        return list(self._json(*at(wire.WORKERS)))
+        return list(self.http.json(*at(wire.WORKERS)))
 
     def scale(self, n: int) -> None:
-        self._request(*at(wire.SCALE), json=wire.ScaleRequest(n=n).model_dump())
+        self.http.request(*at(wire.SCALE), json=wire.ScaleRequest(n=n).model_dump())
 
     def shutdown_pool(self) -> None:
-        self._request(*at(wire.SHUTDOWN))
+        self.http.request(*at(wire.SHUTDOWN))
 
     def wait_ready(self, timeout: float) -> None:
-        """Until the server's workers all say idle or busy (at least one), as the direct pool waits."""
-        deadline = time.monotonic() + timeout
-        while True:
-            rows = self.workers()
-            if rows and all(r.get("state") in ("idle", "busy") for r in rows):
-                return
-            bad = [r for r in rows if r.get("state") == "error"]
-            if bad:
-                raise RuntimeError(f"worker {bad[0].get('worker_id')} failed to load: {bad[0].get('error')}")
-            if time.monotonic() >= deadline:
-                raise TimeoutError(f"workers not ready after {timeout:.0f}s")
-            time.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
+        """Until the server's workers all say idle or busy (at least one): `model.workers_ready` over the rows
+        this account sees (a client sees no actors)."""
+        wait_workers_ready(self.workers, timeout)
 
     # -- experiments -----------------------------------------------------------
     def get_experiment(self, name: str) -> dict[str, Any]:
         missing = lambda detail: KeyError(f"experiment {name!r} not found")
-        return self._json(*at(wire.EXPERIMENT, name=name), not_found=missing)
+        return self.http.json(*at(wire.EXPERIMENT, name=name), not_found=missing)
 
     def put_experiment(self, record: dict[str, Any]) -> None:
-        self._request(*at(wire.PUT_EXPERIMENT, name=record["name"]), json=record)
+        self.http.request(*at(wire.PUT_EXPERIMENT, name=record["name"]), json=record)
 
     def list_experiments(self) -> list[dict[str, Any]]:
-        return list(self._json(*at(wire.EXPERIMENTS)))
+        return list(self.http.json(*at(wire.EXPERIMENTS)))
 
     # -- the handle ------------------------------------------------------------
     def info(self) -> dict[str, str]:
         return {"backend": "gateway", "address": self._where, "account": self.account, "model": self.model}
 
     def close(self) -> None:
-        self._client.close()
+        self.http.close()
 
     def __repr__(self) -> str:
         return f"<GatewayBackend {self._where} account={getattr(self, 'account', None)!r}>"

@@ -46,7 +46,7 @@ from starlette.concurrency import run_in_threadpool
 from mochi_lab.config import GatewayConfig
 from mochi_lab.gateway.auth import Authenticator, AuthError, AuthUnavailable, Identity, hash_token
 from mochi_lab.gateway.wire import errors
-from mochi_lab.model import FINISHED, JobRecord
+from mochi_lab.model import FINISHED, JobRecord, job_row
 from mochi_lab.store.base import Store
 
 SESSION_COOKIE = "mochi-lab-session"
@@ -239,17 +239,16 @@ def docs_headers(nonce: str) -> dict[str, str]:
 
 
 def _page_job(r: JobRecord) -> dict[str, Any]:
-    """A job as the page shows it: plain values, every one escaped by the template."""
+    """A job as the page shows it: plain values from its row (`model.job_row`), every one escaped by the template."""
     from mochi_lab.display.reprs import progress_view
 
-    p = r.params if isinstance(r.params, dict) else {}
+    row = job_row(r)
     return {
-        "id": r.id, "status": r.status, "stage": r.stage, "step": r.step, "total": r.total_steps,
-        "bar": progress_view(r),
-        "prompt": p.get("prompt"), "negative_prompt": p.get("negative_prompt"), "tags": list(r.tags or []),
-        "experiment": r.experiment, "seed": p.get("seed"), "model": p.get("model"),
-        "size": f"{p.get('width')}x{p.get('height')}, {p.get('num_frames')} frames, {p.get('num_inference_steps')} steps",
-        "error": r.error, "finished": r.status in FINISHED, "video": "video" in (r.artifacts or {}),
+        **{k: row[k] for k in ("id", "status", "stage", "step", "prompt", "negative_prompt", "tags", "experiment",
+                               "seed", "model", "error")},
+        "total": row["total_steps"], "bar": progress_view(r),
+        "size": f"{row['width']}x{row['height']}, {row['num_frames']} frames, {row['num_inference_steps']} steps",
+        "finished": r.status in FINISHED, "video": row["video"] is not None,
         "created": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.created_at)) if r.created_at else "",
     }
 

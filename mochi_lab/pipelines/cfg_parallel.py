@@ -22,23 +22,27 @@ The transformer is split without forking diffusers' code:
 A stop must stop every rank at the same step, or the others wait in the next collective: `synced_step` ends
 every step with an all-reduce of a stop flag over the gang. A failing collective means a rank is gone: it
 raises `PeerLost`, and the caller restarts the gang. Nothing here knows of Ray or Redis.
+
+This module holds the layouts and the plan (`Parallel`); the attention processor is attention.py, one call's
+token shards and all-to-alls ulysses.py, the decode split vae_split.py.
 """
 
 from __future__ import annotations
 
-import contextlib
 import time
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
+
+from mochi_lab._moved import moved_names
+from mochi_lab.pipelines.attention import set_attention
+from mochi_lab.pipelines.ulysses import SpCall
+from mochi_lab.pipelines.vae_split import split_decoder
 
 StepCallback = Callable[[int, int], None]
-# q, k, v (batch, heads, tokens, head_dim) -> output of the same shape
-AttentionKernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 class PeerLost(RuntimeError):
@@ -93,95 +97,6 @@ def visual_tokens(transformer_config: Any, num_frames: int, height: int, width: 
     return ((num_frames - 1) // 6 + 1) * (height // 8 // p) * (width // 8 // p)
 
 
-def attention_kernel(name: str) -> AttentionKernel:
-    """The kernel `PipelineConfig.attention` names, imported now (a missing library fails the load)."""
-    from mochi_lab.pipelines.config import attention_module
-
-    module = attention_module(name)
-    if module is None:
-        return lambda q, k, v: F.scaled_dot_product_attention(q, k, v)
-    if name == "sage":
-        from sageattention import sageattn
-
-        return lambda q, k, v: sageattn(q, k, v, tensor_layout="HND", is_causal=False)
-    if module == "flash_attn_interface":
-        from flash_attn_interface import flash_attn_func
-    else:
-        from flash_attn import flash_attn_func
-
-    def flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        out = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))  # it takes (B, S, H, D)
-        out = out[0] if isinstance(out, tuple) else out  # some FA3 builds also return the softmax LSE
-        return out.transpose(1, 2)
-
-    return flash
-
-
-def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate each (even, odd) channel pair of `x` (B, S, H, D) by the angles of `cos`/`sin` (S, H, D/2), in
-    float32, as Mochi's RoPE is defined."""
-    even, odd = x[..., 0::2].float(), x[..., 1::2].float()
-    return torch.stack([even * cos - odd * sin, even * sin + odd * cos], dim=-1).flatten(-2).to(x.dtype)
-
-
-def _head_rows(linear: torch.nn.Linear, x: torch.Tensor, heads: slice, head_dim: int) -> torch.Tensor:
-    """`linear(x)` for a slice of heads only: the rows of the weight (and bias) that make them."""
-    rows = slice(heads.start * head_dim, heads.stop * head_dim)
-    bias = None if linear.bias is None else linear.bias[rows]
-    return F.linear(x, linear.weight[rows], bias).unflatten(-1, (-1, head_dim))
-
-
-class GangAttention:
-    """Mochi's joint attention (visual tokens + the prompt's valid tokens) with a chosen kernel, split over the
-    SP group when the plan runs one for this call; otherwise the same attention in one process."""
-
-    def __init__(self, kernel: AttentionKernel, plan: "Parallel | None" = None):
-        self.kernel, self.plan = kernel, plan
-
-    def __call__(self, attn: Any, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor,
-                 attention_mask: torch.Tensor, image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-        call = self.plan.call if self.plan is not None else None
-        heads_all = attn.heads
-        size, index = (call.size, call.index) if call is not None else (1, 0)
-        local = heads_all // size
-        mine = slice(index * local, (index + 1) * local)
-        head_dim = attn.to_q.out_features // heads_all
-        qkv = torch.stack([attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)])
-        qkv = qkv.unflatten(-1, (heads_all, head_dim))  # (3, B, my tokens, H, D)
-        if call is not None:
-            qkv = call.tokens_to_heads(qkv)  # (3, B, all tokens, my heads, D)
-        query, key, value = qkv.unbind(0)
-        query, key = attn.norm_q(query), attn.norm_k(key)
-        if image_rotary_emb is not None:
-            cos, sin = (t[:, mine] for t in image_rotary_emb)
-            query, key = _rope(query, cos, sin), _rope(key, cos, sin)
-        text_q = attn.norm_added_q(_head_rows(attn.add_q_proj, encoder_hidden_states, mine, head_dim))
-        text_k = attn.norm_added_k(_head_rows(attn.add_k_proj, encoder_hidden_states, mine, head_dim))
-        text_v = _head_rows(attn.add_v_proj, encoder_hidden_states, mine, head_dim)
-
-        tokens, text_len = query.shape[1], text_q.shape[1]
-        visual_out, text_out = [], []
-        for i in range(query.shape[0]):  # each sample attends to its own prompt's valid tokens only
-            valid = torch.nonzero(attention_mask[i].flatten(), as_tuple=False).flatten()
-            q = torch.cat([query[i:i + 1], text_q[i:i + 1, valid]], dim=1).transpose(1, 2)
-            k = torch.cat([key[i:i + 1], text_k[i:i + 1, valid]], dim=1).transpose(1, 2)
-            v = torch.cat([value[i:i + 1], text_v[i:i + 1, valid]], dim=1).transpose(1, 2)
-            out = self.kernel(q, k, v).transpose(1, 2)  # (1, tokens + valid, my heads, D)
-            visual_out.append(out[:, :tokens])
-            # the valid tokens' outputs first, zeros after: the layout diffusers' Mochi processor gives
-            text_out.append(F.pad(out[:, tokens:], (0, 0, 0, 0, 0, text_len - out.shape[1] + tokens)))
-        visual, text = torch.cat(visual_out), torch.cat(text_out)
-        if call is not None:
-            visual = call.heads_to_tokens(visual)
-        visual = attn.to_out[1](attn.to_out[0](visual.flatten(2)))
-        if not hasattr(attn, "to_add_out"):  # the last block: its text output is never used, so not gathered
-            return visual, text.flatten(2)
-        if call is not None:
-            text = call.gather_heads(text)
-        return visual, attn.to_add_out(text.flatten(2))
-
-
 @dataclass
 class _Job:
     """One job's layout on this rank, and its groups."""
@@ -191,70 +106,6 @@ class _Job:
     sp_index: int
     cfg_group: Any  # None when cfg == 1
     sp_group: Any  # None when sp == 1
-
-
-@dataclass
-class _SpCall:
-    """One transformer call split over an SP group: this rank's slice [index * chunk, (index + 1) * chunk) of
-    `tokens` visual tokens padded to `chunk * size`."""
-
-    plan: "Parallel"
-    group: Any
-    size: int
-    index: int
-    batch: int
-    tokens: int
-
-    @property
-    def chunk(self) -> int:
-        return -(-self.tokens // self.size)
-
-    @property
-    def valid(self) -> int:
-        """This rank's tokens that are not padding."""
-        return max(0, min(self.chunk, self.tokens - self.index * self.chunk))
-
-    def shard(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, tokens, C) -> this rank's (B, chunk, C), padding with zeros."""
-        x = F.pad(x, (0, 0, 0, self.chunk * self.size - self.tokens))
-        return x[:, self.index * self.chunk:(self.index + 1) * self.chunk]
-
-    @torch.compiler.disable  # collectives stay eager inside a compiled block
-    def gather(self, x: torch.Tensor) -> torch.Tensor:
-        """This rank's (B, chunk, C) -> everyone's (B, tokens, C)."""
-        parts = [torch.empty_like(x) for _ in range(self.size)]
-        self.plan._collective("sp_gather_s", dist.all_gather, parts, x.contiguous(), group=self.group)
-        return torch.cat(parts, dim=1)[:, :self.tokens]
-
-    @torch.compiler.disable
-    def tokens_to_heads(self, qkv: torch.Tensor) -> torch.Tensor:
-        """(3, B, chunk, H, D) -> (3, B, tokens, H/size, D): every rank's tokens for this rank's heads."""
-        three, batch, chunk, heads, dim = qkv.shape
-        send = qkv.reshape(three, batch, chunk, self.size, heads // self.size, dim).permute(3, 0, 1, 2, 4, 5)
-        send = send.contiguous()  # send[r]: this rank's tokens, rank r's heads
-        recv = torch.empty_like(send)
-        self.plan._collective("a2a_s", dist.all_to_all_single, recv, send, group=self.group)
-        # recv[r] holds rank r's tokens: in rank order they are the sequence
-        out = recv.permute(1, 2, 0, 3, 4, 5).reshape(three, batch, self.size * chunk, heads // self.size, dim)
-        return out[:, :, :self.tokens]
-
-    @torch.compiler.disable
-    def heads_to_tokens(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, tokens, H/size, D) -> (B, chunk, H, D): this rank's tokens, every rank's heads."""
-        x = F.pad(x, (0, 0, 0, 0, 0, self.chunk * self.size - self.tokens))
-        batch, _, heads, dim = x.shape
-        send = x.reshape(batch, self.size, self.chunk, heads, dim).transpose(0, 1).contiguous()
-        recv = torch.empty_like(send)
-        self.plan._collective("a2a_s", dist.all_to_all_single, recv, send, group=self.group)
-        # recv[r] holds rank r's heads of this rank's tokens: in rank order they are the heads
-        return recv.permute(1, 2, 0, 3, 4).reshape(batch, self.chunk, self.size * heads, dim)
-
-    @torch.compiler.disable
-    def gather_heads(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, L, H/size, D) text output -> (B, L, H, D)."""
-        parts = [torch.empty_like(x) for _ in range(self.size)]
-        self.plan._collective("sp_gather_s", dist.all_gather, parts, x.contiguous(), group=self.group)
-        return torch.cat(parts, dim=2)
 
 
 class Parallel:
@@ -294,7 +145,7 @@ class Parallel:
         timeout = None if timeout_s is None else timedelta(seconds=timeout_s)
         self._groups = {layout: self._form(layout, timeout) for layout in self.layouts}
         self.job: _Job | None = None
-        self.call: _SpCall | None = None  # the transformer call under way, when it is split over an SP group
+        self.call: SpCall | None = None  # the transformer call under way, when it is split over an SP group
         self.decode_ranks = 0  # the ranks the last decode was split over
         self.stats: dict[str, float] = {}
         self.reset_stats()
@@ -361,7 +212,7 @@ class Parallel:
             if job.sp_group is not None:
                 _, _, frames, height, width = hidden_states.shape
                 p = transformer.config.patch_size
-                plan.call = _SpCall(plan, job.sp_group, job.layout.sp, job.sp_index, batch[0].shape[0],
+                plan.call = SpCall(plan, job.sp_group, job.layout.sp, job.sp_index, batch[0].shape[0],
                                     frames * (height // p) * (width // p))
             try:
                 out = inner(*batch, attention_kwargs=attention_kwargs, return_dict=False)[0]
@@ -508,89 +359,8 @@ class CfgParallel(Parallel):
                          policy=lambda world, guided: Layout(cfg=2) if guided else None)
 
 
-def set_attention(transformer: torch.nn.Module, attention: str, plan: Parallel | None) -> None:
-    """Every block's attention processor: diffusers' own for plain SDPA in one process, else `GangAttention`
-    with kernel `attention`, split over `plan`'s SP groups. (diffusers' MochiTransformer3DModel has no
-    `set_attn_processor`: each block's `attn1.processor` is set, which is what that method would do.)"""
-    from diffusers.models.attention_processor import MochiAttnProcessor2_0
-
-    kernel = attention_kernel(attention) if attention != "sdpa" or plan is not None else None
-    for block in transformer.transformer_blocks:
-        block.attn1.processor = MochiAttnProcessor2_0() if kernel is None else GangAttention(kernel, plan)
-
-
-@contextlib.contextmanager
-def split_decoder(vae: Any, plan: Parallel, latent_frames: int) -> Iterator[int]:
-    """Within it, each call of `vae.decoder` (one per spatial tile with tiling) is split by latent frames
-    over the first `ranks` ranks of `plan` (yielded): rank k decodes its contiguous frames, every causal
-    convolution taking its missing past frames (the kernel's time context) from rank k - 1 instead of
-    replicating its first frame, and rank 0 gathers the outputs. The decoder's other layers work frame by
-    frame (its group norms normalise each frame), so the split is exact. Ranks from `ranks` up take no part."""
-    from diffusers.models.autoencoders.autoencoder_kl_cogvideox import CogVideoXCausalConv3d
-
-    convs = [m for m in vae.decoder.modules() if isinstance(m, CogVideoXCausalConv3d)]
-    context = max((m.time_kernel_size - 1 for m in convs), default=1)
-    if any(m.pad_mode != "replicate" for m in convs):
-        raise ValueError("the split decode needs the VAE's one-shot decode (replicate padding), not framewise decoding")
-    ranks = max(1, min(plan.world, latent_frames // max(context, 1)))
-    if ranks == 1 or plan.rank >= ranks:
-        yield ranks
-        return
-    me = plan.rank
-    base, extra = divmod(latent_frames, ranks)
-    sizes = [base + (r < extra) for r in range(ranks)]
-    start = sum(sizes[:me])
-    group_device = plan.device
-
-    def peer(r: int) -> int:
-        return dist.get_global_rank(plan.group, r)
-
-    def halo_conv(conv: Any) -> Callable:
-        def forward(inputs: torch.Tensor, conv_cache: torch.Tensor | None = None) -> tuple[torch.Tensor, None]:
-            pad = conv.time_kernel_size - 1
-            ops, halo = [], None
-            if me + 1 < ranks and pad:  # this rank's last frames are the next rank's missing past
-                ops.append(dist.P2POp(dist.isend, inputs[:, :, -pad:].contiguous().to(group_device), peer(me + 1)))
-            if me > 0 and pad:
-                halo = torch.empty((*inputs.shape[:2], pad, *inputs.shape[3:]), dtype=inputs.dtype, device=group_device)
-                ops.append(dist.P2POp(dist.irecv, halo, peer(me - 1)))
-            if ops:
-                plan._exchange("halo_s", ops)
-            if halo is not None:
-                x = torch.cat([halo.to(inputs.device), inputs], dim=2)
-                x = F.pad(x, (conv.width_pad, conv.width_pad, conv.height_pad, conv.height_pad, 0, 0), mode="replicate")
-            else:
-                x = F.pad(inputs, conv.time_causal_padding, mode="replicate")
-            return conv.conv(x), None
-
-        return forward
-
-    decoder = vae.decoder
-    inner = decoder.forward
-
-    def split_forward(hidden_states: torch.Tensor, conv_cache: dict | None = None) -> tuple[torch.Tensor, dict]:
-        out, _ = inner(hidden_states[:, :, start:start + sizes[me]])
-        per_frame = out.shape[2] // sizes[me]  # the decoder's temporal expansion
-        if me == 0:
-            parts = [torch.empty((*out.shape[:2], sizes[r] * per_frame, *out.shape[3:]), dtype=out.dtype,
-                                 device=group_device) for r in range(1, ranks)]
-            plan._exchange("decode_gather_s", [dist.P2POp(dist.irecv, part, peer(r))
-                                               for r, part in enumerate(parts, start=1)])
-            return torch.cat([out, *(part.to(out.device) for part in parts)], dim=2), {}
-        plan._exchange("decode_gather_s", [dist.P2POp(dist.isend, out.contiguous().to(group_device), peer(0))])
-        # the tiles' blending on this rank needs the full shape; its result is dropped
-        return torch.empty((*out.shape[:2], latent_frames * per_frame, *out.shape[3:]), dtype=out.dtype,
-                           device=out.device), {}
-
-    for conv in convs:
-        conv.forward = halo_conv(conv)
-    decoder.forward = split_forward
-    try:
-        yield ranks
-    finally:
-        for conv in convs:
-            conv.__dict__.pop("forward", None)
-        decoder.__dict__.pop("forward", None)
+# The attention processor and its kernels had their home here (attention.py).
+__getattr__ = moved_names(__name__)
 
 
 def rendezvous_store(rank: int, port: int, timeout_s: float, host: str = "127.0.0.1", world: int = 2) -> dist.TCPStore:

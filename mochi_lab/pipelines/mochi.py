@@ -19,7 +19,8 @@ import torch
 from diffusers import MochiPipeline
 
 from mochi_lab.params import GenerationParams
-from mochi_lab.pipelines.cfg_parallel import Layout, Parallel, set_attention, visual_tokens
+from mochi_lab.pipelines.attention import set_attention
+from mochi_lab.pipelines.cfg_parallel import Layout, Parallel, visual_tokens
 from mochi_lab.pipelines.config import PipelineConfig
 from mochi_lab.pipelines.preview import PreviewMap, PreviewPlan, decode_latents, estimate_x0, fit_preview_map
 

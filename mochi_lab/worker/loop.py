@@ -1,7 +1,7 @@
 """The worker loop: load a pipeline once, then claim jobs and run them (mochi_lab.worker.job), riding out
 store outages; the health check its actor's watchdog calls; the row it publishes.
 
-It runs inside a pool actor (see pool/driver.py) but knows nothing of Ray: it talks to the store and the
+It runs inside a pool actor (see pool/actor.py) but knows nothing of Ray: it talks to the store and the
 pipeline only, so it can also run in a plain process.
 """
 

@@ -106,7 +106,7 @@ def test_ray_start_up_lines_are_held_back_unless_the_start_fails(monkeypatch):
     import ray
 
     from mochi_lab.config import Settings
-    from mochi_lab.pool import driver as pool
+    from mochi_lab.pool import connection as pool
 
     class Seen(logging.Handler):
         def __init__(self):

@@ -5,7 +5,8 @@ import re
 
 import pytest
 
-from mochi_lab.display.experiment import experiment_html, grid_axes, jobs_html
+from mochi_lab.display.compare import grid_axes
+from mochi_lab.display.experiment import experiment_html, jobs_html
 from mochi_lab.model import JobRecord
 from mochi_lab.sweep import Run, expand_grid, plan_runs
 

@@ -142,7 +142,7 @@ def test_each_error_of_the_table_is_its_status_and_the_client_raises_it_again(ra
     try:  # a 404 raises what the route says a missing thing is (a job's: JobNotFound)
         missing = row.raised_as if row.status == 404 else None
         with pytest.raises(row.raised_as):
-            client._request(*wire.at(("GET", "/raise/{name}"), name=name), not_found=missing)
+            client.http.request(*wire.at(("GET", "/raise/{name}"), name=name), not_found=missing)
     finally:
         client.close()
 
@@ -154,7 +154,7 @@ def test_anything_else_is_a_500_with_no_detail_and_GatewayError_on_the_client(ra
     client = GatewayBackend(gw.url, TOKEN)
     try:
         with pytest.raises(GatewayError, match="answered 500 internal: internal error$") as exc:
-            client._request(*wire.at(("GET", "/raise/{name}"), name="bug"))
+            client.http.request(*wire.at(("GET", "/raise/{name}"), name="bug"))
         assert exc.value.status == 500 and "secret" not in str(exc.value)
     finally:
         client.close()

@@ -11,7 +11,7 @@ from pydantic import ValidationError
 
 from mochi_lab.params import GenerationParams
 from mochi_lab.pipelines import PipelineConfig, load_runner
-from mochi_lab.pipelines.cfg_parallel import GangAttention, attention_kernel
+from mochi_lab.pipelines.attention import GangAttention, attention_kernel
 
 TINY_JOB = dict(seed=5, num_frames=13, height=32, width=48, num_inference_steps=3, guidance_scale=4.5)
 

@@ -5,9 +5,8 @@ arq's burst worker). Tests of Ray itself (the pool, the gang, the controller, au
 
 from __future__ import annotations
 
-import time
-
 from mochi_lab.config import Settings
+from mochi_lab.model import wait_workers_ready
 from mochi_lab.pipelines.tokens import tokenizer_files
 from mochi_lab.worker.loop import Worker
 
@@ -41,14 +40,11 @@ class ThreadPool:
             self.workers.pop(name).stop(timeout=60)
 
     def wait_ready(self, timeout: float = 300.0) -> None:
-        deadline = time.monotonic() + timeout
-        while not all(w.state in ("idle", "busy") for w in self.workers.values()):
-            bad = [w for w in self.workers.values() if w.state == "error"]
-            if bad:
-                raise RuntimeError(f"worker {bad[0].worker_id} failed to load: {bad[0].error}")
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"thread workers not ready after {timeout:.0f}s")
-            time.sleep(0.05)
+        """As the pool waits (`model.workers_ready`), over the threads' own states (one process: no pids)."""
+        def rows() -> list[dict]:
+            return [{"worker_id": w.worker_id, "state": w.state, "error": w.error} for w in self.workers.values()]
+
+        wait_workers_ready(rows, timeout, every=0.05)
 
     def tokenizer_files(self, model: str, timeout: float = 5.0) -> dict[str, bytes] | None:
         return tokenizer_files(model, self.settings.cache_dir)

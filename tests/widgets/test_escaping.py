@@ -348,7 +348,7 @@ def test_experiment_grid_parts_escape(payload):
 @pytest.mark.parametrize("payload", PAYLOADS)
 def test_experiment_compare_grid_carries_labels_and_statuses_as_text(payload):
     """The grid is drawn in the browser from plain strings, which its script sets as text only."""
-    from mochi_lab.display.experiment import _COMPARE_ESM, compare_grid
+    from mochi_lab.display.compare import _COMPARE_ESM, compare_grid
     from mochi_lab.sweep import Run
 
     runs = [Run(payload, {"prompt": payload, "seed": 1}), Run("b", {"prompt": "x", "seed": 2})]
