@@ -17,9 +17,9 @@ import ipywidgets as W
 from mochi_lab.display.links import download_dir as default_download_dir
 from mochi_lab.display.links import relative_href
 from mochi_lab.display.reprs import BORDER, thumbnail_uri
-from mochi_lab.model import DONE, STATUSES
+from mochi_lab.model import DONE, STATUSES, job_row
 
-from ._format import error_html, job_view, mapping, render, to_float
+from ._format import error_html, job_view, render, to_float
 from ._poll import DEFAULT_INTERVAL_S
 from .card_stack import CardStack, HasCardStack
 from .save_hook import StaticStandIn
@@ -291,19 +291,12 @@ def jobs_frame(jobs: Iterable["Job"]) -> "pd.DataFrame":
     """Jobs as a DataFrame, one row each, from the records already read (no store I/O)."""
     import pandas as pd
 
-    rows = []
-    for j in jobs:
-        r = j.record
-        params = mapping(r.params)
-        created = to_float(r.created_at)
-        rows.append({
-            "id": r.id, "created": pd.Timestamp(created, unit="s") if created is not None else pd.NaT,
-            "status": r.status,
-            **{k: params.get(k) for k in ("prompt", "num_frames", "height", "width", "num_inference_steps",
-                                           "guidance_scale", "seed", "fps", "model")},
-            "experiment": r.experiment, "tags": list(r.tags or ()), "run_s": mapping(r.timings).get("run_s"),
-            "video": mapping(r.artifacts).get("video"), "error": r.error,
-        })
     columns = ["id", "created", "status", "prompt", "num_frames", "height", "width", "num_inference_steps",
                "guidance_scale", "seed", "fps", "model", "experiment", "tags", "run_s", "video", "error"]
+    rows = []
+    for j in jobs:
+        row = job_row(j.record)
+        created = to_float(row["created_at"])
+        row["created"] = pd.Timestamp(created, unit="s") if created is not None else pd.NaT
+        rows.append({c: row[c] for c in columns})
     return pd.DataFrame(rows, columns=columns)
