@@ -278,12 +278,15 @@ class RetryTracker:
 
 
 def stopped_note(r: Any) -> str | None:
-    """Where a cancelled job stopped: "stopped at step 57/200", or that it never started."""
+    """Where a cancelled job stopped: "stopped at denoising step 57/200", after its last step (while its
+    worker decoded or encoded: the stage a cancelled record keeps is "cancelled"), or that it never started."""
     if field(r, "status") != "cancelled":
         return None
     step, total = to_int(field(r, "step")), to_int(field(r, "total_steps"))
     if not field(r, "started_at") and not step:
         return "cancelled before it started"
+    if step and total and step >= total:
+        return f"stopped after denoising ({step}/{total} steps), before its video was written"
     if step and total:
         return f"stopped at denoising step {step}/{total}"
     return "stopped before denoising"

@@ -3,15 +3,20 @@
 The server runs under a JupyterHub-like base URL (/user/alice/) with the notebook in a subfolder, so
 a link that ignores either lands on the wrong route. One notebook (written here) displays a job right
 after submitting it, a Studio that generates one video, and a long job that a later cell cancels (the test
-holds it at two steps first: tests/support/gate.py).
+holds it at two steps first: tests/support/gate.py), and a job the test holds at its VAE decode.
 Checked, with screenshots in artifacts/browser/ (ignored by git):
 
 1. the download links (the Studio card's and the job output's) reach the files/ route: following
    one gives video/mp4 whose bytes decode (PyAV) as the MP4 with the job's frames;
 2. a displayed job is live: its output moves from queued/running through the denoising steps to
    its end without re-running the cell, and a cancelled one says where it stopped;
-3. saved (with the save hook enabled), and opened again without its kernel, the notebook shows each
-   job's last state as static HTML (prompt, status, thumbnail, timings) and no widget error.
+3. progress covers the whole job: held at its decode (its worker has a pace from the done jobs before it),
+   a displayed job's output shows elapsed time, an ETA that falls and a bar of the whole job that rises
+   between two reads (the worker writes its figures again every 0.5 s while decoding); its Cancel button
+   (in an output of its own) ends it "cancelled", and its output is then emptied;
+4. saved (with the save hook enabled), and opened again without its kernel, the notebook shows each
+   job's last state as static HTML (prompt, status, thumbnail, timings), no widget error, and no console
+   error from mochi_lab's widgets.
 """
 
 from __future__ import annotations
@@ -48,6 +53,14 @@ SLOW_PROMPT = "ux-slow a long road"
 STUDIO_PROMPT = "ux-studio a paper boat"
 PREVIEW_MIN_INTERVAL_S = 0.3  # the lab's: several previews in a short job
 CANCEL_NOW = "cancel-now"  # the test creates it (beside the notebook) once it has seen the slow job move
+# Held at its decode. Its worker's pace is per pixel (worker/clock.py), learned on the tiny done jobs before it:
+# 61x128x256 is 139 times their pixels, so the decode it expects lasts seconds even on a fast machine (the ETA
+# falls while it is held), where the denoising of 2 steps of the tiny model stays cheap. It is cancelled
+# before it decodes.
+DECODE = "num_frames=61, height=128, width=256, num_inference_steps=2, fps=8"
+DECODE_PROMPT = "ux-decode a harbour crane"
+ETA = re.compile(r"ETA (\d+(?:\.\d+)?) (s|min)\b")
+ELAPSED = re.compile(r"elapsed (\d+(?:\.\d+)?) (s|min)\b")
 
 
 def cells(go: Path) -> list[str]:
@@ -62,6 +75,8 @@ def cells(go: Path) -> list[str]:
         # mid-denoising when the test says so.
         (f"for _ in range(6000):\n    if os.path.exists({str(go)!r}) or slow.done():\n        break\n"
          "    await asyncio.sleep(0.1)\nslow.cancel()"),
+        # queued behind the slow job; held at its decode until the test clicks its Cancel button
+        f'held = cluster.generate("{DECODE_PROMPT}", seed=4, {DECODE})\nheld',
     ]
 
 
@@ -96,6 +111,12 @@ def browser():
 def output_of(page, prompt: str):
     """The output area of the cell whose job has `prompt` (its live view, or its static one)."""
     return page.locator(".jp-Cell").filter(has=page.locator(".jp-OutputArea", has_text=prompt)).first
+
+
+def seconds_in(pattern: re.Pattern, text: str) -> float | None:
+    """The seconds a view shows after "ETA" or "elapsed" (None: not shown)."""
+    m = pattern.search(text)
+    return None if m is None else float(m.group(1)) * (60 if m.group(2) == "min" else 1)
 
 
 def decode(data: bytes, tmp: Path) -> int:
@@ -134,7 +155,12 @@ def test_jobs_and_studio_live_links_and_a_reopened_notebook(lab, browser, hold, 
     url, root, log_path = lab
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     slow_gate = hold(SLOW_PROMPT, "denoising", step=20)
+    decode_gate = hold(DECODE_PROMPT, "decoding", step=None)
     page = browser.new_page(viewport={"width": 1280, "height": 1100}, accept_downloads=True)
+    # every console error and uncaught exception in the page; none may come from mochi_lab's widgets
+    console: list[str] = []
+    page.on("console", lambda m: console.append(f"console: {m.text}") if m.type == "error" else None)
+    page.on("pageerror", lambda e: console.append(f"page error: {e}"))
     try:
         idle = run_all(page, url, f"{FOLDER}/{NAME}")
 
@@ -198,6 +224,8 @@ def test_jobs_and_studio_live_links_and_a_reopened_notebook(lab, browser, hold, 
         link = card.locator("a.mochi-download")
         ctype, frames = follow(page, link, tmp_path)
         assert ctype == "video/mp4" and frames == 7
+        check_decoding_job(page, decode_gate)
+
         ctype, frames = follow(page, job.locator("a.mochi-download"), tmp_path)
         assert ctype == "video/mp4" and frames == 7
         studio.scroll_into_view_if_needed()
@@ -252,9 +280,9 @@ def test_jobs_and_studio_live_links_and_a_reopened_notebook(lab, browser, hold, 
         outputs = [o for c in saved["cells"] for o in c.get("outputs", [])]
         datas = [o.get("data", {}) for o in outputs]
         kinds = [(sorted(o.get("data", {})), o.get("metadata")) for o in outputs]
-        # MochiCluster()'s start, the two jobs and the Studio's stand-in; each displayed job's Cancel button
+        # MochiCluster()'s start, the three jobs and the Studio's stand-in; each displayed job's Cancel button
         # left an empty output when its job ended
-        assert sum(bool("".join(d.get("text/html", "")).strip()) for d in datas) == 4, kinds
+        assert sum(bool("".join(d.get("text/html", "")).strip()) for d in datas) == 5, kinds
         assert not any("application/vnd.jupyter.widget-view+json" in d for d in datas), "a live widget was saved"
         assert not any("application/vnd.mochi-lab.static+html" in d for d in datas)
         html = [("".join(d["text/html"]) if isinstance(d["text/html"], list) else d["text/html"])
@@ -270,7 +298,7 @@ def test_jobs_and_studio_live_links_and_a_reopened_notebook(lab, browser, hold, 
         body = page.locator(".jp-Notebook").inner_text()
         assert "Error displaying widget" not in body and "model not found" not in body
         for prompt, status in (("ux-job a lighthouse", "done"), ("ux-studio a paper boat", "done"),
-                               ("ux-slow a long road", "cancelled")):
+                               ("ux-slow a long road", "cancelled"), (DECODE_PROMPT, "cancelled")):
             view = page.locator(".jp-OutputArea-output .mochi-job", has_text=prompt).first
             text = view.inner_text()
             assert status in text and "total " in text, text
@@ -280,9 +308,69 @@ def test_jobs_and_studio_live_links_and_a_reopened_notebook(lab, browser, hold, 
         page.locator(".jp-OutputArea-output .mochi-studio-static").first.scroll_into_view_if_needed()
         page.wait_for_timeout(1000)
         page.screenshot(path=str(ARTIFACTS / "ux_reopened_without_kernel.png"), full_page=True)
+        held = page.locator(".jp-OutputArea-output .mochi-job", has_text=DECODE_PROMPT).first
+        assert "stopped after denoising (2/2 steps)" in held.inner_text()
+        held.scroll_into_view_if_needed()
+        page.wait_for_timeout(500)
+        page.screenshot(path=str(ARTIFACTS / "ux_reopened_decode_cancelled.png"))
+        ours = [e for e in console if re.search(r"mochi|widget|Error setting state|model not found", e, re.I)]
+        assert ours == [], ours
+        print(f"console errors: {len(console)}, none from mochi_lab's widgets: {console[:5]}")
     except Exception:
         page.screenshot(path=str(ARTIFACTS / "ux-failure.png"))
         print(log_path.read_text()[-4000:])
+        print("console errors:", console)
         raise
     finally:
         page.close()
+
+
+def check_decoding_job(page, gate) -> None:
+    """The job held at its decode: elapsed time, and between two reads an ETA that falls and a bar that rises
+    (the worker's ticks); then its Cancel button ends it "cancelled" and the button's output is emptied."""
+    gate.wait_reached(timeout=300)
+    cell = output_of(page, "ux-decode")
+    view = cell.locator(".jp-OutputArea-output .mochi-job").first
+
+    def read() -> tuple[str, float | None, float | None, float | None]:
+        """The output's text, its ETA, elapsed time and bar (the fraction of the whole job)."""
+        text = view.inner_text()
+        bar = view.locator("progress.mochi-bar")
+        fraction = float(bar.first.get_attribute("value")) if bar.count() else None
+        return text, seconds_in(ETA, text), seconds_in(ELAPSED, text), fraction
+
+    def wait_for(done, what: str) -> tuple[str, float | None, float | None, float | None]:
+        deadline = time.monotonic() + 60
+        while True:
+            got = read()
+            if done(*got):
+                return got
+            assert time.monotonic() < deadline, f"the held job's output did not show {what}: {got}"
+            time.sleep(0.1)
+
+    first = wait_for(lambda text, eta, elapsed, fraction: "decoding" in text and None not in (eta, elapsed, fraction),
+                     "its decode with an ETA, elapsed time and a bar")
+    _, eta0, elapsed0, fraction0 = first
+    # the worker's next tick (every 0.5 s) and the view's next read: the decode it expects lasts seconds
+    second = wait_for(lambda text, eta, elapsed, fraction: "decoding" in text and None not in (eta, elapsed, fraction)
+                      and eta < eta0 and fraction > fraction0 and elapsed > elapsed0,
+                      f"a later read (first: ETA {eta0} s, elapsed {elapsed0} s, bar {fraction0})")
+    text = second[0]
+    assert second[3] < 1 and not re.match(r"\s*(done|failed|cancelled)\b", text), text  # still running
+    view.scroll_into_view_if_needed()
+    page.screenshot(path=str(ARTIFACTS / "ux_job_decoding_eta.png"))
+    print(f"held at its decode: ETA {eta0} -> {second[1]} s, bar {fraction0} -> {second[3]}, "
+          f"elapsed {elapsed0} -> {second[2]} s")
+
+    # its Cancel button, in an output of its own below the job's: the job ends cancelled, the button goes
+    button = cell.locator("button.mochi-job-cancel")
+    assert button.count() == 1, cell.inner_html()[:2000]
+    button.click()
+    wait_for(lambda text, *_: re.match(r"\s*cancelled\b", text), "its end, cancelled")
+    button.wait_for(state="detached", timeout=60_000)
+    assert cell.locator(".jp-OutputArea-output .widget-button").count() == 0
+    assert view.locator("video, a.mochi-download").count() == 0  # stopped before its MP4 was written
+    text = view.inner_text()
+    assert "stopped after denoising (2/2 steps), before its video was written" in text, text
+    view.scroll_into_view_if_needed()
+    page.screenshot(path=str(ARTIFACTS / "ux_job_decoding_cancelled.png"))

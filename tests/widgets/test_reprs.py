@@ -494,7 +494,8 @@ def test_a_card_reads_nothing_while_the_jobs_follower_task_reads_it_for_every_vi
     card = asyncio.run(main())
     assert job.refreshes == card.follower.reads  # every read of the job was the follower's
     assert card.record.status == "cancelled" and card.bar.bar_style == "warning"
-    assert "stopped at denoising step 3/3" in card.notes.value and "stopped at denoising step 3/3" in shown.html[-1]
+    note = "stopped after denoising (3/3 steps), before its video was written"
+    assert note in card.notes.value and note in shown.html[-1]
 
 
 def test_a_cold_start_shows_each_step_with_its_seconds_then_the_model_loading_then_ready():
@@ -550,3 +551,14 @@ def test_a_start_in_a_kernel_shows_its_progress_and_elsewhere_nothing(monkeypatc
     monkeypatch.setattr(startup, "in_kernel", lambda: True)
     assert isinstance(handle._start_progress(None), startup.StartProgress)
     assert handle._start_progress(False) is None
+
+
+def test_a_job_cancelled_while_decoding_says_it_stopped_after_denoising_not_at_a_step():
+    """A cancel seen while the worker decodes stops the job before its MP4; its record keeps the last step
+    (2/2) and the stage "cancelled", so its note must not read as a cancel in the middle of denoising."""
+    from mochi_lab.display.reprs import stopped_note
+
+    during = record(status="cancelled", stage="cancelled", step=1, total_steps=2, started_at=1.7e9)
+    after = record(status="cancelled", stage="cancelled", step=2, total_steps=2, started_at=1.7e9)
+    assert stopped_note(during) == "stopped at denoising step 1/2"
+    assert stopped_note(after) == "stopped after denoising (2/2 steps), before its video was written"
