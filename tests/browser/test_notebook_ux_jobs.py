@@ -175,10 +175,12 @@ def test_jobs_and_studio_live_links_and_a_reopened_notebook(lab, browser, hold, 
             """Read the slow job's output until done() holds, recording each new step and picture; its text."""
             deadline = time.monotonic() + 300
             while True:
-                img = slow.locator(".jp-OutputArea img[alt=preview]")
-                if img.count() and (src := img.first.get_attribute("src")) not in previews:
+                # one read of the text and the picture: the output redraws between two reads, and its
+                # picture goes once the job ends
+                text, src = slow.locator(".jp-OutputArea").first.evaluate(
+                    "el => [el.innerText, el.querySelector('img[alt=preview]')?.getAttribute('src') ?? null]")
+                if src is not None and src not in previews:
                     previews.append(src)
-                text = slow.locator(".jp-OutputArea").inner_text()
                 m = re.search(r"(\d+)/200", text)
                 if m and (not steps or int(m.group(1)) != steps[-1]):
                     steps.append(int(m.group(1)))
@@ -333,10 +335,11 @@ def check_decoding_job(page, gate) -> None:
     view = cell.locator(".jp-OutputArea-output .mochi-job").first
 
     def read() -> tuple[str, float | None, float | None, float | None]:
-        """The output's text, its ETA, elapsed time and bar (the fraction of the whole job)."""
-        text = view.inner_text()
-        bar = view.locator("progress.mochi-bar")
-        fraction = float(bar.first.get_attribute("value")) if bar.count() else None
+        """The output's text, its ETA, elapsed time and bar (the fraction of the whole job), read in one go: the
+        view redraws between two reads, and its bar goes once the job ends."""
+        text, value = view.evaluate(
+            "el => [el.innerText, el.querySelector('progress.mochi-bar')?.getAttribute('value') ?? null]")
+        fraction = float(value) if value is not None else None
         return text, seconds_in(ETA, text), seconds_in(ELAPSED, text), fraction
 
     def wait_for(done, what: str) -> tuple[str, float | None, float | None, float | None]:
