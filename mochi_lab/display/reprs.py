@@ -296,7 +296,7 @@ def progress_view(r: Any) -> dict[str, Any]:
     """A job's progress as every view of it shows it (the live HTML, the text bar, a Studio card, the
     ClusterPanel, the gateway's page, `Job.progress`), so that they agree on one record:
 
-    `fraction` of the whole job done, 0..1: the worker's own figure (`live.fraction`: the time taken over that
+    `fraction` of the whole job done, 0..1 to the thousandth: the worker's own figure (`live.fraction`: the time taken over that
     plus the ETA, from the job's submission, each stage weighed by what this worker expects it to take),
     else the denoising steps' share (`measure` says which; None where neither is a number); 0 while queued, 1
     once done. `label`: the stage, with the step while denoising ("denoising 47/200", "decoding", "queued").
@@ -325,7 +325,9 @@ def progress_view(r: Any) -> dict[str, Any]:
         fraction = worker_fraction
     else:  # the worker has no pace to weigh the stages by yet (its first job of this model)
         fraction, measure = (step / total if step is not None and total else None), "the denoising steps"
-    fraction = None if fraction is None else max(0.0, min(1.0, fraction))
+    # to the thousandth every view draws (the HTML's bar, a card's, the text bar's units): rounded once, here,
+    # so no view rounds a half-thousandth the other way
+    fraction = None if fraction is None else round(max(0.0, min(1.0, fraction)), 3)
     label = text(stage if stage not in (None, "") else status)
     if stage == "denoising" and raw_step is not None and shown_total is not None:
         label += f" {num(raw_step)}/{num(shown_total)}"
