@@ -296,10 +296,11 @@ def progress_view(r: Any) -> dict[str, Any]:
     """A job's progress as every view of it shows it (the live HTML, the text bar, a Studio card, the
     ClusterPanel, the gateway's page, `Job.progress`), so that they agree on one record:
 
-    `fraction` of the whole job done, 0..1 to the thousandth: the worker's own figure (`live.fraction`: the time taken over that
-    plus the ETA, from the job's submission, each stage weighed by what this worker expects it to take),
-    else the denoising steps' share (`measure` says which; None where neither is a number); 0 while queued, 1
-    once done. `label`: the stage, with the step while denoising ("denoising 47/200", "decoding", "queued").
+    `fraction` of the whole job done, 0..1 to the thousandth: the worker's own figure (`live.fraction`: the
+    time taken over that plus the ETA, from the job's submission, each stage weighed by what this worker
+    expects it to take), else the denoising steps' share (`measure` says which; None where neither is a
+    number); 0 while queued, 1 once done. `label`: the stage, with the step while denoising ("denoising
+    47/200", "decoding", "queued").
     `step` and `total` (None where not numbers), `elapsed_s` (since the running attempt's claim) and `eta_s`
     (None where unknown; 0 once ended), and `times`: "elapsed 4.2 s · ETA 12 s" while it runs ("ETA …" until
     the worker has a figure). No type is assumed: a value that is not a number is shown as text."""
