@@ -76,6 +76,7 @@ def test_scale_down_due_while_a_job_runs_never_retires_the_busy_worker(own_pool,
     gate = hold(HELD)
     job = _held_job(store, 1)
     assert ctl.tick()["started"] == [NAME]
+    pool.wait_ready()  # a cold actor: its process, its imports, its model (the pool's own start budget)
     gate.wait_reached()
     ctl.set_bounds(0, 0)  # an admin's scale to 0: with no idle timeout and no cool-down, due at once
     for _ in range(5):
@@ -98,6 +99,7 @@ def test_a_worker_retired_mid_job_finishes_it_then_exits(own_pool, hold):
     pool.ensure(1)
     gate = hold(HELD)
     job = _held_job(store, 2)
+    pool.wait_ready()  # a cold actor: its process, its imports, its model (the pool's own start budget)
     gate.wait_reached()
     handle = pool.handles()[NAME]
     assert set(pool.retire([NAME])) == {NAME}
