@@ -50,7 +50,7 @@ def test_cluster_repr_counts_workers_by_state_and_the_queue_and_links_the_dashbo
 
 
 def test_a_gateway_handles_repr_shows_its_url_and_not_the_servers_store():
-    # what GatewayBackend.info() returns (tests/test_remote.py pins it): the store and Ray are the server's
+    # what GatewayBackend.info() returns (tests/client/test_remote.py pins it): the store and Ray are the server's
     info = {"backend": "gateway", "address": "https://hub.example/services/mochi/", "account": "wendy", "model": "tiny"}
     out = cluster_html(info)
     assert "MochiCluster" in out and "<b>wendy</b>" in out and len(out) < 1000
