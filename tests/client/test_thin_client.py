@@ -26,10 +26,10 @@ try:
 except ImportError:  # Python 3.10
     import tomli as tomllib
 
+from tests.support.imports import GRAPH, MODULES, SOURCES, imports
 from tests.support.jobkit import TINY
 from tests.support.venvs import HEAVY, REPO, clean_env, clone, make_venv, pip_list, run
 from tests.support.widget_helpers import unique
-from tests.test_imports import GRAPH, MODULES, SOURCES, imports
 
 PROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
 EXTRAS: dict[str, list[str]] = PROJECT["optional-dependencies"]
