@@ -109,7 +109,9 @@ def _third_party_at_import(roots: list[str]) -> dict[str, set[str]]:
 
 
 @pytest.mark.parametrize("extras, roots", [
-    ((), ["", "client", "client.cluster", "client.http", "client.job", "client.experiment", "cli", "extras"]),
+    # display.live: a job shown or waited on with progress, in a thin client too
+    ((), ["", "client", "client.cluster", "client.http", "client.job", "client.experiment", "display.live", "cli",
+          "extras"]),
     (("notebook",), ["display.widgets", "display.reprs", "display.experiment"]),
 ], ids=["client", "notebook"])
 def test_what_a_thin_client_loads_imports_only_its_own_dependencies(extras, roots):
