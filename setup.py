@@ -5,7 +5,7 @@ server config that enables the save hook (mochi_lab.display.widgets.save_hook), 
 shows "Error displaying widget" when reopened without its kernel. setuptools' editable wheel installs a
 category of files only where the distribution answers `has_<category>()`, and for data files it asks
 `has_data()`, which distutils names `has_data_files()`: the editable wheel never holds them (a regular wheel
-does). This distribution answers both. Checked by tests/test_install_save_hook.py in both install modes.
+does). This distribution answers both. Checked by tests/display/widgets/test_install_save_hook.py in both install modes.
 """
 
 from setuptools import setup

@@ -10,7 +10,7 @@ ray, fastapi and uvicorn `pip list` shows (none, for these extras). `connect` ru
 `--python`, `import mochi_lab` then `MochiCluster(<gateway>)` (which asks the gateway who the token is and which
 models it serves: two round trips), and prints each part's median wall time over the runs, the whole's CPU time
 (what a busy machine's wall time inflates), and what else got imported.
-Both print one JSON object per line (tests/test_thin_client.py runs `connect` against a real gateway).
+Both print one JSON object per line (tests/client/test_thin_client.py runs `connect` against a real gateway).
 """
 
 from __future__ import annotations

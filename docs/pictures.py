@@ -34,7 +34,7 @@ PICTURES: dict[str, tuple[str, str]] = {
     "experiment.png": ("browser/experiment.png", "tests/browser/test_notebook_ux_panels.py"),
     "compare.png": ("browser/compare.png", "tests/browser/test_notebook_ux_panels.py"),
     "ux_reopened_without_kernel.png": ("browser/ux_reopened_without_kernel.png", "tests/browser/test_notebook_ux_jobs.py"),
-    "autoscaling_timeline.png": ("autoscaling_timeline.png", "tests/test_autoscaling.py"),
+    "autoscaling_timeline.png": ("autoscaling_timeline.png", "tests/pool/test_autoscaling.py"),
 }
 # Written by the tests too, and worth showing once a run produces them (add each here and to its page):
 # browser/ux_studio_queue.png, ux_job_outputs_live.png (tests/browser/test_notebook_ux_jobs.py).

@@ -8,8 +8,9 @@ gives the new module object itself, so isinstance checks and monkeypatching see 
 Some names left a module that stays (`MOVED_NAMES`): the job's record, statuses, ids, artifacts and errors
 went from the store to `mochi_lab.model`; the worker loop's log format, telemetry and job path went to their
 own modules; the pool driver's actor and this process's Ray connection went to `pool.actor` and
-`pool.connection`; the experiment views' compare grid to `display.compare`; the gang's attention
-processor to `pipelines.attention`. The old module answers them through `moved_names`, with the same warning.
+`pool.connection`; the experiment views' compare grid to `display.compare`; the job's live views to
+`display.live`; the gang's attention processor to `pipelines.attention`. The old module answers them through
+`moved_names`, with the same warning.
 
 Four old modules gave their names to the rooms that hold them (`mochi_lab.client`, `.gateway`, `.pool`,
 `.worker`): those packages answer the old module's names through `lazy_names`, with the same warning.
@@ -74,6 +75,9 @@ MOVED_NAMES: dict[str, dict[str, str]] = {
     # the experiment views' compare grid has its own module
     "mochi_lab.display.experiment": {name: "mochi_lab.display.compare"
                                      for name in ("compare_grid", "compare_widget", "grid_axes")},
+    # the job's live views (a notebook cell's output kept live, the text bar) are the display's
+    "mochi_lab.client.job": {name: "mochi_lab.display.live"
+                             for name in ("LIVE_INTERVAL_S", "LiveView", "Output", "TextProgress", "media")},
     # the gang's attention processor has its own module
     "mochi_lab.pipelines.cfg_parallel": {name: "mochi_lab.pipelines.attention"
                                          for name in ("AttentionKernel", "GangAttention", "attention_kernel")},

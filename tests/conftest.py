@@ -41,7 +41,8 @@ os.environ["MOCHI_LAB_MODELS"] = json.dumps({"tiny-broken": str(BROKEN_CHECKPOIN
 for var in ("RAY_ADDRESS", "REDIS_URL", "REDIS_HOST", "MOCHI_LAB_GATEWAY", "JUPYTERHUB_API_TOKEN"):
     os.environ.pop(var, None)
 # The embedded default in kernels and CLI runs of the tests keeps a Ray of its own that dies with it (every
-# notebook its own cluster, reaped); tests/test_runtime.py turns the persistent local runtime on where it tests it.
+# notebook its own cluster, reaped); tests/pool/runtime/test_runtime.py turns the persistent local runtime on
+# where it tests it.
 os.environ["MOCHI_LAB_PERSISTENT"] = "0"
 # Jobs held at a stage or step for the tests that act while one runs (tests/support/gate.py); set before
 # any worker starts, so Ray's workers and the runtime daemons inherit it.

@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from mochi_lab.client.follow import GroupFollower
-from mochi_lab.client.job import Job, Output
+from mochi_lab.client.job import Job
 from mochi_lab.model import JobNotFound, JobRecord
 
 if TYPE_CHECKING:
@@ -74,6 +74,8 @@ class LiveTable:
 
     def __init__(self, group: GroupFollower, draw: Callable[[Mapping[str, JobRecord | None]], str], *,
                  publish: Callable[[dict[str, Any], bool], None] | None = None):
+        from mochi_lab.display.live import Output  # the display, loaded once a table is shown live
+
         self.group = group
         self._draw = draw
         self.output = Output(publish)

@@ -1,5 +1,5 @@
 """Download links beside the notebook: where a done job's MP4 is copied, and the link to it. One rule for
-the live view of a job (`client.job.media`) and a Studio's card (`widgets.job_card`)."""
+the live view of a job (`display.live.media`) and a Studio's card (`widgets.job_card`)."""
 
 from __future__ import annotations
 

@@ -443,7 +443,7 @@ def test_build_script_tags_what_the_manifests_use(images_env):
         ref = f"{images_env[image]}:{images_env['MOCHI_IMAGE_TAG']}"
         build = [line for line in out.splitlines() if f"-t {ref} " in line]
         assert len(build) == 1 and f"images/{dockerfile}" in build[0], out
-        if dockerfile == "worker.Dockerfile":  # the notebook image has no Ray (tests/test_thin_client.py)
+        if dockerfile == "worker.Dockerfile":  # the notebook image has no Ray (tests/client/test_thin_client.py)
             assert f"RAY_VERSION={images_env['RAY_VERSION']}" in build[0]
         assert f"PYTHON_VERSION={images_env['PYTHON_VERSION']}" in build[0]
         assert f"+ docker push {ref}" in out

@@ -1,6 +1,6 @@
 """The gateway's HTTP API against a real JupyterHub, real uvicorn servers, the session's store and its pool
-(two thread workers). What both backends share is tests/backend's contract suite; the gateway client's own
-ways are tests/test_remote.py.
+(two thread workers). What both backends share is tests/client/backend's contract suite; the gateway client's
+own ways are tests/client/test_remote.py.
 
 `storefront` is a gateway over a store of its own with no pool (its jobs stay queued: quotas, the page,
 refusals); `gateway` is the one over the session's store and pool (generation, downloads, isolation, progress).
@@ -575,7 +575,7 @@ def test_the_notebook_handle_works_unchanged_through_the_hub_gateway(gateway, to
 
 def test_a_running_jobs_preview_comes_through_the_gateway_and_stays_after_a_cancel(gateway, tokens, hold):
     """A job held at denoising step 2 of 20, its first preview step (about every 10 % of the steps): 6 latent
-    frames of 64x96, so 6 pictures of 12x8. (Before any preview step there is none: tests/backend.)"""
+    frames of 64x96, so 6 pictures of 12x8. (Before any preview step there is none: tests/client/backend.)"""
     import io
 
     from PIL import Image

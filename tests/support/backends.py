@@ -1,4 +1,4 @@
-"""What the backend contract suite (tests/backend) does with a `Backend`: queue tiny jobs, hold them at the
+"""What the backend contract suite (tests/client/backend) does with a `Backend`: queue tiny jobs, hold them at the
 test gate, follow them to their end, and empty an account between tests."""
 
 from __future__ import annotations

@@ -27,7 +27,7 @@ import pytest
 
 SERVICE = "mochi-lab"
 # erin keeps the pool busy in one test; wendy (an admin by group) drives the widget tests, nora the notebooks;
-# gwen and gary are the backend contract suite's accounts (tests/backend), which it empties around each test
+# gwen and gary are the backend contract suite's accounts (tests/client/backend), which it empties around each test
 USERS = ("alice", "bob", "carol", "dave", "erin", "wendy", "nora", "gwen", "gary")
 AUTH_CACHE_S = 1.0  # a revoked token stops working after this long
 

@@ -1,5 +1,5 @@
-"""Installs of the repository into fresh venvs, as a user's clone would be installed (tests/test_install_save_hook.py,
-tests/test_thin_client.py, benchmarks/thin_client.py)."""
+"""Installs of the repository into fresh venvs, as a user's clone would be installed
+(tests/display/widgets/test_install_save_hook.py, tests/client/test_thin_client.py, benchmarks/thin_client.py)."""
 
 from __future__ import annotations
 

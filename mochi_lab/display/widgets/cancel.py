@@ -1,4 +1,4 @@
-"""`CancelControl`: a displayed job's Cancel button (`mochi_lab.client.job.LiveView`).
+"""`CancelControl`: a displayed job's Cancel button (`mochi_lab.display.live.LiveView`).
 
 The job itself is shown as HTML only, so a notebook reopened without its kernel shows its last state. The
 button is an ipywidgets Button in an output of its own, beside that HTML, while the job runs; when the job

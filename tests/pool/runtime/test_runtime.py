@@ -170,7 +170,7 @@ def test_a_killed_kernels_job_completes_warm_and_the_idle_runtime_stops_leaving_
     assert nxt["second_load_s"] == 0
     info = probe(Path(nxt["path"]))
     assert (info.frames, info.height, info.width) == (tiny["num_frames"], tiny["height"], tiny["width"])
-    # (a handle for a model the runtime was not started with: tests/test_runtime_models.py)
+    # (a handle for a model the runtime was not started with: tests/pool/runtime/test_runtime_models.py)
 
     # the last handle is gone: after IDLE_S (not before) the runtime stops, its processes and port with it
     gone_at = time.monotonic()

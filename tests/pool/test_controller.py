@@ -2,7 +2,7 @@
 
 Its pool is its own (namespace "mochi_ctl", a SQLite store of its own, workers asking for no CPU or GPU),
 so the session's 4-worker pool is untouched. A job that must be running while the controller acts is held
-at a gate. The autoscaling sequence on Ray's real autoscaler is tests/test_autoscaling.py.
+at a gate. The autoscaling sequence on Ray's real autoscaler is tests/pool/test_autoscaling.py.
 """
 
 from __future__ import annotations

@@ -69,7 +69,7 @@ def test_varying_params_lists_only_what_differs():
 def test_shipped_specs_load_and_plan(tmp_path):
     from pathlib import Path
 
-    root = Path(__file__).resolve().parents[2] / "experiments"
+    root = Path(__file__).resolve().parents[1] / "experiments"
     sizes = {}
     for path in sorted(root.glob("*.yaml")):
         spec = ExperimentSpec.load(path)

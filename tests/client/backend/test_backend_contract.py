@@ -194,7 +194,8 @@ def test_one_follower_serves_every_view_of_a_job_and_a_wait_ends_them(backend, h
     """Two handles of one job, a live view and a card: one follower reads it for both (the same step), and a
     blocking wait's states, pushed by a gateway or polled in this process, end both views without reads
     of their own."""
-    from mochi_lab.client.job import Job, LiveView
+    from mochi_lab.client.job import Job
+    from mochi_lab.display.live import LiveView
     from mochi_lab.display.reprs import progress_view
     from mochi_lab.display.widgets.job_card import JobCard
 

@@ -1,7 +1,7 @@
 """The gateway client (`mochi_lab.client.http.GatewayBackend`) where it differs from the direct backend: choosing
 it, its token, its artifact cache, its paging, the pushed event stream and reconnects, and how it maps the
 server's answers to exceptions. Always against the real gateway app and the real JupyterHub (what both
-backends share is tests/backend's contract suite).
+backends share is tests/client/backend's contract suite).
 
 `gateway` is the session's gateway over the session's pool; `idle` is one over a store of its own with no
 pool (its jobs stay queued), mounted under the hub's service prefix as a hub proxies it. `Wire` is the

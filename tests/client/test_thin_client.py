@@ -26,10 +26,10 @@ try:
 except ImportError:  # Python 3.10
     import tomli as tomllib
 
+from tests.support.imports import GRAPH, MODULES, SOURCES, imports
 from tests.support.jobkit import TINY
 from tests.support.venvs import HEAVY, REPO, clean_env, clone, make_venv, pip_list, run
 from tests.support.widget_helpers import unique
-from tests.test_imports import GRAPH, MODULES, SOURCES, imports
 
 PROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
 EXTRAS: dict[str, list[str]] = PROJECT["optional-dependencies"]
@@ -109,7 +109,9 @@ def _third_party_at_import(roots: list[str]) -> dict[str, set[str]]:
 
 
 @pytest.mark.parametrize("extras, roots", [
-    ((), ["", "client", "client.cluster", "client.http", "client.job", "client.experiment", "cli", "extras"]),
+    # display.live: a job shown or waited on with progress, in a thin client too
+    ((), ["", "client", "client.cluster", "client.http", "client.job", "client.experiment", "display.live", "cli",
+          "extras"]),
     (("notebook",), ["display.widgets", "display.reprs", "display.experiment"]),
 ], ids=["client", "notebook"])
 def test_what_a_thin_client_loads_imports_only_its_own_dependencies(extras, roots):

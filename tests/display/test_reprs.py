@@ -14,7 +14,7 @@ import pytest
 
 from mochi_lab import Job, JobRecord
 from mochi_lab.client.backend import queue_rows
-from mochi_lab.client.job import LiveView, TextProgress
+from mochi_lab.display.live import LiveView, TextProgress
 from mochi_lab.display.reprs import WIDGET_MIME, RetryTracker, cluster_html, progress_view
 from tests.support.fakes import record
 from tests.support.jobkit import TINY
@@ -50,7 +50,7 @@ def test_cluster_repr_counts_workers_by_state_and_the_queue_and_links_the_dashbo
 
 
 def test_a_gateway_handles_repr_shows_its_url_and_not_the_servers_store():
-    # what GatewayBackend.info() returns (tests/test_remote.py pins it): the store and Ray are the server's
+    # what GatewayBackend.info() returns (tests/client/test_remote.py pins it): the store and Ray are the server's
     info = {"backend": "gateway", "address": "https://hub.example/services/mochi/", "account": "wendy", "model": "tiny"}
     out = cluster_html(info)
     assert "MochiCluster" in out and "<b>wendy</b>" in out and len(out) < 1000
@@ -275,7 +275,7 @@ def _no_download_env(monkeypatch):
 
 
 def test_the_text_bar_shows_the_workers_figures_through_the_decode_not_the_polls(capsys):
-    from mochi_lab.client.job import TextProgress
+    from mochi_lab.display.live import TextProgress
     from mochi_lab.model import JobRecord
 
     bar = TextProgress()
@@ -299,8 +299,8 @@ def test_the_text_bar_shows_the_workers_figures_through_the_decode_not_the_polls
 
 def test_a_displayed_running_job_shows_its_latest_preview_and_drops_it_for_the_video(tmp_path):
     from mochi_lab.client.direct import DirectBackend
-    from mochi_lab.client.job import LiveView
     from mochi_lab.config import Settings
+    from mochi_lab.display.live import LiveView
     from mochi_lab.store import open_store
 
     settings = Settings(data_dir=tmp_path, account="alice")
