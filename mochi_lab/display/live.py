@@ -12,19 +12,10 @@ from typing import Any, Callable
 
 from mochi_lab.client.follow import LIVE, Cadence, Follower, follower_of
 from mochi_lab.client.job import Job, describe
+from mochi_lab.display.startup import in_kernel
 from mochi_lab.model import DONE, QUEUED, RUNNING, JobNotFound, JobRecord, check_job_id
 
 LIVE_INTERVAL_S = LIVE.every_s  # how often a displayed job reads its state while it is queued or running
-
-
-def in_kernel() -> bool:
-    """Whether this runs in a Jupyter kernel (a front end renders HTML and follows display ids)."""
-    try:
-        from IPython import get_ipython
-    except ImportError:
-        return False
-    shell = get_ipython()
-    return shell is not None and getattr(shell, "kernel", None) is not None
 
 
 def media(job: "Job", folder: Path | None = None) -> dict[str, Any]:

@@ -28,13 +28,14 @@ NO_WORKER_AFTER_S = 30.0  # a pool without any worker by then starts them on dem
 
 
 def in_kernel() -> bool:
-    """True inside a Jupyter kernel (where a display shows in the cell)."""
+    """True inside a Jupyter kernel (where a display shows in the cell, and follows display ids): a shell with
+    a kernel, so subclasses of IPython's kernel shell (Colab's) count too."""
     try:
         from IPython import get_ipython
     except ImportError:
         return False
     shell = get_ipython()
-    return shell is not None and type(shell).__name__ == "ZMQInteractiveShell"
+    return shell is not None and getattr(shell, "kernel", None) is not None
 
 
 class StartProgress:
