@@ -112,8 +112,8 @@ def eta_s(jobs: list[JobRecord | None]) -> float | None:
 def runs_view(items: list[tuple[dict[str, Any], JobRecord | None]], *, missing: str = "missing") -> dict[str, Any]:
     """The facts of a run table: (params, job or None) pairs in, plain values out (the template escapes them).
 
-    Columns are the params that differ between the runs (seed has its own), then seed, status with the
-    step progress of a running job, and run time."""
+    Columns are the params that differ between the runs (seed has its own), then seed, status with a running
+    job's progress as every view of it shows it (`display.reprs.progress_view`), and run time."""
     from mochi_lab.display.reprs import job_view
 
     params = [p for p, _ in items]
@@ -128,7 +128,7 @@ def runs_view(items: list[tuple[dict[str, Any], JobRecord | None]], *, missing: 
         rows.append({
             "values": [short(p.get(k)) for k in keys], "titles": [str(p.get(k)) for k in keys],
             "seed": p.get("seed"), "status": status, "stage": view.get("stage"), "step": view.get("step"),
-            "total": view.get("total"), "progress": view.get("progress"), "running": status == "running",
+            "total": view.get("total"), "bar": view.get("bar"), "running": status == "running",
             "run_s": view.get("run_s"), "id": job.id if job is not None else None,
             "error": job.error if job is not None else None,
         })

@@ -358,7 +358,6 @@ def job_view(r: Any, *, notes: Any = (), media: Any = None, preview: Any = None)
     total = to_int(total_steps) or to_int(p.get("num_inference_steps")) or 0
     if not _is_number(total_steps) and total_steps not in (None, ""):
         total = total_steps  # a hostile total is shown, never used as a number
-    step_n = to_int(step)
     attempts = field(r, "attempts")
     stopped = stopped_note(r)
     return {
@@ -367,9 +366,6 @@ def job_view(r: Any, *, notes: Any = (), media: Any = None, preview: Any = None)
         "stage": stage if stage != status else None,
         "step": step,
         "total": total,
-        # a <progress> needs numbers; anything else is shown as text beside it
-        "progress": (max(0, min(step_n, total)) if step_n is not None and isinstance(total, int) and total > 0
-                     else None),
         "running": status == "running",
         "denoising": status == "running" and stage == "denoising",
         "bar": progress_view(r),

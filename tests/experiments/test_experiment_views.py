@@ -53,6 +53,20 @@ def test_the_run_table_shows_any_record_as_text(status):
         assert "0/2 finished" in html  # a status that is not one of ours never counts as finished
 
 
+def test_a_running_run_shows_the_bar_and_stage_every_view_of_its_job_shows():
+    """The run table draws a running job through `progress_view`, as the live view, the card and the panel
+    do: the whole job's fraction through the decode, not the denoising steps (2/2, a full bar)."""
+    from mochi_lab.display.reprs import job_html, progress_view
+
+    decoding = JobRecord("1-000000000000", "a", {"prompt": "x", "seed": 1}, status="running", stage="decoding",
+                         step=2, total_steps=2, live={"fraction": 0.4206, "eta_s": 9.0, "elapsed_s": 3.0})
+    assert progress_view(decoding)["fraction"] == 0.421
+    table, alone = jobs_html("e", [({"prompt": "x", "seed": 1}, decoding)]), job_html(decoding)
+    for html in (table, alone):
+        assert re.search(r'class="mochi-bar" value="0\.421" max="1"', html), html
+    assert ">decoding<" in table and "2/2" not in table
+
+
 def test_the_eta_of_an_experiment_counts_running_then_queued_runs_at_the_done_pace():
     from mochi_lab.display.experiment import eta_s
     from mochi_lab.model import JobRecord
