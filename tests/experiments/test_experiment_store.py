@@ -277,7 +277,9 @@ def test_a_running_run_shows_its_step_in_the_table(store):
     claim = store.claim("test-worker", 30.0)
     store.progress(claim.job.id, claim.token, stage="denoising", step=1, total=2)
     html = exp._repr_html_()
-    assert ">running</span>" in html and '<progress value="1" max="2"' in html and " 1/2" in html
+    # the job's bar as its other views draw it (progress_view): with no figures from a worker yet, the share
+    # of steps done
+    assert ">running</span>" in html and 'class="mochi-bar" value="0.500" max="1"' in html and "denoising 1/2" in html
     assert "0/2 finished" in html
 
 
