@@ -237,9 +237,7 @@ class JobRunner:
                 self.jobs_done += 1
                 self.stats.job_finished(params.model, "done", timings, params.num_inference_steps)
                 log.info("done in %.2fs", timings["run_s"], extra=extra)
-        except LeaseLost:
-            if reporter is not None:
-                reporter.stop()
+        except LeaseLost:  # no finishing write to keep ticks from: the `finally` stops the reporter
             log.warning("lease lost; result dropped", extra=extra)
             self._drop_orphans(job)
         except Exception as exc:
