@@ -42,8 +42,11 @@ def test_rss_stays_flat_over_20_jobs_and_logs_are_structured(tmp_path, tiny_chec
     records = [store.get("alice", i) for i in ids]
     assert [r.status for r in records] == ["done"] * 20
     rss = [r.meta["rss_after"] for r in sorted(records, key=lambda r: r.finished_at)]
-    # after a few warm-up jobs (allocator pools, lazy imports) memory must not creep
-    assert max(rss[5:]) - rss[4] < 16 * MiB, [round(x / MiB, 1) for x in rss]
+    # After a few warm-up jobs (allocator pools, lazy imports) memory must not creep. The figure is the whole
+    # test process's RSS, where the session's other threads (its pool, its gateway) allocate and free buffers
+    # at moments of their own: one sample may catch one. What a job retains raises the floor, so the floors of
+    # two windows ten jobs apart are compared (a leak of 1.6 MiB a job fails).
+    assert min(rss[15:]) - min(rss[5:10]) < 16 * MiB, [round(x / MiB, 1) for x in rss]
     first, *rest = sorted(records, key=lambda r: r.started_at)
     assert first.timings["load_s"] > 0  # it was queued before the model was loaded
     assert all(r.timings["load_s"] == 0 for r in rest)
