@@ -3,8 +3,11 @@ reference names every public name, every picture comes from a test, and the fron
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -58,12 +61,16 @@ def test_the_front_page_is_short_and_keeps_its_two_commands():
     assert TEST_COMMAND in lines
 
 
+def _docs_script(name: str):
+    """One of docs/'s scripts (pictures.py, render_notebooks.py) as a module; docs/ is not a package."""
+    spec = importlib.util.spec_from_file_location(f"_docs_{name}", DOCS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_every_picture_comes_from_a_test_and_is_shown():
-    sys.path.insert(0, str(DOCS))
-    try:
-        import pictures
-    finally:
-        sys.path.remove(str(DOCS))
+    pictures = _docs_script("pictures")
     pages = "\n".join(p.read_text() for p in DOCS.rglob("*.md")) + (REPO / "README.md").read_text()
     shown = set(re.findall(r"assets/screenshots/([\w.-]+\.png)", pages))
     present = {p.name for p in pictures.DEST.glob("*.png")}
@@ -72,6 +79,47 @@ def test_every_picture_comes_from_a_test_and_is_shown():
     assert set(pictures.PICTURES) - shown == set(), "pictures that no page shows"
     for name, (_source, test) in pictures.PICTURES.items():
         assert (REPO / test).is_file(), f"{name}: its test {test} is gone"
+
+
+def test_the_site_shows_each_example_notebook_as_one_clean_run_of_its_current_cells():
+    """docs/notebooks/ holds notebooks/*.ipynb executed by docs/render_notebooks.py: not a hand-edited output, not
+    a stale copy of a notebook that changed since, no failed cell and no live widget that needs a kernel."""
+    render = _docs_script("render_notebooks")
+    assert render.problems() == []
+    for source in render.SOURCES.glob("*.ipynb"):
+        rendered = json.loads((render.DEST / source.name).read_text())
+        outputs = [o for c in rendered["cells"] if c["cell_type"] == "code" for o in c["outputs"]]
+        assert any("text/html" in o.get("data", {}) for o in outputs), f"{source.name}: no view of a job or widget"
+
+
+def test_a_stale_failed_or_missing_rendered_notebook_is_named(tmp_path):
+    render = _docs_script("render_notebooks")
+    sources, dest = tmp_path / "notebooks", tmp_path / "rendered"
+    shutil.copytree(render.SOURCES, sources, ignore=shutil.ignore_patterns("*.py", "*.md"))
+    shutil.copytree(render.DEST, dest)
+    assert render.problems(sources, dest) == []
+
+    first, second, third, fourth = sorted(sources.glob("*.ipynb"))
+    nb = json.loads(first.read_text())
+    nb["cells"][0]["source"] = ["# a title edited since the render"]
+    first.write_text(json.dumps(nb))
+    nb = json.loads((dest / second.name).read_text())
+    code = [c for c in nb["cells"] if c["cell_type"] == "code"]
+    code[1]["outputs"].append({"output_type": "error", "ename": "AssertionError", "evalue": "", "traceback": []})
+    code[2]["execution_count"] = None
+    (dest / second.name).write_text(json.dumps(nb))
+    nb = json.loads((dest / third.name).read_text())
+    widget = {"output_type": "display_data", "metadata": {},
+              "data": {"application/vnd.jupyter.widget-view+json": {"model_id": "x"}, "text/plain": ""}}
+    next(c for c in nb["cells"] if c["cell_type"] == "code")["outputs"].append(widget)
+    (dest / third.name).write_text(json.dumps(nb))
+    (dest / fourth.name).unlink()
+
+    found = "\n".join(render.problems(sources, dest))
+    assert f"{first.name}: stale" in found
+    assert f"{second.name}: code cell 2 failed" in found and f"{second.name}: not one run top to bottom" in found
+    assert f"{third.name}: code cell 1 holds a live widget" in found
+    assert f"docs/notebooks/{fourth.name}: not rendered" in found
 
 
 def test_the_tutorial_runs_on_the_cheap_pool(mochi, tmp_path, monkeypatch):
@@ -110,4 +158,5 @@ def test_the_site_builds_strictly(mkdocs, tmp_path):
     rest = (site / "reference" / "rest" / "index.html").read_text()
     assert "/generate" in rest and (site / "reference" / "openapi.json").is_file()
     assert "mochi-lab generate" in (site / "reference" / "cli" / "index.html").read_text()
-    assert (site / "notebooks" / "01_quickstart" / "index.html").is_file()
+    quickstart = (site / "notebooks" / "01_quickstart" / "index.html").read_text()
+    assert "mochi-job" in quickstart and "data:video/mp4;base64," in quickstart  # a run's job view and video

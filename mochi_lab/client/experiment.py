@@ -259,15 +259,21 @@ class Experiment:
         return counts
 
     def wait(self, timeout: float | None = None, *, progress: bool = True) -> dict[str, int]:
-        """Block until every queued run has finished, with a progress bar over runs; returns `status()`.
+        """Block until every queued run has finished; returns `status()`. With `progress`, a notebook shows the
+        experiment's table kept live meanwhile (HTML: a saved notebook keeps its last state, where a progress
+        widget would need its kernel), and a terminal a progress bar over the runs.
 
         Missing runs are not waited for (nothing would ever finish them): a warning names `resume()`.
         """
+        from mochi_lab.display.startup import in_kernel
+
         runs, jobs = self._snapshot()
         group = self.follower(jobs)
         bar = None
-        if progress:
-            from tqdm.auto import tqdm
+        if progress and in_kernel():
+            LiveTable(group, self._drawn(runs)).send()  # redrawn by the group on each change
+        elif progress:
+            from tqdm import tqdm
 
             bar = tqdm(total=len(runs), desc=self.name, unit="run")
 
@@ -330,12 +336,15 @@ class Experiment:
 
     def live(self, *, publish: Callable[[dict[str, Any], bool], None] | None = None) -> LiveTable:
         """The experiment's table, kept live until its runs end (what displaying it does)."""
+        runs, jobs = self._snapshot()
+        return LiveTable(self.follower(jobs), self._drawn(runs), publish=publish)
+
+    def _drawn(self, runs: list[Run]) -> Callable[[Mapping[str, JobRecord | None]], str]:
+        """The experiment's table as its runs' jobs stand (what the live views redraw)."""
         from mochi_lab.display.experiment import experiment_html
 
-        runs, jobs = self._snapshot()
         record = self._record
-        return LiveTable(self.follower(jobs), lambda records: experiment_html(record, runs, dict(records)),
-                         publish=publish)
+        return lambda records: experiment_html(record, runs, dict(records))
 
     def _ipython_display_(self) -> None:
         display_live(self.live, self._repr_html_)

@@ -109,6 +109,18 @@ def test_a_killed_client_leaves_runs_that_resume_finds(store):
     assert [j.params.seed for j in fresh.resume()] == [3]
 
 
+def test_wait_outside_a_notebook_draws_a_text_bar_over_the_runs(store, sample_mp4, capsys):
+    """A terminal gets tqdm's text bar; a notebook gets the live table (HTML, which a saved notebook keeps: the
+    rendered example notebooks, checked in tests/test_docs.py, hold no widget)."""
+    exp = open_exp(store)
+    exp.sweep(["a cat", "a dog"], [1], **TINY)
+    finish(store, "done", video=sample_mp4)
+    finish(store, "failed")
+    assert exp.wait(timeout=10) == {**exp.status(), "done": 1, "failed": 1}
+    bar = capsys.readouterr().err.rsplit("\r", 1)[-1]
+    assert bar.startswith("sweep-1: 100%") and "2/2" in bar and "done=1" in bar and "failed=1" in bar, bar
+
+
 def test_wait_and_dataframe_and_export(store, sample_mp4, tmp_path):
     exp = open_exp(store)
     exp.sweep(["a cat", "a dog"], [1], **TINY)
