@@ -60,7 +60,7 @@ FORBIDDEN_EXTERNAL = {
     "store": {"torch", "diffusers", "transformers", "ray"},
     "model": {"torch", "diffusers", "transformers", "ray", "redis", "httpx", "fastapi"},
     "pipelines": {"ray", "redis"},
-    "display.reprs": {"torch", "ray", "redis"},
+    **{f"display.{view}": {"torch", "ray", "redis"} for view in ("reprs", "values", "progress", "notes")},
     "params": {"torch", "ray", "redis"},
     "pool.metrics": {"torch", "ray"},
     "gateway.wire": {"fastapi", "starlette", "uvicorn", "httpx", "torch", "ray", "redis"},  # the client loads it
@@ -127,8 +127,14 @@ def test_the_wire_is_a_leaf():
     assert {t for t in GRAPH["gateway.wire"] if room(t) != "shared"} == set()
 
 
-def test_reprs_is_a_leaf():
-    assert GRAPH["display.reprs"] == {}, "reprs must be a leaf: plain data in, HTML out"
+# reprs and the modules it is built on: a record's values as text, a job's progress, the notes beside it
+VIEWS = {"display.reprs", "display.values", "display.progress", "display.notes"}
+
+
+@pytest.mark.parametrize("name", sorted(VIEWS))
+def test_reprs_is_a_leaf(name):
+    outside = sorted(set(GRAPH[name]) - VIEWS)
+    assert not outside, f"mochi_lab.{name} imports {outside}: reprs and its views must be a leaf, plain data in, HTML out"
 
 
 @pytest.mark.parametrize("prefix", sorted(FORBIDDEN_EXTERNAL))

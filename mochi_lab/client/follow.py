@@ -88,7 +88,7 @@ class Follower(LoopTask):
     `gone`, never from reads of their own."""
 
     def __init__(self, job: Followable, *, cadence: Cadence = LIVE):
-        from mochi_lab.display.reprs import RetryTracker  # pure: records in, lines out
+        from mochi_lab.display.notes import RetryTracker  # pure: records in, lines out
 
         self.job = job
         self.cadence = cadence
@@ -119,7 +119,7 @@ class Follower(LoopTask):
 
     def notes(self) -> list[str]:
         """The lines a view shows beside the record: a lost or silent worker, the place in the queue."""
-        from mochi_lab.display.reprs import queue_note
+        from mochi_lab.display.notes import queue_note
 
         r = self.record
         lines = list(self.tracker.notes(r))

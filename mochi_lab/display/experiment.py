@@ -113,7 +113,7 @@ def runs_view(items: list[tuple[dict[str, Any], JobRecord | None]], *, missing: 
     """The facts of a run table: (params, job or None) pairs in, plain values out (the template escapes them).
 
     Columns are the params that differ between the runs (seed has its own), then seed, status with a running
-    job's progress as every view of it shows it (`display.reprs.progress_view`), and run time."""
+    job's progress as every view of it shows it (`display.progress.progress_view`), and run time."""
     from mochi_lab.display.reprs import job_view
 
     params = [p for p, _ in items]

@@ -211,7 +211,7 @@ class LiveView:
 
 
 class TextProgress:
-    """`wait(progress=True)` outside a notebook: a text bar of the whole job (`display.reprs.progress_view`, as
+    """`wait(progress=True)` outside a notebook: a text bar of the whole job (`display.progress.progress_view`, as
     every view of a job shows it: the stage, the denoising step, elapsed time and ETA, moving through the
     decode and the encode too) that says when a worker was lost ("worker lost at decoding; retrying, attempt
     2") and starts again, rather than freezing and then jumping back."""
@@ -219,7 +219,7 @@ class TextProgress:
     UNITS = 1000  # the bar's resolution: a thousandth of the job
 
     def __init__(self, follower: Follower | None = None) -> None:
-        from mochi_lab.display.reprs import RetryTracker
+        from mochi_lab.display.notes import RetryTracker
 
         self.tracker = RetryTracker()
         self.follower = follower  # told of each state the follower sees (`Job.wait`); else fed by `update`
@@ -238,7 +238,7 @@ class TextProgress:
     def update(self, r: JobRecord) -> None:
         from tqdm import tqdm
 
-        from mochi_lab.display.reprs import progress_view
+        from mochi_lab.display.progress import progress_view
 
         for line in self.tracker.observe(r):
             self.write(line)

@@ -11,7 +11,8 @@ from __future__ import annotations
 import time
 from typing import Any, Callable
 
-from mochi_lab.display.reprs import mapping, render
+from mochi_lab.display.reprs import render
+from mochi_lab.display.values import mapping
 
 # The steps of a start, in order, as `DirectBackend.start` reports them (`progress(step, detail)`).
 STEPS = {

@@ -240,7 +240,7 @@ def docs_headers(nonce: str) -> dict[str, str]:
 
 def _page_job(r: JobRecord) -> dict[str, Any]:
     """A job as the page shows it: plain values from its row (`model.job_row`), every one escaped by the template."""
-    from mochi_lab.display.reprs import progress_view
+    from mochi_lab.display.progress import progress_view
 
     row = job_row(r)
     return {

@@ -18,7 +18,7 @@ import ipywidgets as W
 import pytest
 
 from mochi_lab import ParamsError
-from mochi_lab.display import reprs
+from mochi_lab.display import notes, reprs
 from mochi_lab.display.widgets import ClusterPanel, History, HistoryRow, JobCard, Studio, workers_html
 from tests.support.fakes import (
     ALL,
@@ -122,10 +122,10 @@ def test_job_notes_and_media_are_text(payload):
 
 @pytest.mark.parametrize("payload", PAYLOADS)
 def test_queue_note_and_retry_lines_take_any_value(payload):
-    assert reprs.queue_note({"position": payload, "queued": payload}) is None  # not a number: no place to show
-    line = reprs.queue_note({"position": 2, "queued": payload, "eta_s": payload, "workers": payload})
+    assert notes.queue_note({"position": payload, "queued": payload}) is None  # not a number: no place to show
+    line = notes.queue_note({"position": 2, "queued": payload, "eta_s": payload, "workers": payload})
     assert line == "next in the queue"  # a count that is not a number is no count
-    tracker = reprs.RetryTracker()
+    tracker = notes.RetryTracker()
     for r in (record(status="running", stage=payload, attempts=1), record(status="queued", stage="queued", attempts=1)):
         tracker.observe(r)
     (note,) = tracker.notes(record(status="queued", attempts=1))
@@ -362,7 +362,10 @@ def test_experiment_compare_grid_carries_labels_and_statuses_as_text(payload):
 
 
 # -- no HTML by string formatting in the view code ----------------------------------------------------
-VIEW_FILES = [ROOT / "mochi_lab" / "display" / "reprs.py", *sorted((ROOT / "mochi_lab" / "display" / "widgets").glob("*.py"))]
+# reprs and the modules it is built on (a record's values as text, the progress, the notes), and the widgets
+VIEWS = ("reprs", "values", "progress", "notes")
+VIEW_FILES = [*(ROOT / "mochi_lab" / "display" / f"{name}.py" for name in VIEWS),
+              *sorted((ROOT / "mochi_lab" / "display" / "widgets").glob("*.py"))]
 
 
 TAG = re.compile(r"<\s*[A-Za-z/!]")
@@ -384,11 +387,14 @@ def test_view_code_builds_no_html_from_strings(path):
         assert re.search(r"var\(--jp-[a-z0-9-]+, $", source[: m.start()]), f"{path.name}: bare colour {m.group()}"
 
 
-def test_reprs_is_a_leaf():
-    tree = ast.parse((ROOT / "mochi_lab" / "display" / "reprs.py").read_text())
+@pytest.mark.parametrize("name", VIEWS)
+def test_reprs_is_a_leaf(name):
+    """reprs and the modules it is built on import nothing of mochi_lab but one another."""
+    tree = ast.parse((ROOT / "mochi_lab" / "display" / f"{name}.py").read_text())
     imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
     imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
-    assert not {m for m in imported if m and m.startswith("mochi_lab")}
+    ours = {f"mochi_lab.display.{view}" for view in VIEWS}
+    assert not {m for m in imported if m and m.startswith("mochi_lab") and m not in ours}
 
 
 WEB_PAGES = {"page.html", "login.html"}

@@ -15,7 +15,9 @@ import pytest
 from mochi_lab import Job, JobRecord
 from mochi_lab.client.backend import queue_rows
 from mochi_lab.display.live import LiveView, TextProgress
-from mochi_lab.display.reprs import WIDGET_MIME, RetryTracker, cluster_html, progress_view
+from mochi_lab.display.notes import RetryTracker
+from mochi_lab.display.progress import progress_view
+from mochi_lab.display.reprs import WIDGET_MIME, cluster_html
 from tests.support.fakes import record
 from tests.support.jobkit import TINY
 from tests.support.widget_helpers import drive, pool_size, unique
@@ -556,9 +558,18 @@ def test_a_start_in_a_kernel_shows_its_progress_and_elsewhere_nothing(monkeypatc
 def test_a_job_cancelled_while_decoding_says_it_stopped_after_denoising_not_at_a_step():
     """A cancel seen while the worker decodes stops the job before its MP4; its record keeps the last step
     (2/2) and the stage "cancelled", so its note must not read as a cancel in the middle of denoising."""
-    from mochi_lab.display.reprs import stopped_note
+    from mochi_lab.display.notes import stopped_note
 
     during = record(status="cancelled", stage="cancelled", step=1, total_steps=2, started_at=1.7e9)
     after = record(status="cancelled", stage="cancelled", step=2, total_steps=2, started_at=1.7e9)
     assert stopped_note(during) == "stopped at denoising step 1/2"
     assert stopped_note(after) == "stopped after denoising (2/2 steps), before its video was written"
+
+
+def test_the_progress_and_the_notes_still_import_from_reprs():
+    """They have their own modules now; code written before imports them from reprs."""
+    from mochi_lab.display import notes, progress, reprs
+
+    for name in ("RetryTracker", "ordinal", "queue_note", "stopped_note"):
+        assert getattr(reprs, name) is getattr(notes, name) and name in reprs.__all__
+    assert reprs.progress_view is progress.progress_view and "progress_view" in reprs.__all__

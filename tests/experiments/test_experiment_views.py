@@ -56,7 +56,8 @@ def test_the_run_table_shows_any_record_as_text(status):
 def test_a_running_run_shows_the_bar_and_stage_every_view_of_its_job_shows():
     """The run table draws a running job through `progress_view`, as the live view, the card and the panel
     do: the whole job's fraction through the decode, not the denoising steps (2/2, a full bar)."""
-    from mochi_lab.display.reprs import job_html, progress_view
+    from mochi_lab.display.progress import progress_view
+    from mochi_lab.display.reprs import job_html
 
     decoding = JobRecord("1-000000000000", "a", {"prompt": "x", "seed": 1}, status="running", stage="decoding",
                          step=2, total_steps=2, live={"fraction": 0.4206, "eta_s": 9.0, "elapsed_s": 3.0})

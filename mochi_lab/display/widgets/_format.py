@@ -7,6 +7,7 @@ and a record may hold a string where a number belongs.
 
 from __future__ import annotations
 
-from mochi_lab.display.reprs import error_html, job_view, mapping, render, seconds, to_float, to_int
+from mochi_lab.display.reprs import error_html, job_view, render
+from mochi_lab.display.values import mapping, seconds, to_float, to_int
 
 __all__ = ["error_html", "job_view", "mapping", "render", "seconds", "to_float", "to_int"]

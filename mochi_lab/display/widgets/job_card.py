@@ -17,7 +17,8 @@ import ipywidgets as W
 
 from mochi_lab.display.links import download_dir as default_download_dir
 from mochi_lab.display.links import relative_href
-from mochi_lab.display.reprs import BORDER, RetryTracker, thumbnail_uri, timings_line
+from mochi_lab.display.notes import RetryTracker
+from mochi_lab.display.reprs import BORDER, thumbnail_uri, timings_line
 from mochi_lab.model import CANCELLED, DONE, FAILED, QUEUED, JobNotFound
 
 from ._format import error_html, job_view, render, seconds, to_float
@@ -70,7 +71,7 @@ class JobCard(W.VBox):
                                      layout=W.Layout(width="32px"))
         self.clear_button.on_click(lambda _: self.clear())
         self.stage = W.HTML()
-        # the whole job's fraction done, as every view of the job shows it (display.reprs.progress_view)
+        # the whole job's fraction done, as every view of the job shows it (display.progress.progress_view)
         self.bar = W.FloatProgress(min=0.0, max=1.0, layout=W.Layout(width="240px"))
         self.eta = W.Label()
         self.cancel_button = W.Button(description="Cancel", icon="stop", button_style="warning",

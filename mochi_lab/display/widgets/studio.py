@@ -6,109 +6,54 @@ and defaults that suit the pool: small and few steps on CPU workers, Mochi's def
 value that is not allowed is shown as an error next to its field, in the form's own words (its labels),
 and Generate stays disabled until it is fixed: no value is silently clamped. Generate is also disabled
 while a submission is in flight; a notice (a reused job, the backend's refusal) clears when the form changes.
+
+What the fields offer, start at and allow is `studio_fields`; this module is the widget: the form's layout,
+its two length fields kept in step, Generate and the submission, and the cards below.
 """
 
 from __future__ import annotations
 
 import asyncio
-import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import ipywidgets as W
 
-from mochi_lab.params import LIMITS, GenerationParams, ParamsError
+from mochi_lab.params import ParamsError
 
-from ._format import error_html, mapping, render
+from ._format import error_html, render
 from ._poll import DEFAULT_INTERVAL_S
 from .card_stack import CardStack, HasCardStack
 from .save_hook import StaticStandIn
+from .studio_fields import (
+    CUSTOM,
+    FIELD_OF,
+    FIELDS,
+    SEED_MIN,
+    SIZE_PRESETS,
+    as_number,
+    device_of,
+    duration_of,
+    error_lines,
+    field_defaults,
+    field_error_html,
+    form_errors,
+    model_choices,
+    positive,
+    snap_frames,
+    worker_rows,
+)
 
 if TYPE_CHECKING:
     from mochi_lab.client.cluster import MochiCluster
     from mochi_lab.client.job import Job
 
-
-def _int_limits(name: str) -> tuple[int, int]:
-    lo, hi = LIMITS[name]
-    return int(lo), int(hi)
-
-
-FRAMES_MIN, FRAMES_MAX = _int_limits("num_frames")
-HEIGHT_MIN, HEIGHT_MAX = _int_limits("height")
-WIDTH_MIN, WIDTH_MAX = _int_limits("width")
-STEPS_MIN, STEPS_MAX = _int_limits("num_inference_steps")
-FPS_MIN, FPS_MAX = _int_limits("fps")
-SEED_MIN, SEED_MAX = _int_limits("seed")
-GUIDANCE_MIN, GUIDANCE_MAX = (float(v) for v in LIMITS["guidance_scale"])
-# Mochi needs num_frames = 6k+1 and sizes divisible by 16 (diffusers checks only 8).
-FRAME_CHOICES = [n for n in range(FRAMES_MIN, FRAMES_MAX + 1) if n % 6 == 1]
-HEIGHT_CHOICES = [n for n in range(HEIGHT_MIN, HEIGHT_MAX + 1) if n % 16 == 0]
-WIDTH_CHOICES = [n for n in range(WIDTH_MIN, WIDTH_MAX + 1) if n % 16 == 0]
-SIZE_CHOICES = HEIGHT_CHOICES  # the name older code imported
-CUSTOM = "custom"
-# (label, (width, height)): Mochi's native sizes first, then sizes a CPU pool finishes in seconds.
-SIZE_PRESETS: list[tuple[str, Any]] = [
-    ("848×480 landscape (Mochi)", (848, 480)),
-    ("480×848 portrait", (480, 848)),
-    ("640×640 square", (640, 640)),
-    ("432×240 small (CPU)", (432, 240)),
-    ("240×432 small portrait (CPU)", (240, 432)),
-    ("96×64 tiny (CPU)", (96, 64)),
-    ("custom", CUSTOM),
-]
-# A CPU pool runs the tiny model: a small size, a second or two of video and few steps keep a job to seconds.
-CPU_DEFAULTS = {"width": 432, "height": 240, "num_frames": 13, "fps": 8, "num_inference_steps": 8}
-# The form's error boxes, in the order errors are checked; each ParamsError line names one of these.
-FIELDS = ("prompt", "negative_prompt", "size", "duration", "num_frames", "fps", "num_inference_steps",
-          "guidance_scale", "seed", "model")
-FIELD_OF = {"width": "size", "height": "size"}
-# What the form calls each GenerationParams field: its errors say the label the user sees beside the field.
-LABELS = {"prompt": "prompt", "negative_prompt": "negative prompt", "width": "width", "height": "height",
-          "num_frames": "frames", "num_inference_steps": "steps", "guidance_scale": "guidance", "seed": "seed",
-          "fps": "fps", "model": "model", "size": "size"}
 INVALID_TOOLTIP = "fix the fields marked in red first"
 _LABEL = {"description_width": "110px"}
 
 
 def _layout(width: str = "320px") -> W.Layout:
     return W.Layout(width=width)
-
-
-def snap_frames(duration_s: float, fps: int) -> int:
-    """The 6k+1 frame count nearest to `duration_s` at `fps` (a tie goes to the shorter; at least 1 frame)."""
-    n = duration_s * fps
-    return max(1, 6 * int(math.ceil((n - 1) / 6 - 0.5)) + 1)
-
-
-def _worker_rows(cluster: "MochiCluster") -> list[Any] | None:
-    """The pool's worker rows, or None when they cannot be read."""
-    try:
-        return [mapping(r) for r in cluster.workers()]
-    except Exception:
-        return None
-
-
-def device_of(cluster: "MochiCluster", rows: list[Any] | None = None) -> str:
-    """"cuda" when the pool's workers have GPUs, else "cpu" (also when the pool cannot be read)."""
-    rows = _worker_rows(cluster) if rows is None else rows
-    return "cuda" if any(r.get("device") == "cuda" or r.get("gpu_name") for r in rows or ()) else "cpu"
-
-
-def _positive(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
-
-
-def _seconds(frames: Any, fps: int) -> float:
-    """How long `frames` last at `fps`, rounded for the field (13 frames at 8 fps: 1.625 s)."""
-    return round(frames / fps, 3) if isinstance(frames, int) else 0.0
-
-
-def _number(value: Any, *, integer: bool) -> Any:
-    """A typed value as the number it is; a float with a fraction stays a float (the check then says so)."""
-    if integer and isinstance(value, float) and value.is_integer():
-        return int(value)
-    return value
 
 
 class Studio(StaticStandIn, HasCardStack, W.VBox):
@@ -122,9 +67,9 @@ class Studio(StaticStandIn, HasCardStack, W.VBox):
     def __init__(self, cluster: "MochiCluster", *, download_dir: str | Path | None = None,
                  interval: float = DEFAULT_INTERVAL_S, **defaults: Any):
         self.cluster = cluster
-        rows = _worker_rows(cluster)
+        rows = worker_rows(cluster)
         self.device = device_of(cluster, rows)
-        d = {**_field_defaults(cluster.model, self.device), **defaults}
+        d = {**field_defaults(cluster.model, self.device), **defaults}
         seed = d.get("seed")
         self.prompt = W.Textarea(value=d.get("prompt", ""), placeholder="a cat surfing a wave, golden hour",
                                  description="prompt", style=_LABEL, layout=W.Layout(width="660px", height="60px"))
@@ -140,7 +85,7 @@ class Studio(StaticStandIn, HasCardStack, W.VBox):
         self.fps = W.IntText(value=d["fps"], description="fps", style=_LABEL, layout=_layout())
         fps = d["fps"] if isinstance(d["fps"], int) and d["fps"] > 0 else 1
         # The length, in either unit: typing one sets the other (seconds snap to 6k+1 frames).
-        self.duration = W.FloatText(value=_seconds(d["num_frames"], fps), step=0.5, description="duration (s)",
+        self.duration = W.FloatText(value=duration_of(d["num_frames"], fps), step=0.5, description="duration (s)",
                                     style=_LABEL, layout=_layout("220px"))
         self.frames = W.IntText(value=d["num_frames"], step=6, description="frames", style=_LABEL,
                                 layout=_layout("220px"))
@@ -153,7 +98,7 @@ class Studio(StaticStandIn, HasCardStack, W.VBox):
         self.seed = W.IntText(value=SEED_MIN if seed is None else seed, description="seed", disabled=seed is None,
                               style=_LABEL, layout=_layout("220px"))
         self.random_seed.observe(lambda ch: setattr(self.seed, "disabled", ch["new"]), "value")
-        models = _models(cluster, d["model"], rows, asked="model" in defaults)
+        models = model_choices(cluster, d["model"], rows, asked="model" in defaults)
         self.model = W.Dropdown(options=models, value=d["model"] if d["model"] in models else models[0],
                                 description="model", style=_LABEL, layout=_layout())
         self.field_errors = {name: W.HTML(layout=_layout("370px")) for name in FIELDS}
@@ -225,7 +170,7 @@ class Studio(StaticStandIn, HasCardStack, W.VBox):
 
     def _duration_typed(self, _change: Any = None) -> None:
         d, fps = self.duration.value, self.fps.value
-        if self._syncing or not _positive(d) or not (isinstance(fps, int) and fps > 0):
+        if self._syncing or not positive(d) or not (isinstance(fps, int) and fps > 0):
             return
         self._sync(self.frames, snap_frames(d, fps))
 
@@ -233,7 +178,7 @@ class Studio(StaticStandIn, HasCardStack, W.VBox):
         n, fps = self.frames.value, self.fps.value
         if self._syncing or not (isinstance(n, int) and n > 0) or not (isinstance(fps, int) and fps > 0):
             return
-        self._sync(self.duration, _seconds(n, fps))
+        self._sync(self.duration, duration_of(n, fps))
 
     def _fps_typed(self, _change: Any = None) -> None:
         # the frames stay (they decide the cost); the seconds they last at the new fps follow
@@ -256,12 +201,12 @@ class Studio(StaticStandIn, HasCardStack, W.VBox):
             "prompt": self.prompt.value,
             "negative_prompt": self.negative_prompt.value,
             "num_frames": self.num_frames,
-            "height": _number(self.height.value, integer=True),
-            "width": _number(self.width.value, integer=True),
-            "num_inference_steps": _number(self.steps.value, integer=True),
+            "height": as_number(self.height.value, integer=True),
+            "width": as_number(self.width.value, integer=True),
+            "num_inference_steps": as_number(self.steps.value, integer=True),
             "guidance_scale": float(self.guidance.value),
-            "seed": None if self.random_seed.value else _number(self.seed.value, integer=True),
-            "fps": _number(self.fps.value, integer=True),
+            "seed": None if self.random_seed.value else as_number(self.seed.value, integer=True),
+            "fps": as_number(self.fps.value, integer=True),
             "model": self.model.value,
         }
 
@@ -269,29 +214,7 @@ class Studio(StaticStandIn, HasCardStack, W.VBox):
         """Check the form as typed and show each problem next to its field; returns {field: error}.
 
         The prompt is checked only once a submission was tried (an empty form is not an error)."""
-        params = self.params()
-        errors: dict[str, list[str]] = {}
-        frames = params["num_frames"]
-        d, fps = self.duration.value, params["fps"]
-        if not _positive(d):
-            errors.setdefault("duration", []).append(f"duration: must be more than 0 s, got {d}")
-        elif isinstance(fps, int) and fps > 0 and snap_frames(d, fps) > FRAMES_MAX:
-            longest = (FRAMES_MAX - 1) / fps
-            errors.setdefault("duration", []).append(
-                f"duration: {d:g} s at {fps} fps is {snap_frames(d, fps)} frames; at most {FRAMES_MAX} frames "
-                f"({longest:.1f} s at {fps} fps)")
-        if frames is None:
-            params["num_frames"] = FRAMES_MIN  # a cleared field: the type check below names it
-        prompt = params.pop("prompt")
-        if not self._attempted and not prompt.strip():
-            prompt = "x"  # not yet checked: only the other fields
-        try:
-            GenerationParams.parse(prompt, **params)
-        except ParamsError as exc:
-            for name, line in _lines(str(exc)):
-                if name == "num_frames" and "duration" in errors:
-                    continue  # the duration's own error says it better
-                errors.setdefault(FIELD_OF.get(name, name), []).append(line)
+        errors = form_errors(self.params(), self.duration.value, attempted=self._attempted)
         for name, box in self.field_errors.items():
             box.value = field_error_html(errors.pop(name)) if name in errors else ""
         self._other_errors = errors  # fields the form has no place for (the general error line shows them)
@@ -372,7 +295,7 @@ class Studio(StaticStandIn, HasCardStack, W.VBox):
     def _failed(self, exc: Exception) -> None:
         if isinstance(exc, ParamsError):  # the backend's own checks (the pool's models, admission, tokens)
             shown = False
-            for name, line in _lines(str(exc)):
+            for name, line in error_lines(str(exc)):
                 box = self.field_errors.get(FIELD_OF.get(name, name))
                 if box is not None:
                     box.value = field_error_html([line])
@@ -408,50 +331,3 @@ class Studio(StaticStandIn, HasCardStack, W.VBox):
         save hook (mochi_lab.display.widgets.save_hook) shows when it is opened without its kernel."""
         return render("studio_snapshot.html", cards=[c.static_view() for c in self.stack.cards])
 
-
-def field_error_html(lines: list[str]) -> str:
-    """A form's error lines in red, wrapped between words only (a notebook's <pre> breaks mid-word)."""
-    return render("studio.html", "field_error", lines=lines)
-
-
-def _lines(message: str) -> list[tuple[str, str]]:
-    """A ParamsError's lines as (field, "label: what is wrong"), each named by the form's label for
-    its field (`LABELS`); a message without fields is one line.
-
-    "prompt: prompt must be ..." reads "prompt: must be ...": the label says the field once."""
-    out = []
-    for line in message.splitlines():
-        line = line.strip()
-        if not line or line.startswith("invalid generation parameters"):
-            continue
-        name, sep, rest = line.partition(":")
-        if not sep or " " in name.strip():
-            out.append(("", line))
-            continue
-        name, rest = name.strip(), rest.strip()
-        out.append((name, f"{LABELS.get(name, name)}: {rest.removeprefix(name + ' ')}"))
-    return out or [("", message)]
-
-
-def _field_defaults(model: str, device: str = "cuda") -> dict[str, Any]:
-    fields = GenerationParams.model_fields
-    out = {name: f.default for name, f in fields.items() if name not in ("prompt", "seed")}
-    if device != "cuda":
-        out.update(CPU_DEFAULTS)
-    out.update(seed=None, model=model)
-    return out
-
-
-def _models(cluster: "MochiCluster", default: str, rows: list[Any] | None, *, asked: bool = False) -> list[str]:
-    """The models the pool's workers have loaded (and the cluster accepts), as dropdown labels: a model no
-    worker serves would wait in the queue for ever. With no worker to go by, the cluster's default; a model
-    asked for by name (`Studio(..., model=...)`) is offered too."""
-    try:
-        accepted = {str(m) for m in cluster.models()}
-    except Exception:  # an old or unreachable backend: the workers alone say
-        accepted = set()
-    served = {str(r.get("model")) for r in rows or () if isinstance(r.get("model"), str) and r.get("model")}
-    if accepted:
-        served &= accepted
-    models = sorted(served) or [str(default)]
-    return models if not asked or str(default) in models else sorted([*models, str(default)])

@@ -196,7 +196,7 @@ def test_one_follower_serves_every_view_of_a_job_and_a_wait_ends_them(backend, h
     of their own."""
     from mochi_lab.client.job import Job
     from mochi_lab.display.live import LiveView
-    from mochi_lab.display.reprs import progress_view
+    from mochi_lab.display.progress import progress_view
     from mochi_lab.display.widgets.job_card import JobCard
 
     monkeypatch.chdir(tmp_path)
