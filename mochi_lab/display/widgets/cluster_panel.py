@@ -18,6 +18,7 @@ from mochi_lab.queue_eta import RECENT_RUNS, RUN_TIMES_EVERY_S, RunTimes, busy_f
 from ._format import error_html, job_view, mapping, render, to_float, to_int
 from ._poll import Poller
 from .save_hook import StaticStandIn
+from .throughput import Throughput, throughput_html
 
 if TYPE_CHECKING:
     from mochi_lab.client.cluster import MochiCluster
@@ -35,7 +36,6 @@ COLUMN_TITLES = {
     "GPU use": "the GPU's utilisation and power draw, as NVML reports them",
 }
 QUEUE_COLUMNS = ("#", "prompt", "size", "priority", "waiting", "starts in", "job")
-THROUGHPUT_WINDOW_S = 600  # the sparkline's span: the last 10 minutes, one bar a minute
 QUEUE_SHOWN = 20  # queue rows drawn; the rest are counted
 _LISTED = 1000  # running jobs and queue rows read per refresh
 
@@ -94,55 +94,6 @@ def pool_summary(rows: list[Any]) -> dict[str, Any]:
 def summary_html(rows: list[Any]) -> str:
     """"2 CPU workers · 1 busy · 1 idle", or "4 GPU workers (NVIDIA H100) · ..."."""
     return render("cluster_panel.html", "summary", s=pool_summary(rows))
-
-
-class Throughput:
-    """Jobs finished per minute over the last minutes, from the workers' `jobs_done` counts as read at
-    each refresh (a worker that restarts starts again from zero: only increases count)."""
-
-    def __init__(self, window_s: float = THROUGHPUT_WINDOW_S):
-        self.window_s = window_s
-        self.last: dict[str, int] = {}
-        self.events: list[tuple[float, int]] = []  # (when read, jobs finished since the read before)
-        self.since: float | None = None  # the first read: the sparkline says how far back it goes
-
-    def add(self, rows: list[Any], now: float | None = None) -> None:
-        now = time.time() if now is None else now
-        self.since = now if self.since is None else self.since
-        finished = 0
-        for row in rows:
-            r = mapping(row)
-            done = r.get("jobs_done")
-            if not isinstance(done, int) or isinstance(done, bool):
-                continue
-            wid = str(r.get("worker_id"))
-            if wid in self.last and done > self.last[wid]:
-                finished += done - self.last[wid]
-            self.last[wid] = done
-        if finished:
-            self.events.append((now, finished))
-        self.events = [(t, n) for t, n in self.events if now - t <= self.window_s]
-
-    def per_minute(self, now: float | None = None) -> list[int]:
-        """Jobs finished in each of the window's minutes, oldest first."""
-        now = time.time() if now is None else now
-        bins = [0] * max(1, int(self.window_s // 60))
-        for t, n in self.events:
-            i = len(bins) - 1 - int((now - t) // 60)
-            if 0 <= i < len(bins):
-                bins[i] += n
-        return bins
-
-
-def throughput_html(throughput: Throughput, now: float | None = None) -> str:
-    """A small bar sparkline of jobs finished per minute, with the total and the span it covers."""
-    now = time.time() if now is None else now
-    bins = throughput.per_minute(now)
-    top = max(bins) or 1
-    bars = [{"x": i * 6, "h": round(14 * n / top, 1), "n": n, "ago": len(bins) - i} for i, n in enumerate(bins)]
-    span = min(throughput.window_s, now - throughput.since) if throughput.since is not None else 0.0
-    return render("cluster_panel.html", "throughput", bars=bars, total=sum(bins), width=len(bins) * 6,
-                  minutes=round(throughput.window_s / 60), span=span)
 
 
 def queue_view(rows: list[Any], now: float | None = None, starts: list[float | None] | None = None

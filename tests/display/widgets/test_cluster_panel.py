@@ -197,7 +197,7 @@ def test_gpu_use_per_worker_and_a_link_to_the_ray_dashboard():
 
 
 def test_queue_etas_cpu_use_throughput_and_what_each_count_counts():
-    from mochi_lab.display.widgets.cluster_panel import Throughput, throughput_html
+    from mochi_lab.display.widgets.throughput import Throughput, throughput_html
 
     done = [FakeJob(record(id=f"d-{i}", status="done", timings={"run_s": 10.0})) for i in range(3)]
     rows = [{"worker_id": "w-0", "state": "busy", "current_job": "r-1", "device": "cpu", "model": "tiny",
