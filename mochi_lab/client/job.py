@@ -4,8 +4,6 @@ no Ray reference, so it outlives kernels and clients (`cluster.job(id)` re-attac
 from __future__ import annotations
 
 import logging
-import math
-import statistics
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -13,16 +11,16 @@ from typing import TYPE_CHECKING, Any
 from mochi_lab._moved import moved_names
 from mochi_lab.client.backend import Backend
 from mochi_lab.client.follow import Follower, follower_of
-from mochi_lab.model import CANCELLED, DONE, FAILED, QUEUED, JobRecord, check_job_id
+from mochi_lab.model import CANCELLED, DONE, FAILED, QUEUED, RUNNING, JobRecord, check_job_id
 from mochi_lab.params import GenerationParams
+from mochi_lab.queue_eta import RECENT_RUNS, RUN_TIMES_EVERY_S, RunTimes, busy_for, queue_starts, run_times, serving
 
 if TYPE_CHECKING:
     from mochi_lab.display.live import LiveView, TextProgress
 
 log = logging.getLogger(__name__)
-ESTIMATE_EVERY_S = 15.0  # how often the inputs of a queued job's wait estimate are read again
-_LISTED = 1000  # queued jobs read to place one
-_RECENT = 20  # done jobs read to estimate a queued job's wait
+POOL_EVERY_S = 5.0  # how often a queued job's wait estimate reads the workers again (its place: at every ask)
+_LISTED = 1000  # queued jobs read to place one, and running jobs read for their ETAs
 
 
 class JobFailed(RuntimeError):
@@ -76,7 +74,7 @@ class Job:
         every view of a job shows), `label`, attempt and message, and as the worker measured them on this
         attempt: elapsed_s, eta_s (counting down through the decode and the encode), rate (steps/s) and
         preview_step (live)."""
-        from mochi_lab.display.reprs import progress_view
+        from mochi_lab.display.progress import progress_view
 
         r = self.refresh()
         live = r.live or {}
@@ -208,39 +206,53 @@ class Job:
 
         `position` is its place among every account's queued jobs in the order workers take them (accounts
         in turn, each one's by priority then age); `queued` how many are queued in all (at most the first
-        1000 are read). `eta_s`, when known, is from this account's recent run times of the same size and
-        model and the `workers` that serve the model (None without a recent run to go by). Jobs queued
-        later by an account that has waited longer may still go before it."""
+        1000 are read); `workers` how many workers serve its model (None where they could not be read).
+        `eta_s` is when it should start, in seconds from now, as the cluster panel shows it
+        (`mochi_lab.queue_eta.queue_starts`): each worker serving the model takes the next job as it frees up,
+        an idle one now, a busy one when its job's ETA says (where that job is this account's), and each job
+        ahead runs for the median of this account's recent run times of its shape (of all, for a shape not
+        run lately), from the `runs_measured` runs read. None where there is nothing to go by: no worker for
+        the model, or only busy ones whose jobs show no ETA. Jobs queued later by an account that has waited
+        longer may still go before it."""
         r = self.refresh()
         if r.status != QUEUED:
             return None
         rows = self._backend.queue(limit=_LISTED)
-        position = next((row["position"] for row in rows if row.get("id") == r.id), None)
-        if position is None:  # claimed since the refresh, or beyond the rows read
+        index = next((i for i, row in enumerate(rows) if row.get("id") == r.id), None)
+        if index is None:  # claimed since the refresh, or beyond the rows read
             return None if self.refresh().status != QUEUED else {"position": None, "queued": len(rows)}
-        workers, durations = self._estimate_inputs(r)
-        eta = None
-        if durations and workers:
-            eta = math.ceil(position / workers) * statistics.median(durations)
-        return {"position": position, "queued": len(rows), "workers": workers, "eta_s": eta,
-                "runs_measured": len(durations)}
+        workers, busy, times = self._estimate_inputs()
+        eta = None if workers is None else queue_starts(rows[:index + 1], workers, busy, times)[-1]
+        return {"position": rows[index]["position"], "queued": len(rows),
+                "workers": None if workers is None else serving(workers, rows[index].get("model")),
+                "eta_s": eta, "runs_measured": times.runs}
 
-    def _estimate_inputs(self, r: JobRecord) -> tuple[int | None, list[float]]:
-        """The workers serving the job's model and recent run times of its shape, read at most every
-        ESTIMATE_EVERY_S (a queued job's place is read often; these change slowly)."""
-        cached = self.__dict__.get("_estimate")
+    def _estimate_inputs(self) -> tuple[list[Any] | None, dict[str, float], RunTimes]:
+        """What the estimate goes by: the worker rows (None: not read), how long each busy one stays busy,
+        and recent run times. A queued job's place is read often; the workers are read again at most every
+        POOL_EVERY_S (a busy one's time left counting down meanwhile), the run times every RUN_TIMES_EVERY_S."""
         now = time.monotonic()
-        if cached is not None and now - cached[0] < ESTIMATE_EVERY_S:
-            return cached[1], cached[2]
-        model = r.params.get("model") if isinstance(r.params, dict) else None
+        pool = self.__dict__.get("_pool")
+        if pool is None or now - pool[0] >= POOL_EVERY_S:
+            pool = self.__dict__["_pool"] = (now, *self._read_pool())
+        read_at, workers, busy = pool
+        ran = self.__dict__.get("_run_times")
+        if ran is None or now - ran[0] >= RUN_TIMES_EVERY_S:
+            ran = self.__dict__["_run_times"] = (now, run_times(self._backend.list(status=DONE, limit=RECENT_RUNS)))
+        return workers, {w: max(0.0, s - (now - read_at)) for w, s in busy.items()}, ran[1]
+
+    def _read_pool(self) -> tuple[list[Any] | None, dict[str, float]]:
         try:
-            workers = sum(1 for w in self._backend.workers() if not w.get("model") or w.get("model") == model)
+            workers = list(self._backend.workers())
         except Exception:  # the pool's rows are a nicety here
-            workers = None
-        durations = [t for t in (_run_s(j) for j in self._backend.list(status=DONE, limit=_RECENT)
-                                 if _same_shape(j, r)) if t is not None]
-        self.__dict__["_estimate"] = (now, workers, durations)
-        return workers, durations
+            return None, {}
+        running: list[JobRecord] = []
+        if any(isinstance(w, dict) and isinstance(w.get("current_job"), str) for w in workers):
+            try:  # this account's running jobs: their ETAs say when their workers free up
+                running = self._backend.list(status=RUNNING, limit=_LISTED)
+            except Exception:
+                pass
+        return workers, busy_for(workers, running)
 
     # -- display ---------------------------------------------------------------
     def _repr_html_(self) -> str:
@@ -274,19 +286,6 @@ def describe(r: JobRecord) -> str:
     step = f" {r.step}/{r.total_steps}" if r.total_steps else ""
     prompt = r.params.get("prompt", "") if isinstance(r.params, dict) else ""
     return f"<Job {r.id} {r.status} {r.stage}{step} prompt={str(prompt)[:40]!r}>"
-
-
-_SHAPE = ("model", "width", "height", "num_frames", "num_inference_steps")
-
-
-def _same_shape(a: JobRecord, b: JobRecord) -> bool:
-    pa, pb = a.params if isinstance(a.params, dict) else {}, b.params if isinstance(b.params, dict) else {}
-    return all(pa.get(k) == pb.get(k) for k in _SHAPE)
-
-
-def _run_s(r: JobRecord) -> float | None:
-    t = r.timings.get("run_s") if isinstance(r.timings, dict) else None
-    return float(t) if isinstance(t, (int, float)) and not isinstance(t, bool) and t >= 0 else None
 
 
 # The live views (Output, LiveView, TextProgress, media) had their home here (display/live.py).

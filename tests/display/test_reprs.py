@@ -13,12 +13,11 @@ from pathlib import Path
 import pytest
 
 from mochi_lab import Job, JobRecord
-from mochi_lab.client.backend import queue_rows
 from mochi_lab.display.live import LiveView, TextProgress
 from mochi_lab.display.notes import RetryTracker
 from mochi_lab.display.progress import progress_view
 from mochi_lab.display.reprs import WIDGET_MIME, cluster_html
-from tests.support.fakes import record
+from tests.support.fakes import QueueBackend, record
 from tests.support.jobkit import TINY
 from tests.support.widget_helpers import drive, pool_size, unique
 
@@ -211,38 +210,23 @@ def test_retry_lines_and_a_silent_worker():
         assert fresh.observe(r) == [] and fresh.notes(r) == []  # a first claim is no retry
 
 
-class QueueBackend:
-    """Just what `Job.queue_position` reads: the cluster's queue (in the order given), done jobs, the workers."""
-
-    def __init__(self, queued: list[JobRecord], done: list[JobRecord], workers: list[dict]):
-        self.queued, self.done_jobs, self.rows = queued, done, workers
-
-    def get(self, job_id):
-        return next(r for r in self.queued if r.id == job_id)
-
-    def queue(self, limit=50):
-        return queue_rows(self.queued, "alice", admin=False)[:limit]
-
-    def list(self, *, status=None, limit=50, **_):
-        return list({"done": self.done_jobs}[status])[:limit]
-
-    def workers(self):
-        return self.rows
-
-
 def test_queue_position_is_the_place_in_the_clusters_queue_with_an_honest_estimate():
     shape = dict(record().params)
     q = [record(id=i, account=a, status="queued", params=shape)
          for i, a in [("q2", "alice"), ("theirs", "bob"), ("q0", "alice"), ("q1", "alice"), ("q3", "alice")]]
     done = [record(id=f"d{i}", status="done", timings={"run_s": s}, params=shape) for i, s in enumerate([30, 40, 50])]
     done.append(record(id="other", status="done", timings={"run_s": 999}, params={**shape, "width": 848}))
-    backend = QueueBackend(q, done, [{"model": "tiny"}, {"model": "tiny"}, {"model": "mochi-1-preview"}])
+    workers = [{"worker_id": f"w-{i}", "state": "idle", "model": m}
+               for i, m in enumerate(["tiny", "tiny", "mochi-1-preview"])]
+    backend = QueueBackend(q, done, workers)
     places = {r.id: Job(backend, r).queue_position() for r in q if r.account == "alice"}
     assert [places[i]["position"] for i in ("q2", "q0", "q1", "q3")] == [1, 3, 4, 5]  # bob's job counts too
-    assert all(p["queued"] == 5 and p["workers"] == 2 for p in places.values())
-    # the median run of the same size (40 s, the 848-wide run does not count), per worker in turn
-    assert places["q3"]["eta_s"] == 3 * 40 and places["q2"]["eta_s"] == 40
-    assert Job(QueueBackend(q, [], []), q[0]).queue_position()["eta_s"] is None  # nothing to go by: no guess
+    assert all(p["queued"] == 5 and p["workers"] == 2 and p["runs_measured"] == 4 for p in places.values())
+    # the two tiny workers take the queue in turn, each job for the median run of its size (40 s; the median of
+    # all, 45 s, only for a size not run lately): the 1st and bob's now, the 3rd and 4th at 40 s, the 5th at 80 s
+    assert [places[i]["eta_s"] for i in ("q2", "q0", "q1", "q3")] == [0.0, 40, 40, 80]
+    assert Job(QueueBackend(q, [], []), q[0]).queue_position()["eta_s"] is None  # no worker: no guess
+    assert Job(QueueBackend(q, [], workers), q[2]).queue_position()["eta_s"] is None  # no run time for those ahead
     running = dataclasses.replace(q[0], status="running")
     assert Job(QueueBackend([running], [], []), running).queue_position() is None
 

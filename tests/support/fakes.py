@@ -256,3 +256,32 @@ def assert_safe(html: str, payload: str | None = None, *, shown: bool = True) ->
         if "<" in payload:
             assert "&lt;" in html
     return scan
+
+
+class QueueBackend:
+    """Just what `Job.queue_position` reads: the cluster's queue (in the order given, as alice sees it), this
+    account's done and running jobs, and the worker rows."""
+
+    def __init__(self, queued: list[JobRecord], done: list[JobRecord], workers: list[Any],
+                 running: list[JobRecord] = ()):
+        self.queued, self.done_jobs, self.rows, self.running = list(queued), list(done), list(workers), list(running)
+        self.reads: dict[str, int] = {}
+
+    def _read(self, name: str) -> None:
+        self.reads[name] = self.reads.get(name, 0) + 1
+
+    def get(self, job_id):
+        self._read("get")
+        return next(r for r in self.queued + self.running if r.id == job_id)
+
+    def queue(self, limit=50):
+        self._read("queue")
+        return queue_rows(self.queued, "alice", admin=False)[:limit]
+
+    def list(self, *, status=None, limit=50, **_):
+        self._read(f"list {status}")
+        return list({"done": self.done_jobs, "running": self.running}[status])[:limit]
+
+    def workers(self):
+        self._read("workers")
+        return list(self.rows)

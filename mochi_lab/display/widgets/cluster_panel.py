@@ -6,7 +6,6 @@ with the save hook keeps its last state, with the time it was read."""
 from __future__ import annotations
 
 import asyncio
-import statistics
 import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
@@ -14,10 +13,12 @@ from typing import TYPE_CHECKING, Any
 import ipywidgets as W
 
 from mochi_lab.model import DONE, RUNNING
+from mochi_lab.queue_eta import RECENT_RUNS, RUN_TIMES_EVERY_S, RunTimes, busy_for, queue_starts, run_times
 
 from ._format import error_html, job_view, mapping, render, to_float, to_int
 from ._poll import Poller
 from .save_hook import StaticStandIn
+from .throughput import Throughput, throughput_html
 
 if TYPE_CHECKING:
     from mochi_lab.client.cluster import MochiCluster
@@ -35,8 +36,6 @@ COLUMN_TITLES = {
     "GPU use": "the GPU's utilisation and power draw, as NVML reports them",
 }
 QUEUE_COLUMNS = ("#", "prompt", "size", "priority", "waiting", "starts in", "job")
-THROUGHPUT_WINDOW_S = 600  # the sparkline's span: the last 10 minutes, one bar a minute
-_ESTIMATE_EVERY_S = 30.0  # recent run times change slowly: read them at most this often
 QUEUE_SHOWN = 20  # queue rows drawn; the rest are counted
 _LISTED = 1000  # running jobs and queue rows read per refresh
 
@@ -95,97 +94,6 @@ def pool_summary(rows: list[Any]) -> dict[str, Any]:
 def summary_html(rows: list[Any]) -> str:
     """"2 CPU workers · 1 busy · 1 idle", or "4 GPU workers (NVIDIA H100) · ..."."""
     return render("cluster_panel.html", "summary", s=pool_summary(rows))
-
-
-def queue_starts(queue: list[Any], workers: list[Any], busy_for: Mapping[str, float], run_s: float | None,
-                 run_s_of: Mapping[tuple, float] | None = None) -> list[float | None]:
-    """When each queued job (in queue order) should start, in seconds from now: each worker that serves its
-    model takes the next job as it frees up, a busy worker after `busy_for[worker_id]` seconds (its job's
-    own ETA), and each job takes the median recent run time of its shape
-    (`run_s_of[(model, width, height, num_frames, steps)]`) or of all (`run_s`). None where there is no run
-    time to go by, no worker for the model, or only busy workers whose job has no ETA (another account's,
-    or one that has not reported a rate yet): no guess. An estimate: jobs queued later may still go first."""
-    run_s_of = run_s_of or {}
-    free: dict[str, float | None] = {}  # None: busy for as long as nobody knows
-    models: dict[str, Any] = {}
-    for row in workers:
-        w = mapping(row)
-        wid = str(w.get("worker_id"))
-        models[wid] = w.get("model")
-        if w.get("state") == "busy":
-            free[wid] = busy_for.get(wid)
-        elif w.get("state") in ("idle", "loading", None):
-            free[wid] = 0.0
-    out: list[float | None] = []
-    for row in queue:
-        q = mapping(row)
-        took = run_s_of.get(shape_key(q.get(k) for k in ("model", "width", "height", "num_frames", "steps")), run_s)
-        able = [wid for wid in free if free[wid] is not None
-                and (not models.get(wid) or not q.get("model") or models[wid] == q.get("model"))]
-        if took is None or not able:
-            out.append(None)
-            continue
-        wid = min(able, key=lambda k: free[k])
-        out.append(free[wid])
-        free[wid] += took
-    return out
-
-
-def shape_key(values: Any) -> tuple | None:
-    """A job's shape (model, size, frames, steps) as a dict key; None when a value is not plain (a hostile
-    record may hold a list where a number belongs)."""
-    key = tuple(values)
-    plain = all(v is None or isinstance(v, (str, int, float)) for v in key)
-    return key if plain else None
-
-
-class Throughput:
-    """Jobs finished per minute over the last minutes, from the workers' `jobs_done` counts as read at
-    each refresh (a worker that restarts starts again from zero: only increases count)."""
-
-    def __init__(self, window_s: float = THROUGHPUT_WINDOW_S):
-        self.window_s = window_s
-        self.last: dict[str, int] = {}
-        self.events: list[tuple[float, int]] = []  # (when read, jobs finished since the read before)
-        self.since: float | None = None  # the first read: the sparkline says how far back it goes
-
-    def add(self, rows: list[Any], now: float | None = None) -> None:
-        now = time.time() if now is None else now
-        self.since = now if self.since is None else self.since
-        finished = 0
-        for row in rows:
-            r = mapping(row)
-            done = r.get("jobs_done")
-            if not isinstance(done, int) or isinstance(done, bool):
-                continue
-            wid = str(r.get("worker_id"))
-            if wid in self.last and done > self.last[wid]:
-                finished += done - self.last[wid]
-            self.last[wid] = done
-        if finished:
-            self.events.append((now, finished))
-        self.events = [(t, n) for t, n in self.events if now - t <= self.window_s]
-
-    def per_minute(self, now: float | None = None) -> list[int]:
-        """Jobs finished in each of the window's minutes, oldest first."""
-        now = time.time() if now is None else now
-        bins = [0] * max(1, int(self.window_s // 60))
-        for t, n in self.events:
-            i = len(bins) - 1 - int((now - t) // 60)
-            if 0 <= i < len(bins):
-                bins[i] += n
-        return bins
-
-
-def throughput_html(throughput: Throughput, now: float | None = None) -> str:
-    """A small bar sparkline of jobs finished per minute, with the total and the span it covers."""
-    now = time.time() if now is None else now
-    bins = throughput.per_minute(now)
-    top = max(bins) or 1
-    bars = [{"x": i * 6, "h": round(14 * n / top, 1), "n": n, "ago": len(bins) - i} for i, n in enumerate(bins)]
-    span = min(throughput.window_s, now - throughput.since) if throughput.since is not None else 0.0
-    return render("cluster_panel.html", "throughput", bars=bars, total=sum(bins), width=len(bins) * 6,
-                  minutes=round(throughput.window_s / 60), span=span)
 
 
 def queue_view(rows: list[Any], now: float | None = None, starts: list[float | None] | None = None
@@ -259,7 +167,7 @@ class ClusterPanel(StaticStandIn, W.VBox):
         self.read_at: float | None = None  # when the state on screen was read
         self.throughput = Throughput()
         self.rate = W.HTML()  # the throughput sparkline
-        self._estimate: tuple[float, float | None, dict[tuple, float]] | None = None  # (read at, run_s, by shape)
+        self._run_times: tuple[float, RunTimes] | None = None  # (when read, this account's recent run times)
         self.summary = W.HTML()
         self.table = W.HTML()
         self.queue = W.HTML()
@@ -280,6 +188,7 @@ class ClusterPanel(StaticStandIn, W.VBox):
             self.dashboard = W.HTML()
         self.rows: list[dict[str, Any]] = []
         self.queued: list[dict[str, Any]] = []  # the cluster's queue (`MochiCluster.queue()`), as last read
+        self.starts: list[float | None] = []  # when each of those should start, in seconds from the read
         self.running: list[Any] = []  # this account's running jobs, as last read
         self._followers: dict[str, "Follower"] = {}  # of those, the ones another view follows in this process
         self._refreshing = False
@@ -319,7 +228,8 @@ class ClusterPanel(StaticStandIn, W.VBox):
         before = (self.summary.value, self.table.value, self.queue.value, self.counts.value)
         self.summary.value = summary_html(self.rows)
         self.table.value = workers_html(self.rows, self._jobs())
-        self.queue.value = queue_html(self.queued, now, self._starts(running))
+        self.starts = self._starts()
+        self.queue.value = queue_html(self.queued, now, self.starts)
         self.counts.value = counts_html(counts)
         self.rate.value = throughput_html(self.throughput, now)
         self.updated.value = f"updated {time.strftime('%H:%M:%S', time.localtime(now))}"
@@ -371,38 +281,20 @@ class ClusterPanel(StaticStandIn, W.VBox):
             follower.unlisten(self._job_told)
         self._followers = {}
 
-    def _starts(self, running: list[Any]) -> list[float | None] | None:
-        """When each queued job should start (`queue_starts`), from this account's recent run times."""
+    def _starts(self) -> list[float | None]:
+        """When each queued job should start (`mochi_lab.queue_eta`, as `Job.queue_position` says it), from what
+        this refresh read and this account's recent run times (read again every RUN_TIMES_EVERY_S)."""
         if not self.queued:
-            return None
+            return []
         now = time.monotonic()
-        if self._estimate is None or now - self._estimate[0] > _ESTIMATE_EVERY_S:
+        if self._run_times is None or now - self._run_times[0] >= RUN_TIMES_EVERY_S:
             try:
-                done = self.cluster.jobs(status=DONE, limit=50)
+                done = [job.record for job in self.cluster.jobs(status=DONE, limit=RECENT_RUNS)]
             except Exception:  # an estimate is a nicety: the queue shows without it
                 done = []
-            took: dict[tuple, list[float]] = {}
-            every: list[float] = []
-            for job in done:
-                r = job.record
-                p, t = mapping(r.params), to_float(mapping(r.timings).get("run_s"))
-                if t is None:
-                    continue
-                every.append(t)
-                key = shape_key(p.get(k) for k in ("model", "width", "height", "num_frames", "num_inference_steps"))
-                if key is not None:
-                    took.setdefault(key, []).append(t)
-            self._estimate = (now, statistics.median(every) if every else None,
-                              {k: statistics.median(v) for k, v in took.items()})
-        _, run_s, by_shape = self._estimate
-        busy_for = {}
-        on = {mapping(w).get("current_job"): str(mapping(w).get("worker_id")) for w in self.rows
-              if isinstance(mapping(w).get("current_job"), str)}
-        for job in running:
-            eta = to_float(mapping(getattr(job.record, "live", None)).get("eta_s"))
-            if eta is not None and job.id in on:
-                busy_for[on[job.id]] = eta
-        return queue_starts(self.queued, self.rows, busy_for, run_s, by_shape)
+            self._run_times = (now, run_times(done))
+        busy = busy_for(self.rows, [job.record for job in self.running])
+        return queue_starts(self.queued, self.rows, busy, self._run_times[1])
 
     # -- the notebook file -----------------------------------------------------------
     _live_text = "ClusterPanel (live: needs its kernel)"

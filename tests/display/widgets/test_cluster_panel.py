@@ -197,7 +197,7 @@ def test_gpu_use_per_worker_and_a_link_to_the_ray_dashboard():
 
 
 def test_queue_etas_cpu_use_throughput_and_what_each_count_counts():
-    from mochi_lab.display.widgets.cluster_panel import Throughput, queue_starts, throughput_html
+    from mochi_lab.display.widgets.throughput import Throughput, throughput_html
 
     done = [FakeJob(record(id=f"d-{i}", status="done", timings={"run_s": 10.0})) for i in range(3)]
     rows = [{"worker_id": "w-0", "state": "busy", "current_job": "r-1", "device": "cpu", "model": "tiny",
@@ -217,11 +217,7 @@ def test_queue_etas_cpu_use_throughput_and_what_each_count_counts():
     # the 3rd waits for the idle worker's first job (10 s, the recent median)
     etas = re.findall(r'class="mochi-queue-eta"[^>]*>([^<]*)<', panel.queue.value)
     assert etas == ["now", "~4.0 s", "~10 s"], etas
-    assert queue_starts(queue, rows, {}, None) == [None, None, None]  # no run time to go by: no guess
-    assert queue_starts(queue, [{**rows[0], "model": "mochi-1-preview"}], {}, 10.0) == [None] * 3  # no worker for it
-    # a busy worker whose job has no ETA (held, or another account's): no guess; an idle one takes them all
-    assert queue_starts(queue, rows[:1], {}, 10.0) == [None] * 3
-    assert queue_starts(queue, rows, {}, 10.0) == [0.0, 10.0, 20.0]
+    assert panel.starts == [0.0, 4.0, 10.0]  # the estimate itself: tests/client/test_queue_eta.py
     # CPU use per worker, in % of one core; the headers that could be misread say what they count
     table = panel.table.value
     assert re.search(r'class="mochi-cpu-use"[^>]*>187 %', table) and "GPU" not in table
