@@ -162,6 +162,7 @@ class PoolController:
             return
         from ray.autoscaler.sdk import request_resources
 
+        # a gang's GPUs in one bundle: its placement group packs them on one node
         gpus = self.pool.settings.gpus_per_worker
         request_resources(bundles=[{"GPU": gpus}] * size)
         self._headroom = size

@@ -55,7 +55,7 @@ class Pool:
         """Start missing actors until the pool has `n` (default: one per GPU); re-attaches to existing ones."""
         gpus = self._cluster_gpus()
         per = self.settings.gpus_per_worker
-        if n is None:  # one worker per GPU (per 2 GPUs for 2-GPU workers), or one on a CPU-only cluster
+        if n is None:  # one worker per GPU (per gang of gpus_per_worker GPUs), or one on a CPU-only cluster
             n = self.settings.workers if self.settings.workers is not None else gpus // per or 1
         existing = self.handles()
         self.check(existing)
@@ -132,7 +132,7 @@ class Pool:
         self._remove_gangs(0)
 
     def _remove_gangs(self, keep_below: int) -> None:
-        """2-GPU workers: their peers and placement groups go with their stopped leaders."""
+        """Gangs (gpus_per_worker > 1): their peers and placement groups go with their stopped leaders."""
         if self.settings.gpus_per_worker > 1:
             from mochi_lab.pool import gang
 
