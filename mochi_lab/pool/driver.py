@@ -127,6 +127,15 @@ class Pool:
         handles = self.handles()
         return {name: handles[name].retire.remote() for name in names if name in handles}
 
+    def forget(self, names: list[str]) -> None:
+        """Workers gone for good (retired): a gang's peers and placement group go too, so that its GPUs, and
+        then its node, are free."""
+        if self.settings.gpus_per_worker > 1:
+            from mochi_lab.pool import gang
+
+            for name in names:
+                gang.remove(self.ray, self.settings.namespace, index=int(name[len(ACTOR_PREFIX):]))
+
     def shutdown(self) -> None:
         self._stop(list(self.handles().values()))
         self._remove_gangs(0)

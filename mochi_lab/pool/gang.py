@@ -317,14 +317,17 @@ def start(ray: Any, settings: PoolConfig, index: int, leader_cls: Any, leader_ar
                        **common).remote(*leader_args, gang={"peers": peers})
 
 
-def remove(ray: Any, namespace: str, keep_below: int = 0) -> None:
-    """Kill the peers and remove the placement groups of gangs `keep_below` and up (their leaders are
-    stopped by the pool)."""
+def remove(ray: Any, namespace: str, keep_below: int = 0, *, index: int | None = None) -> None:
+    """Kill the peers and remove the placement groups of gang `index`, or of gangs `keep_below` and up (their
+    leaders are stopped, or retired, by the pool)."""
+    def chosen(i: int) -> bool:
+        return i == index if index is not None else i >= keep_below
+
     prefix = group_name(namespace, 0)[:-1]
     peers = re.compile(rf"{re.escape(PEER_PREFIX)}(\d+)-\d+")
     for entry in ray.util.list_named_actors(all_namespaces=True):  # whatever shape their gang had
         found = peers.fullmatch(entry["name"])
-        if entry["namespace"] != namespace or not found or int(found.group(1)) < keep_below:
+        if entry["namespace"] != namespace or not found or not chosen(int(found.group(1))):
             continue
         try:
             ray.kill(ray.get_actor(entry["name"], namespace=namespace), no_restart=True)
@@ -334,5 +337,5 @@ def remove(ray: Any, namespace: str, keep_below: int = 0) -> None:
         name = row.get("name") or ""
         if row.get("state") == "REMOVED" or not name.startswith(prefix) or not name[len(prefix):].isdigit():
             continue
-        if int(name[len(prefix):]) >= keep_below:
+        if chosen(int(name[len(prefix):])):
             ray.util.remove_placement_group(ray.util.get_placement_group(name))

@@ -147,6 +147,31 @@ def test_a_rank_lost_while_idle_restarts_the_pair_as_a_unit(gang, formed, rank):
     assert _peer()["last"]["seed"] == 41 + rank
 
 
+def test_a_gang_the_controller_retires_frees_its_peer_and_placement_group(gang, formed):
+    """Scaling to zero retires the idle rank 0; its peer and placement group go with it, so the node's GPUs are
+    free and the autoscaler can take the node away. Then the pool starts the gang again."""
+    import ray
+
+    from mochi_lab.config import ScalingConfig
+    from mochi_lab.pool.controller import PoolController
+    from mochi_lab.pool.gang import group_name
+
+    pool = gang.backend.pool
+    controller = PoolController(pool, gang.backend.store,
+                                ScalingConfig(min_workers=0, max_workers=1, idle_timeout_s=0, cooldown_s=0))
+
+    def freed() -> bool:
+        controller.tick()
+        table = {row["name"]: row for row in ray.util.placement_group_table().values()}
+        names = {entry["name"] for entry in ray.util.list_named_actors(all_namespaces=True)
+                 if entry["namespace"] == NAMESPACE}
+        return not names and table[group_name(NAMESPACE, 0)]["state"] == "REMOVED"
+
+    wait_for(freed, 120, "the retired gang's rank 0, peer and placement group to go", every=0.2)
+    pool.ensure(1)
+    assert gang_formed(gang)["pid"] != formed["pid"]
+
+
 def test_gpus_per_worker_takes_1_2_4_or_8_and_says_so(monkeypatch):
     from pydantic import ValidationError
 
