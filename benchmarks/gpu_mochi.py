@@ -282,7 +282,7 @@ def reap(children: list[subprocess.Popen]) -> None:
 
 
 def join(b: Bench, store: Any, rank: int, world: int, kind: str, runner: Any) -> Any:
-    """Form the gang and put the runner on it: pool/gang.py's CfgParallel ("cfg") or a `Parallel` of `world`."""
+    """Form the gang and put the runner on it: the CFG pair, CfgParallel ("cfg"), or a `Parallel` of `world`."""
     from mochi_lab.pipelines.cfg_parallel import CfgParallel, Parallel, backend_for, join_pair
 
     join_pair(store, rank, backend_for(b.dev), timeout_s=300, world=world)
@@ -292,7 +292,8 @@ def join(b: Bench, store: Any, rank: int, world: int, kind: str, runner: Any) ->
 
 def bench_cfg_parallel(b: Bench, pipe, plan: list[list[int]]) -> None:
     """Rank 0 here (GPU 0 / this process), rank 1 a child process (GPU 1 / a second CPU process) that builds
-    the same model and runs the same jobs: mochi_lab's own CfgParallel, as a 2-GPU worker runs it."""
+    the same model and runs the same jobs: mochi_lab's own CfgParallel, the split a 2-GPU worker denoises a
+    guided job with (layout cfg2xsp1)."""
     import torch.distributed as dist
 
     from mochi_lab.pipelines.cfg_parallel import CfgParallel

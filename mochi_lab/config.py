@@ -233,10 +233,10 @@ class PoolConfig(WorkerConfig):
     # None: one per GPU, or one on a CPU-only cluster
     workers: Annotated[int | None, Env("MOCHI_LAB_WORKERS")] = None
     cpus_per_worker: Annotated[int, Env("MOCHI_LAB_CPUS_PER_WORKER")] = 1
-    # GPUs per worker: 2 (the production shape, 2 GPUs per worker) runs one video's CFG halves on both GPUs
-    # (mochi_lab.pool.gang); 1 is one single-GPU worker per GPU. gang_timeout_s bounds how long one rank of a
-    # 2-GPU worker waits for the other (forming the pair, a collective, a model switch).
-    gpus_per_worker: Annotated[Literal[1, 2], Env("MOCHI_LAB_GPUS_PER_WORKER")] = 1
+    # GPUs per worker: 1 is one single-GPU worker per GPU; 2, 4 or 8 make each worker a gang of that many
+    # ranks that runs one video on all its GPUs (mochi_lab.pool.gang; 2 is the production shape). gang_timeout_s
+    # bounds how long one rank of a gang waits for the others (forming the gang, a collective, a model switch).
+    gpus_per_worker: Annotated[Literal[1, 2, 4, 8], Env("MOCHI_LAB_GPUS_PER_WORKER")] = 1
     gang_timeout_s: Annotated[float, Env("MOCHI_LAB_GANG_TIMEOUT_S")] = 600.0
     # whether workers ask Ray for GPUs; None: when the cluster has GPUs now. A pool that scales from zero
     # sets it: its workers must ask for a GPU while no GPU node exists yet.

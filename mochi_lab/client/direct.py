@@ -277,7 +277,8 @@ class DirectBackend(Backend):
             "store": redact_url(s.store_url),
             "account": self.account,
             "model": self.model,
-            "workers": "one per GPU (one on a CPU-only cluster)" if s.workers is None else str(s.workers),
+            "workers": (f"one per {'GPU' if s.gpus_per_worker == 1 else f'{s.gpus_per_worker} GPUs'} (one on a "
+                        f"CPU-only cluster)") if s.workers is None else str(s.workers),
         }
 
     def close(self) -> None:

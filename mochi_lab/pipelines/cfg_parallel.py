@@ -348,7 +348,8 @@ class Parallel:
 
 class CfgParallel(Parallel):
     """Two ranks, the guided batch split over them (`Layout(cfg=2)`); a job without CFG runs on rank 0 alone
-    and rank 0 decodes alone. The shape of `gpus_per_worker=2` (mochi_lab.pool.gang) today."""
+    and rank 0 decodes alone. What `gpus_per_worker=2` ran before sequence parallelism; a gang now runs a
+    `Parallel` (mochi_lab.pool.gang). The CFG-parallel benchmark and its tests still use this plan."""
 
     split_decode = False
 

@@ -88,7 +88,7 @@ class MochiRunner:
         parallel.wrap(self.pipe.transformer, self.config.attention)
         self.parallel = parallel
 
-    enable_cfg_parallel = enable_parallel  # mochi_lab.pool.gang's name for it
+    enable_cfg_parallel = enable_parallel  # its name when the only plan was the CFG pair (CfgParallel)
 
     @property
     def split_decode(self) -> bool:

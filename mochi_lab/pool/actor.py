@@ -48,7 +48,7 @@ class WorkerActor:
 
         node = {"node_id": ray.get_runtime_context().get_node_id(), "node_ip": ray.util.get_node_ip_address()}
         settings = {**settings, "redis_url": store_url_here(settings.get("redis_url"))}
-        if gang:  # rank 0 of a 2-GPU worker (see mochi_lab.pool.gang)
+        if gang:  # rank 0 of a worker of several GPUs (see mochi_lab.pool.gang)
             from mochi_lab.pool.gang import GangWorker
 
             self.worker = GangWorker(worker_id, PoolConfig(**settings), model, PipelineConfig(**config), facts=node,

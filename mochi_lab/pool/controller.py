@@ -147,9 +147,11 @@ class PoolController:
         return chosen
 
     def _forget_retired(self, handles: dict[str, Any]) -> None:
-        for name in list(self.retiring):
-            if name not in handles:  # gone: its node can go too
-                del self.retiring[name]
+        gone = [name for name in self.retiring if name not in handles]
+        for name in gone:  # gone: its node can go too
+            del self.retiring[name]
+        if gone:
+            self.pool.forget(gone)  # a gang's peers and placement group hold its GPUs until then
 
     def _request_headroom(self, workers: int) -> None:
         """With headroom_workers, ask the Ray autoscaler for room for that many more workers than the pool
@@ -162,6 +164,7 @@ class PoolController:
             return
         from ray.autoscaler.sdk import request_resources
 
+        # a gang's GPUs in one bundle: its placement group packs them on one node
         gpus = self.pool.settings.gpus_per_worker
         request_resources(bundles=[{"GPU": gpus}] * size)
         self._headroom = size

@@ -55,7 +55,7 @@ class Pool:
         """Start missing actors until the pool has `n` (default: one per GPU); re-attaches to existing ones."""
         gpus = self._cluster_gpus()
         per = self.settings.gpus_per_worker
-        if n is None:  # one worker per GPU (per 2 GPUs for 2-GPU workers), or one on a CPU-only cluster
+        if n is None:  # one worker per GPU (per gang of gpus_per_worker GPUs), or one on a CPU-only cluster
             n = self.settings.workers if self.settings.workers is not None else gpus // per or 1
         existing = self.handles()
         self.check(existing)
@@ -127,12 +127,21 @@ class Pool:
         handles = self.handles()
         return {name: handles[name].retire.remote() for name in names if name in handles}
 
+    def forget(self, names: list[str]) -> None:
+        """Workers gone for good (retired): a gang's peers and placement group go too, so that its GPUs, and
+        then its node, are free."""
+        if self.settings.gpus_per_worker > 1:
+            from mochi_lab.pool import gang
+
+            for name in names:
+                gang.remove(self.ray, self.settings.namespace, index=int(name[len(ACTOR_PREFIX):]))
+
     def shutdown(self) -> None:
         self._stop(list(self.handles().values()))
         self._remove_gangs(0)
 
     def _remove_gangs(self, keep_below: int) -> None:
-        """2-GPU workers: their peers and placement groups go with their stopped leaders."""
+        """Gangs (gpus_per_worker > 1): their peers and placement groups go with their stopped leaders."""
         if self.settings.gpus_per_worker > 1:
             from mochi_lab.pool import gang
 
