@@ -2,7 +2,7 @@
 
 Rooms: the client (a notebook or script), the display (the notebook's front end), the gateway (the
 multi-user service), the pool and the worker (Ray actors), over the shared modules (params, config, model, logs,
-private, video, version, sweep, store, pipelines, extras, looptask). Every import counts, lazy ones inside
+private, video, version, sweep, store, pipelines, extras, looptask, adapters). Every import counts, lazy ones inside
 functions too: an import that only runs later still makes one room depend on another. `from mochi_lab import x` counts
 as an import of the package face, as Python runs it: modules below the face import the defining module.
 """
@@ -33,7 +33,7 @@ from tests.support.imports import (
 
 ROOMS = ("client", "display", "gateway", "pool", "worker")
 SHARED = {"params", "config", "model", "logs", "private", "video", "version", "sweep", "store", "pipelines", "_moved",
-          "extras", "looptask"}
+          "extras", "looptask", "adapters"}
 TOP = {"cli"}  # the command line: uses every room, as a user would
 # What each room must not import (a room may always import itself and the shared modules).
 FORBIDDEN: dict[str, set[str]] = {
@@ -62,6 +62,7 @@ FORBIDDEN_EXTERNAL = {
     "pipelines": {"ray", "redis"},
     "display.reprs": {"torch", "ray", "redis"},
     "params": {"torch", "ray", "redis"},
+    "adapters": {"torch", "diffusers", "transformers", "safetensors", "ray", "redis", "httpx", "fastapi"},  # the client loads it
     "pool.metrics": {"torch", "ray"},
     "gateway.wire": {"fastapi", "starlette", "uvicorn", "httpx", "torch", "ray", "redis"},  # the client loads it
 }
