@@ -31,6 +31,8 @@ MAX_TAGS, MAX_TAG_CHARS, MAX_KEY_CHARS = 32, 64, 200
 MAX_JOB_ADAPTERS = 4
 LORA_SCALE_MIN, LORA_SCALE_MAX = -2.0, 2.0
 SHA256_RE = re.compile(r"[0-9a-f]{64}")
+# What a sweep may vary besides the fields (mochi_lab.sweep folds each into the fields before validation)
+SWEEP_ONLY = {"lora_scale": "the scale of every adapter its run's lora names (a run without one ignores it)"}
 
 LIMITS: dict[str, tuple[float, float]] = {
     "num_frames": (FRAMES_MIN, FRAMES_MAX),
@@ -307,6 +309,51 @@ def _plain_number(v: Any) -> Any:
     if isinstance(v, numbers.Real):
         return float(v)
     return v
+
+
+def with_lora_scale(spec: Mapping[str, Any]) -> dict[str, Any]:
+    """A sweep's run spec with its `lora_scale` folded into `lora`: every adapter named there at that scale
+    (dropped where `lora` names none, so base runs collapse into one). ParamsError naming lora_scale."""
+    spec = dict(spec)
+    scale = _plain_number(spec.pop("lora_scale"))
+    if (isinstance(scale, bool) or not isinstance(scale, (int, float))
+            or not LORA_SCALE_MIN <= scale <= LORA_SCALE_MAX):
+        raise ParamsError(f"invalid generation parameters:\n  lora_scale: must be a number between "
+                          f"{LORA_SCALE_MIN} and {LORA_SCALE_MAX}, got {scale!r:.60}")
+    try:
+        refs = _lora_refs(spec.get("lora"))
+    except (ValueError, TypeError):  # the params' own check names what is wrong with it
+        return spec
+    if refs:
+        spec["lora"] = [{**r, "scale": float(scale)} for r in refs]
+    return spec
+
+
+def lora_pairs(value: Any) -> list[tuple[str, float]]:
+    """(name, scale) of each adapter of a `lora` value as params hold it (stored, validated or given), for
+    views: never raises (a value that is no adapter list reads as none)."""
+    try:
+        refs = _lora_refs(value)
+    except (ValueError, TypeError):
+        return []
+    return [(str(r.get("name")), float(r.get("scale", 1.0))) for r in refs
+            if isinstance(r.get("scale", 1.0), (int, float))]
+
+
+def lora_label(value: Any) -> str:
+    """A `lora` value as a label: "none", or each adapter with its scale ("style ×0.8, grain ×0.3")."""
+    pairs = lora_pairs(value)
+    return ", ".join(f"{name} \u00d7{scale:g}" for name, scale in pairs) if pairs else "none"
+
+
+def lora_columns(value: Any) -> tuple[str | None, float | tuple[float, ...] | None]:
+    """A `lora` value as two table columns: the adapters' names ("a+b"; None for none) and their scale (one
+    number, or one per adapter)."""
+    pairs = lora_pairs(value)
+    if not pairs:
+        return None, None
+    scales = tuple(scale for _, scale in pairs)
+    return "+".join(name for name, _ in pairs), scales[0] if len(scales) == 1 else scales
 
 
 def check_model(model: Any, models: Iterable[str]) -> str:

@@ -53,6 +53,7 @@ from mochi_lab.params import (
     SIZE_MIN,
     STEPS_MAX,
     STEPS_MIN,
+    SWEEP_ONLY,
     GenerationParams,
     ParamsError,
 )
@@ -251,8 +252,9 @@ class SweepRequest(BaseModel):
     seeds: _loose({"anyOf": [_SEED, {"type": "array", "minItems": 1, "items": _SEED}], "default": None,
                    "description": "null: one seed per run, derived from the experiment's name and the params"}) = None
     params: _loose({"type": "object", "propertyNames": {"enum": [f for f in GenerationParams.model_fields
-                                                                 if f not in ("prompt", "seed")]},
-                    "description": "GenerationParams fields besides prompt and seed; a list sweeps its values"},
+                                                                 if f not in ("prompt", "seed")] + list(SWEEP_ONLY)},
+                    "description": "GenerationParams fields besides prompt and seed, and lora_scale (the scale of "
+                                   "every adapter a run's lora names); a list sweeps its values"},
                    dict[str, Any]) = Field(default_factory=dict)
     priority: _loose(_PRIORITY) = 0
 

@@ -1,6 +1,7 @@
-"""LoRA adapters through the real hub and gateway, and through the session's direct handle: a hub user uploads
+"""LoRA adapters through the real hub and gateway: a hub user uploads
 an adapter and generates with it; another user's every request for it answers as for an unknown one (404, or
-422 naming the `lora` field at generate); a refused upload is a 4xx naming why, with nothing kept."""
+422 naming the `lora` field at generate); a refused upload is a 4xx naming why, with nothing kept. (Both backends'
+shared ways are in tests/client/backend's contract suite.)"""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import uuid
 
 import pytest
 
-from mochi_lab.adapters import AdapterNotFound, AdapterRejected
+from mochi_lab.adapters import AdapterNotFound
 from mochi_lab.params import ParamsError
 from tests.support.backends import unique
 from tests.support.jobkit import TINY
@@ -77,22 +78,3 @@ def test_a_refused_upload_through_the_gateway_is_422_naming_why_and_keeps_nothin
         r = c.put("/adapters/..%5Cescape", content=data)
         assert r.status_code == 422 and "an adapter name is" in r.json()["detail"]
         assert c.get("/adapters").json() == []
-
-
-def test_the_direct_handle_refuses_a_bin_file_and_keys_the_cache_by_the_files_content(mochi, adapter_path, tmp_path):
-    bin_file = tmp_path / "weights.bin"
-    bin_file.write_bytes(pickle.dumps({"w": 1}))
-    with pytest.raises(AdapterRejected, match=r"weights.bin: only .safetensors adapters are accepted"):
-        mochi.adapters.upload(bin_file)
-    name = _name("swap")
-    first = mochi.adapters.upload(adapter_path, name=name)
-    prompt = unique("a swapped cat")
-    job = mochi.generate(prompt, seed=4, lora=name, **TINY)
-    assert mochi.generate(prompt, seed=4, lora=name, **TINY).id == job.id
-    other = make_adapter(tmp_path / "other.safetensors", seed=9)
-    second = mochi.adapters.upload(other, name=name)  # the same name, another file: another video
-    assert second["sha256"] != first["sha256"]
-    again = mochi.generate(prompt, seed=4, lora=name, **TINY)
-    assert again.id != job.id and again.record.params["lora"][0]["sha256"] == second["sha256"]
-    assert job.wait(300).status == "done" and again.wait(300).status == "done"
-    mochi.adapters.delete(name)
