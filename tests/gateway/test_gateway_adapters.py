@@ -45,6 +45,11 @@ def test_a_hub_user_uploads_and_uses_an_adapter_and_another_user_gets_404(gatewa
         assert job.record.meta["lora"][0]["sha256"] == record["sha256"] and "lora_load_s" in job.record.meta
         assert job.result().read_bytes() != base.result().read_bytes()
         assert alice.generate(prompt, seed=2, lora=[(name, 0.8)], **TINY).id == job.id  # the result cache
+        with gateway.client(tokens["alice"]) as c:  # the page lists the account's adapters, and a job's
+            page = c.get("/", headers={"Accept": "text/html"}).text
+            assert f'data-adapter="{name}"' in page and f'class="lora">{name} \u00d70.8</span>' in page
+        with gateway.client(tokens["bob"]) as c:
+            assert name not in c.get("/", headers={"Accept": "text/html"}).text
 
         assert name not in [r["name"] for r in bob.adapters.list()]
         with pytest.raises(ParamsError, match=f"lora: no adapter named '{name}' in account bob"):
