@@ -222,6 +222,13 @@ class WorkerConfig(StoreConfig):
     preview_min_interval_s: Annotated[float, Env("MOCHI_LAB_PREVIEW_MIN_INTERVAL_S")] = 1.0
     # Tests only (mochi_lab.worker.gate): a folder of hold files that stop jobs at a chosen stage or step.
     test_gates: Annotated[Path | None, Env("MOCHI_LAB_TEST_GATES")] = None
+    # LoRA adapters (mochi_lab.adapters): the largest file and rank an upload may have (checked again when a
+    # worker loads one), how many adapters an account may keep, and how many a worker keeps loaded beside
+    # its model (the least recently used one goes first).
+    max_adapter_bytes: Annotated[int, Env("MOCHI_LAB_MAX_ADAPTER_BYTES")] = Field(default=512 * 2**20, ge=1024)
+    max_adapter_rank: Annotated[int, Env("MOCHI_LAB_MAX_ADAPTER_RANK")] = Field(default=256, ge=1)
+    max_adapters: Annotated[int, Env("MOCHI_LAB_MAX_ADAPTERS")] = Field(default=100, ge=1)
+    lora_cache: Annotated[int, Env("MOCHI_LAB_LORA_CACHE")] = Field(default=4, ge=1, le=64)
 
 
 class PoolConfig(WorkerConfig):

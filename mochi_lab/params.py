@@ -27,6 +27,12 @@ FPS_MIN, FPS_MAX = 1, 120
 SEED_MAX = 2**32 - 1
 PRIORITY_MIN, PRIORITY_MAX = -100, 100
 MAX_TAGS, MAX_TAG_CHARS, MAX_KEY_CHARS = 32, 64, 200
+# LoRA adapters per job, and the strength each may be applied with (0: not applied; negative: subtracted)
+MAX_JOB_ADAPTERS = 4
+LORA_SCALE_MIN, LORA_SCALE_MAX = -2.0, 2.0
+SHA256_RE = re.compile(r"[0-9a-f]{64}")
+# What a sweep may vary besides the fields (mochi_lab.sweep folds each into the fields before validation)
+SWEEP_ONLY = {"lora_scale": "the scale of every adapter its run's lora names (a run without one ignores it)"}
 
 LIMITS: dict[str, tuple[float, float]] = {
     "num_frames": (FRAMES_MIN, FRAMES_MAX),
@@ -51,6 +57,86 @@ def validate_name(name: str) -> str:
             f"starting with a letter or digit; got {name!r:.80}"
         )
     return name
+
+
+def check_adapter_name(name: Any) -> str:
+    """Raise ValueError unless `name` is an adapter's name: 1-64 letters, digits, '.', '_' or '-', first a letter
+    or digit (it names a file in the account's folder: no separators, no leading dot)."""
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
+        raise ValueError(f"an adapter name is 1-64 letters, digits, '.', '_' or '-', starting with a letter or "
+                         f"digit; got {name!r:.80}")
+    return name
+
+
+class LoraRef(BaseModel):
+    """One adapter of a job: its name in the account, the scale it is applied at, and the sha256 of its file
+    (filled in by the backend at submit: the result cache and the worker go by the file, not the name)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    name: str
+    scale: float = 1.0
+    sha256: str | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        return check_adapter_name(v)
+
+    @field_validator("scale", mode="before")
+    @classmethod
+    def _scale(cls, v: Any) -> Any:
+        v = _plain_number(v)
+        if isinstance(v, int) and not isinstance(v, bool):
+            v = float(v)
+        if isinstance(v, float) and not LORA_SCALE_MIN <= v <= LORA_SCALE_MAX:  # NaN fails this too
+            raise ValueError(f"an adapter's scale is between {LORA_SCALE_MIN} and {LORA_SCALE_MAX}, got {v}")
+        return v
+
+    @field_validator("sha256")
+    @classmethod
+    def _sha(cls, v: str | None) -> str | None:
+        if v is not None and not SHA256_RE.fullmatch(v):
+            raise ValueError(f"an adapter's sha256 is 64 lowercase hex digits, got {v!r:.80}")
+        return v
+
+
+def _lora_refs(v: Any) -> tuple[Any, ...]:
+    """`lora` as it may be given: None or "" (none), a name, or a list of names, (name, scale) pairs or
+    {"name", "scale", "sha256"} objects (stored params, JSON); the entries as LoraRef's input."""
+    if v is None or (isinstance(v, (str, tuple, list)) and len(v) == 0):
+        return ()
+    if isinstance(v, (str, LoraRef, Mapping)) or _is_pair(v):  # one adapter: a name, an object, a (name, scale)
+        v = [v]
+    if isinstance(v, bytes) or not isinstance(v, Iterable):
+        raise ValueError(f"lora must be an adapter's name or a list of names or (name, scale) pairs, "
+                         f"got {type(v).__name__} {v!r:.60}")
+    out = []
+    for item in v:
+        if isinstance(item, str):
+            item = {"name": item}
+        elif isinstance(item, (tuple, list)):
+            if len(item) != 2:
+                raise ValueError(f"lora: a pair is (name, scale), got {item!r:.80}")
+            item = {"name": item[0], "scale": item[1]}
+        elif isinstance(item, LoraRef):
+            item = item.model_dump()
+        elif not isinstance(item, Mapping):
+            raise ValueError(f"lora: an entry is a name, a (name, scale) pair or an object, got "
+                             f"{type(item).__name__} {item!r:.60}")
+        out.append(dict(item))
+    if len(out) > MAX_JOB_ADAPTERS:
+        raise ValueError(f"lora: at most {MAX_JOB_ADAPTERS} adapters per job, got {len(out)}")
+    names = [i.get("name") for i in out]
+    twice = sorted({n for n in names if isinstance(n, str) and names.count(n) > 1})
+    if twice:
+        raise ValueError(f"lora: each adapter at most once (give one scale), got {', '.join(twice)} twice")
+    return tuple(out)
+
+
+def _is_pair(v: Any) -> bool:
+    return (isinstance(v, (tuple, list)) and len(v) == 2 and isinstance(v[0], str)
+            and isinstance(_plain_number(v[1]), (int, float)) and not isinstance(v[1], bool))
 
 
 class ParamsError(ValueError):
@@ -95,6 +181,8 @@ class GenerationParams(BaseModel):
     seed: int | None = Field(default=None, validate_default=True)
     fps: int = 30
     model: str = "tiny"
+    # LoRA adapters of the account, applied to the loaded transformer for this job only (see mochi_lab.adapters)
+    lora: tuple[LoraRef, ...] = ()
 
     @model_validator(mode="before")
     @classmethod
@@ -103,6 +191,11 @@ class GenerationParams(BaseModel):
         if isinstance(data, dict):
             data = {k: _plain_number(v) for k, v in data.items()}
         return data
+
+    @field_validator("lora", mode="before")
+    @classmethod
+    def _lora(cls, v: Any) -> Any:
+        return _lora_refs(v)
 
     @field_validator("prompt")
     @classmethod
@@ -188,10 +281,24 @@ class GenerationParams(BaseModel):
     def stored(cls, params: Mapping[str, Any]) -> "GenerationParams":
         """Rebuild params that were validated when they entered (no checks: reads never fail on old data)."""
         known = {k: v for k, v in params.items() if k in cls.model_fields}
+        if known.get("lora"):
+            known["lora"] = tuple(LoraRef.model_construct(**r) if isinstance(r, Mapping) else r
+                                  for r in known["lora"])
         return cls.model_construct(**known)
 
     def to_dict(self) -> dict[str, Any]:
-        return self.model_dump()
+        """The params as plain JSON-able data. A job with no adapter has no `lora` key: its params, and so its
+        result-cache key, are what they were before adapters existed."""
+        data = self.model_dump()
+        if self.lora:
+            data["lora"] = [r.model_dump() for r in self.lora]
+        else:
+            data.pop("lora", None)
+        return data
+
+    def with_adapters(self, resolved: Iterable["LoraRef"]) -> "GenerationParams":
+        """These params with `lora` replaced by `resolved` (the same names, their files' sha256 filled in)."""
+        return self.model_copy(update={"lora": tuple(resolved)})
 
 
 def _plain_number(v: Any) -> Any:
@@ -202,6 +309,51 @@ def _plain_number(v: Any) -> Any:
     if isinstance(v, numbers.Real):
         return float(v)
     return v
+
+
+def with_lora_scale(spec: Mapping[str, Any]) -> dict[str, Any]:
+    """A sweep's run spec with its `lora_scale` folded into `lora`: every adapter named there at that scale
+    (dropped where `lora` names none, so base runs collapse into one). ParamsError naming lora_scale."""
+    spec = dict(spec)
+    scale = _plain_number(spec.pop("lora_scale"))
+    if (isinstance(scale, bool) or not isinstance(scale, (int, float))
+            or not LORA_SCALE_MIN <= scale <= LORA_SCALE_MAX):
+        raise ParamsError(f"invalid generation parameters:\n  lora_scale: must be a number between "
+                          f"{LORA_SCALE_MIN} and {LORA_SCALE_MAX}, got {scale!r:.60}")
+    try:
+        refs = _lora_refs(spec.get("lora"))
+    except (ValueError, TypeError):  # the params' own check names what is wrong with it
+        return spec
+    if refs:
+        spec["lora"] = [{**r, "scale": float(scale)} for r in refs]
+    return spec
+
+
+def lora_pairs(value: Any) -> list[tuple[str, float]]:
+    """(name, scale) of each adapter of a `lora` value as params hold it (stored, validated or given), for
+    views: never raises (a value that is no adapter list reads as none)."""
+    try:
+        refs = _lora_refs(value)
+    except (ValueError, TypeError):
+        return []
+    return [(str(r.get("name")), float(r.get("scale", 1.0))) for r in refs
+            if isinstance(r.get("scale", 1.0), (int, float))]
+
+
+def lora_label(value: Any) -> str:
+    """A `lora` value as a label: "none", or each adapter with its scale ("style ×0.8, grain ×0.3")."""
+    pairs = lora_pairs(value)
+    return ", ".join(f"{name} \u00d7{scale:g}" for name, scale in pairs) if pairs else "none"
+
+
+def lora_columns(value: Any) -> tuple[str | None, float | tuple[float, ...] | None]:
+    """A `lora` value as two table columns: the adapters' names ("a+b"; None for none) and their scale (one
+    number, or one per adapter)."""
+    pairs = lora_pairs(value)
+    if not pairs:
+        return None, None
+    scales = tuple(scale for _, scale in pairs)
+    return "+".join(name for name, _ in pairs), scales[0] if len(scales) == 1 else scales
 
 
 def check_model(model: Any, models: Iterable[str]) -> str:

@@ -13,7 +13,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from mochi_lab.params import SEED_MAX, GenerationParams, ParamsError, validate_name
+from mochi_lab.params import SEED_MAX, SWEEP_ONLY, GenerationParams, ParamsError, validate_name, with_lora_scale
 from mochi_lab.store.cache import canonical_json, params_key
 
 
@@ -53,9 +53,9 @@ def _axes(prompts: Any, seeds: Any, params: Mapping[str, Any] | None) -> dict[st
     for name, values in (params or {}).items():
         if name in ("prompt", "seed"):
             raise ValueError(f"pass {name}s through the {name}s= argument, not as a param list")
-        if name not in GenerationParams.model_fields:
-            raise ValueError(f"{name!r:.80} is not a generation parameter; the swept ones can be "
-                             f"{', '.join(f for f in GenerationParams.model_fields if f not in ('prompt', 'seed'))}")
+        if name not in GenerationParams.model_fields and name not in SWEEP_ONLY:
+            swept = [f for f in GenerationParams.model_fields if f not in ("prompt", "seed")] + list(SWEEP_ONLY)
+            raise ValueError(f"{name!r:.80} is not a generation parameter; the swept ones can be {', '.join(swept)}")
         axes[name] = _axis(name, values)
     axes["seed"] = _axis("seeds", seeds)
     return axes
@@ -84,6 +84,8 @@ def derived_seed(experiment: str, params: Mapping[str, Any]) -> int:
 def plan_run(experiment: str, spec: Mapping[str, Any], model: str) -> Run:
     """Validate one run's params (ParamsError before anything is queued) and key it by content."""
     spec = {"model": model, **spec}
+    if "lora_scale" in spec:
+        spec = with_lora_scale(spec)
     seed = spec.get("seed")
     # with a placeholder seed, defaults are filled in before the seed is derived from them
     params = GenerationParams.parse(**{**spec, "seed": 0 if seed is None else seed}).to_dict()

@@ -104,6 +104,10 @@ SETTINGS_CASES = [
     ("MOCHI_LAB_METRICS_ACCOUNTS", "yes", "metrics_accounts", True),
     ("MOCHI_LAB_RAY_DASHBOARD_URL", "http://ray:8265", "ray_dashboard_url", "http://ray:8265"),
     ("MOCHI_LAB_TEST_GATES", "/tmp/gates", "test_gates", Path("/tmp/gates")),
+    ("MOCHI_LAB_MAX_ADAPTER_BYTES", "4096", "max_adapter_bytes", 4096),
+    ("MOCHI_LAB_MAX_ADAPTER_RANK", "32", "max_adapter_rank", 32),
+    ("MOCHI_LAB_MAX_ADAPTERS", "7", "max_adapters", 7),
+    ("MOCHI_LAB_LORA_CACHE", "2", "lora_cache", 2),
 ]
 
 

@@ -138,3 +138,48 @@ def test_seed_none_draws_and_records_a_seed():
 def test_defaults_are_diffusers_defaults():
     p = GenerationParams.parse("a cat", seed=1)
     assert (p.num_frames, p.height, p.width, p.num_inference_steps, p.guidance_scale) == (19, 480, 848, 64, 4.5)
+
+
+# -- lora: the account's adapters for one job -------------------------------------------------------------
+@pytest.mark.parametrize(("lora", "expected"), [
+    (None, ()), ("", ()), ([], ()),
+    ("style", (("style", 1.0),)),
+    (("style", 0.8), (("style", 0.8),)),  # one pair
+    (["a", "b"], (("a", 1.0), ("b", 1.0))),  # two names
+    ([("a", 0.8), ("b", np.float64(0.25))], (("a", 0.8), ("b", 0.25))),
+    ([{"name": "a", "scale": -1, "sha256": "ab" * 32}], (("a", -1.0),)),  # stored params, JSON
+])
+def test_lora_takes_a_name_pairs_or_objects(lora, expected):
+    params = GenerationParams.parse("a cat", lora=lora)
+    assert tuple((r.name, r.scale) for r in params.lora) == expected
+    again = GenerationParams.parse(**params.to_dict())  # what a worker reads back from the store
+    assert again == params and GenerationParams.stored(params.to_dict()) == params
+
+
+def test_a_job_without_adapters_has_the_params_and_cache_key_it_had_before_them():
+    from mochi_lab.store.cache import params_key
+
+    params = GenerationParams.parse("a cat", seed=3)
+    assert "lora" not in params.to_dict()
+    assert params_key(params.to_dict()) == params_key(GenerationParams.parse("a cat", seed=3, lora=[]).to_dict())
+    assert params_key(params.to_dict()) != params_key(GenerationParams.parse("a cat", seed=3, lora="a").to_dict())
+
+
+@pytest.mark.parametrize(("lora", "allowed"), [
+    (5, "must be an adapter's name or a list"),
+    (["../x"], "an adapter name is 1-64 letters, digits"),
+    ([".hidden"], "an adapter name is 1-64 letters, digits"),
+    ([("a", 2.5)], "an adapter's scale is between -2.0 and 2.0, got 2.5"),
+    ([("a", float("nan"))], "an adapter's scale is between -2.0 and 2.0"),
+    ([("a", True)], "must be a number, got bool True"),
+    ([("a", "0.5")], "must be a number, got str '0.5'"),
+    ([("a", 1), ("a", 0.5)], "each adapter at most once"),
+    (["a", "b", "c", "d", "e"], "at most 4 adapters per job, got 5"),
+    ([("a", 1, 2)], "a pair is (name, scale)"),
+    ([{"name": "a", "sha256": "not-hex"}], "64 lowercase hex digits"),
+    ([{"name": "a", "weight": 1}], "lora: "),
+])
+def test_a_bad_lora_is_refused_naming_the_field(lora, allowed):
+    with pytest.raises(ParamsError) as exc:
+        GenerationParams.parse("a cat", lora=lora)
+    assert "\n  lora: " in str(exc.value) and allowed in str(exc.value), str(exc.value)

@@ -14,7 +14,7 @@ import shutil
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from mochi_lab.client.follow import WAIT
 from mochi_lab.model import JobRecord, job_row
@@ -92,6 +92,21 @@ class Backend(abc.ABC):
     def save_artifact(self, job_id: str, name: str, dest: Path) -> Path:
         shutil.copyfile(self.artifact_path(job_id, name), dest)
         return dest
+
+    # -- LoRA adapters (mochi_lab.adapters) -------------------------------------
+    @abc.abstractmethod
+    def put_adapter(self, name: str, data: IO[bytes], *, model: str | None = None) -> dict[str, Any]:
+        """Check the safetensors stream `data` as a LoRA adapter for `model` (None: this backend's) and keep it as
+        `name`, replacing one of that name; its record. AdapterRejected (or RecordTooLarge, QuotaExceeded) naming
+        the reason, with nothing stored."""
+
+    @abc.abstractmethod
+    def adapters(self) -> list[dict[str, Any]]:
+        """This account's adapters' records (name, sha256, bytes, model, rank, modules, dtypes, created_at), by name."""
+
+    @abc.abstractmethod
+    def delete_adapter(self, name: str) -> None:
+        """AdapterNotFound for an unknown name, and for another account's."""
 
     # -- the pool --------------------------------------------------------------
     @abc.abstractmethod

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import os
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable
 
+from mochi_lab.adapters import SUFFIX, AdapterRejected
 from mochi_lab.client.backend import Backend
 from mochi_lab.client.job import Job
 from mochi_lab.config import ClientConfig, Settings
 from mochi_lab.model import check_status
-from mochi_lab.params import GenerationParams, ParamsError, SubmitOptions
+from mochi_lab.params import GenerationParams, ParamsError, SubmitOptions, check_adapter_name
 from mochi_lab.pipelines.config import PipelineConfig
 
 if TYPE_CHECKING:
@@ -98,7 +101,8 @@ class MochiCluster:
 
         `prompt` may also be a `GenerationParams` (already validated). Result cache: identical params
         (model and seed included) give the existing done or in-flight job; failed and cancelled ones
-        are not reused. `force=True` always queues a new job.
+        are not reused. `force=True` always queues a new job. `lora="name"` or `lora=[("a", 0.8), ("b", 0.3)]`
+        applies this account's adapters (`adapters`) for this job only; the cache goes by their files' sha256.
         """
         if isinstance(prompt, GenerationParams):
             if params:
@@ -141,6 +145,12 @@ class MochiCluster:
     def models(self) -> list[str]:
         """The model names this cluster serves."""
         return self.backend.models()
+
+    @property
+    def adapters(self) -> "Adapters":
+        """This account's LoRA adapters: `upload(path, name=...)`, `list()`, `delete(name)`; a job applies them
+        with `generate(..., lora="name")` or `lora=[("a", 0.8), ("b", 0.3)]`."""
+        return Adapters(self.backend, self.model)
 
     # -- experiments -----------------------------------------------------------
     def experiment(
@@ -227,6 +237,40 @@ def _start_progress(progress: bool | None):
     from mochi_lab.display.startup import StartProgress, in_kernel
 
     return StartProgress() if progress or in_kernel() else None
+
+
+class Adapters:
+    """An account's LoRA adapters, through its backend (`MochiCluster.adapters`)."""
+
+    def __init__(self, backend: Backend, model: str):
+        self.backend, self.model = backend, model
+
+    def upload(self, path: str | os.PathLike, name: str | None = None, *, model: str | None = None) -> dict[str, Any]:
+        """Check the `.safetensors` LoRA at `path` against `model`'s transformer (default: the cluster's) and keep
+        it as `name` (default: the file's stem), replacing one of that name; its record. AdapterRejected names
+        why a file is refused (RecordTooLarge over the size cap); nothing is kept then."""
+        path = Path(path)
+        if path.suffix != SUFFIX:
+            raise AdapterRejected(f"{path.name}: only {SUFFIX} adapters are accepted (pickled .bin or .pt weights "
+                                  "can run code when loaded; safetensors.torch.save_file writes one)")
+        name = path.stem if name is None else name
+        try:
+            check_adapter_name(name)
+        except ValueError as exc:
+            raise AdapterRejected(str(exc)) from None
+        with path.open("rb") as f:
+            return self.backend.put_adapter(name, f, model=model or self.model)
+
+    def list(self) -> "Rows":
+        """The account's adapters by name: name, sha256, bytes, model, rank, modules, dtypes, created_at."""
+        return Rows(self.backend.adapters())
+
+    def delete(self, name: str) -> None:
+        """Forget an adapter (AdapterNotFound when there is none); queued jobs that use it fail when they run."""
+        self.backend.delete_adapter(name)
+
+    def __repr__(self) -> str:
+        return f"<Adapters of {self.backend.account!r}: {', '.join(r['name'] for r in self.list()) or 'none'}>"
 
 
 class Rows(list):

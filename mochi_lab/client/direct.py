@@ -11,10 +11,11 @@ import dataclasses
 import json
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import IO, TYPE_CHECKING, Any, Callable
 
 import httpx
 
+from mochi_lab.adapters import AdapterStore
 from mochi_lab.client.backend import ARTIFACTS, Backend, queue_rows, worker_rows
 from mochi_lab.config import ScalingConfig, Settings, check_account, known_models, redact_url
 from mochi_lab.model import DONE, QUEUED, JobRecord, RecordTooLarge, StoreError, StoreUnavailable, artifact_path
@@ -150,6 +151,8 @@ class DirectBackend(Backend):
     def submit(self, params: GenerationParams, options: SubmitOptions, *, reuse: bool = True) -> JobRecord:
         check_model(params.model, known_models())
         check_admission(params, self.settings.max_token_steps.get(params.model))
+        if params.lora:  # by the files' sha256: the result cache and the worker go by content, not by name
+            params = params.with_adapters(self.adapter_store().resolve(params.lora, params.model))
         counter = self._token_counter(params)
         if counter is not None:
             check_prompt_tokens(params, counter)
@@ -206,6 +209,22 @@ class DirectBackend(Backend):
         if not path.is_file():
             raise FileNotFoundError(f"the {name} of job {job_id} is gone from {path.parent}")
         return path
+
+    # -- LoRA adapters ---------------------------------------------------------
+    def adapter_store(self) -> AdapterStore:
+        """This account's adapters, beside its videos, with this cluster's caps."""
+        s = self.settings
+        return AdapterStore(s.artifacts_dir, self.account, max_bytes=s.max_adapter_bytes,
+                            max_rank=s.max_adapter_rank, max_count=s.max_adapters, cache_dir=s.cache_dir)
+
+    def put_adapter(self, name: str, data: IO[bytes], *, model: str | None = None) -> dict[str, Any]:
+        return self.adapter_store().put(name, data, model=model or self.model)
+
+    def adapters(self) -> list[dict[str, Any]]:
+        return self.adapter_store().list()
+
+    def delete_adapter(self, name: str) -> None:
+        self.adapter_store().delete(name)
 
     # -- the pool --------------------------------------------------------------
     def models(self) -> list[str]:

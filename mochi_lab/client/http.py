@@ -24,11 +24,12 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 from urllib.parse import urlsplit
 
 import httpx
 
+from mochi_lab.adapters import AdapterNotFound, AdapterRejected
 from mochi_lab.client.backend import ARTIFACTS, Backend
 from mochi_lab.client.wire_client import GatewayAuthError, GatewayError, WireClient
 from mochi_lab.config import ClientConfig, check_account
@@ -43,7 +44,7 @@ from mochi_lab.model import (
     StoreUnavailable,
     wait_workers_ready,
 )
-from mochi_lab.params import GenerationParams, SubmitOptions, check_model
+from mochi_lab.params import GenerationParams, SubmitOptions, check_adapter_name, check_model
 
 DEFAULT_TIMEOUT_S = 30.0
 _CHUNK = 1 << 20
@@ -60,6 +61,12 @@ def _host_dir(url: str) -> str:
     parts = urlsplit(url)
     name = f"{parts.hostname or 'gateway'}{f'_{parts.port}' if parts.port else ''}{parts.path.rstrip('/')}"
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "gateway"
+
+
+def _chunks(data: IO[bytes]) -> Iterator[bytes]:
+    """A binary stream as an httpx body, read a chunk at a time."""
+    while chunk := data.read(_CHUNK):
+        yield chunk
 
 
 class GatewayBackend(Backend):
@@ -255,6 +262,30 @@ class GatewayBackend(Backend):
             shutil.copyfile(cached, dest)
             return Path(dest)
         return self._download(jid, name, Path(dest))
+
+    # -- LoRA adapters ---------------------------------------------------------
+    def put_adapter(self, name: str, data: IO[bytes], *, model: str | None = None) -> dict[str, Any]:
+        """PUT /adapters/{name}, the file streamed as the body (the server checks it: AdapterRejected naming why)."""
+        try:  # as one path segment: a name the server would refuse is refused here, with its reason
+            check_adapter_name(name)
+        except ValueError as exc:
+            raise AdapterRejected(str(exc)) from None
+        headers = {"Content-Type": "application/octet-stream"}
+        with contextlib.suppress(AttributeError, OSError, ValueError):  # a file: its size, so a refusal comes first
+            headers["Content-Length"] = str(os.fstat(data.fileno()).st_size - data.tell())
+        return self.http.json(*at(wire.PUT_ADAPTER, name=name), params={"model": model or self.model},
+                              content=_chunks(data), headers=headers)
+
+    def adapters(self) -> list[dict[str, Any]]:
+        return list(self.http.json(*at(wire.ADAPTERS)))
+
+    def delete_adapter(self, name: str) -> None:
+        try:  # a name no adapter can have is unknown here as on the server: no request sent
+            check_adapter_name(name)
+        except ValueError:
+            raise AdapterNotFound(f"adapter {name!r:.80} not found") from None
+        self.http.request(*at(wire.DELETE_ADAPTER, name=name),
+                          not_found=lambda detail: AdapterNotFound(f"adapter {name!r} not found"))
 
     # -- the pool --------------------------------------------------------------
     def models(self) -> list[str]:

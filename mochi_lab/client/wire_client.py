@@ -12,6 +12,7 @@ from typing import Any
 
 import httpx
 
+from mochi_lab.adapters import AdapterRejected
 from mochi_lab.config import without_credentials
 from mochi_lab.gateway import wire
 from mochi_lab.model import QuotaExceeded, RecordTooLarge, StoreUnavailable
@@ -124,7 +125,9 @@ class WireClient:
         detail = self.scrub(detail)[:2000]
         if status == 404 and not_found is not None:
             return not_found(detail)
-        raised = wire.RAISED_FOR_STATUS.get(status)  # the exception the server's side raised (gateway.wire)
+        # the exception the server's side raised (gateway.wire): by its kind where the kind is a row's own
+        raised = wire.RAISED_FOR_KIND.get(kind) if isinstance(kind, str) else None
+        raised = raised or wire.RAISED_FOR_STATUS.get(status)
         if raised is not None:
             return raised(self._said(raised, status, detail))
         if status == 401:
@@ -148,6 +151,8 @@ class WireClient:
         """The message of the exception `raised` for an error answer: the server's sentence, and where."""
         if raised is ParamsError:
             return detail or "invalid generation parameters"
+        if raised is AdapterRejected:
+            return detail or "adapter refused"
         if raised is QuotaExceeded:
             return f"quota reached at the mochi_lab gateway: {detail or 'too many requests'}"
         if raised is RecordTooLarge:

@@ -12,7 +12,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from mochi_lab.display.experiment import short
+from mochi_lab.display.experiment import param_text
 from mochi_lab.display.reprs import render
 from mochi_lab.model import DONE, JobRecord
 from mochi_lab.params import GenerationParams
@@ -49,8 +49,8 @@ def grid_axes(runs: list[Run], rows: str | list[str] | None = None,
 
 def _axis_label(params: dict[str, Any], keys: list[str]) -> str:
     if len(keys) == 1:
-        return short(params.get(keys[0]), 60)
-    return ", ".join(f"{k}={short(params.get(k), 40)}" for k in keys)
+        return param_text(keys[0], params.get(keys[0]), 60)
+    return ", ".join(f"{k}={param_text(k, params.get(k), 40)}" for k in keys)
 
 
 def compare_grid(runs: list[Run], jobs: dict[str, JobRecord | None], *, video: Callable[[str], bytes],

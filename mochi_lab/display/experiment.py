@@ -16,7 +16,7 @@ from typing import Any
 from mochi_lab._moved import moved_names
 from mochi_lab.display.reprs import render
 from mochi_lab.model import DONE, PARAM_COLUMNS, TIMINGS, JobRecord, job_row
-from mochi_lab.params import GenerationParams
+from mochi_lab.params import GenerationParams, lora_columns, lora_label
 from mochi_lab.sweep import Run, varying_params
 
 _TIMES = ("created_at", "started_at", "finished_at")
@@ -30,9 +30,10 @@ def run_rows(runs: list[Run], jobs: dict[str, JobRecord | None]) -> list[dict[st
     for run in runs:
         job = jobs.get(run.key)
         facts = job_row(job) if job else {}
+        lora, lora_scale = lora_columns(run.params.get("lora"))
         rows.append({"run": run.key, "job_id": facts.get("id"), "status": facts.get("status", "missing"),
                      "stage": facts.get("stage"), "attempt": run.attempt,
-                     **{f: run.params.get(f) for f in PARAM_COLUMNS},
+                     **{f: run.params.get(f) for f in PARAM_COLUMNS}, "lora": lora, "lora_scale": lora_scale,
                      **{c: facts.get(c) for c in _RESULTS}})
     return rows
 
@@ -49,6 +50,8 @@ RENAMED = {"run": "run_key", "attempt": "run_attempt", "stage": "job_stage"}
 def dataframe_columns(runs: list[Run]) -> tuple[list[str], list[str]]:
     """(the default columns, every column) of `runs_dataframe`, in order."""
     varied = [k for k in varying_params(runs) if k not in FIRST_COLUMNS]
+    if "lora" in varied:  # by adapter and by scale: what a LoRA sweep is read by
+        varied.insert(varied.index("lora") + 1, "lora_scale")
     first = varied + ["seed", *RESULT_COLUMNS]
     every = [RENAMED.get(c, c) for c in run_rows([Run("", {})], {})[0]]
     return first, first + [c for c in every if c not in first]
@@ -93,6 +96,11 @@ def short(value: Any, n: int = 40) -> str:
     return text if len(text) <= n else text[: n - 1] + "…"
 
 
+def param_text(name: str, value: Any, n: int = 40) -> str:
+    """A param's value as a table or grid shows it: `short`, and adapters by name and scale ("style ×0.8")."""
+    return short(lora_label(value) if name == "lora" else value, n)
+
+
 def eta_s(jobs: list[JobRecord | None]) -> float | None:
     """Seconds until the queued and running runs are done: the running jobs' own ETAs (they run side by
     side), then the queued ones at the done runs' mean run time, spread over as many workers as are busy
@@ -126,7 +134,7 @@ def runs_view(items: list[tuple[dict[str, Any], JobRecord | None]], *, missing: 
         counts[status] = counts.get(status, 0) + 1
         view = job_view(job) if job is not None else {}
         rows.append({
-            "values": [short(p.get(k)) for k in keys], "titles": [str(p.get(k)) for k in keys],
+            "values": [param_text(k, p.get(k)) for k in keys], "titles": [param_text(k, p.get(k), 400) for k in keys],
             "seed": p.get("seed"), "status": status, "stage": view.get("stage"), "step": view.get("step"),
             "total": view.get("total"), "bar": view.get("bar"), "running": status == "running",
             "run_s": view.get("run_s"), "id": job.id if job is not None else None,

@@ -20,7 +20,8 @@ under a strict Content-Security-Policy.
 * `door`: the caller's identity, the body limits and the one error handler, in front of every route;
 * `routes.pool` (health, identity, models, queue, workers), `routes.jobs` (jobs and their files),
   `routes.events` (progress streams: one store poller per job, fanned out to every listener),
-  `routes.experiments`; `web` (the page, its sign-in, /docs) and `auth` (hub and static tokens).
+  `routes.experiments`, `routes.adapters` (an account's LoRA adapters); `web` (the page, its sign-in, /docs)
+  and `auth` (hub and static tokens).
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from mochi_lab.client.direct import DirectBackend
 from mochi_lab.config import GatewayConfig, ScalingConfig, Settings
 from mochi_lab.gateway.auth import Authenticator, ChainAuth, FailureLimit, HubAuth, StaticTokens
 from mochi_lab.gateway.door import Door
-from mochi_lab.gateway.routes import events, experiments, jobs, pool
+from mochi_lab.gateway.routes import adapters, events, experiments, jobs, pool
 from mochi_lab.gateway.routes.events import ProgressHub
 from mochi_lab.gateway.web import behind_proxies, web_router
 from mochi_lab.gateway.wire import ErrorBody, job_json
@@ -112,6 +113,7 @@ def create_app(settings: Settings | None = None, *, backend_factory: Callable[[]
 
     app.openapi = openapi  # type: ignore[method-assign]
     for router in (pool.router(door), jobs.router(door), events.router(door, progress), experiments.router(door),
+                   adapters.router(door, settings.max_adapter_bytes),
                    web_router(config, auth, door.sessions, door.identify, door.backend_for,
                               route_class=door.route_class())):
         app.include_router(router, prefix=prefix)

@@ -34,7 +34,7 @@ from mochi_lab.gateway.auth import (
 )
 from mochi_lab.gateway.web import SESSION_COOKIE, Sessions, check_cookie_write
 from mochi_lab.gateway.wire import ERRORS, KIND_OF_STATUS, error_of
-from mochi_lab.model import QUEUED, RUNNING, StoreError, check_job_id
+from mochi_lab.model import QUEUED, RUNNING, JobNotFound, StoreError, check_job_id
 from mochi_lab.store.base import active_limit_error
 
 log = logging.getLogger("mochi_lab.gateway")
@@ -249,8 +249,9 @@ class Door:
             if self.started is not None and self.started.metrics:
                 self.started.metrics.store_error()
             return error_response(503, "unavailable", "the job store is unavailable; try again shortly")
-        if row is not None:  # a job's 404 names no id: another account's job answers as an unknown one
-            return error_response(row.status, row.kind, "job not found" if row.status == 404 else str(exc))
+        if row is not None:  # a job's 404 names no id: another account's job answers as an unknown one (an
+            # adapter's names the name the caller gave, and says the same of another account's)
+            return error_response(row.status, row.kind, "job not found" if row.exception is JobNotFound else str(exc))
         log.error("internal error on %s %s: %s", request.method, request.url.path, type(exc).__name__)
         return error_response(500, "internal", "internal error")
 

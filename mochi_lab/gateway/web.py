@@ -47,6 +47,7 @@ from mochi_lab.config import GatewayConfig
 from mochi_lab.gateway.auth import Authenticator, AuthError, AuthUnavailable, Identity, hash_token
 from mochi_lab.gateway.wire import errors
 from mochi_lab.model import FINISHED, JobRecord, job_row
+from mochi_lab.params import lora_label
 from mochi_lab.store.base import Store
 
 SESSION_COOKIE = "mochi-lab-session"
@@ -248,9 +249,19 @@ def _page_job(r: JobRecord) -> dict[str, Any]:
                                "seed", "model", "error")},
         "total": row["total_steps"], "bar": progress_view(r),
         "size": f"{row['width']}x{row['height']}, {row['num_frames']} frames, {row['num_inference_steps']} steps",
+        "lora": lora_label(row["lora"]) if row["lora"] else None,
         "finished": r.status in FINISHED, "video": row["video"] is not None,
         "created": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.created_at)) if r.created_at else "",
     }
+
+
+def _page_adapter(record: dict[str, Any]) -> dict[str, Any]:
+    """An adapter as the page lists it: its name, model, rank, size and the start of its sha256."""
+    size = record.get("bytes")
+    return {"name": record.get("name"), "model": record.get("model"), "rank": record.get("rank"),
+            "size": f"{size / 2**20:.1f} MiB" if isinstance(size, int) and size >= 2**20 else
+                    f"{size / 1024:.0f} KiB" if isinstance(size, int) else "",
+            "sha": str(record.get("sha256") or "")[:12]}
 
 
 def web_router(config: GatewayConfig, auth: Authenticator, sessions: Sessions,
@@ -307,10 +318,11 @@ def web_router(config: GatewayConfig, auth: Authenticator, sessions: Sessions,
         backend = backend_for(identity.account)
         records = await run_in_threadpool(backend.list, limit=50)
         counts = await run_in_threadpool(backend.counts)
+        adapters = [_page_adapter(a) for a in await run_in_threadpool(backend.adapters)]
         nonce = secrets.token_urlsafe(16)
         html = render("page.html", account=identity.account, admin=identity.admin, jobs=[_page_job(r) for r in records],
                       counts=counts, nonce=nonce, models=backend.models(), default_model=backend.model,
-                      max_active_jobs=config.max_active_jobs, csrf_header=CSRF_HEADER)
+                      max_active_jobs=config.max_active_jobs, csrf_header=CSRF_HEADER, adapters=adapters)
         return HTMLResponse(html, headers=page_headers(nonce))
 
     @router.get("/login", response_class=HTMLResponse, tags=["web"],

@@ -19,6 +19,7 @@ from urllib.parse import quote
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, WithJsonSchema
 
+from mochi_lab.adapters import AdapterNotFound, AdapterRejected
 from mochi_lab.model import (
     JOB_ID_RE,
     STATUSES,
@@ -36,6 +37,9 @@ from mochi_lab.params import (
     FRAMES_MIN,
     GUIDANCE_MAX,
     GUIDANCE_MIN,
+    LORA_SCALE_MAX,
+    LORA_SCALE_MIN,
+    MAX_JOB_ADAPTERS,
     MAX_KEY_CHARS,
     MAX_PROMPT_CHARS,
     MAX_TAG_CHARS,
@@ -49,6 +53,7 @@ from mochi_lab.params import (
     SIZE_MIN,
     STEPS_MAX,
     STEPS_MIN,
+    SWEEP_ONLY,
     GenerationParams,
     ParamsError,
 )
@@ -78,6 +83,9 @@ PUT_EXPERIMENT = ("PUT", "/experiments/{name}")
 SWEEP = ("POST", "/experiments/{name}/sweep")
 RESUME = ("POST", "/experiments/{name}/resume")
 EXPORT = ("GET", "/experiments/{name}/export")
+ADAPTERS = ("GET", "/adapters")
+PUT_ADAPTER = ("PUT", "/adapters/{name}")
+DELETE_ADAPTER = ("DELETE", "/adapters/{name}")
 # an artifact's name -> the route that serves it (the job JSON names these, never a server path)
 ARTIFACT_ROUTES = {"video": DOWNLOAD, "thumbnail": THUMBNAIL}
 PREVIEW_STEP_HEADER = "X-Preview-Step"  # GET /preview's answer: the denoising step its picture shows
@@ -101,7 +109,7 @@ def artifact_url(name: str, job_id: str) -> str:
 
 # -- errors: one table, read by the server's handler and by the client ------------------------------------
 ErrorKind = Literal["unauthorized", "forbidden", "rate_limited", "not_found", "method_not_allowed", "conflict",
-                    "too_large", "invalid", "quota", "unavailable", "internal", "error"]
+                    "too_large", "invalid", "rejected", "quota", "unavailable", "internal", "error"]
 
 
 @dataclass(frozen=True)
@@ -117,6 +125,8 @@ class WireError:
 # First match wins (subclasses before their bases). Auth errors carry their own status (gateway.auth).
 ERRORS: tuple[WireError, ...] = (
     WireError(ParamsError, 422, "invalid", ParamsError),
+    WireError(AdapterRejected, 422, "rejected", AdapterRejected),
+    WireError(AdapterNotFound, 404, "not_found", AdapterNotFound),
     WireError(QuotaExceeded, 429, "quota", QuotaExceeded),
     WireError(RecordTooLarge, 413, "too_large", RecordTooLarge),
     WireError(JobNotFound, 404, "not_found", JobNotFound),
@@ -128,7 +138,11 @@ KIND_OF_STATUS: dict[int, str] = {400: "invalid", 401: "unauthorized", 403: "for
                                   500: "internal", 503: "unavailable"}
 # What the client raises for a status when the route has nothing better (502 and 504: a proxy in front).
 RAISED_FOR_STATUS: dict[int, type[Exception]] = {
-    **{e.status: e.raised_as for e in ERRORS if e.status != 404}, 502: StoreUnavailable, 504: StoreUnavailable}
+    **{e.status: e.raised_as for e in ERRORS if e.status != 404 and e.kind == KIND_OF_STATUS.get(e.status)},
+    502: StoreUnavailable, 504: StoreUnavailable}
+# What the client raises for a kind that is a row's own (a refused adapter is a 422, and not a ParamsError)
+RAISED_FOR_KIND: dict[str, type[Exception]] = {e.kind: e.raised_as for e in ERRORS
+                                               if e.kind not in KIND_OF_STATUS.values()}
 
 
 def error_of(exc: BaseException) -> WireError | None:
@@ -156,6 +170,10 @@ def errors(*statuses: int, html: tuple[int, ...] = ()) -> dict[int | str, dict[s
 
 
 # -- request bodies -------------------------------------------------------------------------------------
+_ADAPTER_NAME = {"type": "string", "pattern": f"^{NAME_RE.pattern}$"}
+_LORA_SCALE = {"type": "number", "minimum": LORA_SCALE_MIN, "maximum": LORA_SCALE_MAX, "default": 1.0}
+
+
 def _params_schema() -> dict[str, Any]:
     """GenerationParams as JSON Schema, with the limits its validators enforce (the same constants)."""
     text = {"type": "string", "maxLength": MAX_PROMPT_CHARS}
@@ -175,6 +193,13 @@ def _params_schema() -> dict[str, Any]:
         "fps": {"type": "integer", "minimum": FPS_MIN, "maximum": FPS_MAX, "default": 30},
         "model": {"type": "string", "pattern": f"^{MODEL_RE.pattern}$", "description": "one of GET /models; "
                   "default: the gateway's model"},
+        "lora": {"anyOf": [_ADAPTER_NAME, {"type": "null"}, {"type": "array", "maxItems": MAX_JOB_ADAPTERS, "items": {
+            "anyOf": [_ADAPTER_NAME,
+                      {"type": "array", "prefixItems": [_ADAPTER_NAME, _LORA_SCALE], "minItems": 2, "maxItems": 2},
+                      {"type": "object", "properties": {"name": _ADAPTER_NAME, "scale": _LORA_SCALE},
+                       "required": ["name"]}]}}],
+                 "default": [], "description": "the account's adapters (GET /adapters) applied for this job: a name, "
+                                              "or a list of names, [name, scale] pairs or {name, scale} objects"},
     }
     assert set(props) == set(GenerationParams.model_fields), "the wire's params schema must list every field"
     return {"type": "object", "title": "GenerationParams", "properties": props, "required": ["prompt"],
@@ -227,8 +252,9 @@ class SweepRequest(BaseModel):
     seeds: _loose({"anyOf": [_SEED, {"type": "array", "minItems": 1, "items": _SEED}], "default": None,
                    "description": "null: one seed per run, derived from the experiment's name and the params"}) = None
     params: _loose({"type": "object", "propertyNames": {"enum": [f for f in GenerationParams.model_fields
-                                                                 if f not in ("prompt", "seed")]},
-                    "description": "GenerationParams fields besides prompt and seed; a list sweeps its values"},
+                                                                 if f not in ("prompt", "seed")] + list(SWEEP_ONLY)},
+                    "description": "GenerationParams fields besides prompt and seed, and lora_scale (the scale of "
+                                   "every adapter a run's lora names); a list sweeps its values"},
                    dict[str, Any]) = Field(default_factory=dict)
     priority: _loose(_PRIORITY) = 0
 
@@ -287,6 +313,19 @@ def job_json(record: JobRecord) -> dict[str, Any]:
     return data
 
 
+class Adapter(BaseModel):
+    """A LoRA adapter of the caller's account (PUT /adapters/{name} answers it, GET /adapters lists them)."""
+
+    name: str = Field(pattern=f"^{NAME_RE.pattern}$")
+    sha256: str = Field(description="of the file: a job's params and provenance name it")
+    bytes: int
+    model: str = Field(description="the model whose transformer it was checked against")
+    rank: int = Field(description="its largest LoRA rank")
+    modules: int = Field(description="how many of the transformer's Linear layers it changes")
+    dtypes: list[str]
+    created_at: float
+
+
 class Whoami(BaseModel):
     account: str
     admin: bool
@@ -326,12 +365,14 @@ class WorkerRow(BaseModel):
 
 __all__ = [
     "ARTIFACT_ROUTES",
+    "Adapter",
     "ERRORS",
     "ERROR_CONTENT",
     "HTML_CONTENT",
     "JOBS_LIMIT_MAX",
     "KIND_OF_STATUS",
     "PARAMS_SCHEMA",
+    "RAISED_FOR_KIND",
     "RAISED_FOR_STATUS",
     "ErrorBody",
     "GenerateRequest",

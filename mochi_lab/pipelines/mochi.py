@@ -22,6 +22,7 @@ from mochi_lab.params import GenerationParams
 from mochi_lab.pipelines.attention import set_attention
 from mochi_lab.pipelines.cfg_parallel import Layout, Parallel, visual_tokens
 from mochi_lab.pipelines.config import PipelineConfig
+from mochi_lab.pipelines.lora import LoraCache
 from mochi_lab.pipelines.preview import PreviewMap, PreviewPlan, decode_latents, estimate_x0, fit_preview_map
 
 log = logging.getLogger(__name__)
@@ -79,6 +80,7 @@ class MochiRunner:
                                                        else None)
         if self.config.compile:
             compile_blocks(self.pipe.transformer)
+        self.lora = LoraCache(self.pipe)  # LoRA adapters loaded into this pipeline, per job (the worker's size)
         self.load_s = time.perf_counter() - t0
         log.info("loaded %s on %s in %.1fs", self.name, self.device, self.load_s)
 

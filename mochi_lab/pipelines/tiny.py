@@ -33,6 +33,20 @@ MOCHI_1_SCHEDULER_CONFIG = {
     "time_shift_type": "exponential",
     "stochastic_sampling": False,
 }
+# The tiny transformer's config (what mochi_lab.adapters checks an adapter's shapes against, without torch)
+TINY_TRANSFORMER = {
+    "patch_size": 2,
+    "num_attention_heads": 4,  # 4 heads of 4 (width 16): sequence parallelism of 2 and 4 divides them
+    "attention_head_dim": 4,
+    "num_layers": 2,
+    "pooled_projection_dim": 16,
+    "in_channels": 12,
+    "qk_norm": "rms_norm",
+    "text_embed_dim": 32,
+    "time_embed_dim": 4,
+    "activation_fn": "swiglu",
+    "max_sequence_length": 256,
+}
 _COMMON_WORDS = (
     "a an the of and in on at with to from by over under into is are cat dog bird fish horse car boat "
     "wave sea ocean beach sky cloud sun moon star night day city street forest tree mountain river snow "
@@ -60,19 +74,7 @@ def build_tiny_mochi(path: str | os.PathLike) -> Path:
 
     tokenizer = _tokenizer()
     torch.manual_seed(TINY_SEED)
-    transformer = MochiTransformer3DModel(
-        patch_size=2,
-        num_attention_heads=4,  # 4 heads of 4 (width 16): sequence parallelism of 2 and 4 divides them
-        attention_head_dim=4,
-        num_layers=2,
-        pooled_projection_dim=16,
-        in_channels=12,
-        qk_norm="rms_norm",
-        text_embed_dim=32,
-        time_embed_dim=4,
-        activation_fn="swiglu",
-        max_sequence_length=256,
-    )
+    transformer = MochiTransformer3DModel(**TINY_TRANSFORMER)
     torch.manual_seed(TINY_SEED)
     vae = AutoencoderKLMochi(
         latent_channels=12,

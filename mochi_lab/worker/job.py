@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from mochi_lab.adapters import AdapterNotFound, AdapterRejected, AdapterStore, adapter_file, read_adapter
 from mochi_lab.logs import log_repeating
 from mochi_lab.model import ARTIFACT_SUFFIXES, JobNotFound, LeaseLost, StoreError, artifact_path, remove_artifacts
 from mochi_lab.params import GenerationParams, ParamsError, check_prompt_tokens
@@ -188,6 +189,7 @@ class JobRunner:
                 self._load_unpaid = False
             timings["queue_s"] = max(0.0, claimed_at - job.created_at - load_s)
             timings["load_s"] = load_s
+            adapters = self._load_adapters(job, params, reporter, meta)
             reporter.report("denoising", 0)
             self.runner.reset_peak()
             rss_before = self._proc.memory_info().rss
@@ -211,7 +213,8 @@ class JobRunner:
 
             every = self.settings.preview_every
             plan = None if every < 0 else PreviewPlan(on_preview, every, self.settings.preview_min_interval_s)
-            result = self._generate(params, on_step, plan)
+            with self.runner.lora.applied(adapters):  # disabled again after, on every path: the next job runs base
+                result = self._generate(params, on_step, plan)
             timings.update(result.timings)
             # a cancel seen during the decode (the ticks read it) stops the job before the encode
             if lost.is_set():
@@ -265,6 +268,52 @@ class JobRunner:
             raise JobRejected(str(exc)) from None
         except TypeError as exc:  # e.g. params that are not a mapping of names
             raise JobRejected(f"invalid generation parameters: {exc}") from None
+
+    def _load_adapters(self, job, params: GenerationParams, reporter: Reporter,
+                       meta: dict[str, Any]) -> list[tuple[str, float]]:
+        """The job's LoRA adapters loaded into the pipeline (the base model stays as it is), each file checked
+        again here; (sha256, scale) of those to apply (a scale of 0 changes nothing: not even loaded). meta gets
+        `lora` (name, sha256, scale and load_s of each) and `lora_load_s`. JobRejected naming the field when one
+        cannot be used."""
+        if not params.lora:
+            return []
+        if self.runner.parallel is not None:
+            raise JobRejected("lora: LoRA adapters do not run on multi-GPU workers yet; use a pool of 1-GPU workers")
+        s, cache = self.settings, self.runner.lora
+        cache.size = s.lora_cache
+        applied: list[tuple[str, float]] = []
+        facts: list[dict[str, Any]] = []
+        for ref in params.lora:
+            sha = ref.sha256 or self._adapter_sha(job.account, ref.name)
+            fact = {"name": ref.name, "sha256": sha, "scale": ref.scale, "load_s": 0.0}
+            facts.append(fact)
+            if ref.scale == 0.0:
+                continue
+            if sha not in cache.loaded:
+                reporter.report("loading", message=f"loading adapter {ref.name}")
+            path = adapter_file(s.artifacts_dir, job.account, sha)
+            try:
+                fact["load_s"] = cache.load(sha, lambda: read_adapter(
+                    path, sha, model=params.model, max_bytes=s.max_adapter_bytes, max_rank=s.max_adapter_rank,
+                    cache_dir=s.cache_dir))
+            except FileNotFoundError:
+                raise JobRejected(f"lora: adapter {ref.name!r} (sha256 {sha[:12]}) is gone: it was deleted or "
+                                  "replaced after the job was queued") from None
+            except AdapterRejected as exc:
+                raise JobRejected(f"lora: adapter {ref.name!r} refused: {exc}") from None
+            applied.append((sha, ref.scale))
+        cache.evict(keep=[sha for sha, _ in applied])
+        meta.update(lora=facts, lora_load_s=sum(f["load_s"] for f in facts))
+        return applied
+
+    def _adapter_sha(self, account: str, name: str) -> str:
+        """The sha256 of the account's adapter `name` now (for a job queued without one: not through a backend)."""
+        s = self.settings
+        try:
+            return AdapterStore(s.artifacts_dir, account, max_bytes=s.max_adapter_bytes, max_rank=s.max_adapter_rank,
+                                max_count=s.max_adapters).get(name)["sha256"]
+        except AdapterNotFound:
+            raise JobRejected(f"lora: no adapter named {name!r} in account {account}") from None
 
     def _check_prompt_tokens(self, params: GenerationParams) -> None:
         """Prompt length by the loaded pipeline's own tokenizer, before any denoising."""

@@ -71,6 +71,7 @@ def test_the_extras_that_run_jobs_or_serve_them_bring_them():
 
     assert {"ray", "diffusers", "transformers", "torch", "psutil", "redis", "av"} <= names("cpu")  # embedded default
     assert {"ray", "diffusers", "torch", "nvidia-ml-py"} <= names("gpu")
+    assert "peft" in names("cpu") & names("gpu") & names("test")  # LoRA adapters: workers load them, tests make them
     assert {"ray", "fastapi", "uvicorn", "redis", "prometheus-client"} <= names("gateway")
     assert "torch" not in names("gateway") and "torch" not in names("worker")  # torch: `cpu` or `gpu` chooses
     assert {"ipywidgets", "ipykernel", "pandas", "pillow"} <= names("notebook")

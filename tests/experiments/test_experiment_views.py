@@ -8,6 +8,7 @@ import pytest
 from mochi_lab.display.compare import grid_axes
 from mochi_lab.display.experiment import experiment_html, jobs_html
 from mochi_lab.model import JobRecord
+from mochi_lab.params import ParamsError
 from mochi_lab.sweep import Run, expand_grid, plan_runs
 
 MARKUP = "<img src=x onerror=alert(1)>"
@@ -81,3 +82,24 @@ def test_the_eta_of_an_experiment_counts_running_then_queued_runs_at_the_done_pa
     # two running side by side (the longer one counts), then 4 queued at 10 s over those 2 workers
     assert eta_s([job("done", 8), job("done", 12), job("running", eta=3), job("running", eta=5)]
                  + [job("queued")] * 4) == 5 + 4 * 10 / 2
+
+
+def test_a_lora_sweep_folds_its_scale_into_each_run_and_is_read_by_adapter_and_scale():
+    from mochi_lab.display.compare import _axis_label
+    from mochi_lab.display.experiment import runs_dataframe
+
+    planned = runs(["a"], [1], lora=[None, "style", ["style", "grain"]], lora_scale=[0.5, 1.0])
+    # the base run has no adapter to scale: its two scales are one run
+    assert [r.params.get("lora") for r in planned] == [None, *[
+        [{"name": n, "scale": s, "sha256": None} for n in names] for names in (["style"], ["style", "grain"])
+        for s in (0.5, 1.0)]]
+    assert grid_axes(planned) == ([], "lora")
+    assert [_axis_label(r.params, ["lora"]) for r in planned] == [
+        "none", "style \u00d70.5", "style \u00d71", "style \u00d70.5, grain \u00d70.5", "style \u00d71, grain \u00d71"]
+    df = runs_dataframe(planned, {})
+    assert list(df.columns[:3]) == ["lora", "lora_scale", "seed"]
+    assert df["lora"].isna().tolist() == df["lora_scale"].isna().tolist() == [True] + [False] * 4  # the base run
+    assert df["lora"].tolist()[1:] == ["style", "style", "style+grain", "style+grain"]
+    assert df["lora_scale"].tolist()[1:] == [0.5, 1.0, (0.5, 0.5), (1.0, 1.0)]
+    with pytest.raises(ParamsError, match="lora_scale: must be a number between -2.0 and 2.0, got 3"):
+        runs(["a"], [1], lora="style", lora_scale=[3])

@@ -11,7 +11,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 # Installed by none of the extras that a notebook or a script talking to a gateway needs.
-HEAVY = ("torch", "diffusers", "transformers", "ray", "fastapi", "uvicorn")
+HEAVY = ("torch", "diffusers", "transformers", "ray", "fastapi", "uvicorn", "peft")
 
 
 def run(args: list, env: dict, timeout: float = 300) -> str:

@@ -18,6 +18,7 @@ from mochi_lab.display.links import download_dir as default_download_dir
 from mochi_lab.display.links import relative_href
 from mochi_lab.display.reprs import BORDER, thumbnail_uri
 from mochi_lab.model import DONE, STATUSES, job_row
+from mochi_lab.params import lora_columns
 
 from ._format import error_html, job_view, render, to_float
 from ._poll import DEFAULT_INTERVAL_S
@@ -292,10 +293,12 @@ def jobs_frame(jobs: Iterable["Job"]) -> "pd.DataFrame":
     import pandas as pd
 
     columns = ["id", "created", "status", "prompt", "num_frames", "height", "width", "num_inference_steps",
-               "guidance_scale", "seed", "fps", "model", "experiment", "tags", "run_s", "video", "error"]
+               "guidance_scale", "seed", "fps", "model", "lora", "lora_scale", "experiment", "tags", "run_s", "video",
+               "error"]
     rows = []
     for j in jobs:
         row = job_row(j.record)
+        row["lora"], row["lora_scale"] = lora_columns(row["lora"])  # by adapter and scale, as an experiment's
         created = to_float(row["created_at"])
         row["created"] = pd.Timestamp(created, unit="s") if created is not None else pd.NaT
         rows.append({c: row[c] for c in columns})

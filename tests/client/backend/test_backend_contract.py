@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import io
 import json
+import pickle
+import uuid
 
 import pytest
 from PIL import Image
 
 from mochi_lab import Experiment, JobNotFound, MochiCluster, ParamsError, StoreUnavailable
+from mochi_lab.adapters import AdapterNotFound, AdapterRejected
 from mochi_lab.client.backend import WORKER_FIELDS
 from mochi_lab.config import known_models
 from mochi_lab.model import STATUSES, QuotaExceeded
@@ -20,6 +23,7 @@ from mochi_lab.params import GenerationParams, SubmitOptions
 from mochi_lab.video import probe, read_frames
 from tests.support.backends import QUOTA, finish, held, submit, tiny, unique
 from tests.support.jobkit import TINY
+from tests.support.lora import lie, make_adapter, renamed, with_rank
 
 UNKNOWN = "18c0c0c0c0c-0123456789ab"  # a well-formed id that no job has
 
@@ -296,6 +300,60 @@ def test_another_accounts_ids_are_not_found_exactly_like_unknown_ones(backend, o
     # untouched: still theirs, still running and done
     assert other.get(running.id).status == "running" and other.get(done.id).status == "done"
     assert other.artifact(done.id, "thumbnail")[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# -- LoRA adapters --------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def adapter(tmp_path_factory) -> bytes:
+    return make_adapter(tmp_path_factory.mktemp("lora") / "a.safetensors", seed=7).read_bytes()
+
+
+def test_an_adapter_is_uploaded_listed_used_and_deleted_and_another_account_finds_none(backend, other, adapter):
+    name = f"style-{uuid.uuid4().hex[:8]}"
+    record = backend.put_adapter(name, io.BytesIO(adapter))
+    assert (record["name"], record["model"], record["bytes"], record["rank"]) == (name, "tiny", len(adapter), 4)
+    assert [r for r in backend.adapters() if r["name"] == name] == [record]
+    prompt = unique("a styled fox")
+    styled = backend.submit(tiny(prompt, lora=[(name, 0.9)]), SubmitOptions.parse())
+    base = submit(backend, prompt)
+    assert styled.params["lora"] == [{"name": name, "scale": 0.9, "sha256": record["sha256"]}]
+    styled, base = finish(backend, styled.id), finish(backend, base.id)
+    assert (styled.status, base.status) == ("done", "done")
+    assert styled.meta["lora"] == [{"name": name, "sha256": record["sha256"], "scale": 0.9,
+                                    "load_s": styled.meta["lora_load_s"]}]
+    assert backend.artifact(styled.id, "video") != backend.artifact(base.id, "video")
+
+    assert name not in [r["name"] for r in other.adapters()]
+    with pytest.raises(ParamsError, match=f"lora: no adapter named '{name}' in account "):
+        other.submit(tiny(prompt, lora=name), SubmitOptions.parse())
+    answers = set()
+    for missing in (name, "never-uploaded", "../escape"):
+        with pytest.raises(AdapterNotFound) as exc:
+            other.delete_adapter(missing)
+        answers.add(str(exc.value).replace(repr(missing), "<name>"))
+    assert answers == {"adapter <name> not found"}
+    backend.delete_adapter(name)
+    assert name not in [r["name"] for r in backend.adapters()]
+    with pytest.raises(AdapterNotFound):
+        backend.delete_adapter(name)
+
+
+@pytest.mark.parametrize("case", ["a pickle", "truncated", "a header that lies", "keys of no module",
+                                  "a rank over the cap", "a path in the name"])
+def test_a_refused_upload_is_AdapterRejected_naming_why_and_keeps_nothing(backend, adapter, case):
+    data, name, reason = {
+        "a pickle": (pickle.dumps({"w": [1.0]}, protocol=4), "p", "is a pickle"),
+        "truncated": (adapter[:-10], "t", "past the end"),
+        "a header that lies": (lie(adapter, shape=[2**31, 2**31]), "l", "the header lies"),
+        "keys of no module": (renamed(adapter, "attn1.to_q", "attn9.to_q"), "k", "match no LoRA-targetable module"),
+        "a rank over the cap": (with_rank(adapter, 257), "r", "rank 257; this cluster accepts ranks 1..256"),
+        "a path in the name": (adapter, "../x", "an adapter name is 1-64 letters"),
+    }[case]
+    before = backend.adapters()
+    with pytest.raises(AdapterRejected) as exc:
+        backend.put_adapter(name, io.BytesIO(data))
+    assert reason in str(exc.value)
+    assert backend.adapters() == before
 
 
 # -- the pool -------------------------------------------------------------------------------------------
