@@ -30,6 +30,10 @@ sys.addaudithook(_no_reads_outside_the_repo)
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 # Token auth would write ~/.ray/auth_token; test clusters live on loopback and die with the session.
 os.environ["RAY_AUTH_MODE"] = "disabled"
+# Ray starts its worker processes at niceness 15 (its worker_niceness), where anything else busy on the machine
+# takes nearly all the CPU from them: a pool's actors loading a model beside two busy processes got ~1/30 of a core
+# each and missed every deadline. The tests' Ray processes run at the pytest process's own priority.
+os.environ["RAY_worker_niceness"] = "0"
 _SESSION_HOME = Path(tempfile.mkdtemp(prefix="mochi-tests-"))
 # Nothing in the tests may touch the user's data, cache or account.
 os.environ["MOCHI_LAB_DATA_DIR"] = str(_SESSION_HOME / "data")

@@ -183,7 +183,14 @@ def test_the_job_api_needs_the_token(head):
     assert _http(head.jobs_url, head.token) == (200, "[]")
     submit = {"entrypoint": "python -c \"print('submitted')\""}
     assert _http(head.jobs_url, None, submit)[0] == 401  # submission refused
-    code, text = _http(head.jobs_url, head.token, submit)
+    # The head's dashboard answers before its job agent has registered, and until then says so on a submission
+    # ("No available agent to submit job, please try again later"): the condition waited for, with a deadline.
+    deadline = time.monotonic() + 300
+    while True:
+        code, text = _http(head.jobs_url, head.token, submit)
+        if not (code == 500 and "No available agent" in text) or time.monotonic() > deadline:
+            break
+        time.sleep(1)
     assert code == 200, text
     job = json.loads(text)["submission_id"]
     deadline = time.monotonic() + 300
