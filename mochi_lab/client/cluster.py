@@ -268,7 +268,8 @@ class Adapters:
         return Rows(self.backend.adapters())
 
     def delete(self, name: str) -> None:
-        """Forget an adapter (AdapterNotFound when there is none); queued jobs that use it fail when they run."""
+        """Forget an adapter (AdapterNotFound when there is none). Jobs queued with it still run with it: its file
+        stays until they end."""
         self.backend.delete_adapter(name)
 
     def __repr__(self) -> str:

@@ -57,8 +57,8 @@ def load_adapter(cache: LoraCache, settings: WorkerConfig, account: str, model: 
             path, sha, model=model, max_bytes=settings.max_adapter_bytes, max_rank=settings.max_adapter_rank,
             cache_dir=settings.cache_dir))
     except FileNotFoundError:
-        raise JobRejected(f"lora: adapter {name!r} (sha256 {sha[:12]}) is gone: it was deleted or "
-                          "replaced after the job was queued") from None
+        raise JobRejected(f"lora: adapter {name!r} (sha256 {sha[:12]}) is gone: its file was removed after the "
+                          "job was queued") from None
     except AdapterRejected as exc:
         raise JobRejected(f"lora: adapter {name!r} refused: {exc}") from None
 
