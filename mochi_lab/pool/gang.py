@@ -183,8 +183,10 @@ class GangWorker(Worker):
         for name, ref in zip(self.peer_names, loading):
             try:
                 took.append(ray.get(ref, timeout=max(0.0, deadline - time.monotonic())))
-            except JobRejected as exc:  # Ray's error for the peer's JobRejected is one too; its cause's message
-                raise JobRejected(str(getattr(exc, "cause", None) or exc)) from None
+            except ray.exceptions.RayTaskError as exc:  # the peer answered: its refusal (or error) fails the job
+                cause = getattr(exc, "cause", None)
+                raise JobRejected(str(cause) if isinstance(cause, JobRejected)
+                                  else f"lora: {name} could not load the adapters: {cause or exc!r}") from None
             except Exception as exc:  # died or stuck: like a peer lost mid-job, the job reruns on a fresh gang
                 self._lost_mid_job(f"peer {name} lost while loading adapters: {exc!r}")
         meta["lora_load_s"] += max(took)
