@@ -484,6 +484,9 @@ def test_the_adapter_menu_offers_the_accounts_adapters_and_a_choice_reaches_the_
     assert studio.lora_scale.disabled and studio.params()["lora"] is None
 
 
-def test_the_adapter_menu_is_none_alone_when_adapters_cannot_be_read():
+def test_the_adapter_menu_is_none_alone_when_adapters_cannot_be_read_and_starts_where_asked():
     studio = Studio(FakeCluster(), prompt="a kite")  # no adapters API at all
     assert studio.lora.options == (("none", None),) and studio.params()["lora"] is None
+    asked = Studio(FakeCluster(), prompt="a kite", lora=("style", 0.8))  # the backend says at submit if it is there
+    assert asked.lora.options == (("none", None), ("style", "style")) and not asked.lora_scale.disabled
+    assert asked.params()["lora"] == [("style", 0.8)] and asked.check() == {}
