@@ -15,6 +15,9 @@ from mochi_lab import _moved
 _HOMES: dict[str, str] = {
     "MochiCluster": "mochi_lab.client.cluster",
     "Rows": "mochi_lab.client.cluster",
+    "Adapters": "mochi_lab.client.cluster",
+    "AdapterNotFound": "mochi_lab.adapters",
+    "AdapterRejected": "mochi_lab.adapters",
     "Job": "mochi_lab.client.job",
     "JobCancelledError": "mochi_lab.client.job",
     "JobFailed": "mochi_lab.client.job",
@@ -38,6 +41,7 @@ _HOMES: dict[str, str] = {
     "JobNotFound": "mochi_lab.model",
     "JobRecord": "mochi_lab.model",
     "QuotaExceeded": "mochi_lab.model",
+    "RecordTooLarge": "mochi_lab.model",
     "StoreUnavailable": "mochi_lab.model",
     "Studio": "mochi_lab.display.widgets.studio",
     "History": "mochi_lab.display.widgets.history",
@@ -46,18 +50,20 @@ _HOMES: dict[str, str] = {
 }
 
 __all__ = [
-    "Backend", "CANCELLED", "ClusterPanel", "DONE", "Experiment", "ExperimentNotFound", "FAILED",
-    "GatewayAuthError", "GatewayBackend", "GatewayError", "GenerationParams", "History", "Job", "JobCancelledError",
-    "JobFailed", "JobNotFound", "JobRecord", "LIMITS", "MochiCluster", "ParamsError", "PipelineConfig", "QUEUED",
-    "QuotaExceeded", "RUNNING", "Rows", "STATUSES", "Settings", "StoreUnavailable", "Studio", "__version__"
+    "AdapterNotFound", "AdapterRejected", "Adapters", "Backend", "CANCELLED", "ClusterPanel", "DONE", "Experiment",
+    "ExperimentNotFound", "FAILED", "GatewayAuthError", "GatewayBackend", "GatewayError", "GenerationParams",
+    "History", "Job", "JobCancelledError", "JobFailed", "JobNotFound", "JobRecord", "LIMITS", "MochiCluster",
+    "ParamsError", "PipelineConfig", "QUEUED", "QuotaExceeded", "RUNNING", "RecordTooLarge", "Rows", "STATUSES",
+    "Settings", "StoreUnavailable", "Studio", "__version__"
 ]
 
 _moved.install()
 __getattr__, __dir__ = _moved.lazy_names(__name__, _HOMES)
 
 if TYPE_CHECKING:
+    from mochi_lab.adapters import AdapterNotFound, AdapterRejected
     from mochi_lab.client.backend import Backend
-    from mochi_lab.client.cluster import MochiCluster, Rows
+    from mochi_lab.client.cluster import Adapters, MochiCluster, Rows
     from mochi_lab.client.experiment import Experiment, ExperimentNotFound
     from mochi_lab.client.http import GatewayBackend
     from mochi_lab.client.job import Job, JobCancelledError, JobFailed
@@ -76,6 +82,7 @@ if TYPE_CHECKING:
         JobNotFound,
         JobRecord,
         QuotaExceeded,
+        RecordTooLarge,
         StoreUnavailable,
     )
     from mochi_lab.params import LIMITS, GenerationParams, ParamsError

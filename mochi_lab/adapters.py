@@ -11,7 +11,10 @@ whose message names the reason.
 Adapters live beside the account's videos (`<artifacts>/<account>/adapters/`): each file under its sha256
 (`<sha256>.safetensors`, never changed once written) and each name as a small JSON record pointing at one
 (`<name>.json`), so a name is replaced atomically and a job loads exactly the file its params' sha256 names.
-Plain files and JSON only: the store, the gateway and the client use this without torch.
+A file stays while a name points at it or an unfinished job names its sha256 (`in_use`), so a job queued before
+its adapter was replaced or deleted runs with the file it was queued with; files neither keeps are removed at
+the account's next upload or delete. Plain files and JSON only: the store, the gateway and the client use this
+without torch.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import re
 import struct
 import tempfile
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import IO, Any
 
@@ -290,14 +293,16 @@ def adapter_file(root: Path, account: str, sha256: str) -> Path:
 
 class AdapterStore:
     """One account's adapters under the artifacts root `root`: put, get, list, delete, and resolving a job's
-    `lora` to the files' sha256. `max_bytes`, `max_rank` and `max_count` are the caps (WorkerConfig's)."""
+    `lora` to the files' sha256. `max_bytes`, `max_rank` and `max_count` are the caps (WorkerConfig's);
+    `in_use()` gives the sha256 of the adapters the account's unfinished jobs name (their files are kept)."""
 
     def __init__(self, root: Path, account: str, *, max_bytes: int, max_rank: int, max_count: int,
-                 cache_dir: Path | None = None):
+                 cache_dir: Path | None = None, in_use: Callable[[], Iterable[str]] | None = None):
         self.root, self.account = Path(root), check_account(account)
         self.dir = adapters_dir(self.root, self.account)
         self.max_bytes, self.max_rank, self.max_count = max_bytes, max_rank, max_count
         self.cache_dir = cache_dir
+        self.in_use = in_use
 
     def _record_path(self, name: str) -> Path:
         try:
@@ -359,19 +364,17 @@ class AdapterStore:
                 os.unlink(tmp)
             raise
         record = {"name": name, "sha256": sha, "bytes": size, "model": model, "created_at": time.time(), **facts}
-        old = self._sha_of(name)
         self._write_record(name, record)
-        if old is not None and old != sha:
-            self._collect(old)
+        self.collect()
         return record
 
     def delete(self, name: str) -> None:
-        """Forget the adapter (AdapterNotFound when there is none); its file goes unless another name uses it.
-        Queued jobs that use it fail when they run."""
-        sha = self.get(name)["sha256"]
+        """Forget the adapter (AdapterNotFound when there is none); its file goes unless another name or an
+        unfinished job uses it (that job runs with it)."""
+        self.get(name)
         with contextlib.suppress(FileNotFoundError):
             self._record_path(name).unlink()
-        self._collect(sha)
+        self.collect()
 
     def resolve(self, refs: Iterable[LoraRef], model: str) -> list[LoraRef]:
         """A job's adapters with their files' sha256, for `model`; ParamsError naming the `lora` field for a
@@ -390,12 +393,6 @@ class AdapterStore:
             out.append(LoraRef(name=ref.name, scale=ref.scale, sha256=record["sha256"]))
         return out
 
-    def _sha_of(self, name: str) -> str | None:
-        try:
-            return self.get(name)["sha256"]
-        except (AdapterNotFound, KeyError, TypeError):
-            return None
-
     def _write_record(self, name: str, record: dict[str, Any]) -> None:
         fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=".record-", suffix=".part")
         try:
@@ -407,12 +404,21 @@ class AdapterStore:
                 os.unlink(tmp)
             raise
 
-    def _collect(self, sha: str) -> None:
-        """Remove the file of `sha` when no name points at it any more."""
-        if any(r.get("sha256") == sha for r in self.list()):
-            return
-        with contextlib.suppress(FileNotFoundError, ValueError):
-            adapter_file(self.root, self.account, sha).unlink()
+    def collect(self) -> list[str]:
+        """Remove the files that no name points at and no unfinished job names (`in_use`, asked only when there
+        is such a file); the sha256 of those removed."""
+        named = {r.get("sha256") for r in self.list()}
+        unnamed = [p for p in self.dir.glob(f"*{SUFFIX}") if SHA256_RE.fullmatch(p.stem) and p.stem not in named]
+        if not unnamed:
+            return []
+        keep = set(self.in_use()) if self.in_use is not None else set()
+        gone = []
+        for path in unnamed:
+            if path.stem not in keep:
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+                gone.append(path.stem)
+        return gone
 
 
 __all__ = ["DTYPE_BYTES", "MAX_HEADER_BYTES", "AdapterNotFound", "AdapterRejected", "AdapterStore", "adapter_file",

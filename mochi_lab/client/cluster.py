@@ -240,7 +240,9 @@ def _start_progress(progress: bool | None):
 
 
 class Adapters:
-    """An account's LoRA adapters, through its backend (`MochiCluster.adapters`)."""
+    """An account's LoRA adapters, through its backend: `cluster.adapters` (`MochiCluster.adapters`). An upload is
+    checked before anything is kept (`AdapterRejected` says why; `RecordTooLarge` over the size cap,
+    `QuotaExceeded` over the count); a name the account does not have is `AdapterNotFound`."""
 
     def __init__(self, backend: Backend, model: str):
         self.backend, self.model = backend, model
@@ -266,7 +268,8 @@ class Adapters:
         return Rows(self.backend.adapters())
 
     def delete(self, name: str) -> None:
-        """Forget an adapter (AdapterNotFound when there is none); queued jobs that use it fail when they run."""
+        """Forget an adapter (AdapterNotFound when there is none). Jobs queued with it still run with it: its file
+        stays until they end."""
         self.backend.delete_adapter(name)
 
     def __repr__(self) -> str:

@@ -18,7 +18,16 @@ import httpx
 from mochi_lab.adapters import AdapterStore
 from mochi_lab.client.backend import ARTIFACTS, Backend, queue_rows, worker_rows
 from mochi_lab.config import ScalingConfig, Settings, check_account, known_models, redact_url
-from mochi_lab.model import DONE, QUEUED, JobRecord, RecordTooLarge, StoreError, StoreUnavailable, artifact_path
+from mochi_lab.model import (
+    DONE,
+    QUEUED,
+    RUNNING,
+    JobRecord,
+    RecordTooLarge,
+    StoreError,
+    StoreUnavailable,
+    artifact_path,
+)
 from mochi_lab.params import (
     MAX_PROMPT_TOKENS,
     GenerationParams,
@@ -215,7 +224,21 @@ class DirectBackend(Backend):
         """This account's adapters, beside its videos, with this cluster's caps."""
         s = self.settings
         return AdapterStore(s.artifacts_dir, self.account, max_bytes=s.max_adapter_bytes,
-                            max_rank=s.max_adapter_rank, max_count=s.max_adapters, cache_dir=s.cache_dir)
+                            max_rank=s.max_adapter_rank, max_count=s.max_adapters, cache_dir=s.cache_dir,
+                            in_use=self._adapters_in_use)
+
+    def _adapters_in_use(self) -> set[str]:
+        """The sha256 of every adapter the account's queued and running jobs name: their files stay until those
+        jobs end (a running job's retry may load it again on another worker)."""
+        counts = self.store.counts(self.account)
+        out: set[str] = set()
+        for status in (QUEUED, RUNNING):
+            if not counts.get(status):
+                continue
+            for record in self.store.list(self.account, status=status, limit=counts[status]):
+                lora = record.params.get("lora") if isinstance(record.params, dict) else None
+                out.update(ref["sha256"] for ref in lora or () if isinstance(ref, dict) and ref.get("sha256"))
+        return out
 
     def put_adapter(self, name: str, data: IO[bytes], *, model: str | None = None) -> dict[str, Any]:
         return self.adapter_store().put(name, data, model=model or self.model)

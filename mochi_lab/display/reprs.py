@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 from mochi_lab.display.notes import RetryTracker, ordinal, queue_note, stopped_note
 from mochi_lab.display.progress import progress_view
 from mochi_lab.display.values import (
+    adapters,
     basename,
     field,
     gib,
@@ -146,6 +147,8 @@ def job_view(r: Any, *, notes: Any = (), media: Any = None, preview: Any = None)
         "width": p.get("width"), "height": p.get("height"), "num_frames": p.get("num_frames"),
         "steps": p.get("num_inference_steps"), "seed": p.get("seed"), "guidance": p.get("guidance_scale"),
         "fps": p.get("fps"), "model": p.get("model"),
+        # the job's adapters by name and scale ("style ×0.8, grain ×0.3"); None for a job without any
+        "lora": adapters(p.get("lora")),
         "worker": meta.get("worker_id") or field(r, "worker_id"),
         "timings": ([(k[:-2], timings[k]) for k in TIMING_STAGES if k in timings] if "run_s" in timings else []),
         "timing_line": timings_line(timings) if "run_s" in timings else [],

@@ -78,6 +78,17 @@ def short(value: Any, n: int = 80) -> str:
     return s if len(s) <= n else s[: n - 1] + "…"
 
 
+def adapters(value: Any) -> str | None:
+    """A job's stored `lora` (a list of {"name", "scale", "sha256"}) as its adapters by name and scale, as
+    `mochi_lab.params.lora_label` words them ("style ×0.8, grain ×0.3"); None for a job without any. Another
+    value is shown as its text, never dropped."""
+    if value is None or value == "" or (isinstance(value, (list, tuple)) and not value):
+        return None
+    if not isinstance(value, (list, tuple)) or not all(isinstance(e, Mapping) for e in value):
+        return text(value)
+    return ", ".join(f"{text(e.get('name'))} \u00d7{num(e.get('scale', 1.0), 'g')}" for e in value)
+
+
 def mapping(value: Any) -> Mapping[str, Any]:
     """`value` if it is a mapping, else an empty one (a hostile record may hold a list or a string)."""
     return value if isinstance(value, Mapping) else {}

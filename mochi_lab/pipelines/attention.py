@@ -53,6 +53,8 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
 def _head_rows(linear: torch.nn.Linear, x: torch.Tensor, heads: slice, head_dim: int) -> torch.Tensor:
     """`linear(x)` for a slice of heads only: the rows of the weight (and bias) that make them."""
     rows = slice(heads.start * head_dim, heads.stop * head_dim)
+    if hasattr(linear, "base_layer"):  # a LoRA wraps it (peft): its weight alone would leave the adapters out
+        return linear(x)[..., rows].unflatten(-1, (-1, head_dim))
     bias = None if linear.bias is None else linear.bias[rows]
     return F.linear(x, linear.weight[rows], bias).unflatten(-1, (-1, head_dim))
 

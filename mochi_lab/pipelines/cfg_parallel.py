@@ -193,12 +193,22 @@ class Parallel:
 
         transformer._gang_hooks = [transformer.patch_embed.register_forward_hook(shard_tokens),
                                    transformer.proj_out.register_forward_hook(gather_tokens)]
+        gathered = [transformer.proj_out]  # the module the gather hook is on (a list: not a submodule)
+
+        def follow_proj_out() -> None:
+            # a LoRA that targets proj_out wraps it (peft) after this wrap: the gather must be on the wrapper's
+            # output, base and adapter summed, not inside it on the base layer's (shapes would then differ)
+            if transformer.proj_out is not gathered[0]:
+                transformer._gang_hooks[1].remove()
+                transformer._gang_hooks[1] = transformer.proj_out.register_forward_hook(gather_tokens)
+                gathered[0] = transformer.proj_out
 
         def forward(hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor, timestep: torch.Tensor,
                     encoder_attention_mask: torch.Tensor, attention_kwargs: dict | None = None,
                     return_dict: bool = True) -> Any:
             plan = transformer._gang
             job = plan.job
+            follow_proj_out()
             if job is None:
                 return inner(hidden_states, encoder_hidden_states, timestep, encoder_attention_mask,
                              attention_kwargs=attention_kwargs, return_dict=return_dict)

@@ -11,7 +11,9 @@ torch.distributed group of W ranks (NCCL on CUDA, gloo on CPU):
 The layout is the pipeline's `default_layout` (`mochi_lab.pipelines.cfg_parallel`): a guided job runs CFG 2 x
 SP W/2 (its two samples on two halves of the gang, each half splitting the video's tokens), a job without CFG
 SP over all W ranks. The job's meta records it (`layout`, `cfg_degree`, `sp_degree`, `ranks`). A video with
-fewer visual tokens than its SP degree is refused before any work, without a retry. Each rank encodes the
+fewer visual tokens than its SP degree is refused before any work, without a retry. A job's LoRA adapters are
+loaded on rank 0, then on every peer from the same files (`PeerActor.load_adapters`), before any rank starts;
+each rank sets them for the job and disables them after. Each rank encodes the
 prompt itself (why: docs/how-to/gpus.md).
 
 Failure is per gang: a collective that fails mid-job (a rank died) exits that process at once, without
@@ -45,7 +47,7 @@ from mochi_lab.pipelines.cfg_parallel import (
     rendezvous_store,
     visual_tokens,
 )
-from mochi_lab.worker.job import JobRejected
+from mochi_lab.worker.job import JobRejected, load_adapter
 from mochi_lab.worker.loop import Worker, WorkerUnhealthy
 
 log = logging.getLogger("mochi_lab.pool.gang")
@@ -165,17 +167,46 @@ class GangWorker(Worker):
             raise JobRejected(str(exc)) from None
         return layout
 
-    def _generate(self, params: GenerationParams, on_step, plan):
+    def _load_adapters(self, job, params: GenerationParams, reporter, meta: dict[str, Any]) -> list[tuple[str, float]]:
+        """The job's adapters loaded here, then on every peer from the same content-addressed files (each rank
+        checks the file again), before any rank starts the job: a peer that cannot load one fails the job
+        (JobRejected, its reason) while no rank is in a collective. `lora_load_s` adds the slowest peer's load."""
+        applied = super()._load_adapters(job, params, reporter, meta)
+        if not applied:
+            return applied
+        import ray
+
+        wanted = [(fact["name"], fact["sha256"]) for fact in meta["lora"] if fact["scale"] != 0.0]
+        loading = [peer.load_adapters.remote(job.account, params.model, wanted) for peer in self.peers]
+        deadline = time.monotonic() + self.settings.gang_timeout_s
+        took = [0.0]
+        for name, ref in zip(self.peer_names, loading):
+            try:
+                took.append(ray.get(ref, timeout=max(0.0, deadline - time.monotonic())))
+            except ray.exceptions.RayTaskError as exc:  # the peer answered: its refusal (or error) fails the job
+                cause = getattr(exc, "cause", None)
+                raise JobRejected(str(cause) if isinstance(cause, JobRejected)
+                                  else f"lora: {name} could not load the adapters: {cause or exc!r}") from None
+            except Exception as exc:  # died or stuck: like a peer lost mid-job, the job reruns on a fresh gang
+                self._lost_mid_job(f"peer {name} lost while loading adapters: {exc!r}")
+        meta["lora_load_s"] += max(took)
+        return applied
+
+    def _lost_mid_job(self, why: str) -> None:
+        """The job is not finished here: the restart hands it back (attempt + 1)."""
+        try:
+            self.store.release_worker(self.worker_id)
+        except Exception:  # the restarted rank 0 releases it too
+            pass
+        _exit_for_restart(why)
+
+    def _generate(self, params: GenerationParams, on_step, plan, adapters=()):
         layout = self._layout(params)  # before any rank starts: a refusal costs the peers nothing
-        running = [peer.generate.remote(params, layout) for peer in self.peers]
+        running = [peer.generate.remote(params, layout, list(adapters)) for peer in self.peers]
         try:
             result = self.runner.generate(params, on_step, preview=plan, layout=layout)
-        except PeerLost as exc:  # the job is not finished here: the restart hands it back (attempt + 1)
-            try:
-                self.store.release_worker(self.worker_id)
-            except Exception:  # the restarted rank 0 releases it too
-                pass
-            _exit_for_restart(f"a peer lost mid-job: {exc}")
+        except PeerLost as exc:
+            self._lost_mid_job(f"a peer lost mid-job: {exc}")
         except BaseException:
             if self.parallel.synced_stop:  # the peers stopped at the same step
                 self._await_peers(running)
@@ -263,21 +294,39 @@ class PeerActor:
             log.exception("this model cannot run in the gang's layouts")
         return os.getpid()
 
-    def generate(self, params: GenerationParams, layout: Layout) -> dict[str, Any]:
-        """This rank's share of one job; returns how it ended."""
+    def _runner_for(self, model: str) -> Any:
+        if model != self.runner.name:  # rank 0 loaded another model for this job
+            self.runner = None
+            self.runner = load_runner(model, self.settings.cache_dir, self.config)
+            self.runner.enable_parallel(self.parallel)
+        return self.runner
+
+    def load_adapters(self, account: str, model: str, adapters: list[tuple[str, str]]) -> float:
+        """Load a job's LoRA adapters ((name, sha256) pairs, those rank 0 loaded) from the account's files,
+        checked again here; the seconds it took. JobRejected as rank 0 words it when one cannot be used."""
         with self._lock:
-            if params.model != self.runner.name:  # rank 0 loaded another model for this job
-                self.runner = None
-                self.runner = load_runner(params.model, self.settings.cache_dir, self.config)
-                self.runner.enable_parallel(self.parallel)
+            cache = self._runner_for(model).lora
+            cache.size = self.settings.lora_cache  # rank 0's size: the ranks keep the same adapters loaded
+            took = sum(load_adapter(cache, self.settings, account, model, name, sha) for name, sha in adapters)
+            cache.evict(keep=[sha for _, sha in adapters])
+            return took
+
+    def generate(self, params: GenerationParams, layout: Layout,
+                 adapters: list[tuple[str, float]] = ()) -> dict[str, Any]:
+        """This rank's share of one job, with the LoRA `adapters` ((sha256, scale), loaded by `load_adapters`)
+        set for it and disabled after, as on rank 0; returns how it ended."""
+        with self._lock:
+            self._runner_for(params.model)
             self.parallel.reset_stats()
-            self.last = {"seed": params.seed, "layout": layout.name, "steps": 0, "outcome": "running"}
+            self.last = {"seed": params.seed, "layout": layout.name, "steps": 0, "outcome": "running",
+                         "lora": [sha for sha, _ in adapters]}
 
             def on_step(step: int, total: int) -> None:
                 self.last["steps"] = step
 
             try:
-                result = self.runner.generate(params, on_step, decode=self.runner.split_decode, layout=layout)
+                with self.runner.lora.applied(adapters):
+                    result = self.runner.generate(params, on_step, decode=self.runner.split_decode, layout=layout)
                 self.last.update(outcome="done", decode_ranks=result.info.get("decode_ranks"))
             except StoppedByPeer:
                 self.last["outcome"] = "stopped"

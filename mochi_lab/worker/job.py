@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     import psutil
 
     from mochi_lab.config import WorkerConfig
+    from mochi_lab.pipelines.lora import LoraCache
     from mochi_lab.store.base import Claim, Store
     from mochi_lab.worker.gate import Gates
     from mochi_lab.worker.telemetry import WorkerStats
@@ -43,6 +44,23 @@ STOP_WAIT_S = 10.0  # the longest a job's end waits for a tick under way
 
 class JobRejected(Exception):
     """A job that must fail at once, without a retry: its message is the job's error."""
+
+
+def load_adapter(cache: LoraCache, settings: WorkerConfig, account: str, model: str, name: str, sha: str) -> float:
+    """Load the account's adapter file of `sha` (named `name` in the job) into `cache`, the file checked again
+    here (its sha256, then `read_adapter`'s checks); the seconds it took, 0.0 when it was loaded already. Every
+    rank of a gang loads a job's adapters so, from the same content-addressed file. JobRejected naming the
+    adapter when its file is gone or refused."""
+    path = adapter_file(settings.artifacts_dir, account, sha)
+    try:
+        return cache.load(sha, lambda: read_adapter(
+            path, sha, model=model, max_bytes=settings.max_adapter_bytes, max_rank=settings.max_adapter_rank,
+            cache_dir=settings.cache_dir))
+    except FileNotFoundError:
+        raise JobRejected(f"lora: adapter {name!r} (sha256 {sha[:12]}) is gone: its file was removed after the "
+                          "job was queued") from None
+    except AdapterRejected as exc:
+        raise JobRejected(f"lora: adapter {name!r} refused: {exc}") from None
 
 
 class RunningJob:
@@ -214,7 +232,7 @@ class JobRunner:
             every = self.settings.preview_every
             plan = None if every < 0 else PreviewPlan(on_preview, every, self.settings.preview_min_interval_s)
             with self.runner.lora.applied(adapters):  # disabled again after, on every path: the next job runs base
-                result = self._generate(params, on_step, plan)
+                result = self._generate(params, on_step, plan, adapters)
             timings.update(result.timings)
             # a cancel seen during the decode (the ticks read it) stops the job before the encode
             if lost.is_set():
@@ -277,8 +295,6 @@ class JobRunner:
         cannot be used."""
         if not params.lora:
             return []
-        if self.runner.parallel is not None:
-            raise JobRejected("lora: LoRA adapters do not run on multi-GPU workers yet; use a pool of 1-GPU workers")
         s, cache = self.settings, self.runner.lora
         cache.size = s.lora_cache
         applied: list[tuple[str, float]] = []
@@ -291,16 +307,7 @@ class JobRunner:
                 continue
             if sha not in cache.loaded:
                 reporter.report("loading", message=f"loading adapter {ref.name}")
-            path = adapter_file(s.artifacts_dir, job.account, sha)
-            try:
-                fact["load_s"] = cache.load(sha, lambda: read_adapter(
-                    path, sha, model=params.model, max_bytes=s.max_adapter_bytes, max_rank=s.max_adapter_rank,
-                    cache_dir=s.cache_dir))
-            except FileNotFoundError:
-                raise JobRejected(f"lora: adapter {ref.name!r} (sha256 {sha[:12]}) is gone: it was deleted or "
-                                  "replaced after the job was queued") from None
-            except AdapterRejected as exc:
-                raise JobRejected(f"lora: adapter {ref.name!r} refused: {exc}") from None
+            fact["load_s"] = load_adapter(cache, s, job.account, params.model, ref.name, sha)
             applied.append((sha, ref.scale))
         cache.evict(keep=[sha for sha, _ in applied])
         meta.update(lora=facts, lora_load_s=sum(f["load_s"] for f in facts))

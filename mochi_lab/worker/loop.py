@@ -13,7 +13,7 @@ import random
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import psutil
@@ -219,8 +219,10 @@ class Worker(JobRunner):
         """The loaded pipeline for `model` (a gang's leader also joins its peer here)."""
         return load_runner(model, self.settings.cache_dir, self.config)
 
-    def _generate(self, params: GenerationParams, on_step: Callable[[int, int], None], plan: PreviewPlan | None):
-        """One job's frames (a gang's leader runs its peer alongside)."""
+    def _generate(self, params: GenerationParams, on_step: Callable[[int, int], None], plan: PreviewPlan | None,
+                  adapters: Sequence[tuple[str, float]] = ()):
+        """One job's frames, with the LoRA `adapters` ((sha256, scale), applied by the caller here) set (a gang's
+        leader runs its peers alongside, each applying the same)."""
         return self.runner.generate(params, on_step, preview=plan)
 
     # -- the store, across outages ------------------------------------------------

@@ -54,11 +54,13 @@ JOB_FIELDS = {
     **{f"params.{k}": (lambda k: lambda v: {"params": {k: v}})(k)
        for k in ("prompt", "negative_prompt", "width", "height", "num_frames", "num_inference_steps", "seed",
                  "guidance_scale", "fps", "model")},
+    "params.lora": lambda v: {"params": {"lora": [{"name": "ok", "scale": 1.0}, {"name": v, "scale": v}]}},
+    "params.lora (not a list)": lambda v: {"params": {"lora": v}},
     **{f"timings.{k}": (lambda k: lambda v: {"timings": {k: v}})(k)
        for k in ("queue_s", "load_s", "denoise_s", "decode_s", "encode_s", "run_s")},
 }
 CARD_HEADER_FIELDS = ["id", "status", "params.prompt", "params.width", "params.height", "params.num_frames",
-                      "params.num_inference_steps", "params.seed", "params.model"]
+                      "params.num_inference_steps", "params.seed", "params.model", "params.lora"]
 HISTORY_FIELDS = CARD_HEADER_FIELDS + ["experiment", "timings.run_s"]
 WORKER_FIELDS = ["worker_id", "node", "gpu_name", "device", "gpu_memory_used", "gpu_memory_total", "rss_bytes", "model",
                  "state", "error", "current_job", "jobs_done", "uptime_s"]
@@ -90,6 +92,19 @@ def test_job_html_takes_wrong_types_without_crashing():
     assert "nan" in reprs.job_html(r)
     assert_safe(reprs.job_html(object()), None)  # nothing at all: every field missing
     assert_safe(reprs.job_html(record(step=True)), None)
+
+
+def test_a_jobs_adapters_and_scales_are_shown_in_its_view_its_card_and_its_history_row(tmp_path):
+    lora = [{"name": "style", "scale": 0.8, "sha256": "a" * 64}, {"name": "grain", "scale": -0.25, "sha256": "b" * 64}]
+    shown = '&middot; LoRA <span class="mochi-lora">style \u00d70.8, grain \u00d7-0.25</span>'
+    with_lora = record(params={"lora": lora}, status="done", stage="done")
+    views = {"job": reprs.job_html(with_lora),
+             "history": HistoryRow(FakeJob(with_lora), None, NOOP).info.value,
+             "card": JobCard(FakeJob(with_lora), download_dir=tmp_path).header.value}
+    for where, html in views.items():
+        assert shown in html, where
+        assert_safe(html)
+    assert "LoRA" not in reprs.job_html(record()) and "LoRA" not in HistoryRow(FakeJob(record()), None, NOOP).info.value
 
 
 def test_job_html_formats_real_numbers():

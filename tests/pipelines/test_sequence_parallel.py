@@ -26,6 +26,7 @@ import torch
 from mochi_lab.params import GenerationParams
 from mochi_lab.pipelines import PipelineConfig, load_runner
 from mochi_lab.pipelines.cfg_parallel import Layout, LayoutError, default_layout
+from tests.support.lora import EVERY_SPLIT, make_adapter
 
 RANK = Path(__file__).parents[1] / "support" / "gang_rank.py"
 ROOT = Path(__file__).resolve().parents[2]
@@ -170,6 +171,34 @@ def test_ranks_agree_on_the_first_block_cache(tiny_checkpoint, tmp_path):
         skips = [r[index]["info"]["step_cache_skips"] for r in ranks]
         assert skips == [ref.info["step_cache_skips"]] * 2 and 0 < skips[0] < 11, (skips, ref.info)
         assert_same_video(ranks, index, ref)
+
+
+@pytest.mark.usefixtures("gloo_ranks")
+def test_a_lora_on_every_rank_gives_one_process_video_with_it_and_the_base_after(tiny_checkpoint, tmp_path):
+    """Each rank loads the same adapter file into its pipeline and sets it for the job at the job's scale (what a
+    gang's ranks do); SP 2 (padded) and CFG 2 give one process's latents with that adapter, and the job after,
+    with it disabled, one process's base latents."""
+    import hashlib
+
+    adapter = make_adapter(tmp_path / "every.safetensors", seed=4, targets=EVERY_SPLIT)
+    lora = [[str(adapter), 0.8]]
+    ps = [job(**PADDED), job(guidance=4.5, **EVEN), job(**PADDED)]
+    spec = {"jobs": [{"params": ps[0], "lora": lora}, {"params": ps[1], "lora": lora}, {"params": ps[2]}]}
+    ranks = run_gang(tmp_path, tiny_checkpoint.parent, 2, spec)
+    assert [r[1]["info"]["layout"] for r in ranks] == ["cfg2xsp1"] * 2
+    assert [r[0]["info"]["layout"] for r in ranks] == ["cfg1xsp2"] * 2
+
+    runner = load_runner("tiny", tiny_checkpoint.parent)
+    data = adapter.read_bytes()
+    sha = hashlib.sha256(data).hexdigest()
+    runner.lora.load(sha, lambda: data)
+    for index in (0, 1):
+        with runner.lora.applied([(sha, 0.8)]):
+            ref = runner.generate(GenerationParams.parse("a cat surfing a wave", **ps[index]))
+        base = reference(tiny_checkpoint.parent, ps[index])
+        assert (ref.latents - base.latents).abs().max().item() > 100 * LATENT_TOL  # the adapter changes the video
+        assert_same_video(ranks, index, ref)
+    assert_same_video(ranks, 2, reference(tiny_checkpoint.parent, ps[2]))
 
 
 @pytest.mark.usefixtures("gloo_ranks")

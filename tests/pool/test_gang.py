@@ -12,12 +12,14 @@ import os
 import signal
 import time
 
+import numpy as np
 import pytest
 
 from tests.support.faults_helpers import wait_for
 from tests.support.gangkit import assert_single_process_video, decoded, gang_pool, pings
 from tests.support.gangkit import formed as gang_formed
 from tests.support.jobkit import TINY
+from tests.support.lora import EVERY_SPLIT, make_adapter
 
 NAMESPACE = "mochi_gang_test"
 # a guided job (both ranks work) with steps before and after the gates the tests hold it at
@@ -67,6 +69,32 @@ def test_a_job_on_two_ranks_gives_the_single_process_video(gang, formed, tiny_ch
     table = {row["name"]: row for row in ray.util.placement_group_table().values()}
     assert table[f"mochi-gang-{NAMESPACE}-0"]["strategy"] == "STRICT_PACK"
     assert_single_process_video(done, tiny_checkpoint.parent, tmp_path, "a cat surfing a wave", seed, params)
+
+
+def test_every_rank_applies_a_jobs_lora_and_disables_it_after(gang, formed, tiny_checkpoint, tmp_path):
+    """A job with an adapter: rank 0 and its peer load the same file (the account's, by its sha256) and set it at
+    the job's scale; the video is one process's with that adapter, in the CFG layout and the SP one. The same job
+    without it, after them, is the video it made before any adapter was loaded, bit for bit: every rank
+    disabled it."""
+    params = {**PADDED, "guidance_scale": 4.5}
+    before = gang.generate("a cat surfing a wave", seed=61, **params).wait(timeout=300)
+    assert before.status == "done", before.error
+    adapter = make_adapter(tmp_path / "every.safetensors", seed=4, targets=EVERY_SPLIT)
+    sha = gang.adapters.upload(adapter, name="every")["sha256"]
+    for guidance, layout, seed in ((4.5, "cfg2xsp1", 61), (1.0, "cfg1xsp2", 62)):
+        params = {**PADDED, "guidance_scale": guidance}
+        done = gang.generate("a cat surfing a wave", seed=seed, lora=[("every", 0.8)], **params).wait(timeout=300)
+        assert done.status == "done", done.error
+        assert done.meta["layout"] == layout and done.meta["lora"][0]["sha256"] == sha
+        last = _peer()["last"]
+        assert (last["seed"], last["outcome"], last["lora"]) == (seed, "done", [sha])
+        assert_single_process_video(done, tiny_checkpoint.parent, tmp_path, "a cat surfing a wave", seed, params,
+                                    lora=(adapter, 0.8))
+    params = {**PADDED, "guidance_scale": 4.5}
+    after = gang.generate("a cat surfing a wave", seed=61, force=True, **params).wait(timeout=300)
+    assert after.status == "done" and after.id != before.id, after.error
+    assert "lora" not in after.meta and _peer()["last"]["lora"] == []
+    assert np.array_equal(decoded(after.artifacts["video"]), decoded(before.artifacts["video"]))
 
 
 @pytest.mark.usefixtures("formed")

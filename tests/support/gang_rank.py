@@ -3,7 +3,8 @@ MochiRunner.generate with a `Parallel` plan, as every rank of a gang does.
 
     python gang_rank.py RANK WORLD PORT CACHE_DIR OUT.pt SPEC.json
 
-SPEC: {"jobs": [{"params": {...GenerationParams}, "layout": [cfg, sp] or null, "stop_at": [rank, step] or null}],
+SPEC: {"jobs": [{"params": {...GenerationParams}, "layout": [cfg, sp] or null, "stop_at": [rank, step] or null,
+                  "lora": [[ADAPTER.safetensors, scale], ...] (optional: loaded once, set for the job, disabled after)}],
        "step_cache_threshold": {"RANK": threshold} (optional; a rank absent has none),
        "decode": {"frames": F, "height": H, "width": W, "seed": S} (optional: decode a random latent instead),
        "timeout_s": 60}
@@ -13,6 +14,7 @@ Each job's latents, frames, the steps its callback saw, how it ended, its info a
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sys
 
@@ -57,8 +59,15 @@ def main() -> None:
         out: dict = {"steps": seen, "outcome": "done"}
         if runner.parallel is not None:
             runner.parallel.reset_stats()
+        adapters = []
+        for path, scale in job.get("lora") or ():
+            data = open(path, "rb").read()
+            sha = hashlib.sha256(data).hexdigest()
+            runner.lora.load(sha, lambda data=data: data)
+            adapters.append((sha, scale))
         try:
-            result = runner.generate(params, on_step, layout=layout)
+            with runner.lora.applied(adapters):
+                result = runner.generate(params, on_step, layout=layout)
             out.update(latents=result.latents, frames=torch.from_numpy(result.frames), info=result.info)
         except (JobCancelled, StoppedByPeer) as exc:
             out["outcome"] = f"cancelled: {exc}"

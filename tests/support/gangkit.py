@@ -8,6 +8,7 @@ never claim each other's jobs.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -86,7 +87,7 @@ def decoded(path: str | Path) -> np.ndarray:
 
 
 def assert_single_process_video(job: Any, checkpoint_dir: Path, tmp_path: Path, prompt: str, seed: int,
-                                params: dict, *, exact: bool = True) -> None:
+                                params: dict, *, exact: bool = True, lora: tuple[Path, float] | None = None) -> None:
     """The job's video is the one a 1-GPU worker makes of it (the float latents of a gang vs one process are
     compared in tests/pipelines: within 1e-5).
 
@@ -95,8 +96,16 @@ def assert_single_process_video(job: Any, checkpoint_dir: Path, tmp_path: Path, 
     tests/pipelines): the lossless thumbnail (the middle frame) is within 1 level of one process's, and the
     MP4 at least 50 dB PSNR from one process's MP4, since x264 spreads a 1-level change over its block.
     Measured (CFG 2 x SP 2, 25 frames at 48x48): 4 pixels of 172,800 off by 1 level, the MP4s 68 dB apart;
-    the same job with one step more is 37 dB away, another seed 25 dB."""
-    single = load_runner("tiny", checkpoint_dir).generate(GenerationParams.parse(prompt, seed=seed, **params))
+    the same job with one step more is 37 dB away, another seed 25 dB. `lora`: one process with that adapter."""
+    runner = load_runner("tiny", checkpoint_dir)
+    adapters = []
+    if lora is not None:  # one process with the adapter file `lora[0]` set at scale `lora[1]`
+        data = Path(lora[0]).read_bytes()
+        sha = hashlib.sha256(data).hexdigest()
+        runner.lora.load(sha, lambda: data)
+        adapters.append((sha, lora[1]))
+    with runner.lora.applied(adapters):
+        single = runner.generate(GenerationParams.parse(prompt, seed=seed, **params))
     reference = decoded(write_mp4(single.frames, tmp_path / "single.mp4", params["fps"]))
     video = decoded(job.artifacts["video"])
     if exact:

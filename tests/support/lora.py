@@ -8,6 +8,10 @@ import struct
 from pathlib import Path
 
 TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+# every kind of Linear layer the splits treat apart: per token on a rank's share (to_q, ff.net...), the prompt's
+# projections SP computes for its heads only (add_q_proj...), and proj_out, whose output the token gather follows
+EVERY_SPLIT = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
+               "ff.net.0.proj", "ff.net.2", "proj_out")
 
 
 def make_adapter(path: Path, *, seed: int = 0, rank: int = 4, targets: tuple[str, ...] = TARGETS,

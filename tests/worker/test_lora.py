@@ -97,3 +97,25 @@ def test_an_adapter_gone_or_changed_after_the_job_was_queued_fails_it_and_the_wo
     assert changed.error == ("lora: adapter 'B' refused: the file's sha256 is not "
                              f"{store.get('B')['sha256']}: it changed after it was checked")
     assert gone.attempts == changed.attempts == 1  # not retried: the same job would fail the same way
+
+
+def test_a_job_queued_before_its_adapter_was_replaced_or_deleted_runs_with_the_file_it_was_queued_with(direct,
+                                                                                                        tmp_path):
+    """The old files stay while a queued job names them; the first upload or delete after those jobs end removes
+    them. The jobs' videos are those of the files they were queued with."""
+    store = direct.adapter_store()
+    old_a, old_b = store.get("A")["sha256"], store.get("B")["sha256"]
+    with_a, with_b = _submit(direct, "A"), _submit(direct, "B")
+    with make_adapter(tmp_path / "made" / "A2.safetensors", seed=3).open("rb") as f:
+        new_a = direct.put_adapter("A", f)["sha256"]  # A replaced
+    direct.delete_adapter("B")
+    assert new_a != old_a and [r["name"] for r in store.list()] == ["A"]
+    assert store.dir.joinpath(f"{old_a}.safetensors").is_file() and store.dir.joinpath(f"{old_b}.safetensors").is_file()
+    with_new_a = _submit(direct, "A")
+    (ran_a, ran_b, ran_new_a), _ = _run(direct, [with_a, with_b, with_new_a])
+    assert [r.meta["lora"][0]["sha256"] for r in (ran_a, ran_b, ran_new_a)] == [old_a, old_b, new_a]
+    assert _video(ran_a) != _video(ran_new_a) and ran_b.status == "done"
+    assert store.dir.joinpath(f"{old_a}.safetensors").is_file()  # nothing removes a file between uploads
+    with make_adapter(tmp_path / "made" / "C.safetensors", seed=4).open("rb") as f:
+        direct.put_adapter("C", f)  # the jobs have ended: this upload removes the old files
+    assert sorted(p.stem for p in store.dir.glob("*.safetensors")) == sorted([new_a, store.get("C")["sha256"]])

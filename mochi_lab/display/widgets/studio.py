@@ -2,7 +2,7 @@
 
 The form offers size presets (and a custom size), the length in seconds or in frames (either may be
 typed; the other follows, seconds snapped to Mochi's 6k+1 frames), the models the pool's workers serve,
-and defaults that suit the pool: small and few steps on CPU workers, Mochi's defaults on GPUs. A typed
+one of the account's LoRA adapters (none by default) at a scale, and defaults that suit the pool: small and few steps on CPU workers, Mochi's defaults on GPUs. A typed
 value that is not allowed is shown as an error next to its field, in the form's own words (its labels),
 and Generate stays disabled until it is fixed: no value is silently clamped. Generate is also disabled
 while a submission is in flight; a notice (a reused job, the backend's refusal) clears when the form changes.
@@ -29,8 +29,10 @@ from .studio_fields import (
     CUSTOM,
     FIELD_OF,
     FIELDS,
+    NO_ADAPTER,
     SEED_MIN,
     SIZE_PRESETS,
+    adapter_choices,
     as_number,
     device_of,
     duration_of,
@@ -56,12 +58,21 @@ def _layout(width: str = "320px") -> W.Layout:
     return W.Layout(width=width)
 
 
+def _adapter_default(value: Any) -> tuple[str | None, float]:
+    """The adapter menu's starting name and scale from a `lora=` default: none, a name, or (name, scale)."""
+    if isinstance(value, str) and value:
+        return value, 1.0
+    if isinstance(value, (tuple, list)) and len(value) == 2 and isinstance(value[0], str):
+        return value[0], float(value[1])
+    return NO_ADAPTER[1], 1.0
+
+
 class Studio(StaticStandIn, HasCardStack, W.VBox):
     """Write a prompt, pick parameters, press Generate; each job gets a live card below the form.
 
     Keyword arguments set the form's starting values (GenerationParams names), e.g.
     `Studio(cluster, num_frames=7, height=32, width=32, num_inference_steps=2)`; the rest follow the
-    pool's device.
+    pool's device. `lora` starts the adapter menu at one of the account's adapters: a name, or (name, scale).
     """
 
     def __init__(self, cluster: "MochiCluster", *, download_dir: str | Path | None = None,
@@ -101,6 +112,12 @@ class Studio(StaticStandIn, HasCardStack, W.VBox):
         models = model_choices(cluster, d["model"], rows, asked="model" in defaults)
         self.model = W.Dropdown(options=models, value=d["model"] if d["model"] in models else models[0],
                                 description="model", style=_LABEL, layout=_layout())
+        lora, scale = _adapter_default(d.get("lora"))
+        adapters = adapter_choices(cluster, lora)
+        self.lora = W.Dropdown(options=adapters, value=lora, description="LoRA", style=_LABEL, layout=_layout())
+        self.lora_scale = W.FloatText(value=scale, step=0.1, description="LoRA scale", disabled=lora is None,
+                                      style=_LABEL, layout=_layout("220px"))
+        self.lora.observe(lambda ch: setattr(self.lora_scale, "disabled", ch["new"] is None), "value")
         self.field_errors = {name: W.HTML(layout=_layout("370px")) for name in FIELDS}
         self.invalid = False  # a field shows an error: Generate waits for it to be fixed
         self.generate_button = W.Button(description="Generate", icon="play", button_style="primary")
@@ -126,7 +143,8 @@ class Studio(StaticStandIn, HasCardStack, W.VBox):
                         row(self.duration, error="duration"), row(self.frames, self.frames_hint, error="num_frames")],
                        layout=_layout("380px")),
                 W.VBox([row(self.steps, error="num_inference_steps"), row(self.guidance, error="guidance_scale"),
-                        row(self.seed, self.random_seed, error="seed"), row(self.model, error="model")],
+                        row(self.seed, self.random_seed, error="seed"), row(self.model, error="model"),
+                        row(self.lora, error="lora"), self.lora_scale],
                        layout=_layout("380px")),
             ]),
             W.HBox([self.generate_button, self.clear_button]), self.error,
@@ -138,7 +156,7 @@ class Studio(StaticStandIn, HasCardStack, W.VBox):
         self.frames.observe(self._frames_typed, "value")
         self.fps.observe(self._fps_typed, "value")
         for w in (self.width, self.height, self.fps, self.duration, self.frames, self.steps, self.guidance, self.seed,
-                  self.random_seed, self.model, self.negative_prompt, self.prompt):
+                  self.random_seed, self.model, self.negative_prompt, self.prompt, self.lora, self.lora_scale):
             w.observe(lambda _: self._changed(), "value")
         self._size_picked()
         self.check()
@@ -208,6 +226,8 @@ class Studio(StaticStandIn, HasCardStack, W.VBox):
             "seed": None if self.random_seed.value else as_number(self.seed.value, integer=True),
             "fps": as_number(self.fps.value, integer=True),
             "model": self.model.value,
+            "lora": None if self.lora.value is None else [(self.lora.value, as_number(self.lora_scale.value,
+                                                                                       integer=False))],
         }
 
     def check(self) -> dict[str, str]:

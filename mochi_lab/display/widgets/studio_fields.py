@@ -1,7 +1,7 @@
 """The Studio form's fields, apart from its widgets: what each offers, what it starts at, and how it is checked.
 
 The choices: size presets (and a custom size), lengths in 6k+1 frames (a length typed in seconds snaps to the
-nearest), the models the pool's workers serve. The defaults suit the pool: small and few steps on CPU workers,
+nearest), the models the pool's workers serve, the account's LoRA adapters (none by default) and a scale. The defaults suit the pool: small and few steps on CPU workers,
 Mochi's defaults on GPUs. The check is GenerationParams' own, on the values as typed; each error is put beside
 its field in the form's words (its labels), and no value is silently clamped.
 """
@@ -31,6 +31,7 @@ STEPS_MIN, STEPS_MAX = _int_limits("num_inference_steps")
 FPS_MIN, FPS_MAX = _int_limits("fps")
 SEED_MIN, SEED_MAX = _int_limits("seed")
 GUIDANCE_MIN, GUIDANCE_MAX = (float(v) for v in LIMITS["guidance_scale"])
+NO_ADAPTER = ("none", None)  # the adapter menu's first entry, and its default: the base model
 # Mochi needs num_frames = 6k+1 and sizes divisible by 16 (diffusers checks only 8).
 FRAME_CHOICES = [n for n in range(FRAMES_MIN, FRAMES_MAX + 1) if n % 6 == 1]
 HEIGHT_CHOICES = [n for n in range(HEIGHT_MIN, HEIGHT_MAX + 1) if n % 16 == 0]
@@ -51,12 +52,12 @@ SIZE_PRESETS: list[tuple[str, Any]] = [
 CPU_DEFAULTS = {"width": 432, "height": 240, "num_frames": 13, "fps": 8, "num_inference_steps": 8}
 # The form's error boxes, in the order errors are checked; each ParamsError line names one of these.
 FIELDS = ("prompt", "negative_prompt", "size", "duration", "num_frames", "fps", "num_inference_steps",
-          "guidance_scale", "seed", "model")
+          "guidance_scale", "seed", "model", "lora")
 FIELD_OF = {"width": "size", "height": "size"}
 # What the form calls each GenerationParams field: its errors say the label the user sees beside the field.
 LABELS = {"prompt": "prompt", "negative_prompt": "negative prompt", "width": "width", "height": "height",
           "num_frames": "frames", "num_inference_steps": "steps", "guidance_scale": "guidance", "seed": "seed",
-          "fps": "fps", "model": "model", "size": "size"}
+          "fps": "fps", "model": "model", "size": "size", "lora": "LoRA"}
 
 
 # -- lengths: seconds and frames -------------------------------------------------------------------
@@ -121,6 +122,24 @@ def model_choices(cluster: "MochiCluster", default: str, rows: list[Any] | None,
         served &= accepted
     models = sorted(served) or [str(default)]
     return models if not asked or str(default) in models else sorted([*models, str(default)])
+
+
+def adapter_choices(cluster: "MochiCluster", asked: str | None = None) -> list[tuple[str, str | None]]:
+    """The adapter menu: (label, name) of "none" and then each of the account's adapters
+    (`cluster.adapters.list()`), labelled with its model and rank; only "none" when they cannot be read. An adapter
+    asked for by name (`Studio(..., lora=...)`) is offered too (the backend then says if it is not there)."""
+    try:
+        rows = [mapping(r) for r in cluster.adapters.list()]
+    except Exception:  # an old or unreachable backend, or no adapters API: the base model alone
+        rows = []
+    out = [NO_ADAPTER]
+    for row in rows:
+        name = row.get("name")
+        if isinstance(name, str) and name:
+            out.append((f"{name} ({row.get('model')}, rank {row.get('rank')})", name))
+    if asked and asked not in {name for _, name in out}:
+        out.append((asked, asked))
+    return out
 
 
 # -- the check ---------------------------------------------------------------------------------------

@@ -48,7 +48,7 @@ def router(door: Door, max_bytes: int) -> APIRouter:
     @api.delete(wire.DELETE_ADAPTER[1], status_code=204, response_class=Response,
                 responses=errors(*AUTHED, 404, 422))
     def delete_adapter(name: str, backend: DirectBackend = Depends(user_backend)):
-        """Forget the adapter (queued jobs that use it fail when they run)."""
+        """Forget the adapter (jobs queued with it still run with it: its file stays until they end)."""
         backend.delete_adapter(name)
         return Response(status_code=204)
 

@@ -14,6 +14,7 @@ from mochi_lab import Job, ParamsError
 from mochi_lab.display.widgets import JobCard, Studio
 from tests.support.fakes import FakeCluster, FakeJob, Scan, record
 from tests.support.jobkit import TINY
+from tests.support.lora import make_adapter
 from tests.support.widget_helpers import drive, unique, until
 
 
@@ -457,3 +458,35 @@ def test_where_the_save_hook_is_off_the_cell_says_so_and_how_to_turn_it_on(tmp_p
     with capture_output() as shown:
         studio._ipython_display_()
     assert len(shown.outputs) == 2  # the widget and its stand-in, nothing to warn about
+
+
+def test_the_adapter_menu_offers_the_accounts_adapters_and_a_choice_reaches_the_job(mochi, tmp_path):
+    """None by default (the scale disabled); a picked adapter and scale are the job's `lora`, resolved to the
+    file's sha256 and applied by the worker; a scale out of range is an error beside the menu, never clamped."""
+    name = unique("studio-style").replace(" ", "-")
+    sha = mochi.adapters.upload(make_adapter(tmp_path / "made" / "style.safetensors", seed=1), name=name)["sha256"]
+    studio = tiny_studio(mochi, tmp_path, unique("a kite with a style"), seed=3)
+    assert studio.lora.value is None and studio.lora_scale.disabled and studio.params()["lora"] is None
+    assert studio.lora.options[0] == ("none", None)
+    assert (f"{name} (tiny, rank 4)", name) in studio.lora.options
+    studio.lora.value = name
+    assert not studio.lora_scale.disabled
+    studio.lora_scale.value = 3.0
+    assert studio.check() == {"lora": studio.field_errors["lora"].value} and studio.generate_button.disabled
+    assert "LoRA: an adapter&#39;s scale is between -2.0 and 2.0, got 3.0" in studio.field_errors["lora"].value
+    studio.lora_scale.value = 0.5
+    assert studio.check() == {}
+    done = studio.submit().wait(timeout=300)
+    assert done.status == "done", done.error
+    assert done.params["lora"] == [{"name": name, "scale": 0.5, "sha256": sha}]
+    assert [(a["name"], a["scale"]) for a in done.meta["lora"]] == [(name, 0.5)]
+    studio.lora.value = None  # back to none: the scale is off and the next job is the base model's
+    assert studio.lora_scale.disabled and studio.params()["lora"] is None
+
+
+def test_the_adapter_menu_is_none_alone_when_adapters_cannot_be_read_and_starts_where_asked():
+    studio = Studio(FakeCluster(), prompt="a kite")  # no adapters API at all
+    assert studio.lora.options == (("none", None),) and studio.params()["lora"] is None
+    asked = Studio(FakeCluster(), prompt="a kite", lora=("style", 0.8))  # the backend says at submit if it is there
+    assert asked.lora.options == (("none", None), ("style", "style")) and not asked.lora_scale.disabled
+    assert asked.params()["lora"] == [("style", 0.8)] and asked.check() == {}
