@@ -33,8 +33,9 @@ from pathlib import Path
 from typing import IO, Any
 
 from mochi_lab.config import check_account, known_models
+from mochi_lab.lora_refs import SHA256_RE, LoraRef, check_adapter_name
 from mochi_lab.model import QuotaExceeded, RecordTooLarge
-from mochi_lab.params import SHA256_RE, LoraRef, ParamsError, check_adapter_name
+from mochi_lab.params import ParamsError
 from mochi_lab.private import private_dir
 
 SUFFIX = ".safetensors"

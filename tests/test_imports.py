@@ -2,8 +2,8 @@
 
 Rooms: the client (a notebook or script), the display (the notebook's front end), the gateway (the
 multi-user service), the pool and the worker (Ray actors), over the shared modules (params, config, model, logs,
-private, video, version, sweep, queue_eta, adapters, store, pipelines, extras, looptask). Every import counts,
-lazy ones inside functions too: an import that only runs later still makes one room depend on another.
+private, video, version, sweep, queue_eta, adapters, lora_refs, store, pipelines, extras, looptask). Every import
+counts, lazy ones inside functions too: an import that only runs later still makes one room depend on another.
 `from mochi_lab import x` counts as an import of the package face, as Python runs it: modules below the face import
 the defining module.
 """
@@ -33,8 +33,8 @@ from tests.support.imports import (
 )
 
 ROOMS = ("client", "display", "gateway", "pool", "worker")
-SHARED = {"params", "config", "model", "logs", "private", "video", "version", "sweep", "queue_eta", "adapters", "store",
-          "pipelines", "_moved", "extras", "looptask"}
+SHARED = {"params", "config", "model", "logs", "private", "video", "version", "sweep", "queue_eta", "adapters", "lora_refs",
+          "store", "pipelines", "_moved", "extras", "looptask"}
 TOP = {"cli"}  # the command line: uses every room, as a user would
 # What each room must not import (a room may always import itself and the shared modules).
 FORBIDDEN: dict[str, set[str]] = {
@@ -63,6 +63,7 @@ FORBIDDEN_EXTERNAL = {
     "pipelines": {"ray", "redis"},
     **{f"display.{view}": {"torch", "ray", "redis"} for view in ("reprs", "values", "progress", "notes")},
     "params": {"torch", "ray", "redis"},
+    "lora_refs": {"torch", "ray", "redis", "httpx", "fastapi"},
     "adapters": {"torch", "diffusers", "transformers", "safetensors", "ray", "redis", "httpx", "fastapi"},  # the client loads it
     "pool.metrics": {"torch", "ray"},
     "gateway.wire": {"fastapi", "starlette", "uvicorn", "httpx", "torch", "ray", "redis"},  # the client loads it

@@ -11,8 +11,9 @@ from mochi_lab.adapters import SUFFIX, AdapterRejected
 from mochi_lab.client.backend import Backend
 from mochi_lab.client.job import Job
 from mochi_lab.config import ClientConfig, Settings
+from mochi_lab.lora_refs import check_adapter_name
 from mochi_lab.model import check_status
-from mochi_lab.params import GenerationParams, ParamsError, SubmitOptions, check_adapter_name
+from mochi_lab.params import GenerationParams, ParamsError, SubmitOptions
 from mochi_lab.pipelines.config import PipelineConfig
 
 if TYPE_CHECKING:

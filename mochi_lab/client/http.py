@@ -35,6 +35,7 @@ from mochi_lab.client.wire_client import GatewayAuthError, GatewayError, WireCli
 from mochi_lab.config import ClientConfig, check_account
 from mochi_lab.gateway import wire
 from mochi_lab.gateway.wire import at
+from mochi_lab.lora_refs import check_adapter_name
 from mochi_lab.model import (
     ARTIFACT_SUFFIXES,
     JOB_ID_RE,
@@ -44,7 +45,7 @@ from mochi_lab.model import (
     StoreUnavailable,
     wait_workers_ready,
 )
-from mochi_lab.params import GenerationParams, SubmitOptions, check_adapter_name, check_model
+from mochi_lab.params import GenerationParams, SubmitOptions, check_model
 
 DEFAULT_TIMEOUT_S = 30.0
 _CHUNK = 1 << 20

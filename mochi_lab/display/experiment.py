@@ -15,8 +15,9 @@ from typing import Any
 
 from mochi_lab._moved import moved_names
 from mochi_lab.display.reprs import render
+from mochi_lab.lora_refs import lora_columns, lora_label
 from mochi_lab.model import DONE, PARAM_COLUMNS, TIMINGS, JobRecord, job_row
-from mochi_lab.params import GenerationParams, lora_columns, lora_label
+from mochi_lab.params import GenerationParams
 from mochi_lab.sweep import Run, varying_params
 
 _TIMES = ("created_at", "started_at", "finished_at")

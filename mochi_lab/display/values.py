@@ -80,7 +80,7 @@ def short(value: Any, n: int = 80) -> str:
 
 def adapters(value: Any) -> str | None:
     """A job's stored `lora` (a list of {"name", "scale", "sha256"}) as its adapters by name and scale, as
-    `mochi_lab.params.lora_label` words them ("style ×0.8, grain ×0.3"); None for a job without any. Another
+    `mochi_lab.lora_refs.lora_label` words them ("style ×0.8, grain ×0.3"); None for a job without any. Another
     value is shown as its text, never dropped."""
     if value is None or value == "" or (isinstance(value, (list, tuple)) and not value):
         return None

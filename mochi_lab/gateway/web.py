@@ -46,8 +46,8 @@ from starlette.concurrency import run_in_threadpool
 from mochi_lab.config import GatewayConfig
 from mochi_lab.gateway.auth import Authenticator, AuthError, AuthUnavailable, Identity, hash_token
 from mochi_lab.gateway.wire import errors
+from mochi_lab.lora_refs import lora_label
 from mochi_lab.model import FINISHED, JobRecord, job_row
-from mochi_lab.params import lora_label
 from mochi_lab.store.base import Store
 
 SESSION_COOKIE = "mochi-lab-session"

@@ -20,6 +20,7 @@ from urllib.parse import quote
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, WithJsonSchema
 
 from mochi_lab.adapters import AdapterNotFound, AdapterRejected
+from mochi_lab.lora_refs import LORA_SCALE_MAX, LORA_SCALE_MIN, MAX_JOB_ADAPTERS
 from mochi_lab.model import (
     JOB_ID_RE,
     STATUSES,
@@ -37,9 +38,6 @@ from mochi_lab.params import (
     FRAMES_MIN,
     GUIDANCE_MAX,
     GUIDANCE_MIN,
-    LORA_SCALE_MAX,
-    LORA_SCALE_MIN,
-    MAX_JOB_ADAPTERS,
     MAX_KEY_CHARS,
     MAX_PROMPT_CHARS,
     MAX_TAG_CHARS,

@@ -17,8 +17,8 @@ import ipywidgets as W
 from mochi_lab.display.links import download_dir as default_download_dir
 from mochi_lab.display.links import relative_href
 from mochi_lab.display.reprs import BORDER, thumbnail_uri
+from mochi_lab.lora_refs import lora_columns
 from mochi_lab.model import DONE, STATUSES, job_row
-from mochi_lab.params import lora_columns
 
 from ._format import error_html, job_view, render, to_float
 from ._poll import DEFAULT_INTERVAL_S
