@@ -43,8 +43,8 @@ def sources_sha256(nb: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(cells).encode()).hexdigest()
 
 
-def _kernel_env() -> Any:
-    # the very function the nbval run uses, from the conftest that holds it (not a package: loaded by path)
+def _nbval_conftest() -> Any:
+    # notebooks/conftest.py, which holds the kernel environment the nbval run uses (not a package: loaded by path)
     spec = importlib.util.spec_from_file_location("_notebooks_conftest", SOURCES / "conftest.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -83,7 +83,7 @@ def render(name: str) -> Path:
 
     source = SOURCES / f"{name}.ipynb"
     nb = nbformat.read(source, as_version=4)
-    conftest = _kernel_env()
+    conftest = _nbval_conftest()
     env = conftest.kernel_env(source)
     saved = dict(os.environ)
     try:
