@@ -23,6 +23,9 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
+# How long a local Ray's driver waits for its raylet to register with the GCS (Ray's default is 30 s).
+RAYLET_REGISTRATION_WAIT_S = 120
+
 
 def import_ray():
     """Ray, imported with this package's defaults for its environment."""
@@ -139,11 +142,13 @@ def _start(ray: Any, settings: PoolConfig) -> None:
                              "Ray Client's server for this session failed to start")
     else:
         # "local" starts a new Ray even when another one runs on this machine; it picks free
-        # ports for itself (never Redis' 6379) and stays on 127.0.0.1. Ray waits a fixed 30 s for its
-        # node agents; a loaded laptop can miss that once.
+        # ports for itself (never Redis' 6379) and stays on 127.0.0.1. A busy laptop can keep its raylet
+        # from registering within Ray's 30 s: the driver's own wait is lengthened (Ray's Python side has
+        # a fixed one of its own, hence the second try).
+        default_ray_env(RAY_raylet_start_wait_time_s=str(RAYLET_REGISTRATION_WAIT_S))
         _init_with_one_retry(ray, dict(address="local", namespace=settings.namespace, include_dashboard=False,
                                        _node_ip_address="127.0.0.1", log_to_driver=False),
-                             lambda exc: "timed out during startup" in str(exc), "local Ray was slow to start")
+                             slow_local_start, "local Ray was slow to start")
         node_ip = ray._private.worker.global_worker.node.node_ip_address
         if not ipaddress.ip_address(node_ip).is_loopback:
             ray.shutdown()
@@ -152,6 +157,12 @@ def _start(ray: Any, settings: PoolConfig) -> None:
 
         # Ray's own processes would outlive a SIGKILLed owner: a watcher ends them then.
         reaper.start(os.getpid(), ray._private.worker.global_worker.node.get_session_dir_path())
+
+
+def slow_local_start(exc: Exception) -> bool:
+    """Whether ray.init's failure to start a local Ray is one of its registration waits running out."""
+    text = str(exc)
+    return "timed out during startup" in text or "node registration may not be complete" in text
 
 
 def _on_loopback(address: str | None) -> bool:

@@ -1,7 +1,7 @@
 """The embedded default (`persistent=False`: a Ray inside the process) on a laptop: every listening socket of
 the process and of its Ray is on loopback, and the data dir it makes is private (0700, files 0600), a real
-job's video and thumbnail included. The kernel imports Ray before mochi_lab, with
-RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER unset, as a notebook may."""
+job's video and thumbnail included; its raylet has longer than Ray's 30 s to register. The kernel imports
+Ray before mochi_lab, with RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER unset, as a notebook may."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import sys
 import psutil
 import pytest
 
+from mochi_lab.pool.connection import RAYLET_REGISTRATION_WAIT_S
 from mochi_lab.video import probe
 from tests.support.faults_helpers import is_loopback, listening
 
@@ -47,6 +48,9 @@ def test_the_embedded_default_listens_on_loopback_only_and_keeps_its_files_priva
         sockets = listening(family)
         assert {p.name() for p in family if p.pid in {pid for pid, _, _ in sockets}} >= {"gcs_server", "raylet"}
         assert [s for s in sockets if not is_loopback(s[1])] == []
+        # The driver's wait for its raylet, lengthened before ray.init, which the raylet inherits
+        raylet = next(p for p in family if p.name() == "raylet")
+        assert raylet.environ().get("RAY_raylet_start_wait_time_s") == str(RAYLET_REGISTRATION_WAIT_S)
 
         modes = {p.relative_to(data).as_posix(): p.stat().st_mode & 0o777 for p in [data, *data.rglob("*")]}
         video = os.path.relpath(video, data)

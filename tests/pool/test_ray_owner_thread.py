@@ -11,6 +11,8 @@ import sys
 
 import pytest
 
+from mochi_lab.pool.connection import slow_local_start
+
 SCRIPT = r"""
 import json, os, threading, time
 
@@ -41,3 +43,14 @@ def test_a_local_ray_started_from_a_short_lived_thread_outlives_it(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result == {"alive": {"gcs_server": True, "raylet": True}, "answer": 42}, proc.stderr[-2000:]
+
+
+@pytest.mark.parametrize(("message", "slow"), [
+    ("The current node timed out during startup. This could happen because some of the raylet failed to "
+     "startup or the GCS has become overloaded.", True),
+    ("GCS cannot find the node with node ID 1a2b. The node registration may not be complete yet before the "
+     "timeout. Try increase the RAY_raylet_start_wait_time_s config.", True),
+    ("Failed to start the raylet: address already in use", False),
+])
+def test_only_a_registration_wait_running_out_earns_a_local_start_its_second_try(message, slow):
+    assert slow_local_start(Exception(message)) is slow
