@@ -96,8 +96,9 @@ TIER_OF_FIXTURE = {
     "cluster_scripts": "e2e",  # cluster/local/up.sh and friends: a Ray cluster and Redis of their own
     "autoscaler": "e2e",  # Ray's autoscaler with its fake multi-node provider
     "fault_injection": "e2e",  # processes and servers killed on purpose
-    "package_install": "e2e",  # pip installs of the repository into fresh venvs
-    "mkdocs": "e2e",  # the docs site's strict build (half a minute and more: it imports the gateway and torch)
+    # Neither a Ray nor a browser, but minutes: in the integration tier, which CI runs beside the longer e2e
+    "package_install": "integration",  # pip installs of the repository into fresh venvs
+    "mkdocs": "integration",  # the docs site's strict build (half a minute and more: it imports the gateway, torch)
 }
 
 
@@ -144,7 +145,7 @@ def fault_injection() -> None:
 
 @pytest.fixture()
 def package_install() -> None:
-    """Marks a test that installs the repository into a fresh venv (the e2e tier)."""
+    """Marks a test that installs the repository into a fresh venv (the integration tier)."""
 
 
 @pytest.fixture()
