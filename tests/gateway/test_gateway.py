@@ -390,6 +390,55 @@ def test_the_fan_out_delivers_every_change_to_every_listener():
         assert seen == want
 
 
+@pytest.mark.parametrize("between", ["after the record's read", "after the log's read"])
+def test_a_claim_between_the_pollers_two_reads_never_shows_the_job_queued_again(tmp_path, between):
+    """The hub reads a job's record and its progress log one after the other; the worker may claim the job
+    and write its first step between the two. Listeners must still see queued, then running, never back."""
+    from mochi_lab.client.direct import DirectBackend
+    from mochi_lab.config import Settings
+    from mochi_lab.gateway.app import ProgressHub
+    from mochi_lab.store import open_store
+
+    settings = Settings(data_dir=tmp_path, account="alice")
+    store = open_store(settings.store_url)
+    backend = DirectBackend(settings, store, None)
+    job = store.enqueue("alice", {"prompt": "p"})
+    claimed = []
+
+    def then_claim(read):  # the real read; the first time, the worker's claim and first step right after it
+        def wrapped(*args):
+            try:
+                return read(*args)
+            finally:
+                if not claimed:
+                    claimed.append(store.claim("w1", 60))
+                    store.progress(job.id, claimed[0].token, stage="denoising", step=0, total=2)
+
+        return wrapped
+
+    if between == "after the record's read":
+        backend.get = then_claim(backend.get)
+    else:
+        store.progress_since = then_claim(store.progress_since)
+
+    async def scenario():
+        hub = ProgressHub(poll_s=0.01)
+        seen = []
+        async for item in hub.listen(backend, job.id):
+            seen.append((item["status"], item["stage"], item["step"]))
+            if item["status"] == "running" and item["step"] == 0:
+                store.progress(job.id, claimed[0].token, stage="denoising", step=1, total=2)
+                store.complete(job.id, claimed[0].token, artifacts={"video": "/srv/x.mp4"}, timings={}, meta={})
+        return seen
+
+    try:
+        seen = asyncio.run(asyncio.wait_for(scenario(), 30))
+        ranks = [{"queued": 0, "running": 1, "done": 2}[status] for status, _, _ in seen]
+        assert ranks == sorted(ranks) and ranks[-1] == 2 and 1 in ranks, seen
+    finally:
+        store.close()
+
+
 def test_static_tokens_and_an_unreachable_hub(tmp_path):
     """Hashed static tokens beside a hub; a hub that is down is a 503. (The page's sign-in and sessions:
     tests/gateway/test_gateway_web.py.)"""
@@ -485,15 +534,21 @@ def test_a_whole_job_between_two_polls_still_reaches_every_listener_step_by_step
     backend = DirectBackend(settings, store, None)
     job = store.enqueue("alice", {"prompt": "p"})
     polled = threading.Event()
-    reads = store.progress_since
+    read = set()
 
-    def progress_since(*args):  # the real store, noting the hub's first read
-        try:
-            return reads(*args)
-        finally:
-            polled.set()
+    def noted(name, real):  # the real reads; the hub's first poll has ended once it read the record and the log
+        def wrapped(*args):
+            try:
+                return real(*args)
+            finally:
+                read.add(name)
+                if len(read) == 2:
+                    polled.set()
 
-    store.progress_since = progress_since
+        return wrapped
+
+    store.progress_since = noted("log", store.progress_since)
+    backend.get = noted("record", backend.get)
 
     def run_the_job():  # the worker's writes, all well inside one poll interval
         polled.wait(10)

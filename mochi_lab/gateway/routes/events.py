@@ -109,8 +109,11 @@ class ProgressHub:
         try:
             while time.monotonic() < deadline and watch.listeners > 0:
                 try:
-                    record = await asyncio.to_thread(backend.get, job_id)
+                    # the log before the record: a state the worker writes between the two reads is then newer
+                    # than every logged one, never older (a claim after the read of a queued record would
+                    # otherwise put "queued" after the job's first running state)
                     entries = [] if reader is None else await asyncio.to_thread(reader, backend.account, job_id, seq)
+                    record = await asyncio.to_thread(backend.get, job_id)
                     failures = 0
                 except JobNotFound:  # deleted while watched
                     return
