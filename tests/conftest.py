@@ -8,6 +8,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from tests.support.rayenv import TEST_RAY_PRIORITY
+
 # A user's clone has nothing beside it: a test that opens a file next to the repository fails here as it
 # would for them. Dot folders there (a home's settings) and a parent that is /, /tmp or /home stay readable.
 _REPO = Path(__file__).resolve().parents[1]
@@ -30,10 +32,7 @@ sys.addaudithook(_no_reads_outside_the_repo)
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 # Token auth would write ~/.ray/auth_token; test clusters live on loopback and die with the session.
 os.environ["RAY_AUTH_MODE"] = "disabled"
-# Ray starts its worker processes at niceness 15 (its worker_niceness), where anything else busy on the machine
-# takes nearly all the CPU from them: a pool's actors loading a model beside two busy processes got ~1/30 of a core
-# each and missed every deadline. The tests' Ray processes run at the pytest process's own priority.
-os.environ["RAY_worker_niceness"] = "0"
+os.environ.update(TEST_RAY_PRIORITY)
 _SESSION_HOME = Path(tempfile.mkdtemp(prefix="mochi-tests-"))
 # Nothing in the tests may touch the user's data, cache or account.
 os.environ["MOCHI_LAB_DATA_DIR"] = str(_SESSION_HOME / "data")
@@ -103,6 +102,10 @@ TIER_OF_FIXTURE = {
 
 
 def pytest_collection_modifyitems(config, items):
+    # The session's multi-node Ray, once started, idles beside every later test until the session ends (its
+    # raylets, its pool's actors polling the store). Its tests run last, so a test that starts a Ray of its
+    # own (the embedded default, the local runtime, a notebook's kernel) never starts it beside that one.
+    items.sort(key=lambda item: "ray_cluster" in getattr(item, "fixturenames", ()))
     for item in items:
         tiers = {TIER_OF_FIXTURE[f] for f in getattr(item, "fixturenames", ()) if f in TIER_OF_FIXTURE}
         if item.path.suffix == ".ipynb":

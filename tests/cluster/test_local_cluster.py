@@ -24,6 +24,7 @@ import redis
 
 from tests.support import clusterlib as cl
 from tests.support.local_cluster import WORKERS, alive, group_pids, logs, marked_pids, pick_ports, read_env
+from tests.support.rayenv import clean_env
 
 UP = cl.CLUSTER / "local" / "up.sh"
 DOWN = cl.CLUSTER / "local" / "down.sh"
@@ -97,7 +98,7 @@ def _reattach(info: dict, job_id: str, env: dict) -> subprocess.CompletedProcess
 def test_local_cluster_runs_a_job_end_to_end_and_stops_cleanly():
     ray_port, redis_port = pick_ports()
     state = Path(tempfile.mkdtemp(prefix="mochi-lc-", dir="/tmp"))  # short: Ray's socket paths
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "REDIS_", "MOCHI_"))}
+    env = clean_env("RAY_", "REDIS_", "MOCHI_")
     env["PYTHON"] = sys.executable
     pids: set[int] = set()
     pgids: list[int] = []

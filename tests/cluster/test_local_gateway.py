@@ -23,6 +23,7 @@ import pytest
 from tests.support import clusterlib as cl
 from tests.support.fake_kubectl import FAKE_KUBECTL
 from tests.support.local_cluster import alive, logs, marked_pids, pick_ports, read_env
+from tests.support.rayenv import clean_env
 
 UP = cl.CLUSTER / "local" / "up.sh"
 DOWN = cl.CLUSTER / "local" / "down.sh"
@@ -59,7 +60,7 @@ def _get(url: str, token: str | None) -> tuple[int, bytes]:
 def test_a_hub_token_gets_a_video_through_the_gateway(tmp_path):
     ray_port, redis_port = pick_ports()
     state = Path(tempfile.mkdtemp(prefix="mochi-lg-", dir="/tmp"))  # short: Ray's socket paths
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "REDIS_", "MOCHI_", "JUPYTERHUB_"))}
+    env = clean_env("RAY_", "REDIS_", "MOCHI_", "JUPYTERHUB_")
     env["PYTHON"] = sys.executable
     cache = os.environ.get("MOCHI_LAB_CACHE_DIR") or str(state / "cache")
     try:

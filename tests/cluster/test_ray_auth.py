@@ -32,6 +32,7 @@ import pytest
 import redis
 
 from tests.support import clusterlib as cl
+from tests.support.rayenv import clean_env
 from tests.support.redisacl import RedisServer
 
 pytestmark = pytest.mark.usefixtures("ray_local")  # a Ray head of the module's own: the integration tier
@@ -90,7 +91,7 @@ class RayHead:
         self.proc: subprocess.Popen | None = None
 
     def env(self, **extra: str) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "REDIS"))}
+        env = clean_env("RAY_", "REDIS")
         env.update(RAY_USAGE_STATS_ENABLED="0", **{MARKER: self.state}, **extra)
         return env
 
