@@ -87,16 +87,17 @@ def decoded(path: str | Path) -> np.ndarray:
 
 
 def assert_single_process_video(job: Any, checkpoint_dir: Path, tmp_path: Path, prompt: str, seed: int,
-                                params: dict, *, exact: bool = True, lora: tuple[Path, float] | None = None) -> None:
+                                params: dict, *, lora: tuple[Path, float] | None = None) -> None:
     """The job's video is the one a 1-GPU worker makes of it (the float latents of a gang vs one process are
     compared in tests/pipelines: within 1e-5).
 
-    `exact`: one process's frames, through the same MP4 encoder, decode to the same pixels. Otherwise, for a
-    layout whose uint8 frames may differ from one process's by 1 level at a few pixels (the bound of
-    tests/pipelines): the lossless thumbnail (the middle frame) is within 1 level of one process's, and the
-    MP4 at least 50 dB PSNR from one process's MP4, since x264 spreads a 1-level change over its block.
-    Measured (CFG 2 x SP 2, 25 frames at 48x48): 4 pixels of 172,800 off by 1 level, the MP4s 68 dB apart;
-    the same job with one step more is 37 dB away, another seed 25 dB. `lora`: one process with that adapter."""
+    A gang's uint8 frames may differ from one process's by 1 level at a few pixels (the bound of tests/pipelines):
+    a CFG half computed as a batch of 1, not 2, rounds differently on some CPUs (the AVX-512 kernels of an AMD
+    EPYC: yes; the CPU this was first measured on: no). So the lossless thumbnail (the middle frame) is within 1
+    level of one process's, and the MP4 at least 50 dB PSNR from one process's MP4, since x264 spreads a 1-level
+    change over its block. Measured (CFG 2 x SP 2, 25 frames at 48x48): 4 pixels of 172,800 off by 1 level, the
+    MP4s 68 dB apart; the same job with one step more is 37 dB away, another seed 25 dB. `lora`: one process with
+    that adapter."""
     runner = load_runner("tiny", checkpoint_dir)
     adapters = []
     if lora is not None:  # one process with the adapter file `lora[0]` set at scale `lora[1]`
@@ -108,9 +109,6 @@ def assert_single_process_video(job: Any, checkpoint_dir: Path, tmp_path: Path, 
         single = runner.generate(GenerationParams.parse(prompt, seed=seed, **params))
     reference = decoded(write_mp4(single.frames, tmp_path / "single.mp4", params["fps"]))
     video = decoded(job.artifacts["video"])
-    if exact:
-        assert np.array_equal(video, reference)
-        return
     thumbnail = np.asarray(Image.open(job.artifacts["thumbnail"]).convert("RGB")).astype(int)
     middle = single.frames[len(single.frames) // 2].astype(int)
     assert thumbnail.shape == middle.shape and np.abs(thumbnail - middle).max() <= 1
