@@ -22,9 +22,12 @@ SCRIPT = BENCH / "gpu_mochi.py"
 @pytest.fixture(scope="module")
 def smoke_run(gloo_ranks: None, tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, str]:
     out = tmp_path_factory.mktemp("standing_order")
-    # --smoke forces CPU even where CUDA exists; a smoke run names no results file by date and GPU
+    # --smoke forces CPU even where CUDA exists; a smoke run names no results file by date and GPU. The budget is
+    # the GPU run's (test_a_section_runs_only_if_it_fits_the_budget): here it must not bind, or which sections
+    # run would depend on how busy this machine is (a loaded CI skipped vae_untiled, decode_one and compile).
+    env = {**os.environ, "PYTHON": sys.executable, "BUDGET_S": "3600"}
     proc = subprocess.run(["bash", str(BENCH / "gpu_standing_order.sh"), str(out), "--smoke"],
-                          env={**os.environ, "PYTHON": sys.executable}, capture_output=True, text=True, timeout=600)
+                          env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert sorted(p.name for p in out.iterdir()) == ["gpu.txt", "gpu_mochi.json", "log.txt"]
     assert (out / "log.txt").read_text() == proc.stdout
@@ -110,6 +113,20 @@ def _bench_module():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def test_a_section_runs_only_if_it_fits_the_budget(tmp_path: Path) -> None:
+    """A section runs when what is left of the budget exceeds its estimate (a measured run, scaled) and a margin;
+    a long run that does not fit is recorded as skipped, not run."""
+    gm = _bench_module()
+    b = gm.Bench(tmp_path, smoke=False, budget_s=100)
+    row = {"wall_s": 30.0}
+    assert gm.fits(b, row, 2.0, margin=30) and not gm.fits(b, row, 3.0, margin=30) and not gm.fits(b, None)
+    b.frames, b.res["meta"]["text_tokens"] = (85, 163), 256
+    base = {"option": "baseline", "frames": 85, "wall_s": 60.0, "step_tflop": 1.0, "attn_tflop": 0.2,
+            "visual_tokens": 23850, "tokens": 23850 + 256}
+    gm.bench_baseline_long(b, None, base)  # 2 x the FLOP ratio x 60 s cannot fit in 100 s
+    assert b.res["runs"] == [{"option": "baseline", "frames": 163, "skipped": "over budget"}]
 
 
 def test_one_gpu_projects_the_cfg_gang_from_its_baseline(tmp_path: Path) -> None:

@@ -140,6 +140,18 @@ class RayHead:
         logs = Path(self.state, "session_latest", "logs")
         return "".join(p.read_text(errors="replace") for p in sorted(logs.glob("ray_client_server*")))
 
+    def diagnosis(self) -> str:
+        """Whether the head still runs, and the tails of its logs: what a failure needs to be understood."""
+        code = None if self.proc is None else self.proc.poll()
+        state = "not started" if self.proc is None else "running" if code is None else f"exited {code}"
+        parts = [f"ray start --block: {state}"]
+        logs = Path(self.state, "session_latest", "logs")
+        names = ("gcs_server.out", "raylet.out", "dashboard.log", "dashboard_agent.log")
+        for path in [Path(self.state) / "head.log", *(logs / n for n in names)]:
+            if path.is_file():
+                parts.append(f"--- {path.name}:\n" + path.read_text(errors="replace")[-1500:])
+        return "\n".join(parts)
+
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGTERM)
@@ -196,7 +208,10 @@ def test_the_job_api_needs_the_token(head):
     job = json.loads(text)["submission_id"]
     deadline = time.monotonic() + 300
     while True:
-        status = json.loads(_http(head.jobs_url + job, head.token)[1])["status"]
+        try:
+            status = json.loads(_http(head.jobs_url + job, head.token)[1])["status"]
+        except urllib.error.URLError as exc:
+            pytest.fail(f"the head stopped answering while its job ran ({exc}):\n{head.diagnosis()}")
         if status in ("SUCCEEDED", "FAILED", "STOPPED") or time.monotonic() > deadline:
             break
         time.sleep(2)
@@ -209,7 +224,8 @@ def test_ray_client_needs_the_token(head):
     out = subprocess.run([sys.executable, "-c", CLIENT, address], env=head.env(), capture_output=True, text=True,
                          timeout=300)
     assert out.returncode != 0 and "VALUE" not in out.stdout
-    assert "Authentication required" in head.client_log()  # refused by Ray's auth, not for another reason
+    # refused by Ray's auth, not for another reason
+    assert "Authentication required" in head.client_log(), out.stderr[-2000:] + head.diagnosis()
     # (with the token it works: the job API test runs a job; a Ray Client session with it costs minutes here)
 
 
