@@ -127,9 +127,9 @@ class RayHead:
             except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
                 pass
             if self.proc.poll() is not None or time.monotonic() > deadline:
-                log = (Path(self.state) / "head.log").read_text(errors="replace")[-3000:]
+                why = self.diagnosis()
                 self.stop()
-                raise RuntimeError(f"the Ray head did not come up:\n{log}")
+                raise RuntimeError(f"the Ray head did not come up:\n{why}")
             time.sleep(1)
 
     @property
