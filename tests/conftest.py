@@ -114,6 +114,24 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(getattr(pytest.mark, tier))
 
 
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    # CI runs the integration and e2e tiers in one session (one hub, one multi-node Ray, one pool and gang for
+    # both): each tier's time is what its tests took, setup and teardown included.
+    spent: dict[str, float] = {}
+    tests: dict[str, set[str]] = {}
+    for reports in terminalreporter.stats.values():
+        for rep in reports:
+            if getattr(rep, "when", None) not in ("setup", "call", "teardown"):
+                continue
+            tier = next((t for t in ("e2e", "integration") if t in rep.keywords), "default")
+            spent[tier] = spent.get(tier, 0.0) + rep.duration
+            tests.setdefault(tier, set()).add(rep.nodeid)
+    if len(spent) > 1 or "default" not in spent:
+        terminalreporter.write_sep("=", "time by tier")
+        for tier, seconds in sorted(spent.items()):
+            terminalreporter.write_line(f"{tier}: {seconds:.0f} s over {len(tests[tier])} tests")
+
+
 # -- system tools (tests/support/tools.py): skipped with the line that installs them, failed when strict ----
 @pytest.fixture(scope="session")
 def chromium() -> str:

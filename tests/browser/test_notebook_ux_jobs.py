@@ -31,6 +31,7 @@ import pytest
 from tests.support.labkit import (
     CHROMIUM,
     CHROMIUM_ARGS,
+    cell_errors,
     notebook,
     run_all,
     running_lab,
@@ -202,8 +203,7 @@ def test_jobs_and_studio_live_links_and_a_reopened_notebook(lab, browser, hold, 
                                 "its end")
         wait_all_ran(page, 300_000)
         idle.first.wait_for(timeout=60_000)
-        assert page.locator(".jp-RenderedText[data-mime-type='application/vnd.jupyter.error']").count() == 0, \
-            page.locator(".jp-OutputArea-output[data-mime-type='application/vnd.jupyter.stderr']").all_inner_texts()
+        assert cell_errors(page) == []
         assert len(steps) >= 2 and steps == sorted(steps), steps  # it moved, forward only, with no re-run
         assert len(previews) >= 2 and all(p.startswith("data:image/webp;base64,") for p in previews), len(previews)
         assert "cancelled" in slow_text

@@ -1,5 +1,5 @@
 """The local cluster end to end: cluster/local/up.sh (Redis, a Ray head, two Ray worker nodes
-with two logical GPUs each, all on loopback), a mochi_lab job through MochiCluster, then
+with one logical GPU each, all on loopback), a mochi_lab job through MochiCluster, then
 cluster/local/down.sh, which must leave none of the processes behind.
 
 The only heavy test of tests/cluster (a few minutes on two busy cores)."""
@@ -28,7 +28,7 @@ from tests.support.rayenv import clean_env
 
 UP = cl.CLUSTER / "local" / "up.sh"
 DOWN = cl.CLUSTER / "local" / "down.sh"
-GPUS_PER_WORKER = 2
+GPUS_PER_WORKER = 1  # two actors, one on each worker node: the head runs none
 
 DRIVER = textwrap.dedent(
     """

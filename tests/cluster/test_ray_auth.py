@@ -152,9 +152,11 @@ class RayHead:
                 parts.append(f"--- {path.name}:\n" + path.read_text(errors="replace")[-1500:])
         return "\n".join(parts)
 
-    def stop(self) -> None:
+    def stop(self, sig: signal.Signals = signal.SIGTERM) -> None:
+        """Stop the head: `ray start --block` stops its processes on SIGTERM; SIGKILL ends them as a deleted
+        pod's are, at once."""
         if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
+            os.killpg(self.proc.pid, sig)
             try:
                 self.proc.wait(40)
             except subprocess.TimeoutExpired:
@@ -162,7 +164,7 @@ class RayHead:
                 self.proc.wait(10)
         left = _ours(self.state)
         for p in left:
-            p.terminate()
+            p.send_signal(sig)
         _, alive = psutil.wait_procs(left, timeout=10)
         for p in alive:
             p.kill()
@@ -221,7 +223,9 @@ def test_the_job_api_needs_the_token(head):
 @pytest.mark.timeout(900)
 def test_ray_client_needs_the_token(head):
     address = f"ray://127.0.0.2:{head.client_port}"
-    out = subprocess.run([sys.executable, "-c", CLIENT, address], env=head.env(), capture_output=True, text=True,
+    # Ray's own 5 s per connection attempt, without its backoff's growth (5, 10 then 15 s asleep after a refusal)
+    client_env = head.env(RAY_CLIENT_INITIAL_CONNECTION_TIMEOUT_S="5", RAY_CLIENT_MAX_CONNECTION_TIMEOUT_S="5")
+    out = subprocess.run([sys.executable, "-c", CLIENT, address], env=client_env, capture_output=True, text=True,
                          timeout=300)
     assert out.returncode != 0 and "VALUE" not in out.stdout
     # refused by Ray's auth, not for another reason
@@ -243,7 +247,7 @@ def test_the_gcs_keeps_to_its_own_keys_and_user(head):
 def test_kuberay_cleanup_as_the_gcs_user_removes_the_namespace(head):
     from ray._private.gcs_utils import cleanup_redis_storage
 
-    head.stop()
+    head.stop(signal.SIGKILL)  # as when KubeRay deletes the cluster's pods
     admin = head.redis.admin()
     admin.hset("mochi:job:keep", "id", "keep")  # the job store is not Ray's to delete
     assert cleanup_redis_storage("127.0.0.1", head.redis.port, head.redis.password("gcs"), False, head.namespace,

@@ -119,19 +119,28 @@ def running_lab(tmp: Path, root: Path, *, base_url: str = "/", env: dict[str, st
         log.close()
 
 
+# A cell's error is rendered as stderr text (data-mime-type application/vnd.jupyter.stderr, as a warning is);
+# IPython's traceback ("Cell In[n], line m", for a SyntaxError too) tells it apart.
+_ERRORS = """() => [...document.querySelectorAll(".jp-OutputArea-output[data-mime-type='application/vnd.jupyter.stderr']")]
+  .map(e => e.innerText).filter(t => /Traceback \\(most recent call last\\)|Cell In\\[\\d+\\], line \\d+/.test(t))"""
+
 # Every code cell has run ([n]), or one failed: Run All stops at a failed cell and never runs the rest.
 _RAN_OR_FAILED = """() => {
-  if (document.querySelector(".jp-RenderedText[data-mime-type='application/vnd.jupyter.error']")) return "failed";
+  if ((%s)().length) return "failed";
   const prompts = [...document.querySelectorAll('.jp-CodeCell .jp-InputArea-prompt')];
   return prompts.length > 0 && prompts.every(p => /\\[\\d+\\]/.test(p.textContent)) && "ran";
-}"""
+}""" % _ERRORS
+
+
+def cell_errors(page) -> list[str]:
+    """The text of every cell error on the page."""
+    return page.evaluate(_ERRORS)
 
 
 def wait_all_ran(page, timeout_ms: int) -> None:
     """Wait until every code cell has run; fail at once, with the cell's error, when one fails."""
     outcome = page.wait_for_function(_RAN_OR_FAILED, timeout=timeout_ms, polling=1000).json_value()
-    errors = page.locator(".jp-RenderedText[data-mime-type='application/vnd.jupyter.error']")
-    assert outcome == "ran", "a cell failed:\n" + "\n".join(errors.all_inner_texts())[-4000:]
+    assert outcome == "ran", "a cell failed:\n" + "\n".join(cell_errors(page))[-4000:]
 
 
 def save_notebook(page, path: Path) -> dict:
