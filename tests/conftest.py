@@ -95,12 +95,13 @@ TIER_OF_FIXTURE = {
     "cluster_scripts": "e2e",  # cluster/local/up.sh and friends: a Ray cluster and Redis of their own
     "autoscaler": "e2e",  # Ray's autoscaler with its fake multi-node provider
     "fault_injection": "e2e",  # processes and servers killed on purpose
-    # Neither a Ray nor a browser, but minutes: in the integration tier, which CI runs beside the longer e2e
+    # Neither a Ray nor a browser, but minutes: not in README's command
     "package_install": "integration",  # pip installs of the repository into fresh venvs
     "mkdocs": "integration",  # the docs site's strict build (half a minute and more: it imports the gateway, torch)
 }
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
 def pytest_collection_modifyitems(config, items):
     # The session's multi-node Ray, once started, idles beside every later test until the session ends (its
     # raylets, its pool's actors polling the store). Its tests run last, so a test that starts a Ray of its
@@ -112,6 +113,11 @@ def pytest_collection_modifyitems(config, items):
             tiers.add("e2e")
         for tier in ("e2e",) if "e2e" in tiers else tiers:
             item.add_marker(getattr(pytest.mark, tier))
+        # xdist (`-n 2` in addopts) spreads the fast tier's tests over two processes; the heavier tiers' tests
+        # all run in one, in this order, as if alone (two multi-node Rays, or local Ray starts beside one,
+        # oversubscribe two cores).
+        if tiers:
+            item.add_marker(pytest.mark.xdist_group("heavy"))
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
