@@ -1,8 +1,12 @@
-"""The local cluster end to end: cluster/local/up.sh (Redis, a Ray head, two Ray worker nodes
-with one logical GPU each, all on loopback), a mochi_lab job through MochiCluster, then
+"""The production topology on one machine, end to end: `cluster/local/up.sh --gateway` (Redis, a Ray head
+and two Ray worker nodes with one logical GPU each, a JupyterHub, the gateway as the hub's service and the
+pool's owner), all on loopback. A "notebook" process that holds only what a notebook pod holds
+(MOCHI_LAB_GATEWAY and a hub token) makes a video with MochiCluster() through the gateway; a second client
+re-attaches to that job and the pool through Ray Client, as a gateway on Kubernetes does; an admin's token
+resizes the pool with cluster/scripts/scale-workers.sh (kubectl stood in for, the gateway real); then
 cluster/local/down.sh, which must leave none of the processes behind.
 
-The only heavy test of tests/cluster (a few minutes on two busy cores)."""
+One cluster for all of it: each start of up.sh and down.sh costs a Ray, a Redis and a hub."""
 
 from __future__ import annotations
 
@@ -15,6 +19,8 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import av
@@ -23,6 +29,7 @@ import pytest
 import redis
 
 from tests.support import clusterlib as cl
+from tests.support.fake_kubectl import FAKE_KUBECTL
 from tests.support.local_cluster import WORKERS, alive, group_pids, logs, marked_pids, pick_ports, read_env
 from tests.support.rayenv import clean_env
 
@@ -30,40 +37,39 @@ UP = cl.CLUSTER / "local" / "up.sh"
 DOWN = cl.CLUSTER / "local" / "down.sh"
 GPUS_PER_WORKER = 1  # two actors, one on each worker node: the head runs none
 
-DRIVER = textwrap.dedent(
+# What a notebook pod holds: the gateway's address and a hub token, no Redis URL, no Ray address, no volume.
+NOTEBOOK = textwrap.dedent(
     """
-    import json, sys
+    import json, os
     import av
     from mochi_lab import MochiCluster
 
-    address, redis_url = sys.argv[1], sys.argv[2]
-    cluster = MochiCluster(address=address, redis_url=redis_url)
+    leaked = sorted(k for k in os.environ if k.startswith(("REDIS", "RAY_")))
+    cluster = MochiCluster()
     job = cluster.generate("a red ball", num_frames=7, height=32, width=32, num_inference_steps=2, seed=1)
-    path = job.result(timeout=300)
+    path = job.result(timeout=400)
     with av.open(str(path)) as f:
         frames = sum(1 for _ in f.decode(video=0))
-    import ray
-    rows = [dict(r) for r in cluster.workers()]
-    print("RESULT " + json.dumps({
-        "path": str(path), "frames": frames, "status": str(job.status), "job_id": job.id,
-        "workers": [{"worker_id": r.get("worker_id"), "node_id": r.get("node_id"), "node": r.get("node")} for r in rows],
-        "ray_nodes": [n["NodeManagerAddress"] for n in ray.nodes() if n["Alive"]],
-    }, default=str))
+    print("RESULT " + json.dumps({"backend": type(cluster.backend).__name__, "path": str(path), "frames": frames,
+                                  "job_id": job.id, "leaked": leaked}))
     """
 )
 
-# A notebook on Kubernetes joins through Ray Client (ray://): it must re-attach to the job and the pool.
+# A gateway on Kubernetes joins through Ray Client (ray://): it must re-attach to the job and the pool.
 REATTACH = textwrap.dedent(
     """
     import json, sys
+    import ray
     from mochi_lab import MochiCluster
 
     cluster = MochiCluster(address=sys.argv[1], redis_url=sys.argv[2])
     job = cluster.job(sys.argv[3])
     print("RESULT " + json.dumps({
         "path": str(job.result(timeout=60)), "status": job.status,
-        "actors": sorted(cluster.backend.pool.handles()), "workers": sorted(w["worker_id"] for w in cluster.workers()),
-    }))
+        "actors": sorted(cluster.backend.pool.handles()),
+        "workers": [{"worker_id": r.get("worker_id"), "node_id": r.get("node_id")} for r in cluster.workers()],
+        "ray_nodes": [n["NodeManagerAddress"] for n in ray.nodes() if n["Alive"]],
+    }, default=str))
     """
 )
 
@@ -93,22 +99,40 @@ def _reattach(info: dict, job_id: str, env: dict) -> subprocess.CompletedProcess
     return again
 
 
+def _result(run: subprocess.CompletedProcess, state: Path) -> dict:
+    lines = [line for line in run.stdout.splitlines() if line.startswith("RESULT ")]
+    assert run.returncode == 0 and lines, run.stdout[-3000:] + run.stderr[-5000:] + logs(state)
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def _get(url: str, token: str | None) -> tuple[int, bytes]:
+    req = urllib.request.Request(url, headers={"Authorization": f"token {token}"} if token else {})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            return resp.status, resp.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
 @pytest.mark.usefixtures("cluster_scripts", "redis_server")
 @pytest.mark.timeout(1500)
-def test_local_cluster_runs_a_job_end_to_end_and_stops_cleanly():
+def test_a_hub_token_gets_a_video_through_the_gateway_a_ray_client_reattaches_and_down_leaves_nothing(tmp_path):
     ray_port, redis_port = pick_ports()
     state = Path(tempfile.mkdtemp(prefix="mochi-lc-", dir="/tmp"))  # short: Ray's socket paths
-    env = clean_env("RAY_", "REDIS_", "MOCHI_")
+    env = clean_env("RAY_", "REDIS_", "MOCHI_", "JUPYTERHUB_")
     env["PYTHON"] = sys.executable
+    # never the user's cache: the session's test cache when tests/conftest.py set one
+    cache = os.environ.get("MOCHI_LAB_CACHE_DIR") or str(state / "cache")
     pids: set[int] = set()
     pgids: list[int] = []
     redis_pid = None
     try:
         try:
             up = subprocess.run(
-                ["bash", str(UP), "--state-dir", str(state), "--ray-port", str(ray_port), "--redis-port", str(redis_port),
-                 "--workers", str(WORKERS), "--gpus-per-worker", str(GPUS_PER_WORKER), "--cpus-per-worker", "2"],
-                capture_output=True, text=True, timeout=600, env=env,
+                ["bash", str(UP), "--gateway", "--state-dir", str(state), "--ray-port", str(ray_port),
+                 "--redis-port", str(redis_port), "--workers", str(WORKERS), "--gpus-per-worker", str(GPUS_PER_WORKER),
+                 "--cpus-per-worker", "2"],
+                capture_output=True, text=True, timeout=900, env={**env, "MOCHI_LAB_CACHE_DIR": cache},
             )
             assert up.returncode == 0, up.stdout + up.stderr + logs(state)
             info = json.loads((state / "cluster.json").read_text())
@@ -120,7 +144,8 @@ def test_local_cluster_runs_a_job_end_to_end_and_stops_cleanly():
 
             # --- what up.sh promised -----------------------------------------------------------------
             assert info["ray_port"] == ray_port and info["ray_port"] != 6379
-            assert set(info["process_groups"]) == {"head", *(f"worker-{i}" for i in range(1, WORKERS + 1))}
+            workers = {f"worker-{i}" for i in range(1, WORKERS + 1)}
+            assert set(info["process_groups"]) == {"head", "hub", "gateway", *workers}
             nodes = info["nodes"]
             assert len(nodes) == WORKERS + 1
             for node in nodes:  # no node advertises a non-loopback address
@@ -139,38 +164,57 @@ def test_local_cluster_runs_a_job_end_to_end_and_stops_cleanly():
             with pytest.raises(redis.AuthenticationError):
                 redis.Redis(host="127.0.0.1", port=redis_port).ping()
             r.close()
+            notebook_env = read_env(state / "notebook.env")
+            assert set(notebook_env) == {"MOCHI_LAB_GATEWAY", "JUPYTERHUB_API_TOKEN"}
+            gateway = notebook_env["MOCHI_LAB_GATEWAY"]
+            assert gateway == info["gateway_url"]
 
-            # --- a job through the public handle ----------------------------------------------------
-            driver_env = {**env, **{k: v for k, v in cluster_env.items() if k not in ("RAY_ADDRESS", "REDIS_URL")}}
-            # never the user's cache: the session's test cache when tests/conftest.py set one
-            driver_env["MOCHI_LAB_CACHE_DIR"] = os.environ.get("MOCHI_LAB_CACHE_DIR") or str(state / "cache")
-            run = subprocess.run(
-                [sys.executable, "-c", DRIVER, info["ray_address"], info["redis_url"]],
-                capture_output=True, text=True, timeout=540, env=driver_env, cwd=cl.REPO,
-            )
-            result_lines = [line for line in run.stdout.splitlines() if line.startswith("RESULT ")]
-            assert run.returncode == 0 and result_lines, run.stdout[-3000:] + run.stderr[-5000:] + logs(state)
-            result = json.loads(result_lines[-1][len("RESULT "):])
+            # --- the notebook: a hub token and the gateway's address, nothing else -------------------
+            nb_env = {"PATH": env["PATH"], "HOME": str(tmp_path), "MOCHI_LAB_CACHE_DIR": str(tmp_path / "downloads"),
+                      **notebook_env}
+            result = _result(subprocess.run([sys.executable, "-c", NOTEBOOK], capture_output=True, text=True,
+                                            timeout=600, env=nb_env, cwd=cl.REPO), state)
+            assert result["backend"] == "GatewayBackend" and result["leaked"] == []
+            assert result["frames"] == 7
             video = Path(result["path"])
-            assert video.is_file() and video.suffix == ".mp4"
-            assert video.is_relative_to(state / "data")  # MOCHI_LAB_DATA_DIR from STATE_DIR/env
+            assert video.is_relative_to(tmp_path / "downloads")  # downloaded through the gateway
             with av.open(str(video)) as f:
                 assert sum(1 for _ in f.decode(video=0)) == 7
-            assert result["frames"] == 7
-            head_ids = {n["node_id"] for n in nodes if n["head"]}
-            assert result["workers"], result
-            assert not {w["node_id"] for w in result["workers"]} & head_ids  # the head runs no actor
-            assert all(ipaddress.ip_address(a).is_loopback for a in result["ray_nodes"])
+            # the same bytes over HTTP with the token, nothing without it
+            token = notebook_env["JUPYTERHUB_API_TOKEN"]
+            assert _get(f"{gateway}download/{result['job_id']}", None)[0] == 401
+            code, body = _get(f"{gateway}download/{result['job_id']}", token)
+            assert code == 200 and body == video.read_bytes()
 
-            # --- a second client, through Ray Client, re-attaches by id and starts nothing new ----------
+            # --- a Ray Client re-attaches to the job by id and to the gateway's pool, adding nothing ---------
+            driver_env = {**env, **{k: v for k, v in cluster_env.items() if k not in ("RAY_ADDRESS", "REDIS_URL")},
+                          "MOCHI_LAB_CACHE_DIR": cache, "JUPYTERHUB_USER": "user"}  # the job's account: the hub's user
             again = _reattach(info, result["job_id"], driver_env)
-            lines = [line for line in again.stdout.splitlines() if line.startswith("RESULT ")]
-            assert again.returncode == 0 and lines, again.stdout[-3000:] + again.stderr[-5000:]
-            reattached = json.loads(lines[-1][len("RESULT "):])
-            assert reattached["path"] == result["path"] and reattached["status"] == "done"
-            # the same pool, one actor per logical GPU, found by name: none added by the second client
+            reattached = _result(again, state)
+            assert reattached["status"] == "done"
+            artifact = Path(reattached["path"])
+            assert artifact.is_relative_to(state / "data")  # MOCHI_LAB_DATA_DIR from STATE_DIR/env
+            assert artifact.read_bytes() == body
+            # the same pool, one actor per logical GPU, found by name; the head runs none
             assert reattached["actors"] == [f"mochi-worker-{i}" for i in range(WORKERS * GPUS_PER_WORKER)]
-            assert {w["worker_id"] for w in result["workers"]} <= set(reattached["workers"]) <= set(reattached["actors"])
+            assert {w["worker_id"] for w in reattached["workers"]} <= set(reattached["actors"])
+            head_ids = {n["node_id"] for n in nodes if n["head"]}
+            assert reattached["workers"] and not {w["node_id"] for w in reattached["workers"]} & head_ids
+            assert all(ipaddress.ip_address(a).is_loopback for a in reattached["ray_nodes"])
+
+            # --- the pool's owner resizes it for an admin, and only for an admin ----------------------
+            bin_dir = tmp_path / "bin"
+            bin_dir.mkdir()
+            (bin_dir / "kubectl").write_text(f"#!{sys.executable}\n{FAKE_KUBECTL}")
+            (bin_dir / "kubectl").chmod(0o755)
+            ops_env = {**env, "PATH": f"{bin_dir}:{env['PATH']}", "FAKE_KUBECTL_STATE": str(tmp_path)}
+            scale = ["bash", str(cl.CLUSTER / "scripts" / "scale-workers.sh"), "--url", gateway]
+            out = subprocess.run([*scale, "--token-file", str(state / "admin_token"), str(WORKERS)], env=ops_env,
+                                 capture_output=True, text=True, timeout=600)
+            assert out.returncode == 0, out.stdout + out.stderr + (state / "logs" / "gateway.log").read_text()[-3000:]
+            out = subprocess.run([*scale, str(WORKERS)], env={**ops_env, "MOCHI_LAB_ADMIN_TOKEN": token},
+                                 capture_output=True, text=True, timeout=600)
+            assert out.returncode != 0 and "403" in out.stdout + out.stderr
 
             # --- traffic stayed on loopback ----------------------------------------------------------
             for g in pgids:
@@ -209,5 +253,6 @@ def test_local_cluster_runs_a_job_end_to_end_and_stops_cleanly():
                                timeout=120, env=env)
         assert again.returncode == 0, again.stderr
         assert not (state / "env").exists()
+        assert not (state / "notebook.env").exists() and not (state / "admin_token").exists()
     finally:
         shutil.rmtree(state, ignore_errors=True)

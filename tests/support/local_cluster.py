@@ -1,4 +1,4 @@
-"""What the local cluster's tests (tests/cluster/test_local_cluster.py, test_local_gateway.py) share:
+"""What the local cluster's test (tests/cluster/test_local_cluster.py) needs:
 free ports for cluster/local/up.sh, its env file, and the processes it marked."""
 
 from __future__ import annotations
