@@ -206,7 +206,7 @@ def test_the_job_api_needs_the_token(head):
         if not (code == 500 and "No available agent" in text) or time.monotonic() > deadline:
             break
         time.sleep(1)
-    assert code == 200, text
+    assert code == 200, f"{text}\n{head.diagnosis()}"  # an agent that never registered: the logs say why
     job = json.loads(text)["submission_id"]
     deadline = time.monotonic() + 300
     while True:
