@@ -21,8 +21,9 @@ import pytest
 from mochi_lab import JobNotFound, MochiCluster, ParamsError, StoreUnavailable
 from mochi_lab.client.http import GatewayAuthError, GatewayBackend, GatewayError
 from tests.support.backends import finish, held, unique
-from tests.support.hub_fixtures import USERS, free_port, start_gateway
+from tests.support.hub_fixtures import USERS, start_gateway
 from tests.support.jobkit import TINY
+from tests.support.ports import free_port
 
 PREFIX = "/services/mochi-lab/"
 

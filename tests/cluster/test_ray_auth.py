@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import secrets
 import shutil
 import signal
@@ -32,24 +31,14 @@ import pytest
 import redis
 
 from tests.support import clusterlib as cl
+from tests.support.ports import port_block
 from tests.support.rayenv import clean_env
 from tests.support.redisacl import RedisServer
 
 pytestmark = pytest.mark.usefixtures("ray_local")  # a Ray head of the module's own: the integration tier
 
 MARKER = "MOCHI_TEST_RAY_AUTH"
-RAY_DEFAULT_PORTS = {6379, 8265, 10001, 52365, 44217, 44227, 8076, 8077}
-BLOCK = 64
-
-
-def _port_block() -> int:
-    """The first port of BLOCK free ports in a row, away from Ray's defaults."""
-    for _ in range(200):
-        base = random.randrange(30000, 60000 - BLOCK)
-        ports = range(base, base + BLOCK)
-        if not RAY_DEFAULT_PORTS & set(ports) and all(cl.port_free(p) for p in ports):
-            return base
-    raise RuntimeError("no free block of ports")
+BLOCK = 64  # the head's ports, every one given to `ray start`: none of Ray's defaults
 
 
 def _http(url: str, token: str | None = None, body: dict | None = None) -> tuple[int, str]:
@@ -85,7 +74,9 @@ class RayHead:
         self.redis = redis_server
         self.token = secrets.token_hex(32)
         self.state = tempfile.mkdtemp(prefix="mra-", dir="/tmp")  # short: Ray's socket paths
-        b = _port_block()
+        # below the ephemeral range: a dashboard agent whose HTTP port an outgoing connection took stays up
+        # without it, and the job API then answers "No available agent" for as long as the head runs
+        b = port_block(BLOCK)
         self.gcs_port, self.client_port, self.dashboard_port = b, b + 1, b + 2
         self.ports = b
         self.proc: subprocess.Popen | None = None
@@ -146,8 +137,8 @@ class RayHead:
         state = "not started" if self.proc is None else "running" if code is None else f"exited {code}"
         parts = [f"ray start --block: {state}"]
         logs = Path(self.state, "session_latest", "logs")
-        names = ("gcs_server.out", "raylet.out", "dashboard.log", "dashboard_agent.log")
-        for path in [Path(self.state) / "head.log", *(logs / n for n in names)]:
+        names = ("gcs_server.out", "raylet.out")
+        for path in [Path(self.state) / "head.log", *(logs / n for n in names), *sorted(logs.glob("dashboard*.log"))]:
             if path.is_file():
                 parts.append(f"--- {path.name}:\n" + path.read_text(errors="replace")[-1500:])
         return "\n".join(parts)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import time
 import uuid
 
@@ -21,6 +20,7 @@ import pytest
 from tests.support.backends import unique
 from tests.support.hub_fixtures import AUTH_CACHE_S
 from tests.support.jobkit import TINY, strip_pictures
+from tests.support.ports import free_port
 
 EVIL = "<img src=x onerror=alert(1)>"
 EVIL_ESCAPED = "&lt;img src=x onerror=alert(1)&gt;"
@@ -457,9 +457,7 @@ def test_static_tokens_and_an_unreachable_hub(tmp_path):
     shared = DirectBackend(settings, store, None)
     static = {hash_token("alice-secret"): {"account": "alice"}, hash_token("root-secret"): {"account": "ops",
                                                                                           "admin": True}}
-    with socket.socket() as sock:  # a port nothing listens on: the hub is down
-        sock.bind(("127.0.0.1", 0))
-        down = sock.getsockname()[1]
+    down = free_port()  # nothing listens there: the hub is down
     config = GatewayConfig(static_tokens=static, hub_api_url=f"http://127.0.0.1:{down}/hub/api")
     app = create_app(settings, backend_factory=lambda: shared, config=config)
     try:

@@ -25,8 +25,8 @@ import psutil
 import pytest
 
 from mochi_lab.video import probe
-from tests.support.hub_fixtures import free_port
 from tests.support.jobkit import TINY
+from tests.support.ports import free_port
 
 # the gateway process starts an embedded Ray of its own: the integration tier
 pytestmark = pytest.mark.usefixtures("ray_local")

@@ -20,8 +20,8 @@ import pytest
 
 from mochi_lab.gateway.auth import hash_token
 from mochi_lab.gateway.web import CSRF_HEADER, SESSION_COOKIE, STATE_COOKIE
-from tests.support.hub_fixtures import free_port
 from tests.support.jobkit import TINY
+from tests.support.ports import free_port
 
 TOKENS = {hash_token("alice-secret"): {"account": "alice"}, hash_token("bob-secret"): {"account": "bob"}}
 SITE = "http://127.0.0.1"  # the TestClient's base URL: the page's own origin

@@ -20,8 +20,9 @@ import httpx
 import pytest
 
 from tests.support.backends import unique
-from tests.support.hub_fixtures import SERVICE, Gateway, free_port, start_gateway
+from tests.support.hub_fixtures import SERVICE, Gateway, start_gateway
 from tests.support.jobkit import TINY
+from tests.support.ports import free_port
 
 MAX_STREAMS, MAX_EXPERIMENTS, MAX_EXPERIMENT_BYTES = 2, 3, 8192
 AUTH_FAILURES, HUB_LOOKUPS = 6, 3

@@ -112,7 +112,8 @@ def test_the_wire_names_every_api_route_and_the_app_serves_each(app):
 def raising(tmp_path_factory):
     """A gateway (on uvicorn) with one more route, which raises the exception its path names: the real app's
     handler answers it, and the real client reads the answer."""
-    from tests.support.hub_fixtures import Gateway, free_port
+    from tests.support.hub_fixtures import Gateway
+    from tests.support.ports import free_port
 
     app, store = _app(tmp_path_factory.mktemp("wire"))
     rows = {row.exception.__name__: row for row in wire.ERRORS}

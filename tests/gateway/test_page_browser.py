@@ -21,8 +21,9 @@ import pytest
 
 from mochi_lab.gateway.auth import hash_token
 from mochi_lab.gateway.web import CSRF_HEADER, SESSION_COOKIE
-from tests.support.hub_fixtures import Gateway, free_port
+from tests.support.hub_fixtures import Gateway
 from tests.support.jobkit import TINY
+from tests.support.ports import free_port
 
 pytestmark = pytest.mark.usefixtures("chromium")
 

@@ -4,7 +4,6 @@ stop on rank 0 stops rank 1 at the same step."""
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -15,20 +14,15 @@ import torch
 
 from mochi_lab.params import GenerationParams
 from mochi_lab.pipelines import load_runner
+from tests.support.ports import free_port
 
 PAIR = Path(__file__).parents[1] / "support" / "cfg_pair.py"
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.usefixtures("gloo_ranks")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _run_pair(tmp_path: Path, cache_dir: Path, *extra: str) -> list[dict]:
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     outs = [tmp_path / f"rank{r}.pt" for r in (0, 1)]
     procs = [subprocess.Popen([sys.executable, str(PAIR), str(r), str(port), str(cache_dir), str(outs[r]), *extra],

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -27,6 +26,7 @@ from mochi_lab.params import GenerationParams
 from mochi_lab.pipelines import PipelineConfig, load_runner
 from mochi_lab.pipelines.cfg_parallel import Layout, LayoutError, default_layout
 from tests.support.lora import EVERY_SPLIT, make_adapter
+from tests.support.ports import free_port
 
 RANK = Path(__file__).parents[1] / "support" / "gang_rank.py"
 ROOT = Path(__file__).resolve().parents[2]
@@ -35,17 +35,11 @@ EVEN = {"num_frames": 7, "height": 32, "width": 48}  # 12 tokens
 LATENT_TOL = 1e-5
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_gang(tmp_path: Path, cache_dir: Path, world: int, spec: dict) -> list:
     """Start `world` rank processes on `spec` and return what each saved."""
     spec_path = tmp_path / f"spec-{world}.json"
     spec_path.write_text(json.dumps(spec))
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     outs = [tmp_path / f"w{world}-rank{r}.pt" for r in range(world)]
     procs = [subprocess.Popen([sys.executable, str(RANK), str(r), str(world), str(port), str(cache_dir), str(outs[r]),

@@ -21,7 +21,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -34,17 +33,13 @@ os.environ["RAY_AUTH_MODE"] = "disabled"
 
 import psutil  # noqa: E402
 
+from tests.support.ports import free_port  # noqa: E402  (the repository is on PYTHONPATH)
+
 REPO = Path(__file__).resolve().parents[2]
 MAX_WORKERS = 3
 JOB = {"num_frames": 13, "height": 64, "width": 64, "num_inference_steps": 12, "fps": 8}
 HELD = "autoscale, held until three workers are up"
 NODE_IDLE_MINUTES = 0.1  # the autoscaler removes a node idle this long (6 s)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def autoscaling_config(gcs: str) -> dict:
@@ -68,7 +63,7 @@ def autoscaling_config(gcs: str) -> dict:
 
 
 def start_head(tmp: Path) -> str:
-    port = _free_port()
+    port = free_port()
     gcs = f"127.0.0.1:{port}"
     config = tmp / "autoscaling.json"
     config.write_text(json.dumps(autoscaling_config(gcs)))

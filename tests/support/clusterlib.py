@@ -15,7 +15,6 @@ from __future__ import annotations
 import functools
 import json
 import re
-import socket
 import subprocess
 import tempfile
 from pathlib import Path
@@ -375,16 +374,3 @@ def spawner_pods(values: dict, workdir: Path) -> dict[str, dict]:
         return asyncio.run(build())
     finally:
         kube_config.KUBE_CONFIG_DEFAULT_LOCATION = old
-
-
-def port_free(port: int) -> bool:
-    """Nothing listens on `port` on 127.0.0.1, 127.0.0.2 or any address (Ray binds all three)."""
-    for host in ("127.0.0.1", "127.0.0.2", ""):
-        with socket.socket() as s:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                s.bind((host, port))
-            except OSError:
-                return False
-    return True
-

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from typing import Any
 
 from mochi_lab.worker import loop as worker_mod
-from tests.support.store_helpers import RedisServer, free_port  # noqa: F401
+from tests.support.store_helpers import RedisServer  # noqa: F401
 
 
 def alive(pid: int, created: float) -> bool:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import os
 import secrets
-import socket
 import subprocess
 import sys
 import threading
@@ -25,17 +24,13 @@ import time
 import httpx
 import pytest
 
+from tests.support.ports import free_port
+
 SERVICE = "mochi-lab"
 # erin keeps the pool busy in one test; wendy (an admin by group) drives the widget tests, nora the notebooks;
 # gwen and gary are the backend contract suite's accounts (tests/client/backend), which it empties around each test
 USERS = ("alice", "bob", "carol", "dave", "erin", "wendy", "nora", "gwen", "gary")
 AUTH_CACHE_S = 1.0  # a revoked token stops working after this long
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 HUB_CONFIG = '''
@@ -228,4 +223,4 @@ def tokens(hub):
     return {user: hub.token(user) for user in USERS}
 
 
-__all__ = ["AUTH_CACHE_S", "SERVICE", "USERS", "Gateway", "Hub", "free_port", "gateway_config", "start_gateway"]
+__all__ = ["AUTH_CACHE_S", "SERVICE", "USERS", "Gateway", "Hub", "gateway_config", "start_gateway"]

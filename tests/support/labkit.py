@@ -11,7 +11,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,15 +19,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from tests.support.ports import free_port
+
 CHROMIUM = "/usr/bin/chromium"  # Debian's build; Playwright's own browsers are never downloaded
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
 DIRECT = ("RAY_ADDRESS", "REDIS_URL", "REDIS_HOST", "MOCHI_LAB_WORKERS", "MOCHI_LAB_GATEWAY", "MOCHI_LAB_DOWNLOAD_DIR")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def write_json(path: Path, data: dict) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import psutil
 
-from tests.support import clusterlib as cl
+from tests.support.ports import port_free
 
 WORKERS = 2  # up.sh's workers in these tests: their port blocks must be free too
 
@@ -20,7 +20,7 @@ def pick_ports() -> tuple[int, int]:
     for ray_port in range(6410, 6500, 2):
         base = ray_port + 20000
         block = [ray_port, ray_port + 1, *range(base, base + 100 * (WORKERS + 2))]
-        if all(cl.port_free(p) for p in block):
+        if all(port_free(p) for p in block):
             return ray_port, ray_port + 1
     raise RuntimeError("no free port block between 6410 and 6500")
 

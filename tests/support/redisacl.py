@@ -9,7 +9,6 @@ import os
 import re
 import secrets
 import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -19,18 +18,10 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from tests.support import clusterlib as cl
+from tests.support.ports import free_port
 from tests.support.tools import need_tool
 
 ADMIN = "testadmin"  # exists only in the tests
-
-
-def free_port() -> int:
-    while True:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if port != 6379:
-            return port
 
 
 def _expand(arg: str, env: dict[str, str]) -> str:

@@ -429,7 +429,8 @@ def unreachable(kind, tmp_path, request):
     from mochi_lab.client.direct import DirectBackend
     from mochi_lab.config import Settings
     from mochi_lab.store import open_store
-    from tests.support.hub_fixtures import free_port, start_gateway
+    from tests.support.hub_fixtures import start_gateway
+    from tests.support.ports import free_port
 
     settings = Settings(data_dir=tmp_path / "data", account="ann")
     shared = DirectBackend(settings, open_store(f"redis://127.0.0.1:{free_port()}/0"), None, admin=False)
