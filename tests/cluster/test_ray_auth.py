@@ -74,7 +74,7 @@ class RayHead:
         self.redis = redis_server
         self.token = secrets.token_hex(32)
         self.state = tempfile.mkdtemp(prefix="mra-", dir="/tmp")  # short: Ray's socket paths
-        # below the ephemeral range: a dashboard agent whose HTTP port an outgoing connection took stays up
+        # outside the ephemeral range: a dashboard agent whose HTTP port an outgoing connection took stays up
         # without it, and the job API then answers "No available agent" for as long as the head runs
         b = port_block(BLOCK)
         self.gcs_port, self.client_port, self.dashboard_port = b, b + 1, b + 2
