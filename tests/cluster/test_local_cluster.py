@@ -127,7 +127,7 @@ def _get(url: str, token: str | None) -> tuple[int, bytes]:
 @pytest.mark.usefixtures("cluster_scripts", "redis_server")
 @pytest.mark.timeout(1500)
 def test_a_hub_token_gets_a_video_through_the_gateway_a_ray_client_reattaches_and_down_leaves_nothing(tmp_path):
-    ray_port, redis_port = pick_ports()
+    ray_port, redis_port, port_base = pick_ports()
     state = Path(tempfile.mkdtemp(prefix="mochi-lc-", dir="/tmp"))  # short: Ray's socket paths
     env = clean_env("RAY_", "REDIS_", "MOCHI_", "JUPYTERHUB_")
     env["PYTHON"] = sys.executable
@@ -140,8 +140,8 @@ def test_a_hub_token_gets_a_video_through_the_gateway_a_ray_client_reattaches_an
         try:
             up = subprocess.run(
                 ["bash", str(UP), "--gateway", "--state-dir", str(state), "--ray-port", str(ray_port),
-                 "--redis-port", str(redis_port), "--workers", str(WORKERS), "--gpus-per-worker", str(GPUS_PER_WORKER),
-                 "--cpus-per-worker", "2"],
+                 "--port-base", str(port_base), "--redis-port", str(redis_port), "--workers", str(WORKERS),
+                 "--gpus-per-worker", str(GPUS_PER_WORKER), "--cpus-per-worker", "2"],
                 capture_output=True, text=True, timeout=900, env={**env, "MOCHI_LAB_CACHE_DIR": cache},
             )
             assert up.returncode == 0, up.stdout + up.stderr + logs(state)

@@ -9,20 +9,21 @@ from pathlib import Path
 
 import psutil
 
-from tests.support.ports import port_free
+from tests.support.ports import port_block, port_free
 
 WORKERS = 2  # up.sh's workers in these tests: their port blocks must be free too
 
 
-def pick_ports() -> tuple[int, int]:
-    """A Ray port and a Redis port (not 6379/6390) whose whole port block is free: other tests
-    and other clusters may run on this machine."""
+def pick_ports() -> tuple[int, int, int]:
+    """A Ray port and a Redis port (not 6379/6390) that are free, and the first of up.sh's block of Ray's other
+    ports (`--port-base`), free and outside the kernel's ephemeral range: other tests and other clusters may run
+    on this machine, and the other tests' servers take their ports from that same stretch (tests/support/ports.py),
+    so the block is searched for, never derived from the Ray port."""
+    base = port_block(100 * (WORKERS + 2))
     for ray_port in range(6410, 6500, 2):
-        base = ray_port + 20000
-        block = [ray_port, ray_port + 1, *range(base, base + 100 * (WORKERS + 2))]
-        if all(port_free(p) for p in block):
-            return ray_port, ray_port + 1
-    raise RuntimeError("no free port block between 6410 and 6500")
+        if port_free(ray_port) and port_free(ray_port + 1):
+            return ray_port, ray_port + 1, base
+    raise RuntimeError("no two free ports in a row between 6410 and 6500")
 
 
 def read_env(path: Path) -> dict[str, str]:
