@@ -99,25 +99,31 @@ TIER_OF_FIXTURE = {
     "package_install": "integration",  # pip installs of the repository into fresh venvs
     "mkdocs": "integration",  # the docs site's strict build (half a minute and more: it imports the gateway, torch)
 }
+# The heavier tiers' second lane: a browser, a notebook, gloo ranks, inductor, pip, mkdocs, shellcheck or the
+# cluster scripts; the first holds the rest (the multi-node Ray, local Rays, the autoscaler, faults), about as long.
+PROGRAMS = {"chromium", "gloo_ranks", "torch_compile", "package_install", "mkdocs", "shellcheck", "cluster_scripts"}
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
 def pytest_collection_modifyitems(config, items):
     # The session's multi-node Ray, once started, idles beside every later test until the session ends (its
-    # raylets, its pool's actors polling the store). Its tests run last, so a test that starts a Ray of its
-    # own (the embedded default, the local runtime, a notebook's kernel) never starts it beside that one.
+    # raylets, its pool's actors polling the store). Its tests run last, so no test of its lane starts a Ray of
+    # its own (the embedded default, the local runtime) beside that one.
     items.sort(key=lambda item: "ray_cluster" in getattr(item, "fixturenames", ()))
     for item in items:
-        tiers = {TIER_OF_FIXTURE[f] for f in getattr(item, "fixturenames", ()) if f in TIER_OF_FIXTURE}
+        names = set(getattr(item, "fixturenames", ()))
+        tiers = {TIER_OF_FIXTURE[f] for f in names if f in TIER_OF_FIXTURE}
         if item.path.suffix == ".ipynb":
             tiers.add("e2e")
         for tier in ("e2e",) if "e2e" in tiers else tiers:
             item.add_marker(getattr(pytest.mark, tier))
-        # xdist (`-n 2` in addopts) spreads the fast tier's tests over two processes; the heavier tiers' tests
-        # all run in one, in this order, as if alone (two multi-node Rays, or local Ray starts beside one,
-        # oversubscribe two cores).
+        # xdist (`-n 2` in addopts) spreads the fast tier's tests over two processes. The heavier tiers' tests
+        # run in two lanes (`xdist_group`), each in one process and in this order: the Rays the tests drive
+        # themselves (the multi-node Ray's tests among them: never two of it), and beside them the tests that
+        # drive other programs. They wait more than they compute, so two lanes share two cores.
         if tiers:
-            item.add_marker(pytest.mark.xdist_group("heavy"))
+            programs = "ray_cluster" not in names and (item.path.suffix == ".ipynb" or bool(PROGRAMS & names))
+            item.add_marker(pytest.mark.xdist_group("heavy-programs" if programs else "heavy-ray"))
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):

@@ -125,21 +125,36 @@ def _family(record: dict) -> dict[int, float]:
     return {p.pid: started(p.pid) for p in [top, *top.children(recursive=True)]}
 
 
-def _listening(address: str) -> bool:
-    host, port = address.rsplit(":", 1)
-    with socket.socket() as s:
-        s.settimeout(1)
-        return s.connect_ex((host, int(port))) == 0
+def _held(record: dict, ports: set[int]) -> list[tuple[int, int]]:
+    """(pid, port) of each listener on one of `ports` that is a process of the runtime of `record`: its daemon
+    leads a session of its own, and its Ray's processes stay in it. A port it freed that another program took
+    since is not its: Ray's dashboard agent takes a fixed port, the kernel hands ephemeral ones to any process,
+    and the other lane's tests start Rays of their own meanwhile."""
+    held = []
+    for conn in psutil.net_connections("inet"):
+        if conn.status != psutil.CONN_LISTEN or conn.laddr.port not in ports or conn.pid is None:
+            continue
+        try:
+            if os.getsid(conn.pid) == record["pid"]:
+                held.append((conn.pid, conn.laddr.port))
+        except ProcessLookupError:
+            pass
+    return held
 
 
-def _assert_nothing_left(family: dict[int, float], address: str, timeout: float = 30) -> None:
+def _assert_nothing_left(family: dict[int, float], record: dict, ports: set[int], timeout: float = 30) -> None:
+    """No process of the runtime's family is alive, and none of its processes listens on `ports`."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         left = [pid for pid, created in family.items() if alive(pid, created)]
-        if not left and not _listening(address):
+        if not left and not _held(record, ports):
             return
         time.sleep(0.25)
-    raise AssertionError(f"left behind: pids {left}, {address} listening: {_listening(address)}")
+    raise AssertionError(f"left behind: pids {left}, listening: {_held(record, ports)}")
+
+
+def _port(record: dict) -> int:
+    return int(record["address"].rsplit(":", 1)[1])
 
 
 @pytest.mark.usefixtures("fault_injection")
@@ -180,7 +195,7 @@ def test_a_killed_kernels_job_completes_warm_and_the_idle_runtime_stops_leaving_
     daemon.wait(IDLE_S + 30)
     idle_stop_s = time.monotonic() - gone_at
     print(f"runtime: stopped {idle_stop_s:.1f} s after its last handle left (idle timeout {IDLE_S:g} s)")
-    _assert_nothing_left(family, record["address"])
+    _assert_nothing_left(family, record, {_port(record)})
     assert runtime.read_record(home) is None and not (home / runtime.TOKEN).exists()
     assert "idle for" in (home / runtime.LOG).read_text()
 
@@ -220,7 +235,7 @@ def test_two_first_handles_replace_a_stale_record_with_one_runtime_that_status_s
     family = _family(record)
     assert main(["down"]) == 0
     assert f"stopped the local runtime at {record['address']}" in capsys.readouterr().out
-    _assert_nothing_left(family, record["address"])
+    _assert_nothing_left(family, record, {_port(record)})
     assert main(["status"]) == 1
 
 
@@ -293,6 +308,7 @@ def test_a_runtime_rides_out_a_short_store_outage_and_stops_when_its_store_is_go
             assert (home / name).stat().st_mode & 0o777 == 0o600, name
         family = _family(record)
         ports = {port for _, _, port in listening([psutil.Process(pid) for pid in family])}
+        assert {port for _, port in _held(record, ports)} == ports  # the check sees the runtime's servers
         workers = _worker_pids(server.url)
         # the first handle has left: the idle clock runs
         idle_since = wait_for(lambda: _record(home)["drivers"] == 0 and _record(home)["idle_since"], 60, "idleness")
@@ -327,8 +343,7 @@ def test_a_runtime_rides_out_a_short_store_outage_and_stops_when_its_store_is_go
             daemon.wait(GONE_S - 1)
         daemon.wait(GONE_S + 90)  # the bound, then the pool's drain (2 leases at most) and Ray's stop
         print(f"\nruntime: stopped {time.monotonic() - killed:.1f} s after its store went away (bound {GONE_S:g} s)")
-        _assert_nothing_left(family, record["address"])
-        assert not [port for port in ports if _listening(f"127.0.0.1:{port}")]
+        _assert_nothing_left(family, record, ports)
         assert runtime.read_record(home) is None and not (home / runtime.TOKEN).exists()
         log = (home / runtime.LOG).read_text()
         grown = len(log.encode()) - log_before
@@ -368,8 +383,9 @@ def test_a_runtime_on_a_new_data_dir_listens_on_loopback_keeps_its_files_private
         assert record is not None and record["address"] == done["address"]
         family = _family(record)
         sockets = listening([psutil.Process(pid) for pid in family])
-        gcs_port = int(record["address"].rsplit(":", 1)[1])
-        assert gcs_port in {port for _, _, port in sockets}  # the check sees Ray's servers
+        ports = {port for _, _, port in sockets}
+        assert _port(record) in ports  # the check sees Ray's servers
+        assert {port for _, port in _held(record, ports)} == ports  # ... and knows them for the runtime's
         assert [s for s in sockets if not is_loopback(s[1])] == []
 
         assert _mode(data) == 0o700
@@ -385,8 +401,7 @@ def test_a_runtime_on_a_new_data_dir_listens_on_loopback_keeps_its_files_private
         daemon = psutil.Process(record["pid"])
         shutil.rmtree(data)
         daemon.wait(90)
-        _assert_nothing_left(family, record["address"])
-        assert not [port for _, _, port in sockets if _listening(f"127.0.0.1:{port}")]
+        _assert_nothing_left(family, record, ports)
         assert not data.exists()
     finally:
         runtime.stop(data, timeout=60)
