@@ -55,6 +55,7 @@ RUNTIMES = _SESSION_HOME / "runtimes"  # data dirs of the persistent runtimes th
 
 import pytest  # noqa: E402
 
+from tests.support import lanes  # noqa: E402
 from tests.support.hub_fixtures import gateway, hub, storefront, tokens  # noqa: E402,F401  (one hub per session)
 from tests.support.jobkit import TINY  # noqa: E402
 from tests.support.tools import need_redis, need_tool  # noqa: E402
@@ -99,31 +100,33 @@ TIER_OF_FIXTURE = {
     "package_install": "integration",  # pip installs of the repository into fresh venvs
     "mkdocs": "integration",  # the docs site's strict build (half a minute and more: it imports the gateway, torch)
 }
-# The heavier tiers' second lane: a browser, a notebook, gloo ranks, inductor, pip, mkdocs, shellcheck or the
-# cluster scripts; the first holds the rest (the multi-node Ray, local Rays, the autoscaler, faults), about as long.
-PROGRAMS = {"chromium", "gloo_ranks", "torch_compile", "package_install", "mkdocs", "shellcheck", "cluster_scripts"}
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
 def pytest_collection_modifyitems(config, items):
-    # The session's multi-node Ray, once started, idles beside every later test until the session ends (its
-    # raylets, its pool's actors polling the store). Its tests run last, so no test of its lane starts a Ray of
-    # its own (the embedded default, the local runtime) beside that one.
-    items.sort(key=lambda item: "ray_cluster" in getattr(item, "fixturenames", ()))
+    items.sort(key=lanes.order)
     for item in items:
-        names = set(getattr(item, "fixturenames", ()))
-        tiers = {TIER_OF_FIXTURE[f] for f in names if f in TIER_OF_FIXTURE}
+        tiers = {TIER_OF_FIXTURE[f] for f in lanes.names(item) if f in TIER_OF_FIXTURE}
         if item.path.suffix == ".ipynb":
             tiers.add("e2e")
         for tier in ("e2e",) if "e2e" in tiers else tiers:
             item.add_marker(getattr(pytest.mark, tier))
-        # xdist (`-n 2` in addopts) spreads the fast tier's tests over two processes. The heavier tiers' tests
-        # run in two lanes (`xdist_group`), each in one process and in this order: the Rays the tests drive
-        # themselves (the multi-node Ray's tests among them: never two of it), and beside them the tests that
-        # drive other programs. They wait more than they compute, so two lanes share two cores.
+        # xdist (`-n 2` in addopts) spreads the fast tier's tests over two processes, the heavier tiers' tests
+        # over two lanes, each one process (tests/support/lanes.py)
         if tiers:
-            programs = "ray_cluster" not in names and (item.path.suffix == ".ipynb" or bool(PROGRAMS & names))
-            item.add_marker(pytest.mark.xdist_group("heavy-programs" if programs else "heavy-ray"))
+            item.add_marker(pytest.mark.xdist_group(lanes.lane(item)))
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    with lanes.turn(item):
+        return (yield)
+
+
+def pytest_sessionfinish(session):
+    # this lane's tests are done: the other lane needs the lock no more (a later open makes a new file)
+    if (path := lanes.lock_path(session.config)) is not None:
+        path.unlink(missing_ok=True)
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
